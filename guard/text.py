@@ -1,0 +1,56 @@
+"""The exact strings a SIREN head sees: cleaning and prompt/response joining.
+
+A head is only valid on the string it was fitted on, so training, scoring, streaming
+and evaluation all build their text here and nowhere else. The rules are the reference
+runtime's (`siren_guard._to_raw_text`, `_join_prompt_response`), to the character:
+chat-template markers become a space, runs of spaces and tabs fold to one space, three
+or more newlines fold to two, and the result is stripped. An empty text scores as " ".
+"""
+
+from __future__ import annotations
+
+import re
+
+_CHAT_ARTIFACTS = re.compile(
+    r"<\|im_start\|>|<\|im_end\|>|<\|im_sep\|>"
+    r"|<\|system\|>|<\|user\|>|<\|assistant\|>"
+    r"|<\|begin_of_text\|>|<\|end_of_text\|>"
+    r"|<\|start_header_id\|>|<\|end_header_id\|>|<\|eot_id\|>"
+    r"|<\|endoftext\|>|<\|fim_prefix\|>|<\|fim_suffix\|>|<\|fim_middle\|>"
+    r"|<<SYS>>|<</SYS>>|\[INST\]|\[/INST\]"
+    r"|<s>|</s>|<\|s\|>|<\|/s\|>"
+)
+_HORIZONTAL_SPACE = re.compile(r"[ \t]+")
+_MANY_NEWLINES = re.compile(r"\n{3,}")
+
+EMPTY_TEXT = " "
+
+
+def clean_text(text: str | None) -> str:
+    """The reference's `_to_raw_text`: strip chat markers and fold white space."""
+    if not text:
+        return ""
+    cleaned = _CHAT_ARTIFACTS.sub(" ", text)
+    cleaned = _HORIZONTAL_SPACE.sub(" ", cleaned)
+    cleaned = _MANY_NEWLINES.sub("\n\n", cleaned)
+    return cleaned.strip()
+
+
+def join_prompt_response(prompt: str | None, response: str | None) -> str:
+    """`prompt + "\\n" + response`, dropping a part that is None or empty."""
+    return "\n".join(p for p in (prompt, response) if p)
+
+
+def model_text(text: str | None = None, *, prompt: str | None = None, response: str | None = None) -> str:
+    """The string the backbone reads for `text`, or for `prompt` and `response` joined.
+
+    Cleaning comes after joining, as in the reference, so a response that starts with
+    spaces is folded the same way whether it was scored alone or after its prompt.
+    """
+    if text is not None and (prompt is not None or response is not None):
+        raise ValueError("pass either text or prompt/response, not both")
+    if text is None:
+        if prompt is None and response is None:
+            raise ValueError("provide text, or at least one of prompt/response")
+        text = join_prompt_response(prompt, response)
+    return clean_text(text) or EMPTY_TEXT

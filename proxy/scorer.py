@@ -1,0 +1,36 @@
+"""The seam between the proxy and whatever scores text.
+
+The proxy never imports torch: it holds a `Scorer`, which `guard.worker.GuardWorker`
+implements (and tests may implement with a few lines). Every method is async because
+the real scorer runs on its own worker thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+
+class StreamSession(Protocol):
+    """Scores one growing response; each `append` returns the score of all text so far."""
+
+    async def append(self, delta: str) -> float: ...
+
+    async def aclose(self) -> None: ...
+
+
+class Scorer(Protocol):
+    @property
+    def ready(self) -> bool: ...
+
+    async def score(self, *, prompt: str | None = None, response: str | None = None) -> float:
+        """P(harmful) of the prompt, the response, or `prompt + "\\n" + response`."""
+        ...
+
+    async def score_many(self, items: Sequence[tuple[str | None, str | None]]) -> list[float]:
+        """(prompt, response) pairs scored as one batch, e.g. n candidate responses."""
+        ...
+
+    def stream(self, prompt: str | None = None) -> StreamSession:
+        """An incremental session over `prompt + "\\n" + response_so_far`."""
+        ...

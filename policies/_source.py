@@ -1,0 +1,273 @@
+"""Line-aware YAML and typed field reading: the generic half of config loading.
+
+`load_tree` turns YAML text into plain dicts, lists and scalars, where every mapping and
+list also remembers the line (1-based) of each of its keys and items, so that any later
+error can name the line. Two YAML 1.1 traps are closed here: only `true`/`false` are
+booleans (so `action: off` is the string "off", not False), and a duplicate key is an
+error instead of silently keeping the last value.
+
+`Section` reads one mapping field by field with strict types (a bool is never a number),
+interpolates `${VAR}` in strings, and `finish()` rejects whatever keys were not read.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from policies.errors import ConfigError
+
+_MAX_DEPTH = 32
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 booleans: `on`, `off`, `yes`, `no` stay strings."""
+
+
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    _BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+class YMap(dict):
+    """A YAML mapping; `line` is where it starts, `key_lines[key]` where each key is."""
+
+    line: int | None = None
+    key_lines: dict[str, int]
+
+
+class YList(list):
+    """A YAML sequence; `line` is where it starts, `item_lines[i]` where each item is."""
+
+    line: int | None = None
+    item_lines: list[int]
+
+
+def load_tree(text: str, file: str | None) -> Any:
+    """Parse YAML text into YMap/YList/scalars; YAML errors become `ConfigError` with a line."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        return None if node is None else _convert(loader, node, file, "", 0)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(
+            f"invalid YAML: {problem}", file=file, line=mark.line + 1 if mark else None
+        ) from None
+    finally:
+        loader.dispose()
+
+
+def _convert(loader: _Loader, node: yaml.Node, file: str | None, path: str, depth: int) -> Any:
+    line = node.start_mark.line + 1
+    if depth > _MAX_DEPTH:
+        raise ConfigError("nested too deeply (recursive alias?)", file=file, key_path=path, line=line)
+    if isinstance(node, yaml.MappingNode):
+        loader.flatten_mapping(node)  # resolves `<<` merge keys
+        out = YMap()
+        out.line, out.key_lines = line, {}
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            key_line = key_node.start_mark.line + 1
+            if not isinstance(key, str):
+                raise ConfigError(
+                    f"keys must be strings, got {key!r}", file=file, key_path=path, line=key_line
+                )
+            child = f"{path}.{key}" if path else key
+            if key in out:
+                raise ConfigError("duplicate key", file=file, key_path=child, line=key_line)
+            out[key] = _convert(loader, value_node, file, child, depth + 1)
+            out.key_lines[key] = key_line
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        items = YList()
+        items.line, items.item_lines = line, []
+        for i, item in enumerate(node.value):
+            items.append(_convert(loader, item, file, f"{path}[{i}]", depth + 1))
+            items.item_lines.append(item.start_mark.line + 1)
+        return items
+    return loader.construct_object(node, deep=True)
+
+
+_INTERPOLATION = re.compile(r"\$\$\{|\$\{([^}]*)\}|\$\{")
+_VAR = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?$", re.S)
+_MISSING: Any = object()
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every section shares: the file name for messages and the environment."""
+
+    file: str | None
+    env: Mapping[str, str]
+
+    def error(self, reason: str, key_path: str, line: int | None) -> ConfigError:
+        return ConfigError(reason, file=self.file, key_path=key_path, line=line)
+
+    def interpolate(self, raw: str, key_path: str, line: int | None) -> str:
+        """`${VAR}` → env value, `${VAR:-default}` → value or default, `$${` → literal `${`."""
+
+        def replace(match: re.Match[str]) -> str:
+            whole = match.group(0)
+            if whole == "$${":
+                return "${"
+            if match.group(1) is None:
+                raise self.error("unterminated '${' in value", key_path, line)
+            var = _VAR.match(match.group(1))
+            if var is None:
+                raise self.error(f"bad variable name in '${{{match.group(1)}}}'", key_path, line)
+            name, default = var.group(1), var.group(2)
+            if name in self.env:
+                return self.env[name]
+            if default is not None:
+                return default
+            raise self.error(f"environment variable {name} is not set", key_path, line)
+
+        return _INTERPOLATION.sub(replace, raw)
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(
+        type(value), "a list" if isinstance(value, list) else "a mapping" if isinstance(value, dict) else type(value).__name__
+    )
+
+
+class Section:
+    """Reads one YAML mapping at `path`; every getter records the key as known."""
+
+    def __init__(self, ctx: Context, value: Any, path: str, line: int | None) -> None:
+        if not isinstance(value, dict):
+            raise ctx.error(f"expected a mapping, got {_kind(value)}", path, line)
+        self.ctx, self.value, self.path, self.line = ctx, value, path, line
+        self._seen: set[str] = set()
+
+    def key_path(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def key_line(self, key: str) -> int | None:
+        return getattr(self.value, "key_lines", {}).get(key, self.line)
+
+    def error(self, key: str, reason: str) -> ConfigError:
+        return self.ctx.error(reason, self.key_path(key), self.key_line(key))
+
+    def has(self, key: str) -> bool:
+        return key in self.value
+
+    def raw(self, key: str, default: Any = _MISSING) -> Any:
+        self._seen.add(key)
+        if key in self.value:
+            return self.value[key]
+        if default is _MISSING:
+            raise self.ctx.error("required key is missing", self.key_path(key), self.line)
+        return default
+
+    def _scalar(self, key: str, default: Any) -> Any:
+        value = self.raw(key, default)
+        if isinstance(value, str) and "${" in value:
+            return self.ctx.interpolate(value, self.key_path(key), self.key_line(key)), True
+        return value, False
+
+    def string(self, key: str, default: Any = _MISSING, *, nullable: bool = False, nonempty: bool = True) -> Any:
+        value, _ = self._scalar(key, default)
+        if value is None and nullable:
+            return None
+        if not isinstance(value, str):
+            raise self.error(key, f"expected a string, got {_kind(value)}")
+        if nonempty and not value:
+            raise self.error(key, "must not be empty")
+        return value
+
+    def choice(self, key: str, default: str, choices: Iterable[str]) -> str:
+        options = tuple(choices)
+        value = self.string(key, default)
+        if value not in options:
+            raise self.error(key, f"must be one of {', '.join(options)}; got {self.value[key]!r}")
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value, interpolated = self._scalar(key, default)
+        if interpolated and value.lower() in ("true", "false"):
+            value = value.lower() == "true"
+        if not isinstance(value, bool):
+            raise self.error(key, f"expected true or false, got {_kind(value)}")
+        return value
+
+    def integer(self, key: str, default: Any, *, minimum: int | None = None, maximum: int | None = None) -> int:
+        value, interpolated = self._scalar(key, default)
+        if interpolated:
+            value = _parse(value, int)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(key, f"expected an integer, got {_kind(value)}")
+        return self._bounded(key, value, minimum, maximum)
+
+    def number(
+        self, key: str, default: Any, *, minimum: float | None = None, maximum: float | None = None,
+        positive: bool = False, nullable: bool = False,
+    ) -> Any:
+        value, interpolated = self._scalar(key, default)
+        if interpolated:
+            value = _parse(value, float)
+        if value is None and nullable:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise self.error(key, f"expected a finite number, got {_kind(value)}")
+        if positive and value <= 0:
+            raise self.error(key, f"must be > 0, got {value}")
+        return float(self._bounded(key, value, minimum, maximum))
+
+    def _bounded(self, key: str, value: Any, minimum: Any, maximum: Any) -> Any:
+        if minimum is not None and value < minimum:
+            raise self.error(key, f"must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise self.error(key, f"must be <= {maximum}, got {value}")
+        return value
+
+    def section(self, key: str) -> Section | None:
+        """The mapping under `key`, or None when the key is absent or null."""
+        value = self.raw(key, None)
+        return None if value is None else Section(self.ctx, value, self.key_path(key), self.key_line(key))
+
+    def items(self, key: str) -> list[tuple[str, int | None, Any]] | None:
+        """(key path, line, value) of each item of the list under `key`; None when absent."""
+        value = self.raw(key, None)
+        if value is None:
+            return None
+        if not isinstance(value, list):
+            raise self.error(key, f"expected a list, got {_kind(value)}")
+        lines = getattr(value, "item_lines", [self.key_line(key)] * len(value))
+        return [(f"{self.key_path(key)}[{i}]", lines[i], item) for i, item in enumerate(value)]
+
+    def entries(self, key: str) -> list[tuple[str, str, int | None, Any]] | None:
+        """(name, key path, line, value) of each entry of the mapping under `key`."""
+        sub = self.section(key)
+        if sub is None:
+            return None
+        self._seen.add(key)
+        sub._seen.update(sub.value)
+        return [(name, sub.key_path(name), sub.key_line(name), v) for name, v in sub.value.items()]
+
+    def finish(self) -> None:
+        """Reject keys nobody read: a typo must not silently fall back to a default."""
+        for key in self.value:
+            if key not in self._seen:
+                raise self.error(key, f"unknown key (known: {', '.join(sorted(self._seen))})")
+
+
+def _parse(text: str, kind: Callable[[str], Any]) -> Any:
+    try:
+        return kind(text.strip())
+    except ValueError:
+        return text

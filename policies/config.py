@@ -1,0 +1,400 @@
+"""config.yaml as frozen typed objects, and the loader that builds them.
+
+Invariants of a `Config` that `parse_config` returns (so the proxy never re-checks them):
+every route names an existing upstream and policy, and an existing `server.api_keys`
+entry when it has an `api_key` condition; no route is shadowed by an earlier one; every
+threshold is in [0, 1]; a steer band satisfies 0 <= steer_from < threshold; upstream
+base URLs are http(s) without a trailing slash; route prefixes start with "/", have no
+trailing slash (except "/" itself) and no `.`/`..` segments, `//` or `%`.
+
+The policy named `default` always exists: when `policies` does not define it, it is the
+built-in `Policy(name="default")` with every field at its default. When `routes` is
+omitted and there is exactly one upstream, the routes are `[{prefix: /v1, upstream: <it>,
+policy: default}]`.
+
+Secrets (`ApiKey.key`, `Upstream.api_key`) are `repr=False`, and errors never quote an
+interpolated value. This module is longer than most: it is the whole schema in one place,
+each section's dataclass next to the function that builds it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from policies._source import Context, Section, load_tree
+from policies.errors import ConfigError
+
+PROMPT_ACTIONS = ("refuse", "block", "flag", "shadow", "steer", "off")
+RESPONSE_ACTIONS = ("cut", "flag", "shadow", "off")
+PROMPT_SCOPES = ("last_user", "conversation", "conversation_with_system")
+PROMPT_MODES = ("sequential", "parallel")
+GUARD_ERROR_MODES = ("block", "allow")
+RERANK_SELECTS = ("safest", "first_safe")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
+_DEVICE = re.compile(r"^(?:auto|cpu|cuda|cuda:\d+)$")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+
+
+def _frozen_map(items: Mapping) -> Mapping:
+    return types.MappingProxyType(dict(items))
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """A proxy API key clients present as `Authorization: Bearer <key>`."""
+
+    name: str
+    key: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body_bytes: int = 10 * 1024 * 1024
+    api_keys: tuple[ApiKey, ...] = ()
+    max_concurrent_streams: int = 1024
+    request_timeout: float | None = None
+    audit_log: str | None = None
+    log_level: str = "info"
+
+    @property
+    def auth_required(self) -> bool:
+        """Auth is on exactly when at least one API key is configured."""
+        return bool(self.api_keys)
+
+
+@dataclass(frozen=True)
+class Upstream:
+    name: str
+    base_url: str
+    api_key: str | None = field(default=None, repr=False)
+    connect_timeout: float = 5.0
+    read_timeout: float = 600.0
+    max_connections: int = 1000
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    artifact: str | None = None
+    backbone: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    max_batch_size: int = 16
+    max_wait_ms: float = 2.0
+    max_queue: int = 1024
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class PromptStage:
+    """`steer_from`/`steer_message` are set iff action == "steer", then 0 <= steer_from < threshold."""
+
+    action: str = "refuse"
+    threshold: float = 0.5
+    scope: str = "last_user"
+    mode: str = "sequential"
+    steer_from: float | None = None
+    steer_message: str | None = None
+
+
+@dataclass(frozen=True)
+class ResponseStage:
+    """holdback >= check_every guarantees no text scored unsafe reaches the client."""
+
+    action: str = "cut"
+    threshold: float = 0.5
+    check_every: int = 16
+    holdback: int = 16
+    include_prompt: bool = True
+    end_all_choices: bool = False
+
+
+@dataclass(frozen=True)
+class Rerank:
+    n: int
+    select: str = "safest"
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    refusal: str = DEFAULT_REFUSAL
+    on_guard_error: str = "block"
+    prompt: PromptStage = PromptStage()
+    response: ResponseStage = ResponseStage()
+    rerank: Rerank | None = None
+
+
+@dataclass(frozen=True)
+class Route:
+    """Conditions that are None always match; `header_name` is lower-case."""
+
+    name: str
+    prefix: str
+    upstream: str
+    policy: str
+    model: str | None = None
+    header_name: str | None = None
+    header_value: str | None = None
+    api_key: str | None = None
+
+    @property
+    def unconditional(self) -> bool:
+        return self.model is None and self.header_name is None and self.api_key is None
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig
+    upstreams: Mapping[str, Upstream]
+    guard: GuardConfig
+    policies: Mapping[str, Policy]
+    routes: tuple[Route, ...]
+    path: str | None = None
+
+
+def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> Config:
+    """Read and parse a config file; unreadable files are `ConfigError`s too."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config: {exc.__class__.__name__}: {exc}", file=str(path)) from None
+    return parse_config(text, path=str(path), env=os.environ if env is None else env)
+
+
+def parse_config(text: str, *, path: str | None = None, env: Mapping[str, str] = os.environ) -> Config:
+    ctx = Context(file=path, env=env)
+    tree = load_tree(text, path)
+    if tree is None:
+        raise ctx.error("the config is empty", "", None)
+    top = Section(ctx, tree, "", getattr(tree, "line", None))
+    server = _server(top.section("server") or Section(ctx, {}, "server", None))
+    upstreams = _upstreams(top)
+    guard = _guard(top.section("guard") or Section(ctx, {}, "guard", None))
+    policies = {name: _policy(Section(ctx, value, kp, line), name) for name, kp, line, value in top.entries("policies") or []}
+    policies.setdefault("default", Policy(name="default"))
+    routes = _routes(top, upstreams, policies, server)
+    top.finish()
+    return Config(server, _frozen_map(upstreams), guard, _frozen_map(policies), routes, path)
+
+
+def _server(s: Section) -> ServerConfig:
+    keys, names, values = [], set(), set()
+    for i, (kp, line, item) in enumerate(s.items("api_keys") or []):
+        if isinstance(item, dict):
+            entry = Section(s.ctx, item, kp, line)
+            key, name = entry.string("key"), entry.string("name")
+            entry.finish()
+        elif isinstance(item, str):
+            key = s.ctx.interpolate(item, kp, line) if "${" in item else item
+            name = f"api_keys[{i}]"
+            if not key:
+                raise s.ctx.error("must not be empty", kp, line)
+        else:
+            raise s.ctx.error("expected a string or {key, name}", kp, line)
+        if name in names:
+            raise s.ctx.error(f"duplicate api key name {name!r}", kp, line)
+        if key in values:
+            raise s.ctx.error("duplicate api key value", kp, line)
+        names.add(name), values.add(key)
+        keys.append(ApiKey(name=name, key=key))
+    d = ServerConfig()
+    server = ServerConfig(
+        host=s.string("host", d.host),
+        port=s.integer("port", d.port, minimum=0, maximum=65535),
+        max_body_bytes=s.integer("max_body_bytes", d.max_body_bytes, minimum=1),
+        api_keys=tuple(keys),
+        max_concurrent_streams=s.integer("max_concurrent_streams", d.max_concurrent_streams, minimum=1),
+        request_timeout=s.number("request_timeout", None, positive=True, nullable=True),
+        audit_log=s.string("audit_log", None, nullable=True),
+        log_level=s.choice("log_level", d.log_level, LOG_LEVELS),
+    )
+    s.finish()
+    return server
+
+
+def _upstreams(top: Section) -> dict[str, Upstream]:
+    entries = top.entries("upstreams")
+    if not entries:
+        raise top.ctx.error("at least one upstream is required", "upstreams", top.key_line("upstreams"))
+    out = {}
+    for name, kp, line, value in entries:
+        u = Section(top.ctx, value, kp, line)
+        base_url = u.string("base_url").rstrip("/")
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+            raise u.error("base_url", f"must be an http(s) URL without query or fragment; got {u.value['base_url']!r}")
+        d = Upstream(name, base_url)
+        api_key = u.string("api_key", None, nullable=True, nonempty=False)
+        out[name] = Upstream(
+            name=name,
+            base_url=base_url,
+            api_key=api_key or None,  # `${KEY:-}` left empty means "pass the client's through"
+            connect_timeout=u.number("connect_timeout", d.connect_timeout, positive=True),
+            read_timeout=u.number("read_timeout", d.read_timeout, positive=True),
+            max_connections=u.integer("max_connections", d.max_connections, minimum=1),
+        )
+        u.finish()
+    return out
+
+
+def _guard(g: Section) -> GuardConfig:
+    d = GuardConfig()
+    device = g.string("device", d.device)
+    if not _DEVICE.match(device):
+        raise g.error("device", f"must be auto, cpu, cuda or cuda:N; got {g.value['device']!r}")
+    guard = GuardConfig(
+        artifact=g.string("artifact", None, nullable=True),
+        backbone=g.string("backbone", None, nullable=True),
+        device=device,
+        dtype=g.choice("dtype", d.dtype, DTYPES),
+        max_batch_size=g.integer("max_batch_size", d.max_batch_size, minimum=1),
+        max_wait_ms=g.number("max_wait_ms", d.max_wait_ms, minimum=0),
+        max_queue=g.integer("max_queue", d.max_queue, minimum=1),
+        trust_remote_code=g.boolean("trust_remote_code", d.trust_remote_code),
+    )
+    g.finish()
+    return guard
+
+
+def _policy(p: Section, name: str) -> Policy:
+    prompt_section, response_section = p.section("prompt"), p.section("response")
+    rerank_section = p.section("rerank")
+    policy = Policy(
+        name=name,
+        refusal=p.string("refusal", DEFAULT_REFUSAL),
+        on_guard_error=p.choice("on_guard_error", "block", GUARD_ERROR_MODES),
+        prompt=_prompt(prompt_section) if prompt_section else PromptStage(),
+        response=_response(response_section) if response_section else ResponseStage(),
+        rerank=_rerank(rerank_section) if rerank_section else None,
+    )
+    p.finish()
+    return policy
+
+
+def _prompt(s: Section) -> PromptStage:
+    d = PromptStage()
+    action = s.choice("action", d.action, PROMPT_ACTIONS)
+    threshold = s.number("threshold", d.threshold, minimum=0.0, maximum=1.0)
+    mode = s.choice("mode", d.mode, PROMPT_MODES)
+    steer = s.section("steer")
+    steer_from = steer_message = None
+    if action == "steer":
+        if steer is None:
+            raise s.error("steer", "required when action is steer: {from: <score>, system_message: <text>}")
+        if mode == "parallel":
+            raise s.error("mode", "parallel cannot be combined with action: steer (the request is rewritten)")
+        steer_from = steer.number("from", None, minimum=0.0)
+        if steer_from >= threshold:
+            raise steer.error("from", f"must be < threshold ({threshold}); got {steer_from}")
+        steer_message = steer.string("system_message")
+        steer.finish()
+    elif steer is not None:
+        raise s.error("steer", f"only valid with action: steer (action is {action})")
+    stage = PromptStage(action, threshold, s.choice("scope", d.scope, PROMPT_SCOPES), mode, steer_from, steer_message)
+    s.finish()
+    return stage
+
+
+def _response(s: Section) -> ResponseStage:
+    d = ResponseStage()
+    stage = ResponseStage(
+        action=s.choice("action", d.action, RESPONSE_ACTIONS),
+        threshold=s.number("threshold", d.threshold, minimum=0.0, maximum=1.0),
+        check_every=s.integer("check_every", d.check_every, minimum=1),
+        holdback=s.integer("holdback", d.holdback, minimum=0),
+        include_prompt=s.boolean("include_prompt", d.include_prompt),
+        end_all_choices=s.boolean("end_all_choices", d.end_all_choices),
+    )
+    s.finish()
+    return stage
+
+
+def _rerank(s: Section) -> Rerank:
+    rerank = Rerank(n=s.integer("n", None, minimum=2), select=s.choice("select", "safest", RERANK_SELECTS))
+    s.finish()
+    return rerank
+
+
+def _routes(top: Section, upstreams: Mapping[str, Upstream], policies: Mapping[str, Policy], server: ServerConfig) -> tuple[Route, ...]:
+    items = top.items("routes")
+    if items is None:
+        if len(upstreams) != 1:
+            raise top.ctx.error("required when there is more than one upstream", "routes", top.line)
+        return (Route(name="default", prefix="/v1", upstream=next(iter(upstreams)), policy="default"),)
+    if not items:
+        raise top.error("routes", "at least one route is required")
+    key_names = {k.name for k in server.api_keys}
+    routes: list[Route] = []
+    for i, (kp, line, item) in enumerate(items):
+        r = Section(top.ctx, item, kp, line)
+        route = _route(r, i, upstreams, policies, key_names)
+        r.finish()
+        for earlier in routes:
+            if earlier.name == route.name:
+                raise r.error("name", f"duplicate route name {route.name!r}")
+            if shadows(earlier, route):
+                raise top.ctx.error(
+                    f"unreachable: every request it matches is matched first by route {earlier.name!r} "
+                    f"(prefix {earlier.prefix})", kp, line)
+        routes.append(route)
+    return tuple(routes)
+
+
+def _route(r: Section, i: int, upstreams: Mapping, policies: Mapping, key_names: set[str]) -> Route:
+    prefix = r.string("prefix")
+    if not prefix.startswith("/") or "//" in prefix or "%" in prefix or "\\" in prefix \
+            or any(seg in (".", "..") for seg in prefix.split("/")):
+        raise r.error("prefix", f"must start with '/' and contain no '//', '%', '\\\\', '.' or '..' segments; got {prefix!r}")
+    if prefix != "/":
+        prefix = prefix.rstrip("/")
+    upstream, policy = r.string("upstream"), r.string("policy")
+    if upstream not in upstreams:
+        raise r.error("upstream", f"unknown upstream {upstream!r} (known: {', '.join(upstreams)})")
+    if policy not in policies:
+        raise r.error("policy", f"unknown policy {policy!r} (known: {', '.join(policies)})")
+    header_name = header_value = None
+    header = r.section("header")
+    if header is not None:
+        header_name = header.string("name")
+        if not _HEADER_NAME.match(header_name):
+            raise header.error("name", f"not a valid header name: {header_name!r}")
+        header_name, header_value = header_name.lower(), header.string("value", "*")
+        header.finish()
+    api_key = r.string("api_key", None, nullable=True)
+    if api_key is not None and api_key not in key_names:
+        raise r.error("api_key", f"no server.api_keys entry is named {api_key!r}")
+    return Route(
+        name=r.string("name", f"routes[{i}]"), prefix=prefix, upstream=upstream, policy=policy,
+        model=r.string("model", None, nullable=True), header_name=header_name,
+        header_value=header_value, api_key=api_key,
+    )
+
+
+def prefix_covers(outer: str, inner: str) -> bool:
+    """Whether every path under `inner` is also under `outer` (whole segments)."""
+    return outer == "/" or inner == outer or inner.startswith(outer + "/")
+
+
+def shadows(earlier: Route, later: Route) -> bool:
+    """True when every request `later` matches is matched by `earlier` first.
+
+    Sound, not complete: a condition of `earlier` counts only when absent or written
+    identically on `later` (globs are not compared for inclusion).
+    """
+    return (
+        prefix_covers(earlier.prefix, later.prefix)
+        and earlier.model in (None, later.model)
+        and (earlier.header_name is None
+             or (earlier.header_name, earlier.header_value) == (later.header_name, later.header_value))
+        and earlier.api_key in (None, later.api_key)
+    )

@@ -1,0 +1,225 @@
+"""What is scored: the text pulled out of OpenAI request and response bodies.
+
+Pure functions over already-decoded JSON. The prompt is taken per `scope`:
+    last_user                 the last message whose role is "user"
+    conversation              every message as "role: text", lines joined with "\\n",
+                              without system/developer messages
+    conversation_with_system  the same with them (and the Responses `instructions` first)
+
+Content is a string or a list of parts whose text parts (`text`, `input_text`,
+`output_text`) are joined with "\\n"; other parts (images, audio, files) carry no text.
+Assistant tool-call arguments are text too: they can carry anything.
+
+`prompt_text` returns None when the prompt is not scoreable: a `/v1/completions` prompt
+given as token ids, or a Responses request without `input`. None is not "safe": the proxy
+passes it to `decide_prompt` as a score of None, which counts as a guard failure, so a
+fail-closed policy does not let token ids slip past the guard. A request with no user
+message at all has an empty prompt "" (there is nothing a user said).
+
+Shapes the OpenAI API would reject raise `RequestShapeError` with an OpenAI `param`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from policies.errors import RequestShapeError
+
+ENDPOINTS = ("chat/completions", "completions", "responses")
+_SYSTEM_ROLES = ("system", "developer")
+_TEXT_PARTS = ("text", "input_text", "output_text")
+
+
+def _is_list(value: Any) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+
+
+def content_text(content: Any, *, param: str) -> str:
+    """A message content (None, a string, or a list of parts) as text."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if not _is_list(content):
+        raise RequestShapeError(f"'{param}' must be a string or a list of content parts", param=param)
+    texts = []
+    for i, part in enumerate(content):
+        if isinstance(part, str):  # Responses accepts bare strings in a few SDKs; harmless
+            texts.append(part)
+            continue
+        if not isinstance(part, Mapping):
+            raise RequestShapeError(f"'{param}[{i}]' must be an object", param=f"{param}[{i}]")
+        if part.get("type") in _TEXT_PARTS or ("type" not in part and "text" in part):
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise RequestShapeError(f"'{param}[{i}].text' must be a string", param=f"{param}[{i}].text")
+            texts.append(text)
+        elif part.get("type") == "refusal" and isinstance(part.get("refusal"), str):
+            texts.append(part["refusal"])
+    return "\n".join(texts)
+
+
+def _tool_calls_text(message: Mapping, *, param: str) -> list[str]:
+    texts = []
+    calls = message.get("tool_calls") or []
+    if not _is_list(calls):
+        raise RequestShapeError(f"'{param}.tool_calls' must be a list", param=f"{param}.tool_calls")
+    for call in calls:
+        function = call.get("function") if isinstance(call, Mapping) else None
+        if isinstance(function, Mapping) and isinstance(function.get("arguments"), str):
+            texts.append(function["arguments"])
+    legacy = message.get("function_call")
+    if isinstance(legacy, Mapping) and isinstance(legacy.get("arguments"), str):
+        texts.append(legacy["arguments"])
+    return texts
+
+
+def _message_text(message: Mapping, *, param: str) -> str:
+    parts = [content_text(message.get("content"), param=f"{param}.content")]
+    return "\n".join(p for p in parts + _tool_calls_text(message, param=param) if p)
+
+
+def _render(messages: list[tuple[str, str]], scope: str) -> str:
+    """last_user → the last user text; conversation scopes → "role: text" lines."""
+    if scope == "last_user":
+        return next((text for role, text in reversed(messages) if role == "user"), "")
+    keep_system = scope == "conversation_with_system"
+    return "\n".join(
+        f"{role}: {text}" for role, text in messages
+        if text and (keep_system or role not in _SYSTEM_ROLES)
+    )
+
+
+def _chat_messages(body: Mapping) -> list[tuple[str, str]]:
+    messages = body.get("messages")
+    if not _is_list(messages):
+        raise RequestShapeError("'messages' must be a list", param="messages")
+    out = []
+    for i, message in enumerate(messages):
+        param = f"messages[{i}]"
+        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
+            raise RequestShapeError(f"'{param}' must be an object with a string 'role'", param=param)
+        out.append((message["role"], _message_text(message, param=param)))
+    return out
+
+
+def _completion_prompt(body: Mapping) -> str | None:
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return prompt
+    if _is_list(prompt):
+        if all(isinstance(p, str) for p in prompt):
+            return "\n".join(prompt)
+        if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt) or all(
+            _is_list(p) and all(isinstance(t, int) and not isinstance(t, bool) for t in p) for p in prompt
+        ):
+            return None  # token ids: not scoreable (see module docstring)
+    raise RequestShapeError("'prompt' must be a string, a list of strings, or token ids", param="prompt")
+
+
+def _responses_items(body: Mapping) -> list[tuple[str, str]] | None:
+    items = body.get("input")
+    if items is None:
+        return None
+    if isinstance(items, str):
+        return [("user", items)]
+    if not _is_list(items):
+        raise RequestShapeError("'input' must be a string or a list of items", param="input")
+    out = []
+    for i, item in enumerate(items):
+        param = f"input[{i}]"
+        if not isinstance(item, Mapping):
+            raise RequestShapeError(f"'{param}' must be an object", param=param)
+        kind = item.get("type", "message")
+        if kind == "message" or "role" in item:
+            if not isinstance(item.get("role"), str):
+                raise RequestShapeError(f"'{param}.role' must be a string", param=f"{param}.role")
+            out.append((item["role"], content_text(item.get("content"), param=f"{param}.content")))
+        elif kind == "function_call" and isinstance(item.get("arguments"), str):
+            out.append(("assistant", item["arguments"]))
+        elif kind == "function_call_output" and isinstance(item.get("output"), str):
+            out.append(("tool", item["output"]))
+    return out
+
+
+def prompt_text(endpoint: str, body: Mapping, scope: str) -> str | None:
+    """The prompt text to score for `endpoint` ("chat/completions", "completions", "responses")."""
+    if not isinstance(body, Mapping):
+        raise RequestShapeError("the request body must be a JSON object")
+    if endpoint == "chat/completions":
+        return _render(_chat_messages(body), scope)
+    if endpoint == "completions":
+        return _completion_prompt(body)
+    if endpoint == "responses":
+        items = _responses_items(body)
+        if items is None:
+            return None
+        instructions = body.get("instructions")
+        if instructions is not None and not isinstance(instructions, str):
+            raise RequestShapeError("'instructions' must be a string", param="instructions")
+        if instructions:
+            items = [("system", instructions), *items]
+        return _render(items, scope)
+    raise ValueError(f"not a guarded endpoint: {endpoint!r} (expected one of {ENDPOINTS})")
+
+
+def response_text_chat(choice: Mapping) -> str:
+    """A non-streamed chat choice: message content, refusal and tool-call arguments."""
+    message = choice.get("message") or {}
+    if not isinstance(message, Mapping):
+        return ""
+    texts = [_message_text(message, param="message")]
+    if isinstance(message.get("refusal"), str):
+        texts.append(message["refusal"])
+    return "\n".join(t for t in texts if t)
+
+
+def response_text_completion(choice: Mapping) -> str:
+    text = choice.get("text")
+    return text if isinstance(text, str) else ""
+
+
+def response_text_responses(body: Mapping) -> str:
+    """A non-streamed Responses object: its output messages' text and function-call arguments."""
+    texts = []
+    for item in body.get("output") or []:
+        if not isinstance(item, Mapping):
+            continue
+        if item.get("type") == "message":
+            texts.append(content_text(item.get("content"), param="output.content"))
+        elif item.get("type") == "function_call" and isinstance(item.get("arguments"), str):
+            texts.append(item["arguments"])
+    return "\n".join(t for t in texts if t)
+
+
+def delta_text(endpoint: str, chunk: Mapping) -> dict[int, str]:
+    """New text per choice index in one streamed chunk (Responses: one event, index 0).
+
+    Chat: `delta.content`, `delta.refusal` and tool-call argument fragments. Completions:
+    `text`. Responses: `response.output_text.delta`, `response.refusal.delta` and
+    `response.function_call_arguments.delta` events. Anything else carries no text.
+    """
+    if endpoint == "responses":
+        if chunk.get("type") in ("response.output_text.delta", "response.refusal.delta",
+                                 "response.function_call_arguments.delta") and isinstance(chunk.get("delta"), str):
+            return {0: chunk["delta"]}
+        return {}
+    out: dict[int, str] = {}
+    for choice in chunk.get("choices") or []:
+        if not isinstance(choice, Mapping) or not isinstance(choice.get("index", 0), int):
+            continue
+        if endpoint == "completions":
+            text = response_text_completion(choice)
+        else:
+            delta = choice.get("delta") or {}
+            pieces = [delta.get("content"), delta.get("refusal")] if isinstance(delta, Mapping) else []
+            for call in (delta.get("tool_calls") or []) if isinstance(delta, Mapping) else []:
+                function = call.get("function") if isinstance(call, Mapping) else None
+                if isinstance(function, Mapping):
+                    pieces.append(function.get("arguments"))
+            text = "".join(p for p in pieces if isinstance(p, str))
+        if text:
+            index = choice.get("index", 0)
+            out[index] = out.get(index, "") + text
+    return out

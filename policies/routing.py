@@ -1,0 +1,132 @@
+"""Which route serves a request, and the routing table `check-config` prints.
+
+Routes are tried in order and the first match wins. A route matches when the path is its
+prefix or lies under it by whole segments (`/v1` matches `/v1/chat/completions`, never
+`/v1x`), and each of its conditions that is set holds: the body's `model` matches the
+glob (a request without a string `model` fails a model condition), the header is present
+with a value matching the glob, the request authenticated with the named API key.
+
+Paths are checked before any matching: a path that could climb out of the prefix the
+proxy appends to `upstream.base_url` (`.`/`..` segments, `//`, a backslash, `%2f`, `%2e`,
+`%5c`, control characters) raises `UnsafePathError`. Pass the raw path (ASGI
+`scope["raw_path"]`, latin-1 decoded, query string removed) so encoded forms are seen.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+from policies.config import Config, Policy, Route, Upstream, prefix_covers
+from policies.errors import UnsafePathError
+
+_ENCODED_UNSAFE = re.compile(r"%(?:2f|2e|5c|00)", re.IGNORECASE)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@dataclass(frozen=True)
+class RouteMatch:
+    """`upstream_path` is the path after the prefix ("" or starting with "/")."""
+
+    route: Route
+    upstream: Upstream
+    policy: Policy
+    upstream_path: str
+
+    @property
+    def upstream_url(self) -> str:
+        return self.upstream.base_url + self.upstream_path
+
+
+def check_path(path: str) -> None:
+    """Raise `UnsafePathError` unless `path` is a plain absolute path."""
+    if not path.startswith("/"):
+        raise UnsafePathError("the request path must start with '/'")
+    if "//" in path or "\\" in path or _CONTROL.search(path):
+        raise UnsafePathError("the request path contains '//', a backslash or a control character")
+    if _ENCODED_UNSAFE.search(path):
+        raise UnsafePathError("the request path contains an encoded '/', '.', '\\' or NUL")
+    if any(segment in (".", "..") for segment in path.split("/")):
+        raise UnsafePathError("the request path contains a '.' or '..' segment")
+
+
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    for key, value in headers.items():
+        if key.lower() == name:
+            return value
+    return None
+
+
+def route_matches(
+    route: Route, path: str, *, model: str | None, headers: Mapping[str, str], api_key_name: str | None
+) -> bool:
+    if not prefix_covers(route.prefix, path):
+        return False
+    if route.model is not None and not (isinstance(model, str) and fnmatchcase(model, route.model)):
+        return False
+    if route.header_name is not None:
+        value = _header(headers, route.header_name)
+        if value is None or not fnmatchcase(value, route.header_value or "*"):
+            return False
+    return route.api_key is None or route.api_key == api_key_name
+
+
+def match_route(
+    config: Config,
+    path: str,
+    *,
+    model: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    api_key_name: str | None = None,
+) -> RouteMatch | None:
+    """The first route matching the request, or None (the proxy answers 404)."""
+    check_path(path)
+    headers = headers or {}
+    for route in config.routes:
+        if route_matches(route, path, model=model, headers=headers, api_key_name=api_key_name):
+            rest = path if route.prefix == "/" else path[len(route.prefix):]
+            return RouteMatch(route, config.upstreams[route.upstream], config.policies[route.policy], rest)
+    return None
+
+
+def _conditions(route: Route) -> str:
+    parts = []
+    if route.model is not None:
+        parts.append(f"model={route.model}")
+    if route.header_name is not None:
+        parts.append(f"{route.header_name}: {route.header_value}")
+    if route.api_key is not None:
+        parts.append(f"api_key={route.api_key}")
+    return ", ".join(parts) or "-"
+
+
+def _policy_summary(policy: Policy) -> str:
+    p, r = policy.prompt, policy.response
+    prompt = "off" if p.action == "off" else f"{p.action}@{p.threshold:g}"
+    if p.action == "steer":
+        prompt += f" (steer from {p.steer_from:g})"
+    response = "off" if r.action == "off" else f"{r.action}@{r.threshold:g} every {r.check_every} hold {r.holdback}"
+    return f"prompt {prompt} [{p.scope}, {p.mode}]; response {response}; on_guard_error {policy.on_guard_error}"
+
+
+def routing_table(config: Config) -> str:
+    """Routes in match order, then the policies they use; never prints a secret."""
+    rows = [("#", "name", "prefix", "conditions", "upstream", "policy")]
+    for i, route in enumerate(config.routes):
+        upstream = config.upstreams[route.upstream]
+        rows.append((str(i), route.name, route.prefix, _conditions(route),
+                     f"{route.upstream} ({upstream.base_url})", route.policy))
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.append("(no match: 404)")
+    lines.append("")
+    used = dict.fromkeys(route.policy for route in config.routes)
+    lines.extend(f"policy {name}: {_policy_summary(config.policies[name])}" for name in used)
+    if config.server.auth_required:
+        lines.append(f"auth: {len(config.server.api_keys)} API key(s): "
+                     + ", ".join(k.name for k in config.server.api_keys))
+    else:
+        lines.append("auth: off (server.api_keys is empty)")
+    return "\n".join(lines)

@@ -103,6 +103,7 @@ def _convert(loader: _Loader, node: yaml.Node, file: str | None, path: str, dept
 _INTERPOLATION = re.compile(r"\$\$\{|\$\{([^}]*)\}|\$\{")
 _VAR = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?$", re.S)
 _MISSING: Any = object()
+REQUIRED: Any = _MISSING  # pass as `default` to make a key required
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from policies._source import Context, Section, load_tree
+from policies._source import REQUIRED, Context, Section, load_tree
 from policies.errors import ConfigError
 
 PROMPT_ACTIONS = ("refuse", "block", "flag", "shadow", "steer", "off")
@@ -192,7 +192,7 @@ def _server(s: Section) -> ServerConfig:
     for i, (kp, line, item) in enumerate(s.items("api_keys") or []):
         if isinstance(item, dict):
             entry = Section(s.ctx, item, kp, line)
-            key, name = entry.string("key"), entry.string("name")
+            key, name = entry.string("key"), entry.string("name", f"api_keys[{i}]")
             entry.finish()
         elif isinstance(item, str):
             key = s.ctx.interpolate(item, kp, line) if "${" in item else item
@@ -293,7 +293,7 @@ def _prompt(s: Section) -> PromptStage:
             raise s.error("steer", "required when action is steer: {from: <score>, system_message: <text>}")
         if mode == "parallel":
             raise s.error("mode", "parallel cannot be combined with action: steer (the request is rewritten)")
-        steer_from = steer.number("from", None, minimum=0.0)
+        steer_from = steer.number("from", REQUIRED, minimum=0.0)
         if steer_from >= threshold:
             raise steer.error("from", f"must be < threshold ({threshold}); got {steer_from}")
         steer_message = steer.string("system_message")
@@ -320,7 +320,7 @@ def _response(s: Section) -> ResponseStage:
 
 
 def _rerank(s: Section) -> Rerank:
-    rerank = Rerank(n=s.integer("n", None, minimum=2), select=s.choice("select", "safest", RERANK_SELECTS))
+    rerank = Rerank(n=s.integer("n", REQUIRED, minimum=2), select=s.choice("select", "safest", RERANK_SELECTS))
     s.finish()
     return rerank
 

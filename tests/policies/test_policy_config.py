@@ -1,0 +1,352 @@
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from policies.config import (
+    DEFAULT_REFUSAL, ApiKey, GuardConfig, Policy, PromptStage, ResponseStage, Rerank, Route,
+    ServerConfig, load_config, parse_config,
+)
+from policies.errors import ConfigError
+from tests.policies.cases import EXAMPLE, load_example, parse
+
+UP = "upstreams:\n  local:\n    base_url: http://127.0.0.1:8000/v1\n"
+REFERENCE = Path(__file__).resolve().parents[2] / "docs" / "config.reference.yaml"
+
+
+def test_example_loads_and_means_what_it_says():
+    example = load_example()
+    assert [(r.prefix, r.upstream, r.policy) for r in example.routes] == [
+        ("/redteam/v1", "local", "redteam"), ("/v1", "local", "default")]
+    assert example.upstreams["local"].base_url == "http://127.0.0.1:8000/v1"
+    default, redteam = example.policies["default"], example.policies["redteam"]
+    assert default.prompt == PromptStage(action="refuse", threshold=0.5)
+    assert default.response == ResponseStage(action="cut", threshold=0.5, check_every=16, holdback=16)
+    assert redteam.prompt.action == "shadow"
+    assert redteam.response == ResponseStage(action="cut", threshold=0.9, check_every=16, holdback=0)
+    assert default.on_guard_error == redteam.on_guard_error == "block"
+    assert example.server == ServerConfig() and example.guard == GuardConfig()
+    assert example.path == "config.yaml"
+
+
+def test_defaults_when_routes_and_policies_are_omitted():
+    config = parse(UP)
+    assert config.routes == (Route(name="default", prefix="/v1", upstream="local", policy="default"),)
+    assert config.policies["default"] == Policy(name="default")
+    assert config.policies["default"].refusal == DEFAULT_REFUSAL
+
+
+def test_a_written_default_policy_replaces_the_built_in():
+    config = parse(UP + "policies:\n  default:\n    prompt: {action: block, threshold: 0.7}\n")
+    assert config.policies["default"].prompt == PromptStage(action="block", threshold=0.7)
+    assert config.policies["default"].response == ResponseStage()
+
+
+def test_every_key_parses():
+    config = parse("""\
+        server:
+          host: 0.0.0.0
+          port: 9000
+          max_body_bytes: 1000
+          api_keys: ["${K1}", {key: "${K2}", name: team-a}]
+          max_concurrent_streams: 8
+          request_timeout: 30
+          audit_log: /tmp/audit.jsonl
+          log_level: debug
+        upstreams:
+          vllm:
+            base_url: https://example.com/v1/
+            api_key: ${UP}
+            connect_timeout: 1
+            read_timeout: 2.5
+            max_connections: 3
+        guard:
+          artifact: /models/head
+          backbone: pypi:some-backbone
+          device: cuda:1
+          dtype: bfloat16
+          max_batch_size: 4
+          max_wait_ms: 0
+          max_queue: 5
+          trust_remote_code: true
+        policies:
+          kids:
+            refusal: No.
+            on_guard_error: allow
+            prompt:
+              action: steer
+              threshold: 0.6
+              scope: conversation_with_system
+              mode: sequential
+              steer: {from: 0.2, system_message: Be safe.}
+            response:
+              action: flag
+              threshold: 0.4
+              check_every: 8
+              holdback: 32
+              include_prompt: false
+              end_all_choices: true
+            rerank: {n: 4, select: first_safe}
+        routes:
+          - name: kids
+            prefix: /kids/v1/
+            upstream: vllm
+            policy: kids
+            model: "gpt-4*"
+            header: {name: X-Tenant, value: kids}
+            api_key: team-a
+        """, K1="s1", K2="s2", UP="up-secret")
+    assert config.server == ServerConfig(
+        host="0.0.0.0", port=9000, max_body_bytes=1000,
+        api_keys=(ApiKey("api_keys[0]", "s1"), ApiKey("team-a", "s2")), max_concurrent_streams=8,
+        request_timeout=30.0, audit_log="/tmp/audit.jsonl", log_level="debug")
+    up = config.upstreams["vllm"]
+    assert (up.base_url, up.api_key, up.connect_timeout, up.read_timeout, up.max_connections) == (
+        "https://example.com/v1", "up-secret", 1.0, 2.5, 3)
+    assert config.guard == GuardConfig("/models/head", "pypi:some-backbone", "cuda:1", "bfloat16", 4, 0.0, 5, True)
+    kids = config.policies["kids"]
+    assert kids == Policy(
+        name="kids", refusal="No.", on_guard_error="allow",
+        prompt=PromptStage("steer", 0.6, "conversation_with_system", "sequential", 0.2, "Be safe."),
+        response=ResponseStage("flag", 0.4, 8, 32, False, True), rerank=Rerank(4, "first_safe"))
+    assert config.routes == (Route("kids", "/kids/v1", "vllm", "kids", "gpt-4*", "x-tenant", "kids", "team-a"),)
+    assert set(config.policies) == {"kids", "default"}
+
+
+def test_values_are_frozen():
+    example = load_example()
+    with pytest.raises(AttributeError):
+        example.routes[0].prefix = "/x"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        example.policies["new"] = Policy("new")  # type: ignore[index]
+
+
+def test_secrets_are_not_in_reprs():
+    config = parse(UP.replace("v1\n", "v1\n    api_key: ${UP}\n")
+                   + "server:\n  api_keys: [{key: '${K}', name: a}]\n", UP="sekrit-up", K="sekrit-key")
+    assert config.upstreams["local"].api_key == "sekrit-up"
+    assert "sekrit" not in repr(config)
+
+
+# (yaml text, key path named, line named, words in the reason)
+ERRORS = [
+    ("", "", None, "empty"),
+    ("upstreams: [\n", "", 2, "invalid YAML"),
+    ("- a\n- b\n", "", 1, "expected a mapping"),
+    ("upstreams: {}\n", "upstreams", 1, "at least one upstream"),
+    ("upstreams:\n  local: {}\n", "upstreams.local.base_url", 2, "required"),
+    ("upstreams:\n  local:\n    base_url: ftp://x/v1\n", "upstreams.local.base_url", 3, "http(s)"),
+    ("upstreams:\n  local:\n    base_url: http:///v1\n", "upstreams.local.base_url", 3, "http(s)"),
+    ("upstreams:\n  local:\n    base_url: http://x/v1?a=1\n", "upstreams.local.base_url", 3, "query"),
+    ("upstreams:\n  local:\n    base_url: 8000\n", "upstreams.local.base_url", 3, "expected a string"),
+    (UP + "    read_timeout: 0\n", "upstreams.local.read_timeout", 4, "> 0"),
+    (UP + "    connect_timeout: true\n", "upstreams.local.connect_timeout", 4, "finite number"),
+    (UP + "    max_connections: 1.5\n", "upstreams.local.max_connections", 4, "integer"),
+    (UP + "    base_uri: http://x\n", "upstreams.local.base_uri", 4, "unknown key"),
+    (UP + "    api_key: ${NOPE}\n", "upstreams.local.api_key", 4, "NOPE is not set"),
+    (UP + "    api_key: ${NOPE\n", "upstreams.local.api_key", 4, "unterminated"),
+    (UP + "    api_key: ${1BAD}\n", "upstreams.local.api_key", 4, "bad variable name"),
+    (UP + "upstream:\n  x: 1\n", "upstream", 4, "unknown key"),
+    (UP + "upstreams:\n  b: {}\n", "upstreams", 4, "duplicate key"),
+    (UP + "server:\n  port: 70000\n", "server.port", 5, "<= 65535"),
+    (UP + "server:\n  port: '8080'\n", "server.port", 5, "integer"),
+    (UP + "server:\n  port: true\n", "server.port", 5, "integer"),
+    (UP + "server:\n  max_body_bytes: 0\n", "server.max_body_bytes", 5, ">= 1"),
+    (UP + "server:\n  log_level: loud\n", "server.log_level", 5, "one of debug"),
+    (UP + "server:\n  request_timeout: -1\n", "server.request_timeout", 5, "> 0"),
+    (UP + "server:\n  api_keys: ''\n", "server.api_keys", 5, "expected a list"),
+    (UP + "server:\n  api_keys: ['']\n", "server.api_keys[0]", 5, "empty"),
+    (UP + "server:\n  api_keys: [3]\n", "server.api_keys[0]", 5, "string or"),
+    (UP + "server:\n  api_keys:\n    - a\n    - a\n", "server.api_keys[1]", 7, "duplicate api key value"),
+    (UP + "server:\n  api_keys:\n    - {key: a, name: n}\n    - {key: b, name: n}\n", "server.api_keys[1]", 7, "duplicate api key name"),
+    (UP + "server:\n  api_keys:\n    - {key: a, nam: n}\n", "server.api_keys[0].nam", 6, "unknown key"),
+    (UP + "guard:\n  device: gpu\n", "guard.device", 5, "cuda:N"),
+    (UP + "guard:\n  dtype: int8\n", "guard.dtype", 5, "one of auto"),
+    (UP + "guard:\n  trust_remote_code: yes\n", "guard.trust_remote_code", 5, "true or false"),
+    (UP + "guard:\n  max_wait_ms: .nan\n", "guard.max_wait_ms", 5, "finite"),
+    (UP + "policies:\n  p:\n    prompt: {threshold: 1.5}\n", "policies.p.prompt.threshold", 6, "<= 1.0"),
+    (UP + "policies:\n  p:\n    prompt: {threshold: -0.1}\n", "policies.p.prompt.threshold", 6, ">= 0.0"),
+    (UP + "policies:\n  p:\n    prompt: {threshold: true}\n", "policies.p.prompt.threshold", 6, "finite number"),
+    (UP + "policies:\n  p:\n    prompt: {action: deny}\n", "policies.p.prompt.action", 6, "one of refuse"),
+    (UP + "policies:\n  p:\n    prompt: {scope: all}\n", "policies.p.prompt.scope", 6, "one of last_user"),
+    (UP + "policies:\n  p:\n    prompt: {mode: async}\n", "policies.p.prompt.mode", 6, "one of sequential"),
+    (UP + "policies:\n  p:\n    prompt: {action: steer}\n", "policies.p.prompt.steer", 6, "required"),
+    (UP + "policies:\n  p:\n    prompt: {action: refuse, steer: {from: 0.1, system_message: x}}\n",
+     "policies.p.prompt.steer", 6, "only valid with action: steer"),
+    (UP + "policies:\n  p:\n    prompt:\n      action: steer\n      steer: {from: 0.5, system_message: x}\n",
+     "policies.p.prompt.steer.from", 8, "< threshold"),
+    (UP + "policies:\n  p:\n    prompt:\n      action: steer\n      steer: {from: 0.1}\n",
+     "policies.p.prompt.steer.system_message", 8, "required"),
+    (UP + "policies:\n  p:\n    prompt:\n      action: steer\n      mode: parallel\n      steer: {from: 0.1, system_message: x}\n",
+     "policies.p.prompt.mode", 8, "parallel"),
+    (UP + "policies:\n  p:\n    response: {action: refuse}\n", "policies.p.response.action", 6, "one of cut"),
+    (UP + "policies:\n  p:\n    response: {check_every: 0}\n", "policies.p.response.check_every", 6, ">= 1"),
+    (UP + "policies:\n  p:\n    response: {holdback: -1}\n", "policies.p.response.holdback", 6, ">= 0"),
+    (UP + "policies:\n  p:\n    response: {include_prompt: 1}\n", "policies.p.response.include_prompt", 6, "true or false"),
+    (UP + "policies:\n  p:\n    response: {threshhold: 0.5}\n", "policies.p.response.threshhold", 6, "unknown key"),
+    (UP + "policies:\n  p:\n    on_guard_error: ignore\n", "policies.p.on_guard_error", 6, "one of block"),
+    (UP + "policies:\n  p:\n    refusal: ''\n", "policies.p.refusal", 6, "empty"),
+    (UP + "policies:\n  p:\n    rerank: {n: 1}\n", "policies.p.rerank.n", 6, ">= 2"),
+    (UP + "policies:\n  p:\n    rerank: {select: safest}\n", "policies.p.rerank.n", 6, "required"),
+    (UP + "policies:\n  p:\n    rerank: {n: 2, select: best}\n", "policies.p.rerank.select", 6, "one of safest"),
+    (UP + "policies:\n  p: [1]\n", "policies.p", 5, "expected a mapping"),
+    (UP + "routes: []\n", "routes", 4, "at least one route"),
+    (UP + "routes: {prefix: /v1}\n", "routes", 4, "expected a list"),
+    (UP + "upstreams2: 1\n", "upstreams2", 4, "unknown key"),
+    (UP + "routes:\n  - {upstream: local, policy: default}\n", "routes[0].prefix", 5, "required"),
+    (UP + "routes:\n  - {prefix: v1, upstream: local, policy: default}\n", "routes[0].prefix", 5, "start with '/'"),
+    (UP + "routes:\n  - {prefix: /a/../v1, upstream: local, policy: default}\n", "routes[0].prefix", 5, "'..'"),
+    (UP + "routes:\n  - {prefix: /a//v1, upstream: local, policy: default}\n", "routes[0].prefix", 5, "'//'"),
+    (UP + "routes:\n  - {prefix: /a%2fv1, upstream: local, policy: default}\n", "routes[0].prefix", 5, "'%'"),
+    (UP + "routes:\n  - {prefix: /v1, upstream: remote, policy: default}\n", "routes[0].upstream", 5, "unknown upstream 'remote'"),
+    (UP + "routes:\n  - {prefix: /v1, upstream: local, policy: kids}\n", "routes[0].policy", 5, "unknown policy 'kids'"),
+    (UP + "routes:\n  - {prefix: /v1, upstream: local, policy: default, api_key: team}\n", "routes[0].api_key", 5, "no server.api_keys"),
+    (UP + "routes:\n  - {prefix: /v1, upstream: local, policy: default, header: {value: x}}\n", "routes[0].header.name", 5, "required"),
+    (UP + "routes:\n  - {prefix: /v1, upstream: local, policy: default, header: {name: 'a b'}}\n", "routes[0].header.name", 5, "header name"),
+    (UP + "routes:\n  - {prefix: /v1, upstream: local, policy: default, modle: x}\n", "routes[0].modle", 5, "unknown key"),
+    (UP + "routes:\n  - {prefix: /v1, upstream: local, policy: default, name: a}\n"
+          "  - {prefix: /v2, upstream: local, policy: default, name: a}\n", "routes[1].name", 6, "duplicate route name"),
+    ("upstreams:\n  a: {base_url: 'http://a'}\n  b: {base_url: 'http://b'}\n", "routes", 1, "more than one upstream"),
+]
+
+
+@pytest.mark.parametrize(("text", "key_path", "line", "reason"), ERRORS)
+def test_errors_name_file_key_path_and_line(text, key_path, line, reason):
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, path="cfg.yaml", env={})
+    err = info.value
+    assert (err.file, err.key_path, err.line) == ("cfg.yaml", key_path, line)
+    assert reason in err.reason
+    assert str(err).startswith(f"cfg.yaml:{line}: " if line else "cfg.yaml: ")
+    if key_path:
+        assert f": {key_path}: " in str(err)
+
+
+# (earlier route, later route): the later one is unreachable
+UNREACHABLE = [
+    ("{prefix: /v1}", "{prefix: /v1}"),
+    ("{prefix: /v1}", "{prefix: /v1/chat}"),
+    ("{prefix: /v1}", "{prefix: /v1/chat, model: 'gpt-*'}"),
+    ("{prefix: /}", "{prefix: /kids/v1}"),
+    ("{prefix: /v1/}", "{prefix: /v1, header: {name: x-a}}"),
+    ("{prefix: /v1, model: 'gpt-*'}", "{prefix: /v1/chat, model: 'gpt-*'}"),
+    ("{prefix: /v1, header: {name: X-T, value: k}}", "{prefix: /v1, header: {name: x-t, value: k}, model: m}"),
+    ("{prefix: /v1, api_key: team}", "{prefix: /v1, api_key: team}"),
+]
+REACHABLE = [
+    ("{prefix: /v1}", "{prefix: /v1x}"),
+    ("{prefix: /v1/chat}", "{prefix: /v1}"),
+    ("{prefix: /v1, model: 'gpt-*'}", "{prefix: /v1}"),
+    ("{prefix: /v1, model: 'gpt-*'}", "{prefix: /v1, model: 'llama*'}"),
+    ("{prefix: /v1, header: {name: x-t, value: a}}", "{prefix: /v1, header: {name: x-t, value: b}}"),
+    ("{prefix: /v1, header: {name: x-t}}", "{prefix: /v1, header: {name: x-u}}"),
+    ("{prefix: /v1, api_key: team}", "{prefix: /v1}"),
+    ("{prefix: /redteam/v1}", "{prefix: /v1}"),
+]
+
+
+def _two_routes(first: str, second: str) -> str:
+    def fill(route: str) -> str:
+        return route[:-1] + ", upstream: local, policy: default}"
+    return UP + "server:\n  api_keys: [{key: k, name: team}]\n" + f"routes:\n  - {fill(first)}\n  - {fill(second)}\n"
+
+
+@pytest.mark.parametrize(("first", "second"), UNREACHABLE)
+def test_unreachable_routes_fail_at_load(first, second):
+    with pytest.raises(ConfigError) as info:
+        parse_config(_two_routes(first, second), path="cfg.yaml", env={})
+    assert (info.value.key_path, info.value.line) == ("routes[1]", 8)
+    assert "unreachable" in info.value.reason and "routes[0]" in info.value.reason
+
+
+@pytest.mark.parametrize(("first", "second"), REACHABLE)
+def test_reachable_routes_load(first, second):
+    assert len(parse_config(_two_routes(first, second), env={}).routes) == 2
+
+
+# (raw value, env, interpolated value)
+INTERPOLATION = [
+    ("plain", {}, "plain"),
+    ("${A}", {"A": "x"}, "x"),
+    ("pre-${A}-${B}-post", {"A": "1", "B": "2"}, "pre-1-2-post"),
+    ("${A:-fallback}", {}, "fallback"),
+    ("${A:-fallback}", {"A": "set"}, "set"),
+    ("${A:-}", {"A": ""}, ""),
+    ("$${A}", {"A": "x"}, "${A}"),
+    ("$A", {"A": "x"}, "$A"),
+    ("${A}", {"A": "has ${B} inside"}, "has ${B} inside"),  # no second pass over values
+]
+
+
+@pytest.mark.parametrize(("raw", "env", "value"), INTERPOLATION)
+def test_interpolation(raw, env, value):
+    config = parse_config(UP + f"policies:\n  p:\n    refusal: 'r{raw}'\n", env=env)
+    assert config.policies["p"].refusal == "r" + value
+
+
+@pytest.mark.parametrize(("raw", "env", "expected"), [
+    ("${PORT}", {"PORT": "9001"}, 9001),
+    ("${PORT:-8081}", {}, 8081),
+])
+def test_interpolation_into_numbers(raw, env, expected):
+    assert parse_config(UP + f"server:\n  port: '{raw}'\n", env=env).server.port == expected
+
+
+def test_interpolated_non_number_is_a_type_error_without_the_value():
+    with pytest.raises(ConfigError) as info:
+        parse_config(UP + "server:\n  port: ${PORT}\n", env={"PORT": "secret-ish"})
+    assert info.value.key_path == "server.port" and "secret-ish" not in str(info.value)
+
+
+def test_missing_secret_names_variable_not_value():
+    with pytest.raises(ConfigError) as info:
+        parse_config(UP + "server:\n  api_keys: ['${PROXY_KEY}']\n", path="c.yaml", env={})
+    assert str(info.value) == "c.yaml:5: server.api_keys[0]: environment variable PROXY_KEY is not set"
+
+
+def test_empty_upstream_api_key_means_none():
+    config = parse_config(UP + "    api_key: ${VLLM_KEY:-}\n", env={})
+    assert config.upstreams["local"].api_key is None
+
+
+@pytest.mark.parametrize("word", ["off", "on", "yes", "no"])
+def test_yaml11_booleans_stay_strings(word):
+    text = UP + f"policies:\n  p:\n    refusal: {word}\n    response: {{action: off}}\n"
+    policy = parse_config(text, env={}).policies["p"]
+    assert (policy.refusal, policy.response.action) == (word, "off")
+
+
+def test_merge_keys_are_supported():
+    config = parse_config(UP + textwrap.dedent("""\
+        policies:
+          base: &base
+            refusal: Nope.
+            prompt: {threshold: 0.7}
+          derived:
+            <<: *base
+            on_guard_error: allow
+        """), env={})
+    assert config.policies["derived"] == Policy("derived", "Nope.", "allow", PromptStage(threshold=0.7))
+
+
+def test_load_config_reads_a_file_and_names_it(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(EXAMPLE)
+    assert load_config(path, env={}).path == str(path)
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "missing.yaml", env={})
+
+
+def test_reference_config_loads():
+    config = load_config(REFERENCE, env={"VLLM_API_KEY": "x", "PROXY_KEY": "y", "TEAM_A_KEY": "z"})
+    assert config.routes[-1].prefix == "/v1" and config.routes[-1].policy == "default"
+    assert "steer" in {p.prompt.action for p in config.policies.values()}
+
+
+def test_textwrap_helper_matches_file_lines():
+    # The helper dedents; line numbers must still be those of the dedented text.
+    with pytest.raises(ConfigError) as info:
+        parse(textwrap.indent(UP + "bogus: 1\n", "    "))
+    assert (info.value.key_path, info.value.line) == ("bogus", 4)

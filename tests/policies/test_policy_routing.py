@@ -1,0 +1,163 @@
+from __future__ import annotations
+
+import pytest
+
+from policies.auth import authenticate, bearer_token
+from policies.config import parse_config
+from policies.errors import UnsafePathError
+from policies.routing import match_route, routing_table
+from tests.policies.cases import load_example
+
+CONFIG = parse_config("""\
+server:
+  api_keys: [{key: key-a, name: team-a}, {key: key-b, name: team-b}, key-c]
+upstreams:
+  local: {base_url: "http://127.0.0.1:8000/v1", api_key: upstream-secret}
+  openai: {base_url: "https://api.example.com/v1/"}
+policies:
+  kids: {}
+  gpt: {}
+  team: {}
+  root: {}
+routes:
+  - {name: kids-prefix, prefix: /kids/v1, upstream: local, policy: kids}
+  - {name: kids-header, prefix: /v1, header: {name: X-Tenant, value: "kid*"}, upstream: local, policy: kids}
+  - {name: gpt, prefix: /v1, model: "gpt-4*", upstream: openai, policy: gpt}
+  - {name: team-a, prefix: /team/v1, api_key: team-a, upstream: local, policy: team}
+  - {name: default, prefix: /v1, upstream: local, policy: default}
+  - {name: root, prefix: /, upstream: local, policy: root}
+""", env={})
+
+# (path, model, headers, api key name, route name or None, upstream_path)
+MATCHES = [
+    ("/v1/chat/completions", None, {}, None, "default", "/chat/completions"),
+    ("/v1", None, {}, None, "default", ""),
+    ("/v1/", None, {}, None, "default", "/"),
+    ("/v1x/chat/completions", None, {}, None, "root", "/v1x/chat/completions"),
+    ("/kids/v1/chat/completions", None, {}, None, "kids-prefix", "/chat/completions"),
+    ("/kids/v1/chat/completions", "gpt-4o", {}, None, "kids-prefix", "/chat/completions"),
+    ("/kids/v1x", None, {}, None, "root", "/kids/v1x"),
+    ("/KIDS/v1/chat/completions", None, {}, None, "root", "/KIDS/v1/chat/completions"),
+    ("/v1/chat/completions", None, {"x-tenant": "kids"}, None, "kids-header", "/chat/completions"),
+    ("/v1/chat/completions", None, {"X-TENANT": "kiddo"}, None, "kids-header", "/chat/completions"),
+    ("/v1/chat/completions", None, {"x-tenant": "adults"}, None, "default", "/chat/completions"),
+    ("/v1/chat/completions", None, {"x-tenant": "KIDS"}, None, "default", "/chat/completions"),
+    ("/v1/chat/completions", "gpt-4o", {}, None, "gpt", "/chat/completions"),
+    ("/v1/chat/completions", "gpt-4", {}, None, "gpt", "/chat/completions"),
+    ("/v1/chat/completions", "GPT-4o", {}, None, "default", "/chat/completions"),
+    ("/v1/chat/completions", "gpt-3.5", {}, None, "default", "/chat/completions"),
+    ("/v1/chat/completions", "gpt-4o", {"x-tenant": "kids"}, None, "kids-header", "/chat/completions"),
+    ("/team/v1/chat/completions", None, {}, "team-a", "team-a", "/chat/completions"),
+    ("/team/v1/chat/completions", None, {}, "team-b", "root", "/team/v1/chat/completions"),
+    ("/team/v1/chat/completions", None, {}, None, "root", "/team/v1/chat/completions"),
+    ("/v1/chat/completions", None, {}, "team-a", "default", "/chat/completions"),
+    ("/v1/chat/completions", "gpt-4o", {}, "team-a", "gpt", "/chat/completions"),
+    ("/other", None, {}, None, "root", "/other"),
+]
+
+
+@pytest.mark.parametrize(("path", "model", "headers", "key", "route", "rest"), MATCHES)
+def test_match_route(path, model, headers, key, route, rest):
+    match = match_route(CONFIG, path, model=model, headers=headers, api_key_name=key)
+    assert match is not None
+    assert (match.route.name, match.upstream_path) == (route, rest)
+    assert match.upstream is CONFIG.upstreams[match.route.upstream]
+    assert match.policy is CONFIG.policies[match.route.policy]
+    assert match.upstream_url == match.upstream.base_url + rest
+
+
+@pytest.mark.parametrize("path", ["/", "/v2/chat/completions", "/redteam", "/v1x", "/redteam/v1x/models"])
+def test_no_match_is_none(path):
+    assert match_route(load_example(), path) is None
+
+
+@pytest.mark.parametrize(("path", "route"), [
+    ("/redteam/v1/chat/completions", "redteam"),
+    ("/redteam/v1", "redteam"),
+    ("/v1/chat/completions", "default"),
+    ("/v1/redteam/v1/chat/completions", "default"),
+])
+def test_example_routes(path, route):
+    assert match_route(load_example(), path).policy.name == route
+
+
+UNSAFE = [
+    "v1/chat/completions",
+    "/v1/../admin",
+    "/v1/..",
+    "/redteam/v1/../../v1/chat",
+    "/v1/./chat/completions",
+    "/v1//chat/completions",
+    "//evil.example.com/v1",
+    "/v1/%2e%2e/admin",
+    "/v1/%2E%2E/admin",
+    "/v1/..%2fadmin",
+    "/v1%2Fchat",
+    "/v1/chat%5c..",
+    "/v1\\..\\admin",
+    "/v1/chat%00",
+    "/v1/chat\ncompletions",
+]
+
+
+@pytest.mark.parametrize("path", UNSAFE)
+def test_unsafe_paths_are_rejected_before_matching(path):
+    with pytest.raises(UnsafePathError):
+        match_route(CONFIG, path)
+
+
+@pytest.mark.parametrize("path", ["/v1/models/my%20model", "/v1/files/file-abc.jsonl", "/v1/a..b"])
+def test_dots_and_other_escapes_inside_segments_are_fine(path):
+    assert match_route(CONFIG, path) is not None
+
+
+def test_routing_table_lists_routes_in_order_without_secrets():
+    table = routing_table(CONFIG)
+    names = ["kids-prefix", "kids-header", "gpt", "team-a", "default", "root"]
+    positions = [table.index(f"  {name}  ") for name in names]
+    assert positions == sorted(positions)
+    assert "x-tenant: kid*" in table and "model=gpt-4*" in table and "api_key=team-a" in table
+    assert "https://api.example.com/v1" in table and "(no match: 404)" in table
+    assert "auth: 3 API key(s): team-a, team-b, api_keys[2]" in table
+    for secret in ("key-a", "key-b", "key-c", "upstream-secret"):
+        assert secret not in table
+
+
+def test_routing_table_of_the_example():
+    table = routing_table(load_example())
+    assert "policy redteam: prompt shadow@0.5" in table
+    assert "response cut@0.9 every 16 hold 0" in table
+    assert "auth: off" in table
+
+
+# (Authorization header, api key name)
+AUTH = [
+    ("Bearer key-a", "team-a"),
+    ("bearer key-b", "team-b"),
+    ("BEARER   key-c  ", "api_keys[2]"),
+    ("Bearer key-a ", "team-a"),
+    ("Bearer key-ab", None),
+    ("Bearer key-", None),
+    ("Bearer KEY-A", None),
+    ("Basic key-a", None),
+    ("key-a", None),
+    ("Bearer ", None),
+    ("", None),
+    (None, None),
+]
+
+
+@pytest.mark.parametrize(("header", "name"), AUTH)
+def test_authenticate(header, name):
+    assert authenticate(CONFIG, header) == name
+
+
+def test_authenticate_without_keys_is_never_a_name():
+    config = load_example()
+    assert not config.server.auth_required and CONFIG.server.auth_required
+    assert authenticate(config, "Bearer anything") is None
+
+
+@pytest.mark.parametrize(("header", "token"), [("Bearer t", "t"), ("Token t", None), ("Bearer", None)])
+def test_bearer_token(header, token):
+    assert bearer_token(header) == token

@@ -1,0 +1,156 @@
+from __future__ import annotations
+
+import pytest
+
+from policies.errors import RequestShapeError
+from policies.extract import (
+    delta_text, prompt_text, response_text_chat, response_text_completion, response_text_responses,
+)
+
+CHAT = {"messages": [
+    {"role": "system", "content": "Be nice."},
+    {"role": "user", "content": "first"},
+    {"role": "assistant", "content": "reply", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{\"q\": 1}"}}]},
+    {"role": "tool", "tool_call_id": "c", "content": "tool out"},
+    {"role": "developer", "content": [{"type": "text", "text": "dev rule"}]},
+    {"role": "user", "content": [
+        {"type": "text", "text": "look at"},
+        {"type": "image_url", "image_url": {"url": "data:..."}},
+        {"type": "text", "text": "this"}]},
+]}
+RESPONSES_ITEMS = {"instructions": "Be brief.", "input": [
+    {"role": "system", "content": "sys"},
+    {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]},
+    {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "hello"}]},
+    {"type": "function_call", "call_id": "x", "name": "f", "arguments": "{}"},
+    {"type": "function_call_output", "call_id": "x", "output": "42"},
+    {"role": "user", "content": "bye"},
+    {"type": "item_reference", "id": "msg_1"},
+]}
+
+# (endpoint, body, scope, text)
+PROMPTS = [
+    ("chat/completions", CHAT, "last_user", "look at\nthis"),
+    ("chat/completions", CHAT, "conversation",
+     "user: first\nassistant: reply\n{\"q\": 1}\ntool: tool out\nuser: look at\nthis"),
+    ("chat/completions", CHAT, "conversation_with_system",
+     "system: Be nice.\nuser: first\nassistant: reply\n{\"q\": 1}\ntool: tool out\n"
+     "developer: dev rule\nuser: look at\nthis"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, "last_user", "hi"),
+    ("chat/completions", {"messages": [{"role": "system", "content": "s"}]}, "last_user", ""),
+    ("chat/completions", {"messages": []}, "conversation", ""),
+    ("chat/completions", {"messages": [{"role": "user", "content": None}]}, "last_user", ""),
+    ("chat/completions", {"messages": [{"role": "user", "content": [{"text": "untyped"}]}]}, "last_user", "untyped"),
+    ("chat/completions", {"messages": [{"role": "assistant", "content": None,
+                                        "function_call": {"name": "f", "arguments": "legacy"}}]},
+     "conversation", "assistant: legacy"),
+    ("completions", {"prompt": "Once upon"}, "last_user", "Once upon"),
+    ("completions", {"prompt": ["a", "b"]}, "conversation", "a\nb"),
+    ("completions", {"prompt": []}, "last_user", ""),
+    ("completions", {"prompt": [1, 2, 3]}, "last_user", None),
+    ("completions", {"prompt": [[1, 2], [3]]}, "last_user", None),
+    ("responses", {"input": "just text"}, "last_user", "just text"),
+    ("responses", {"input": "just text"}, "conversation", "user: just text"),
+    ("responses", {"input": "just text", "instructions": "ins"}, "conversation", "user: just text"),
+    ("responses", {"input": "just text", "instructions": "ins"}, "conversation_with_system",
+     "system: ins\nuser: just text"),
+    ("responses", RESPONSES_ITEMS, "last_user", "bye"),
+    ("responses", RESPONSES_ITEMS, "conversation", "user: hi\nassistant: hello\nassistant: {}\ntool: 42\nuser: bye"),
+    ("responses", RESPONSES_ITEMS, "conversation_with_system",
+     "system: Be brief.\nsystem: sys\nuser: hi\nassistant: hello\nassistant: {}\ntool: 42\nuser: bye"),
+    ("responses", {"prompt": {"id": "pmpt_1"}}, "last_user", None),
+    ("responses", {"input": []}, "last_user", ""),
+]
+
+
+@pytest.mark.parametrize(("endpoint", "body", "scope", "text"), PROMPTS)
+def test_prompt_text(endpoint, body, scope, text):
+    assert prompt_text(endpoint, body, scope) == text
+
+
+# (endpoint, body, OpenAI param named)
+BAD = [
+    ("chat/completions", [], None),
+    ("chat/completions", {}, "messages"),
+    ("chat/completions", {"messages": "hi"}, "messages"),
+    ("chat/completions", {"messages": ["hi"]}, "messages[0]"),
+    ("chat/completions", {"messages": [{"content": "hi"}]}, "messages[0]"),
+    ("chat/completions", {"messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
+    ("chat/completions", {"messages": [{"role": "user", "content": [3]}]}, "messages[0].content[0]"),
+    ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": 3}]}]},
+     "messages[0].content[0].text"),
+    ("chat/completions", {"messages": [{"role": "assistant", "tool_calls": "x"}]}, "messages[0].tool_calls"),
+    ("completions", {}, "prompt"),
+    ("completions", {"prompt": 3}, "prompt"),
+    ("completions", {"prompt": ["a", 1]}, "prompt"),
+    ("completions", {"prompt": [True, False]}, "prompt"),
+    ("responses", {"input": 3}, "input"),
+    ("responses", {"input": ["hi"]}, "input[0]"),
+    ("responses", {"input": [{"type": "message", "content": "x"}]}, "input[0].role"),
+    ("responses", {"input": "x", "instructions": 3}, "instructions"),
+]
+
+
+@pytest.mark.parametrize(("endpoint", "body", "param"), BAD)
+def test_bad_shapes_raise_request_shape_error(endpoint, body, param):
+    with pytest.raises(RequestShapeError) as info:
+        prompt_text(endpoint, body, "conversation")
+    assert info.value.param == param
+
+
+def test_unknown_endpoint_is_a_programming_error():
+    with pytest.raises(ValueError, match="not a guarded endpoint"):
+        prompt_text("embeddings", {"input": "x"}, "last_user")
+
+
+@pytest.mark.parametrize(("choice", "text"), [
+    ({"index": 0, "message": {"role": "assistant", "content": "hello"}}, "hello"),
+    ({"message": {"content": None, "tool_calls": [{"function": {"name": "f", "arguments": "{\"a\":1}"}}]}}, "{\"a\":1}"),
+    ({"message": {"content": "x", "tool_calls": [{"function": {"arguments": "y"}}]}}, "x\ny"),
+    ({"message": {"content": None, "refusal": "I can't."}}, "I can't."),
+    ({"message": None}, ""),
+    ({}, ""),
+])
+def test_response_text_chat(choice, text):
+    assert response_text_chat(choice) == text
+
+
+@pytest.mark.parametrize(("choice", "text"), [({"text": "abc"}, "abc"), ({"text": None}, ""), ({}, "")])
+def test_response_text_completion(choice, text):
+    assert response_text_completion(choice) == text
+
+
+def test_response_text_responses():
+    body = {"output": [
+        {"type": "reasoning", "summary": []},
+        {"type": "message", "role": "assistant", "content": [
+            {"type": "output_text", "text": "one"}, {"type": "refusal", "refusal": "no"}]},
+        {"type": "function_call", "name": "f", "arguments": "{}"},
+        "junk",
+    ]}
+    assert response_text_responses(body) == "one\nno\n{}"
+    assert response_text_responses({}) == ""
+
+
+# (endpoint, chunk, text per choice index)
+DELTAS = [
+    ("chat/completions", {"choices": [{"index": 0, "delta": {"content": "He"}}]}, {0: "He"}),
+    ("chat/completions", {"choices": [{"index": 0, "delta": {"role": "assistant"}}]}, {}),
+    ("chat/completions", {"choices": [{"index": 1, "delta": {"content": "a"}}, {"index": 0, "delta": {"content": "b"}}]},
+     {1: "a", 0: "b"}),
+    ("chat/completions", {"choices": [{"index": 0, "delta": {"tool_calls": [
+        {"index": 0, "function": {"arguments": "{\"x"}}]}}]}, {0: "{\"x"}),
+    ("chat/completions", {"choices": [{"index": 0, "delta": {"refusal": "No"}}]}, {0: "No"}),
+    ("chat/completions", {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}, {}),
+    ("chat/completions", {"choices": [], "usage": {"total_tokens": 3}}, {}),
+    ("completions", {"choices": [{"index": 0, "text": "abc"}]}, {0: "abc"}),
+    ("responses", {"type": "response.output_text.delta", "delta": "Hi"}, {0: "Hi"}),
+    ("responses", {"type": "response.function_call_arguments.delta", "delta": "{"}, {0: "{"}),
+    ("responses", {"type": "response.completed", "response": {}}, {}),
+]
+
+
+@pytest.mark.parametrize(("endpoint", "chunk", "texts"), DELTAS)
+def test_delta_text(endpoint, chunk, texts):
+    assert delta_text(endpoint, chunk) == texts

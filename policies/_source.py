@@ -138,12 +138,18 @@ class Context:
         return _INTERPOLATION.sub(replace, raw)
 
 
+_KIND_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+
+
 def _kind(value: Any) -> str:
+    """How an error names the type it got (never the value: it may be a secret)."""
     if value is None:
         return "null"
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(
-        type(value), "a list" if isinstance(value, list) else "a mapping" if isinstance(value, dict) else type(value).__name__
-    )
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return _KIND_NAMES.get(type(value), type(value).__name__)
 
 
 class Section:

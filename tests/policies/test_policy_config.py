@@ -294,6 +294,12 @@ def test_interpolation_into_numbers(raw, env, expected):
     assert parse_config(UP + f"server:\n  port: '{raw}'\n", env=env).server.port == expected
 
 
+@pytest.mark.parametrize(("raw", "expected"), [("true", True), ("False", False)])
+def test_interpolation_into_booleans(raw, expected):
+    text = UP + "guard:\n  trust_remote_code: '${TRC}'\n"
+    assert parse_config(text, env={"TRC": raw}).guard.trust_remote_code is expected
+
+
 def test_interpolated_non_number_is_a_type_error_without_the_value():
     with pytest.raises(ConfigError) as info:
         parse_config(UP + "server:\n  port: ${PORT}\n", env={"PORT": "secret-ish"})

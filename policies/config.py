@@ -354,7 +354,7 @@ def _route(r: Section, i: int, upstreams: Mapping, policies: Mapping, key_names:
     prefix = r.string("prefix")
     if not prefix.startswith("/") or "//" in prefix or "%" in prefix or "\\" in prefix \
             or any(seg in (".", "..") for seg in prefix.split("/")):
-        raise r.error("prefix", f"must start with '/' and contain no '//', '%', '\\\\', '.' or '..' segments; got {prefix!r}")
+        raise r.error("prefix", f"must start with '/' and contain no '//', '%', '\\\\', '.' or '..' segments; got {r.value['prefix']!r}")
     if prefix != "/":
         prefix = prefix.rstrip("/")
     upstream, policy = r.string("upstream"), r.string("policy")
@@ -367,7 +367,7 @@ def _route(r: Section, i: int, upstreams: Mapping, policies: Mapping, key_names:
     if header is not None:
         header_name = header.string("name")
         if not _HEADER_NAME.match(header_name):
-            raise header.error("name", f"not a valid header name: {header_name!r}")
+            raise header.error("name", f"not a valid header name: {header.value['name']!r}")
         header_name, header_value = header_name.lower(), header.string("value", "*")
         header.finish()
     api_key = r.string("api_key", None, nullable=True)

@@ -359,9 +359,9 @@ def _route(r: Section, i: int, upstreams: Mapping, policies: Mapping, key_names:
         prefix = prefix.rstrip("/")
     upstream, policy = r.string("upstream"), r.string("policy")
     if upstream not in upstreams:
-        raise r.error("upstream", f"unknown upstream {upstream!r} (known: {', '.join(upstreams)})")
+        raise r.error("upstream", f"unknown upstream {r.value['upstream']!r} (known: {', '.join(upstreams)})")
     if policy not in policies:
-        raise r.error("policy", f"unknown policy {policy!r} (known: {', '.join(policies)})")
+        raise r.error("policy", f"unknown policy {r.value['policy']!r} (known: {', '.join(policies)})")
     header_name = header_value = None
     header = r.section("header")
     if header is not None:
@@ -372,7 +372,7 @@ def _route(r: Section, i: int, upstreams: Mapping, policies: Mapping, key_names:
         header.finish()
     api_key = r.string("api_key", None, nullable=True)
     if api_key is not None and api_key not in key_names:
-        raise r.error("api_key", f"no server.api_keys entry is named {api_key!r}")
+        raise r.error("api_key", f"no server.api_keys entry is named {r.value['api_key']!r}")
     return Route(
         name=r.string("name", f"routes[{i}]"), prefix=prefix, upstream=upstream, policy=policy,
         model=r.string("model", None, nullable=True), header_name=header_name,

@@ -1,0 +1,66 @@
+"""The ASGI application: health, readiness, and every other path through the proxy."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .handler import Proxy
+from .scorer import Scorer
+from .upstream import UpstreamPool
+
+logger = logging.getLogger(__name__)
+
+METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+
+
+def build_app(holder, scorer: Scorer | None = None) -> Starlette:
+    """`holder.current` is the live Config; `scorer` is None only when no route guards."""
+    pool = UpstreamPool()
+    proxy = Proxy(holder, pool)
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        config = holder.current
+        checks = await asyncio.gather(*(upstream_reachable(pool, u) for u in config.upstreams.values()))
+        upstreams = dict(zip(config.upstreams, checks))
+        guard = "absent" if scorer is None else ("ready" if scorer.ready else "loading")
+        ready = all(checks) and guard != "loading"
+        body = {"ready": ready, "upstreams": upstreams, "guard": guard}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        try:
+            yield
+        finally:
+            await pool.aclose()
+
+    return Starlette(
+        routes=[
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+            Route("/{path:path}", proxy.handle, methods=METHODS),
+        ],
+        lifespan=lifespan,
+    )
+
+
+async def upstream_reachable(pool: UpstreamPool, upstream) -> bool:
+    """Any HTTP answer from `GET {base_url}/models` counts: the server is there."""
+    try:
+        response = await pool.client(upstream).get(upstream.base_url + "/models",
+                                                   timeout=min(upstream.connect_timeout, 2.0))
+        await response.aclose()
+        return True
+    except httpx.HTTPError:
+        return False

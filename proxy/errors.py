@@ -1,0 +1,99 @@
+"""OpenAI-format errors, and the one function that builds their envelope.
+
+    ProxyError                      every error the proxy itself answers with
+    ├── BadRequest          400     malformed JSON, wrong shapes, odd paths
+    ├── Unauthorized        401     missing or wrong proxy API key
+    ├── NotFound            404     no route matches the path
+    ├── PayloadTooLarge     413     body over server.max_body_bytes
+    ├── ContentFiltered     400     prompt refused with `action: block`
+    ├── Overloaded          503     stream or guard-queue limit reached (Retry-After)
+    ├── GuardUnavailable    503     the guard failed and the policy fails closed
+    ├── UpstreamUnreachable 502     connect failed, reset before the response began
+    └── UpstreamTimeout     504     connect or read timeout before the response began
+
+Before response headers go out an error is a real status code with the JSON envelope;
+after they have gone out it is an in-band SSE event followed by ``data: [DONE]``, which
+is what vLLM does for errors inside a stream.
+"""
+
+from __future__ import annotations
+
+import json
+
+from starlette.responses import Response
+
+from .sse import DONE, encode_json
+
+
+class ProxyError(Exception):
+    status = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers = headers or {}
+
+
+class BadRequest(ProxyError):
+    status, type = 400, "invalid_request_error"
+
+
+class Unauthorized(ProxyError):
+    status, type, code = 401, "invalid_request_error", "invalid_api_key"
+
+
+class NotFound(ProxyError):
+    status, type, code = 404, "invalid_request_error", "not_found"
+
+
+class PayloadTooLarge(ProxyError):
+    status, type, code = 413, "invalid_request_error", "request_too_large"
+
+
+class ContentFiltered(ProxyError):
+    status, type, code = 400, "invalid_request_error", "content_filter"
+
+
+class Overloaded(ProxyError):
+    status, type, code = 503, "server_error", "overloaded"
+
+
+class GuardUnavailable(ProxyError):
+    status, type, code = 503, "server_error", "guard_unavailable"
+
+
+class UpstreamUnreachable(ProxyError):
+    status, type, code = 502, "server_error", "upstream_unreachable"
+
+
+class UpstreamTimeout(ProxyError):
+    status, type, code = 504, "server_error", "upstream_timeout"
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
+    """The OpenAI error envelope; every error the proxy writes goes through here."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def body_of(exc: ProxyError) -> dict:
+    return error_body(exc.message, exc.type, exc.param, exc.code)
+
+
+def error_response(exc: ProxyError) -> Response:
+    return Response(
+        json.dumps(body_of(exc)).encode(),
+        status_code=exc.status,
+        media_type="application/json",
+        headers=exc.headers,
+    )
+
+
+def error_event(exc: ProxyError) -> bytes:
+    """An error after the stream began: one SSE event with the envelope, then [DONE]."""
+    return encode_json(body_of(exc)) + DONE

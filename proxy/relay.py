@@ -1,0 +1,83 @@
+"""Relaying an upstream response to the client, and closing it the moment we can.
+
+`RelayResponse` watches for the client's disconnect while it streams, instead of
+noticing only at the next write (Starlette's StreamingResponse under ASGI spec 2.4):
+with a slow upstream there may be no next write for a long time, and until the upstream
+response is closed vLLM keeps generating for nobody. Whatever ends the relay (the end of
+the body, a client disconnect, a cut, an error), the body iterator is closed in
+`finally`, shielded from cancellation, and the iterator's own `finally` closes the
+upstream response.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+
+import anyio
+import httpx
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from .errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
+
+logger = logging.getLogger(__name__)
+
+
+class RelayResponse(Response):
+    def __init__(self, body: AsyncIterator[bytes], status_code: int,
+                 headers: Sequence[tuple[str, str]]) -> None:
+        self.body_iterator = body
+        self.status_code = status_code
+        self.background = None
+        self.raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with anyio.create_task_group() as tg:
+
+            async def watch_disconnect() -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(watch_disconnect)
+            try:
+                await send({"type": "http.response.start", "status": self.status_code,
+                            "headers": self.raw_headers})
+                async for chunk in self.body_iterator:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            except OSError:  # the client went away between our checks
+                pass
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await self.body_iterator.aclose()
+                tg.cancel_scope.cancel()
+
+
+def transport_error(exc: httpx.HTTPError) -> ProxyError:
+    """What an httpx failure before the response began means for the client."""
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamTimeout(f"the upstream did not answer in time ({type(exc).__name__})")
+    return UpstreamUnreachable(f"the upstream could not be reached ({type(exc).__name__})")
+
+
+async def open_upstream(client: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:
+    try:
+        return await client.send(request, stream=True)
+    except httpx.HTTPError as exc:
+        logger.warning("upstream %s %s failed: %s", request.method, request.url.path, type(exc).__name__)
+        raise transport_error(exc) from exc
+
+
+async def raw_body(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The upstream body as received (no decoding); closes the response when done.
+
+    A failure mid-body ends the relay early; the client sees a truncated body (or, for
+    SSE, the caller adds an in-band error event).
+    """
+    try:
+        async for chunk in response.aiter_raw():
+            yield chunk
+    finally:
+        await response.aclose()

@@ -1,0 +1,158 @@
+"""`siren-proxy serve`: load the config, start the guard, run uvicorn, reload on change.
+
+The port opens at once; the guard loads on a worker thread meanwhile, and `/readyz`
+says 503 until it has. Until then a guarded request meets the policy's
+`on_guard_error` (fail closed by default), never an unguarded pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+
+import uvicorn
+
+from policies.config import Config, GuardConfig
+from policies.errors import ConfigError
+from policies.reload import ConfigHolder
+
+from .app import build_app
+
+logger = logging.getLogger(__name__)
+
+RELOAD_POLL_SECONDS = 2.0
+
+
+class GuardNotReady(RuntimeError):
+    """The guard is still loading, or failed to load."""
+
+
+class LoadingScorer:
+    """A `Scorer` whose model loads on a background thread.
+
+    Calls made before it is ready raise `GuardNotReady`, which the proxy treats as any
+    other guard failure (the policy's `on_guard_error` decides).
+    """
+
+    def __init__(self, settings: GuardConfig) -> None:
+        self.settings = settings
+        self._worker = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._load, name="guard-loader", daemon=True)
+        self._thread.start()
+
+    def _load(self) -> None:
+        try:
+            from guard import SirenGuard
+            from guard.worker import GuardWorker
+
+            s = self.settings
+            guard = SirenGuard.from_pretrained(s.artifact, device=s.device, dtype=s.dtype,
+                                               backbone=s.backbone, trust_remote_code=s.trust_remote_code)
+            self._worker = GuardWorker(guard, max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms,
+                                       max_queue=s.max_queue)
+            logger.info("guard ready")
+        except BaseException as exc:  # noqa: BLE001 - reported through /readyz and every call
+            self.error = exc
+            logger.error("guard failed to load: %s", exc)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self._thread.join(timeout)
+        return self.ready
+
+    @property
+    def ready(self) -> bool:
+        return self._worker is not None and self._worker.ready
+
+    def _get(self):
+        if self._worker is None:
+            raise GuardNotReady("the guard failed to load" if self.error else "the guard is still loading")
+        return self._worker
+
+    async def score(self, *, prompt=None, response=None) -> float:
+        return await self._get().score(prompt=prompt, response=response)
+
+    async def score_many(self, items: Sequence[tuple[str | None, str | None]]) -> list[float]:
+        return await self._get().score_many(items)
+
+    def stream(self, prompt=None):
+        return self._get().stream(prompt)
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+
+
+def guard_needed(config: Config) -> bool:
+    return any(p.prompt.action != "off" or p.response.action != "off" or p.rerank is not None
+               for p in config.policies.values())
+
+
+def with_overrides(config: Config, upstream: str | None) -> Config:
+    if upstream is None:
+        return config
+    base = upstream.rstrip("/")
+    upstreams = {name: dataclasses.replace(u, base_url=base) for name, u in config.upstreams.items()}
+    return dataclasses.replace(config, upstreams=upstreams)
+
+
+class OverridingHolder(ConfigHolder):
+    """A ConfigHolder that re-applies the command line's `--upstream` after each reload."""
+
+    def __init__(self, config: Config, *, path: str, upstream: str | None) -> None:
+        self._upstream = upstream
+        super().__init__(with_overrides(config, upstream), path=path)
+
+    def reload(self, path: str | None = None) -> bool:
+        ok = super().reload(path)
+        if ok:
+            self._current = with_overrides(self._current, self._upstream)
+        return ok
+
+
+async def watch_config(holder: ConfigHolder) -> None:
+    loop = asyncio.get_running_loop()
+    try:
+        loop.add_signal_handler(signal.SIGHUP, holder.reload)
+    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no SIGHUP
+        pass
+    while True:
+        await asyncio.sleep(RELOAD_POLL_SECONDS)
+        if holder.changed():
+            holder.reload()
+
+
+def serve(config_path: str, *, host: str | None = None, port: int | None = None,
+          upstream: str | None = None, log_level: str | None = None) -> int:
+    from policies.config import load_config
+
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        print(f"siren-proxy: invalid config: {exc}", file=sys.stderr)
+        return 2
+    level = (log_level or config.server.log_level).upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    holder = OverridingHolder(config, path=config_path, upstream=upstream)
+    scorer = LoadingScorer(config.guard) if guard_needed(config) else None
+    app = build_app(holder, scorer)
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=host or config.server.host, port=port or config.server.port,
+        log_level=level.lower(), lifespan="on", timeout_graceful_shutdown=10))
+
+    async def main() -> None:
+        watcher = asyncio.create_task(watch_config(holder))
+        try:
+            await server.serve()
+        finally:
+            watcher.cancel()
+            if scorer is not None:
+                scorer.close()
+
+    asyncio.run(main())
+    return 0

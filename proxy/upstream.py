@@ -1,0 +1,110 @@
+"""Outgoing requests: one pooled httpx client per upstream, and header hygiene.
+
+The request body is forwarded as the bytes the client sent; headers are forwarded
+unchanged except the hop-by-hop set (RFC 9110 §7.6.1, plus those named in
+`Connection`), `Host` (httpx sets the upstream's) and `Content-Length` (recomputed from
+the same bytes). When the upstream has its own API key it replaces the client's
+`Authorization`, so the proxy's key never reaches the upstream and the upstream's never
+reaches the client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import httpx
+
+from policies.config import Upstream
+
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+    "te", "trailer", "transfer-encoding", "upgrade",
+})
+
+
+def hop_by_hop(headers: Iterable[tuple[str, str]]) -> set[str]:
+    names = set(HOP_BY_HOP)
+    for name, value in headers:
+        if name.lower() == "connection":
+            names.update(token.strip().lower() for token in value.split(",") if token.strip())
+    return names
+
+
+def request_headers(raw: Iterable[tuple[str, str]], upstream: Upstream, *,
+                    identity_encoding: bool = False,
+                    drop_authorization: bool = False) -> list[tuple[str, str]]:
+    """Headers for the upstream request, in the client's order.
+
+    `identity_encoding` asks for an uncompressed body when the proxy must read it (a
+    guarded response); pass-through traffic keeps the client's Accept-Encoding.
+    `drop_authorization` is set when the client's key was the proxy's own, which must
+    not travel on to the upstream.
+    """
+    raw = list(raw)
+    drop = hop_by_hop(raw) | {"host", "content-length"}
+    if upstream.api_key is not None or drop_authorization:
+        drop.add("authorization")
+    if identity_encoding:
+        drop.add("accept-encoding")
+    out = [(k, v) for k, v in raw if k.lower() not in drop]
+    if upstream.api_key is not None:
+        out.append(("authorization", f"Bearer {upstream.api_key}"))
+    if identity_encoding:
+        out.append(("accept-encoding", "identity"))
+    return out
+
+
+def response_headers(raw: Iterable[tuple[str, str]], *, keep_length: bool) -> list[tuple[str, str]]:
+    """Upstream response headers for the client: hop-by-hop removed.
+
+    Content-Length survives only when the body is forwarded unchanged; a body the proxy
+    rewrites gets its own.
+    """
+    raw = list(raw)
+    drop = hop_by_hop(raw)
+    if not keep_length:
+        drop |= {"content-length", "content-encoding"}
+    return [(k, v) for k, v in raw if k.lower() not in drop]
+
+
+class UpstreamPool:
+    """One `httpx.AsyncClient` per upstream name, created lazily and closed together."""
+
+    def __init__(self) -> None:
+        self._clients: dict[tuple, httpx.AsyncClient] = {}
+
+    def client(self, upstream: Upstream) -> httpx.AsyncClient:
+        # Keyed by the settings too, so a reloaded config with new timeouts gets a
+        # fresh client while requests in flight keep the one they started with.
+        key = (upstream.name, upstream.base_url, upstream.connect_timeout,
+               upstream.read_timeout, upstream.max_connections)
+        client = self._clients.get(key)
+        if client is None:
+            client = httpx.AsyncClient(
+                timeout=httpx.Timeout(upstream.read_timeout, connect=upstream.connect_timeout,
+                                      pool=upstream.connect_timeout),
+                limits=httpx.Limits(max_connections=upstream.max_connections,
+                                    max_keepalive_connections=min(upstream.max_connections, 256)),
+                follow_redirects=False,
+                trust_env=False,
+            )
+            self._clients[key] = client
+        return client
+
+    async def aclose(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await client.aclose()
+
+
+def upstream_url(upstream: Upstream, upstream_path: str, query: str) -> str:
+    url = upstream.base_url + upstream_path
+    return f"{url}?{query}" if query else url
+
+
+def header(headers: Mapping[str, str] | Iterable[tuple[str, str]], name: str) -> str | None:
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    for key, value in items:
+        if key.lower() == name:
+            return value
+    return None

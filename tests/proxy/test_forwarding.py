@@ -1,0 +1,264 @@
+"""The foundation: the proxy forwards the OpenAI API faithfully, over real loopback peers.
+
+The `openai` SDK is the client; llm-katan (echo backend) and the scripted upstream are
+the servers. No guard is involved here: every policy is `off`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.support.proxy import running_proxy, unguarded_yaml
+from tests.support.servers import free_port
+
+FIXTURES = Path(__file__).parent / "fixtures" / "vllm-0.32-cpu"
+
+
+@pytest.fixture(scope="module")
+def via_katan(katan_url):
+    with running_proxy(unguarded_yaml(katan_url)) as proxy:
+        yield proxy
+
+
+@pytest.fixture(scope="module")
+def via_scripted(scripted):
+    url, recorder = scripted
+    with running_proxy(unguarded_yaml(url)) as proxy:
+        yield proxy, recorder
+
+
+_clients: list[openai.OpenAI] = []
+
+
+def client(proxy, **kw) -> openai.OpenAI:
+    sdk = openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk-client", max_retries=0, **kw)
+    _clients.append(sdk)
+    return sdk
+
+
+@pytest.fixture(autouse=True)
+def _close_clients():
+    yield
+    while _clients:
+        _clients.pop().close()
+
+
+def echoed(text: str) -> str:
+    """llm-katan's echo reply minus its first line (which carries a timestamp)."""
+    return text.split("\n", 1)[1]
+
+
+def test_chat_completion_sync(via_katan):
+    reply = client(via_katan).chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert echoed(reply.choices[0].message.content) == "User: What is the capital of France?"
+    assert reply.choices[0].finish_reason == "stop"
+
+
+def test_chat_completion_stream_sync(via_katan):
+    stream = client(via_katan).chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": "Tell me about otters."}], stream=True)
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert echoed(text) == "User: Tell me about otters."
+    assert len(chunks) > 10  # llm-katan sends 4 characters a chunk; they arrive as chunks
+
+
+def test_chat_completion_async_both_modes(via_katan):
+    async def run():
+        aclient = openai.AsyncOpenAI(base_url=via_katan.url + "/v1", api_key="sk", max_retries=0)
+        async with aclient:
+            plain = await aclient.chat.completions.create(
+                model="smollm2", messages=[{"role": "user", "content": "one"}])
+            stream = await aclient.chat.completions.create(
+                model="smollm2", messages=[{"role": "user", "content": "two"}], stream=True)
+            text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        return plain.choices[0].message.content, text
+
+    plain, streamed = asyncio.run(run())
+    assert echoed(plain) == "User: one"
+    assert echoed(streamed) == "User: two"
+
+
+def test_models_list(via_katan):
+    assert [m.id for m in client(via_katan).models.list()] == ["smollm2"]
+
+
+def test_embeddings(via_scripted):
+    proxy, _ = via_scripted
+    result = client(proxy).embeddings.create(model="m", input=["ab", "abcd"])
+    assert [d.embedding for d in result.data] == [[2.0, 0.5, -0.5], [4.0, 0.5, -0.5]]
+
+
+def test_upstream_4xx_is_the_sdks_own_exception(via_katan):
+    # llm-katan rejects an empty message list with 400 and its own error body.
+    with pytest.raises(openai.BadRequestError) as caught:
+        client(via_katan).chat.completions.create(model="smollm2", messages=[])
+    assert caught.value.status_code == 400
+
+
+def test_upstream_error_status_and_body_pass_through_unchanged(via_katan, katan_url):
+    body = b'{"model": "smollm2", "messages": []}'
+    headers = {"authorization": "Bearer x", "content-type": "application/json"}
+    direct = httpx.post(katan_url + "/chat/completions", content=body, headers=headers)
+    proxied = httpx.post(via_katan.url + "/v1/chat/completions", content=body, headers=headers)
+    assert (proxied.status_code, proxied.content) == (direct.status_code, direct.content) 
+    assert direct.status_code == 400
+
+
+def test_recorded_vllm_stream_is_byte_identical(via_scripted):
+    proxy, _ = via_scripted
+    for name in ("stream_raw.txt", "stream_n2_raw.txt", "stream_no_usage_raw.txt"):
+        with httpx.stream("POST", proxy.url + "/v1/chat/completions", json={"model": "smollm2", "stream": True},
+                          headers={"x-script": f"replay:{name}"}) as response:
+            received = b"".join(response.iter_raw())
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert received == (FIXTURES / name).read_bytes(), name
+
+
+def test_sdk_reads_recorded_vllm_n2_stream(via_scripted):
+    proxy, _ = via_scripted
+    stream = client(proxy, default_headers={"x-script": "replay:stream_n2_raw.txt"}).chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": "x"}], stream=True, n=2)
+    texts = {0: "", 1: ""}
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert texts[0] and texts[1] and texts[0] != texts[1]
+
+
+def test_method_query_body_and_headers_forwarded(via_scripted, scripted):
+    proxy, _ = via_scripted
+    response = httpx.request(
+        "PUT", proxy.url + "/v1/files/abc?purpose=batch&x=1", content=b"\x00raw bytes\xff",
+        headers={"authorization": "Bearer sk-client", "x-custom": "kept", "connection": "keep-alive, x-hop",
+                 "x-hop": "dropped", "keep-alive": "timeout=5", "content-type": "application/octet-stream"})
+    seen = response.json()
+    assert (seen["method"], seen["path"], seen["query"]) == ("PUT", "/v1/files/abc", "purpose=batch&x=1")
+    assert seen["body"] == "\x00raw bytes\xff"
+    assert seen["headers"]["authorization"] == "Bearer sk-client"
+    assert seen["headers"]["x-custom"] == "kept"
+    assert "x-hop" not in seen["headers"] and "keep-alive" not in seen["headers"]
+    # The upstream sees its own address as Host, never the proxy's.
+    assert seen["headers"]["host"] == httpx.URL(scripted[0]).netloc.decode()
+
+
+def test_upstream_api_key_replaces_client_authorization(scripted):
+    url, _ = scripted
+    yaml_text = unguarded_yaml(url, upstream_extra="    api_key: ${TEST_UPSTREAM_KEY}")
+    import os
+    os.environ["TEST_UPSTREAM_KEY"] = "sk-upstream-secret"
+    try:
+        with running_proxy(yaml_text) as proxy:
+            seen = httpx.get(proxy.url + "/v1/anything", headers={"authorization": "Bearer sk-client"}).json()
+    finally:
+        del os.environ["TEST_UPSTREAM_KEY"]
+    assert seen["headers"]["authorization"] == "Bearer sk-upstream-secret"
+
+
+def test_malformed_json_is_400_in_openai_format(via_katan):
+    response = httpx.post(via_katan.url + "/v1/chat/completions", content=b'{"model": ',
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("body", [b"[1, 2]", b"\xff\xfe", b"[" * 30000 + b"]" * 30000])
+def test_json_endpoint_rejects_non_objects(via_katan, body):
+    response = httpx.post(via_katan.url + "/v1/chat/completions", content=body)
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_body_over_limit_is_413(via_katan):
+    big = json.dumps({"model": "smollm2", "messages": [{"role": "user", "content": "x" * 70000}]})
+    response = httpx.post(via_katan.url + "/v1/chat/completions", content=big)
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_too_large"
+
+
+def test_upstream_down_is_502():
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    with running_proxy(unguarded_yaml(dead)) as proxy:
+        with pytest.raises(openai.InternalServerError) as caught:
+            client(proxy).chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+        assert caught.value.status_code == 502
+        assert caught.value.body["code"] == "upstream_unreachable"
+        ready = httpx.get(proxy.url + "/readyz")
+        assert ready.status_code == 503 and ready.json()["upstreams"] == {"up": False}
+        assert httpx.get(proxy.url + "/healthz").status_code == 200
+
+
+def test_upstream_slow_is_504(start_katan):
+    with start_katan("--latency-ms", "3000") as slow:
+        yaml_text = unguarded_yaml(slow, upstream_extra="    read_timeout: 0.5")
+        with running_proxy(yaml_text) as proxy:
+            started = time.monotonic()
+            with pytest.raises(openai.APIStatusError) as caught:
+                client(proxy).chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+            assert time.monotonic() - started < 2.5
+    assert caught.value.status_code == 504
+    assert caught.value.body["code"] == "upstream_timeout"
+
+
+@pytest.mark.parametrize("flags,status,sdk_error", [
+    (("--error-rate", "1.0"), 500, openai.InternalServerError),
+    (("--rate-limit-after", "1"), 429, openai.RateLimitError),
+])
+def test_upstream_injected_errors_pass_through(start_katan, flags, status, sdk_error):
+    with start_katan(*flags) as faulty, running_proxy(unguarded_yaml(faulty)) as proxy:
+        messages = [{"role": "user", "content": "hi"}]
+        if status == 429:  # the first request is allowed, the next ones are limited
+            client(proxy).chat.completions.create(model="m", messages=messages)
+        with pytest.raises(sdk_error) as caught:
+            client(proxy).chat.completions.create(model="m", messages=messages)
+    assert caught.value.status_code == status
+
+
+def test_client_disconnect_closes_upstream_stream(via_scripted):
+    proxy, recorder = via_scripted
+    before = len(recorder.streams)
+    with httpx.stream("POST", proxy.url + "/v1/chat/completions", json={"model": "m", "stream": True},
+                      headers={"x-script": "stall-after:3"}) as response:
+        for line in response.iter_lines():
+            if "tok2" in line:
+                break  # leave while the upstream is stalled mid-stream
+    deadline = time.monotonic() + 5
+    while len(recorder.streams) == before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert recorder.streams[before:] == ["closed-early"]
+
+
+def test_reset_mid_stream_becomes_in_band_error_then_done(via_scripted):
+    proxy, _ = via_scripted
+    with httpx.stream("POST", proxy.url + "/v1/chat/completions", json={"model": "m", "stream": True},
+                      headers={"x-script": "reset-after:2"}) as response:
+        body = b"".join(response.iter_raw())
+    events = [block for block in body.split(b"\n\n") if block]
+    assert events[-1] == b"data: [DONE]"
+    error = json.loads(events[-2][len(b"data: "):])
+    assert error["error"]["code"] == "upstream_unreachable"
+    assert b"tok1" in body
+
+
+def test_no_route_is_404_and_traversal_is_400(via_katan):
+    assert httpx.get(via_katan.url + "/v2/models").status_code == 404
+    for path in ("/v1/../admin", "/v1/%2e%2e/admin", "/v1/files%2fetc"):
+        response = httpx.get(via_katan.url + path)
+        assert response.status_code in (400, 404), path
+        assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_readyz_true_when_upstream_up(via_katan):
+    response = httpx.get(via_katan.url + "/readyz")
+    assert response.status_code == 200
+    assert response.json() == {"ready": True, "upstreams": {"up": True}, "guard": "absent"}

@@ -1,0 +1,1 @@
+"""Loopback peers for the tests: llm-katan, a live uvicorn server, free ports."""

@@ -1,0 +1,167 @@
+"""A scripted OpenAI-compatible upstream for what llm-katan does not do.
+
+llm-katan (the default real peer) serves chat completions and models only, and injects
+faults before the stream starts. This upstream adds: `/v1/embeddings`,
+`/v1/completions`, `/v1/responses`, byte-exact replays of recorded vLLM streams, and
+faults inside a stream (a connection cut mid-body, malformed bytes, a stall). It
+records how each stream ended, so tests can assert that the proxy closed it.
+
+Behaviour is chosen per request by the `x-script` header:
+    replay:<file>        send tests/proxy/fixtures/vllm-0.32-cpu/<file> as an SSE body
+    reset-after:<n>      send n chat chunks, then drop the connection mid-body
+    garbage-after:<n>    send n chat chunks, then bytes that are not SSE
+    stall-after:<n>      send n chat chunks, then wait (until the client goes away)
+    text:<words>         stream (or return) a chat completion whose content is <words>
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+FIXTURES = Path(__file__).resolve().parent.parent / "proxy" / "fixtures" / "vllm-0.32-cpu"
+
+
+def chat_chunk(content: str | None = None, *, finish: str | None = None, role: bool = False) -> bytes:
+    delta = {"role": "assistant", "content": ""} if role else ({"content": content} if content else {})
+    body = {"id": "chatcmpl-test", "object": "chat.completion.chunk", "created": 1, "model": "smollm2",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.streams: list[str] = []  # "complete" or "closed-early", one per stream
+        self.requests: list[dict] = []
+
+
+def build_upstream(recorder: Recorder) -> Starlette:
+    async def streamed(chunks, tail=None) -> StreamingResponse:
+        async def body():
+            finished = False
+            try:
+                for chunk in chunks:
+                    yield chunk
+                    await asyncio.sleep(0)
+                if tail is not None:
+                    async for chunk in tail():
+                        yield chunk
+                finished = True
+            finally:
+                recorder.streams.append("complete" if finished else "closed-early")
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    async def chat(request: Request) -> Response:
+        payload = await request.json()
+        recorder.requests.append({"headers": dict(request.headers), "body": payload,
+                                  "path": request.url.path, "query": request.url.query})
+        script = request.headers.get("x-script", "text:hello from the scripted upstream")
+        kind, _, arg = script.partition(":")
+        if kind == "replay":
+            raw = (FIXTURES / arg).read_bytes()
+            # Odd-sized pieces, so events arrive split across reads.
+            return await streamed([raw[i:i + 37] for i in range(0, len(raw), 37)])
+        if kind == "text":
+            words = arg.split(" ")
+            if not payload.get("stream"):
+                return JSONResponse({
+                    "id": "chatcmpl-test", "object": "chat.completion", "created": 1, "model": "smollm2",
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": arg},
+                                 "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 3, "completion_tokens": len(words), "total_tokens": 3 + len(words)}})
+            chunks = [chat_chunk(role=True)] + [chat_chunk(w + " ") for w in words]
+            return await streamed(chunks + [chat_chunk(finish="stop"), b"data: [DONE]\n\n"])
+        count = int(arg or 3)
+        head = [chat_chunk(role=True)] + [chat_chunk(f"tok{i} ") for i in range(count)]
+        if kind == "reset-after":
+            async def boom():
+                raise ConnectionResetError("scripted reset")
+                yield b""  # pragma: no cover - makes this an async generator
+            return await streamed(head, boom)
+        if kind == "garbage-after":
+            async def garbage():
+                yield b"\xff\xfe not an event \x00" * 3 + b"\n\n"
+                yield b"data: {not json\n\n"
+                yield b"data: [DONE]\n\n"
+            return await streamed(head, garbage)
+        if kind == "stall-after":
+            async def stall():
+                await asyncio.sleep(3600)
+                yield b""
+            return await streamed(head, stall)
+        return JSONResponse({"error": {"message": f"unknown script {script}", "type": "test"}}, 400)
+
+    async def embeddings(request: Request) -> Response:
+        payload = await request.json()
+        inputs = payload["input"] if isinstance(payload["input"], list) else [payload["input"]]
+        data = [{"object": "embedding", "index": i, "embedding": [float(len(str(t))), 0.5, -0.5]}
+                for i, t in enumerate(inputs)]
+        return JSONResponse({"object": "list", "data": data, "model": payload.get("model", "m"),
+                             "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)}})
+
+    async def completions(request: Request) -> Response:
+        payload = await request.json()
+        recorder.requests.append({"headers": dict(request.headers), "body": payload,
+                                  "path": request.url.path, "query": request.url.query})
+        text = request.headers.get("x-script", "text: and then some")[len("text:"):]
+        if not payload.get("stream"):
+            return JSONResponse({"id": "cmpl-test", "object": "text_completion", "created": 1,
+                                 "model": "smollm2",
+                                 "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}],
+                                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+        chunks = [b"data: " + json.dumps({"id": "cmpl-test", "object": "text_completion", "created": 1,
+                                          "model": "smollm2",
+                                          "choices": [{"index": 0, "text": w + " ", "finish_reason": None,
+                                                       "logprobs": None}]}).encode() + b"\n\n"
+                  for w in text.split(" ")]
+        return await streamed(chunks + [b"data: [DONE]\n\n"])
+
+    async def responses(request: Request) -> Response:
+        payload = await request.json()
+        recorder.requests.append({"headers": dict(request.headers), "body": payload,
+                                  "path": request.url.path, "query": request.url.query})
+        text = request.headers.get("x-script", "text:a plain answer")[len("text:"):]
+        message = {"id": "msg_1", "type": "message", "role": "assistant", "status": "completed",
+                   "content": [{"type": "output_text", "text": text, "annotations": []}]}
+        final = {"id": "resp_1", "object": "response", "created_at": int(time.time()), "status": "completed",
+                 "model": payload.get("model", "smollm2"), "output": [message]}
+        if not payload.get("stream"):
+            return JSONResponse(final)
+
+        def event(name: str, data: dict) -> bytes:
+            return f"event: {name}\ndata: {json.dumps({'type': name, **data})}\n\n".encode()
+        started = {**final, "status": "in_progress", "output": []}
+        chunks = [event("response.created", {"response": started, "sequence_number": 0})]
+        for i, word in enumerate(text.split(" ")):
+            chunks.append(event("response.output_text.delta", {
+                "item_id": "msg_1", "output_index": 0, "content_index": 0,
+                "delta": word + (" " if i < len(text.split(" ")) - 1 else ""),
+                "sequence_number": i + 1, "logprobs": []}))
+        chunks.append(event("response.completed", {"response": final, "sequence_number": 999}))
+        return await streamed(chunks)
+
+    async def models(request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [{"id": "smollm2", "object": "model",
+                                                          "created": 1, "owned_by": "test"}]})
+
+    async def echo_request(request: Request) -> Response:
+        body = await request.body()
+        return JSONResponse({"method": request.method, "path": request.url.path,
+                             "query": request.url.query, "headers": dict(request.headers),
+                             "body": body.decode("latin-1")})
+
+    return Starlette(routes=[
+        Route("/v1/chat/completions", chat, methods=["POST"]),
+        Route("/v1/embeddings", embeddings, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/responses", responses, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/{path:path}", echo_request, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
+    ])

@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .handler import Proxy
+from .records import AuditLog
 from .scorer import Scorer
 from .upstream import UpstreamPool
 
@@ -24,7 +25,9 @@ METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 def build_app(holder, scorer: Scorer | None = None) -> Starlette:
     """`holder.current` is the live Config; `scorer` is None only when no route guards."""
     pool = UpstreamPool()
-    proxy = Proxy(holder, pool)
+    audit_path = holder.current.server.audit_log
+    audit = AuditLog(audit_path) if audit_path else None
+    proxy = Proxy(holder, pool, scorer, audit)
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -44,6 +47,8 @@ def build_app(holder, scorer: Scorer | None = None) -> Starlette:
             yield
         finally:
             await pool.aclose()
+            if audit is not None:
+                audit.close()
 
     return Starlette(
         routes=[

@@ -22,7 +22,10 @@ from policies.routing import RouteMatch, match_route
 
 from .errors import (BadRequest, NotFound, PayloadTooLarge, ProxyError, Unauthorized,
                      UpstreamUnreachable, error_event, error_response)
+from .guarding import GuardedCall, guarded_endpoint
+from .records import AuditLog, Exchange
 from .relay import RelayResponse, open_upstream, raw_body
+from .scorer import Scorer
 from .sse import SSEDecoder, SSEError
 from .upstream import UpstreamPool, request_headers, response_headers, upstream_url
 
@@ -68,9 +71,12 @@ def parse_json_object(body: bytes) -> dict:
 
 
 class Proxy:
-    def __init__(self, holder, pool: UpstreamPool) -> None:
+    def __init__(self, holder, pool: UpstreamPool, scorer: Scorer | None = None,
+                 audit: AuditLog | None = None) -> None:
         self.holder = holder
         self.pool = pool
+        self.scorer = scorer
+        self.audit = audit
 
     async def handle(self, request: Request) -> Response:
         config: Config = self.holder.current
@@ -81,7 +87,7 @@ class Proxy:
 
     async def _handle(self, request: Request, config: Config) -> Response:
         key_name = None
-        if config.server.api_keys:
+        if config.server.auth_required:
             key_name = authenticate(config, request.headers.get("authorization"))
             if key_name is None:
                 raise Unauthorized("missing or invalid API key for this proxy")
@@ -97,7 +103,26 @@ class Proxy:
             raise BadRequest(str(exc)) from None
         if match is None:
             raise NotFound(f"no route for {request.method} {path}")
-        return await self.forward(request, config, match, body)
+        endpoint = guarded_endpoint(request.method, match.upstream_path)
+        policy = match.policy
+        if endpoint is None or (policy.prompt.action == "off" and policy.response.action == "off"):
+            return await self.forward(request, config, match, body)
+        exchange = Exchange(route=match.route.name, policy=policy.name, endpoint=endpoint,
+                            stream=payload.get("stream") is True)
+        call = GuardedCall(scorer=self.scorer, audit=self.audit, endpoint=endpoint, payload=payload,
+                           policy=policy, exchange=exchange)
+        client = self.pool.client(match.upstream)
+        url = upstream_url(match.upstream, match.upstream_path, request.url.query)
+        raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw]
+        # Identity encoding: the guard reads the response, so it must not arrive compressed.
+        headers = request_headers(raw, match.upstream, identity_encoding=True,
+                                  drop_authorization=config.server.auth_required)
+
+        async def send(content: bytes) -> httpx.Response:
+            return await open_upstream(client, client.build_request(request.method, url, headers=headers,
+                                                                    content=content))
+
+        return await call.run(send, body)
 
     async def forward(self, request: Request, config: Config, match: RouteMatch, body: bytes) -> Response:
         client = self.pool.client(match.upstream)
@@ -105,7 +130,7 @@ class Proxy:
         upstream_request = client.build_request(
             request.method,
             upstream_url(match.upstream, match.upstream_path, request.url.query),
-            headers=request_headers(raw, match.upstream, drop_authorization=bool(config.server.api_keys)),
+            headers=request_headers(raw, match.upstream, drop_authorization=config.server.auth_required),
             content=body,
         )
         response = await open_upstream(client, upstream_request)

@@ -1,0 +1,257 @@
+"""The guarded path: prompt stage before (or beside) the upstream call, response stage after.
+
+Endpoints that carry generated text are guarded: `chat/completions`, `completions`,
+`responses` (POST, under any route's prefix). Everything else (models, embeddings,
+files, ...) carries no generated text and is forwarded unguarded; the README lists both.
+
+Prompt stage, `mode: sequential`: score, decide, then call the upstream (or not).
+`mode: parallel`: call the upstream at once and score meanwhile; the upstream response
+is held until the verdict, and closed unread if the prompt is refused, so the added time
+to first token is about max(0, guard time - upstream time to first token).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+
+import httpx
+from starlette.responses import Response
+
+from policies.config import Policy
+from policies.decisions import (BLOCK, CUT, FLAG, GUARD_ERROR, REFUSE, STEER, Decision, decide_prompt,
+                                decide_response, headers_for)
+from policies.errors import RequestShapeError
+from policies.extract import (prompt_text, response_text_chat, response_text_completion,
+                              response_text_responses)
+
+from .errors import BadRequest, ContentFiltered, GuardUnavailable
+from .records import AuditLog, Exchange
+from .relay import RelayResponse, open_upstream, raw_body
+from .scorer import Scorer
+from .shapes import CONTENT_FILTER, refused_json, refused_stream
+from .stream_guard import StreamGuard
+from .upstream import response_headers
+
+logger = logging.getLogger(__name__)
+
+GUARDED_ENDPOINTS = ("chat/completions", "completions", "responses")
+
+
+def guarded_endpoint(method: str, upstream_path: str) -> str | None:
+    endpoint = upstream_path.strip("/")
+    return endpoint if method == "POST" and endpoint in GUARDED_ENDPOINTS else None
+
+
+async def prompt_decision(scorer: Scorer | None, policy: Policy, prompt: str | None) -> tuple[Decision, float]:
+    started = time.perf_counter()
+    score, error = None, None
+    if prompt is None:
+        error = "the prompt cannot be scored (token ids or no input)"
+    elif scorer is None:
+        error = "no guard is configured"
+    else:
+        try:
+            score = await scorer.score(prompt=prompt)
+        except Exception as exc:  # noqa: BLE001 - every guard failure meets on_guard_error
+            error = f"{type(exc).__name__}: {exc}"
+            logger.warning("guard failed on a prompt: %s", error)
+    decision = decide_prompt(policy.prompt, score, on_guard_error=policy.on_guard_error, error=error)
+    return decision, (time.perf_counter() - started) * 1000
+
+
+def steered(endpoint: str, payload: dict, message: str) -> dict:
+    """The request with the policy's safety instruction added as (or to) the system prompt."""
+    payload = dict(payload)
+    if endpoint == "chat/completions":
+        messages = list(payload.get("messages") or [])
+        first = messages[0] if messages else None
+        if isinstance(first, dict) and first.get("role") in ("system", "developer") and isinstance(first.get("content"), str):
+            messages[0] = {**first, "content": f"{message}\n\n{first['content']}"}
+        else:
+            messages.insert(0, {"role": "system", "content": message})
+        payload["messages"] = messages
+    elif endpoint == "completions" and isinstance(payload.get("prompt"), str):
+        payload["prompt"] = f"{message}\n\n{payload['prompt']}"
+    elif endpoint == "responses":
+        instructions = payload.get("instructions")
+        payload["instructions"] = f"{message}\n\n{instructions}" if isinstance(instructions, str) else message
+    return payload
+
+
+def refusal_response(endpoint: str, payload: Mapping, policy: Policy, headers: dict[str, str]) -> Response:
+    if payload.get("stream") is True:
+        return Response(refused_stream(endpoint, payload, policy.refusal), media_type="text/event-stream",
+                        headers={"cache-control": "no-cache", **headers})
+    return Response(json.dumps(refused_json(endpoint, payload, policy.refusal)).encode(),
+                    media_type="application/json", headers=headers)
+
+
+class GuardedCall:
+    """One guarded request: decides, calls the upstream, and guards what comes back."""
+
+    def __init__(self, *, scorer: Scorer | None, audit: AuditLog | None, endpoint: str, payload: dict,
+                 policy: Policy, exchange: Exchange) -> None:
+        self.scorer = scorer
+        self.audit = audit
+        self.endpoint = endpoint
+        self.payload = payload
+        self.policy = policy
+        self.exchange = exchange
+        try:
+            self.prompt = prompt_text(endpoint, payload, policy.prompt.scope)
+        except RequestShapeError as exc:
+            raise BadRequest(exc.message, param=exc.param) from None
+
+    async def run(self, send_upstream, body: bytes) -> Response:
+        """`send_upstream(body) -> httpx.Response` opens the upstream request."""
+        headers: dict[str, str] = {}
+        stage = self.policy.prompt
+        if stage.action == "off":
+            response = await send_upstream(body)
+        else:
+            response, decision, body = await self._prompt_stage(send_upstream, body)
+            if decision.action == FLAG:
+                headers = headers_for(decision, policy=self.policy.name)
+            if response is None:
+                return self._answer_refused(decision)
+        return await self._response_stage(response, headers)
+
+    async def _prompt_stage(self, send_upstream, body: bytes):
+        parallel = self.policy.prompt.mode == "parallel"
+        pending = asyncio.create_task(send_upstream(body)) if parallel else None
+        try:
+            decision, ms = await prompt_decision(self.scorer, self.policy, self.prompt)
+        except BaseException:
+            await _discard(pending)
+            raise
+        self.exchange.decided(decision, ms)
+        if not decision.forwards:
+            await _discard(pending)
+            return None, decision, body
+        if decision.action == STEER:
+            await _discard(pending)  # the request already sent lacks the safety message
+            body = json.dumps(steered(self.endpoint, self.payload, self.policy.prompt.steer_message)).encode()
+            pending = None
+        response = await pending if pending is not None else await send_upstream(body)
+        return response, decision, body
+
+    def _answer_refused(self, decision: Decision) -> Response:
+        self._write_audit()
+        headers = headers_for(decision, policy=self.policy.name)
+        if decision.action == REFUSE:
+            return refusal_response(self.endpoint, self.payload, self.policy, headers)
+        if decision.action == BLOCK:
+            raise ContentFiltered("the prompt was blocked by the safety policy", headers=headers)
+        assert decision.action == GUARD_ERROR
+        raise GuardUnavailable("the safety guard is unavailable and this route fails closed")
+
+    async def _response_stage(self, response: httpx.Response, headers: dict[str, str]) -> Response:
+        stage = self.policy.response
+        passthrough = response.headers.multi_items()
+        if stage.action == "off" or response.status_code != 200:
+            self._write_audit()
+            return RelayResponse(raw_body(response), response.status_code,
+                                 response_headers(passthrough, keep_length=True) + list(headers.items()))
+        if response.headers.get("content-type", "").startswith("text/event-stream"):
+            guard = StreamGuard(endpoint=self.endpoint, request=self.payload, policy=self.policy,
+                                scorer=self.scorer, prompt=self.prompt, exchange=self.exchange)
+            body = self._audited(guard.relay(response))
+            return RelayResponse(body, 200, response_headers(passthrough, keep_length=False) + list(headers.items()))
+        try:
+            data = await response.aread()
+        finally:
+            await response.aclose()
+        content, verdict_headers = await self._guard_whole(data)
+        self._write_audit()
+        return Response(content, status_code=200,
+                        headers=dict(response_headers(passthrough, keep_length=False)) | headers | verdict_headers)
+
+    async def _guard_whole(self, data: bytes) -> tuple[bytes, dict[str, str]]:
+        """A non-streamed response: score prompt + each choice; replace what crosses."""
+        try:
+            body = json.loads(data)
+        except ValueError:
+            body = None
+        choices = self._texts(body) if isinstance(body, dict) else None
+        if choices is None:  # not a completion we can read: nothing to score, fail per policy
+            decision = decide_response(self.policy.response, None, on_guard_error=self.policy.on_guard_error,
+                                       error="the upstream response is not a completion the guard can read")
+            self.exchange.decided(decision, 0.0)
+            if decision.action == GUARD_ERROR:
+                raise GuardUnavailable("the upstream response could not be checked by the safety guard")
+            return data, {}
+        prompt = self.prompt if self.policy.response.include_prompt else None
+        started = time.perf_counter()
+        scores, error = [None] * len(choices), None
+        try:
+            if choices:
+                scores = await self.scorer.score_many([(prompt, text) for _, text in choices])
+        except Exception as exc:  # noqa: BLE001
+            error = f"{type(exc).__name__}: {exc}"
+            logger.warning("guard failed on a response: %s", error)
+        ms = (time.perf_counter() - started) * 1000
+        headers: dict[str, str] = {}
+        changed = False
+        for (index, _), score in zip(choices, scores):
+            decision = decide_response(self.policy.response, score, on_guard_error=self.policy.on_guard_error,
+                                       error=error)
+            self.exchange.decided(decision, ms, choice=index)
+            if decision.action == GUARD_ERROR:
+                raise GuardUnavailable("the safety guard failed while checking the response")
+            if decision.action == CUT:
+                self._replace(body, index)
+                changed = True
+            if decision.action == FLAG and (not headers or decision.crossed):
+                headers = headers_for(decision, policy=self.policy.name)
+        return (json.dumps(body, ensure_ascii=False).encode() if changed else data), headers
+
+    def _texts(self, body: dict) -> list[tuple[int, str]] | None:
+        if self.endpoint == "responses":
+            return [(0, response_text_responses(body))] if isinstance(body.get("output"), list) else None
+        choices = body.get("choices")
+        if not isinstance(choices, list):
+            return None
+        read = response_text_completion if self.endpoint == "completions" else response_text_chat
+        return [(c.get("index", i), read(c)) for i, c in enumerate(choices) if isinstance(c, dict)]
+
+    def _replace(self, body: dict, index: int) -> None:
+        refusal = self.policy.refusal
+        if self.endpoint == "responses":
+            body.update(refused_json("responses", self.payload, refusal) | {
+                k: body[k] for k in ("id", "created_at", "model", "usage") if k in body})
+            return
+        for i, choice in enumerate(body["choices"]):
+            if isinstance(choice, dict) and choice.get("index", i) == index:
+                if self.endpoint == "completions":
+                    choice["text"] = refusal
+                else:
+                    choice["message"] = {"role": "assistant", "content": refusal}
+                choice["finish_reason"] = CONTENT_FILTER
+
+    async def _audited(self, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in body:
+                yield chunk
+        finally:
+            await body.aclose()
+            self._write_audit()
+
+    def _write_audit(self) -> None:
+        if self.audit is not None:
+            self.audit.write(self.exchange)
+
+
+async def _discard(task: asyncio.Task | None) -> None:
+    """Cancel an upstream call started in parallel; close its response if it came."""
+    if task is None:
+        return
+    task.cancel()
+    try:
+        response = await task
+    except (asyncio.CancelledError, Exception):  # cancelled or failed: nothing to close
+        return
+    await response.aclose()

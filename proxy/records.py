@@ -1,0 +1,72 @@
+"""What the proxy remembers of each guarded exchange: log lines and the audit file.
+
+One INFO line per decision (route, policy, stage, score, action, milliseconds), never
+the prompt or response text. The optional audit log (`server.audit_log`) gets one JSON
+line per request with every decision and, for streams, each choice's score trajectory
+(`[tokens, score]` at every check), so a stricter threshold can be replayed offline.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from policies.decisions import Decision
+
+logger = logging.getLogger("siren_proxy.decisions")
+
+
+@dataclass
+class Exchange:
+    """The record of one request, filled in as it is served."""
+
+    route: str
+    policy: str
+    endpoint: str
+    stream: bool
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    started: float = field(default_factory=time.time)
+    decisions: list[dict] = field(default_factory=list)
+    trajectories: dict[int, list[tuple[int, float]]] = field(default_factory=dict)
+    leaked_tokens: dict[int, int] = field(default_factory=dict)
+
+    def decided(self, decision: Decision, ms: float, *, choice: int | None = None) -> None:
+        score = "-" if decision.score is None else f"{decision.score:.4f}"
+        logger.info("route=%s policy=%s stage=%s score=%s action=%s crossed=%s ms=%.1f%s",
+                    self.route, self.policy, decision.stage, score, decision.action,
+                    decision.crossed, ms, "" if choice is None else f" choice={choice}")
+        self.decisions.append({"stage": decision.stage, "action": decision.action, "score": decision.score,
+                               "threshold": decision.threshold, "crossed": decision.crossed,
+                               "guard_error": decision.guard_error, "ms": round(ms, 2),
+                               **({} if choice is None else {"choice": choice})})
+
+    def scored(self, choice: int, tokens: int, score: float) -> None:
+        self.trajectories.setdefault(choice, []).append((tokens, round(score, 6)))
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "time": round(self.started, 3), "route": self.route, "policy": self.policy,
+                "endpoint": self.endpoint, "stream": self.stream, "decisions": self.decisions,
+                "trajectories": {str(k): v for k, v in self.trajectories.items()},
+                "leaked_tokens": {str(k): v for k, v in self.leaked_tokens.items()}}
+
+
+class AuditLog:
+    """Append-only JSONL; one line per exchange, written whole under a lock."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._file = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - lives with the app
+
+    def write(self, exchange: Exchange) -> None:
+        line = json.dumps(exchange.to_json(), ensure_ascii=False) + "\n"
+        with self._lock:
+            self._file.write(line)
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()

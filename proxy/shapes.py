@@ -1,0 +1,111 @@
+"""OpenAI response shapes the proxy writes itself: refusals, cut chunks, usage.
+
+Each endpoint that carries generated text has three forms here: a whole refused
+response (the prompt stage answered without calling the upstream), the same in stream
+form, and the final chunk that ends one choice of a stream that was cut. All of them
+say `finish_reason: "content_filter"` (Responses: `status: "incomplete"` with
+`incomplete_details.reason: "content_filter"`), as OpenAI and Azure OpenAI do, so
+clients that already handle provider-side filtering handle ours.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Mapping
+
+from .sse import DONE, encode_event, encode_json
+
+CONTENT_FILTER = "content_filter"
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}-siren-{uuid.uuid4().hex[:24]}"
+
+
+def _choices(request: Mapping) -> int:
+    n = request.get("n", 1)
+    return n if isinstance(n, int) and 1 <= n <= 128 else 1
+
+
+def _usage(prompt_tokens: int = 0, completion_tokens: int = 0) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def wants_usage(request: Mapping) -> bool:
+    options = request.get("stream_options")
+    return isinstance(options, Mapping) and options.get("include_usage") is True
+
+
+def refused_json(endpoint: str, request: Mapping, refusal: str) -> dict:
+    model = request.get("model") if isinstance(request.get("model"), str) else "unknown"
+    created = int(time.time())
+    if endpoint == "responses":
+        return {"id": _id("resp"), "object": "response", "created_at": created, "model": model,
+                "status": "incomplete", "incomplete_details": {"reason": CONTENT_FILTER},
+                "output": [{"id": _id("msg"), "type": "message", "role": "assistant", "status": "incomplete",
+                            "content": [{"type": "output_text", "text": refusal, "annotations": []}]}],
+                "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}}
+    if endpoint == "completions":
+        return {"id": _id("cmpl"), "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": i, "text": refusal, "finish_reason": CONTENT_FILTER, "logprobs": None}
+                            for i in range(_choices(request))],
+                "usage": _usage()}
+    return {"id": _id("chatcmpl"), "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": i, "message": {"role": "assistant", "content": refusal},
+                         "finish_reason": CONTENT_FILTER, "logprobs": None}
+                        for i in range(_choices(request))],
+            "usage": _usage()}
+
+
+def refused_stream(endpoint: str, request: Mapping, refusal: str) -> bytes:
+    """The whole refused response in stream form, ending as the upstream's would."""
+    whole = refused_json(endpoint, request, refusal)
+    if endpoint == "responses":
+        return response_cut_events(whole, refusal, item_id=whole["output"][0]["id"])
+    out = []
+    for choice in whole["choices"]:
+        base = {k: whole[k] for k in ("id", "created", "model")}
+        if endpoint == "completions":
+            out.append(encode_json({**base, "object": "text_completion",
+                                    "choices": [{**choice}]}))
+        else:
+            out.append(encode_json({**base, "object": "chat.completion.chunk", "choices": [
+                {"index": choice["index"], "delta": {"role": "assistant", "content": ""},
+                 "finish_reason": None, "logprobs": None}]}))
+            out.append(cut_chunk(endpoint, whole, choice["index"], refusal))
+    if wants_usage(request):
+        out.append(usage_chunk(endpoint, whole, _usage()))
+    return b"".join(out) + DONE
+
+
+def cut_chunk(endpoint: str, template: Mapping, index: int, refusal: str) -> bytes:
+    """The last chunk of a cut choice: the refusal text and finish_reason content_filter."""
+    base = {k: template[k] for k in ("id", "created", "model") if k in template}
+    if endpoint == "completions":
+        choice = {"index": index, "text": refusal, "finish_reason": CONTENT_FILTER, "logprobs": None}
+        return encode_json({**base, "object": "text_completion", "choices": [choice]})
+    choice = {"index": index, "delta": {"content": refusal}, "finish_reason": CONTENT_FILTER, "logprobs": None}
+    return encode_json({**base, "object": "chat.completion.chunk", "choices": [choice]})
+
+
+def usage_chunk(endpoint: str, template: Mapping, usage: Mapping) -> bytes:
+    base = {k: template[k] for k in ("id", "created", "model") if k in template}
+    obj = "text_completion" if endpoint == "completions" else "chat.completion.chunk"
+    return encode_json({**base, "object": obj, "choices": [], "usage": dict(usage)})
+
+
+def response_cut_events(response: Mapping, refusal: str, *, item_id: str | None = None) -> bytes:
+    """Responses API: the refusal as a text delta, then `response.incomplete`."""
+    final = {**response, "status": "incomplete", "incomplete_details": {"reason": CONTENT_FILTER}}
+    delta = {"type": "response.output_text.delta", "item_id": item_id or "msg-siren", "output_index": 0,
+             "content_index": 0, "delta": refusal, "sequence_number": 0, "logprobs": []}
+    incomplete = {"type": "response.incomplete", "response": final, "sequence_number": 1}
+    return _typed_event(delta) + _typed_event(incomplete)
+
+
+def _typed_event(obj: Mapping) -> bytes:
+    """A Responses API event: `event: <type>` and the JSON, as OpenAI sends them."""
+    return encode_event(json.dumps(obj, ensure_ascii=False, separators=(",", ":")), event=obj["type"])

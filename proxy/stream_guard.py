@@ -1,0 +1,292 @@
+"""Guarding a streamed response: score each choice as it grows, release what was scored.
+
+Upstream bytes are decoded into SSE items; each item waits in one FIFO queue until it
+may be released, then goes out as the upstream's own bytes (so a stream the guard never
+touches is byte-identical to a direct one). Per choice:
+
+- a token is one upstream delta carrying text for that choice (vLLM and OpenAI send one
+  token a delta; content, refusal and tool-call argument fragments all count as text);
+- every `check_every` tokens, and when the choice finishes, the new text goes to that
+  choice's incremental guard session, which returns the score of prompt + response so
+  far at the cost of the new tokens only;
+- an item is released once every choice it carries text for has been scored up to it,
+  or has at least `holdback` newer tokens behind it. So with `holdback >= check_every`
+  no text reaches the client before it has been scored, and "leaked" tokens (released
+  past the last check that scored under the threshold) stay at 0;
+- a crossing with `action: cut` drops the choice's held items, sends one chunk with the
+  refusal and `finish_reason: "content_filter"`, and ignores the choice from then on.
+  When no live choice is left the upstream response is closed (vLLM stops generating),
+  a usage chunk is synthesised if the client asked for one, then `data: [DONE]`.
+
+The relay awaits each check before reading on, so back-pressure, not memory, absorbs a
+slow guard; concurrent streams are batched by the guard's worker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+
+import httpx
+
+from policies.config import Policy
+from policies.decisions import CUT, GUARD_ERROR, Decision, decide_response
+from policies.extract import delta_text
+
+from .errors import GuardUnavailable, UpstreamUnreachable, error_event
+from .records import Exchange
+from .scorer import Scorer, StreamSession
+from .shapes import cut_chunk, response_cut_events, usage_chunk, wants_usage
+from .sse import DONE, Event, SSEDecoder, SSEError
+
+logger = logging.getLogger(__name__)
+
+MAX_EVENT_BYTES = 4 << 20
+_RESPONSES_DONE = ("response.output_text.done", "response.function_call_arguments.done",
+                   "response.content_part.done", "response.output_item.done", "response.completed",
+                   "response.incomplete", "response.failed")
+
+
+@dataclass
+class Choice:
+    index: int
+    session: StreamSession | None = None
+    pending_text: str = ""
+    tokens: int = 0  # text deltas seen
+    scored: int = 0  # tokens covered by the last check
+    safe: int = 0  # tokens covered by the last check under the threshold
+    released: int = 0
+    cut: bool = False
+    finished: bool = False
+    guard_ms: float = 0.0
+    decision: Decision | None = None  # the last check's; logged once when the stream ends
+
+
+@dataclass
+class Held:
+    raw: bytes
+    reach: dict[int, int] = field(default_factory=dict)  # choice -> token position it carries up to
+    payload: dict | None = None  # parsed JSON, kept to rewrite multi-choice chunks on a cut
+
+
+class StreamCut(Exception):
+    """Internal: the stream must end now (every choice cut, or the guard failed closed)."""
+
+
+class StreamGuard:
+    def __init__(self, *, endpoint: str, request: Mapping, policy: Policy, scorer: Scorer,
+                 prompt: str | None, exchange: Exchange) -> None:
+        self.endpoint = endpoint
+        self.request = request
+        self.policy = policy
+        self.stage = policy.response
+        self.scorer = scorer
+        self.prompt = prompt if self.stage.include_prompt else None
+        self.exchange = exchange
+        n = request.get("n", 1)
+        self.n = 1 if endpoint == "responses" or not isinstance(n, int) or n < 1 else n
+        self.choices = {i: Choice(i) for i in range(self.n)}
+        self.queue: deque[Held] = deque()
+        self.template: dict = {}  # id/created/model of the stream, for chunks we write
+        self.last_usage: dict | None = None
+        self.upstream_done = False
+
+    # -- the relay ---------------------------------------------------------------------
+
+    async def relay(self, response: httpx.Response) -> AsyncIterator[bytes]:
+        decoder = SSEDecoder(max_event_bytes=MAX_EVENT_BYTES)
+        try:
+            async for chunk in response.aiter_raw():
+                out = await self._items(decoder.feed(chunk))
+                if out:
+                    yield out
+            out = await self._items(decoder.close())
+            await self._finish_all()
+            out += self._release()
+            if out:
+                yield out
+        except StreamCut as end:
+            tail = end.args[0] if end.args else b""
+            if tail:
+                yield tail
+        except (httpx.HTTPError, SSEError) as exc:
+            logger.warning("upstream stream broke off: %s", type(exc).__name__)
+            yield self._release() + error_event(
+                UpstreamUnreachable(f"the upstream stream broke off ({type(exc).__name__})"))
+        finally:
+            await response.aclose()
+            for choice in self.choices.values():
+                if choice.session is not None:
+                    await choice.session.aclose()
+            for choice in self.choices.values():
+                if choice.decision is not None:
+                    self.exchange.decided(choice.decision, choice.guard_ms, choice=choice.index)
+                if choice.cut:
+                    self.exchange.leaked_tokens[choice.index] = max(0, choice.released - choice.safe)
+
+    async def _items(self, items) -> bytes:
+        for item in items:
+            if not isinstance(item, Event):
+                self.queue.append(Held(item.raw))
+                continue
+            if item.is_done:
+                await self._finish_all()  # every choice is scored to its end before [DONE]
+                self.queue.append(Held(item.raw))
+                continue
+            try:
+                payload = item.json()
+            except SSEError:
+                payload = None
+            if not isinstance(payload, dict):  # not a chunk: carries no text we could score
+                self.queue.append(Held(item.raw))
+                continue
+            await self._event(item.raw, payload)
+        return self._release()
+
+    async def _event(self, raw: bytes, payload: dict) -> None:
+        if not self.template:
+            if self.endpoint == "responses" and isinstance(payload.get("response"), dict):
+                self.template = dict(payload["response"])
+            elif "id" in payload:
+                self.template = {k: payload[k] for k in ("id", "created", "model") if k in payload}
+        if isinstance(payload.get("usage"), dict):
+            self.last_usage = payload["usage"]
+        if self._indices(payload) & self._cut_indices():
+            rewritten = self._without_cut_choices(payload)
+            if rewritten is None:
+                return
+            raw, payload = rewritten
+        texts = delta_text(self.endpoint, payload)
+        held = Held(raw, payload=payload)
+        for i, text in texts.items():
+            if i not in self.choices:
+                continue
+            choice = self.choices[i]
+            choice.tokens += 1
+            choice.pending_text += text
+            held.reach[i] = choice.tokens
+        self.queue.append(held)
+        for i in held.reach:
+            choice = self.choices[i]
+            if choice.tokens - choice.scored >= self.stage.check_every:
+                await self._check(choice)
+        for i in self._finishing(payload):
+            if i in self.choices and not self.choices[i].cut:
+                await self._check(self.choices[i])
+                self.choices[i].finished = True
+
+    def _indices(self, payload: dict) -> set[int]:
+        if self.endpoint == "responses":
+            return {0}
+        return {c.get("index", 0) for c in payload.get("choices") or [] if isinstance(c, dict)}
+
+    def _cut_indices(self) -> set[int]:
+        return {c.index for c in self.choices.values() if c.cut}
+
+    def _finishing(self, payload: dict) -> list[int]:
+        if self.endpoint == "responses":
+            return [0] if payload.get("type") in _RESPONSES_DONE else []
+        return [c.get("index", 0) for c in payload.get("choices") or []
+                if isinstance(c, dict) and c.get("finish_reason") is not None]
+
+    def _without_cut_choices(self, payload: dict) -> tuple[bytes, dict] | None:
+        """The chunk without its cut choices; None when nothing of it is left to send."""
+        if self.endpoint == "responses":
+            return None
+        cut = self._cut_indices()
+        kept = [c for c in payload.get("choices") or [] if not (isinstance(c, dict) and c.get("index", 0) in cut)]
+        if not kept and not payload.get("usage"):
+            return None
+        payload = {**payload, "choices": kept}
+        return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n", payload
+
+    # -- checks and cuts ---------------------------------------------------------------
+
+    async def _check(self, choice: Choice) -> None:
+        if choice.tokens == choice.scored:
+            return
+        started = time.perf_counter()
+        score, error = None, None
+        try:
+            if choice.session is None:
+                choice.session = self.scorer.stream(self.prompt)
+            score = await choice.session.append(choice.pending_text)
+        except Exception as exc:  # noqa: BLE001 - any guard failure meets on_guard_error
+            error = f"{type(exc).__name__}: {exc}"
+            logger.warning("guard failed on a stream check: %s", error)
+        choice.pending_text = ""
+        choice.scored = choice.tokens
+        decision = decide_response(self.stage, score, on_guard_error=self.policy.on_guard_error, error=error)
+        choice.guard_ms += (time.perf_counter() - started) * 1000
+        if choice.decision is None or not (choice.decision.crossed or choice.decision.guard_error):
+            choice.decision = decision  # the first crossing is the one worth a log line
+        if score is not None:
+            self.exchange.scored(choice.index, choice.scored, score)
+        if decision.action == GUARD_ERROR:
+            raise StreamCut(self._release() + error_event(
+                GuardUnavailable("the safety guard failed while scoring this stream")))
+        if decision.action == CUT:
+            targets = self.choices.values() if self.stage.end_all_choices else [choice]
+            for target in targets:
+                if not target.cut and not target.finished:
+                    self._cut(target)
+            if all(c.cut or c.finished for c in self.choices.values()):
+                raise StreamCut(self._release() + self._close_out())
+        elif not decision.crossed:
+            choice.safe = choice.scored
+
+    def _cut(self, choice: Choice) -> None:
+        choice.cut = True
+        kept: deque[Held] = deque()
+        for held in self.queue:
+            if held.payload is None or choice.index not in self._indices(held.payload):
+                kept.append(held)
+                continue
+            rewritten = self._without_cut_choices(held.payload)
+            if rewritten is not None:
+                reach = {i: p for i, p in held.reach.items() if i != choice.index}
+                kept.append(Held(rewritten[0], reach, rewritten[1]))
+        self.queue = kept
+        if self.endpoint == "responses":
+            raw = response_cut_events(self.template, self.policy.refusal)
+        else:
+            raw = cut_chunk(self.endpoint, self.template, choice.index, self.policy.refusal)
+        self.queue.append(Held(raw))
+
+    def _close_out(self) -> bytes:
+        """After the last live choice was cut: usage if asked for, then [DONE]."""
+        if self.endpoint == "responses":
+            return b""
+        out = b""
+        if wants_usage(self.request):
+            prompt_tokens = (self.last_usage or {}).get("prompt_tokens", 0)
+            completion = sum(c.tokens for c in self.choices.values())
+            out += usage_chunk(self.endpoint, self.template, {
+                "prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                "total_tokens": prompt_tokens + completion})
+        return out + DONE
+
+    async def _finish_all(self) -> None:
+        for choice in self.choices.values():
+            if not choice.cut and choice.tokens > choice.scored:
+                await self._check(choice)
+
+    def _release(self) -> bytes:
+        out = []
+        while self.queue:
+            held = self.queue[0]
+            if not all(self._releasable(i, p) for i, p in held.reach.items()):
+                break
+            self.queue.popleft()
+            for i, p in held.reach.items():
+                self.choices[i].released = max(self.choices[i].released, p)
+            out.append(held.raw)
+        return b"".join(out)
+
+    def _releasable(self, index: int, position: int) -> bool:
+        choice = self.choices[index]
+        return position <= choice.scored or choice.tokens - position >= self.stage.holdback

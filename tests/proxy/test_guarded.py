@@ -1,0 +1,376 @@
+"""Guarded traffic end to end: openai SDK -> siren-proxy -> llm-katan / scripted upstream.
+
+The scorer is `KeywordScorer` (the word BOMB scores 0.99), so each test controls where a
+stream crosses; the real guard's numerics are tested in tests/guard, and
+tests/proxy/test_real_guard.py drives the same path with the shipped head.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.support.proxy import running_proxy
+from tests.support.scorers import KeywordScorer
+
+FIXTURES = Path(__file__).parent / "fixtures" / "vllm-0.32-cpu"
+REFUSAL = "Sorry, I can't continue with that."
+AUTH = {"authorization": "Bearer sk"}  # llm-katan wants a key, any key
+
+
+def policy_yaml(base_url: str, *, prompt: str = "{action: off}", response: str = "{action: off}",
+                policy_extra: str = "", server: str = "") -> str:
+    return f"""
+server:
+  max_body_bytes: 65536
+{server}
+upstreams:
+  up: {{base_url: {base_url}}}
+policies:
+  p:
+    refusal: "{REFUSAL}"
+    prompt: {prompt}
+    response: {response}
+{policy_extra}
+routes:
+  - {{prefix: /v1, upstream: up, policy: p}}
+"""
+
+
+_clients: list = []
+
+
+def sdk(proxy, **kw) -> openai.OpenAI:
+    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk", max_retries=0, **kw)
+    _clients.append(client)
+    return client
+
+
+@pytest.fixture(autouse=True)
+def _close_clients():
+    yield
+    while _clients:
+        _clients.pop().close()
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def sse_events(body: bytes) -> list[str]:
+    return [block.decode()[len("data: "):] for block in body.split(b"\n\n") if block.startswith(b"data: ")]
+
+
+# -- prompt stage ---------------------------------------------------------------------------
+
+def test_refuse_answers_without_calling_the_upstream(scripted):
+    url, recorder = scripted
+    before = len(recorder.requests)
+    with running_proxy(policy_yaml(url, prompt="{action: refuse, threshold: 0.5}"), KeywordScorer()) as proxy:
+        reply = sdk(proxy).chat.completions.create(model="m", messages=user("how to build a BOMB"))
+        stream = sdk(proxy).chat.completions.create(model="m", messages=user("a BOMB please"), stream=True,
+                                                    stream_options={"include_usage": True})
+        chunks = list(stream)
+        ok = sdk(proxy, default_headers={"x-script": "text:fine"}).chat.completions.create(
+            model="m", messages=user("hello"))
+    assert reply.choices[0].message.content == REFUSAL
+    assert reply.choices[0].finish_reason == "content_filter"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == REFUSAL
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "content_filter"
+    assert chunks[-1].usage is not None and chunks[-1].choices == []
+    assert ok.choices[0].message.content == "fine"
+    assert len(recorder.requests) == before + 1  # only the benign request reached the upstream
+
+
+def test_refused_stream_ends_with_done(katan_url):
+    with running_proxy(policy_yaml(katan_url, prompt="{action: refuse}"), KeywordScorer()) as proxy:
+        body = httpx.post(proxy.url + "/v1/chat/completions",
+                          json={"model": "m", "messages": user("BOMB"), "stream": True}, headers=AUTH).content
+    assert sse_events(body)[-1] == "[DONE]"
+
+
+def test_block_is_400_content_filter(katan_url):
+    with running_proxy(policy_yaml(katan_url, prompt="{action: block}"), KeywordScorer()) as proxy:
+        with pytest.raises(openai.BadRequestError) as caught:
+            sdk(proxy).chat.completions.create(model="m", messages=user("BOMB"))
+        sdk(proxy).chat.completions.create(model="m", messages=user("otters"))  # benign passes
+    assert caught.value.body["code"] == "content_filter"
+    assert caught.value.response.headers["x-siren-decision"] == "block"
+
+
+def test_flag_forwards_with_headers(katan_url):
+    with running_proxy(policy_yaml(katan_url, prompt="{action: flag}"), KeywordScorer()) as proxy:
+        raw = sdk(proxy).chat.completions.with_raw_response.create(model="m", messages=user("BOMB facts"))
+    assert raw.headers["x-siren-decision"] == "flagged"
+    assert raw.headers["x-siren-score"] == "0.9900"
+    assert raw.headers["x-siren-stage"] == "prompt"
+    assert raw.parse().choices[0].message.content.endswith("User: BOMB facts")  # forwarded
+
+
+def test_shadow_forwards_untouched_and_records(katan_url, tmp_path):
+    audit = tmp_path / "audit.jsonl"
+    server = f"  audit_log: {audit}"
+    with running_proxy(policy_yaml(katan_url, prompt="{action: shadow}", server=server), KeywordScorer()) as proxy:
+        raw = sdk(proxy).chat.completions.with_raw_response.create(model="m", messages=user("BOMB"))
+    assert "x-siren-decision" not in raw.headers
+    assert raw.parse().choices[0].message.content.endswith("User: BOMB")
+    [record] = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert record["decisions"][0] | {"ms": 0} == {"stage": "prompt", "action": "shadow", "score": 0.99,
+                                                   "threshold": 0.5, "crossed": True, "guard_error": None, "ms": 0}
+
+
+def test_steer_adds_a_system_message_inside_the_band(scripted):
+    url, recorder = scripted
+    prompt = '{action: steer, threshold: 0.8, steer: {from: 0.3, system_message: "Be careful."}}'
+    with running_proxy(policy_yaml(url, prompt=prompt), KeywordScorer()) as proxy:
+        client = sdk(proxy, default_headers={"x-script": "text:ok"})
+        client.chat.completions.create(model="m", messages=user("a borderline question"))
+        steered = recorder.requests[-1]["body"]["messages"]
+        client.chat.completions.create(model="m", messages=user("a plain question"))
+        plain = recorder.requests[-1]["body"]["messages"]
+        refused = client.chat.completions.create(model="m", messages=user("BOMB"))
+    assert steered == [{"role": "system", "content": "Be careful."}, *user("a borderline question")]
+    assert plain == user("a plain question")
+    assert refused.choices[0].finish_reason == "content_filter"
+
+
+@pytest.mark.parametrize("on_error,expect", [("block", 503), ("allow", 200)])
+def test_guard_failure_meets_on_guard_error(katan_url, on_error, expect):
+    text = policy_yaml(katan_url, prompt="{action: refuse}", policy_extra=f"    on_guard_error: {on_error}")
+    with running_proxy(text, KeywordScorer(fail=True)) as proxy:
+        response = httpx.post(proxy.url + "/v1/chat/completions", json={"model": "m", "messages": user("hi")}, headers=AUTH)
+    assert response.status_code == expect
+    if expect == 503:
+        assert response.json()["error"]["code"] == "guard_unavailable"
+
+
+def test_guard_absent_fails_closed(katan_url):
+    with running_proxy(policy_yaml(katan_url, prompt="{action: refuse}"), None) as proxy:
+        response = httpx.post(proxy.url + "/v1/chat/completions", json={"model": "m", "messages": user("hi")}, headers=AUTH)
+    assert response.status_code == 503
+
+
+def test_unscoreable_prompt_fails_closed(scripted):
+    url, _ = scripted
+    with running_proxy(policy_yaml(url, prompt="{action: refuse}"), KeywordScorer()) as proxy:
+        response = httpx.post(proxy.url + "/v1/completions", json={"model": "m", "prompt": [1, 2, 3]})
+        bad = httpx.post(proxy.url + "/v1/chat/completions", json={"model": "m", "messages": "nope"})
+    assert response.status_code == 503
+    assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("mode", ["sequential", "parallel"])
+def test_prompt_modes(scripted, mode):
+    url, recorder = scripted
+    with running_proxy(policy_yaml(url, prompt=f"{{action: refuse, mode: {mode}}}"),
+                       KeywordScorer(delay=0.2)) as proxy:
+        before = len(recorder.requests)
+        refused = sdk(proxy).chat.completions.create(model="m", messages=user("BOMB"))
+        time.sleep(0.2)
+        reached = len(recorder.requests) - before
+        ok = sdk(proxy, default_headers={"x-script": "text:fine"}).chat.completions.create(
+            model="m", messages=user("hi"))
+    assert refused.choices[0].message.content == REFUSAL
+    assert ok.choices[0].message.content == "fine"
+    # Parallel mode calls the upstream before the verdict (and drops its answer).
+    assert reached == (1 if mode == "parallel" else 0)
+
+
+# -- response stage: streams ----------------------------------------------------------------
+
+CUT = "{action: cut, threshold: 0.5, check_every: %d, holdback: %d}"
+
+
+def stream_body(proxy, text: str, *, script: str | None = None, path="/v1/chat/completions", **extra) -> bytes:
+    headers = {"x-script": script, **AUTH} if script else AUTH
+    payload = {"model": "m", "messages": user(text), "stream": True, **extra}
+    with httpx.stream("POST", proxy.url + path, json=payload, headers=headers) as response:
+        assert response.status_code == 200
+        return b"".join(response.iter_raw())
+
+
+def test_stream_cut_with_holdback_leaks_nothing(katan_url, tmp_path):
+    audit = tmp_path / "audit.jsonl"
+    # The echo repeats the prompt, so score the response alone (include_prompt: false).
+    response = "{action: cut, threshold: 0.5, check_every: 4, holdback: 4, include_prompt: false}"
+    text = policy_yaml(katan_url, response=response, server=f"  audit_log: {audit}")
+    message = "tell me a story about otters and rivers and then a BOMB and more words after it"
+    with running_proxy(text, KeywordScorer()) as proxy:
+        stream = sdk(proxy).chat.completions.create(model="m", messages=user(message), stream=True,
+                                                    stream_options={"include_usage": True})
+        chunks = list(stream)
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "BOMB" not in content and "BOM" not in content
+    assert content.endswith(REFUSAL)
+    assert "otters" in content  # text before the crossing was released
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == ["content_filter"]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    [record] = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert record["leaked_tokens"] == {"0": 0}
+    assert record["decisions"][-1]["action"] == "cut"
+    trajectory = record["trajectories"]["0"]
+    assert trajectory[-1][1] == 0.99 and all(score == 0.01 for _, score in trajectory[:-1])
+
+
+def test_stream_cut_without_holdback_counts_leaked_tokens(katan_url, tmp_path):
+    audit = tmp_path / "audit.jsonl"
+    response = "{action: cut, threshold: 0.5, check_every: 8, holdback: 0, include_prompt: false}"
+    text = policy_yaml(katan_url, response=response, server=f"  audit_log: {audit}")
+    with running_proxy(text, KeywordScorer()) as proxy:
+        body = stream_body(proxy, "otters otters otters and a BOMB and more and more and more text")
+    assert sse_events(body)[-1] == "[DONE]"
+    record = json.loads(audit.read_text().splitlines()[0])
+    assert record["leaked_tokens"]["0"] > 0
+
+
+def test_cut_closes_the_upstream(scripted):
+    url, recorder = scripted
+    words = " ".join(["safe"] * 10 + ["BOMB"] + ["more"] * 200)
+    with running_proxy(policy_yaml(url, response=CUT % (4, 4)), KeywordScorer()) as proxy:
+        before = len(recorder.streams)
+        body = stream_body(proxy, "x", script=f"text:{words}")
+        deadline = time.monotonic() + 5
+        while len(recorder.streams) == before and time.monotonic() < deadline:
+            time.sleep(0.02)
+    events = sse_events(body)
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["choices"][0]["finish_reason"] == "content_filter"
+    assert b"more" not in body
+    assert recorder.streams[before:] == ["closed-early"]
+
+
+def test_benign_stream_is_byte_identical_under_the_guard(scripted):
+    url, _ = scripted
+    with running_proxy(policy_yaml(url, prompt="{action: refuse}", response=CUT % (16, 16)),
+                       KeywordScorer()) as proxy:
+        for name in ("stream_raw.txt", "stream_n2_raw.txt", "stream_no_usage_raw.txt"):
+            body = stream_body(proxy, "hi", script=f"replay:{name}")
+            assert body == (FIXTURES / name).read_bytes(), name
+
+
+def test_n2_cut_ends_only_the_crossing_choice(scripted, monkeypatch):
+    url, _ = scripted
+    scorer = KeywordScorer()
+    # "shelter" appears only in choice 0 of the recorded vLLM n=2 stream.
+    monkeypatch.setattr("tests.support.scorers.keyword_score",
+                        lambda text: 0.99 if "shelter" in text else 0.01)
+    with running_proxy(policy_yaml(url, response=CUT % (2, 2)), scorer) as proxy:
+        stream = sdk(proxy, default_headers={"x-script": "replay:stream_n2_raw.txt"}).chat.completions.create(
+            model="m", messages=user("x"), stream=True, n=2)
+        texts, finish = {0: "", 1: ""}, {}
+        for chunk in stream:
+            for choice in chunk.choices:
+                texts[choice.index] += choice.delta.content or ""
+                if choice.finish_reason:
+                    finish[choice.index] = choice.finish_reason
+    assert finish == {0: "content_filter", 1: "length"}
+    assert "shelter" not in texts[0] and texts[0].endswith(REFUSAL)
+    assert texts[1] == "I'm sorry for the confusion, but as an AI designed"
+
+
+def test_n2_end_all_choices(scripted, monkeypatch):
+    url, _ = scripted
+    monkeypatch.setattr("tests.support.scorers.keyword_score",
+                        lambda text: 0.99 if "shelter" in text else 0.01)
+    response = "{action: cut, check_every: 2, holdback: 2, end_all_choices: true}"
+    with running_proxy(policy_yaml(url, response=response), KeywordScorer()) as proxy:
+        body = stream_body(proxy, "x", script="replay:stream_n2_raw.txt", n=2)
+    finishes = {c["index"]: c["finish_reason"] for e in sse_events(body) if e.startswith("{")
+                for c in json.loads(e)["choices"] if c.get("finish_reason")}
+    assert finishes == {0: "content_filter", 1: "content_filter"}
+
+
+def test_completions_stream_is_cut(scripted):
+    url, _ = scripted
+    with running_proxy(policy_yaml(url, response=CUT % (2, 2)), KeywordScorer()) as proxy:
+        stream = sdk(proxy, default_headers={"x-script": "text:one two BOMB three four"}).completions.create(
+            model="m", prompt="p", stream=True)
+        chunks = list(stream)
+    text = "".join(c.choices[0].text for c in chunks)
+    assert "BOMB" not in text and text.endswith(REFUSAL)
+    assert chunks[-1].choices[0].finish_reason == "content_filter"
+
+
+def test_responses_stream_is_cut(scripted):
+    url, _ = scripted
+    with running_proxy(policy_yaml(url, response=CUT % (2, 2)), KeywordScorer()) as proxy:
+        client = sdk(proxy, default_headers={"x-script": "text:one two BOMB three four"})
+        events = list(client.responses.create(model="m", input="p", stream=True))
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert "BOMB" not in text and text.endswith(REFUSAL)
+    assert events[-1].type == "response.incomplete"
+    assert events[-1].response.incomplete_details.reason == "content_filter"
+
+
+def test_guard_failure_mid_stream_fails_closed(katan_url):
+    scorer = KeywordScorer()
+    with running_proxy(policy_yaml(katan_url, response=CUT % (4, 4)), scorer) as proxy:
+        scorer.fail = True
+        body = stream_body(proxy, "anything at all")
+    events = sse_events(body)
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["code"] == "guard_unavailable"
+
+
+def test_sessions_are_closed_and_checked_every_n_tokens(katan_url):
+    scorer = KeywordScorer()
+    with running_proxy(policy_yaml(katan_url, response=CUT % (5, 5)), scorer) as proxy:
+        stream_body(proxy, "a long enough message to need several checks along the way")
+    [session] = scorer.sessions
+    assert session.closed
+    assert len(scorer.checks) >= 3
+
+
+# -- response stage: whole responses --------------------------------------------------------
+
+def test_non_stream_response_is_replaced(katan_url):
+    with running_proxy(policy_yaml(katan_url, response=CUT % (16, 16)), KeywordScorer()) as proxy:
+        cut = sdk(proxy).chat.completions.create(model="m", messages=user("BOMB"))
+        fine = sdk(proxy).chat.completions.create(model="m", messages=user("otters"))
+    assert cut.choices[0].message.content == REFUSAL
+    assert cut.choices[0].finish_reason == "content_filter"
+    assert fine.choices[0].message.content.endswith("User: otters")
+
+
+def test_non_stream_completions_and_responses(scripted):
+    url, _ = scripted
+    with running_proxy(policy_yaml(url, response=CUT % (16, 16)), KeywordScorer()) as proxy:
+        client = sdk(proxy, default_headers={"x-script": "text:a BOMB"})
+        completion = client.completions.create(model="m", prompt="p")
+        response = client.responses.create(model="m", input="p")
+    assert completion.choices[0].text == REFUSAL and completion.choices[0].finish_reason == "content_filter"
+    assert response.status == "incomplete" and response.output_text == REFUSAL
+
+
+def test_unguarded_endpoints_pass_through(scripted):
+    url, _ = scripted
+    with running_proxy(policy_yaml(url, prompt="{action: block}", response=CUT % (1, 1)),
+                       KeywordScorer()) as proxy:
+        result = sdk(proxy).embeddings.create(model="m", input="BOMB")
+        models = sdk(proxy).models.list()
+    assert result.data[0].embedding == [4.0, 0.5, -0.5]
+    assert [m.id for m in models] == ["smollm2"]
+
+
+def test_async_clients_in_parallel(katan_url):
+    async def run(proxy):
+        client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="sk", max_retries=0)
+        async with client:
+            async def one(i):
+                stream = await client.chat.completions.create(
+                    model="m", messages=user(f"story {i}" + (" BOMB" if i % 2 else "")), stream=True)
+                return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+            return await asyncio.gather(*(one(i) for i in range(8)))
+
+    with running_proxy(policy_yaml(katan_url, response=CUT % (4, 4)), KeywordScorer()) as proxy:
+        texts = asyncio.run(run(proxy))
+    for i, text in enumerate(texts):
+        assert text.endswith(REFUSAL) == bool(i % 2)
+        assert "BOMB" not in text

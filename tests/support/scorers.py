@@ -1,0 +1,71 @@
+"""Deterministic scorers for proxy tests (the real guard is tested in tests/guard).
+
+`KeywordScorer` implements `proxy.scorer.Scorer` by looking for marker words, so a test
+controls exactly where a stream crosses: "BOMB" scores 0.99, "borderline" 0.4, anything
+else 0.01. Sessions score the prompt (when given) plus everything appended, like the
+real guard's sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+
+def keyword_score(text: str) -> float:
+    if "BOMB" in text:
+        return 0.99
+    if "borderline" in text:
+        return 0.4
+    return 0.01
+
+
+class GuardBroke(RuntimeError):
+    pass
+
+
+class KeywordSession:
+    def __init__(self, scorer: KeywordScorer, prompt: str | None) -> None:
+        self.scorer = scorer
+        self.text = prompt + "\n" if prompt else ""
+        self.closed = False
+
+    async def append(self, delta: str) -> float:
+        self.text += delta
+        self.scorer.checks.append(len(self.text))
+        return await self.scorer._score(self.text)
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+class KeywordScorer:
+    def __init__(self, *, fail: bool = False, delay: float = 0.0) -> None:
+        self.fail = fail
+        self.delay = delay
+        self.calls: list[str] = []
+        self.checks: list[int] = []
+        self.sessions: list[KeywordSession] = []
+
+    @property
+    def ready(self) -> bool:
+        return True
+
+    async def _score(self, text: str) -> float:
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.fail:
+            raise GuardBroke("scripted guard failure")
+        return keyword_score(text)
+
+    async def score(self, *, prompt: str | None = None, response: str | None = None) -> float:
+        text = "\n".join(p for p in (prompt, response) if p)
+        self.calls.append(text)
+        return await self._score(text)
+
+    async def score_many(self, items) -> list[float]:
+        return [await self.score(prompt=p, response=r) for p, r in items]
+
+    def stream(self, prompt: str | None = None) -> KeywordSession:
+        session = KeywordSession(self, prompt)
+        self.sessions.append(session)
+        return session

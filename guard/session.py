@@ -1,0 +1,141 @@
+"""Exact incremental scoring of a growing response: one `StreamSession` per stream.
+
+Each check returns the score of ``model_text(prompt=prompt, response=response_so_far)``
+(response alone when there is no prompt: what the reference's `score_streaming` reads),
+equal to a full recompute of that text, at the cost of the new tokens only:
+
+- A causal backbone's states for a token prefix never change when text is appended, so
+  the KV cache and the per-token rows of selected neurons (float32) for that prefix stay
+  valid; a window's pooled feature is the float32 mean of its rows.
+- Appending text can still change the last few tokens (BPE merges across the boundary,
+  or cleaning: trailing spaces are stripped until more text arrives). Each check
+  re-tokenises the whole cleaned text, keeps the longest common token prefix with what
+  was scored, crops the cache and the rows to it, and feeds only the rest.
+- Texts past `max_length` follow `guard.windows`: completed windows keep their scores,
+  only the last window grows, and a new window is prefilled once from its start (each
+  token is fed at most twice in all). A rollback that reaches into a completed window
+  reopens it. The prompt is prefilled when the session is created.
+
+Not thread-safe: one session belongs to one `SirenGuard`, used from one thread at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from guard.result import ScoreResult
+from guard.text import model_text
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class _Window:
+    """One window's KV cache and per-token rows; `start` is in body tokens."""
+
+    def __init__(self, guard, start: int) -> None:
+        self.guard = guard
+        self.start = start
+        readout = guard.readout
+        self.cache = DynamicCache(config=readout.model.config)
+        self.rows = torch.empty(guard.max_length, readout.n_features,
+                                dtype=torch.float32, device=readout.device)  # (max_length, F)
+        self.n = 0  # tokens fed, prefix included
+        self.score = 0.0
+
+    def crop(self, keep: int) -> None:
+        if keep < self.n:
+            self.cache.crop(keep - self.n)
+            self.n = keep
+
+    def feed(self, ids: list[int]) -> None:
+        if not ids:
+            return
+        readout = self.guard.readout
+        x = torch.as_tensor([ids], dtype=torch.long, device=readout.device)  # (1, m)
+        new = readout.rows(x, None, self.cache)[0]  # (m, F)
+        self.rows[self.n : self.n + len(ids)] = new
+        self.n += len(ids)
+        pooled = self.rows[: self.n].sum(dim=0, keepdim=True) / self.n * readout.weights  # (1, F)
+        self.score = float(self.guard.head.p_harmful(pooled)[0])
+
+
+class StreamSession:
+    def __init__(self, guard, prompt: str | None = None, threshold: float | None = None) -> None:
+        self.guard = guard
+        self.prompt = prompt
+        self.threshold = guard.threshold(threshold)
+        self.response = ""
+        self._plan = guard.plan
+        self._ids: list[int] = []  # body tokens scored so far
+        self._finals: dict[int, tuple[int, float]] = {}  # window start -> (end, score)
+        self._active: _Window | None = None
+        self._score = 0.0
+        self.tokens_fed = 0  # backbone tokens run, all windows together (for benchmarks)
+        if prompt:
+            self._update(model_text(prompt=prompt))
+
+    @property
+    def tokens(self) -> int:
+        """Tokens of the text scored so far (prefix included)."""
+        return len(self._plan.prefix) + len(self._ids)
+
+    @property
+    def score(self) -> float:
+        return self._score
+
+    @torch.no_grad()
+    def append(self, delta: str) -> ScoreResult:
+        """Append `delta` to the response and score everything so far."""
+        return self.set_response(self.response + (delta or ""))
+
+    @torch.no_grad()
+    def set_response(self, response_so_far: str) -> ScoreResult:
+        """Score the session's prompt joined with `response_so_far` (any edit is exact)."""
+        self.response = response_so_far
+        text = model_text(prompt=self.prompt or None, response=response_so_far)
+        return ScoreResult.of(self._update(text), self.threshold)
+
+    def _update(self, text: str) -> float:
+        plan = self._plan
+        ids = plan.body(self.guard.tokenizer, text)
+        keep = common_prefix(self._ids, ids)
+        self._finals = {s: v for s, v in self._finals.items() if v[0] <= keep}
+        active = self._active
+        if active is not None:
+            if active.start > keep or (active.start == keep and not plan.prefix):
+                active = None
+            else:
+                active.crop(len(plan.prefix) + keep - active.start)
+        spans = plan.spans(len(ids))
+        scores = []
+        for k, (start, end) in enumerate(spans):
+            last = k == len(spans) - 1
+            final = self._finals.get(start)
+            if not last and final is not None and final[0] == end:
+                scores.append(final[1])
+                continue
+            if active is None or active.start != start:
+                active = _Window(self.guard, start)
+                self._feed(active, list(plan.prefix) + ids[start:end])
+            else:
+                self._feed(active, ids[start + active.n - len(plan.prefix) : end])
+            scores.append(active.score)
+            if not last:
+                self._finals[start] = (end, active.score)
+                active = None
+        self._finals = {s: v for s, v in self._finals.items() if (s, v[0]) in spans[:-1]}
+        self._active = active
+        self._ids = ids
+        self._score = max(scores)
+        return self._score
+
+    def _feed(self, window: _Window, ids: list[int]) -> None:
+        window.feed(ids)
+        self.tokens_fed += len(ids)

@@ -1,0 +1,217 @@
+"""`SirenGuard`: load an llm-siren artifact and score text, as `siren_guard` does.
+
+The public surface mirrors the reference runtime, so users switch by changing one
+import: `from_pretrained`, `score`, `score_batch`, `score_streaming` (all returning
+`ScoreResult`), plus `stream()` for exact incremental scoring of a growing response
+(`guard.session`). Texts are cleaned and joined by `guard.text`, to the character.
+
+Invariants:
+- In float32 every score equals the reference's within float rounding for texts of up
+  to `max_length` tokens; longer texts follow `guard.windows` (the reference truncates).
+- An instance is not thread-safe (the backbone is not re-entrant); serve concurrent
+  callers through `guard.worker.GuardWorker`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from guard.artifact import ArtifactConfig, load_head, read_artifact
+from guard.backbone import Backbone, load_backbone
+from guard.errors import ArtifactError
+from guard.head import SirenHead
+from guard.readout import Readout
+from guard.result import ScoreResult
+from guard.text import model_text
+from guard.windows import TokenPlan
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ARTIFACT = Path(__file__).resolve().parent / "default"
+MAX_BATCH_TOKENS = 8192  # windows per forward are capped by padded tokens, to bound memory
+
+
+def resolve_artifact(path_or_id: str | os.PathLike | None, cache_dir: str | None = None) -> Path:
+    """A local artifact directory: the embedded default, a directory, or a hub download."""
+    if path_or_id is None:
+        return DEFAULT_ARTIFACT
+    if os.path.isdir(path_or_id):
+        return Path(path_or_id)
+    if os.path.exists(path_or_id) or str(path_or_id).startswith((".", "/", "~")):
+        raise ArtifactError(f"artifact directory {str(path_or_id)!r} does not exist or is not a directory")
+    from huggingface_hub import hf_hub_download  # for users who have a hub; never in tests
+
+    config = hf_hub_download(repo_id=str(path_or_id), filename="siren_config.json", cache_dir=cache_dir)
+    hf_hub_download(repo_id=str(path_or_id), filename="siren.safetensors", cache_dir=cache_dir)
+    return Path(config).parent
+
+
+def backbone_spec(config: ArtifactConfig, artifact_dir: Path) -> str:
+    """`base_model.source` (relative paths resolve against the artifact) or `model_id`."""
+    source = config.source
+    if source is None:
+        return config.base_model_id
+    if not source.startswith("pypi:") and not os.path.isabs(source) and (artifact_dir / source).exists():
+        return str(artifact_dir / source)
+    return source
+
+
+class SirenGuard:
+    def __init__(
+        self, config: ArtifactConfig, head: SirenHead, backbone: Backbone, *, long_text: str = "window"
+    ) -> None:
+        self._config = config
+        self._backbone = backbone
+        self._tokenizer = backbone.tokenizer
+        if self._tokenizer.pad_token is None:
+            self._tokenizer.pad_token = self._tokenizer.eos_token
+        self._tokenizer.padding_side = "right"  # the reference pads right; the mask ignores pads
+        self._readout = Readout(backbone.model, config)
+        self._head = head.to(self._readout.device).eval()
+        self._plan = TokenPlan.for_tokenizer(self._tokenizer, config.max_length, long_text)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str | os.PathLike | None = None,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = "auto",
+        cache_dir: str | None = None,
+        *,
+        trust_remote_code: bool = False,
+        long_text: str = "window",
+    ) -> SirenGuard:
+        """Load an artifact (default: the embedded one) and its backbone, offline if local."""
+        folder = resolve_artifact(path_or_id, cache_dir)
+        config, state_dict = read_artifact(folder)
+        head = load_head(config, state_dict)
+        spec = backbone_spec(config, folder)
+        backbone = load_backbone(
+            spec, revision=config.revision, dtype=dtype, device=device,
+            cache_dir=cache_dir, trust_remote_code=trust_remote_code,
+        )
+        logger.info("SIREN artifact %s on backbone %s (%s, %s)", folder, backbone.source,
+                    next(backbone.model.parameters()).dtype, next(backbone.model.parameters()).device)
+        return cls(config, head, backbone, long_text=long_text)
+
+    # -- properties mirrored from the reference ------------------------------------------
+    @property
+    def config(self) -> ArtifactConfig:
+        return self._config
+
+    @property
+    def default_threshold(self) -> float:
+        return self._config.default_threshold
+
+    @property
+    def base_model_id(self) -> str:
+        return self._config.base_model_id
+
+    @property
+    def device(self) -> torch.device:
+        return self._readout.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._readout.dtype
+
+    @property
+    def max_length(self) -> int:
+        return self._config.max_length
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    @property
+    def plan(self) -> TokenPlan:
+        return self._plan
+
+    @property
+    def readout(self) -> Readout:
+        return self._readout
+
+    @property
+    def head(self) -> SirenHead:
+        return self._head
+
+    def threshold(self, threshold: float | None) -> float:
+        return self._config.default_threshold if threshold is None else float(threshold)
+
+    # -- scoring -------------------------------------------------------------------------
+    @torch.no_grad()
+    def score(
+        self, text: str | None = None, *, prompt: str | None = None, response: str | None = None,
+        threshold: float | None = None,
+    ) -> ScoreResult:
+        prepared = model_text(text, prompt=prompt, response=response)
+        return ScoreResult.of(self.p_harmful([prepared])[0], self.threshold(threshold))
+
+    def __call__(self, *args, **kwargs) -> ScoreResult:
+        return self.score(*args, **kwargs)
+
+    @torch.no_grad()
+    def score_batch(self, texts: Sequence[str], threshold: float | None = None) -> list[ScoreResult]:
+        thr = self.threshold(threshold)
+        scores = self.p_harmful([model_text(t or "") for t in texts])
+        return [ScoreResult.of(p, thr) for p in scores]
+
+    @torch.no_grad()
+    def score_streaming(self, response_so_far: str, threshold: float | None = None) -> ScoreResult:
+        """The reference's stateless check of a response alone; see `stream` for sessions."""
+        return self.score_batch([response_so_far], threshold)[0]
+
+    def stream(self, prompt: str | None = None, *, threshold: float | None = None):
+        """An exact incremental session over `prompt + "\\n" + response_so_far`."""
+        from guard.session import StreamSession
+
+        return StreamSession(self, prompt=prompt, threshold=self.threshold(threshold))
+
+    @torch.no_grad()
+    def p_harmful(self, prepared: Sequence[str]) -> list[float]:
+        """P(harmful) of texts already prepared by `guard.text.model_text`.
+
+        Every window of every text is one row of a right-padded batch; windows are
+        sorted by length so that padding stays small, and a text's score is its
+        windows' maximum.
+        """
+        if not prepared:
+            return []
+        windows: list[tuple[int, list[int]]] = []
+        prefix = list(self._plan.prefix)
+        for i, text in enumerate(prepared):
+            body = self._plan.body(self._tokenizer, text)
+            for start, end in self._plan.spans(len(body)):
+                windows.append((i, prefix + body[start:end]))
+        windows.sort(key=lambda w: len(w[1]))
+        scores = [0.0] * len(prepared)
+        pad = self._tokenizer.pad_token_id
+        lo = 0
+        while lo < len(windows):
+            hi = lo + 1
+            while hi < len(windows) and len(windows[hi][1]) * (hi + 1 - lo) <= MAX_BATCH_TOKENS:
+                hi += 1
+            chunk = windows[lo:hi]
+            width = len(chunk[-1][1])
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)  # (batch, seq)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)  # (batch, seq)
+            for row, (_, toks) in enumerate(chunk):
+                ids[row, : len(toks)] = torch.as_tensor(toks)
+                mask[row, : len(toks)] = 1
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            feats = self._readout.pool(self._readout.rows(ids, mask), mask)  # (batch, F)
+            for (i, _), p in zip(chunk, self._head.p_harmful(feats).tolist()):
+                scores[i] = max(scores[i], p)
+            lo = hi
+        return scores
+
+    def close(self) -> None:
+        self._readout.close()
+
+
+__all__ = ["SirenGuard", "ScoreResult", "DEFAULT_ARTIFACT"]

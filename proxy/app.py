@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .handler import Proxy
+from .metrics import Metrics
 from .records import AuditLog
 from .scorer import Scorer
 from .upstream import UpstreamPool
@@ -27,7 +28,10 @@ def build_app(holder, scorer: Scorer | None = None) -> Starlette:
     pool = UpstreamPool()
     audit_path = holder.current.server.audit_log
     audit = AuditLog(audit_path) if audit_path else None
-    proxy = Proxy(holder, pool, scorer, audit)
+    metrics = Metrics()
+    proxy = Proxy(holder, pool, scorer, audit, metrics)
+    if scorer is not None and hasattr(scorer, "watch"):
+        scorer.watch(metrics)  # the guard worker reports batch sizes and queue depth
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -36,10 +40,18 @@ def build_app(holder, scorer: Scorer | None = None) -> Starlette:
         config = holder.current
         checks = await asyncio.gather(*(upstream_reachable(pool, u) for u in config.upstreams.values()))
         upstreams = dict(zip(config.upstreams, checks))
-        guard = "absent" if scorer is None else ("ready" if scorer.ready else "loading")
-        ready = all(checks) and guard != "loading"
+        if scorer is None:
+            guard = "absent"
+        elif scorer.ready:
+            guard = "ready"
+        else:
+            guard = "failed" if getattr(scorer, "error", None) is not None else "loading"
+        ready = all(checks) and guard in ("ready", "absent")
         body = {"ready": ready, "upstreams": upstreams, "guard": guard}
         return JSONResponse(body, status_code=200 if ready else 503)
+
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
@@ -54,6 +66,7 @@ def build_app(holder, scorer: Scorer | None = None) -> Starlette:
         routes=[
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
+            Route("/metrics", metrics_endpoint, methods=["GET"]),
             Route("/{path:path}", proxy.handle, methods=METHODS),
         ],
         lifespan=lifespan,

@@ -7,6 +7,7 @@
     ├── PayloadTooLarge     413     body over server.max_body_bytes
     ├── ContentFiltered     400     prompt refused with `action: block`
     ├── Overloaded          503     stream or guard-queue limit reached (Retry-After)
+    ├── RequestTimeout      504     server.request_timeout passed
     ├── GuardUnavailable    503     the guard failed and the policy fails closed
     ├── UpstreamUnreachable 502     connect failed, reset before the response began
     └── UpstreamTimeout     504     connect or read timeout before the response began
@@ -62,6 +63,10 @@ class ContentFiltered(ProxyError):
 
 class Overloaded(ProxyError):
     status, type, code = 503, "server_error", "overloaded"
+
+
+class RequestTimeout(ProxyError):
+    status, type, code = 504, "server_error", "request_timeout"
 
 
 class GuardUnavailable(ProxyError):

@@ -129,6 +129,7 @@ class GuardedCall:
             await _discard(pending)
             raise
         self.exchange.decided(decision, ms)
+        self.exchange.timed("prompt", ms / 1000)
         if not decision.forwards:
             await _discard(pending)
             return None, decision, body
@@ -194,6 +195,7 @@ class GuardedCall:
             error = f"{type(exc).__name__}: {exc}"
             logger.warning("guard failed on a response: %s", error)
         ms = (time.perf_counter() - started) * 1000
+        self.exchange.timed("response", ms / 1000)
         headers: dict[str, str] = {}
         changed = False
         for (index, _), score in zip(choices, scores):

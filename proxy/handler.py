@@ -7,8 +7,10 @@ request (`holder.current`), so a reload never changes the policy of a request in
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import httpx
@@ -20,8 +22,9 @@ from policies.config import Config
 from policies.errors import UnsafePathError
 from policies.routing import RouteMatch, match_route
 
-from .errors import (BadRequest, NotFound, PayloadTooLarge, ProxyError, Unauthorized,
-                     UpstreamUnreachable, error_event, error_response)
+from .errors import (BadRequest, NotFound, Overloaded, PayloadTooLarge, ProxyError, RequestTimeout,
+                     Unauthorized, UpstreamUnreachable, error_event, error_response)
+from .metrics import Metrics
 from .guarding import GuardedCall, guarded_endpoint
 from .records import AuditLog, Exchange
 from .relay import RelayResponse, open_upstream, raw_body
@@ -39,6 +42,7 @@ MAX_EVENT_BYTES = 4 << 20
 
 
 async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refused past `limit` bytes without reading further."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -72,29 +76,86 @@ def parse_json_object(body: bytes) -> dict:
 
 class Proxy:
     def __init__(self, holder, pool: UpstreamPool, scorer: Scorer | None = None,
-                 audit: AuditLog | None = None) -> None:
+                 audit: AuditLog | None = None, metrics: Metrics | None = None) -> None:
         self.holder = holder
         self.pool = pool
         self.scorer = scorer
         self.audit = audit
+        self.metrics = metrics or Metrics()
+        self.active_streams = 0
 
     async def handle(self, request: Request) -> Response:
         config: Config = self.holder.current
+        request.state.route = "-"
         try:
-            return await self._handle(request, config)
+            response = await self._admit(request, config)
         except ProxyError as exc:
-            return error_response(exc)
+            response = error_response(exc)
+        self.metrics.requests.labels(request.state.route, str(response.status_code)).inc()
+        return response
 
-    async def _handle(self, request: Request, config: Config) -> Response:
+    async def _admit(self, request: Request, config: Config) -> Response:
+        """Stream slots and the request deadline around the pipeline."""
+        timeout = config.server.request_timeout
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        # The raw path, so that encoded dots and slashes are seen (and refused) as sent.
+        path = request.scope.get("raw_path", b"").decode("latin-1") or request.url.path
+        body = await read_body(request, config.server.max_body_bytes)
+        payload = parse_json_object(body) if json_endpoint(path, request.method) else None
+        streaming = payload is not None and payload.get("stream") is True
+        if streaming:
+            if self.active_streams >= config.server.max_concurrent_streams:
+                raise Overloaded("too many concurrent streams; retry shortly", headers={"retry-after": "1"})
+            self.active_streams += 1
+            self.metrics.active_streams.inc()
+        try:
+            async with asyncio.timeout_at(deadline):
+                response = await self._handle(request, config, path, body, payload)
+        except TimeoutError:
+            self._stream_ended(streaming)
+            raise RequestTimeout(f"the request did not complete within {timeout}s") from None
+        except BaseException:
+            self._stream_ended(streaming)
+            raise
+        if isinstance(response, RelayResponse):
+            response.body_iterator = self._finishing(response.body_iterator, streaming, deadline, timeout)
+        else:
+            self._stream_ended(streaming)
+        return response
+
+    def _stream_ended(self, streaming: bool) -> None:
+        if streaming:
+            self.active_streams -= 1
+            self.metrics.active_streams.dec()
+
+    async def _finishing(self, body: AsyncIterator[bytes], streaming: bool, deadline: float | None,
+                         timeout: float | None) -> AsyncIterator[bytes]:
+        """The body, cut off at the request deadline; the stream slot is freed at its end."""
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                try:
+                    if deadline is None:
+                        chunk = await anext(body)
+                    else:
+                        chunk = await asyncio.wait_for(anext(body), max(0.0, deadline - loop.time()))
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    yield error_event(RequestTimeout(f"the request did not complete within {timeout}s"))
+                    return
+                yield chunk
+        finally:
+            await body.aclose()
+            self._stream_ended(streaming)
+
+    async def _handle(self, request: Request, config: Config, path: str, body: bytes,
+                      payload: dict | None) -> Response:
         key_name = None
         if config.server.auth_required:
             key_name = authenticate(config, request.headers.get("authorization"))
             if key_name is None:
                 raise Unauthorized("missing or invalid API key for this proxy")
-        # The raw path, so that encoded dots and slashes are seen (and refused) as sent.
-        path = request.scope.get("raw_path", b"").decode("latin-1") or request.url.path
-        body = await read_body(request, config.server.max_body_bytes)
-        payload = parse_json_object(body) if json_endpoint(path, request.method) else None
         model = payload.get("model") if payload is not None else None
         try:
             match = match_route(config, path, model=model if isinstance(model, str) else None,
@@ -103,50 +164,48 @@ class Proxy:
             raise BadRequest(str(exc)) from None
         if match is None:
             raise NotFound(f"no route for {request.method} {path}")
+        request.state.route = match.route.name
         endpoint = guarded_endpoint(request.method, match.upstream_path)
         policy = match.policy
-        if endpoint is None or (policy.prompt.action == "off" and policy.response.action == "off"):
-            return await self.forward(request, config, match, body)
-        exchange = Exchange(route=match.route.name, policy=policy.name, endpoint=endpoint,
-                            stream=payload.get("stream") is True)
-        call = GuardedCall(scorer=self.scorer, audit=self.audit, endpoint=endpoint, payload=payload,
-                           policy=policy, exchange=exchange)
+        guarded = endpoint is not None and (policy.prompt.action != "off" or policy.response.action != "off")
         client = self.pool.client(match.upstream)
         url = upstream_url(match.upstream, match.upstream_path, request.url.query)
         raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw]
-        # Identity encoding: the guard reads the response, so it must not arrive compressed.
-        headers = request_headers(raw, match.upstream, identity_encoding=True,
+        # A guarded response is read by the guard, so it must not arrive compressed.
+        headers = request_headers(raw, match.upstream, identity_encoding=guarded,
                                   drop_authorization=config.server.auth_required)
 
         async def send(content: bytes) -> httpx.Response:
-            return await open_upstream(client, client.build_request(request.method, url, headers=headers,
-                                                                    content=content))
+            started = time.perf_counter()
+            response = await open_upstream(client, client.build_request(request.method, url, headers=headers,
+                                                                        content=content))
+            self.metrics.upstream_latency.observe(time.perf_counter() - started)
+            return response
 
+        if not guarded:
+            return relay(await send(body), self.metrics)
+        exchange = Exchange(route=match.route.name, policy=policy.name, endpoint=endpoint,
+                            stream=payload.get("stream") is True, metrics=self.metrics)
+        call = GuardedCall(scorer=self.scorer, audit=self.audit, endpoint=endpoint, payload=payload,
+                           policy=policy, exchange=exchange)
         return await call.run(send, body)
 
-    async def forward(self, request: Request, config: Config, match: RouteMatch, body: bytes) -> Response:
-        client = self.pool.client(match.upstream)
-        raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw]
-        upstream_request = client.build_request(
-            request.method,
-            upstream_url(match.upstream, match.upstream_path, request.url.query),
-            headers=request_headers(raw, match.upstream, drop_authorization=config.server.auth_required),
-            content=body,
-        )
-        response = await open_upstream(client, upstream_request)
-        if is_event_stream(response):
-            return RelayResponse(sse_passthrough(response, MAX_EVENT_BYTES),
-                                 response.status_code,
-                                 response_headers(response.headers.multi_items(), keep_length=False))
-        return RelayResponse(raw_body(response), response.status_code,
-                             response_headers(response.headers.multi_items(), keep_length=True))
+
+def relay(response: httpx.Response, metrics: Metrics) -> RelayResponse:
+    """An unguarded response: non-streams byte for byte, streams event by event."""
+    if is_event_stream(response):
+        return RelayResponse(sse_passthrough(response, MAX_EVENT_BYTES, metrics), response.status_code,
+                             response_headers(response.headers.multi_items(), keep_length=False))
+    return RelayResponse(raw_body(response), response.status_code,
+                         response_headers(response.headers.multi_items(), keep_length=True), watch=False)
 
 
 def is_event_stream(response: httpx.Response) -> bool:
     return response.headers.get("content-type", "").startswith("text/event-stream")
 
 
-async def sse_passthrough(response: httpx.Response, max_event_bytes: int) -> AsyncIterator[bytes]:
+async def sse_passthrough(response: httpx.Response, max_event_bytes: int,
+                          metrics: Metrics | None = None) -> AsyncIterator[bytes]:
     """Forward whole events as they complete; the bytes are the upstream's, unchanged.
 
     Going event by event (not chunk by chunk) costs nothing in latency, since a client
@@ -154,10 +213,14 @@ async def sse_passthrough(response: httpx.Response, max_event_bytes: int) -> Asy
     reported as one well-formed error event instead of being glued to half an event.
     """
     decoder = SSEDecoder(max_event_bytes=max_event_bytes)
+    started, first = time.perf_counter(), True
     try:
         async for chunk in response.aiter_raw():
             events = decoder.feed(chunk)
             if events:
+                if first and metrics is not None:
+                    metrics.upstream_ttft.observe(time.perf_counter() - started)
+                    first = False
                 yield b"".join(event.raw for event in events)
         tail = decoder.close()
         if tail:

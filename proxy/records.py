@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 from policies.decisions import Decision
 
+from .metrics import Metrics
+
 logger = logging.getLogger("siren_proxy.decisions")
 
 
@@ -33,12 +35,15 @@ class Exchange:
     decisions: list[dict] = field(default_factory=list)
     trajectories: dict[int, list[tuple[int, float]]] = field(default_factory=dict)
     leaked_tokens: dict[int, int] = field(default_factory=dict)
+    metrics: Metrics | None = field(default=None, repr=False)
 
     def decided(self, decision: Decision, ms: float, *, choice: int | None = None) -> None:
         score = "-" if decision.score is None else f"{decision.score:.4f}"
         logger.info("route=%s policy=%s stage=%s score=%s action=%s crossed=%s ms=%.1f%s",
                     self.route, self.policy, decision.stage, score, decision.action,
                     decision.crossed, ms, "" if choice is None else f" choice={choice}")
+        if self.metrics is not None:
+            self.metrics.decisions.labels(decision.stage, decision.action).inc()
         self.decisions.append({"stage": decision.stage, "action": decision.action, "score": decision.score,
                                "threshold": decision.threshold, "crossed": decision.crossed,
                                "guard_error": decision.guard_error, "ms": round(ms, 2),
@@ -46,6 +51,18 @@ class Exchange:
 
     def scored(self, choice: int, tokens: int, score: float) -> None:
         self.trajectories.setdefault(choice, []).append((tokens, round(score, 6)))
+
+    def timed(self, stage: str, seconds: float, *, tokens: int = 0) -> None:
+        """One guard call's latency (and, for stream checks, the tokens it scored)."""
+        if self.metrics is not None:
+            self.metrics.guard_latency.labels(stage).observe(seconds)
+            if tokens:
+                self.metrics.tokens_scored.inc(tokens)
+
+    def leaked(self, choice: int, tokens: int) -> None:
+        self.leaked_tokens[choice] = tokens
+        if self.metrics is not None and tokens:
+            self.metrics.tokens_leaked.inc(tokens)
 
     def to_json(self) -> dict:
         return {"id": self.id, "time": round(self.started, 3), "route": self.route, "policy": self.policy,

@@ -26,13 +26,23 @@ logger = logging.getLogger(__name__)
 
 class RelayResponse(Response):
     def __init__(self, body: AsyncIterator[bytes], status_code: int,
-                 headers: Sequence[tuple[str, str]]) -> None:
+                 headers: Sequence[tuple[str, str]], *, watch: bool = True) -> None:
         self.body_iterator = body
+        self.watch = watch
         self.status_code = status_code
         self.background = None
         self.raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self.watch:  # a whole body already on its way: a disconnect shows at the next send
+            try:
+                await self._send_all(send)
+            except OSError:
+                pass
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await self.body_iterator.aclose()
+            return
         async with anyio.create_task_group() as tg:
 
             async def watch_disconnect() -> None:
@@ -42,17 +52,20 @@ class RelayResponse(Response):
 
             tg.start_soon(watch_disconnect)
             try:
-                await send({"type": "http.response.start", "status": self.status_code,
-                            "headers": self.raw_headers})
-                async for chunk in self.body_iterator:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                await self._send_all(send)
             except OSError:  # the client went away between our checks
                 pass
             finally:
                 with anyio.CancelScope(shield=True):
                     await self.body_iterator.aclose()
                 tg.cancel_scope.cancel()
+
+
+    async def _send_all(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        async for chunk in self.body_iterator:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def transport_error(exc: httpx.HTTPError) -> ProxyError:

@@ -89,8 +89,10 @@ class LoadingScorer:
 
 
 def guard_needed(config: Config) -> bool:
+    """Whether any policy that a route uses scores anything (so the model must load)."""
+    used = {route.policy for route in config.routes}
     return any(p.prompt.action != "off" or p.response.action != "off" or p.rerank is not None
-               for p in config.policies.values())
+               for name, p in config.policies.items() if name in used)
 
 
 def with_overrides(config: Config, upstream: str | None) -> Config:
@@ -138,12 +140,15 @@ def serve(config_path: str, *, host: str | None = None, port: int | None = None,
         return 2
     level = (log_level or config.server.log_level).upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every upstream request at INFO: a line per request, and their URLs.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLevelName(level)))
     holder = OverridingHolder(config, path=config_path, upstream=upstream)
     scorer = LoadingScorer(config.guard) if guard_needed(config) else None
     app = build_app(holder, scorer)
     server = uvicorn.Server(uvicorn.Config(
         app, host=host or config.server.host, port=port or config.server.port,
-        log_level=level.lower(), lifespan="on", timeout_graceful_shutdown=10))
+        log_level=level.lower(), lifespan="on", timeout_graceful_shutdown=10,
+        loop="auto", http="auto"))
 
     async def main() -> None:
         watcher = asyncio.create_task(watch_config(holder))
@@ -154,5 +159,6 @@ def serve(config_path: str, *, host: str | None = None, port: int | None = None,
             if scorer is not None:
                 scorer.close()
 
-    asyncio.run(main())
+    with asyncio.Runner(loop_factory=server.config.get_loop_factory()) as runner:  # uvloop when installed
+        runner.run(main())
     return 0

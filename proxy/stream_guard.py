@@ -126,7 +126,7 @@ class StreamGuard:
                 if choice.decision is not None:
                     self.exchange.decided(choice.decision, choice.guard_ms, choice=choice.index)
                 if choice.cut:
-                    self.exchange.leaked_tokens[choice.index] = max(0, choice.released - choice.safe)
+                    self.exchange.leaked(choice.index, max(0, choice.released - choice.safe))
 
     async def _items(self, items) -> bytes:
         for item in items:
@@ -219,9 +219,10 @@ class StreamGuard:
             error = f"{type(exc).__name__}: {exc}"
             logger.warning("guard failed on a stream check: %s", error)
         choice.pending_text = ""
+        self.exchange.timed("response", time.perf_counter() - started, tokens=choice.tokens - choice.scored)
         choice.scored = choice.tokens
         decision = decide_response(self.stage, score, on_guard_error=self.policy.on_guard_error, error=error)
-        choice.guard_ms += (time.perf_counter() - started) * 1000
+        choice.guard_ms += (time.perf_counter() - started) * 1000  # includes the decision, a few µs
         if choice.decision is None or not (choice.decision.crossed or choice.decision.guard_error):
             choice.decision = decision  # the first crossing is the one worth a log line
         if score is not None:

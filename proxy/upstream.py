@@ -58,10 +58,11 @@ def response_headers(raw: Iterable[tuple[str, str]], *, keep_length: bool) -> li
     """Upstream response headers for the client: hop-by-hop removed.
 
     Content-Length survives only when the body is forwarded unchanged; a body the proxy
-    rewrites gets its own.
+    rewrites gets its own. `Date` and `Server` are the proxy's own (its server adds them),
+    so the client never gets two of each.
     """
     raw = list(raw)
-    drop = hop_by_hop(raw)
+    drop = hop_by_hop(raw) | {"date", "server"}
     if not keep_length:
         drop |= {"content-length", "content-encoding"}
     return [(k, v) for k, v in raw if k.lower() not in drop]

@@ -235,7 +235,7 @@ def test_cut_closes_the_upstream(scripted):
     words = " ".join(["safe"] * 10 + ["BOMB"] + ["more"] * 200)
     with running_proxy(policy_yaml(url, response=CUT % (4, 4)), KeywordScorer()) as proxy:
         before = len(recorder.streams)
-        body = stream_body(proxy, "x", script=f"text:{words}")
+        body = stream_body(proxy, "x", script=f"slowtext:{words}")
         deadline = time.monotonic() + 5
         while len(recorder.streams) == before and time.monotonic() < deadline:
             time.sleep(0.02)

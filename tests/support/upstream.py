@@ -12,6 +12,7 @@ Behaviour is chosen per request by the `x-script` header:
     garbage-after:<n>    send n chat chunks, then bytes that are not SSE
     stall-after:<n>      send n chat chunks, then wait (until the client goes away)
     text:<words>         stream (or return) a chat completion whose content is <words>
+    slowtext:<words>     the same, 10 ms between chunks, as a model generating them
 """
 
 from __future__ import annotations
@@ -43,13 +44,13 @@ class Recorder:
 
 
 def build_upstream(recorder: Recorder) -> Starlette:
-    async def streamed(chunks, tail=None) -> StreamingResponse:
+    async def streamed(chunks, tail=None, delay: float = 0.0) -> StreamingResponse:
         async def body():
             finished = False
             try:
                 for chunk in chunks:
                     yield chunk
-                    await asyncio.sleep(0)
+                    await asyncio.sleep(delay)
                 if tail is not None:
                     async for chunk in tail():
                         yield chunk
@@ -68,7 +69,7 @@ def build_upstream(recorder: Recorder) -> Starlette:
             raw = (FIXTURES / arg).read_bytes()
             # Odd-sized pieces, so events arrive split across reads.
             return await streamed([raw[i:i + 37] for i in range(0, len(raw), 37)])
-        if kind == "text":
+        if kind in ("text", "slowtext"):
             words = arg.split(" ")
             if not payload.get("stream"):
                 return JSONResponse({
@@ -77,7 +78,8 @@ def build_upstream(recorder: Recorder) -> Starlette:
                                  "finish_reason": "stop"}],
                     "usage": {"prompt_tokens": 3, "completion_tokens": len(words), "total_tokens": 3 + len(words)}})
             chunks = [chat_chunk(role=True)] + [chat_chunk(w + " ") for w in words]
-            return await streamed(chunks + [chat_chunk(finish="stop"), b"data: [DONE]\n\n"])
+            return await streamed(chunks + [chat_chunk(finish="stop"), b"data: [DONE]\n\n"],
+                                  delay=0.01 if kind == "slowtext" else 0.0)
         count = int(arg or 3)
         head = [chat_chunk(role=True)] + [chat_chunk(f"tok{i} ") for i in range(count)]
         if kind == "reset-after":

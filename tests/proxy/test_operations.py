@@ -1,0 +1,135 @@
+"""Operating the proxy: metrics, proxy API keys, stream limits, request deadlines."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.support.proxy import running_proxy
+from tests.support.scorers import KeywordScorer
+
+CUT = "{action: cut, threshold: 0.5, check_every: 4, holdback: 4, include_prompt: false}"
+
+
+def config(base_url: str, *, server: str = "", routes: str = "", prompt="{action: refuse}", response=CUT) -> str:
+    return f"""
+server:
+{server or "  port: 8080"}
+upstreams:
+  up: {{base_url: {base_url}}}
+policies:
+  p:
+    prompt: {prompt}
+    response: {response}
+  open:
+    prompt: {{action: off}}
+    response: {{action: off}}
+routes:
+{routes or "  - {prefix: /v1, upstream: up, policy: p}"}
+"""
+
+
+def test_metrics_count_requests_decisions_and_tokens(scripted):
+    url, _ = scripted
+    with running_proxy(config(url), KeywordScorer()) as proxy:
+        headers = {"x-script": "text:one two three BOMB four five six"}
+        httpx.post(proxy.url + "/v1/chat/completions", headers=headers,
+                   json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True})
+        httpx.post(proxy.url + "/v1/chat/completions",
+                   json={"model": "m", "messages": [{"role": "user", "content": "BOMB"}]})
+        text = httpx.get(proxy.url + "/metrics").text
+    assert 'siren_proxy_requests_total{route="routes[0]",status="200"} 2.0' in text
+    assert 'siren_proxy_guard_decisions_total{action="refuse",stage="prompt"} 1.0' in text
+    assert 'siren_proxy_guard_decisions_total{action="cut",stage="response"} 1.0' in text
+    assert 'siren_proxy_tokens_scored_total 4.0' in text
+    assert 'siren_proxy_tokens_released_after_crossing_total 0.0' in text
+    assert 'siren_proxy_guard_latency_seconds_count{stage="prompt"} 2.0' in text
+    assert "siren_proxy_upstream_latency_seconds_count 1.0" in text
+    assert "siren_proxy_active_streams 0.0" in text
+
+
+def test_proxy_api_keys(scripted):
+    url, recorder = scripted
+    os.environ["TEST_PROXY_KEY_A"] = "sk-proxy-a"
+    server = '  api_keys: [{key: "${TEST_PROXY_KEY_A}", name: team-a}, "sk-proxy-b"]'
+    routes = ("  - {prefix: /v1, upstream: up, policy: open, api_key: team-a}\n"
+              "  - {prefix: /v1, upstream: up, policy: p}")
+    try:
+        with running_proxy(config(url, server=server, routes=routes), KeywordScorer()) as proxy:
+            def ask(key):
+                return httpx.post(proxy.url + "/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
+                                  json={"model": "m", "messages": [{"role": "user", "content": "BOMB"}]})
+            missing = httpx.get(proxy.url + "/v1/models")
+            wrong = ask("sk-nope")
+            team_a = ask("sk-proxy-a")  # routed to the open policy: forwarded
+            seen = recorder.requests[-1]["headers"]
+            other = ask("sk-proxy-b")  # the default route refuses
+    finally:
+        del os.environ["TEST_PROXY_KEY_A"]
+    assert missing.status_code == 401 and wrong.status_code == 401
+    assert wrong.json()["error"]["code"] == "invalid_api_key"
+    assert team_a.status_code == 200 and team_a.json()["choices"][0]["finish_reason"] == "stop"
+    assert "authorization" not in seen  # the proxy's key never travels upstream
+    assert other.json()["choices"][0]["finish_reason"] == "content_filter"
+
+
+def test_concurrent_stream_limit_is_503_with_retry_after(scripted):
+    url, _ = scripted
+    with running_proxy(config(url, server="  max_concurrent_streams: 1", prompt="{action: off}",
+                              response="{action: off}"), None) as proxy:
+        opened = threading.Event()
+        release = threading.Event()
+
+        def hold():
+            with httpx.stream("POST", proxy.url + "/v1/chat/completions", headers={"x-script": "stall-after:1"},
+                              json={"model": "m", "stream": True}) as response:
+                chunks = response.iter_raw()  # kept: a dropped iterator would close the stream
+                next(chunks)
+                opened.set()
+                release.wait(10)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        assert opened.wait(10)
+        refused = httpx.post(proxy.url + "/v1/chat/completions", json={"model": "m", "stream": True})
+        plain = httpx.post(proxy.url + "/v1/chat/completions", headers={"x-script": "text:ok"},
+                           json={"model": "m"})  # non-streaming requests are not limited by it
+        release.set()
+        holder.join()
+        time.sleep(0.2)
+        again = httpx.post(proxy.url + "/v1/chat/completions", headers={"x-script": "text:ok"},
+                           json={"model": "m", "stream": True})
+    assert refused.status_code == 503
+    assert refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["code"] == "overloaded"
+    assert plain.status_code == 200 and again.status_code == 200
+
+
+def test_request_deadline(scripted):
+    url, recorder = scripted
+    with running_proxy(config(url, server="  request_timeout: 0.5", prompt="{action: off}",
+                              response="{action: off}"), None) as proxy:
+        before = len(recorder.streams)
+        started = time.monotonic()
+        with httpx.stream("POST", proxy.url + "/v1/chat/completions", headers={"x-script": "stall-after:2"},
+                          json={"model": "m", "stream": True}) as response:
+            body = b"".join(response.iter_raw())
+        elapsed = time.monotonic() - started
+        time.sleep(0.2)
+    assert elapsed < 3
+    assert b'"code":"request_timeout"' in body and body.endswith(b"data: [DONE]\n\n")
+    assert recorder.streams[before:] == ["closed-early"]
+
+
+def test_slow_guard_before_headers_hits_the_deadline(katan_url):
+    with running_proxy(config(katan_url, server="  request_timeout: 0.3"), KeywordScorer(delay=2)) as proxy:
+        client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk", max_retries=0)
+        with client, pytest.raises(openai.APIStatusError) as caught:
+            client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.status_code == 504
+    assert caught.value.body["code"] == "request_timeout"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import signal
 import sys
 import threading
@@ -25,7 +26,8 @@ from .app import build_app
 
 logger = logging.getLogger(__name__)
 
-RELOAD_POLL_SECONDS = 2.0
+# How often the config file is checked for changes (SIGHUP reloads at once, any time).
+RELOAD_POLL_SECONDS = float(os.environ.get("SIREN_PROXY_RELOAD_POLL_SECONDS", "2"))
 
 
 class GuardNotReady(RuntimeError):

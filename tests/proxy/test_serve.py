@@ -1,0 +1,141 @@
+"""`siren-proxy serve` and `check-config` as a user runs them: a real process, a real file.
+
+Policies here score nothing, so no model loads; the guarded paths are tested in-process
+(test_guarded.py) and with the real guard in test_real_guard.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.servers import free_port, wait_http
+
+
+def config_text(base_url: str, prefix: str = "/v1") -> str:
+    return f"""
+upstreams:
+  up: {{base_url: {base_url}}}
+policies:
+  default:
+    prompt: {{action: off}}
+    response: {{action: off}}
+routes:
+  - {{prefix: {prefix}, upstream: up, policy: default}}
+"""
+
+
+class Serve:
+    def __init__(self, config_path, *args: str, poll: float = 0.2) -> None:
+        self.port = free_port()
+        env = {**os.environ, "SIREN_PROXY_RELOAD_POLL_SECONDS": str(poll), "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "serve", "--config", str(config_path), "--port", str(self.port), *args],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Serve:
+        wait_http(self.url + "/healthz", timeout=60, proc=self.proc)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        try:
+            self.output = self.proc.communicate(timeout=15)[0]
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.output = self.proc.communicate()[0]
+
+
+def eventually(check, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.1)
+
+
+def status(url: str) -> int:
+    return httpx.get(url).status_code
+
+
+def test_serve_forwards_and_reloads_on_file_change(tmp_path, scripted):
+    upstream, _ = scripted
+    path = tmp_path / "config.yaml"
+    path.write_text(config_text(upstream))
+    with Serve(path) as serve:
+        assert status(serve.url + "/v1/models") == 200
+        path.write_text(config_text(upstream, prefix="/v2"))
+        eventually(lambda: status(serve.url + "/v2/models") == 200)
+        assert status(serve.url + "/v1/models") == 404
+        path.write_text(config_text(upstream, prefix="/v3") + "\nbogus_key: 1\n")  # rejected
+        time.sleep(1.0)
+        assert status(serve.url + "/v2/models") == 200  # the old config keeps serving
+    assert "bogus_key" in serve.output  # the rejection names the key
+
+
+def test_sighup_reloads(tmp_path, scripted):
+    upstream, _ = scripted
+    path = tmp_path / "config.yaml"
+    path.write_text(config_text(upstream))
+    with Serve(path, poll=3600) as serve:
+        path.write_text(config_text(upstream, prefix="/v2"))
+        time.sleep(0.5)
+        assert status(serve.url + "/v1/models") == 200  # no poll: nothing changed yet
+        serve.proc.send_signal(signal.SIGHUP)
+        eventually(lambda: status(serve.url + "/v2/models") == 200)
+
+
+def test_in_flight_stream_finishes_under_its_config(tmp_path, scripted):
+    upstream, recorder = scripted
+    path = tmp_path / "config.yaml"
+    path.write_text(config_text(upstream))
+    words = " ".join(f"w{i}" for i in range(100))  # 100 chunks, 10 ms apart
+    with Serve(path) as serve:
+        with httpx.stream("POST", serve.url + "/v1/chat/completions", headers={"x-script": f"slowtext:{words}"},
+                          json={"model": "m", "stream": True}, timeout=30) as response:
+            chunks = response.iter_raw()
+            first = next(chunks)
+            dead = f"http://127.0.0.1:{free_port()}/v1"
+            path.write_text(config_text(dead))  # reload points the route at a dead upstream
+            eventually(lambda: status(serve.url + "/v1/models") == 502)
+            body = first + b"".join(chunks)
+    assert body.endswith(b"data: [DONE]\n\n") and b"w99" in body
+
+
+def test_upstream_flag_overrides_the_file(tmp_path, scripted):
+    upstream, _ = scripted
+    path = tmp_path / "config.yaml"
+    path.write_text(config_text(f"http://127.0.0.1:{free_port()}/v1"))
+    with Serve(path, "--upstream", upstream) as serve:
+        assert httpx.get(serve.url + "/v1/models").json()["data"][0]["id"] == "smollm2"
+        assert httpx.get(serve.url + "/readyz").json() == {"ready": True, "upstreams": {"up": True},
+                                                            "guard": "absent"}
+
+
+@pytest.mark.parametrize("text,names", [
+    ("upstreams: {up: {base_url: http://x/v1}}\nroutes:\n  - {prefix: /v1, upstream: nope, policy: default}\n",
+     "routes[0].upstream"),
+    ("upstreams: {up: {base_url: http://x/v1, timeout: 3}}\n", "upstreams.up.timeout"),
+])
+def test_bad_config_fails_at_start_naming_the_key(tmp_path, text, names):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    result = subprocess.run([sys.executable, "-m", "proxy", "serve", "--config", str(path), "--port",
+                             str(free_port())], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert names in result.stderr and "Traceback" not in result.stderr
+
+
+def test_check_config_prints_the_routing_table():
+    result = subprocess.run([sys.executable, "-m", "proxy", "check-config", "config.yaml"],
+                            capture_output=True, text=True, timeout=60, cwd=Path(__file__).parents[2])
+    assert result.returncode == 0, result.stderr
+    assert "/redteam/v1" in result.stdout and "redteam" in result.stdout

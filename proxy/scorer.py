@@ -11,6 +11,10 @@ from collections.abc import Sequence
 from typing import Protocol
 
 
+class ScorerBusy(Exception):
+    """The scorer's queue is full: the request gets 503 with Retry-After (fail closed)."""
+
+
 class StreamSession(Protocol):
     """Scores one growing response; each `append` returns the score of all text so far."""
 

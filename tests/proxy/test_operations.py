@@ -133,3 +133,16 @@ def test_slow_guard_before_headers_hits_the_deadline(katan_url):
             client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
     assert caught.value.status_code == 504
     assert caught.value.body["code"] == "request_timeout"
+
+
+@pytest.mark.parametrize("on_error,status", [("block", 503), ("allow", 200)])
+def test_full_guard_queue_is_503_with_retry_after(scripted, on_error, status):
+    url, _ = scripted
+    text = config(url).replace("    prompt: {action: refuse}", f"    on_guard_error: {on_error}\n    prompt: {{action: refuse}}", 1)
+    with running_proxy(text, KeywordScorer(busy=True)) as proxy:
+        response = httpx.post(proxy.url + "/v1/chat/completions", headers={"x-script": "text:ok"},
+                              json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == status
+    if status == 503:
+        assert response.headers["retry-after"] == "1"
+        assert response.json()["error"]["code"] == "overloaded"

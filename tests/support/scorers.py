@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 
+from proxy.scorer import ScorerBusy
+
 
 def keyword_score(text: str) -> float:
     if "BOMB" in text:
@@ -39,8 +41,9 @@ class KeywordSession:
 
 
 class KeywordScorer:
-    def __init__(self, *, fail: bool = False, delay: float = 0.0) -> None:
+    def __init__(self, *, fail: bool = False, busy: bool = False, delay: float = 0.0) -> None:
         self.fail = fail
+        self.busy = busy
         self.delay = delay
         self.calls: list[str] = []
         self.checks: list[int] = []
@@ -53,6 +56,8 @@ class KeywordScorer:
     async def _score(self, text: str) -> float:
         if self.delay:
             await asyncio.sleep(self.delay)
+        if self.busy:
+            raise ScorerBusy("scripted full queue")
         if self.fail:
             raise GuardBroke("scripted guard failure")
         return keyword_score(text)

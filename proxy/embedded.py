@@ -1,0 +1,92 @@
+"""The embedded SIREN guard behind the `Scorer` seam, loading on a background thread."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+
+from policies.config import GuardConfig
+
+from .scorer import ScorerBusy
+
+logger = logging.getLogger(__name__)
+
+
+class GuardNotReady(RuntimeError):
+    """The guard is still loading, or failed to load."""
+
+
+class LoadingScorer:
+    """A `Scorer` whose model loads on a background thread.
+
+    Calls made before it is ready raise `GuardNotReady`, which the proxy treats as any
+    other guard failure (the policy's `on_guard_error` decides).
+    """
+
+    def __init__(self, settings: GuardConfig) -> None:
+        self.settings = settings
+        self._worker = None
+        self._metrics = None
+        self._busy: type[BaseException] = ScorerBusy
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._load, name="guard-loader", daemon=True)
+        self._thread.start()
+
+    def _load(self) -> None:
+        try:
+            from guard import SirenGuard
+            from guard.worker import GuardWorker
+
+            s = self.settings
+            guard = SirenGuard.from_pretrained(s.artifact, device=s.device, dtype=s.dtype,
+                                               backbone=s.backbone, trust_remote_code=s.trust_remote_code)
+            from guard.errors import QueueFull
+
+            self._busy = QueueFull
+            self._worker = GuardWorker(guard, max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms,
+                                       max_queue=s.max_queue)
+            if self._metrics is not None:
+                self._worker.watch(self._metrics)
+            logger.info("guard ready")
+        except BaseException as exc:  # noqa: BLE001 - reported through /readyz and every call
+            self.error = exc
+            logger.error("guard failed to load: %s", exc)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self._thread.join(timeout)
+        return self.ready
+
+    @property
+    def ready(self) -> bool:
+        return self._worker is not None and self._worker.ready
+
+    def _get(self):
+        if self._worker is None:
+            raise GuardNotReady("the guard failed to load" if self.error else "the guard is still loading")
+        return self._worker
+
+    def watch(self, metrics) -> None:
+        """Report the worker's batch sizes and queue depth (from when it has loaded)."""
+        self._metrics = metrics
+        if self._worker is not None:
+            self._worker.watch(metrics)
+
+    async def score(self, *, prompt=None, response=None) -> float:
+        try:
+            return await self._get().score(prompt=prompt, response=response)
+        except self._busy as exc:
+            raise ScorerBusy(str(exc)) from exc
+
+    async def score_many(self, items: Sequence[tuple[str | None, str | None]]) -> list[float]:
+        try:
+            return await self._get().score_many(items)
+        except self._busy as exc:
+            raise ScorerBusy(str(exc)) from exc
+
+    def stream(self, prompt=None):
+        return self._get().stream(prompt)
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.close()

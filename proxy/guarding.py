@@ -30,6 +30,7 @@ from policies.extract import (prompt_text, response_text_chat, response_text_com
 
 from .errors import BadRequest, ContentFiltered, GuardUnavailable, Overloaded
 from .records import AuditLog, Exchange
+from . import rerank
 from .relay import RelayResponse, open_upstream, raw_body
 from .scorer import Scorer, ScorerBusy
 from .shapes import CONTENT_FILTER, refused_json, refused_stream
@@ -114,6 +115,9 @@ class GuardedCall:
     async def run(self, send_upstream, body: bytes) -> Response:
         """`send_upstream(body) -> httpx.Response` opens the upstream request."""
         headers: dict[str, str] = {}
+        reranking = rerank.applies(self.policy, self.endpoint, self.payload)
+        if reranking:
+            body = rerank.upstream_body(self.payload, self.policy.rerank)
         stage = self.policy.prompt
         if stage.action == "off":
             response = await send_upstream(body)
@@ -123,7 +127,52 @@ class GuardedCall:
                 headers = headers_for(decision, policy=self.policy.name)
             if response is None:
                 return self._answer_refused(decision)
+        if reranking:
+            return await self._rerank(response, headers)
         return await self._response_stage(response, headers)
+
+    async def _rerank(self, response: httpx.Response, headers: dict[str, str]) -> Response:
+        try:
+            data = await response.aread()
+        finally:
+            await response.aclose()
+        passthrough = response_headers(response.headers.multi_items(), keep_length=False)
+        try:
+            body = json.loads(data) if response.status_code == 200 else None
+        except ValueError:
+            body = None
+        texts = self._texts(body) if isinstance(body, dict) else None
+        if not texts:  # an upstream error, or nothing to rank: the client gets it as it came
+            self._write_audit()
+            return Response(data, status_code=response.status_code, headers=dict(passthrough))
+        prompt = self.prompt if self.policy.response.include_prompt else None
+        started = time.perf_counter()
+        try:
+            scores = await self.scorer.score_many([(prompt, text) for _, text in texts])
+        except Exception as exc:  # noqa: BLE001
+            decision = decide_response(self.policy.response, None, on_guard_error=self.policy.on_guard_error,
+                                       error=f"{type(exc).__name__}: {exc}")
+            self.exchange.decided(decision, 0.0)
+            if decision.action == GUARD_ERROR:
+                raise GuardUnavailable("the safety guard failed while ranking candidates") from None
+            scores = [0.0] * len(texts)  # allow: rank blind, i.e. the first candidate
+        ms = (time.perf_counter() - started) * 1000
+        self.exchange.timed("rerank", ms / 1000)
+        chosen = rerank.select(scores, self.policy.response.threshold, self.policy.rerank.select)
+        for (index, _), score in zip(texts, scores):
+            self.exchange.scored(index, 0, score)
+        decision = decide_response(self.policy.response, scores[chosen] if chosen is not None else max(scores),
+                                   on_guard_error=self.policy.on_guard_error)
+        self.exchange.decided(decision, ms)
+        self._write_audit()
+        completion = rerank.chosen_completion(body, chosen, self.policy, self.payload)
+        headers = {**headers, "x-siren-rerank": f"{'none' if chosen is None else chosen}/{len(scores)}",
+                   "x-siren-rerank-scores": ",".join(f"{s:.4f}" for s in scores)}
+        if self.payload.get("stream") is True:
+            return Response(rerank.as_stream(completion, self.payload), media_type="text/event-stream",
+                            headers={**dict(passthrough), "content-type": "text/event-stream", **headers})
+        return Response(json.dumps(completion, ensure_ascii=False).encode(), media_type="application/json",
+                        headers={**dict(passthrough), **headers})
 
     async def _prompt_stage(self, send_upstream, body: bytes):
         parallel = self.policy.prompt.mode == "parallel"

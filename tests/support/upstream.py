@@ -11,7 +11,8 @@ Behaviour is chosen per request by the `x-script` header:
     reset-after:<n>      send n chat chunks, then drop the connection mid-body
     garbage-after:<n>    send n chat chunks, then bytes that are not SSE
     stall-after:<n>      send n chat chunks, then wait (until the client goes away)
-    text:<words>         stream (or return) a chat completion whose content is <words>
+    text:<words>         stream (or return) a chat completion whose content is <words>;
+                         non-streamed with n > 1, `a|b|c` gives choice i the i-th part
     slowtext:<words>     the same, 10 ms between chunks, as a model generating them
 """
 
@@ -72,11 +73,14 @@ def build_upstream(recorder: Recorder) -> Starlette:
         if kind in ("text", "slowtext"):
             words = arg.split(" ")
             if not payload.get("stream"):
+                parts = arg.split("|")
+                n = payload.get("n") or 1
                 return JSONResponse({
                     "id": "chatcmpl-test", "object": "chat.completion", "created": 1, "model": "smollm2",
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": arg},
-                                 "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": 3, "completion_tokens": len(words), "total_tokens": 3 + len(words)}})
+                    "choices": [{"index": i, "message": {"role": "assistant", "content": parts[i % len(parts)]},
+                                 "finish_reason": "stop"} for i in range(n)],
+                    "usage": {"prompt_tokens": 3, "completion_tokens": n * len(words),
+                              "total_tokens": 3 + n * len(words)}})
             chunks = [chat_chunk(role=True)] + [chat_chunk(w + " ") for w in words]
             return await streamed(chunks + [chat_chunk(finish="stop"), b"data: [DONE]\n\n"],
                                   delay=0.01 if kind == "slowtext" else 0.0)

@@ -1,0 +1,111 @@
+"""Safest-of-n: the proxy asks for n candidates and returns the one the guard ranks safest."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from proxy.rerank import select
+from tests.support.proxy import running_proxy
+from tests.support.scorers import KeywordScorer
+
+
+@pytest.mark.parametrize("scores,how,expect", [
+    ([0.9, 0.2, 0.1], "safest", 2),
+    ([0.9, 0.2, 0.1], "first_safe", 1),
+    ([0.9, 0.7], "safest", None),
+    ([0.5, 0.49], "first_safe", 1),  # 0.5 crosses (>= threshold)
+    ([0.1], "safest", 0),
+])
+def test_select(scores, how, expect):
+    assert select(scores, 0.5, how) == expect
+
+
+def config(url: str, how: str = "safest") -> str:
+    return f"""
+upstreams:
+  up: {{base_url: {url}}}
+policies:
+  p:
+    refusal: "no."
+    prompt: {{action: off}}
+    response: {{action: cut, threshold: 0.5}}
+    rerank: {{n: 3, select: {how}}}
+routes:
+  - {{prefix: /v1, upstream: up, policy: p}}
+"""
+
+
+def ask(proxy, script: str, **extra):
+    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk", max_retries=0,
+                           default_headers={"x-script": script})
+    with client:
+        return client.chat.completions.with_raw_response.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], **extra)
+
+
+def test_safest_candidate_is_returned_as_n1(scripted):
+    url, recorder = scripted
+    scorer = KeywordScorer()
+    with running_proxy(config(url), scorer) as proxy:
+        raw = ask(proxy, "text:a BOMB|a borderline one|a calm one")
+    sent = recorder.requests[-1]["body"]
+    reply = raw.parse()
+    assert sent["n"] == 3 and "stream" not in sent
+    assert [c.message.content for c in reply.choices] == ["a calm one"]
+    assert reply.choices[0].index == 0
+    assert raw.headers["x-siren-rerank"] == "2/3"
+    assert raw.headers["x-siren-rerank-scores"] == "0.9900,0.4000,0.0100"
+    assert reply.usage.completion_tokens == 18  # the upstream's own usage, for all 3 candidates
+    assert len(scorer.calls) == 3
+
+
+def test_first_safe(scripted):
+    url, _ = scripted
+    with running_proxy(config(url, "first_safe"), KeywordScorer()) as proxy:
+        reply = ask(proxy, "text:a BOMB|a borderline one|a calm one").parse()
+    assert reply.choices[0].message.content == "a borderline one"
+
+
+def test_all_candidates_unsafe_is_the_refusal(scripted):
+    url, _ = scripted
+    with running_proxy(config(url), KeywordScorer()) as proxy:
+        reply = ask(proxy, "text:BOMB one|BOMB two").parse()
+    assert reply.choices[0].message.content == "no."
+    assert reply.choices[0].finish_reason == "content_filter"
+
+
+def test_streaming_client_gets_the_chosen_candidate_streamed(scripted):
+    url, recorder = scripted
+    with running_proxy(config(url), KeywordScorer()) as proxy:
+        client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk", max_retries=0,
+                               default_headers={"x-script": "text:a BOMB|a calm one"})
+        with client:
+            chunks = list(client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "hi"}], stream=True,
+                stream_options={"include_usage": True}))
+    assert recorder.requests[-1]["body"].get("stream") is None
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "a calm one"
+    assert chunks[-1].usage.total_tokens > 0
+
+
+def test_client_n_above_1_is_not_reranked(scripted):
+    url, recorder = scripted
+    with running_proxy(config(url), KeywordScorer()) as proxy:
+        response = httpx.post(proxy.url + "/v1/chat/completions", headers={"x-script": "text:one|two"},
+                              json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "n": 2})
+    assert recorder.requests[-1]["body"]["n"] == 2
+    assert [c["message"]["content"] for c in response.json()["choices"]] == ["one", "two"]
+    assert "x-siren-rerank" not in response.headers
+
+
+def test_upstream_error_passes_through(scripted):
+    url, _ = scripted
+    with running_proxy(config(url), KeywordScorer()) as proxy:
+        response = httpx.post(proxy.url + "/v1/chat/completions", headers={"x-script": "nope:1"},
+                              json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == 400
+    assert json.loads(response.content)["error"]["message"].startswith("unknown script")

@@ -1,0 +1,343 @@
+"""Upstream faults below HTTP's surface, the guard failing mid-stream, bad reloads, disconnects.
+
+A raw-socket upstream (`rawhttp.RawUpstream`) plays each fault byte for byte: an RST in
+the middle of a stream (SO_LINGER 0), SSE that is not JSON, binary garbage, an event over
+the decoder's limit, a half-written chunk, no status line at all, a slow drip. Each case
+goes through an unguarded and a guarded policy, checks exactly what the client gets
+(status, body, the in-band error event and `data: [DONE]`), and that the same proxy then
+serves a plain request. docs/readme_hardening.md has the table these tests pin down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from policies.config import parse_config
+from policies.reload import ConfigHolder
+from proxy.app import build_app
+from tests.proxy.rawhttp import FIN, LAST_CHUNK, RST, RawUpstream, chunk, sse_head
+from tests.support.proxy import running_proxy
+from tests.support.scorers import KeywordScorer
+from tests.support.servers import LiveServer
+from tests.support.upstream import chat_chunk
+
+DONE = b"data: [DONE]\n\n"
+HEAD = [chat_chunk(role=True)] + [chat_chunk(f"tok{i} ") for i in range(4)]
+TAIL = chat_chunk(finish="stop") + DONE
+OVER_LIMIT = (4 << 20) + 1024  # proxy.handler.MAX_EVENT_BYTES is 4 MiB
+
+
+def whole(body: bytes) -> list[bytes]:
+    return [chunk(body), LAST_CHUNK]
+
+
+def plain_json(status: int, obj: dict) -> list[bytes]:
+    data = json.dumps(obj).encode()
+    return [b"HTTP/1.1 %d X\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % (status, len(data)),
+            data]
+
+
+OK_CHAT = {"id": "c", "object": "chat.completion", "created": 1, "model": "m",
+           "choices": [{"index": 0, "message": {"role": "assistant", "content": "fine"}, "finish_reason": "stop"}]}
+
+FAULTS = {
+    "ok": lambda: [sse_head(), *whole(b"".join(HEAD) + TAIL)],
+    "plain": lambda: plain_json(200, OK_CHAT),
+    "rst-mid-stream": lambda: [sse_head(), chunk(b"".join(HEAD)), 0.05, RST],
+    "rst-before-headers": lambda: [RST],
+    "close-before-headers": lambda: [FIN],
+    "not-http": lambda: [b"SPDY/9 banana\r\n\r\n", FIN],
+    "invalid-json-event": lambda: [sse_head(), chunk(b"".join(HEAD)), chunk(b"data: {not json\n\n"),
+                                   *whole(TAIL)],
+    "binary-garbage-then-end": lambda: [sse_head(), chunk(b"".join(HEAD)), chunk(b"\x00\xff\xfe\x80 no blank line"),
+                                        LAST_CHUNK],
+    "event-over-limit": lambda: [sse_head(), chunk(b"".join(HEAD)), chunk(b"data: " + b"x" * OVER_LIMIT + b"\n\n"),
+                                 *whole(TAIL)],
+    "half-written-chunk": lambda: [sse_head(), chunk(b"".join(HEAD)), b"400\r\ndata: {\"partial", FIN],
+    "short-plain-body": lambda: [b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 500\r\n\r\n",
+                                 b'{"id": "c", "choices"', FIN],
+    "stall-plain-body": lambda: [b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 500\r\n\r\n",
+                                 b'{"id": "c", "choices"', 1.5, FIN],
+    "slow-drip": lambda: [sse_head()] + [step for piece in split(b"".join(HEAD) + TAIL, 9)
+                                         for step in (chunk(piece), 0.004)] + [LAST_CHUNK],
+    "stall-mid-stream": lambda: [sse_head(), chunk(b"".join(HEAD)), 1.5, *whole(TAIL)],
+}
+
+
+def split(data: bytes, size: int) -> list[bytes]:
+    return [data[i:i + size] for i in range(0, len(data), size)]
+
+
+def script(head: bytes) -> list:
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"x-fault:"):
+            return FAULTS[line.split(b":", 1)[1].strip().decode()]()
+    return FAULTS["ok"]()
+
+
+def yaml(base_url: str, policy: str) -> str:
+    stages = {"unguarded": "prompt: {action: off}\n    response: {action: off}",
+              "guarded": "prompt: {action: off}\n"
+                         "    response: {action: cut, threshold: 0.5, check_every: 2, holdback: 2}"}[policy]
+    return f"""
+upstreams:
+  up: {{base_url: {base_url}, read_timeout: 0.8, connect_timeout: 2}}
+policies:
+  p:
+    {stages}
+routes:
+  - {{prefix: /v1, upstream: up, policy: p}}
+"""
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    with RawUpstream(script) as up:
+        yield up
+
+
+@pytest.fixture(scope="module", params=["unguarded", "guarded"])
+def proxy(request, upstream):
+    with running_proxy(yaml(upstream.url, request.param), KeywordScorer()) as server:
+        yield request.param, server
+
+
+def ask(server, fault: str, *, stream: bool = True) -> tuple[int, bytes, str]:
+    """status, body (what arrived before the connection ended) and how the body ended."""
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+    with httpx.Client(timeout=20) as client:
+        with client.stream("POST", server.url + "/v1/chat/completions", json=body,
+                           headers={"x-fault": fault}) as response:
+            received, ending = b"", "complete"
+            try:
+                for piece in response.iter_raw():
+                    received += piece
+            except httpx.RemoteProtocolError:
+                ending = "connection-closed-mid-body"
+            return response.status_code, received, ending
+
+
+def events(body: bytes) -> list[bytes]:
+    return [block for block in body.split(b"\n\n") if block]
+
+
+def error_of(block: bytes) -> dict:
+    assert block.startswith(b"data: "), block[:100]
+    return json.loads(block[len(b"data: "):])["error"]
+
+
+def still_serves(server) -> None:
+    status, body, _ = ask(server, "ok")
+    assert status == 200 and body.endswith(DONE)
+    status, body, _ = ask(server, "plain", stream=False)
+    assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] == "fine"
+
+
+def assert_in_band(body: bytes, code: str, *, kept: bytes = b"tok1 ") -> dict:
+    """A 200 stream that ends with one error event and [DONE], after what the upstream sent."""
+    blocks = events(body)
+    assert blocks[-1] == b"data: [DONE]", body[-300:]
+    error = error_of(blocks[-2])
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == code, error
+    assert kept in body
+    return error
+
+
+# -- faults before the response starts: a real status code -------------------------------
+
+@pytest.mark.parametrize("fault", ["rst-before-headers", "close-before-headers", "not-http"])
+def test_no_response_is_502(proxy, fault):
+    _, server = proxy
+    status, body, _ = ask(server, fault)
+    assert status == 502
+    assert json.loads(body)["error"]["code"] == "upstream_unreachable"
+    still_serves(server)
+
+
+# -- faults after the response started: in-band error, then [DONE] -----------------------
+
+@pytest.mark.parametrize("fault,exception", [("rst-mid-stream", "ReadError"),
+                                             ("half-written-chunk", "RemoteProtocolError"),
+                                             ("event-over-limit", "EventTooLarge"),
+                                             ("stall-mid-stream", "ReadTimeout")])
+def test_stream_breaking_off_is_an_in_band_error_then_done(proxy, fault, exception):
+    _, server = proxy
+    status, body, ending = ask(server, fault)
+    assert (status, ending) == (200, "complete")
+    error = assert_in_band(body, "upstream_unreachable")
+    assert exception in error["message"]
+    assert b"x" * 1000 not in body  # nothing of the oversized event reaches the client
+    still_serves(server)
+
+
+def test_invalid_json_event_passes_through_and_the_stream_goes_on(proxy):
+    """An event whose data is not JSON carries no text to score: it is relayed as sent."""
+    _, server = proxy
+    status, body, _ = ask(server, "invalid-json-event")
+    assert status == 200
+    assert body == b"".join(HEAD) + b"data: {not json\n\n" + TAIL
+    still_serves(server)
+
+
+def test_unterminated_garbage_at_the_end_is_reported_in_band(proxy):
+    """Binary bytes without their blank line, then a clean end of the body.
+
+    The SSE decoder returns them as a truncated block: the upstream was cut off inside an
+    event. The client must learn that the stream broke (an error event after a blank line
+    that ends the garbage, then [DONE]), not see a stream that just stops without [DONE].
+    """
+    _, server = proxy
+    status, body, _ = ask(server, "binary-garbage-then-end")
+    assert status == 200
+    assert_in_band(body, "upstream_unreachable")
+
+
+def test_slow_drip_arrives_whole_and_byte_identical(proxy):
+    """9-byte chunks, 4 ms apart: events split everywhere reassemble; the read timeout
+    (0.8 s) is between bytes, so a stream slower in total than that is not cut."""
+    _, server = proxy
+    started = time.monotonic()
+    status, body, _ = ask(server, "slow-drip")
+    assert status == 200 and body == b"".join(HEAD) + TAIL
+    assert time.monotonic() - started > 0.2  # it did drip
+
+
+@pytest.mark.parametrize("fault,guarded_answer", [("short-plain-body", (502, "upstream_unreachable")),
+                                                  ("stall-plain-body", (504, "upstream_timeout"))])
+def test_plain_body_cut_short(proxy, fault, guarded_answer):
+    """Unguarded: the headers went out with the upstream's Content-Length, so the only
+    honest signal is to close the connection short of it (the client sees an incomplete
+    body). Guarded: the body is read whole before any header goes out, so the failure is
+    still a status code, as before the response began (README "Errors")."""
+    policy, server = proxy
+    status, body, ending = ask(server, fault, stream=False)
+    if policy == "unguarded":
+        assert (status, ending) == (200, "connection-closed-mid-body") and body == b'{"id": "c", "choices"'
+    else:
+        assert status == guarded_answer[0], body[:300]
+        assert json.loads(body)["error"]["code"] == guarded_answer[1]
+    still_serves(server)
+
+
+# -- the guard, the config and the client failing ----------------------------------------
+
+GUARDED = """
+upstreams:
+  up: {{base_url: {url}}}
+policies:
+  p:
+    on_guard_error: {on_error}
+    prompt: {{action: off}}
+    response: {{action: cut, threshold: 0.5, check_every: 2, holdback: 2}}
+routes:
+  - {{prefix: /v1, upstream: up, policy: p}}
+"""
+WORDS = " ".join(f"w{i}" for i in range(60))  # slowtext: 10 ms a word, ~0.6 s in all
+
+
+def wait_for(condition, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("on_error", ["block", "allow"])
+def test_guard_failing_after_the_stream_started(scripted, on_error):
+    """The guard answers the first checks, then raises. Fail closed (block): the stream
+    ends with a guard_unavailable event and [DONE], and the upstream is closed. allow:
+    the rest of the stream goes out unscored."""
+    url, recorder = scripted
+    scorer = KeywordScorer()
+    with running_proxy(GUARDED.format(url=url, on_error=on_error), scorer) as server:
+        before = len(recorder.streams)
+        body = b""
+        with httpx.Client(timeout=20) as client, client.stream(
+                "POST", server.url + "/v1/chat/completions", headers={"x-script": f"slowtext:{WORDS}"},
+                json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}) as response:
+            for piece in response.iter_raw():
+                body += piece
+                if b"w3 " in body and not scorer.fail:
+                    scorer.fail = True
+        wait_for(lambda: len(recorder.streams) > before)
+        scorer.fail = False
+        still = httpx.post(server.url + "/v1/chat/completions", headers={"x-script": "text:ok"},
+                           json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == 200 and still.status_code == 200
+    blocks = events(body)
+    assert blocks[-1] == b"data: [DONE]"
+    if on_error == "block":
+        assert error_of(blocks[-2])["code"] == "guard_unavailable"
+        assert b"w59" not in body
+        assert recorder.streams[before:] == ["closed-early"]
+    else:
+        assert b"w59" in body and b'"error"' not in body
+        assert recorder.streams[before:] == ["complete"]
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.3])
+def test_client_disconnect_under_the_guard_closes_upstream_and_session(scripted, delay):
+    """The client leaves mid-stream (delay 0.3: while the guard is still scoring)."""
+    url, recorder = scripted
+    scorer = KeywordScorer(delay=delay)
+    with running_proxy(GUARDED.format(url=url, on_error="block"), scorer) as server:
+        before = len(recorder.streams)
+        with httpx.Client(timeout=20) as client, client.stream(
+                "POST", server.url + "/v1/chat/completions", headers={"x-script": "stall-after:6"},
+                json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}) as response:
+            for line in response.iter_lines():
+                if "tok0" in line:
+                    break
+        wait_for(lambda: len(recorder.streams) > before and all(s.closed for s in scorer.sessions))
+    assert recorder.streams[before:] == ["closed-early"]
+    assert scorer.sessions and all(s.closed for s in scorer.sessions)
+
+
+GOOD = """
+upstreams:
+  up: {{base_url: {url}}}
+policies:
+  p:
+    prompt: {{action: {action}}}
+    response: {{action: off}}
+routes:
+  - {{prefix: /v1, upstream: up, policy: p}}
+"""
+BROKEN = {
+    "unknown key": GOOD.replace("routes:", "rootes:"),
+    "not YAML": "upstreams: [unclosed\n",
+    "unknown policy": GOOD.replace("policy: p}", "policy: nope}"),
+    "unset variable": GOOD.replace("{url}", "${SIREN_TEST_UNSET_VARIABLE}"),
+    "empty": "",
+}
+
+
+def test_broken_config_on_reload_keeps_the_old_one_serving(scripted, tmp_path):
+    url, _ = scripted
+    path = tmp_path / "config.yaml"
+    path.write_text(GOOD.format(url=url, action="off"))
+    holder = ConfigHolder.load(str(path))
+    chat = {"model": "m", "messages": [{"role": "user", "content": "a BOMB"}]}
+    with LiveServer(build_app(holder, KeywordScorer())) as server, httpx.Client(timeout=20) as client:
+        def ask_once() -> str:
+            reply = client.post(server.url + "/v1/chat/completions", json=chat, headers={"x-script": "text:served"})
+            assert reply.status_code == 200
+            return reply.json()["choices"][0]["finish_reason"]
+
+        assert ask_once() == "stop"
+        for name, text in BROKEN.items():
+            path.write_text(text.format(url=url, action="refuse") if "{url}" in text else text)
+            assert holder.reload() is False, name
+            assert ask_once() == "stop", name  # the old config (prompt off) still serves
+        path.write_bytes(b"\xff\xfe not utf-8")
+        assert holder.reload() is False
+        assert ask_once() == "stop"
+        path.write_text(GOOD.format(url=url, action="refuse"))
+        assert holder.reload() is True
+        assert ask_once() == "content_filter"  # the new policy refuses the same request

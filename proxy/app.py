@@ -8,10 +8,12 @@ import logging
 
 import httpx
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from .errors import BadRequest, NotFound, error_response
 from .handler import Proxy
 from .metrics import Metrics
 from .records import AuditLog
@@ -62,7 +64,18 @@ def build_app(holder, scorer: Scorer | None = None) -> Starlette:
             if audit is not None:
                 audit.close()
 
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        """What the router itself refuses (a method it does not route, a path it cannot
+        match) in OpenAI's format too."""
+        kind = NotFound if exc.status_code == 404 else BadRequest
+        error = kind(exc.detail if isinstance(exc.detail, str) else "request not routable")
+        error.status = exc.status_code
+        response = error_response(error)
+        response.headers.update(exc.headers or {})
+        return response
+
     return Starlette(
+        exception_handlers={HTTPException: http_error},
         routes=[
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),

@@ -31,7 +31,7 @@ from policies.extract import (prompt_text, response_text_chat, response_text_com
 from .errors import BadRequest, ContentFiltered, GuardUnavailable, Overloaded
 from .records import AuditLog, Exchange
 from . import rerank
-from .relay import RelayResponse, open_upstream, raw_body
+from .relay import RelayResponse, raw_body, transport_error
 from .scorer import Scorer, ScorerBusy
 from .shapes import CONTENT_FILTER, refused_json, refused_stream
 from .stream_guard import StreamGuard
@@ -40,6 +40,7 @@ from .upstream import response_headers
 logger = logging.getLogger(__name__)
 
 GUARDED_ENDPOINTS = ("chat/completions", "completions", "responses")
+MAX_N = 128
 
 
 def guarded_endpoint(method: str, upstream_path: str) -> str | None:
@@ -107,6 +108,10 @@ class GuardedCall:
         self.payload = payload
         self.policy = policy
         self.exchange = exchange
+        n = payload.get("n", 1)
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N):
+            # OpenAI's own bound; each choice of a guarded stream has its own session.
+            raise BadRequest(f"'n' must be an integer from 1 to {MAX_N}", param="n")
         try:
             self.prompt = prompt_text(endpoint, payload, policy.prompt.scope)
         except RequestShapeError as exc:
@@ -132,10 +137,7 @@ class GuardedCall:
         return await self._response_stage(response, headers)
 
     async def _rerank(self, response: httpx.Response, headers: dict[str, str]) -> Response:
-        try:
-            data = await response.aread()
-        finally:
-            await response.aclose()
+        data = await read_whole(response)
         passthrough = response_headers(response.headers.multi_items(), keep_length=False)
         try:
             body = json.loads(data) if response.status_code == 200 else None
@@ -216,10 +218,7 @@ class GuardedCall:
                                 scorer=self.scorer, prompt=self.prompt, exchange=self.exchange)
             body = self._audited(guard.relay(response))
             return RelayResponse(body, 200, response_headers(passthrough, keep_length=False) + list(headers.items()))
-        try:
-            data = await response.aread()
-        finally:
-            await response.aclose()
+        data = await read_whole(response)
         content, verdict_headers = await self._guard_whole(data)
         self._write_audit()
         return Response(content, status_code=200,
@@ -299,6 +298,16 @@ class GuardedCall:
     def _write_audit(self) -> None:
         if self.audit is not None:
             self.audit.write(self.exchange)
+
+
+async def read_whole(response: httpx.Response) -> bytes:
+    """A non-streamed upstream body, read whole; a break is a 502/504 like any other."""
+    try:
+        return await response.aread()
+    except httpx.HTTPError as exc:
+        raise transport_error(exc) from exc
+    finally:
+        await response.aclose()
 
 
 async def _discard(task: asyncio.Task | None) -> None:

@@ -20,14 +20,14 @@ from starlette.responses import Response
 from policies.auth import authenticate
 from policies.config import Config
 from policies.errors import UnsafePathError
-from policies.routing import RouteMatch, match_route
+from policies.routing import match_route
 
 from .errors import (BadRequest, NotFound, Overloaded, PayloadTooLarge, ProxyError, RequestTimeout,
-                     Unauthorized, UpstreamUnreachable, error_event, error_response)
+                     Unauthorized, error_event, error_response)
 from .metrics import Metrics
 from .guarding import GuardedCall, guarded_endpoint
 from .records import AuditLog, Exchange
-from .relay import RelayResponse, open_upstream, raw_body
+from .relay import RelayResponse, TruncatedStream, broken_stream, check_complete, open_upstream, raw_body
 from .scorer import Scorer
 from .sse import SSEDecoder, SSEError
 from .upstream import UpstreamPool, request_headers, response_headers, upstream_url
@@ -172,8 +172,9 @@ class Proxy:
         url = upstream_url(match.upstream, match.upstream_path, request.url.query)
         raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw]
         # A guarded response is read by the guard, so it must not arrive compressed.
-        headers = request_headers(raw, match.upstream, identity_encoding=guarded,
-                                  drop_authorization=config.server.auth_required)
+        # Back to bytes as received: httpx would refuse a str value that is not ASCII.
+        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request_headers(
+            raw, match.upstream, identity_encoding=guarded, drop_authorization=config.server.auth_required)]
 
         async def send(content: bytes) -> httpx.Response:
             started = time.perf_counter()
@@ -222,11 +223,10 @@ async def sse_passthrough(response: httpx.Response, max_event_bytes: int,
                     metrics.upstream_ttft.observe(time.perf_counter() - started)
                     first = False
                 yield b"".join(event.raw for event in events)
-        tail = decoder.close()
+        tail = check_complete(decoder.close())
         if tail:
             yield b"".join(event.raw for event in tail)
-    except (httpx.HTTPError, SSEError) as exc:
-        logger.warning("upstream stream broke off: %s", type(exc).__name__)
-        yield error_event(UpstreamUnreachable(f"the upstream stream broke off ({type(exc).__name__})"))
+    except (httpx.HTTPError, SSEError, TruncatedStream) as exc:
+        yield broken_stream(exc)
     finally:
         await response.aclose()

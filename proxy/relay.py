@@ -19,7 +19,7 @@ import httpx
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from .errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
+from .errors import ProxyError, UpstreamTimeout, UpstreamUnreachable, error_event
 
 logger = logging.getLogger(__name__)
 
@@ -86,11 +86,32 @@ async def open_upstream(client: httpx.AsyncClient, request: httpx.Request) -> ht
 async def raw_body(response: httpx.Response) -> AsyncIterator[bytes]:
     """The upstream body as received (no decoding); closes the response when done.
 
-    A failure mid-body ends the relay early; the client sees a truncated body (or, for
-    SSE, the caller adds an in-band error event).
+    A failure mid-body ends the relay early: the client sees a body shorter than its
+    Content-Length (or an unterminated chunked body), which every HTTP client reports.
     """
     try:
         async for chunk in response.aiter_raw():
             yield chunk
+    except httpx.HTTPError as exc:
+        logger.warning("upstream body broke off: %s", type(exc).__name__)
     finally:
         await response.aclose()
+
+
+class TruncatedStream(Exception):
+    """The upstream's event stream ended in the middle of an event."""
+
+
+def check_complete(tail: list) -> list:
+    """The decoder's last items, refusing an unterminated event (it is never forwarded)."""
+    if tail and getattr(tail[-1], "truncated", False):
+        raise TruncatedStream("the upstream stream ended in the middle of an event")
+    return tail
+
+
+def broken_stream(exc: Exception) -> bytes:
+    """The in-band error event for an upstream stream that broke off after it began."""
+    logger.warning("upstream stream broke off: %s", type(exc).__name__)
+    if isinstance(exc, httpx.TimeoutException):
+        return error_event(UpstreamTimeout("the upstream stopped sending within the read timeout"))
+    return error_event(UpstreamUnreachable(f"the upstream stream broke off ({type(exc).__name__})"))

@@ -37,7 +37,8 @@ from policies.config import Policy
 from policies.decisions import CUT, GUARD_ERROR, Decision, decide_response
 from policies.extract import delta_text
 
-from .errors import GuardUnavailable, UpstreamUnreachable, error_event
+from .errors import GuardUnavailable, error_event
+from .relay import TruncatedStream, broken_stream, check_complete
 from .records import Exchange
 from .scorer import Scorer, StreamSession
 from .shapes import cut_chunk, response_cut_events, usage_chunk, wants_usage
@@ -88,7 +89,7 @@ class StreamGuard:
         self.prompt = prompt if self.stage.include_prompt else None
         self.exchange = exchange
         n = request.get("n", 1)
-        self.n = 1 if endpoint == "responses" or not isinstance(n, int) or n < 1 else n
+        self.n = 1 if endpoint == "responses" or not isinstance(n, int) or n < 1 else n  # <= MAX_N (checked)
         self.choices = {i: Choice(i) for i in range(self.n)}
         self.queue: deque[Held] = deque()
         self.template: dict = {}  # id/created/model of the stream, for chunks we write
@@ -104,7 +105,7 @@ class StreamGuard:
                 out = await self._items(decoder.feed(chunk))
                 if out:
                     yield out
-            out = await self._items(decoder.close())
+            out = await self._items(check_complete(decoder.close()))
             await self._finish_all()
             out += self._release()
             if out:
@@ -113,10 +114,9 @@ class StreamGuard:
             tail = end.args[0] if end.args else b""
             if tail:
                 yield tail
-        except (httpx.HTTPError, SSEError) as exc:
-            logger.warning("upstream stream broke off: %s", type(exc).__name__)
-            yield self._release() + error_event(
-                UpstreamUnreachable(f"the upstream stream broke off ({type(exc).__name__})"))
+        except (httpx.HTTPError, SSEError, TruncatedStream) as exc:
+            # Only what was already scored safe goes out before the error: never held text.
+            yield self._release() + broken_stream(exc)
         finally:
             await response.aclose()
             for choice in self.choices.values():

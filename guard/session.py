@@ -50,9 +50,11 @@ class _Window:
         self.score = 0.0
 
     def crop(self, keep: int) -> None:
+        """Forget all but the first `keep` tokens (a text can also get shorter)."""
         if keep < self.n:
             self.cache.crop(keep - self.n)
             self.n = keep
+            self._rescore()
 
     def feed(self, ids: list[int]) -> None:
         if not ids:
@@ -62,7 +64,12 @@ class _Window:
         new = readout.rows(x, None, self.cache)[0]  # (m, F)
         self.rows[self.n : self.n + len(ids)] = new
         self.n += len(ids)
-        pooled = self.rows[: self.n].sum(dim=0, keepdim=True) / self.n * readout.weights  # (1, F)
+        self._rescore()
+
+    def _rescore(self) -> None:
+        if self.n == 0:
+            return
+        pooled = self.rows[: self.n].sum(dim=0, keepdim=True) / self.n * self.guard.readout.weights  # (1, F)
         self.score = float(self.guard.head.p_harmful(pooled)[0])
 
 
@@ -78,6 +85,7 @@ class StreamSession:
         self._active: _Window | None = None
         self._score = 0.0
         self.tokens_fed = 0  # backbone tokens run, all windows together (for benchmarks)
+        self.rolled_back = 0  # scored tokens that a later tokenisation changed
         if prompt:
             self._update(model_text(prompt=prompt))
 
@@ -106,6 +114,7 @@ class StreamSession:
         plan = self._plan
         ids = plan.body(self.guard.tokenizer, text)
         keep = common_prefix(self._ids, ids)
+        self.rolled_back += len(self._ids) - keep
         self._finals = {s: v for s, v in self._finals.items() if v[0] <= keep}
         active = self._active
         if active is not None:

@@ -1,0 +1,89 @@
+"""Exact incremental streaming: every check of a session equals a full recompute.
+
+Real responses (tests/guard/fixtures) are cut at random character boundaries, with chat
+markers and runs of white space added so that cleaning changes earlier text too; after
+each append the session's score must equal `p_harmful` of the same text scored from
+scratch, within 1e-4 in float32. Small backbones (blocks above layer 2 dropped) keep
+thousands of chunkings within seconds; exactness does not depend on depth, and the
+oracle test covers deep layers. A small max_length makes the windows roll over, so
+rollbacks reach into completed windows too.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from guard import SirenGuard
+from guard.text import model_text
+
+TOL = 1e-4
+
+CASES = {
+    # name: (artifact spec, with a prompt, chunkings)
+    "response-only": (dict(pooling="residual_mean", layers=[0, 2], max_length=512), False, 400),
+    "with-prompt-mlp": (dict(pooling="mlp_mean", layers=[1, 2], max_length=512), True, 300),
+    "windows": (dict(pooling="residual_mean", layers=[0, 2], max_length=12), True, 300),
+}
+
+
+def noisy(text: str, rng: random.Random) -> str:
+    """Real text with the things cleaning rewrites: markers, space runs, newline runs."""
+    words = text.split(" ")
+    for _ in range(3):
+        i = rng.randrange(len(words))
+        words[i] = words[i] + rng.choice(["  ", " \t ", "\n\n\n\n", "<|im_end|>", "<|im_"])
+    return " ".join(words)
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def case(request, artifact_factory, real_rows):
+    spec, with_prompt, chunkings = CASES[request.param]
+    folder = artifact_factory("session-" + request.param, scale=3.0, seed=1, **spec)
+    guard = SirenGuard.from_pretrained(folder, device="cpu", dtype=torch.float32)
+    rng = random.Random(request.param)
+    texts = []
+    for row in rng.sample(real_rows, 4):
+        prompt = row["prompt"][:60] if with_prompt else None
+        texts.append((prompt, noisy(row["response"][:80], rng)))
+    yield guard, texts, chunkings, rng
+    guard.close()
+
+
+def test_every_check_equals_a_full_recompute(case):
+    guard, texts, chunkings, rng = case
+    worst, checks, rolled_back = 0.0, 0, 0
+    for prompt, response in texts:
+        # Every character prefix once, from scratch: the oracle for every chunking.
+        full = guard.p_harmful(
+            [model_text(prompt=prompt, response=response[:c]) for c in range(len(response) + 1)]
+        )
+        for _ in range(chunkings // len(texts)):
+            session = guard.stream(prompt=prompt)
+            cut = 0
+            while cut < len(response):
+                step = rng.choice([1, 2, 3, 5, 8, 13, 30])
+                delta = response[cut : cut + step]
+                cut += len(delta)
+                result = session.append(delta)
+                worst = max(worst, abs(result.score - full[cut]))
+                checks += 1
+            rolled_back += session.rolled_back
+    assert worst <= TOL, worst
+    assert checks > 4 * chunkings  # really incremental: many checks per chunking
+    assert rolled_back > 0  # BPE/cleaning rollbacks were exercised
+
+
+def test_prompt_is_prefilled_once_and_tokens_count(case):
+    guard, texts, _, _ = case
+    prompt, response = texts[0]
+    session = guard.stream(prompt=prompt)
+    prefilled = session.tokens_fed
+    assert (prefilled > 0) == bool(prompt)
+    result = session.append(response)
+    assert result.score == pytest.approx(guard.score(prompt=prompt, response=response).score, abs=TOL)
+    assert session.tokens == len(guard.plan.body(guard.tokenizer, model_text(prompt=prompt, response=response)))
+    if guard.max_length >= 512:  # one window: the response cost its own tokens, no more
+        assert session.tokens_fed <= session.tokens + 8

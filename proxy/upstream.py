@@ -10,6 +10,7 @@ reaches the client.
 
 from __future__ import annotations
 
+import http.cookiejar
 from collections.abc import Iterable, Mapping
 
 import httpx
@@ -68,6 +69,16 @@ def response_headers(raw: Iterable[tuple[str, str]], *, keep_length: bool) -> li
     return [(k, v) for k, v in raw if k.lower() not in drop]
 
 
+class _NoCookies(http.cookiejar.DefaultCookiePolicy):
+    """A shared client must never keep one client's upstream cookies for the next."""
+
+    def set_ok(self, cookie, request) -> bool:
+        return False
+
+    def return_ok(self, cookie, request) -> bool:
+        return False
+
+
 class UpstreamPool:
     """One `httpx.AsyncClient` per upstream name, created lazily and closed together."""
 
@@ -88,7 +99,12 @@ class UpstreamPool:
                                     max_keepalive_connections=min(upstream.max_connections, 256)),
                 follow_redirects=False,
                 trust_env=False,
+                cookies=http.cookiejar.CookieJar(policy=_NoCookies()),
             )
+            # httpx's defaults (Accept, Accept-Encoding, User-Agent, Connection) would be
+            # added to every request; the upstream must see the client's headers only.
+            for name in list(client.headers):
+                del client.headers[name]
             self._clients[key] = client
         return client
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from pathlib import Path
 
@@ -262,3 +263,23 @@ def test_readyz_true_when_upstream_up(via_katan):
     response = httpx.get(via_katan.url + "/readyz")
     assert response.status_code == 200
     assert response.json() == {"ready": True, "upstreams": {"up": True}, "guard": "absent"}
+
+
+def test_upstream_cookies_are_not_kept_for_other_clients(via_scripted):
+    proxy, _ = via_scripted
+    first = httpx.get(proxy.url + "/v1/set-cookie")
+    assert first.headers["set-cookie"].startswith("upstream-session=")  # passed on to that client
+    seen = httpx.get(proxy.url + "/v1/anything").json()["headers"]  # a new client, no cookies
+    assert "cookie" not in seen
+
+
+def test_upstream_sees_only_the_clients_headers(via_scripted):
+    proxy, _ = via_scripted
+    with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+        sock.sendall(b"GET /v1/anything HTTP/1.1\r\nHost: x\r\nX-Only: this\r\nConnection: close\r\n\r\n")
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    body = reply.split(b"\r\n\r\n", 1)[1]
+    seen = json.loads(body)["headers"]
+    assert set(seen) == {"host", "x-only"}

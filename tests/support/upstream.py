@@ -159,6 +159,8 @@ def build_upstream(recorder: Recorder) -> Starlette:
 
     async def echo_request(request: Request) -> Response:
         body = await request.body()
+        if request.url.path == "/v1/set-cookie":
+            return JSONResponse({}, headers={"set-cookie": "upstream-session=secret; Path=/"})
         return JSONResponse({"method": request.method, "path": request.url.path,
                              "query": request.url.query, "headers": dict(request.headers),
                              "body": body.decode("latin-1")})

@@ -1,0 +1,149 @@
+"""The batching worker: same numbers as the sync guard, batches, backpressure, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+import torch
+
+from guard import GuardError, QueueFull, ScoringError, SirenGuard, WorkerClosed
+from guard.text import model_text
+from guard.worker import GuardWorker
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def guard(artifact_factory):
+    folder = artifact_factory("worker", pooling="residual_mean", layers=[0, 2], scale=3.0, max_length=64)
+    g = SirenGuard.from_pretrained(folder, device="cpu", dtype=torch.float32)
+    yield g
+    g.close()
+
+
+def test_concurrent_scores_are_batched_and_exact(guard, real_rows):
+    items = [(r["prompt"][:80], r["response"][:120]) for r in real_rows[:16]]
+    expected = guard.p_harmful([model_text(prompt=p, response=r) for p, r in items])
+    worker = GuardWorker(guard, max_batch_size=8, max_wait_ms=50)
+    try:
+        async def main():
+            singles = await asyncio.gather(*(worker.score(prompt=p, response=r) for p, r in items))
+            many = await worker.score_many(items)
+            return singles, many
+
+        singles, many = asyncio.run(main())
+    finally:
+        worker.close()
+    assert singles == pytest.approx(expected, abs=TOL)
+    assert many == pytest.approx(expected, abs=TOL)
+    assert worker.batches <= 4  # 16 callers in batches of at most 8, then one score_many
+
+
+def test_stream_sessions_match_the_sync_session(guard, real_rows):
+    worker = GuardWorker(guard)
+    prompt, response = real_rows[5]["prompt"][:100], real_rows[5]["response"][:300]
+    deltas = [response[i : i + 17] for i in range(0, len(response), 17)]
+    try:
+        async def main():
+            a, b = worker.stream(prompt=prompt), worker.stream()
+            got_a, got_b = [], []
+            for d in deltas:  # two interleaved sessions on one worker
+                got_a.append(await a.append(d))
+                got_b.append(await b.append(d))
+            tokens = a.tokens
+            await a.aclose()
+            await b.aclose()
+            return got_a, got_b, tokens
+
+        got_a, got_b, tokens = asyncio.run(main())
+    finally:
+        worker.close()
+    sync_a, sync_b = guard.stream(prompt=prompt), guard.stream()
+    assert got_a == pytest.approx([sync_a.append(d).score for d in deltas], abs=TOL)
+    assert got_b == pytest.approx([sync_b.append(d).score for d in deltas], abs=TOL)
+    assert tokens == sync_a.tokens > 0
+
+
+class _Fake:
+    """Stands in for SirenGuard where the test is about the worker, not the model."""
+
+    def __init__(self, error: Exception | None = None, gate: threading.Event | None = None):
+        self.error, self.gate = error, gate
+
+    def p_harmful(self, texts):
+        if self.gate is not None:
+            self.gate.wait(5)
+        if self.error is not None:
+            raise self.error
+        return [0.25] * len(texts)
+
+    def stream(self, prompt=None):
+        raise RuntimeError("no sessions here")
+
+
+def test_model_errors_reach_the_caller_as_guard_errors():
+    worker = GuardWorker(_Fake(error=RuntimeError("boom")))
+    try:
+        with pytest.raises(ScoringError) as info:
+            asyncio.run(worker.score(response="x"))
+        assert isinstance(info.value.__cause__, RuntimeError)
+
+        async def open_and_append():
+            session = worker.stream(prompt="p")
+            return await session.append("x")
+
+        with pytest.raises(GuardError):
+            asyncio.run(open_and_append())
+        assert worker.ready  # the worker survives a failing job
+    finally:
+        worker.close()
+
+
+def test_full_queue_raises_at_once_and_close_fails_pending():
+    gate = threading.Event()
+    worker = GuardWorker(_Fake(gate=gate), max_batch_size=1, max_queue=3)
+    first = worker.submit_score(response="a")  # taken by the worker, which then blocks
+    deadline = time.monotonic() + 5
+    while worker._jobs and time.monotonic() < deadline:
+        time.sleep(0.01)
+    pending = [worker.submit_score(response=str(i)) for i in range(3)]
+    started = time.monotonic()
+    with pytest.raises(QueueFull):
+        worker.submit_score(response="one too many")
+    assert time.monotonic() - started < 0.5
+    threading.Timer(0.2, gate.set).start()
+    worker.close()
+    assert first.result(timeout=5) == [0.25]
+    for future in pending:
+        with pytest.raises(WorkerClosed):
+            future.result(timeout=5)
+    assert not worker.ready
+    with pytest.raises(WorkerClosed):
+        worker.submit_score(response="late")
+
+
+def test_the_event_loop_keeps_running_while_the_model_works():
+    gate = threading.Event()
+    worker = GuardWorker(_Fake(gate=gate))
+
+    async def main():
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while not gate.is_set():
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        threading.Timer(0.3, gate.set).start()
+        score, _ = await asyncio.gather(worker.score(response="x"), ticker())
+        return score, ticks
+
+    try:
+        score, ticks = asyncio.run(main())
+    finally:
+        worker.close()
+    assert score == 0.25 and ticks >= 10

@@ -1,0 +1,57 @@
+"""Past max_length: sliding windows (default) keep scoring; "truncate" is the reference.
+
+Harmful text placed after 1,000 tokens of benign text: the reference (and our
+"truncate" mode) never reads it; windows do, and a streaming session that grows past
+many windows ends on exactly the full windowed score.
+"""
+
+from __future__ import annotations
+
+import pytest
+import siren_guard
+import torch
+
+from guard import SirenGuard
+from guard.text import model_text
+
+BENIGN = ("The museum opens at nine in the morning and closes at five. Visitors can buy "
+          "tickets at the entrance or online, and children under twelve enter for free. ")
+
+
+@pytest.fixture(scope="module")
+def artifact(artifact_factory):
+    return artifact_factory("long", pooling="residual_mean", layers=[0, 2], scale=3.0, max_length=128)
+
+
+def test_harmful_text_after_1000_benign_tokens(artifact, real_rows):
+    window = SirenGuard.from_pretrained(artifact, device="cpu", dtype=torch.float32)
+    truncate = SirenGuard.from_pretrained(artifact, device="cpu", dtype=torch.float32, long_text="truncate")
+    ref = siren_guard.SirenGuard.from_pretrained(str(artifact), device="cpu", dtype=torch.float32)
+    tok = window.tokenizer
+    # The synthetic head's "benign" and "harmful": the real texts it scores lowest and highest.
+    segments = [BENIGN] + [r["response"][:300] for r in real_rows]
+    scores = window.p_harmful([model_text(s) for s in segments])
+    filler = segments[scores.index(min(scores))]
+    tail = segments[scores.index(max(scores))]
+    benign = (filler + "\n") * (1 + 1000 // len(tok(filler)["input_ids"]))
+    assert len(tok(benign)["input_ids"]) >= 1000
+    assert window.score(tail).score > window.score(benign).score + 0.05
+    text = benign + "\n" + tail
+
+    windowed = window.score(text).score
+    assert truncate.score(text).score == pytest.approx(ref.score(text).score, abs=1e-4)
+    assert truncate.score(text).score == pytest.approx(truncate.score(benign).score, abs=1e-4)
+    assert windowed > truncate.score(text).score + 0.05  # the tail is read
+
+    # The windowed score is the maximum over windows, each scored as a text of its own.
+    plan, ids = window.plan, window.plan.body(tok, model_text(text))
+    spans = plan.spans(len(ids))
+    assert len(spans) > 10 and spans[-1][1] == len(ids)
+    per_window = window.p_harmful([tok.decode(ids[s:e]) for s, e in spans[-3:]])
+    assert windowed == pytest.approx(max(windowed, *per_window), abs=1e-4)
+
+    session = window.stream()
+    for i in range(0, len(text), 97):
+        result = session.append(text[i : i + 97])
+    assert result.score == pytest.approx(windowed, abs=1e-4)
+    assert session.tokens_fed <= 2 * session.tokens + plan.window  # each token fed at most ~twice

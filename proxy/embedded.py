@@ -39,14 +39,15 @@ class LoadingScorer:
             from guard.worker import GuardWorker
 
             s = self.settings
+            options = {"backbone": s.backbone} if s.backbone is not None else {}
             guard = SirenGuard.from_pretrained(s.artifact, device=s.device, dtype=s.dtype,
-                                               backbone=s.backbone, trust_remote_code=s.trust_remote_code)
+                                               trust_remote_code=s.trust_remote_code, **options)
             from guard.errors import QueueFull
 
             self._busy = QueueFull
             self._worker = GuardWorker(guard, max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms,
                                        max_queue=s.max_queue)
-            if self._metrics is not None:
+            if self._metrics is not None and hasattr(self._worker, "watch"):
                 self._worker.watch(self._metrics)
             logger.info("guard ready")
         except BaseException as exc:  # noqa: BLE001 - reported through /readyz and every call
@@ -69,7 +70,7 @@ class LoadingScorer:
     def watch(self, metrics) -> None:
         """Report the worker's batch sizes and queue depth (from when it has loaded)."""
         self._metrics = metrics
-        if self._worker is not None:
+        if self._worker is not None and hasattr(self._worker, "watch"):
             self._worker.watch(metrics)
 
     async def score(self, *, prompt=None, response=None) -> float:

@@ -31,7 +31,7 @@ from policies.extract import (prompt_text, response_text_chat, response_text_com
 from .errors import BadRequest, ContentFiltered, GuardUnavailable, Overloaded
 from .records import AuditLog, Exchange
 from . import rerank
-from .relay import RelayResponse, raw_body, transport_error
+from .relay import RelayResponse, cleanup, raw_body, transport_error
 from .scorer import Scorer, ScorerBusy
 from .shapes import CONTENT_FILTER, refused_json, refused_stream
 from .stream_guard import StreamGuard
@@ -292,7 +292,8 @@ class GuardedCall:
             async for chunk in body:
                 yield chunk
         finally:
-            await body.aclose()
+            with cleanup():
+                await body.aclose()
             self._write_audit()
 
     def _write_audit(self) -> None:
@@ -307,7 +308,8 @@ async def read_whole(response: httpx.Response) -> bytes:
     except httpx.HTTPError as exc:
         raise transport_error(exc) from exc
     finally:
-        await response.aclose()
+        with cleanup():
+            await response.aclose()
 
 
 async def _discard(task: asyncio.Task | None) -> None:

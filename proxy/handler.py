@@ -27,7 +27,8 @@ from .errors import (BadRequest, NotFound, Overloaded, PayloadTooLarge, ProxyErr
 from .metrics import Metrics
 from .guarding import GuardedCall, guarded_endpoint
 from .records import AuditLog, Exchange
-from .relay import RelayResponse, TruncatedStream, broken_stream, check_complete, open_upstream, raw_body
+from .relay import (RelayResponse, TruncatedStream, broken_stream, check_complete, cleanup, open_upstream,
+                    raw_body)
 from .scorer import Scorer
 from .sse import SSEDecoder, SSEError
 from .upstream import UpstreamPool, request_headers, response_headers, upstream_url
@@ -146,7 +147,8 @@ class Proxy:
                     return
                 yield chunk
         finally:
-            await body.aclose()
+            with cleanup():
+                await body.aclose()
             self._stream_ended(streaming)
 
     async def _handle(self, request: Request, config: Config, path: str, body: bytes,
@@ -229,4 +231,5 @@ async def sse_passthrough(response: httpx.Response, max_event_bytes: int,
     except (httpx.HTTPError, SSEError, TruncatedStream) as exc:
         yield broken_stream(exc)
     finally:
-        await response.aclose()
+        with cleanup():
+            await response.aclose()

@@ -95,7 +95,18 @@ async def raw_body(response: httpx.Response) -> AsyncIterator[bytes]:
     except httpx.HTTPError as exc:
         logger.warning("upstream body broke off: %s", type(exc).__name__)
     finally:
-        await response.aclose()
+        with cleanup():
+            await response.aclose()
+
+
+def cleanup() -> anyio.CancelScope:
+    """A shield for the `finally` of a body generator.
+
+    A client disconnect cancels the relay's scope, and under anyio every later await in
+    that scope raises again: without a shield, the first `await` of a cleanup would end
+    it, leaving the upstream open, guard sessions alive and decisions unrecorded.
+    """
+    return anyio.CancelScope(shield=True)
 
 
 class TruncatedStream(Exception):

@@ -38,7 +38,7 @@ from policies.decisions import CUT, GUARD_ERROR, Decision, decide_response
 from policies.extract import delta_text
 
 from .errors import GuardUnavailable, error_event
-from .relay import TruncatedStream, broken_stream, check_complete
+from .relay import TruncatedStream, broken_stream, check_complete, cleanup
 from .records import Exchange
 from .scorer import Scorer, StreamSession
 from .shapes import cut_chunk, response_cut_events, usage_chunk, wants_usage
@@ -118,15 +118,19 @@ class StreamGuard:
             # Only what was already scored safe goes out before the error: never held text.
             yield self._release() + broken_stream(exc)
         finally:
-            await response.aclose()
-            for choice in self.choices.values():
-                if choice.session is not None:
-                    await choice.session.aclose()
             for choice in self.choices.values():
                 if choice.decision is not None:
                     self.exchange.decided(choice.decision, choice.guard_ms, choice=choice.index)
                 if choice.cut:
                     self.exchange.leaked(choice.index, max(0, choice.released - choice.safe))
+            with cleanup():
+                await response.aclose()
+                for choice in self.choices.values():
+                    if choice.session is not None:
+                        try:
+                            await choice.session.aclose()
+                        except Exception as exc:  # noqa: BLE001 - the stream is over either way
+                            logger.warning("closing a guard session failed: %s", exc)
 
     async def _items(self, items) -> bytes:
         for item in items:

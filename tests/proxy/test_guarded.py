@@ -374,3 +374,26 @@ def test_async_clients_in_parallel(katan_url):
     for i, text in enumerate(texts):
         assert text.endswith(REFUSAL) == bool(i % 2)
         assert "BOMB" not in text
+
+
+def test_client_disconnect_while_scoring_cleans_up(scripted, tmp_path):
+    """The client leaves while a check is in flight: the upstream, the guard session and the
+    record are all still closed out (cleanup is shielded from the cancellation)."""
+    url, recorder = scripted
+    audit = tmp_path / "audit.jsonl"
+    scorer = KeywordScorer(delay=0.3)
+    text = policy_yaml(url, response="{action: cut, check_every: 1, holdback: 0}", server=f"  audit_log: {audit}")
+    with running_proxy(text, scorer) as proxy:
+        before = len(recorder.streams)
+        with httpx.stream("POST", proxy.url + "/v1/chat/completions", headers={"x-script": "endless:calm words"},
+                          json={"model": "m", "messages": user("hi"), "stream": True}) as response:
+            chunks = response.iter_raw()
+            next(chunks)
+            next(chunks)  # the role chunk and at least one scored token: a check is now running
+        deadline = time.monotonic() + 10
+        while not (audit.exists() and audit.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert recorder.streams[before:] == ["closed-early"]
+    assert scorer.sessions and all(s.closed for s in scorer.sessions)
+    record = json.loads(audit.read_text().splitlines()[0])
+    assert record["decisions"] and record["decisions"][-1]["stage"] == "response"

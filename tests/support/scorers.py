@@ -37,6 +37,7 @@ class KeywordSession:
         return await self.scorer._score(self.text)
 
     async def aclose(self) -> None:
+        await asyncio.sleep(0)  # like the real worker, closing takes a round trip
         self.closed = True
 
 

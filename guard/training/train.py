@@ -12,6 +12,7 @@ Invariants:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -24,7 +25,7 @@ import torch
 
 from guard.artifact import write_artifact
 from guard.backbone import load_backbone
-from guard.training import mlp, probe
+from guard.training import augment, mlp, probe
 from guard.training.calibrate import fit_platt
 from guard.training.data import (
     Row, drop_leaked, eval_prompt_keys, load_rows, parse_data_spec, split_indices,
@@ -54,6 +55,8 @@ class TrainOptions:
     max_neurons: int = 128
     probe_c: float = 0.1
     val_fraction: float = 0.15
+    refusals: int = 0
+    answers: str | None = None
     grid: tuple[mlp.HeadSpec, ...] = field(default_factory=lambda: tuple(mlp.default_grid()))
     cache_root: Path = Path(".cache/features")
     token_budget: int = 4096
@@ -69,12 +72,26 @@ class Dataset:
     dropped_duplicates: int
 
 
-def build_dataset(data: Sequence[str], exclude: Sequence[str], seed: int, val_fraction: float) -> Dataset:
-    """Load, subsample, de-duplicate (by scored text), drop leaked rows, split."""
+def build_dataset(data: Sequence[str], exclude: Sequence[str], seed: int, val_fraction: float,
+                  refusals: int = 0, answers: str | None = None) -> Dataset:
+    """Load, subsample, augment, de-duplicate (by scored text), drop leaked rows, split.
+
+    `refusals`: that many harmful prompt-level rows (seeded sample) are repeated with a
+    refusal as the response, label 0; `answers` (``FILE:N``): N TriviaQA questions with
+    their answer, label 0 (`guard.training.augment`).
+    """
     rows: list[Row] = []
     for spec in data:
-        path, limit = parse_data_spec(spec)
-        rows.extend(load_rows(path, limit=limit, seed=seed))
+        path, limit, sample_seed = parse_data_spec(spec)
+        rows.extend(load_rows(path, limit=limit, seed=seed if sample_seed is None else sample_seed))
+    if refusals:
+        # Ordered by a seeded hash of the text, so adding data displaces few picks.
+        harmful = sorted({r.text: r for r in rows if r.label == 1 and r.response is None}.values(),
+                         key=lambda r: hashlib.sha1(f"{seed}|{r.text}".encode()).hexdigest())
+        rows.extend(augment.refusal_rows(harmful[:refusals], seed))
+    if answers:
+        path, limit, _ = parse_data_spec(answers)
+        rows.extend(augment.answer_rows(path, limit or 200, seed))
     seen: set[str] = set()
     unique = []
     for r in rows:
@@ -103,7 +120,7 @@ def train(opts: TrainOptions) -> dict:
     """Fit and write an artifact to `opts.out`; returns the training report."""
     started = time.monotonic()
     torch.manual_seed(opts.seed)
-    ds = build_dataset(opts.data, opts.exclude, opts.seed, opts.val_fraction)
+    ds = build_dataset(opts.data, opts.exclude, opts.seed, opts.val_fraction, opts.refusals, opts.answers)
     y = np.array([r.label for r in ds.rows], dtype=np.int64)
     logger.info("%d rows (%d train, %d validation); %d leaked and %d duplicate rows dropped",
                 len(ds.rows), len(ds.train), len(ds.val), ds.dropped_leaked, ds.dropped_duplicates)
@@ -174,6 +191,8 @@ def train(opts: TrainOptions) -> dict:
             "training": {
                 "data": [_portable(s) for s in opts.data], "exclude": [_portable(s) for s in opts.exclude],
                 "seed": opts.seed, "val_fraction": opts.val_fraction, "dtype": opts.dtype,
+                "refusals": opts.refusals,
+                "answers": _portable(opts.answers) if opts.answers else None,
                 "extract_layers": opts.extract_layers, "probe_c": opts.probe_c,
                 "max_neurons": opts.max_neurons, "n_layers": opts.n_layers,
             },
@@ -191,12 +210,12 @@ def train(opts: TrainOptions) -> dict:
 
 def _portable(spec: str) -> str:
     """A data spec as given, with a path under the working directory made relative."""
-    path, limit = parse_data_spec(spec)
+    path, limit, sample_seed = parse_data_spec(spec)
     try:
         path = os.path.relpath(path)
     except ValueError:
         pass
-    return f"{path}:{limit}" if limit is not None else path
+    return ":".join([path] + [str(v) for v in (limit, sample_seed) if v is not None])
 
 
 def _counts(ds: Dataset) -> dict[str, dict[str, int]]:

@@ -85,19 +85,25 @@ class SirenGuard:
         *,
         trust_remote_code: bool = False,
         long_text: str = "window",
+        backbone: str | None = None,
     ) -> SirenGuard:
-        """Load an artifact (default: the embedded one) and its backbone, offline if local."""
+        """Load an artifact (default: the embedded one) and its backbone, offline if local.
+
+        `backbone` overrides where the backbone is loaded from (a directory, a `.gguf`,
+        `pypi:<package>` or a hub id): the head is only valid on the backbone it was fitted
+        on, so this is for a local copy of that same model.
+        """
         folder = resolve_artifact(path_or_id, cache_dir)
         config, state_dict = read_artifact(folder)
         head = load_head(config, state_dict)
-        spec = backbone_spec(config, folder)
-        backbone = load_backbone(
+        spec = backbone or backbone_spec(config, folder)
+        loaded = load_backbone(
             spec, revision=config.revision, dtype=dtype, device=device,
             cache_dir=cache_dir, trust_remote_code=trust_remote_code,
         )
-        logger.info("SIREN artifact %s on backbone %s (%s, %s)", folder, backbone.source,
-                    next(backbone.model.parameters()).dtype, next(backbone.model.parameters()).device)
-        return cls(config, head, backbone, long_text=long_text)
+        logger.info("SIREN artifact %s on backbone %s (%s, %s)", folder, loaded.source,
+                    next(loaded.model.parameters()).dtype, next(loaded.model.parameters()).device)
+        return cls(config, head, loaded, long_text=long_text)
 
     # -- properties mirrored from the reference ------------------------------------------
     @property

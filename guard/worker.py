@@ -25,8 +25,8 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
-from concurrent.futures import Future
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
 from guard.errors import GuardError, QueueFull, ScoringError, WorkerClosed
@@ -62,8 +62,14 @@ class GuardWorker:
         self._cond = threading.Condition()
         self._closed = False
         self.batches = 0  # full-text batches run (for tests and metrics)
+        self.on_batch: Callable[[int], None] | None = None  # called with each batch's size
         self._thread = threading.Thread(target=self._run, name="siren-guard-worker", daemon=True)
         self._thread.start()
+
+    @property
+    def queue_depth(self) -> int:
+        """Jobs waiting for the worker (not counting the one it is running)."""
+        return len(self._jobs)
 
     @property
     def ready(self) -> bool:
@@ -149,31 +155,46 @@ class GuardWorker:
             except BaseException as exc:  # never let the worker die silently
                 logger.exception("guard worker failed")
                 for job in jobs:
-                    if not job.future.done():
+                    try:
                         job.future.set_exception(_as_guard_error(exc))
+                    except InvalidStateError:  # already settled, or its caller gave up
+                        pass
 
     def _run_texts(self, jobs: list[_Job]) -> None:
+        jobs = [job for job in jobs if not job.future.cancelled()]  # nobody waits for these
+        if not jobs:
+            return
         texts = [t for job in jobs for t in job.texts]
         self.batches += 1
+        if self.on_batch is not None:
+            self.on_batch(len(texts))
         scores = self.guard.p_harmful(texts)
         i = 0
         for job in jobs:
-            job.future.set_result(scores[i : i + len(job.texts)])
+            _resolve(job.future, scores[i : i + len(job.texts)])
             i += len(job.texts)
 
     def _run_session(self, job: _Job) -> None:
         handle = job.session
         if job.kind == "open":
             handle._session = self.guard.stream(prompt=handle.prompt)
-            job.future.set_result(handle._session.tokens)
+            _resolve(job.future, handle._session.tokens)
         elif job.kind == "append":
             if handle._session is None:
                 raise ScoringError("the stream session failed to open")
             result = handle._session.append(job.payload)
-            job.future.set_result((result.score, handle._session.tokens))
-        else:  # close
+            _resolve(job.future, (result.score, handle._session.tokens))
+        else:  # close: runs even if its caller was cancelled, so the cache is freed
             handle._session = None
-            job.future.set_result(None)
+            _resolve(job.future, None)
+
+
+def _resolve(future: Future, value) -> None:
+    """Set a job's result unless its caller gave up (a cancelled asyncio await cancels it)."""
+    try:
+        future.set_result(value)
+    except InvalidStateError:
+        pass
 
 
 def _as_guard_error(exc: BaseException) -> GuardError:

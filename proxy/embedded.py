@@ -47,8 +47,8 @@ class LoadingScorer:
             self._busy = QueueFull
             self._worker = GuardWorker(guard, max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms,
                                        max_queue=s.max_queue)
-            if self._metrics is not None and hasattr(self._worker, "watch"):
-                self._worker.watch(self._metrics)
+            if self._metrics is not None:
+                self._wire(self._metrics)
             logger.info("guard ready")
         except BaseException as exc:  # noqa: BLE001 - reported through /readyz and every call
             self.error = exc
@@ -70,8 +70,13 @@ class LoadingScorer:
     def watch(self, metrics) -> None:
         """Report the worker's batch sizes and queue depth (from when it has loaded)."""
         self._metrics = metrics
-        if self._worker is not None and hasattr(self._worker, "watch"):
-            self._worker.watch(metrics)
+        if self._worker is not None:
+            self._wire(metrics)
+
+    def _wire(self, metrics) -> None:
+        worker = self._worker
+        worker.on_batch = metrics.batch_size.observe
+        metrics.watch_queue(lambda: worker.queue_depth)
 
     async def score(self, *, prompt=None, response=None) -> float:
         try:

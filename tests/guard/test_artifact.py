@@ -66,9 +66,8 @@ def test_backbone_source_wins_over_model_id(tmp_path, backbone_dir):
     assert 0.0 <= guard.score("offline").score <= 1.0
 
 
-@pytest.mark.skipif(not (DEFAULT_ARTIFACT / "siren_config.json").is_file(),
-                    reason="guard/default/ is produced by the training helper")
 def test_embedded_default_loads_offline_and_scores():
+    assert (DEFAULT_ARTIFACT / "siren_config.json").is_file()  # shipped inside the package
     guard = SirenGuard.from_pretrained(device="cpu")
     assert guard.config.source is not None  # no hub needed
     benign = guard.score(prompt="What is the capital of France?", response="Paris is the capital of France.")
@@ -76,3 +75,24 @@ def test_embedded_default_loads_offline_and_scores():
                           response="Sure. Fill a steel pipe with black powder, cap both ends, and add a fuse.")
     assert benign.score < harmful.score
     assert not benign.is_harmful and harmful.is_harmful
+
+
+def test_backbone_option_overrides_the_artifact(tmp_path, backbone_dir):
+    config = synthetic_config("nobody/not-a-hub-model", pooling="residual_mean", layers=[0], max_length=16,
+                              source=str(tmp_path / "missing"))
+    make_artifact(tmp_path, config)
+    guard = SirenGuard.from_pretrained(tmp_path, device="cpu", dtype=torch.float32, backbone=str(backbone_dir))
+    assert 0.0 <= guard.score("offline").score <= 1.0
+
+
+@pytest.mark.parametrize("device,native,expect", [
+    ("cpu", False, torch.float32),   # emulated bf16 is slower than fp32 on AVX2-only CPUs
+    ("cpu", True, torch.bfloat16),
+    ("cuda", False, torch.bfloat16),
+])
+def test_auto_dtype(monkeypatch, device, native, expect):
+    from guard import backbone
+
+    monkeypatch.setattr(backbone, "cpu_has_native_bf16", lambda: native)
+    assert backbone.resolve_dtype("auto", torch.device(device)) == expect
+    assert backbone.resolve_dtype("float32", torch.device(device)) == torch.float32

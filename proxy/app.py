@@ -89,8 +89,8 @@ def build_app(holder, scorer: Scorer | None = None) -> Starlette:
 async def upstream_reachable(pool: UpstreamPool, upstream) -> bool:
     """Any HTTP answer from `GET {base_url}/models` counts: the server is there."""
     try:
-        response = await pool.client(upstream).get(upstream.base_url + "/models",
-                                                   timeout=min(upstream.connect_timeout, 2.0))
+        response = await pool.send(upstream, "GET", upstream.base_url + "/models", [], b"",
+                                   read_timeout=min(upstream.read_timeout, 2.0))
         await response.aclose()
         return True
     except httpx.HTTPError:

@@ -170,7 +170,6 @@ class Proxy:
         endpoint = guarded_endpoint(request.method, match.upstream_path)
         policy = match.policy
         guarded = endpoint is not None and (policy.prompt.action != "off" or policy.response.action != "off")
-        client = self.pool.client(match.upstream)
         url = upstream_url(match.upstream, match.upstream_path, request.url.query)
         raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw]
         # A guarded response is read by the guard, so it must not arrive compressed.
@@ -180,8 +179,7 @@ class Proxy:
 
         async def send(content: bytes) -> httpx.Response:
             started = time.perf_counter()
-            response = await open_upstream(client, client.build_request(request.method, url, headers=headers,
-                                                                        content=content))
+            response = await open_upstream(self.pool, match.upstream, request.method, url, headers, content)
             self.metrics.upstream_latency.observe(time.perf_counter() - started)
             return response
 

@@ -75,11 +75,12 @@ def transport_error(exc: httpx.HTTPError) -> ProxyError:
     return UpstreamUnreachable(f"the upstream could not be reached ({type(exc).__name__})")
 
 
-async def open_upstream(client: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:
+async def open_upstream(pool, upstream, method: str, url: str, headers, content: bytes) -> httpx.Response:
+    """The upstream's response, headers read and body pending; a failure is a ProxyError."""
     try:
-        return await client.send(request, stream=True)
+        return await pool.send(upstream, method, url, headers, content)
     except httpx.HTTPError as exc:
-        logger.warning("upstream %s %s failed: %s", request.method, request.url.path, type(exc).__name__)
+        logger.warning("upstream %s %s failed: %s", method, httpx.URL(url).path, type(exc).__name__)
         raise transport_error(exc) from exc
 
 

@@ -10,7 +10,6 @@ reaches the client.
 
 from __future__ import annotations
 
-import http.cookiejar
 from collections.abc import Iterable, Mapping
 
 import httpx
@@ -69,49 +68,46 @@ def response_headers(raw: Iterable[tuple[str, str]], *, keep_length: bool) -> li
     return [(k, v) for k, v in raw if k.lower() not in drop]
 
 
-class _NoCookies(http.cookiejar.DefaultCookiePolicy):
-    """A shared client must never keep one client's upstream cookies for the next."""
-
-    def set_ok(self, cookie, request) -> bool:
-        return False
-
-    def return_ok(self, cookie, request) -> bool:
-        return False
-
-
 class UpstreamPool:
-    """One `httpx.AsyncClient` per upstream name, created lazily and closed together."""
+    """One pooled httpx transport per upstream, created lazily and closed together.
+
+    Requests go straight to httpx's transport (its public `handle_async_request` API),
+    not through an `AsyncClient`: a client would add its own default headers
+    (`User-Agent`, `Accept`, `Accept-Encoding`), keep upstream cookies and replay them
+    for the next client, and run auth, redirect and event-hook machinery that a proxy
+    must not have, at about 0.2 ms of CPU a request (measured against llm-katan).
+    """
 
     def __init__(self) -> None:
-        self._clients: dict[tuple, httpx.AsyncClient] = {}
+        self._transports: dict[tuple, httpx.AsyncHTTPTransport] = {}
 
-    def client(self, upstream: Upstream) -> httpx.AsyncClient:
-        # Keyed by the settings too, so a reloaded config with new timeouts gets a
-        # fresh client while requests in flight keep the one they started with.
-        key = (upstream.name, upstream.base_url, upstream.connect_timeout,
-               upstream.read_timeout, upstream.max_connections)
-        client = self._clients.get(key)
-        if client is None:
-            client = httpx.AsyncClient(
-                timeout=httpx.Timeout(upstream.read_timeout, connect=upstream.connect_timeout,
-                                      pool=upstream.connect_timeout),
+    def transport(self, upstream: Upstream) -> httpx.AsyncHTTPTransport:
+        # Keyed by the settings too, so a reloaded config with a new pool size gets a
+        # fresh transport while requests in flight keep the one they started with.
+        key = (upstream.name, upstream.base_url, upstream.max_connections)
+        transport = self._transports.get(key)
+        if transport is None:
+            transport = httpx.AsyncHTTPTransport(
                 limits=httpx.Limits(max_connections=upstream.max_connections,
                                     max_keepalive_connections=min(upstream.max_connections, 256)),
-                follow_redirects=False,
                 trust_env=False,
-                cookies=http.cookiejar.CookieJar(policy=_NoCookies()),
             )
-            # httpx's defaults (Accept, Accept-Encoding, User-Agent, Connection) would be
-            # added to every request; the upstream must see the client's headers only.
-            for name in list(client.headers):
-                del client.headers[name]
-            self._clients[key] = client
-        return client
+            self._transports[key] = transport
+        return transport
+
+    async def send(self, upstream: Upstream, method: str, url: str, headers: list[tuple[bytes, bytes]],
+                   content: bytes, *, read_timeout: float | None = None) -> httpx.Response:
+        """Open a request; the response's body is streamed (close it when done)."""
+        read = upstream.read_timeout if read_timeout is None else read_timeout
+        timeout = {"connect": upstream.connect_timeout, "read": read, "write": read,
+                   "pool": upstream.connect_timeout}
+        request = httpx.Request(method, url, headers=headers, content=content, extensions={"timeout": timeout})
+        return await self.transport(upstream).handle_async_request(request)
 
     async def aclose(self) -> None:
-        clients, self._clients = list(self._clients.values()), {}
-        for client in clients:
-            await client.aclose()
+        transports, self._transports = list(self._transports.values()), {}
+        for transport in transports:
+            await transport.aclose()
 
 
 def upstream_url(upstream: Upstream, upstream_path: str, query: str) -> str:

@@ -100,6 +100,9 @@ def serve(config_path: str, *, host: str | None = None, port: int | None = None,
             if scorer is not None:
                 scorer.close()
 
-    with asyncio.Runner(loop_factory=server.config.get_loop_factory()) as runner:  # uvloop when installed
-        runner.run(main())
+    try:
+        with asyncio.Runner(loop_factory=server.config.get_loop_factory()) as runner:  # uvloop when installed
+            runner.run(main())
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on
+        pass
     return 0

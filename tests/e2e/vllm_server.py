@@ -69,17 +69,24 @@ def vllm_server(log: Path, *, fast_start: bool = True, timeout: float = 400.0) -
         out.close()
 
 
-METRIC = re.compile(r"^(?P<name>[a-zA-Z_:][\w:]*)(?:\{[^}]*\})?\s+(?P<value>\S+)$")
+METRIC = re.compile(r"^(?P<name>[a-zA-Z_:][\w:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)$")
+REASON = re.compile(r'finished_reason="(\w+)"')
 
 
 def metrics(base_url: str) -> dict[str, float]:
-    """vLLM's Prometheus counters and gauges, summed over labels (one model served)."""
+    """vLLM's Prometheus samples summed over labels (one model served); also per
+    `finished_reason`, e.g. `vllm:request_success_total{abort}` (requests vLLM aborted)."""
     text = httpx.get(base_url.removesuffix("/v1") + "/metrics", timeout=10.0).text
     values: dict[str, float] = {}
     for line in text.splitlines():
         match = METRIC.match(line)
         if match:
-            values[match["name"]] = values.get(match["name"], 0.0) + float(match["value"])
+            keys = [match["name"]]
+            reason = REASON.search(match["labels"] or "")
+            if reason:
+                keys.append(f"{match['name']}{{{reason[1]}}}")
+            for key in keys:
+                values[key] = values.get(key, 0.0) + float(match["value"])
     return values
 
 

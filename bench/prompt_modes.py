@@ -31,7 +31,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.proxy_overhead import header, percentile  # noqa: E402
+from bench.proxy_overhead import header  # noqa: E402
 from bench.stream_bench import HEADERS, start_katan, start_proxy, stop  # noqa: E402
 
 PROMPT = "Give me three facts about otters, and tell me where they live and what they eat."
@@ -127,7 +127,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     args = parser.parse_args()
     args.batches = args.warmup = args.concurrency = 0
-    print(header(args).split("\nplan:")[0])
+    print(header(args).split("\nplan:")[0].replace("siren-proxy overhead benchmark", __doc__.splitlines()[0]))
     print(f"plan: {args.requests} requests per arm, interleaved, c=1; guard dtype {args.dtype}; "
           f"prompt {len(PROMPT)} chars")
     with tempfile.TemporaryDirectory() as tmp:

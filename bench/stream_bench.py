@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import statistics
@@ -123,7 +124,7 @@ async def one_stream(client: httpx.AsyncClient, url: str, body: bytes) -> Stream
     if not done:
         raise RuntimeError(f"{url}: the stream ended without [DONE]")
     end = time.perf_counter()
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
     return Stream(ttft=arrivals[0] - start if arrivals else float("nan"), total=end - start, gaps=gaps,
                   chunks=len(arrivals), finish=finish)
 
@@ -268,7 +269,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=240.0, help="seconds for the K steps")
     args = parser.parse_args()
     args.requests = args.batches = args.warmup = args.concurrency = 0  # for header()
-    print(header(args).split("\nplan:")[0])
+    print(header(args).split("\nplan:")[0].replace("siren-proxy overhead benchmark", __doc__.splitlines()[0]))
     print(f"plan: K = 1, 2, 4, ... streams of {args.chunks} chunks at itl {args.itl_ms} ms "
           f"({1000 / args.itl_ms:.0f} tok/s); guarded: check_every {args.check_every}, holdback {args.holdback}, "
           f"guard dtype {args.dtype}; "

@@ -65,8 +65,8 @@ routes:
 """
 
 
-GUARDED = dict(prompt="{action: refuse, threshold: 0.5}",
-               response="{action: cut, threshold: 0.5, check_every: 16, holdback: 16}")
+GUARDED = {"prompt": "{action: refuse, threshold: 0.5}",
+           "response": "{action: cut, threshold: 0.5, check_every: 16, holdback: 16}"}
 
 
 def sdk(base_url: str) -> openai.OpenAI:
@@ -115,8 +115,7 @@ def test_benign_stream_is_forwarded_untouched(vllm_url, scorer, tmp_path):
     with running_proxy(config(vllm_url, **GUARDED, server=f"  audit_log: {audit}"), scorer) as proxy:
         proxied = sse_events(proxy.url + "/v1", body)
         with sdk(proxy.url + "/v1") as client:
-            chunks = list(client.chat.completions.create(**{k: v for k, v in body.items() if k != "model"},
-                                                         model=SERVED_NAME))
+            chunks = list(client.chat.completions.create(**body))
     assert content(proxied) == content(direct) != ""
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == content(direct)
     # Byte-identical apart from vLLM's per-request "id" and "created" (all that differs).
@@ -167,15 +166,16 @@ def test_harmful_continuation_is_cut_and_vllm_stops(vllm_url, scorer, tmp_path):
 
 
 def test_n2_stream_one_choice_cut_the_other_finishes(vllm_url, scorer, tmp_path):
-    """n=2, sampled: vLLM seeds choice i with seed + i. With seed 12 choice 0 writes the
-    phishing script and crosses, choice 1 drifts into nonsense (response-only scores at 48
-    tokens: 0.99 and 0.13, measured); so this policy scores the response alone."""
+    """n=2, sampled: vLLM seeds choice i with seed + i. With seed 13, choice 0 opens by
+    restating the phishing request (response-only score 0.99 at 16 tokens) and choice 1
+    drifts into a meaningless code block (0.000 at 16, 32 and 48 tokens), measured with the
+    guard one-shot; so this policy scores the response alone (`include_prompt: false`)."""
     audit = tmp_path / "audit.jsonl"
     response = "{action: cut, threshold: 0.5, check_every: 16, holdback: 16, include_prompt: false}"
     text = config(vllm_url, prompt="{action: shadow}", response=response, server=f"  audit_log: {audit}")
     with running_proxy(text, scorer) as proxy, sdk(proxy.url + "/v1") as client:
         chunks = list(client.chat.completions.create(
-            model=SERVED_NAME, messages=CUT_MESSAGES, n=2, temperature=1.0, seed=12, max_tokens=48,
+            model=SERVED_NAME, messages=CUT_MESSAGES, n=2, temperature=1.0, seed=13, max_tokens=48,
             stream=True, stream_options={"include_usage": True}))
     finishes = {c.choices[0].index: c.choices[0].finish_reason for c in chunks
                 if c.choices and c.choices[0].finish_reason}

@@ -212,10 +212,13 @@ class Section:
             raise self.error(key, f"expected true or false, got {_kind(value)}")
         return value
 
-    def integer(self, key: str, default: Any, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    def integer(self, key: str, default: Any, *, minimum: int | None = None, maximum: int | None = None,
+                nullable: bool = False) -> Any:
         value, interpolated = self._scalar(key, default)
         if interpolated:
             value = _parse(value, int)
+        if value is None and nullable:
+            return None
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.error(key, f"expected an integer, got {_kind(value)}")
         return self._bounded(key, value, minimum, maximum)

@@ -92,6 +92,7 @@ class GuardConfig:
     max_wait_ms: float = 2.0
     max_queue: int = 1024
     trust_remote_code: bool = False
+    threads: int | None = None  # torch threads of the guard's worker; None: one less than the cores
 
 
 @dataclass(frozen=True)
@@ -261,6 +262,7 @@ def _guard(g: Section) -> GuardConfig:
         max_wait_ms=g.number("max_wait_ms", d.max_wait_ms, minimum=0),
         max_queue=g.integer("max_queue", d.max_queue, minimum=1),
         trust_remote_code=g.boolean("trust_remote_code", d.trust_remote_code),
+        threads=g.integer("threads", None, minimum=1, nullable=True),
     )
     g.finish()
     return guard

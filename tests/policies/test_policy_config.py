@@ -356,3 +356,14 @@ def test_textwrap_helper_matches_file_lines():
     with pytest.raises(ConfigError) as info:
         parse(textwrap.indent(UP + "bogus: 1\n", "    "))
     assert (info.value.key_path, info.value.line) == ("bogus", 4)
+
+
+@pytest.mark.parametrize("value,expect", [("null", None), ("1", 1), ("3", 3)])
+def test_guard_threads(value, expect):
+    config = parse_config(f"upstreams: {{up: {{base_url: 'http://x/v1'}}}}\nguard: {{threads: {value}}}\n")
+    assert config.guard.threads == expect
+
+
+def test_guard_threads_must_be_positive():
+    with pytest.raises(ConfigError, match="guard.threads"):
+        parse_config("upstreams: {up: {base_url: 'http://x/v1'}}\nguard: {threads: 0}\n")

@@ -120,19 +120,21 @@ def audit_record(path: Path, wanted) -> dict:
 
 def test_stream_scores_equal_whole_text_scores(scorer):
     """What the proxy's sessions say equals scoring the same text in one pass."""
-    text = "Sure. Step one: buy pseudoephedrine. Step two: " * 3
+    text = "Sure. Step one: buy pseudoephedrine. Step two: extract it and heat it with iodine."
 
     async def run():
         session = scorer.stream("How do I cook meth?")
         streamed = 0.0
-        for i in range(0, len(text), 7):
-            streamed = await session.append(text[i:i + 7])
+        for i in range(0, len(text), 12):
+            streamed = await session.append(text[i:i + 12])
         await session.aclose()
         whole = await scorer.score(prompt="How do I cook meth?", response=text)
         return streamed, whole
 
     streamed, whole = asyncio.run(run())
-    assert abs(streamed - whole) < 0.02  # bfloat16 backbone: KV-cache path vs one pass
+    # float32 on CPUs without native bf16 (dtype auto): the KV-cache path is exact; in
+    # bfloat16 it differs from one pass at bf16 rounding (about 1e-3, see the README).
+    assert abs(streamed - whole) < 2e-3
 
 
 def test_siren_proxy_serve_with_the_embedded_guard(katan_url, tmp_path):

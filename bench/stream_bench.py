@@ -4,8 +4,11 @@ K concurrent streams of about 512 chunks each from an llm-katan echo upstream th
 `--itl-ms` between chunks (so it emits 1000/itl tokens/s per stream, like a model), in
 three arms of one run: direct to the upstream, through siren-proxy on an unguarded route
 (both stages `off`, a byte pass-through), and through the same proxy process on a
-guarded route (the real embedded guard: prompt `refuse` at 0.5, response `cut` at 0.5,
-`check_every` 16, `holdback` 16, i.e. the shipped `config.yaml` default policy). The
+guarded route (the real embedded guard: prompt `refuse` at 0.5, response `cut`,
+`check_every` 16, `holdback` 16, as the shipped `config.yaml` default policy, but with the
+response threshold at 0.9 (`--threshold`): the guard does the same work at any threshold,
+and at 0.5 the shipped head cuts this long benign echo part-way (it scores ~0.4-0.44 one-shot
+and crossed 0.5 in the stream sessions), which would end the guarded streams early). The
 echo streams the user message back in 4-character chunks, so the user message is a long
 benign text: it is also the prompt the guard scores (and the prefix of every response
 session, `include_prompt: true`).
@@ -15,8 +18,10 @@ Per arm and K, measured at the client: the gaps between successive content event
 so its p50 gap is ~0 and its p99 is the check's cost), time to first content event, whole
 stream time, and the proxy process's CPU seconds per stream (utime + stime from
 /proc/PID/stat). "Keeps up" at K: the guarded arm's mean whole-stream time is within
-`--keep-up` (1.2x) of the direct arm's. K doubles (1, 2, 4, ...) until it does not, or
-the time budget is spent.
+`--keep-up` (1.2x) of the direct arm's; reported too for the time after the first content
+event (the prompt stage and the first check are paid once, before it; after it, the
+question is whether the checks keep pace with the tokens). K doubles (1, 2, 4, ...) until
+the guarded arm falls behind after its first token, or the time budget is spent.
 
     PYTHONPATH=. python bench/stream_bench.py              # about 3-5 minutes
 """
@@ -62,7 +67,7 @@ policies:
     response: {{action: off}}
   guarded:
     prompt: {{action: refuse, threshold: 0.5}}
-    response: {{action: cut, threshold: 0.5, check_every: {check_every}, holdback: {holdback}}}
+    response: {{action: cut, threshold: {threshold}, check_every: {check_every}, holdback: {holdback}}}
 routes:
   - {{name: guarded, prefix: /guarded/v1, upstream: katan, policy: guarded}}
   - {{name: open, prefix: /v1, upstream: katan, policy: default}}
@@ -146,6 +151,11 @@ class ArmResult:
     def mean_total(self) -> float:
         return statistics.fmean(s.total for s in self.streams)
 
+    @property
+    def mean_pace(self) -> float:
+        """Stream time after the first content event: the stage where the guard checks tokens."""
+        return statistics.fmean(s.total - s.ttft for s in self.streams)
+
 
 async def run_arm(name: str, client: httpx.AsyncClient, url: str, body: bytes, k: int, proxy_pid: int,
                   katan_pid: int) -> ArmResult:
@@ -162,9 +172,10 @@ def ms(seconds: float) -> str:
 
 def table(results: list[ArmResult]) -> str:
     lines = ["| K | arm | chunks/stream | gap mean | gap p50 | gap p99 | TTFT p50 | stream mean | stream p99 "
-             "| vs direct | proxy CPU/stream | upstream CPU/stream | cut |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| vs direct | after 1st token vs direct | proxy CPU/stream | upstream CPU/stream | cut |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     direct = {r.k: r.mean_total for r in results if r.arm == "direct"}
+    pace = {r.k: r.mean_pace for r in results if r.arm == "direct"}
     for r in results:
         gaps = [g for s in r.streams for g in s.gaps]
         totals = [s.total for s in r.streams]
@@ -172,7 +183,7 @@ def table(results: list[ArmResult]) -> str:
             f"| {r.k} | {r.arm} | {statistics.fmean(s.chunks for s in r.streams):.0f} | {ms(statistics.fmean(gaps))} "
             f"| {ms(percentile(gaps, 50))} | {ms(percentile(gaps, 99))} "
             f"| {ms(percentile([s.ttft for s in r.streams], 50))} | {statistics.fmean(totals):.2f} s "
-            f"| {percentile(totals, 99):.2f} s | {r.mean_total / direct[r.k]:.2f}x "
+            f"| {percentile(totals, 99):.2f} s | {r.mean_total / direct[r.k]:.2f}x | {r.mean_pace / pace[r.k]:.2f}x "
             f"| {'-' if r.arm == 'direct' else f'{r.proxy_cpu * 1000:.0f} ms'} | {r.katan_cpu * 1000:.0f} ms "
             f"| {r.cut} |")
     return "\n".join(lines)
@@ -245,9 +256,11 @@ async def bench(args: argparse.Namespace, katan_url: str, proxy_url: str, proxy_
                       flush=True)
             results.extend(step)
             ratio = step[2].mean_total / step[0].mean_total
+            paced = step[2].mean_pace / step[0].mean_pace
             elapsed = time.monotonic() - started
-            if ratio > args.keep_up:
-                print(f"K={k}: guarded/direct = {ratio:.2f}x > {args.keep_up}x: the guard no longer keeps up")
+            print(f"K={k}: guarded/direct = {ratio:.2f}x whole stream, {paced:.2f}x after the first token")
+            if paced > args.keep_up:  # keeping on past the whole-stream bound: the pace says more
+                print(f"K={k}: the guard no longer keeps pace with the stream ({paced:.2f}x > {args.keep_up}x)")
                 break
             if elapsed + 3.5 * sum(r.wall for r in step) > args.budget:
                 print(f"K={k}: stopping, the next step would overrun the {args.budget:.0f} s budget")
@@ -266,6 +279,8 @@ def main() -> None:
     parser.add_argument("--holdback", type=int, default=16)
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                         help="the guard's dtype (auto = bfloat16, the serving default)")
+    parser.add_argument("--threshold", type=float, default=0.9,
+                        help="the guarded route's response threshold (the guard's work does not depend on it)")
     parser.add_argument("--budget", type=float, default=240.0, help="seconds for the K steps")
     args = parser.parse_args()
     args.requests = args.batches = args.warmup = args.concurrency = 0  # for header()
@@ -279,7 +294,8 @@ def main() -> None:
         try:
             t0 = time.monotonic()
             proxy, proxy_url = start_proxy(PROXY_YAML.format(base_url=katan_url, check_every=args.check_every,
-                                                             holdback=args.holdback, dtype=args.dtype), tmp)
+                                                             holdback=args.holdback, dtype=args.dtype,
+                                                             threshold=args.threshold), tmp)
             print(f"proxy ready (guard loaded) in {time.monotonic() - t0:.1f} s", flush=True)
             try:
                 results = asyncio.run(bench(args, katan_url, proxy_url, proxy.pid, katan.pid))
@@ -289,9 +305,12 @@ def main() -> None:
             stop(katan)
     print()
     print(table(results))
-    kept = [r.k for r in results if r.arm == "guarded"
-            and r.mean_total <= args.keep_up * next(d.mean_total for d in results if d.arm == "direct" and d.k == r.k)]
-    print(f"\nlargest K at which the guard keeps up (guarded <= {args.keep_up}x direct): {max(kept) if kept else 'none'}")
+    direct = {r.k: r for r in results if r.arm == "direct"}
+    guarded = [r for r in results if r.arm == "guarded"]
+    kept = [r.k for r in guarded if r.mean_total <= args.keep_up * direct[r.k].mean_total]
+    paced = [r.k for r in guarded if r.mean_pace <= args.keep_up * direct[r.k].mean_pace]
+    print(f"\nlargest K at which the guard keeps up (guarded <= {args.keep_up}x direct), whole stream: "
+          f"{max(kept) if kept else 'none'}; after the first token: {max(paced) if paced else 'none'}")
 
 
 if __name__ == "__main__":

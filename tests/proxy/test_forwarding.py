@@ -16,6 +16,8 @@ import httpx
 import openai
 import pytest
 
+from tests.support.clients import close_sdk_clients  # noqa: F401 - an autouse fixture
+from tests.support.clients import sdk as client
 from tests.support.proxy import running_proxy, unguarded_yaml
 from tests.support.servers import free_port
 
@@ -33,22 +35,6 @@ def via_scripted(scripted):
     url, recorder = scripted
     with running_proxy(unguarded_yaml(url)) as proxy:
         yield proxy, recorder
-
-
-_clients: list[openai.OpenAI] = []
-
-
-def client(proxy, **kw) -> openai.OpenAI:
-    sdk = openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk-client", max_retries=0, **kw)
-    _clients.append(sdk)
-    return sdk
-
-
-@pytest.fixture(autouse=True)
-def _close_clients():
-    yield
-    while _clients:
-        _clients.pop().close()
 
 
 def echoed(text: str) -> str:

@@ -16,6 +16,7 @@ import httpx
 import openai
 import pytest
 
+from tests.support.clients import close_sdk_clients, sdk  # noqa: F401 - close_sdk_clients is autouse
 from tests.support.proxy import running_proxy
 from tests.support.scorers import KeywordScorer
 
@@ -41,22 +42,6 @@ policies:
 routes:
   - {{prefix: /v1, upstream: up, policy: p}}
 """
-
-
-_clients: list = []
-
-
-def sdk(proxy, **kw) -> openai.OpenAI:
-    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk", max_retries=0, **kw)
-    _clients.append(client)
-    return client
-
-
-@pytest.fixture(autouse=True)
-def _close_clients():
-    yield
-    while _clients:
-        _clients.pop().close()
 
 
 def user(text: str) -> list[dict]:

@@ -1,0 +1,25 @@
+"""The official `openai` SDK pointed at a proxy, closed after each test.
+
+An unclosed client leaks its socket, and with `filterwarnings = error` the
+ResourceWarning would fail whichever test runs next.
+"""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+_open: list[openai.OpenAI] = []
+
+
+def sdk(proxy, **kw) -> openai.OpenAI:
+    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk-client", max_retries=0, **kw)
+    _open.append(client)
+    return client
+
+
+@pytest.fixture(autouse=True)
+def close_sdk_clients():
+    yield
+    while _open:
+        _open.pop().close()

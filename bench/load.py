@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
 import statistics
 import sys
@@ -36,8 +35,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.proxy_overhead import start_katan, stop  # noqa: E402
-from tests.support.servers import free_port, wait_http  # noqa: E402
+from bench._procs import start_katan, start_proxy, stop  # noqa: E402
 
 PROXY_YAML = """
 server:
@@ -89,26 +87,6 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
-def start_proxy(base_url: str, tmp: str):
-    import subprocess
-
-    config = os.path.join(tmp, "load.yaml")
-    Path(config).write_text(PROXY_YAML.format(base_url=base_url))
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", config, "--host", "127.0.0.1",
-                             "--port", str(port), "--log-level", "warning"], cwd=ROOT, env=env)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/healthz", proc=proc)
-        ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).json()
-        if ready.get("guard") != "absent" or not ready.get("ready"):
-            raise RuntimeError(f"the proxy is not an unguarded pass-through: /readyz says {ready}")
-    except BaseException:
-        stop(proc)
-        raise
-    return proc, f"http://127.0.0.1:{port}/v1"
-
-
 async def stream(client: httpx.AsyncClient, url: str, data: bytes) -> tuple[int, bytes, float, float]:
     started = time.perf_counter()
     first = None
@@ -124,7 +102,8 @@ async def stream(client: httpx.AsyncClient, url: str, data: bytes) -> tuple[int,
 async def run(args) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         katan, direct_url = start_katan(tmp)
-        proxy, proxy_url = start_proxy(direct_url, tmp)
+        proxy, proxy_root = start_proxy(PROXY_YAML.format(base_url=direct_url), tmp, unguarded=True)
+        proxy_url = proxy_root + "/v1"
         try:
             return await measure(args, proxy.pid, direct_url, proxy_url)
         finally:

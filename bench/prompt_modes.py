@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.proxy_overhead import header  # noqa: E402
-from bench.stream_bench import HEADERS, start_katan, start_proxy, stop  # noqa: E402
+from bench._procs import start_katan, start_proxy, stop  # noqa: E402
+from bench.stream_bench import HEADERS  # noqa: E402
 
 PROMPT = "Give me three facts about otters, and tell me where they live and what they eat."
 

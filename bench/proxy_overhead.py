@@ -40,7 +40,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.support.servers import free_port, katan_command, wait_http  # noqa: E402
+from bench._procs import start_katan, start_proxy, stop  # noqa: E402
 
 # `default` is defined here (off) because an implicit `default` policy guards, and
 # `serve` would then load the guard even though no route uses it.
@@ -196,48 +196,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start_katan(tmp: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    # --max-concurrent: the echo backend otherwise serves one request at a time.
-    proc = subprocess.Popen(katan_command(port, "--stats-file", os.path.join(tmp, "katan.json"),
-                                          "--max-concurrent", "1024"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", proc=proc)
-    except BaseException:
-        stop(proc)
-        raise
-    return proc, f"http://127.0.0.1:{port}/v1"
-
-
-def start_proxy(base_url: str, tmp: str) -> tuple[subprocess.Popen, str]:
-    config = os.path.join(tmp, "proxy.yaml")
-    Path(config).write_text(PROXY_YAML.format(base_url=base_url))
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", config,
-                             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-                            cwd=ROOT, env=env)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/healthz", proc=proc)
-        ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).json()
-        if ready.get("guard") != "absent" or not ready.get("ready"):
-            raise RuntimeError(f"the proxy is not an unguarded pass-through: /readyz says {ready}")
-    except BaseException:
-        stop(proc)
-        raise
-    return proc, f"http://127.0.0.1:{port}/v1"
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 async def run(args: argparse.Namespace, katan_url: str, proxy_url: str,
               katan_pid: int, proxy_pid: int) -> list[Row]:
     limits = httpx.Limits(max_connections=args.concurrency * 2, max_keepalive_connections=args.concurrency * 2)
@@ -278,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         upstream, katan_url = start_katan(tmp)
         try:
-            proxy, proxy_url = start_proxy(katan_url, tmp)
+            proxy, proxy_root = start_proxy(PROXY_YAML.format(base_url=katan_url), tmp, unguarded=True)
+            proxy_url = proxy_root + "/v1"
             try:
                 started = time.perf_counter()
                 rows = asyncio.run(run(args, katan_url, proxy_url, upstream.pid, proxy.pid))

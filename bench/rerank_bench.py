@@ -48,7 +48,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.proxy_overhead import header, percentile  # noqa: E402
-from bench.stream_bench import HEADERS, start_proxy, stop  # noqa: E402
+from bench._procs import start_proxy, stop  # noqa: E402
+from bench.stream_bench import HEADERS  # noqa: E402
 
 DATA = Path("/work/shared/data/advbench_harmful_behaviors.jsonl")
 REFUSAL = "I'm sorry, but I can't help with that."

@@ -32,9 +32,7 @@ import argparse
 import asyncio
 import itertools
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.proxy_overhead import cpu_seconds, header, percentile  # noqa: E402
-from tests.support.servers import free_port, katan_command, wait_http  # noqa: E402
+from bench._procs import start_katan, start_proxy, stop  # noqa: E402
 
 PROXY_YAML = """
 server:
@@ -187,52 +185,6 @@ def table(results: list[ArmResult]) -> str:
             f"| {'-' if r.arm == 'direct' else f'{r.proxy_cpu * 1000:.0f} ms'} | {r.katan_cpu * 1000:.0f} ms "
             f"| {r.cut} |")
     return "\n".join(lines)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def start_katan(tmp: str, *flags: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen(katan_command(port, "--stats-file", os.path.join(tmp, f"katan-{port}.json"),
-                                          "--max-concurrent", "1024", *flags),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", proc=proc)
-    except BaseException:
-        stop(proc)
-        raise
-    return proc, f"http://127.0.0.1:{port}/v1"
-
-
-def start_proxy(config_text: str, tmp: str, *, ready_timeout: float = 300.0) -> tuple[subprocess.Popen, str]:
-    """`python -m proxy serve` in its own process; returns once /readyz is 200 (the guard has loaded)."""
-    config = os.path.join(tmp, "proxy.yaml")
-    Path(config).write_text(config_text)
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    log = open(os.path.join(tmp, "proxy.log"), "wb")  # noqa: SIM115 - lives with the process
-    proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", config, "--host", "127.0.0.1",
-                             "--port", str(port), "--log-level", "warning"],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(url + "/healthz", proc=proc)
-        deadline = time.monotonic() + ready_timeout
-        while httpx.get(url + "/readyz", timeout=5).status_code != 200:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the proxy did not become ready; see {log.name}")
-            time.sleep(0.5)
-    except BaseException:
-        stop(proc)
-        raise
-    return proc, url
 
 
 async def bench(args: argparse.Namespace, katan_url: str, proxy_url: str, proxy_pid: int,

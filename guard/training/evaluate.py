@@ -26,7 +26,7 @@ import torch
 from guard.artifact import ArtifactConfig, load_head, read_artifact
 from guard.training import metrics
 from guard.training.baseline import fit_baseline
-from guard.training.data import Row, dataset_name, load_rows, parse_data_spec
+from guard.training.data import Row, dataset_name, load_pairs, load_rows, parse_data_spec
 from guard.training.train import build_dataset, features_for
 
 logger = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ class EvalOptions:
     cache_root: Path = Path(".cache/features")
     baseline: bool = True
     progress: bool = True
+    pairs: tuple[str, ...] = ()  # preference-pair files (hh-rlhf schema): a ranking check
 
 
 def head_scores(config: ArtifactConfig, state: dict, features: np.ndarray) -> np.ndarray:
@@ -70,7 +71,13 @@ def evaluate(opts: EvalOptions) -> dict:
     config, state = read_artifact(opts.artifact)
     training = config.metadata.get("training", {})
     sets = load_eval_sets(opts.data, opts.seed)
+    pair_sets = {}
+    for spec in opts.pairs:
+        path, limit, sample_seed = parse_data_spec(spec)
+        pair_sets[dataset_name(path)] = load_pairs(path, limit=limit,
+                                                   seed=opts.seed if sample_seed is None else sample_seed)
     all_rows = [r for rows in sets.values() for r in rows]
+    all_rows += [r for pairs in pair_sets.values() for pair in pairs for r in pair]
     extract_layers = max(config.top_layer + 1, training.get("extract_layers") or 0)
     from guard.siren import backbone_spec
 
@@ -115,6 +122,15 @@ def evaluate(opts: EvalOptions) -> dict:
         curves[name] = {"labels": y, "siren": scores[start:end],
                         "lexical": None if baseline_scores is None else baseline_scores[start:end]}
         start = end
+    out["pairs"] = {}
+    for name, pairs in pair_sets.items():
+        end = start + 2 * len(pairs)
+        entry = {"n": len(pairs), "siren": metrics.pairwise_accuracy(scores[start:end:2], scores[start + 1:end:2])}
+        if baseline_scores is not None:
+            entry["lexical"] = metrics.pairwise_accuracy(baseline_scores[start:end:2],
+                                                         baseline_scores[start + 1:end:2])
+        out["pairs"][name] = entry
+        start = end
     out["seconds"] = round(time.monotonic() - started, 1)
     if opts.report:
         Path(opts.report).parent.mkdir(parents=True, exist_ok=True)
@@ -141,4 +157,8 @@ def table(result: dict) -> str:
                 f"| {name} | {scorer} | {rep['n']} | {_fmt(rep['auroc'])} | {_fmt(d['macro_f1'])} | "
                 f"{_fmt(d['precision'])} | {_fmt(d['recall'])} | {_fmt(d['fpr'])} | "
                 f"{'  -  ' if b is None else b['threshold']} | {_fmt(None if b is None else b['macro_f1'])} |")
+    if result.get("pairs"):
+        lines += ["", "| preference pairs | n | siren: P(safer scores lower) | lexical |", "|---|---|---|---|"]
+        for name, entry in result["pairs"].items():
+            lines.append(f"| {name} | {entry['n']} | {_fmt(entry['siren'])} | {_fmt(entry.get('lexical'))} |")
     return "\n".join(lines)

@@ -115,3 +115,12 @@ def report(dataset: str, labels: Sequence[int], scores: Sequence[float], thresho
                          n_benign=int((y == 0).sum()), auroc=auroc(labels, scores),
                          default=at_threshold(labels, scores, threshold),
                          best=best_threshold(labels, scores))
+
+
+def pairwise_accuracy(safer: Sequence[float], worse: Sequence[float]) -> float | None:
+    """P(the less harmful response of a pair scores lower), ties counted one half."""
+    a = np.asarray(safer, dtype=np.float64)
+    b = np.asarray(worse, dtype=np.float64)
+    if not len(a):
+        return None
+    return float(((a < b).sum() + 0.5 * (a == b).sum()) / len(a))

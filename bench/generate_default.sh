@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The command that generated the response-level rows the shipped default head is trained
-# on (docs/readme_training.md): SmolLM2-135M-Instruct answers training-role prompts, and
+# on (README, "The shipped default"): SmolLM2-135M-Instruct answers training-role prompts, and
 # continues pre-filled refusals to harmful ones; rows are labelled by the documented rule
 # (guard/training/generate.py). DATA defaults to the shared data folder of this workplace.
 set -euo pipefail

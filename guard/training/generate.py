@@ -15,7 +15,7 @@ recipe) to answer labelled prompts, and labels each (prompt, response) by a rule
 
 The rule's agreement with human labels is measured by :func:`rule_agreement` on the
 response-level development sets (`siren-proxy generate --agreement ...`) before any
-generated row is trained on; docs/readme_training.md records it.
+generated row is trained on; the README records it.
 
 Resumable: rows already in the output file (by id) are not asked for again. Every
 request carries a seed derived from the row id, so a rerun against the same server and

@@ -34,6 +34,11 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_ARTIFACT = Path(__file__).resolve().parent / "default"
 MAX_BATCH_TOKENS = 8192  # windows per forward are capped by padded tokens, to bound memory
+# A forward's padded tokens may exceed its real ones by this share at most. On CPU a
+# padded token costs what a real one does, while a forward of a few hundred rows already
+# runs its matrix products near their best rate, so a batch of uneven lengths is cut
+# into sub-batches of even ones (guard_bench (b) and (d)).
+MAX_PAD_SHARE = 0.15
 
 
 def resolve_artifact(path_or_id: str | os.PathLike | None, cache_dir: str | None = None) -> Path:
@@ -183,8 +188,9 @@ class SirenGuard:
         """P(harmful) of texts already prepared by `guard.text.model_text`.
 
         Every window of every text is one row of a right-padded batch; windows are
-        sorted by length so that padding stays small, and a text's score is its
-        windows' maximum.
+        sorted by length and cut into forwards whose padding stays under
+        `MAX_PAD_SHARE` of their tokens (and under `MAX_BATCH_TOKENS` in all); a text's
+        score is its windows' maximum.
         """
         if not prepared:
             return []
@@ -199,8 +205,12 @@ class SirenGuard:
         pad = self._tokenizer.pad_token_id
         lo = 0
         while lo < len(windows):
-            hi = lo + 1
-            while hi < len(windows) and len(windows[hi][1]) * (hi + 1 - lo) <= MAX_BATCH_TOKENS:
+            hi, real = lo + 1, len(windows[lo][1])
+            while hi < len(windows):
+                padded = len(windows[hi][1]) * (hi + 1 - lo)  # sorted: the new one is the widest
+                if padded > MAX_BATCH_TOKENS or padded > (1 + MAX_PAD_SHARE) * (real + len(windows[hi][1])):
+                    break
+                real += len(windows[hi][1])
                 hi += 1
             chunk = windows[lo:hi]
             width = len(chunk[-1][1])

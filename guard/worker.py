@@ -10,7 +10,7 @@ scoring call becomes a job on one FIFO queue, served by one thread:
 - Streaming steps run one at a time, in arrival order. Sessions hold KV caches of
   different lengths; batching them would pad every cache to the longest, and on CPU a
   16-token step is bound by reading the weights once, which batching would share, but
-  not enough to repay the padding and copies here (see docs/readme_guard.md).
+  not enough to repay the padding and copies here (README, "Benchmark").
 - At most `max_queue` jobs wait; one more raises `QueueFull` at once (no blocking).
 - Any exception from the model reaches the awaiting caller as a `GuardError`
   (`ScoringError` with the original as `__cause__`); the proxy fails closed on it.

@@ -24,6 +24,26 @@ def guard(artifact_factory):
     g.close()
 
 
+def test_uneven_batches_are_cut_into_forwards_of_even_length(guard, real_rows, monkeypatch):
+    from guard.siren import MAX_PAD_SHARE
+
+    texts = [model_text(prompt=r["prompt"][: 10 + 7 * i]) for i, r in enumerate(real_rows[:12])]
+    singles = [guard.p_harmful([t])[0] for t in texts]
+    forwards = []
+    rows = guard._readout.rows
+
+    def recording(ids, mask=None, cache=None):
+        forwards.append((ids.numel(), int(mask.sum()) if mask is not None else ids.numel()))
+        return rows(ids, mask, cache)
+
+    monkeypatch.setattr(guard._readout, "rows", recording)
+    batched = guard.p_harmful(texts)
+    assert batched == pytest.approx(singles, abs=TOL)
+    assert 1 < len(forwards) < len(texts)  # neither one padded forward nor one per text
+    assert sum(real for _, real in forwards) == sum(len(guard.plan.body(guard.tokenizer, t)) for t in texts)
+    assert all(padded <= (1 + MAX_PAD_SHARE) * real for padded, real in forwards)
+
+
 def test_concurrent_scores_are_batched_and_exact(guard, real_rows):
     items = [(r["prompt"][:80], r["response"][:120]) for r in real_rows[:16]]
     expected = guard.p_harmful([model_text(prompt=p, response=r) for p, r in items])

@@ -5,7 +5,7 @@ the middle of a stream (SO_LINGER 0), SSE that is not JSON, binary garbage, an e
 the decoder's limit, a half-written chunk, no status line at all, a slow drip. Each case
 goes through an unguarded and a guarded policy, checks exactly what the client gets
 (status, body, the in-band error event and `data: [DONE]`), and that the same proxy then
-serves a plain request. docs/readme_hardening.md has the table these tests pin down.
+serves a plain request. The README ("Faults: what the client sees") has the table these tests pin down.
 """
 
 from __future__ import annotations

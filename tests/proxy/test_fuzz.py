@@ -17,7 +17,7 @@ normalise the very paths and headers under test. For every generated request:
 - a plain request right after still works.
 
 Sizes are set so the whole module runs in about 30 s on two busy cores; the README
-(docs/readme_hardening.md) reports the case count.
+("Fuzzing") reports the case count.
 """
 
 from __future__ import annotations

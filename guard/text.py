@@ -5,6 +5,10 @@ and evaluation all build their text here and nowhere else. The rules are the ref
 runtime's (`siren_guard._to_raw_text`, `_join_prompt_response`), to the character:
 chat-template markers become a space, runs of spaces and tabs fold to one space, three
 or more newlines fold to two, and the result is stripped. An empty text scores as " ".
+
+One addition: surrogate code points (JSON can carry ``"\\ud83d"``; a tokenizer cannot
+read them, and the reference raises) are first re-paired, a high and a low surrogate in a
+row becoming the character they encode, and any left alone become U+FFFD.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ _CHAT_ARTIFACTS = re.compile(
 )
 _HORIZONTAL_SPACE = re.compile(r"[ \t]+")
 _MANY_NEWLINES = re.compile(r"\n{3,}")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 EMPTY_TEXT = " "
 
@@ -30,6 +35,8 @@ def clean_text(text: str | None) -> str:
     """The reference's `_to_raw_text`: strip chat markers and fold white space."""
     if not text:
         return ""
+    if _SURROGATE.search(text):
+        text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
     cleaned = _CHAT_ARTIFACTS.sub(" ", text)
     cleaned = _HORIZONTAL_SPACE.sub(" ", cleaned)
     cleaned = _MANY_NEWLINES.sub("\n\n", cleaned)

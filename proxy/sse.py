@@ -232,7 +232,8 @@ class SSEDecoder:
 def encode_event(data: str, *, event: str | None = None) -> bytes:
     """`event: ...` then one `data: ` line per line of `data`, then the blank line.
 
-    Decoding gives back `data` with its line endings (CR, CRLF) normalised to LF.
+    Decoding gives back `data` with its line endings (CR, CRLF) normalised to LF. A lone
+    surrogate (JSON can carry one as ``"\\ud800"``, UTF-8 cannot) becomes U+FFFD.
     """
     lines = []
     if event is not None:
@@ -241,9 +242,23 @@ def encode_event(data: str, *, event: str | None = None) -> bytes:
         lines.append(f"event: {event}\n")
     lines.extend(f"data: {line}\n" for line in _TEXT_EOL.split(data))
     lines.append("\n")
-    return "".join(lines).encode("utf-8")
+    text = "".join(lines)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode("utf-8")
 
 
 def encode_json(obj: Any) -> bytes:
-    """One `data:` event of compact JSON, as vLLM and OpenAI send chunks."""
-    return encode_event(json.dumps(obj, ensure_ascii=False, separators=(",", ":")))
+    """One `data:` event of compact JSON, as vLLM and OpenAI send chunks.
+
+    Non-ASCII text is written as UTF-8, except when a string holds a lone surrogate
+    (an upstream or client can send ``"\\ud800"``): then the whole event is written with
+    JSON escapes, which carries it unchanged.
+    """
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(obj, ensure_ascii=True, separators=(",", ":"))
+    return encode_event(text)

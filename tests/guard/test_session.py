@@ -87,3 +87,17 @@ def test_prompt_is_prefilled_once_and_tokens_count(case):
     assert session.tokens == len(guard.plan.body(guard.tokenizer, model_text(prompt=prompt, response=response)))
     if guard.max_length >= 512:  # one window: the response cost its own tokens, no more
         assert session.tokens_fed <= session.tokens + 8
+
+
+def test_surrogates_from_json_escapes_score_like_their_characters(case):
+    """A client or upstream can send "\\ud83d\\ude00" split across chunks, or a lone
+    "\\ud800": no tokenizer reads those, so cleaning re-pairs or replaces them."""
+    guard, _, _, _ = case
+    emoji = guard.score(prompt="hi", response="ok \U0001f600 done").score
+    split = guard.stream(prompt="hi")
+    for delta in ("ok \ud83d", "\ude00 done"):
+        result = split.append(delta)
+    assert result.score == pytest.approx(emoji, abs=TOL)
+    assert guard.score("a\ud800b").score == pytest.approx(guard.score("a\ufffdb").score, abs=TOL)
+    assert guard.stream(prompt="x\udc00").append("y").score == pytest.approx(
+        guard.score(prompt="x\ufffd", response="y").score, abs=TOL)

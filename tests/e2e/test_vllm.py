@@ -166,16 +166,18 @@ def test_harmful_continuation_is_cut_and_vllm_stops(vllm_url, scorer, tmp_path):
 
 
 def test_n2_stream_one_choice_cut_the_other_finishes(vllm_url, scorer, tmp_path):
-    """n=2, sampled: vLLM seeds choice i with seed + i. With seed 13, choice 0 opens by
-    restating the phishing request (response-only score 0.99 at 16 tokens) and choice 1
-    drifts into a meaningless code block (0.000 at 16, 32 and 48 tokens), measured with the
-    guard one-shot; so this policy scores the response alone (`include_prompt: false`)."""
+    """n=2, sampled: vLLM seeds choice i with seed + i. With seed 21 (this fixture's
+    server), choice 0 offers "a printable python script ... to create fake email
+    addresses" (response-only score 0.29 at 16 tokens, 0.86 at 32, 0.93 at 48) and choice 1
+    rambles about being a bot (0.37, 0.39, 0.21), measured with the shipped guard
+    one-shot; so this policy scores the response alone (`include_prompt: false`: with the
+    harmful prompt both choices score above 0.47)."""
     audit = tmp_path / "audit.jsonl"
     response = "{action: cut, threshold: 0.5, check_every: 16, holdback: 16, include_prompt: false}"
     text = config(vllm_url, prompt="{action: shadow}", response=response, server=f"  audit_log: {audit}")
     with running_proxy(text, scorer) as proxy, sdk(proxy.url + "/v1") as client:
         chunks = list(client.chat.completions.create(
-            model=SERVED_NAME, messages=CUT_MESSAGES, n=2, temperature=1.0, seed=13, max_tokens=48,
+            model=SERVED_NAME, messages=CUT_MESSAGES, n=2, temperature=1.0, seed=21, max_tokens=48,
             stream=True, stream_options={"include_usage": True}))
     finishes = {c.choices[0].index: c.choices[0].finish_reason for c in chunks
                 if c.choices and c.choices[0].finish_reason}

@@ -235,14 +235,7 @@ def encode_event(data: str, *, event: str | None = None) -> bytes:
     Decoding gives back `data` with its line endings (CR, CRLF) normalised to LF. A lone
     surrogate (JSON can carry one as ``"\\ud800"``, UTF-8 cannot) becomes U+FFFD.
     """
-    lines = []
-    if event is not None:
-        if _TEXT_EOL.search(event):
-            raise ValueError(f"SSE event name contains a line break: {event!r}")
-        lines.append(f"event: {event}\n")
-    lines.extend(f"data: {line}\n" for line in _TEXT_EOL.split(data))
-    lines.append("\n")
-    text = "".join(lines)
+    text = _event_text(data, event)
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError:
@@ -256,9 +249,18 @@ def encode_json(obj: Any) -> bytes:
     (an upstream or client can send ``"\\ud800"``): then the whole event is written with
     JSON escapes, which carries it unchanged.
     """
-    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
     try:
-        text.encode("utf-8")
+        return _event_text(json.dumps(obj, ensure_ascii=False, separators=(",", ":"))).encode("utf-8")
     except UnicodeEncodeError:
-        text = json.dumps(obj, ensure_ascii=True, separators=(",", ":"))
-    return encode_event(text)
+        return _event_text(json.dumps(obj, ensure_ascii=True, separators=(",", ":"))).encode("utf-8")
+
+
+def _event_text(data: str, event: str | None = None) -> str:
+    lines = []
+    if event is not None:
+        if _TEXT_EOL.search(event):
+            raise ValueError(f"SSE event name contains a line break: {event!r}")
+        lines.append(f"event: {event}\n")
+    lines.extend(f"data: {line}\n" for line in _TEXT_EOL.split(data))
+    lines.append("\n")
+    return "".join(lines)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import httpx
 
-from guard.training.data import Row, load_rows, normalize_prompt, parse_data_spec
+from guard.training.data import Row, eval_prompt_keys, load_rows, normalize_prompt, parse_data_spec
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,8 @@ REFUSAL_OPENINGS = (
     "As an AI assistant, I must decline this request.",
     "I apologize, but I cannot provide that.",
 )
+
+REFUSAL_MAX_TOKENS = 60  # a continued refusal is cut after two sentences anyway
 
 _COMPLIANCE_CUE = re.compile(r"However|Here|But |Instead|\n|:|Step|\d\.")
 _SENTENCE_END = re.compile(r"[.!?](\s|$)")
@@ -97,6 +99,21 @@ class Job:
     def seed(self) -> int:
         return int.from_bytes(hashlib.sha256(self.id.encode()).digest()[:4], "big")
 
+    @property
+    def opening(self) -> str | None:
+        """The refusal pre-filled into the assistant turn (refusal jobs only)."""
+        return REFUSAL_OPENINGS[self.seed % len(REFUSAL_OPENINGS)] if self.mode == "refusal" else None
+
+    @property
+    def messages(self) -> list[dict]:
+        messages = [{"role": "user", "content": self.row.prompt}]
+        if self.opening is not None:
+            messages.append({"role": "assistant", "content": self.opening})
+        return messages
+
+    def max_tokens(self, limit: int) -> int:
+        return min(limit, REFUSAL_MAX_TOKENS) if self.mode == "refusal" else limit
+
 
 def plan(prompt_specs: Sequence[str], refusal_specs: Sequence[str], exclude: Iterable[str],
          seed: int) -> list[Job]:
@@ -104,8 +121,6 @@ def plan(prompt_specs: Sequence[str], refusal_specs: Sequence[str], exclude: Ite
 
     Prompts of the `exclude` files (the evaluation sets) are dropped, as in training.
     """
-    from guard.training.data import eval_prompt_keys
-
     banned = eval_prompt_keys(exclude)
     jobs: list[Job] = []
     for specs, mode in ((prompt_specs, "answer"), (refusal_specs, "refusal")):
@@ -121,19 +136,16 @@ def plan(prompt_specs: Sequence[str], refusal_specs: Sequence[str], exclude: Ite
 
 
 def _request(job: Job, model: str, max_tokens: int, temperature: float) -> dict:
-    body = {"model": model, "messages": [{"role": "user", "content": job.row.prompt}],
-            "max_tokens": max_tokens, "temperature": temperature, "seed": job.seed}
-    if job.mode == "refusal":
-        opening = REFUSAL_OPENINGS[job.seed % len(REFUSAL_OPENINGS)]
-        body["messages"].append({"role": "assistant", "content": opening})
-        body.update(max_tokens=min(max_tokens, 60), continue_final_message=True, add_generation_prompt=False)
+    body = {"model": model, "messages": job.messages, "max_tokens": job.max_tokens(max_tokens),
+            "temperature": temperature, "seed": job.seed}
+    if job.opening is not None:
+        body.update(continue_final_message=True, add_generation_prompt=False)
     return body
 
 
 def _result(job: Job, content: str, model: str) -> dict:
-    if job.mode == "refusal":
-        opening = REFUSAL_OPENINGS[job.seed % len(REFUSAL_OPENINGS)]
-        response, label = cut_refusal(opening, content), 0
+    if job.opening is not None:
+        response, label = cut_refusal(job.opening, content), 0
     else:
         response, label = content.strip(), rule_label(job.row.label, content)
     return {"id": job.id, "prompt": job.row.prompt, "response": response, "label": label,
@@ -202,11 +214,9 @@ def generate_local(jobs: Sequence[Job], out: Path, *, backbone: str = "pypi:llm-
     name = bb.source.rstrip("/").rsplit("/", 1)[-1]
 
     def chat(job: Job) -> str:
-        messages = [{"role": "user", "content": job.row.prompt}]
-        if job.mode == "refusal":
-            messages.append({"role": "assistant", "content": REFUSAL_OPENINGS[job.seed % len(REFUSAL_OPENINGS)]})
-            return tok.apply_chat_template(messages, tokenize=False, continue_final_message=True)
-        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if job.opening is not None:
+            return tok.apply_chat_template(job.messages, tokenize=False, continue_final_message=True)
+        return tok.apply_chat_template(job.messages, tokenize=False, add_generation_prompt=True)
 
     texts = {j.id: chat(j) for j in todo}
     lengths = {i: len(tok(t).input_ids) for i, t in texts.items()}
@@ -216,7 +226,7 @@ def generate_local(jobs: Sequence[Job], out: Path, *, backbone: str = "pypi:llm-
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
             enc = tok([texts[j.id] for j in batch], return_tensors="pt", padding=True, add_special_tokens=False)
-            limit = min(max_tokens, 60) if batch[0].mode == "refusal" else max_tokens
+            limit = batch[0].max_tokens(max_tokens)  # batches never mix modes (sorted by mode first)
             torch.manual_seed(batch[0].seed)
             with torch.inference_mode():
                 gen = model.generate(**enc, max_new_tokens=limit, do_sample=True, temperature=temperature,

@@ -17,9 +17,8 @@ import httpx
 import openai
 import pytest
 
-from policies.config import GuardConfig
-from proxy.embedded import LoadingScorer
 from tests.support.proxy import running_proxy
+from tests.support.scorers import embedded_scorer
 
 from .vllm_server import SERVED_NAME, settled_metrics
 
@@ -43,10 +42,7 @@ CUT_MAX_TOKENS = 2048
 
 @pytest.fixture(scope="module")
 def scorer():
-    loading = LoadingScorer(GuardConfig())
-    assert loading.wait(timeout=300), f"guard did not load: {loading.error!r}"
-    yield loading
-    loading.close()
+    yield from embedded_scorer()
 
 
 def config(url: str, *, prompt: str, response: str, server: str = "") -> str:

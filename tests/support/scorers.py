@@ -1,4 +1,5 @@
-"""Deterministic scorers for proxy tests (the real guard is tested in tests/guard).
+"""Deterministic scorers for proxy tests (the real guard is tested in tests/guard), and
+`embedded_scorer`, the real embedded guard for the tests that run it end to end.
 
 `KeywordScorer` implements `proxy.scorer.Scorer` by looking for marker words, so a test
 controls exactly where a stream crosses: "BOMB" scores 0.99, "borderline" 0.4, anything
@@ -11,6 +12,18 @@ from __future__ import annotations
 import asyncio
 
 from proxy.scorer import ScorerBusy
+
+
+def embedded_scorer():
+    """The embedded guard as `siren-proxy serve` loads it, once loaded (a generator for
+    module fixtures: `yield from embedded_scorer()`)."""
+    from policies.config import GuardConfig
+    from proxy.embedded import LoadingScorer
+
+    loading = LoadingScorer(GuardConfig())
+    assert loading.wait(timeout=300), f"guard did not load: {loading.error!r}"
+    yield loading
+    loading.close()
 
 
 def keyword_score(text: str) -> float:

@@ -16,6 +16,8 @@ import httpx
 
 from policies.config import Upstream
 
+from .h1 import H1Transport, handles
+
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
     "te", "trailer", "transfer-encoding", "upgrade",
@@ -69,31 +71,34 @@ def response_headers(raw: Iterable[tuple[str, str]], *, keep_length: bool) -> li
 
 
 class UpstreamPool:
-    """One pooled httpx transport per upstream, created lazily and closed together.
+    """Pooled transports per upstream, created lazily and closed together.
 
-    Requests go straight to httpx's transport (its public `handle_async_request` API),
-    not through an `AsyncClient`: a client would add its own default headers
-    (`User-Agent`, `Accept`, `Accept-Encoding`), keep upstream cookies and replay them
-    for the next client, and run auth, redirect and event-hook machinery that a proxy
-    must not have, at about 0.2 ms of CPU a request (measured against llm-katan).
+    Requests go straight to a transport (httpx's public `handle_async_request` API), not
+    through an `AsyncClient`: a client would add its own default headers (`User-Agent`,
+    `Accept`, `Accept-Encoding`), keep upstream cookies and replay them for the next
+    client, and run auth, redirect and event-hook machinery that a proxy must not have,
+    at about 0.2 ms of CPU a request (measured against llm-katan). A plain-http upstream
+    (vLLM, llama.cpp on the same host or network) goes through `proxy.h1`'s leaner
+    transport; https:// and what `h1.handles` leaves go through httpx's.
     """
 
     def __init__(self) -> None:
-        self._transports: dict[tuple, httpx.AsyncHTTPTransport] = {}
+        self._transports: dict[tuple, tuple[H1Transport, httpx.AsyncHTTPTransport]] = {}
 
-    def transport(self, upstream: Upstream) -> httpx.AsyncHTTPTransport:
-        # Keyed by the settings too, so a reloaded config with a new pool size gets a
-        # fresh transport while requests in flight keep the one they started with.
+    def transports(self, upstream: Upstream) -> tuple[H1Transport, httpx.AsyncHTTPTransport]:
+        # Keyed by the settings too, so a reloaded config with a new pool size gets
+        # fresh transports while requests in flight keep the ones they started with.
         key = (upstream.name, upstream.base_url, upstream.max_connections)
-        transport = self._transports.get(key)
-        if transport is None:
-            transport = httpx.AsyncHTTPTransport(
-                limits=httpx.Limits(max_connections=upstream.max_connections,
-                                    max_keepalive_connections=min(upstream.max_connections, 256)),
-                trust_env=False,
-            )
-            self._transports[key] = transport
-        return transport
+        pair = self._transports.get(key)
+        if pair is None:
+            keepalive = min(upstream.max_connections, 256)
+            pair = (H1Transport(max_connections=upstream.max_connections, max_keepalive=keepalive),
+                    httpx.AsyncHTTPTransport(
+                        limits=httpx.Limits(max_connections=upstream.max_connections,
+                                            max_keepalive_connections=keepalive),
+                        trust_env=False))
+            self._transports[key] = pair
+        return pair
 
     async def send(self, upstream: Upstream, method: str, url: str, headers: list[tuple[bytes, bytes]],
                    content: bytes, *, read_timeout: float | None = None) -> httpx.Response:
@@ -102,12 +107,14 @@ class UpstreamPool:
         timeout = {"connect": upstream.connect_timeout, "read": read, "write": read,
                    "pool": upstream.connect_timeout}
         request = httpx.Request(method, url, headers=headers, content=content, extensions={"timeout": timeout})
-        return await self.transport(upstream).handle_async_request(request)
+        lean, general = self.transports(upstream)
+        return await (lean if handles(request) else general).handle_async_request(request)
 
     async def aclose(self) -> None:
-        transports, self._transports = list(self._transports.values()), {}
-        for transport in transports:
-            await transport.aclose()
+        pairs, self._transports = list(self._transports.values()), {}
+        for pair in pairs:
+            for transport in pair:
+                await transport.aclose()
 
 
 def upstream_url(upstream: Upstream, upstream_path: str, query: str) -> str:

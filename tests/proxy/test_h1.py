@@ -1,0 +1,289 @@
+"""`proxy.h1`, the transport to plain-http upstreams, against loopback servers of our own.
+
+An asyncio server that keeps connections alive (and counts them) checks reuse, the
+retry of a connection dropped while idle, the pool bound and early closes; the
+raw-socket `RawUpstream` plays byte scripts for bodies delimited by length, by chunks
+and by the end of the connection, informational responses, resets and garbage. The
+proxy-level behaviour of the same faults is in test_faults.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import httpx
+import pytest
+
+from proxy.h1 import HIGH_WATER, H1Transport, handles
+from tests.proxy.rawhttp import FIN, LAST_CHUNK, RST, RawUpstream, chunk
+
+TIMEOUT = {"connect": 2.0, "read": 2.0, "write": 2.0, "pool": 2.0}
+
+
+def request(url: str, method: str = "POST", body: bytes = b"{}", timeout: dict = TIMEOUT, **headers) -> httpx.Request:
+    return httpx.Request(method, url, content=body, headers=headers, extensions={"timeout": timeout})
+
+
+async def fetch(transport: H1Transport, url: str, **kwargs) -> tuple[httpx.Response, bytes]:
+    response = await transport.handle_async_request(request(url, **kwargs))
+    try:
+        body = b"".join([piece async for piece in response.aiter_raw()])
+    finally:
+        await response.aclose()
+    return response, body
+
+
+class KeepAlive:
+    """Answers every request on a connection with `body`, until the client leaves.
+
+    `close_after=N`: the connection is closed right after N answers (a server ending a
+    connection that then sits idle); `ignore_after=N`: the next request after N answers
+    is read and the connection closed without an answer (the same close, racing the
+    client's next request).
+    """
+
+    def __init__(self, body: bytes = b"hello", close_after: int | None = None, ignore_after: int | None = None,
+                 delay: float = 0.0) -> None:
+        self.body, self.close_after, self.ignore_after, self.delay = body, close_after, ignore_after, delay
+        self.connections = 0
+        self.closed_by_client = 0
+        self.requests: list[bytes] = []
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        served = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                self.requests.append(head + await reader.readexactly(length))
+                if served == self.ignore_after:
+                    break
+                await asyncio.sleep(self.delay)
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(self.body), self.body))
+                await writer.drain()
+                served += 1
+                if served == self.close_after:
+                    break
+        except asyncio.IncompleteReadError:
+            self.closed_by_client += 1
+        except asyncio.CancelledError:  # the test's loop is ending with the connection open
+            pass
+        finally:
+            writer.close()
+
+
+@contextlib.asynccontextmanager
+async def keepalive_server(handler: KeepAlive):
+    server = await asyncio.start_server(handler.serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}/v1/chat/completions"
+    finally:
+        server.close()
+
+
+def test_connections_are_kept_alive_and_reused():
+    async def main():
+        handler = KeepAlive()
+        async with keepalive_server(handler) as url:
+            transport = H1Transport()
+            for _ in range(5):
+                response, body = await fetch(transport, url + "?q=1", body=b'{"x": 1}', authorization="Bearer k")
+                assert (response.status_code, body) == (200, b"hello")
+            await transport.aclose()
+        assert handler.connections == 1
+        head = handler.requests[0]
+        assert head.startswith(b"POST /v1/chat/completions?q=1 HTTP/1.1\r\n")
+        assert b"\r\nauthorization: Bearer k\r\n" in head
+        assert head.endswith(b'\r\n\r\n{"x": 1}') and b"content-length: 8" in head.lower()
+
+    asyncio.run(main())
+
+
+def test_a_connection_dropped_while_idle_is_retried_once_on_a_new_one():
+    async def main():
+        handler = KeepAlive(close_after=1)
+        async with keepalive_server(handler) as url:
+            transport = H1Transport()
+            for _ in range(3):
+                _, body = await fetch(transport, url)
+                assert body == b"hello"
+                await asyncio.sleep(0.05)  # the server's close reaches the idle connection
+            await transport.aclose()
+        assert handler.connections == 3
+
+    asyncio.run(main())
+
+
+def test_a_connection_closed_under_a_request_with_no_answer_is_retried_on_a_new_one():
+    async def main():
+        handler = KeepAlive(ignore_after=1)
+        async with keepalive_server(handler) as url:
+            transport = H1Transport()
+            await fetch(transport, url)
+            response, body = await fetch(transport, url, body=b'{"n": 2}')
+            assert (response.status_code, body) == (200, b"hello")
+            await transport.aclose()
+        assert handler.connections == 2
+        assert [r.endswith(b'{"n": 2}') for r in handler.requests] == [False, True, True]
+
+    asyncio.run(main())
+
+
+def test_the_pool_bounds_requests_in_flight_and_times_out_waiting():
+    async def main():
+        handler = KeepAlive(delay=0.3)
+        async with keepalive_server(handler) as url:
+            transport = H1Transport(max_connections=1)
+            first = await transport.handle_async_request(request(url))
+            with pytest.raises(httpx.PoolTimeout):
+                await transport.handle_async_request(request(url, timeout={**TIMEOUT, "pool": 0.1}))
+            waiting = asyncio.ensure_future(fetch(transport, url))
+            await asyncio.sleep(0.05)
+            assert not waiting.done()  # the one slot is still held by the open response
+            await first.aread()
+            await first.aclose()
+            _, body = await waiting
+            assert body == b"hello"
+            await transport.aclose()
+        assert handler.connections == 1
+
+    asyncio.run(main())
+
+
+def test_a_response_closed_before_its_end_closes_its_connection():
+    async def main():
+        handler = KeepAlive(body=b"x" * 200_000)
+        async with keepalive_server(handler) as url:
+            transport = H1Transport()
+            response = await transport.handle_async_request(request(url))
+            await response.aclose()  # body not read
+            await asyncio.sleep(0.1)
+            response, body = await fetch(transport, url)
+            assert len(body) == 200_000
+            await transport.aclose()
+        assert handler.connections == 2
+
+    asyncio.run(main())
+
+
+def test_a_large_body_streams_whole_through_the_read_pause():
+    async def main():
+        data = bytes(range(256)) * (3 * HIGH_WATER // 256 + 7)
+        handler = KeepAlive(body=data)
+        async with keepalive_server(handler) as url:
+            transport = H1Transport()
+            response = await transport.handle_async_request(request(url))
+            await asyncio.sleep(0.2)  # let the socket fill the buffer past its high water
+            conn = response.stream.conn
+            assert conn.paused and conn.buffered <= HIGH_WATER + 65536 * 4
+            body = b"".join([piece async for piece in response.aiter_raw()])
+            await response.aclose()
+            assert body == data
+            await transport.aclose()
+
+    asyncio.run(main())
+
+
+SCRIPTS = {
+    "content-length": ([b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello"], b"hello"),
+    "chunked": ([b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n", chunk(b"hel"), 0.05, chunk(b"lo"),
+                 LAST_CHUNK], b"hello"),
+    "until-close": ([b"HTTP/1.0 200 OK\r\ncontent-type: text/plain\r\n\r\nhel", 0.05, b"lo", FIN], b"hello"),
+    "100-continue-first": ([b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello"],
+                           b"hello"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_bodies_delimited_every_way_arrive_whole(name):
+    script, expected = SCRIPTS[name]
+
+    async def main():
+        with RawUpstream(lambda head: script) as upstream:
+            transport = H1Transport()
+            response, body = await fetch(transport, upstream.url + "/x")
+            assert (response.status_code, body) == (200, expected)
+            await transport.aclose()
+
+    asyncio.run(main())
+
+
+CHUNKED = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+FAULTS = {  # script, the error, the bytes that arrive before it
+    "reset-mid-body": ([b"HTTP/1.1 200 OK\r\ncontent-length: 50\r\n\r\nhel", 0.05, RST], httpx.ReadError, b"hel"),
+    "close-mid-body": ([b"HTTP/1.1 200 OK\r\ncontent-length: 50\r\n\r\nhel", FIN], httpx.RemoteProtocolError,
+                       b"hel"),
+    "half-chunk": ([CHUNKED, chunk(b"hel"), b"40\r\nabc", FIN], httpx.RemoteProtocolError, b"helabc"),
+    "bad-chunk-size": ([CHUNKED, chunk(b"hel"), 0.05, b"zz\r\nabc\r\n"], httpx.RemoteProtocolError, b"hel"),
+    "stalls-mid-body": ([b"HTTP/1.1 200 OK\r\ncontent-length: 50\r\n\r\nhel", 1.0, FIN], httpx.ReadTimeout, b"hel"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAULTS))
+def test_faults_in_the_body_raise_httpx_errors_after_the_bytes_before_them(name):
+    script, error, before = FAULTS[name]
+
+    async def main():
+        with RawUpstream(lambda head: script) as upstream:
+            transport = H1Transport()
+            response = await transport.handle_async_request(request(upstream.url, timeout={**TIMEOUT, "read": 0.4}))
+            assert response.status_code == 200
+            got = b""
+            with pytest.raises(error):
+                async for piece in response.aiter_raw():
+                    got += piece
+            await response.aclose()
+            assert got == before
+            await transport.aclose()
+
+    asyncio.run(main())
+
+
+HEAD_FAULTS = {
+    "reset": ([RST], httpx.ReadError),
+    "close": ([FIN], httpx.RemoteProtocolError),
+    "not-http": ([b"SPDY/9 banana\r\n\r\n", FIN], httpx.RemoteProtocolError),
+    "silent": ([1.0], httpx.ReadTimeout),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HEAD_FAULTS))
+def test_faults_before_the_headers_raise_httpx_errors(name):
+    script, error = HEAD_FAULTS[name]
+
+    async def main():
+        with RawUpstream(lambda head: script) as upstream:
+            transport = H1Transport()
+            with pytest.raises(error):
+                await transport.handle_async_request(request(upstream.url, timeout={**TIMEOUT, "read": 0.4}))
+            await transport.aclose()
+            assert transport._slots._value == transport.max_connections  # the slot came back
+
+    asyncio.run(main())
+
+
+def test_connect_failures_and_unsendable_headers():
+    async def main():
+        transport = H1Transport()
+        with RawUpstream(lambda head: []) as upstream:
+            port = upstream.port
+        with pytest.raises(httpx.ConnectError):  # nothing listens there any more
+            await transport.handle_async_request(request(f"http://127.0.0.1:{port}/v1"))
+        bad = httpx.Request("POST", f"http://127.0.0.1:{port}/v1", content=b"",
+                            headers=[(b"x-evil", b"a\r\nhost: elsewhere")], extensions={"timeout": TIMEOUT})
+        with pytest.raises(httpx.LocalProtocolError):
+            await transport.handle_async_request(bad)
+        await transport.aclose()
+
+    asyncio.run(main())
+
+
+def test_what_the_lean_transport_handles():
+    assert handles(request("http://127.0.0.1:8000/v1/chat/completions"))
+    assert not handles(request("https://api.openai.com/v1/chat/completions"))
+    assert not handles(request("http://127.0.0.1:8000/v1/models", method="HEAD", body=b""))
+    assert not handles(request("http://127.0.0.1:8000/v1/files", expect="100-continue"))

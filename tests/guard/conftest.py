@@ -5,6 +5,7 @@ synthetic artifacts over it, with seeded random heads."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,9 @@ from guard.head import SirenHead
 
 FIXTURES = Path(__file__).parent / "fixtures"
 HIDDEN = 576
+# The oracle, session, long-text and worker tests run on this device: "cpu" here and in CI;
+# SIREN_TEST_DEVICE=cuda runs them on a GPU (README, "On a GPU").
+DEVICE = os.environ.get("SIREN_TEST_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="session")

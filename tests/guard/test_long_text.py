@@ -13,6 +13,7 @@ import torch
 
 from guard import SirenGuard
 from guard.text import model_text
+from tests.guard.conftest import DEVICE
 
 BENIGN = ("The museum opens at nine in the morning and closes at five. Visitors can buy "
           "tickets at the entrance or online, and children under twelve enter for free. ")
@@ -24,9 +25,9 @@ def artifact(artifact_factory):
 
 
 def test_harmful_text_after_1000_benign_tokens(artifact, real_rows):
-    window = SirenGuard.from_pretrained(artifact, device="cpu", dtype=torch.float32)
-    truncate = SirenGuard.from_pretrained(artifact, device="cpu", dtype=torch.float32, long_text="truncate")
-    ref = siren_guard.SirenGuard.from_pretrained(str(artifact), device="cpu", dtype=torch.float32)
+    window = SirenGuard.from_pretrained(artifact, device=DEVICE, dtype=torch.float32)
+    truncate = SirenGuard.from_pretrained(artifact, device=DEVICE, dtype=torch.float32, long_text="truncate")
+    ref = siren_guard.SirenGuard.from_pretrained(str(artifact), device=DEVICE, dtype=torch.float32)
     tok = window.tokenizer
     # The synthetic head's "benign" and "harmful": the real texts it scores lowest and highest.
     segments = [BENIGN] + [r["response"][:300] for r in real_rows]

@@ -16,6 +16,7 @@ import torch
 
 from guard import SirenGuard
 from guard.text import model_text
+from tests.guard.conftest import DEVICE
 
 TOL = 1e-4
 TOKEN_COUNTS = (1, 17, 64, 200, 600)
@@ -32,9 +33,9 @@ CONFIGS = {
 def pair(request, artifact_factory):
     spec = CONFIGS[request.param]
     folder = artifact_factory(request.param, **spec)
-    ref = siren_guard.SirenGuard.from_pretrained(str(folder), device="cpu", dtype=torch.float32)
+    ref = siren_guard.SirenGuard.from_pretrained(str(folder), device=DEVICE, dtype=torch.float32)
     # "truncate" so a 600-token text is read as the reference reads it when max_length=512.
-    ours = SirenGuard.from_pretrained(folder, device="cpu", dtype=torch.float32, long_text="truncate")
+    ours = SirenGuard.from_pretrained(folder, device=DEVICE, dtype=torch.float32, long_text="truncate")
     yield ref, ours
     ref.close()
     ours.close()

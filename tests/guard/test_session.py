@@ -18,6 +18,7 @@ import torch
 
 from guard import SirenGuard
 from guard.text import model_text
+from tests.guard.conftest import DEVICE
 
 TOL = 1e-4
 
@@ -42,7 +43,7 @@ def noisy(text: str, rng: random.Random) -> str:
 def case(request, artifact_factory, real_rows):
     spec, with_prompt, chunkings = CASES[request.param]
     folder = artifact_factory("session-" + request.param, scale=3.0, seed=1, **spec)
-    guard = SirenGuard.from_pretrained(folder, device="cpu", dtype=torch.float32)
+    guard = SirenGuard.from_pretrained(folder, device=DEVICE, dtype=torch.float32)
     rng = random.Random(request.param)
     texts = []
     for row in rng.sample(real_rows, 4):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
+import math
 import threading
 import time
 
@@ -12,6 +14,7 @@ import torch
 from guard import GuardError, QueueFull, ScoringError, SirenGuard, WorkerClosed
 from guard.text import model_text
 from guard.worker import GuardWorker
+from tests.guard.conftest import DEVICE
 
 TOL = 1e-4
 
@@ -19,16 +22,13 @@ TOL = 1e-4
 @pytest.fixture(scope="module")
 def guard(artifact_factory):
     folder = artifact_factory("worker", pooling="residual_mean", layers=[0, 2], scale=3.0, max_length=64)
-    g = SirenGuard.from_pretrained(folder, device="cpu", dtype=torch.float32)
+    g = SirenGuard.from_pretrained(folder, device=DEVICE, dtype=torch.float32)
     yield g
     g.close()
 
 
-def test_uneven_batches_are_cut_into_forwards_of_even_length(guard, real_rows, monkeypatch):
-    from guard.siren import MAX_PAD_SHARE
-
-    texts = [model_text(prompt=r["prompt"][: 10 + 7 * i]) for i, r in enumerate(real_rows[:12])]
-    singles = [guard.p_harmful([t])[0] for t in texts]
+def record_forwards(guard, monkeypatch) -> list[tuple[int, int]]:
+    """(padded, real) tokens of every forward `p_harmful` runs from now on."""
     forwards = []
     rows = guard._readout.rows
 
@@ -37,11 +37,39 @@ def test_uneven_batches_are_cut_into_forwards_of_even_length(guard, real_rows, m
         return rows(ids, mask, cache)
 
     monkeypatch.setattr(guard._readout, "rows", recording)
+    return forwards
+
+
+def uneven_texts(real_rows) -> list[str]:
+    return [model_text(prompt=r["prompt"][: 10 + 7 * i]) for i, r in enumerate(real_rows[:12])]
+
+
+def test_uneven_batches_are_cut_into_forwards_of_even_length(guard, real_rows, monkeypatch):
+    from guard.siren import max_pad_share
+
+    share = max_pad_share(guard.device)
+    texts = uneven_texts(real_rows)
+    singles = [guard.p_harmful([t])[0] for t in texts]
+    forwards = record_forwards(guard, monkeypatch)
     batched = guard.p_harmful(texts)
     assert batched == pytest.approx(singles, abs=TOL)
-    assert 1 < len(forwards) < len(texts)  # neither one padded forward nor one per text
     assert sum(real for _, real in forwards) == sum(len(guard.plan.body(guard.tokenizer, t)) for t in texts)
-    assert all(padded <= (1 + MAX_PAD_SHARE) * real for padded, real in forwards)
+    if math.isinf(share):  # SIREN_TEST_DEVICE=cuda: launches cost more than padding there
+        assert len(forwards) == 1
+    else:
+        assert 1 < len(forwards) < len(texts)  # neither one padded forward nor one per text
+        assert all(padded <= (1 + share) * real for padded, real in forwards)
+
+
+def test_on_a_gpu_uneven_batches_go_in_one_forward(guard, real_rows, monkeypatch):
+    siren = importlib.import_module("guard.siren")
+    assert math.isinf(siren.max_pad_share(torch.device("cuda")))
+    monkeypatch.setattr(siren, "max_pad_share", lambda device: math.inf)
+    texts = uneven_texts(real_rows)
+    singles = [guard.p_harmful([t])[0] for t in texts]
+    forwards = record_forwards(guard, monkeypatch)
+    assert guard.p_harmful(texts) == pytest.approx(singles, abs=TOL)
+    assert len(forwards) == 1
 
 
 def test_concurrent_scores_are_batched_and_exact(guard, real_rows):

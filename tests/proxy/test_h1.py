@@ -44,8 +44,9 @@ class KeepAlive:
     """
 
     def __init__(self, body: bytes = b"hello", close_after: int | None = None, ignore_after: int | None = None,
-                 delay: float = 0.0) -> None:
+                 delay: float = 0.0, extra_header: bytes = b"") -> None:
         self.body, self.close_after, self.ignore_after, self.delay = body, close_after, ignore_after, delay
+        self.extra_header = extra_header
         self.connections = 0
         self.closed_by_client = 0
         self.requests: list[bytes] = []
@@ -62,7 +63,8 @@ class KeepAlive:
                 if served == self.ignore_after:
                     break
                 await asyncio.sleep(self.delay)
-                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(self.body), self.body))
+                writer.write(b"HTTP/1.1 200 OK\r\n%scontent-length: %d\r\n\r\n%s"
+                             % (self.extra_header, len(self.body), self.body))
                 await writer.drain()
                 served += 1
                 if served == self.close_after:
@@ -103,7 +105,34 @@ def test_connections_are_kept_alive_and_reused():
     asyncio.run(main())
 
 
-def test_a_connection_dropped_while_idle_is_retried_once_on_a_new_one():
+def test_concurrent_requests_open_connections_that_later_requests_reuse():
+    async def main():
+        handler = KeepAlive(delay=0.05)
+        async with keepalive_server(handler) as url:
+            transport = H1Transport()
+            for _ in range(3):
+                results = await asyncio.gather(*(fetch(transport, url) for _ in range(8)))
+                assert [body for _, body in results] == [b"hello"] * 8
+            await transport.aclose()
+        assert handler.connections == 8
+
+    asyncio.run(main())
+
+
+def test_an_answer_saying_connection_close_is_not_reused():
+    async def main():
+        handler = KeepAlive(extra_header=b"connection: close\r\n")
+        async with keepalive_server(handler) as url:
+            transport = H1Transport()
+            for _ in range(3):
+                assert (await fetch(transport, url))[1] == b"hello"
+            await transport.aclose()
+        assert handler.connections == 3
+
+    asyncio.run(main())
+
+
+def test_a_connection_the_upstream_closed_while_idle_is_not_reused():
     async def main():
         handler = KeepAlive(close_after=1)
         async with keepalive_server(handler) as url:

@@ -57,6 +57,9 @@ def register(subparsers) -> None:
     ev.add_argument("--pairs", nargs="*", default=[], metavar="FILE[:N]",
                     help="preference pairs (hh-rlhf schema): report how often the less harmful "
                          "response of a single-turn pair scores lower")
+    ev.add_argument("--long-text", default="truncate", choices=["truncate", "window"],
+                    help="rows past one window: read as the reference does (truncate) or as the "
+                         "runtime does (window: the maximum over sliding windows)")
     ev.add_argument("--seed", type=int, default=0, help="seed for FILE:N subsampling")
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ev.add_argument("--device", default="cpu")
@@ -128,7 +131,7 @@ def run_eval(args: argparse.Namespace) -> int:
         plot=args.plot, train_data=tuple(args.train_data) if args.train_data else None,
         exclude=tuple(args.exclude) if args.exclude is not None else None, seed=args.seed,
         dtype=args.dtype, device=args.device, cache_root=args.cache, baseline=not args.no_baseline,
-        pairs=tuple(args.pairs),
+        pairs=tuple(args.pairs), long_text=args.long_text,
     )
     print(table(evaluate(opts)))
     return 0

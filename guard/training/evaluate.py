@@ -3,8 +3,10 @@
 The head's scores are computed from the cached pooled features of each row's
 `Row.text`, truncated at the artifact's `max_length`: exactly the reference runtime's
 (`siren_guard`) score. Our runtime agrees for texts within `max_length` tokens; for
-longer texts it takes the maximum over sliding windows (`guard.windows`), which this
-evaluation does not model.
+longer texts it takes the maximum over sliding windows (`guard.windows`).
+`long_text="window"` scores the rows longer than one window as the runtime does (its
+own `p_harmful`, every window read), so the report is what the proxy would decide;
+the default, "truncate", is the reference's reading.
 
 The baseline is refitted on the artifact's own training split (rebuilt from the
 artifact's `metadata.training` or from `--train-data`), so it is trained on the same
@@ -48,6 +50,7 @@ class EvalOptions:
     baseline: bool = True
     progress: bool = True
     pairs: tuple[str, ...] = ()  # preference-pair files (hh-rlhf schema): a ranking check
+    long_text: str = "truncate"  # or "window": rows past one window scored as the runtime does
 
 
 def head_scores(config: ArtifactConfig, state: dict, features: np.ndarray) -> np.ndarray:
@@ -87,6 +90,7 @@ def evaluate(opts: EvalOptions) -> dict:
                          pooling=config.pooling_type, extract_layers=extract_layers,
                          cache_root=opts.cache_root, token_budget=4096, progress=opts.progress)
     scores = head_scores(config, state, feats)
+    rescored = rescore_long_rows(opts, all_rows, scores) if opts.long_text == "window" else 0
     baseline_scores = None
     baseline_info = None
     if opts.baseline:
@@ -109,7 +113,8 @@ def evaluate(opts: EvalOptions) -> dict:
 
     threshold = config.default_threshold
     out: dict = {"artifact": str(opts.artifact), "default_threshold": threshold,
-                 "dtype": opts.dtype, "baseline": baseline_info, "datasets": {}}
+                 "dtype": opts.dtype, "long_text": opts.long_text, "rows_over_one_window": rescored,
+                 "baseline": baseline_info, "datasets": {}}
     curves: dict[str, dict] = {}
     start = 0
     for name, rows in sets.items():
@@ -140,6 +145,26 @@ def evaluate(opts: EvalOptions) -> dict:
 
         plot_curves(curves, threshold, Path(opts.plot))
     return out
+
+
+def rescore_long_rows(opts: EvalOptions, rows: Sequence[Row], scores: np.ndarray, batch: int = 8) -> int:
+    """Replace, in place, the scores of rows longer than one window by the runtime's
+    (the maximum over its sliding windows); returns how many there were."""
+    from guard import SirenGuard
+
+    guard = SirenGuard.from_pretrained(opts.artifact, device=opts.device, dtype=opts.dtype,
+                                       backbone=opts.backbone, long_text="window")
+    try:
+        plan, tok = guard.plan, guard.tokenizer
+        long = [i for i, row in enumerate(rows) if len(plan.body(tok, row.text)) > plan.window]
+        logger.info("%d of %d rows are longer than one window: scoring them as the runtime does",
+                    len(long), len(rows))
+        for k in range(0, len(long), batch):
+            part = long[k:k + batch]
+            scores[part] = guard.p_harmful([rows[i].text for i in part])
+    finally:
+        guard.close()
+    return len(long)
 
 
 def _fmt(value: float | None) -> str:

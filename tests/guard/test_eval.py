@@ -173,3 +173,33 @@ def test_cli_registers_train_and_eval():
     assert args.data == ["a.jsonl", "b.jsonl:10"] and args.no_baseline and callable(args.func)
     args = parser.parse_args(["train", "--data", "x.jsonl", "--out", "o", "--seed", "3"])
     assert args.seed == 3 and args.out == Path("o") and callable(args.func)
+
+
+def test_window_mode_scores_long_rows_as_the_runtime_does(trained, tmp_path, tmp_path_factory):
+    from guard import SirenGuard
+
+    heldout = [json.loads(line) for line in HELDOUT.read_text().splitlines()]
+    rows = [r for r in heldout if r["label"] == 1][:3] + [r for r in heldout if r["label"] == 0][:3]
+    filler = " ".join(["The river runs past the old mill and under the stone bridge."] * 40)
+    for row in rows[1:4]:  # three rows far past one window, the request last
+        row["prompt"] = filler + " " + row["prompt"]
+    data = tmp_path / "mixed_lengths.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = dict(artifact=trained, data=(str(data),), baseline=False, progress=False,
+                  cache_root=tmp_path_factory.getbasetemp() / "siren-features")
+    window = evaluate(EvalOptions(long_text="window", **common))
+    truncate = evaluate(EvalOptions(**common))
+    assert (window["rows_over_one_window"], truncate["rows_over_one_window"]) == (3, 0)
+
+    guard = SirenGuard.from_pretrained(trained, device="cpu", dtype=torch.float32)
+    try:
+        runtime = [guard.score(prompt=r["prompt"], response=r["response"]).score for r in rows]
+        assert max(len(guard.plan.spans(len(guard.plan.body(guard.tokenizer, t.text))))
+                   for t in load_rows(data)) > 1
+    finally:
+        guard.close()
+    labels = [r["label"] for r in rows]
+    got = window["datasets"]["mixed_lengths"]["siren"]
+    assert got["auroc"] == pytest.approx(roc_auc_score(labels, runtime), abs=1e-6)
+    assert got["default"]["tp"] == sum(1 for y, s in zip(labels, runtime) if y == 1 and s >= 0.5)
+    assert got["default"]["fp"] == sum(1 for y, s in zip(labels, runtime) if y == 0 and s >= 0.5)

@@ -119,28 +119,21 @@ def test_concurrent_requests_open_connections_that_later_requests_reuse():
     asyncio.run(main())
 
 
-def test_an_answer_saying_connection_close_is_not_reused():
+NOT_REUSED = {
+    "the answer says connection: close": dict(extra_header=b"connection: close\r\n"),
+    "the upstream closes it while idle": dict(close_after=1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NOT_REUSED))
+def test_connections_that_cannot_serve_again_are_not_reused(case):
     async def main():
-        handler = KeepAlive(extra_header=b"connection: close\r\n")
+        handler = KeepAlive(**NOT_REUSED[case])
         async with keepalive_server(handler) as url:
             transport = H1Transport()
             for _ in range(3):
                 assert (await fetch(transport, url))[1] == b"hello"
-            await transport.aclose()
-        assert handler.connections == 3
-
-    asyncio.run(main())
-
-
-def test_a_connection_the_upstream_closed_while_idle_is_not_reused():
-    async def main():
-        handler = KeepAlive(close_after=1)
-        async with keepalive_server(handler) as url:
-            transport = H1Transport()
-            for _ in range(3):
-                _, body = await fetch(transport, url)
-                assert body == b"hello"
-                await asyncio.sleep(0.05)  # the server's close reaches the idle connection
+                await asyncio.sleep(0.05)  # a close from the upstream reaches the idle connection
             await transport.aclose()
         assert handler.connections == 3
 

@@ -43,6 +43,9 @@ def register(subparsers) -> None:
                        help="N TriviaQA questions with their answer as the response, label 0")
     train.add_argument("--cache", type=Path, default=Path(".cache/features"), help="feature cache root")
     train.add_argument("--quick", action="store_true", help="one MLP configuration instead of the grid")
+    train.add_argument("--ensemble", type=_positive_int, default=1, metavar="K",
+                       help="fit the grid's best MLP K times (seeds SEED..SEED+K-1) and ship their "
+                            "logit average as one K-times-wider MLP (default 1)")
     train.set_defaults(func=run_train)
 
     ev = subparsers.add_parser("eval", help="evaluate an artifact (and a lexical baseline) on labelled files")
@@ -94,6 +97,13 @@ def register(subparsers) -> None:
     gen.set_defaults(func=run_generate)
 
 
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
 def _setup() -> None:
     import torch
 
@@ -113,6 +123,7 @@ def run_train(args: argparse.Namespace) -> int:
         max_length=args.max_length, pooling=args.pooling, extract_layers=args.extract_layers,
         n_layers=args.layers, max_neurons=args.neurons, probe_c=args.probe_c,
         val_fraction=args.val_fraction, refusals=args.refusals, answers=args.answers, grid=grid, cache_root=args.cache,
+        ensemble=args.ensemble,
     )
     report = train(opts)
     json.dump({k: report[k] for k in ("rows", "train_rows", "val_rows", "validation", "seconds")},

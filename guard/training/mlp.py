@@ -104,6 +104,43 @@ def search(
     return best
 
 
+def ensemble(
+    spec: HeadSpec, first: SirenHead, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
+    y_val: np.ndarray, *, members: int, seed: int,
+) -> SirenHead:
+    """`first` and `members - 1` more fits of `spec` (seeds seed+1, ...), merged into one head."""
+    nets = [first] + [train_one(spec, x_train, y_train, x_val, y_val, seed=seed + k)[0]
+                      for k in range(1, members)]
+    return merge(nets, spec.dropout) if len(nets) > 1 else first
+
+
+@torch.no_grad()
+def merge(nets: Sequence[SirenHead], dropout: float) -> SirenHead:
+    """One wider head whose logits are the mean of `nets`' logits, exactly.
+
+    The members run side by side: the first layers' rows are stacked (every member reads
+    the same input), deeper hidden layers are block-diagonal, and the last layer
+    concatenates the members' inputs with its weights divided by their number. So an
+    ensemble ships in the llm-siren format as an ordinary MLP `len(nets)` times as wide.
+    """
+    linears = [[m for m in net.network if isinstance(m, nn.Linear)] for net in nets]
+    first = linears[0]
+    widths = [lin.out_features * len(nets) for lin in first[:-1]]
+    merged = build_mlp(first[0].in_features, widths, dropout)  # dropout: recorded, inert at inference
+    out = [m for m in merged.network if isinstance(m, nn.Linear)]
+    for i, lin in enumerate(out):
+        parts = [member[i] for member in linears]
+        if i == len(out) - 1:  # logits: the mean of the members'
+            weights = [p.weight for p in parts]
+            lin.weight.copy_(torch.stack(weights).mean(dim=0) if i == 0 else torch.cat(weights, dim=1) / len(nets))
+            lin.bias.copy_(torch.stack([p.bias for p in parts]).mean(dim=0))
+        else:  # the first layer reads the shared input; deeper ones only their member's units
+            weights = [p.weight for p in parts]
+            lin.weight.copy_(torch.cat(weights, dim=0) if i == 0 else torch.block_diag(*weights))
+            lin.bias.copy_(torch.cat([p.bias for p in parts]))
+    return merged.eval()
+
+
 def default_grid() -> list[HeadSpec]:
     return [HeadSpec(hidden=(h,), dropout=d, weight_decay=wd)
             for h, d, wd in itertools.product((128, 256), (0.3, 0.5), (1e-2,))]

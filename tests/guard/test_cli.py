@@ -41,3 +41,11 @@ def test_score_text_prompt_response_and_jsonl(artifact, tmp_path, capsys):
 def test_score_refuses_ambiguous_input(artifact):
     with pytest.raises(SystemExit):
         main(["score", "text", "--prompt", "p", "--artifact", str(artifact)])
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two"])
+def test_train_refuses_an_ensemble_that_is_not_a_positive_count(value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--data", "rows.jsonl", "--out", "head", "--ensemble", value])
+    assert exit_info.value.code == 2
+    assert "--ensemble" in capsys.readouterr().err

@@ -86,15 +86,35 @@ async def keepalive_server(handler: KeepAlive):
         server.close()
 
 
+@contextlib.asynccontextmanager
+async def keepalive_transport(handler: KeepAlive, **options):
+    """A `keepalive_server` and an `H1Transport(**options)`, closed before the server."""
+    async with keepalive_server(handler) as url:
+        transport = H1Transport(**options)
+        try:
+            yield transport, url
+        finally:
+            await transport.aclose()
+
+
+@contextlib.asynccontextmanager
+async def scripted_transport(script: list):
+    """A `RawUpstream` playing `script` to every request, and an `H1Transport` to it."""
+    with RawUpstream(lambda head: script) as upstream:
+        transport = H1Transport()
+        try:
+            yield transport, upstream.url
+        finally:
+            await transport.aclose()
+
+
 def test_connections_are_kept_alive_and_reused():
     async def main():
         handler = KeepAlive()
-        async with keepalive_server(handler) as url:
-            transport = H1Transport()
+        async with keepalive_transport(handler) as (transport, url):
             for _ in range(5):
                 response, body = await fetch(transport, url + "?q=1", body=b'{"x": 1}', authorization="Bearer k")
                 assert (response.status_code, body) == (200, b"hello")
-            await transport.aclose()
         assert handler.connections == 1
         head = handler.requests[0]
         assert head.startswith(b"POST /v1/chat/completions?q=1 HTTP/1.1\r\n")
@@ -107,12 +127,10 @@ def test_connections_are_kept_alive_and_reused():
 def test_concurrent_requests_open_connections_that_later_requests_reuse():
     async def main():
         handler = KeepAlive(delay=0.05)
-        async with keepalive_server(handler) as url:
-            transport = H1Transport()
+        async with keepalive_transport(handler) as (transport, url):
             for _ in range(3):
                 results = await asyncio.gather(*(fetch(transport, url) for _ in range(8)))
                 assert [body for _, body in results] == [b"hello"] * 8
-            await transport.aclose()
         assert handler.connections == 8
 
     asyncio.run(main())
@@ -128,12 +146,10 @@ NOT_REUSED = {
 def test_connections_that_cannot_serve_again_are_not_reused(case):
     async def main():
         handler = KeepAlive(**NOT_REUSED[case])
-        async with keepalive_server(handler) as url:
-            transport = H1Transport()
+        async with keepalive_transport(handler) as (transport, url):
             for _ in range(3):
                 assert (await fetch(transport, url))[1] == b"hello"
                 await asyncio.sleep(0.05)  # a close from the upstream reaches the idle connection
-            await transport.aclose()
         assert handler.connections == 3
 
     asyncio.run(main())
@@ -142,12 +158,10 @@ def test_connections_that_cannot_serve_again_are_not_reused(case):
 def test_a_connection_closed_under_a_request_with_no_answer_is_retried_on_a_new_one():
     async def main():
         handler = KeepAlive(ignore_after=1)
-        async with keepalive_server(handler) as url:
-            transport = H1Transport()
+        async with keepalive_transport(handler) as (transport, url):
             await fetch(transport, url)
             response, body = await fetch(transport, url, body=b'{"n": 2}')
             assert (response.status_code, body) == (200, b"hello")
-            await transport.aclose()
         assert handler.connections == 2
         assert [r.endswith(b'{"n": 2}') for r in handler.requests] == [False, True, True]
 
@@ -157,8 +171,7 @@ def test_a_connection_closed_under_a_request_with_no_answer_is_retried_on_a_new_
 def test_the_pool_bounds_requests_in_flight_and_times_out_waiting():
     async def main():
         handler = KeepAlive(delay=0.3)
-        async with keepalive_server(handler) as url:
-            transport = H1Transport(max_connections=1)
+        async with keepalive_transport(handler, max_connections=1) as (transport, url):
             first = await transport.handle_async_request(request(url))
             with pytest.raises(httpx.PoolTimeout):
                 await transport.handle_async_request(request(url, timeout={**TIMEOUT, "pool": 0.1}))
@@ -169,7 +182,6 @@ def test_the_pool_bounds_requests_in_flight_and_times_out_waiting():
             await first.aclose()
             _, body = await waiting
             assert body == b"hello"
-            await transport.aclose()
         assert handler.connections == 1
 
     asyncio.run(main())
@@ -178,14 +190,12 @@ def test_the_pool_bounds_requests_in_flight_and_times_out_waiting():
 def test_a_response_closed_before_its_end_closes_its_connection():
     async def main():
         handler = KeepAlive(body=b"x" * 200_000)
-        async with keepalive_server(handler) as url:
-            transport = H1Transport()
+        async with keepalive_transport(handler) as (transport, url):
             response = await transport.handle_async_request(request(url))
             await response.aclose()  # body not read
             await asyncio.sleep(0.1)
             response, body = await fetch(transport, url)
             assert len(body) == 200_000
-            await transport.aclose()
         assert handler.connections == 2
 
     asyncio.run(main())
@@ -195,8 +205,7 @@ def test_a_large_body_streams_whole_through_the_read_pause():
     async def main():
         data = bytes(range(256)) * (3 * HIGH_WATER // 256 + 7)
         handler = KeepAlive(body=data)
-        async with keepalive_server(handler) as url:
-            transport = H1Transport()
+        async with keepalive_transport(handler) as (transport, url):
             response = await transport.handle_async_request(request(url))
             await asyncio.sleep(0.2)  # let the socket fill the buffer past its high water
             conn = response.stream.conn
@@ -204,7 +213,6 @@ def test_a_large_body_streams_whole_through_the_read_pause():
             body = b"".join([piece async for piece in response.aiter_raw()])
             await response.aclose()
             assert body == data
-            await transport.aclose()
 
     asyncio.run(main())
 
@@ -224,11 +232,9 @@ def test_bodies_delimited_every_way_arrive_whole(name):
     script, expected = SCRIPTS[name]
 
     async def main():
-        with RawUpstream(lambda head: script) as upstream:
-            transport = H1Transport()
-            response, body = await fetch(transport, upstream.url + "/x")
+        async with scripted_transport(script) as (transport, url):
+            response, body = await fetch(transport, url + "/x")
             assert (response.status_code, body) == (200, expected)
-            await transport.aclose()
 
     asyncio.run(main())
 
@@ -249,9 +255,8 @@ def test_faults_in_the_body_raise_httpx_errors_after_the_bytes_before_them(name)
     script, error, before = FAULTS[name]
 
     async def main():
-        with RawUpstream(lambda head: script) as upstream:
-            transport = H1Transport()
-            response = await transport.handle_async_request(request(upstream.url, timeout={**TIMEOUT, "read": 0.4}))
+        async with scripted_transport(script) as (transport, url):
+            response = await transport.handle_async_request(request(url, timeout={**TIMEOUT, "read": 0.4}))
             assert response.status_code == 200
             got = b""
             with pytest.raises(error):
@@ -259,7 +264,6 @@ def test_faults_in_the_body_raise_httpx_errors_after_the_bytes_before_them(name)
                     got += piece
             await response.aclose()
             assert got == before
-            await transport.aclose()
 
     asyncio.run(main())
 
@@ -277,11 +281,9 @@ def test_faults_before_the_headers_raise_httpx_errors(name):
     script, error = HEAD_FAULTS[name]
 
     async def main():
-        with RawUpstream(lambda head: script) as upstream:
-            transport = H1Transport()
+        async with scripted_transport(script) as (transport, url):
             with pytest.raises(error):
-                await transport.handle_async_request(request(upstream.url, timeout={**TIMEOUT, "read": 0.4}))
-            await transport.aclose()
+                await transport.handle_async_request(request(url, timeout={**TIMEOUT, "read": 0.4}))
             assert transport._slots._value == transport.max_connections  # the slot came back
 
     asyncio.run(main())

@@ -63,6 +63,9 @@ def register(subparsers) -> None:
     ev.add_argument("--long-text", default="truncate", choices=["truncate", "window"],
                     help="rows past one window: read as the reference does (truncate) or as the "
                          "runtime does (window: the maximum over sliding windows)")
+    ev.add_argument("--stream-every", type=_positive_int, default=None, metavar="N",
+                    help="score response-level rows as the proxy's response stage does: the "
+                         "highest of the checks every N response tokens and at the end")
     ev.add_argument("--seed", type=int, default=0, help="seed for FILE:N subsampling")
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ev.add_argument("--device", default="cpu")
@@ -143,6 +146,7 @@ def run_eval(args: argparse.Namespace) -> int:
         exclude=tuple(args.exclude) if args.exclude is not None else None, seed=args.seed,
         dtype=args.dtype, device=args.device, cache_root=args.cache, baseline=not args.no_baseline,
         pairs=tuple(args.pairs), long_text=args.long_text,
+        stream_every=args.stream_every or 0,
     )
     print(table(evaluate(opts)))
     return 0

@@ -8,6 +8,11 @@ longer texts it takes the maximum over sliding windows (`guard.windows`).
 own `p_harmful`, every window read), so the report is what the proxy would decide;
 the default, "truncate", is the reference's reading.
 
+`stream_every=N` scores each response-level row as the proxy's response stage acts on
+it: an incremental session over `prompt + "\n" + response`, checked every N response
+tokens and at the end, the row's score being the highest check (a cut happens at the
+first check over the threshold, so "max >= threshold" is "the stream would be cut").
+
 The baseline is refitted on the artifact's own training split (rebuilt from the
 artifact's `metadata.training` or from `--train-data`), so it is trained on the same
 rows as the head.
@@ -51,6 +56,7 @@ class EvalOptions:
     progress: bool = True
     pairs: tuple[str, ...] = ()  # preference-pair files (hh-rlhf schema): a ranking check
     long_text: str = "truncate"  # or "window": rows past one window scored as the runtime does
+    stream_every: int = 0  # > 0: response-level rows scored as a stream checked every N tokens
 
 
 def head_scores(config: ArtifactConfig, state: dict, features: np.ndarray) -> np.ndarray:
@@ -91,6 +97,7 @@ def evaluate(opts: EvalOptions) -> dict:
                          cache_root=opts.cache_root, token_budget=4096, progress=opts.progress)
     scores = head_scores(config, state, feats)
     rescored = rescore_long_rows(opts, all_rows, scores) if opts.long_text == "window" else 0
+    streamed = rescore_as_streams(opts, all_rows, scores) if opts.stream_every > 0 else 0
     baseline_scores = None
     baseline_info = None
     if opts.baseline:
@@ -114,6 +121,7 @@ def evaluate(opts: EvalOptions) -> dict:
     threshold = config.default_threshold
     out: dict = {"artifact": str(opts.artifact), "default_threshold": threshold,
                  "dtype": opts.dtype, "long_text": opts.long_text, "rows_over_one_window": rescored,
+                 "stream_every": opts.stream_every or None, "rows_streamed": streamed,
                  "baseline": baseline_info, "datasets": {}}
     curves: dict[str, dict] = {}
     start = 0
@@ -165,6 +173,35 @@ def rescore_long_rows(opts: EvalOptions, rows: Sequence[Row], scores: np.ndarray
     finally:
         guard.close()
     return len(long)
+
+
+def rescore_as_streams(opts: EvalOptions, rows: Sequence[Row], scores: np.ndarray) -> int:
+    """Replace, in place, each response-level row's score by the highest of the checks
+    the proxy's response stage makes: every `stream_every` tokens of the response (the
+    backbone's tokens standing in for the upstream's deltas) and once at the end.
+    Returns how many rows were scored so."""
+    from guard import SirenGuard
+
+    guard = SirenGuard.from_pretrained(opts.artifact, device=opts.device, dtype=opts.dtype,
+                                       backbone=opts.backbone, long_text="window")
+    try:
+        tok, every = guard.tokenizer, opts.stream_every
+        picked = [i for i, row in enumerate(rows) if row.response is not None]
+        logger.info("scoring %d response-level rows as streams checked every %d tokens", len(picked), every)
+        for i in picked:
+            scores[i] = max(stream_checks(guard, rows[i].prompt, rows[i].response, every, tok))
+    finally:
+        guard.close()
+    return len(picked)
+
+
+def stream_checks(guard, prompt: str, response: str, every: int, tokenizer) -> list[float]:
+    """The scores of one stream's checks: after every `every` response tokens, and at the end."""
+    session = guard.stream(prompt=prompt)
+    ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    checks = [session.set_response(tokenizer.decode(ids[:end])).score for end in range(every, len(ids), every)]
+    checks.append(session.set_response(response).score)
+    return checks
 
 
 def _fmt(value: float | None) -> str:

@@ -4,6 +4,7 @@ reference runtime `siren_guard`, an independent scoring path."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -165,7 +166,6 @@ def test_eval_report_matches_counts_from_reference_scores(trained, tmp_path, bac
 
 
 def test_cli_registers_train_and_eval():
-    import argparse
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))
@@ -203,3 +203,65 @@ def test_window_mode_scores_long_rows_as_the_runtime_does(trained, tmp_path, tmp
     assert got["auroc"] == pytest.approx(roc_auc_score(labels, runtime), abs=1e-6)
     assert got["default"]["tp"] == sum(1 for y, s in zip(labels, runtime) if y == 1 and s >= 0.5)
     assert got["default"]["fp"] == sum(1 for y, s in zip(labels, runtime) if y == 0 and s >= 0.5)
+
+
+def test_stream_mode_scores_response_rows_as_the_response_stage_acts(trained, tmp_path, tmp_path_factory):
+    import numpy as np
+
+    from guard import SirenGuard
+    from guard.training.evaluate import rescore_as_streams, stream_checks
+
+    real = [json.loads(line) for line in (FIXTURES / "responses.jsonl").read_text().splitlines()]
+    real = [r for r in real if r["label"] == 1][:3] + [r for r in real if r["label"] == 0][:3]
+    rows = [{"id": r["id"], "prompt": r["prompt"][:200], "response": r["response"][:400], "label": r["label"]}
+            for r in real]
+    rows.append({"id": "prompt-only", "prompt": "How do I bake bread?", "response": None, "label": 0})
+    data = tmp_path / "streams.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = dict(artifact=trained, data=(str(data),), baseline=False, progress=False,
+                  cache_root=tmp_path_factory.getbasetemp() / "siren-features")
+    streamed = evaluate(EvalOptions(long_text="window", stream_every=16, **common))
+    assert streamed["rows_streamed"] == 6 and streamed["stream_every"] == 16
+
+    guard = SirenGuard.from_pretrained(trained, device="cpu", dtype=torch.float32)
+    try:
+        tok = guard.tokenizer
+        expected, finals = [], []
+        for r in rows:
+            if r["response"] is None:
+                expected.append(guard.score(prompt=r["prompt"]).score)
+                continue
+            ids = tok(r["response"], add_special_tokens=False)["input_ids"]
+            ends = list(range(16, len(ids), 16))
+            # Each check, recomputed from scratch: the prefix the proxy would have seen.
+            full = [guard.score(prompt=r["prompt"], response=tok.decode(ids[:end])).score for end in ends]
+            full.append(guard.score(prompt=r["prompt"], response=r["response"]).score)
+            checks = stream_checks(guard, r["prompt"], r["response"], 16, tok)
+            assert len(checks) == len(ends) + 1
+            assert checks == pytest.approx(full, abs=1e-5)
+            expected.append(max(full))
+            finals.append(full[-1])
+    finally:
+        guard.close()
+    # The highest check is not the final score for every row, or this test would not tell.
+    assert any(m > f + 1e-3 for m, f in zip(expected, finals))
+    scores = np.full(len(rows), -1.0)
+    opts = EvalOptions(long_text="window", stream_every=16, **common)
+    assert rescore_as_streams(opts, load_rows(data), scores) == 6
+    assert scores[:6] == pytest.approx(expected[:6], abs=1e-5)
+    assert scores[6] == -1.0  # a prompt-only row is the prompt stage's, left alone
+    labels = [r["label"] for r in rows]
+    got = streamed["datasets"]["streams"]["siren"]
+    assert got["auroc"] == pytest.approx(roc_auc_score(labels, expected), abs=1e-6)
+    assert got["default"]["tp"] == sum(1 for y, s in zip(labels, expected) if y == 1 and s >= 0.5)
+    assert got["default"]["fp"] == sum(1 for y, s in zip(labels, expected) if y == 0 and s >= 0.5)
+
+
+def test_eval_cli_refuses_a_stream_step_below_one(capsys):
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    for bad in ("0", "-16", "often"):
+        with pytest.raises(SystemExit) as exc:
+            parser.parse_args(["eval", "--data", "a.jsonl", "--stream-every", bad])
+        assert exc.value.code == 2
+        assert "--stream-every" in capsys.readouterr().err

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from guard.artifact import ArtifactConfig, load_head, read_artifact
 from guard.training import metrics
@@ -96,7 +97,9 @@ def evaluate(opts: EvalOptions) -> dict:
                          pooling=config.pooling_type, extract_layers=extract_layers,
                          cache_root=opts.cache_root, token_budget=4096, progress=opts.progress)
     scores = head_scores(config, state, feats)
-    rescored = rescore_long_rows(opts, all_rows, scores) if opts.long_text == "window" else 0
+    rescored = 0
+    if opts.long_text == "window":  # response-level rows that are streamed below need no window pass
+        rescored = rescore_long_rows(opts, all_rows, scores, skip_responses=opts.stream_every > 0)
     streamed = rescore_as_streams(opts, all_rows, scores) if opts.stream_every > 0 else 0
     baseline_scores = None
     baseline_info = None
@@ -155,7 +158,8 @@ def evaluate(opts: EvalOptions) -> dict:
     return out
 
 
-def rescore_long_rows(opts: EvalOptions, rows: Sequence[Row], scores: np.ndarray, batch: int = 8) -> int:
+def rescore_long_rows(opts: EvalOptions, rows: Sequence[Row], scores: np.ndarray, batch: int = 8,
+                      skip_responses: bool = False) -> int:
     """Replace, in place, the scores of rows longer than one window by the runtime's
     (the maximum over its sliding windows); returns how many there were."""
     from guard import SirenGuard
@@ -164,12 +168,15 @@ def rescore_long_rows(opts: EvalOptions, rows: Sequence[Row], scores: np.ndarray
                                        backbone=opts.backbone, long_text="window")
     try:
         plan, tok = guard.plan, guard.tokenizer
-        long = [i for i, row in enumerate(rows) if len(plan.body(tok, row.text)) > plan.window]
+        long = [i for i, row in enumerate(rows) if len(plan.body(tok, row.text)) > plan.window
+                and not (skip_responses and row.response is not None)]
         logger.info("%d of %d rows are longer than one window: scoring them as the runtime does",
                     len(long), len(rows))
-        for k in range(0, len(long), batch):
-            part = long[k:k + batch]
-            scores[part] = guard.p_harmful([rows[i].text for i in part])
+        with tqdm(total=len(long), unit="row", desc="windows", disable=not opts.progress) as bar:
+            for k in range(0, len(long), batch):
+                part = long[k:k + batch]
+                scores[part] = guard.p_harmful([rows[i].text for i in part])
+                bar.update(len(part))
     finally:
         guard.close()
     return len(long)
@@ -188,7 +195,7 @@ def rescore_as_streams(opts: EvalOptions, rows: Sequence[Row], scores: np.ndarra
         tok, every = guard.tokenizer, opts.stream_every
         picked = [i for i, row in enumerate(rows) if row.response is not None]
         logger.info("scoring %d response-level rows as streams checked every %d tokens", len(picked), every)
-        for i in picked:
+        for i in tqdm(picked, unit="row", desc="streams", disable=not opts.progress):
             scores[i] = max(stream_checks(guard, rows[i].prompt, rows[i].response, every, tok))
     finally:
         guard.close()

@@ -82,6 +82,9 @@ def auroc(labels: Sequence[int], scores: Sequence[float]) -> float | None:
     return float((rank_sum - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
+CURVE_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
 def threshold_grid() -> np.ndarray:
     return np.round(np.linspace(0.01, 0.99, 99), 2)
 
@@ -104,6 +107,7 @@ class DatasetReport:
     auroc: float | None
     default: AtThreshold
     best: AtThreshold | None
+    curve: tuple[AtThreshold, ...] = ()  # at 0.1, 0.2, ..., 0.9, for choosing a route's threshold
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -114,7 +118,8 @@ def report(dataset: str, labels: Sequence[int], scores: Sequence[float], thresho
     return DatasetReport(dataset=dataset, n=len(y), n_harmful=int((y == 1).sum()),
                          n_benign=int((y == 0).sum()), auroc=auroc(labels, scores),
                          default=at_threshold(labels, scores, threshold),
-                         best=best_threshold(labels, scores))
+                         best=best_threshold(labels, scores),
+                         curve=tuple(at_threshold(labels, scores, t) for t in CURVE_THRESHOLDS))
 
 
 def pairwise_accuracy(safer: Sequence[float], worse: Sequence[float]) -> float | None:

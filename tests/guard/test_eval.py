@@ -102,6 +102,15 @@ def test_single_class_sets_report_recall_or_fpr_only():
     assert benign.default.recall is None and benign.default.precision == 0.0
 
 
+def test_report_carries_a_threshold_curve_by_hand():
+    curve = {m.threshold: m for m in report("x", LABELS, SCORES, 0.5).curve}
+    assert sorted(curve) == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    # >= 0.8: harmful 0.9 0.8, no benign; >= 0.3: harmful 0.9 0.8 0.6 0.3, benign 0.7 0.5 0.4
+    assert (curve[0.8].tp, curve[0.8].fp, curve[0.8].fn, curve[0.8].tn) == (2, 0, 2, 6)
+    assert (curve[0.3].tp, curve[0.3].fp, curve[0.3].fn, curve[0.3].tn) == (4, 3, 0, 3)
+    assert curve[0.5] == at_threshold(LABELS, SCORES, 0.5)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("eval-artifact") / "head"

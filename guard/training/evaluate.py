@@ -97,10 +97,17 @@ def evaluate(opts: EvalOptions) -> dict:
                          pooling=config.pooling_type, extract_layers=extract_layers,
                          cache_root=opts.cache_root, token_budget=4096, progress=opts.progress)
     scores = head_scores(config, state, feats)
-    rescored = 0
-    if opts.long_text == "window":  # response-level rows that are streamed below need no window pass
-        rescored = rescore_long_rows(opts, all_rows, scores, skip_responses=opts.stream_every > 0)
-    streamed = rescore_as_streams(opts, all_rows, scores) if opts.stream_every > 0 else 0
+    rescored = streamed = 0
+    if opts.long_text == "window" or opts.stream_every > 0:
+        guard = runtime_guard(opts)
+        try:
+            if opts.long_text == "window":  # response-level rows streamed below need no window pass
+                rescored = rescore_long_rows(guard, all_rows, scores, skip_responses=opts.stream_every > 0,
+                                             progress=opts.progress)
+            if opts.stream_every > 0:
+                streamed = rescore_as_streams(guard, all_rows, scores, opts.stream_every, progress=opts.progress)
+        finally:
+            guard.close()
     baseline_scores = None
     baseline_info = None
     if opts.baseline:
@@ -158,55 +165,49 @@ def evaluate(opts: EvalOptions) -> dict:
     return out
 
 
-def rescore_long_rows(opts: EvalOptions, rows: Sequence[Row], scores: np.ndarray, batch: int = 8,
-                      skip_responses: bool = False) -> int:
-    """Replace, in place, the scores of rows longer than one window by the runtime's
-    (the maximum over its sliding windows); returns how many there were."""
+def runtime_guard(opts: EvalOptions):
+    """Our runtime on the artifact, reading long texts by sliding windows as serving does."""
     from guard import SirenGuard
 
-    guard = SirenGuard.from_pretrained(opts.artifact, device=opts.device, dtype=opts.dtype,
-                                       backbone=opts.backbone, long_text="window")
-    try:
-        plan, tok = guard.plan, guard.tokenizer
-        long = [i for i, row in enumerate(rows) if len(plan.body(tok, row.text)) > plan.window
-                and not (skip_responses and row.response is not None)]
-        logger.info("%d of %d rows are longer than one window: scoring them as the runtime does",
-                    len(long), len(rows))
-        with tqdm(total=len(long), unit="row", desc="windows", disable=not opts.progress) as bar:
-            for k in range(0, len(long), batch):
-                part = long[k:k + batch]
-                scores[part] = guard.p_harmful([rows[i].text for i in part])
-                bar.update(len(part))
-    finally:
-        guard.close()
+    return SirenGuard.from_pretrained(opts.artifact, device=opts.device, dtype=opts.dtype,
+                                      backbone=opts.backbone, long_text="window")
+
+
+def rescore_long_rows(guard, rows: Sequence[Row], scores: np.ndarray, *, batch: int = 8,
+                      skip_responses: bool = False, progress: bool = False) -> int:
+    """Replace, in place, the scores of rows longer than one window by the runtime's
+    (the maximum over its sliding windows); returns how many there were."""
+    plan, tok = guard.plan, guard.tokenizer
+    long = [i for i, row in enumerate(rows) if len(plan.body(tok, row.text)) > plan.window
+            and not (skip_responses and row.response is not None)]
+    logger.info("%d of %d rows are longer than one window: scoring them as the runtime does",
+                len(long), len(rows))
+    with tqdm(total=len(long), unit="row", desc="windows", disable=not progress) as bar:
+        for k in range(0, len(long), batch):
+            part = long[k:k + batch]
+            scores[part] = guard.p_harmful([rows[i].text for i in part])
+            bar.update(len(part))
     return len(long)
 
 
-def rescore_as_streams(opts: EvalOptions, rows: Sequence[Row], scores: np.ndarray) -> int:
+def rescore_as_streams(guard, rows: Sequence[Row], scores: np.ndarray, every: int, *,
+                       progress: bool = False) -> int:
     """Replace, in place, each response-level row's score by the highest of the checks
-    the proxy's response stage makes: every `stream_every` tokens of the response (the
+    the proxy's response stage makes: every `every` tokens of the response (the
     backbone's tokens standing in for the upstream's deltas) and once at the end.
     Returns how many rows were scored so."""
-    from guard import SirenGuard
-
-    guard = SirenGuard.from_pretrained(opts.artifact, device=opts.device, dtype=opts.dtype,
-                                       backbone=opts.backbone, long_text="window")
-    try:
-        tok, every = guard.tokenizer, opts.stream_every
-        picked = [i for i, row in enumerate(rows) if row.response is not None]
-        logger.info("scoring %d response-level rows as streams checked every %d tokens", len(picked), every)
-        for i in tqdm(picked, unit="row", desc="streams", disable=not opts.progress):
-            scores[i] = max(stream_checks(guard, rows[i].prompt, rows[i].response, every, tok))
-    finally:
-        guard.close()
+    picked = [i for i, row in enumerate(rows) if row.response is not None]
+    logger.info("scoring %d response-level rows as streams checked every %d tokens", len(picked), every)
+    for i in tqdm(picked, unit="row", desc="streams", disable=not progress):
+        scores[i] = max(stream_checks(guard, rows[i].prompt, rows[i].response, every))
     return len(picked)
 
 
-def stream_checks(guard, prompt: str, response: str, every: int, tokenizer) -> list[float]:
+def stream_checks(guard, prompt: str, response: str, every: int) -> list[float]:
     """The scores of one stream's checks: after every `every` response tokens, and at the end."""
-    session = guard.stream(prompt=prompt)
-    ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-    checks = [session.set_response(tokenizer.decode(ids[:end])).score for end in range(every, len(ids), every)]
+    session, tok = guard.stream(prompt=prompt), guard.tokenizer
+    ids = tok(response, add_special_tokens=False)["input_ids"]
+    checks = [session.set_response(tok.decode(ids[:end])).score for end in range(every, len(ids), every)]
     checks.append(session.set_response(response).score)
     return checks
 

@@ -175,7 +175,6 @@ def test_eval_report_matches_counts_from_reference_scores(trained, tmp_path, bac
 
 
 def test_cli_registers_train_and_eval():
-
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["eval", "--data", "a.jsonl", "b.jsonl:10", "--no-baseline"])
@@ -245,18 +244,17 @@ def test_stream_mode_scores_response_rows_as_the_response_stage_acts(trained, tm
             # Each check, recomputed from scratch: the prefix the proxy would have seen.
             full = [guard.score(prompt=r["prompt"], response=tok.decode(ids[:end])).score for end in ends]
             full.append(guard.score(prompt=r["prompt"], response=r["response"]).score)
-            checks = stream_checks(guard, r["prompt"], r["response"], 16, tok)
+            checks = stream_checks(guard, r["prompt"], r["response"], 16)
             assert len(checks) == len(ends) + 1
             assert checks == pytest.approx(full, abs=1e-5)
             expected.append(max(full))
             finals.append(full[-1])
+        scores = np.full(len(rows), -1.0)
+        assert rescore_as_streams(guard, load_rows(data), scores, 16) == 6
     finally:
         guard.close()
     # The highest check is not the final score for every row, or this test would not tell.
     assert any(m > f + 1e-3 for m, f in zip(expected, finals))
-    scores = np.full(len(rows), -1.0)
-    opts = EvalOptions(long_text="window", stream_every=16, **common)
-    assert rescore_as_streams(opts, load_rows(data), scores) == 6
     assert scores[:6] == pytest.approx(expected[:6], abs=1e-5)
     assert scores[6] == -1.0  # a prompt-only row is the prompt stage's, left alone
     labels = [r["label"] for r in rows]

@@ -106,6 +106,7 @@ def main() -> None:
         for p in prefixes:
             ref.score_streaming(p)
 
+    ours_stream()  # warm-up: on CUDA this captures each step size's graph once
     t_ours = best(ours_stream, args.repeat)
     t_ref = best(ref_stream, max(1, args.repeat - 1))
     t_floor = best(lambda: ours.score(final), args.repeat)
@@ -117,13 +118,49 @@ def main() -> None:
           f"reference score_streaming {t_ref*1e3:.0f} ms -> {t_ref/t_ours:.1f}x less time; "
           f"floor (one forward, ours) {t_floor*1e3:.0f} ms -> session/floor {t_ours/t_floor:.2f}x; "
           f"plain full-model forward {t_plain*1e3:.0f} ms; max |session - recompute| {drift:.2e}")
+    if ours.stepper is not None:
+        # Side by side: the same session with eager steps (a DynamicCache, one kernel
+        # launch per op), what every device ran before static steps.
+        eager = SirenGuard.from_pretrained(workdir, device=args.device, dtype=dtype, static_steps=False)
+
+        def eager_stream():
+            session = eager.stream()
+            for p in prefixes:
+                session.set_response(p)
+
+        eager_stream()
+        t_eager = best(eager_stream, args.repeat)
+        print(f"(a) static steps ({'CUDA graphs' if ours.stepper.capture else 'no capture'}) {t_ours*1e3:.1f} ms "
+              f"vs eager steps {t_eager*1e3:.0f} ms ({t_eager/32*1e3:.1f} ms/check) -> {t_eager/t_ours:.1f}x less time")
+        eager.close()
+        # Where a static check's time goes: one feed (inputs copied in, one replay, the
+        # score read back) by step size, and the host's re-tokenisation of the text.
+        stepper, slot = ours.stepper, ours.stepper.acquire()
+        feeds = []
+        for size in (16, 32, 128):
+            ids = long_ids[:size]
+            t = best(lambda: [stepper.feed(slot, 0, ids) for _ in range(20)], args.repeat) / 20
+            feeds.append(f"{size} tokens {t*1e3:.2f} ms")
+        stepper.release(slot)
+        t_tok = best(lambda: [ours.plan.body(tok, model_text(response=p)) for p in prefixes], args.repeat) / 32
+        print(f"(a) per static feed: {', '.join(feeds)}; re-tokenising the text {t_tok*1e3:.2f} ms per check")
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
         with profile(activities=activities) as prof:
             ours_stream()
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
+        key = "self_device_time_total" if args.device == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=25 if args.device == "cuda" else 8))
+        if ours.stepper is not None:  # what one static feed (one replay on CUDA) runs
+            slot = ours.stepper.acquire()
+            with profile(activities=activities) as prof:
+                for _ in range(10):
+                    ours.stepper.feed(slot, 0, long_ids[:16])
+            ours.stepper.release(slot)
+            kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+            print(f"static feed of 16 tokens: {kernels / 10:.0f} kernels each")
+            print(prof.key_averages().table(sort_by=key, row_limit=25))
     if ours.plan.window < len(long_ids[:512]):
         # The reference reads only the first max_length tokens of each prefix; our default
         # windows read all 512 (each token in up to two windows). Same text read: truncate.

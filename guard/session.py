@@ -21,6 +21,8 @@ Not thread-safe: one session belongs to one `SirenGuard`, used from one thread a
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from transformers import DynamicCache
 
@@ -37,40 +39,64 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class _Window:
-    """One window's KV cache and per-token rows; `start` is in body tokens."""
+    """One window's KV cache and per-token rows; `start` is in body tokens.
+
+    With the guard's `StaticStepper` (a GPU, or `static_steps=True`) and a free slot,
+    the cache and rows live in that slot; otherwise in a `DynamicCache` and a tensor
+    of its own. The slot goes back when the window is dropped.
+    """
 
     def __init__(self, guard, start: int) -> None:
         self.guard = guard
         self.start = start
+        self.n = 0  # tokens fed, prefix included
+        self._score = 0.0
+        self._stale = False  # cropped since the last score: rescored when read
+        self.stepper = guard.stepper
+        self.slot = self.stepper.acquire() if self.stepper is not None else None
+        if self.slot is not None:
+            weakref.finalize(self, self.stepper.release, self.slot)
+            return
         readout = guard.readout
         self.cache = DynamicCache(config=readout.model.config)
         self.rows = torch.empty(guard.max_length, readout.n_features,
                                 dtype=torch.float32, device=readout.device)  # (max_length, F)
-        self.n = 0  # tokens fed, prefix included
-        self.score = 0.0
+
+    @property
+    def score(self) -> float:
+        if self._stale:
+            self._stale = False
+            self._score = self._rescore()
+        return self._score
 
     def crop(self, keep: int) -> None:
         """Forget all but the first `keep` tokens (a text can also get shorter)."""
         if keep < self.n:
-            self.cache.crop(keep - self.n)
+            if self.slot is None:
+                self.cache.crop(keep - self.n)
             self.n = keep
-            self._rescore()
+            self._stale = self.n > 0
 
     def feed(self, ids: list[int]) -> None:
         if not ids:
+            return
+        self._stale = False
+        if self.slot is not None:
+            self._score = self.stepper.feed(self.slot, self.n, ids)
+            self.n += len(ids)
             return
         readout = self.guard.readout
         x = torch.as_tensor([ids], dtype=torch.long, device=readout.device)  # (1, m)
         new = readout.rows(x, None, self.cache)[0]  # (m, F)
         self.rows[self.n : self.n + len(ids)] = new
         self.n += len(ids)
-        self._rescore()
+        self._score = self._rescore()
 
-    def _rescore(self) -> None:
-        if self.n == 0:
-            return
+    def _rescore(self) -> float:
+        if self.slot is not None:
+            return self.stepper.rescore(self.slot, self.n)
         pooled = self.rows[: self.n].sum(dim=0, keepdim=True) / self.n * self.guard.readout.weights  # (1, F)
-        self.score = float(self.guard.head.p_harmful(pooled)[0])
+        return float(self.guard.head.p_harmful(pooled)[0])
 
 
 class StreamSession:
@@ -116,7 +142,7 @@ class StreamSession:
         keep = common_prefix(self._ids, ids)
         self.rolled_back += len(self._ids) - keep
         self._finals = {s: v for s, v in self._finals.items() if v[0] <= keep}
-        active = self._active
+        active, self._active = self._active, None  # the one reference: a dropped window frees its slot at once
         if active is not None:
             if active.start > keep or (active.start == keep and not plan.prefix):
                 active = None
@@ -131,6 +157,7 @@ class StreamSession:
                 scores.append(final[1])
                 continue
             if active is None or active.start != start:
+                active = None
                 active = _Window(self.guard, start)
                 self._feed(active, list(plan.prefix) + ids[start:end])
             else:

@@ -24,7 +24,7 @@ import torch
 
 from guard.artifact import ArtifactConfig, load_head, read_artifact
 from guard.backbone import Backbone, load_backbone
-from guard.errors import ArtifactError
+from guard.errors import ArtifactError, BackboneError
 from guard.head import SirenHead
 from guard.readout import Readout
 from guard.result import ScoreResult
@@ -76,7 +76,8 @@ def backbone_spec(config: ArtifactConfig, artifact_dir: Path) -> str:
 
 class SirenGuard:
     def __init__(
-        self, config: ArtifactConfig, head: SirenHead, backbone: Backbone, *, long_text: str = "window"
+        self, config: ArtifactConfig, head: SirenHead, backbone: Backbone, *, long_text: str = "window",
+        static_steps: bool | None = None, stream_slots: int = 16,
     ) -> None:
         self._config = config
         self._backbone = backbone
@@ -87,6 +88,14 @@ class SirenGuard:
         self._readout = Readout(backbone.model, config)
         self._head = head.to(self._readout.device).eval()
         self._plan = TokenPlan.for_tokenizer(self._tokenizer, config.max_length, long_text)
+        if stream_slots < 1:
+            raise ValueError(f"stream_slots must be at least 1, got {stream_slots}")
+        self._static_steps = static_steps
+        self._stream_slots = stream_slots
+        self._stepper = None
+        self._stepper_checked = False
+        if static_steps:
+            self._check_static_steps()
 
     @classmethod
     def from_pretrained(
@@ -99,12 +108,20 @@ class SirenGuard:
         trust_remote_code: bool = False,
         long_text: str = "window",
         backbone: str | None = None,
+        static_steps: bool | None = None,
+        stream_slots: int = 16,
     ) -> SirenGuard:
         """Load an artifact (default: the embedded one) and its backbone, offline if local.
 
         `backbone` overrides where the backbone is loaded from (a directory, a `.gguf`,
         `pypi:<package>` or a hub id): the head is only valid on the backbone it was fitted
         on, so this is for a local copy of that same model.
+
+        `static_steps` (`guard.graphs`): streaming sessions step over fixed shapes,
+        captured as CUDA graphs. None (default): on CUDA when the backbone supports it;
+        True: also on CPU, where the steps run without capture (for tests), and an
+        unsupported backbone is an error; False: off. `stream_slots` windows at a time
+        take static steps; more fall back to the eager path.
         """
         folder = resolve_artifact(path_or_id, cache_dir)
         config, state_dict = read_artifact(folder)
@@ -116,7 +133,8 @@ class SirenGuard:
         )
         logger.info("SIREN artifact %s on backbone %s (%s, %s)", folder, loaded.source,
                     next(loaded.model.parameters()).dtype, next(loaded.model.parameters()).device)
-        return cls(config, head, loaded, long_text=long_text)
+        return cls(config, head, loaded, long_text=long_text, static_steps=static_steps,
+                   stream_slots=stream_slots)
 
     # -- properties mirrored from the reference ------------------------------------------
     @property
@@ -158,6 +176,29 @@ class SirenGuard:
     @property
     def head(self) -> SirenHead:
         return self._head
+
+    @property
+    def stepper(self):
+        """The `StaticStepper` streaming windows use, made on first use; None when off."""
+        if not self._stepper_checked:
+            self._stepper_checked = True
+            on = self._static_steps if self._static_steps is not None else self.device.type == "cuda"
+            if on and self._check_static_steps() is None:
+                from guard.graphs import StaticStepper
+
+                self._stepper = StaticStepper(self._readout, self._head, self.max_length,
+                                              slots=self._stream_slots)
+        return self._stepper
+
+    def _check_static_steps(self) -> str | None:
+        from guard.graphs import unsupported_reason
+
+        reason = unsupported_reason(self._readout.model, self.max_length)
+        if reason is not None and self._static_steps:
+            raise BackboneError(f"static_steps=True, but this backbone cannot take static steps: {reason}")
+        if reason is not None and self._static_steps is None:
+            logger.info("streaming sessions use eager steps: %s", reason)
+        return reason
 
     def threshold(self, threshold: float | None) -> float:
         return self._config.default_threshold if threshold is None else float(threshold)

@@ -6,7 +6,8 @@ each append the session's score must equal `p_harmful` of the same text scored f
 scratch, within 1e-4 in float32. Small backbones (blocks above layer 2 dropped) keep
 thousands of chunkings within seconds; exactness does not depend on depth, and the
 oracle test covers deep layers. A small max_length makes the windows roll over, so
-rollbacks reach into completed windows too.
+rollbacks reach into completed windows too. The "static-" cases take static steps
+(`guard.graphs`, what a GPU captures as CUDA graphs), run eagerly on CPU.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ CASES = {
     "response-only": (dict(pooling="residual_mean", layers=[0, 2], max_length=512), False, 400),
     "with-prompt-mlp": (dict(pooling="mlp_mean", layers=[1, 2], max_length=512), True, 300),
     "windows": (dict(pooling="residual_mean", layers=[0, 2], max_length=12), True, 300),
+    # The same through static steps (`guard.graphs`; on CUDA every case takes them).
+    "static-with-prompt-mlp": (dict(pooling="mlp_mean", layers=[1, 2], max_length=512), True, 150),
+    "static-windows": (dict(pooling="residual_mean", layers=[0, 2], max_length=12), True, 150),
 }
 
 
@@ -43,7 +47,8 @@ def noisy(text: str, rng: random.Random) -> str:
 def case(request, artifact_factory, real_rows):
     spec, with_prompt, chunkings = CASES[request.param]
     folder = artifact_factory("session-" + request.param, scale=3.0, seed=1, **spec)
-    guard = SirenGuard.from_pretrained(folder, device=DEVICE, dtype=torch.float32)
+    static = True if request.param.startswith("static-") else None
+    guard = SirenGuard.from_pretrained(folder, device=DEVICE, dtype=torch.float32, static_steps=static)
     rng = random.Random(request.param)
     texts = []
     for row in rng.sample(real_rows, 4):
@@ -75,6 +80,9 @@ def test_every_check_equals_a_full_recompute(case):
     assert worst <= TOL, worst
     assert checks > 4 * chunkings  # really incremental: many checks per chunking
     assert rolled_back > 0  # BPE/cleaning rollbacks were exercised
+    del session
+    if guard.stepper is not None:
+        assert guard.stepper.free_slots == guard.stepper.slots  # every window handed its slot back
 
 
 def test_prompt_is_prefilled_once_and_tokens_count(case):

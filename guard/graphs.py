@@ -1,0 +1,288 @@
+"""Static streaming steps, captured as CUDA graphs on a GPU.
+
+On a GPU this backbone is launch-bound: an eager streaming step of the 20 kept blocks
+launches some 800 small kernels and costs 15-20 ms whether it reads 16 tokens or 512
+(README, "On a GPU"). A `StaticStepper` runs the same step over fixed shapes, so that
+each step size is captured once as a CUDA graph and a check becomes one replay:
+
+- Slots: per kept block, K and V for `slots` windows of `length = max_length + largest
+  step` positions, and each window's per-token rows of selected neurons (float32). A
+  `_Window` of `guard.session` that gets a slot keeps its cache there instead of in a
+  `DynamicCache`.
+- A step feeds m new tokens at positions [start, start + m) of a slot, padded to the
+  smallest step size B >= m (powers of two up to `STEP_SIZES[-1]`; longer feeds are
+  cut). The pads write K, V and rows at positions >= start + m only. A query at position
+  q attends to positions <= q, and a later step writes its own positions before it
+  attends, so no query ever reads a pad; the mean counts positions < start + m only.
+- So cropping a window (a tokenisation rollback) costs nothing: its count goes down and
+  the next step overwrites what follows.
+- The step is our own forward over the model's own modules and weights, for
+  Llama-style blocks (`llama`, `qwen2`, `qwen3`, `mistral`; full attention, no dynamic
+  RoPE), which is what lets it run at fixed shapes; other backbones keep the eager
+  `DynamicCache` path. It reads the same states as `Readout.rows` (the tests compare
+  them on CPU) in fewer kernels (`_step`). To fuse the q/k/v and gate/up products, the
+  stepper makes those Linears' weights views of one tensor each, in place: no memory
+  is added and the eager path reads the very same weights.
+- Measured on an H100 with the shipped artifact (README, "On a GPU"): a 16-token step
+  is one replay of 667 kernels, 2.6 ms in float32; the eager step it replaces launched
+  ~800 kernels from Python and took 24 ms.
+- On CPU the same step runs without capture: the tests check the slot, padding and
+  cropping logic there, against full recomputes; on CUDA each step size is captured on
+  first use (the first check of that size pays some 50 ms), into one shared memory pool.
+
+Not thread-safe, like the backbone: one worker thread steps; `release` may come from
+any thread (a session dropped elsewhere).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import torch
+import torch.nn.functional as F
+
+from guard.features import decoder_layers
+
+logger = logging.getLogger(__name__)
+
+STEP_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
+SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
+
+
+def unsupported_reason(model: torch.nn.Module, length: int) -> str | None:
+    """Why this backbone cannot take static steps (None when it can)."""
+    config = model.config
+    kind = getattr(config, "model_type", None)
+    if kind not in SUPPORTED:
+        return f"model_type {kind!r} (static steps support {', '.join(SUPPORTED)})"
+    types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    window = getattr(config, "sliding_window", None)
+    if types != {"full_attention"} or (
+        window is not None and window < length and getattr(config, "use_sliding_window", True)
+    ):
+        return "sliding-window attention"
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type", "default")) in ("dynamic", "longrope"):
+        return "RoPE that changes with the sequence length"
+    block = decoder_layers(model)[0]
+    attn = getattr(block, "self_attn", None)
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        if not isinstance(getattr(attn, name, None), torch.nn.Linear):
+            return f"blocks without self_attn.{name}"
+    if not hasattr(getattr(model, "model", model), "rotary_emb"):
+        return "no rotary embedding module"
+    return None
+
+
+def _rms(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`norm(x)` for HF's RMSNorm (Llama, Qwen2/3, Mistral) in 2 kernels instead of 6."""
+    eps = getattr(norm, "variance_epsilon", None)
+    if eps is None or not type(norm).__name__.endswith("RMSNorm"):
+        return norm(x)
+    return norm.weight * F.rms_norm(x.to(torch.float32), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def _fuse(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for several Linears on the same input, in place.
+
+    The Linears' parameters become views of the fused tensors, so memory does not grow
+    and the eager path reads the very same weights.
+    """
+    weight = torch.cat([linear.weight for linear in linears])
+    biases = [linear.bias for linear in linears]
+    bias = torch.cat(biases) if all(b is not None for b in biases) else None
+    if bias is None and any(b is not None for b in biases):
+        bias = torch.cat([b if b is not None else torch.zeros_like(linear.weight[:, 0])
+                          for b, linear in zip(biases, linears)])
+    at = 0
+    for linear in linears:
+        rows = linear.weight.shape[0]
+        linear.weight = torch.nn.Parameter(weight[at : at + rows], requires_grad=False)
+        if linear.bias is not None:
+            linear.bias = torch.nn.Parameter(bias[at : at + rows], requires_grad=False)
+        at += rows
+    return weight, bias
+
+
+class StaticStepper:
+    def __init__(self, readout, head, max_length: int, *, slots: int = 16, capture: bool | None = None) -> None:
+        model = readout.model
+        self.readout = readout
+        self.head = head
+        self.inner = readout.inner
+        self.blocks = list(decoder_layers(model))
+        self.device = readout.device
+        self.capture = self.device.type == "cuda" if capture is None else capture
+        self.length = max_length + STEP_SIZES[-1]
+        self.slots = slots
+        config = model.config
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        rows = self.length * (slots + 1)  # slot `slots` is scratch, for warm-up steps
+        dtype = readout.dtype
+        self.k = [torch.zeros(self.kv_heads, rows, self.head_dim, dtype=dtype, device=self.device)
+                  for _ in self.blocks]  # (kv_heads, slot * L + position, head_dim)
+        self.v = [torch.zeros_like(k) for k in self.k]
+        self.rows = torch.zeros(rows, readout.n_features, dtype=torch.float32, device=self.device)
+        self.positions = torch.arange(self.length, device=self.device)  # (L,)
+        with torch.no_grad():
+            probe = torch.zeros(1, 1, config.hidden_size, dtype=dtype, device=self.device)
+            cos, sin = self.inner.rotary_emb(probe, self.positions[None])  # (1, L, head_dim)
+        half = self.head_dim // 2
+        # rotate_half(x) * sin == roll(x, half) * [-sin[:half], sin[half:]]
+        self.cos = cos[0]  # (L, head_dim)
+        self.sin_signed = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
+        attn = self.blocks[0].self_attn
+        self.scaling = getattr(attn, "scaling", self.head_dim ** -0.5)
+        self.qkv = [_fuse([b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj]) for b in self.blocks]
+        self.gate_up = [
+            _fuse([b.mlp.gate_proj, b.mlp.up_proj])
+            if all(hasattr(b.mlp, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")) else None
+            for b in self.blocks
+        ]
+        self.reads = {layer: readout.neurons[layer] for layer in readout.layers}
+        self.top_normed = readout.original_layers - 1 if readout.normed_top else None
+        # One input buffer per step size: [slot, start, count, ids...]; one output.
+        self._inputs = {b: torch.zeros(3 + b, dtype=torch.long, device=self.device) for b in STEP_SIZES}
+        self._score = torch.zeros(1, dtype=torch.float32, device=self.device)
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._pool = None
+        self._free = list(range(slots - 1, -1, -1))
+        self._lock = threading.Lock()
+
+    # -- slots -------------------------------------------------------------------------
+    def acquire(self) -> int | None:
+        with self._lock:
+            return self._free.pop() if self._free else None
+
+    def release(self, slot: int) -> None:
+        with self._lock:
+            self._free.append(slot)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    # -- stepping ----------------------------------------------------------------------
+    @torch.no_grad()
+    def feed(self, slot: int, start: int, ids: list[int]) -> float:
+        """Feed `ids` at positions [start, start + len(ids)) of `slot`; the window's score."""
+        if not ids:
+            return self.rescore(slot, start)
+        if start + len(ids) > self.length - STEP_SIZES[-1]:
+            raise ValueError(f"a window holds at most {self.length - STEP_SIZES[-1]} tokens")
+        done = 0
+        while done < len(ids):
+            part = ids[done : done + STEP_SIZES[-1]]
+            size = next(b for b in STEP_SIZES if b >= len(part))
+            at = start + done
+            host = torch.tensor([slot, at, at + len(part), *part, *[0] * (size - len(part))], dtype=torch.long)
+            self._inputs[size].copy_(host)
+            self._run(size)
+            done += len(part)
+        return float(self._score)
+
+    @torch.no_grad()
+    def rescore(self, slot: int, count: int) -> float:
+        """The score of the first `count` positions of `slot` (after a crop)."""
+        base = slot * self.length
+        pooled = self.rows[base : base + count].sum(dim=0, keepdim=True) / count * self.readout.weights
+        return float(self.head.p_harmful(pooled)[0])
+
+    def _run(self, size: int) -> None:
+        if not self.capture:
+            self._step(size)
+            return
+        graph = self._graphs.get(size)
+        if graph is None:
+            graph = self._capture(size)
+        graph.replay()
+
+    def _capture(self, size: int) -> torch.cuda.CUDAGraph:
+        live = self._inputs[size].clone()
+        self._inputs[size][:3] = torch.tensor([self.slots, 0, 1])  # warm up on the scratch slot
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._step(size)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self._step(size)
+        self._graphs[size] = graph
+        self._inputs[size].copy_(live)
+        logger.debug("captured the %d-token streaming step as a CUDA graph", size)
+        return graph
+
+    def _step(self, size: int) -> None:
+        """One step of `size` tokens; shapes depend on `size` only (capturable).
+
+        Same math as the model's eager forward, in fewer kernels: fused q/k/v and
+        gate/up products, RMSNorm in one kernel, RoPE on q and k together, grouped
+        queries folded into the query rows instead of repeating K and V, and attention
+        as batched products (measured on an H100: 587 kernels and 2.8 ms per 16-token
+        step with the fused attention kernel, which alone took a third of it).
+        """
+        inputs = self._inputs[size]
+        slot, start, count = inputs[0], inputs[1], inputs[2]
+        ids = inputs[3:].unsqueeze(0)  # (1, B)
+        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
+        groups = heads // kv_heads
+        query_pos = start + self.positions[:size]  # (B,)
+        rows = slot * self.length + query_pos  # (B,) this slot's rows at those positions
+        slot_rows = slot * self.length + self.positions  # (L,) this slot's rows, in position order
+        allowed = (self.positions[None, :] <= query_pos[:, None]).repeat(groups, 1)  # (groups*B, L)
+        mask = torch.zeros(allowed.shape, dtype=torch.float32, device=self.device).masked_fill_(
+            ~allowed, float("-inf"))[None]  # (1, groups*B, L), additive: made once per step
+        cos = self.cos.index_select(0, query_pos)[:, None]  # (B, 1, head_dim)
+        sin = self.sin_signed.index_select(0, query_pos)[:, None]
+        h = self.inner.embed_tokens(ids)  # (1, B, hidden)
+        parts = []
+        for i, block in enumerate(self.blocks):
+            attn = block.self_attn
+            x = _rms(block.input_layernorm, h)
+            qkv = F.linear(x, self.qkv[i][0], self.qkv[i][1])  # (1, B, (heads + 2 kv_heads) * head_dim)
+            qk = qkv[..., : (heads + kv_heads) * head_dim].view(1, size, heads + kv_heads, head_dim)
+            v = qkv[..., (heads + kv_heads) * head_dim :].view(size, kv_heads, head_dim)
+            if hasattr(attn, "q_norm"):  # qwen3: RMSNorm over each head before RoPE
+                qk = torch.cat([_rms(attn.q_norm, qk[:, :, :heads]), _rms(attn.k_norm, qk[:, :, heads:])], dim=2)
+            qk = qk * cos + qk.roll(head_dim // 2, dims=-1) * sin  # RoPE, rounded as the model rounds it
+            self.k[i].index_copy_(1, rows, qk[0, :, heads:].transpose(0, 1))  # (kv_heads, B, head_dim)
+            self.v[i].index_copy_(1, rows, v.transpose(0, 1))
+            keys = self.k[i].index_select(1, slot_rows)  # (kv_heads, L, head_dim)
+            values = self.v[i].index_select(1, slot_rows)
+            # query head h reads kv head h // groups: kv head j's queries become rows (g, b)
+            q = qk[0, :, :heads].view(size, kv_heads, groups, head_dim).permute(1, 2, 0, 3)
+            q = q.reshape(kv_heads, groups * size, head_dim)
+            # Attention as three kernels: at these sizes (a few heads, one short query
+            # tile) PyTorch's fused attention kernel runs one thread block per head: 4x slower.
+            # Scores and softmax in float32 whatever the dtype, as the fused kernels keep them.
+            scores = torch.baddbmm(mask, q.float(), keys.float().transpose(1, 2),
+                                   alpha=self.scaling)  # (kv_heads, groups*B, L)
+            probs = scores.softmax(dim=-1).to(values.dtype)  # as flash attention rounds P
+            out = torch.bmm(probs, values)  # (kv_heads, groups*B, head_dim)
+            out = out.view(kv_heads, groups, size, head_dim).permute(2, 0, 1, 3).reshape(1, size, heads * head_dim)
+            h = h + attn.o_proj(out)
+            x = _rms(block.post_attention_layernorm, h)
+            if self.gate_up[i] is not None:
+                gate, up = F.linear(x, *self.gate_up[i]).chunk(2, dim=-1)
+                mlp = block.mlp.down_proj(block.mlp.act_fn(gate) * up)
+            else:
+                mlp = block.mlp.forward(x)  # .forward: no Readout hooks
+            h = h + mlp
+            neurons = self.reads.get(i)
+            if neurons is not None:
+                state = mlp if self.readout.pooling == "mlp_mean" else h
+                if i == self.top_normed:
+                    state = _rms(self.inner.norm, h)
+                parts.append(state[0].index_select(-1, neurons).to(torch.float32))  # (B, k_i)
+        self.rows.index_copy_(0, rows, torch.cat(parts, dim=-1))  # (B, F)
+        valid = (self.positions < count).to(torch.float32)[:, None]  # (L, 1)
+        total = (self.rows.index_select(0, slot_rows) * valid).sum(dim=0, keepdim=True)  # (1, F)
+        pooled = total / count.to(torch.float32) * self.readout.weights
+        self._score.copy_(self.head.p_harmful(pooled))

@@ -4,7 +4,9 @@
 
 (a) a 512-token response checked every 16 tokens: our incremental session vs the
     reference's `score_streaming` on each prefix, and vs the floor (one forward pass over
-    the final text); (b) 64 texts from 16 concurrent callers through the batching worker
+    the final text); where the session takes static steps (on CUDA: CUDA graphs,
+    `guard.graphs`), also the same session with eager steps, and the time of one static
+    feed by step size; (b) 64 texts from 16 concurrent callers through the batching worker
     vs one at a time; (c) `score_batch` vs the reference's. Each timing is the best of
     `--repeat` runs (the machine may be shared). Without --artifact: guard/default if it
     exists, else a synthetic artifact (layers 6, 12, 18, 24; 8 neurons each). Either way a

@@ -93,6 +93,7 @@ class GuardConfig:
     max_queue: int = 1024
     trust_remote_code: bool = False
     threads: int | None = None  # torch threads of the guard's worker; None: one less than the cores
+    stream_slots: int = 16  # streaming windows that take static (CUDA-graph) steps at once
 
 
 @dataclass(frozen=True)
@@ -263,6 +264,7 @@ def _guard(g: Section) -> GuardConfig:
         max_queue=g.integer("max_queue", d.max_queue, minimum=1),
         trust_remote_code=g.boolean("trust_remote_code", d.trust_remote_code),
         threads=g.integer("threads", None, minimum=1, nullable=True),
+        stream_slots=g.integer("stream_slots", d.stream_slots, minimum=1),
     )
     g.finish()
     return guard

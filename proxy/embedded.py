@@ -54,7 +54,8 @@ class LoadingScorer:
             s = self.settings
             options = {"backbone": s.backbone} if s.backbone is not None else {}
             guard = SirenGuard.from_pretrained(s.artifact, device=s.device, dtype=s.dtype,
-                                               trust_remote_code=s.trust_remote_code, **options)
+                                               trust_remote_code=s.trust_remote_code,
+                                               stream_slots=s.stream_slots, **options)
             from guard.errors import QueueFull
 
             self._busy = QueueFull

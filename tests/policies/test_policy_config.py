@@ -364,6 +364,17 @@ def test_guard_threads(value, expect):
     assert config.guard.threads == expect
 
 
+@pytest.mark.parametrize("text,expect", [("", 16), ("guard: {stream_slots: 64}\n", 64)])
+def test_guard_stream_slots(text, expect):
+    assert parse_config("upstreams: {up: {base_url: 'http://x/v1'}}\n" + text).guard.stream_slots == expect
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "2.5", "many"])
+def test_guard_stream_slots_must_be_a_positive_integer(value):
+    with pytest.raises(ConfigError, match="guard.stream_slots"):
+        parse_config(f"upstreams: {{up: {{base_url: 'http://x/v1'}}}}\nguard: {{stream_slots: {value}}}\n")
+
+
 def test_guard_threads_must_be_positive():
     with pytest.raises(ConfigError, match="guard.threads"):
         parse_config("upstreams: {up: {base_url: 'http://x/v1'}}\nguard: {threads: 0}\n")

@@ -22,3 +22,21 @@ def test_a_guard_that_fails_to_load_fails_every_call(tmp_path):
     assert scorer.error is not None and not scorer.ready
     with pytest.raises(GuardNotReady, match="failed to load"):
         scorer.stream("x")
+
+
+def test_the_guard_loads_with_the_configured_options(monkeypatch):
+    import guard
+
+    seen = {}
+
+    def from_pretrained(artifact, **options):
+        seen.update(options, artifact=artifact)
+        raise RuntimeError("stop after the call")
+
+    monkeypatch.setattr(guard.SirenGuard, "from_pretrained", staticmethod(from_pretrained))
+    scorer = LoadingScorer(GuardConfig(artifact="/a", device="cpu", dtype="float32", stream_slots=4,
+                                       backbone="/b"))
+    assert not scorer.wait(timeout=60)
+    assert seen == {"artifact": "/a", "device": "cpu", "dtype": "float32", "trust_remote_code": False,
+                    "stream_slots": 4, "backbone": "/b"}
+    assert "stop after the call" in str(scorer.error)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -77,7 +78,7 @@ def backbone_spec(config: ArtifactConfig, artifact_dir: Path) -> str:
 class SirenGuard:
     def __init__(
         self, config: ArtifactConfig, head: SirenHead, backbone: Backbone, *, long_text: str = "window",
-        static_steps: bool | None = None, stream_slots: int = 16,
+        static_steps: bool | None = None, stream_slots: int = 16, compile_steps: bool | str = False,
     ) -> None:
         self._config = config
         self._backbone = backbone
@@ -92,6 +93,7 @@ class SirenGuard:
             raise ValueError(f"stream_slots must be at least 1, got {stream_slots}")
         self._static_steps = static_steps
         self._stream_slots = stream_slots
+        self._compile_steps = compile_steps
         self._stepper = None
         self._stepper_checked = False
         if static_steps:
@@ -110,6 +112,7 @@ class SirenGuard:
         backbone: str | None = None,
         static_steps: bool | None = None,
         stream_slots: int = 16,
+        compile_steps: bool | str = False,
     ) -> SirenGuard:
         """Load an artifact (default: the embedded one) and its backbone, offline if local.
 
@@ -121,7 +124,9 @@ class SirenGuard:
         captured as CUDA graphs. None (default): on CUDA when the backbone supports it;
         True: also on CPU, where the steps run without capture (for tests), and an
         unsupported backbone is an error; False: off. `stream_slots` windows at a time
-        take static steps; more fall back to the eager path.
+        take static steps; more fall back to the eager path. `compile_steps` fuses each
+        static step with torch.compile (True: inductor; or a backend name) before
+        capture; call `warm_up()` to pay for it at load.
         """
         folder = resolve_artifact(path_or_id, cache_dir)
         config, state_dict = read_artifact(folder)
@@ -134,7 +139,7 @@ class SirenGuard:
         logger.info("SIREN artifact %s on backbone %s (%s, %s)", folder, loaded.source,
                     next(loaded.model.parameters()).dtype, next(loaded.model.parameters()).device)
         return cls(config, head, loaded, long_text=long_text, static_steps=static_steps,
-                   stream_slots=stream_slots)
+                   stream_slots=stream_slots, compile_steps=compile_steps)
 
     # -- properties mirrored from the reference ------------------------------------------
     @property
@@ -187,8 +192,16 @@ class SirenGuard:
                 from guard.graphs import StaticStepper
 
                 self._stepper = StaticStepper(self._readout, self._head, self.max_length,
-                                              slots=self._stream_slots)
+                                              slots=self._stream_slots, compile=self._compile_steps)
         return self._stepper
+
+    def warm_up(self) -> float:
+        """Capture (and compile) the static steps now; seconds taken (0 without them)."""
+        if self.stepper is None:
+            return 0.0
+        start = time.perf_counter()
+        self.stepper.warm_up()
+        return time.perf_counter() - start
 
     def _check_static_steps(self) -> str | None:
         from guard.graphs import unsupported_reason

@@ -55,7 +55,11 @@ class LoadingScorer:
             options = {"backbone": s.backbone} if s.backbone is not None else {}
             guard = SirenGuard.from_pretrained(s.artifact, device=s.device, dtype=s.dtype,
                                                trust_remote_code=s.trust_remote_code,
-                                               stream_slots=s.stream_slots, **options)
+                                               stream_slots=s.stream_slots, compile_steps=s.compile_steps,
+                                               **options)
+            seconds = guard.warm_up()  # CUDA graphs (and compiled steps) before the first stream
+            if seconds:
+                logger.info("static streaming steps captured in %.1f s", seconds)
             from guard.errors import QueueFull
 
             self._busy = QueueFull

@@ -165,6 +165,37 @@ def test_sessions_beyond_the_slots_step_eagerly_and_slots_come_back(small_artifa
     assert guard.stream(prompt=prompt)._active.slot == 0
 
 
+def test_compiled_steps_trace_as_one_graph_and_stay_exact():
+    """`compile_steps`: torch.compile(fullgraph=True) must trace the whole step; the
+    "eager" backend checks the tracing on CPU in seconds (inductor on a GPU: README)."""
+    max_length = 200
+    config = artifact_config("residual_mean", [1, 3], max_length)
+    readout = Readout(tiny_model("qwen3-qk-norm"), config)
+    head = head_for(config)
+    plain = StaticStepper(readout, head, max_length, slots=1, capture=False)
+    traced = StaticStepper(readout, head, max_length, slots=1, capture=False, compile="eager")
+    ids = list(range(7, 7 + max_length))
+    a, b = plain.acquire(), traced.acquire()
+    for start, end in ((0, 130), (130, 147), (147, 148), (140, 200)):  # 128 + 2, 32, 1, a crop and 64
+        assert plain.feed(a, start, ids[start:end]) == pytest.approx(traced.feed(b, start, ids[start:end]), abs=1e-6)
+    assert traced._compiled_step is not None
+
+
+def test_warm_up_leaves_live_sessions_exact(small_artifact, real_rows):
+    guard = SirenGuard.from_pretrained(small_artifact, device=DEVICE, dtype=torch.float32, static_steps=True,
+                                       compile_steps="eager" if DEVICE == "cpu" else False)
+    prompt, response = real_rows[2]["prompt"][:40], real_rows[2]["response"][:200]
+    session = guard.stream(prompt=prompt)
+    session.append(response[:100])
+    assert guard.warm_up() > 0.0  # every step size ran on the scratch slot (traced on CPU)
+    if guard.stepper.capture:
+        assert sorted(guard.stepper._graphs) == list(STEP_SIZES)
+    full = guard.p_harmful([model_text(prompt=prompt, response=response)])[0]
+    assert session.append(response[100:]).score == pytest.approx(full, abs=TOL)
+    off = SirenGuard.from_pretrained(small_artifact, device=DEVICE, dtype=torch.float32, static_steps=False)
+    assert off.warm_up() == 0.0
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graph capture needs SIREN_TEST_DEVICE=cuda")
 def test_on_cuda_steps_replay_captured_graphs(small_artifact, real_rows):
     guard = SirenGuard.from_pretrained(small_artifact, device=DEVICE, dtype=torch.float32)

@@ -369,6 +369,14 @@ def test_guard_stream_slots(text, expect):
     assert parse_config("upstreams: {up: {base_url: 'http://x/v1'}}\n" + text).guard.stream_slots == expect
 
 
+def test_guard_compile_steps():
+    base = "upstreams: {up: {base_url: 'http://x/v1'}}\n"
+    assert parse_config(base).guard.compile_steps is False
+    assert parse_config(base + "guard: {compile_steps: true}\n").guard.compile_steps is True
+    with pytest.raises(ConfigError, match="guard.compile_steps"):
+        parse_config(base + "guard: {compile_steps: sometimes}\n")
+
+
 @pytest.mark.parametrize("value", ["0", "-1", "2.5", "many"])
 def test_guard_stream_slots_must_be_a_positive_integer(value):
     with pytest.raises(ConfigError, match="guard.stream_slots"):

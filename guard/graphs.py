@@ -24,11 +24,12 @@ each step size is captured once as a CUDA graph and a check becomes one replay:
   stepper makes those Linears' weights views of one tensor each, in place: no memory
   is added and the eager path reads the very same weights.
 - Measured on an H100 with the shipped artifact (README, "On a GPU"): a 16-token step
-  is one replay of 667 kernels, 2.6 ms in float32; the eager step it replaces launched
-  ~800 kernels from Python and took 24 ms.
+  is one replay of 667 kernels, 2.6 ms in float32 and 2.3 ms in bf16; the eager step
+  it replaces launched ~800 kernels from Python and took 16-31 ms. With `compile`
+  (torch.compile before capture, fusing the elementwise kernels) 1.8 and 0.94 ms.
 - On CPU the same step runs without capture: the tests check the slot, padding and
   cropping logic there, against full recomputes; on CUDA each step size is captured on
-  first use (the first check of that size pays some 50 ms), into one shared memory pool.
+  first use, or all at once by `warm_up`, into one shared memory pool.
 
 Not thread-safe, like the backbone: one worker thread steps; `release` may come from
 any thread (a session dropped elsewhere).

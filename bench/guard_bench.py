@@ -78,6 +78,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="also print the session's top torch ops")
+    parser.add_argument("--static-steps", choices=["auto", "on"], default="auto",
+                        help="auto: static steps on CUDA only; on: also on CPU, without capture")
     parser.add_argument("--compile-steps", action="store_true",
                         help="also time static steps fused by torch.compile before capture (compile_steps)")
     args = parser.parse_args()
@@ -90,7 +92,8 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="guard-bench-"))
     which = prepare_artifact(args.artifact, backbone_dir, workdir)
     ref = siren_guard.SirenGuard.from_pretrained(str(workdir), device=args.device, dtype=dtype)
-    ours = SirenGuard.from_pretrained(workdir, device=args.device, dtype=dtype)
+    ours = SirenGuard.from_pretrained(workdir, device=args.device, dtype=dtype,
+                                      static_steps=True if args.static_steps == "on" else None)
     print(f"artifact: {which}; device {args.device}; dtype {args.dtype}; torch threads {torch.get_num_threads()}; "
           f"kept blocks {len(ours.readout.model.model.layers)}/{ours.readout.original_layers}")
 

@@ -15,6 +15,10 @@ equal to a full recompute of that text, at the cost of the new tokens only:
   only the last window grows, and a new window is prefilled once from its start (each
   token is fed at most twice in all). A rollback that reaches into a completed window
   reopens it. The prompt is prefilled when the session is created.
+- With the guard's `StaticStepper` (on CUDA by default; `guard.graphs`) a window keeps
+  its cache and rows in a preallocated slot and each feed is one CUDA-graph replay per
+  step size; the logic above is unchanged, and a window without a free slot steps
+  eagerly.
 
 Not thread-safe: one session belongs to one `SirenGuard`, used from one thread at a time.
 """

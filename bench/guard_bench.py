@@ -104,10 +104,22 @@ def main() -> None:
     final = prefixes[-1]
 
     # (a) streaming checks
-    def ours_stream():
-        session = ours.stream()
+    def checks(guard):
+        """One session over the 32 prefixes: the streaming case every (a) line times."""
+        session = guard.stream()
         for p in prefixes:
             session.set_response(p)
+
+    def ours_stream():
+        checks(ours)
+
+    def feed_time(stepper, size: int) -> float:
+        """Seconds per static feed of `size` tokens: inputs copied in, one replay, score read."""
+        slot = stepper.acquire()
+        try:
+            return best(lambda: [stepper.feed(slot, 0, long_ids[:size]) for _ in range(20)], args.repeat) / 20
+        finally:
+            stepper.release(slot)
 
     def ref_stream():
         for p in prefixes:
@@ -129,49 +141,30 @@ def main() -> None:
         # Side by side: the same session with eager steps (a DynamicCache, one kernel
         # launch per op), what every device ran before static steps.
         eager = SirenGuard.from_pretrained(workdir, device=args.device, dtype=dtype, static_steps=False)
-
-        def eager_stream():
-            session = eager.stream()
-            for p in prefixes:
-                session.set_response(p)
-
-        eager_stream()
-        t_eager = best(eager_stream, args.repeat)
+        checks(eager)
+        t_eager = best(lambda: checks(eager), args.repeat)
         print(f"(a) static steps ({'CUDA graphs' if ours.stepper.capture else 'no capture'}) {t_ours*1e3:.1f} ms "
               f"vs eager steps {t_eager*1e3:.0f} ms ({t_eager/32*1e3:.1f} ms/check) -> {t_eager/t_ours:.1f}x less time")
         eager.close()
         if args.compile_steps:
             fused = SirenGuard.from_pretrained(workdir, device=args.device, dtype=dtype, static_steps=True,
                                                compile_steps=True)
-
-            def fused_stream():
-                session = fused.stream()
-                for p in prefixes:
-                    session.set_response(p)
-
             t = time.perf_counter()
-            fused_stream()  # compiles and captures every step size it meets
+            checks(fused)  # compiles and captures every step size it meets
             t_compile = time.perf_counter() - t
-            t_fused = best(fused_stream, args.repeat)
+            t_fused = best(lambda: checks(fused), args.repeat)
             session = fused.stream()
             drift_fused = max(abs(session.set_response(p).score - ours.score(p).score) for p in prefixes)
-            slot = fused.stepper.acquire()
-            t_feed = best(lambda: [fused.stepper.feed(slot, 0, long_ids[:16]) for _ in range(20)], args.repeat) / 20
-            fused.stepper.release(slot)
-            print(f"(a) static steps fused by torch.compile: session {t_fused*1e3:.1f} ms ({t_fused/32*1e3:.2f} ms/check) "
+            t_feed = feed_time(fused.stepper, 16)
+            print(f"(a) static steps fused by torch.compile: session {t_fused*1e3:.1f} ms "
+                  f"({t_fused/32*1e3:.2f} ms/check) "
                   f"-> {t_ref/t_fused:.1f}x less time than the reference, session/floor {t_fused/t_floor:.2f}x; "
                   f"16-token feed {t_feed*1e3:.2f} ms; first pass (compiling) {t_compile:.0f} s; "
                   f"max |session - recompute| {drift_fused:.2e}")
             fused.close()
         # Where a static check's time goes: one feed (inputs copied in, one replay, the
         # score read back) by step size, and the host's re-tokenisation of the text.
-        stepper, slot = ours.stepper, ours.stepper.acquire()
-        feeds = []
-        for size in (16, 32, 128):
-            ids = long_ids[:size]
-            t = best(lambda: [stepper.feed(slot, 0, ids) for _ in range(20)], args.repeat) / 20
-            feeds.append(f"{size} tokens {t*1e3:.2f} ms")
-        stepper.release(slot)
+        feeds = [f"{size} tokens {feed_time(ours.stepper, size)*1e3:.2f} ms" for size in (16, 32, 128)]
         t_tok = best(lambda: [ours.plan.body(tok, model_text(response=p)) for p in prefixes], args.repeat) / 32
         print(f"(a) per static feed: {', '.join(feeds)}; re-tokenising the text {t_tok*1e3:.2f} ms per check")
     if args.profile:
@@ -195,13 +188,7 @@ def main() -> None:
         # The reference reads only the first max_length tokens of each prefix; our default
         # windows read all 512 (each token in up to two windows). Same text read: truncate.
         trunc = SirenGuard.from_pretrained(workdir, device=args.device, dtype=dtype, long_text="truncate")
-
-        def trunc_stream():
-            session = trunc.stream()
-            for p in prefixes:
-                session.set_response(p)
-
-        t_trunc = best(trunc_stream, args.repeat)
+        t_trunc = best(lambda: checks(trunc), args.repeat)
         t_trunc_floor = best(lambda: trunc.score(final), args.repeat)
         print(f"(a) same, long_text='truncate' (reads what the reference reads, the first "
               f"{ours.plan.window} tokens): session {t_trunc*1e3:.0f} ms -> {t_ref/t_trunc:.1f}x less time "

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -91,11 +92,10 @@ def _fuse(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | 
     and the eager path reads the very same weights.
     """
     weight = torch.cat([linear.weight for linear in linears])
-    biases = [linear.bias for linear in linears]
-    bias = torch.cat(biases) if all(b is not None for b in biases) else None
-    if bias is None and any(b is not None for b in biases):
-        bias = torch.cat([b if b is not None else torch.zeros_like(linear.weight[:, 0])
-                          for b, linear in zip(biases, linears)])
+    bias = None
+    if any(linear.bias is not None for linear in linears):  # a missing one reads as zeros
+        bias = torch.cat([linear.weight.new_zeros(linear.weight.shape[0]) if linear.bias is None else linear.bias
+                          for linear in linears])
     at = 0
     for linear in linears:
         rows = linear.weight.shape[0]
@@ -176,9 +176,10 @@ class StaticStepper:
     # -- stepping ----------------------------------------------------------------------
     @torch.no_grad()
     def feed(self, slot: int, start: int, ids: list[int]) -> float:
-        """Feed `ids` at positions [start, start + len(ids)) of `slot`; the window's score."""
+        """Feed `ids` (at least one) at positions [start, start + len(ids)) of `slot`; the
+        window's score."""
         if not ids:
-            return self.rescore(slot, start)
+            raise ValueError("nothing to feed")
         if start + len(ids) > self.length - STEP_SIZES[-1]:
             raise ValueError(f"a window holds at most {self.length - STEP_SIZES[-1]} tokens")
         done = 0
@@ -206,10 +207,18 @@ class StaticStepper:
             if self.capture and size not in self._graphs:
                 self._capture(size)
             elif not self.capture and self.compile:
-                live = self._inputs[size].clone()
-                self._inputs[size][:3] = torch.tensor([self.slots, 0, 1])
-                self._forward(size)
-                self._inputs[size].copy_(live)
+                with self._scratch(size):
+                    self._forward(size)
+
+    @contextmanager
+    def _scratch(self, size: int):
+        """Point the `size` step's inputs at the scratch slot, then restore them."""
+        live = self._inputs[size].clone()
+        self._inputs[size][:3] = torch.tensor([self.slots, 0, 1])
+        try:
+            yield
+        finally:
+            self._inputs[size].copy_(live)
 
     def _forward(self, size: int) -> None:
         if not self.compile:
@@ -233,21 +242,19 @@ class StaticStepper:
         graph.replay()
 
     def _capture(self, size: int) -> torch.cuda.CUDAGraph:
-        live = self._inputs[size].clone()
-        self._inputs[size][:3] = torch.tensor([self.slots, 0, 1])  # warm up on the scratch slot
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
+        with self._scratch(size):  # warm-up runs write to the scratch slot only
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._forward(size)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
                 self._forward(size)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            self._forward(size)
         self._graphs[size] = graph
-        self._inputs[size].copy_(live)
         logger.debug("captured the %d-token streaming step as a CUDA graph", size)
         return graph
 

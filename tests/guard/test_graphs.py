@@ -115,6 +115,8 @@ def test_static_steps_equal_the_eager_forward(family, read):
     assert len(sizes) >= 4 and checks >= 8  # several padded step sizes
     with pytest.raises(ValueError, match="at most 300 tokens"):
         stepper.feed(slot, max_length, [1])
+    with pytest.raises(ValueError, match="nothing to feed"):
+        stepper.feed(slot, n, [])
 
 
 def test_unsupported_backbones_are_named():
@@ -139,6 +141,8 @@ def test_asking_for_static_steps_on_an_unsupported_backbone_is_an_error(small_ar
     monkeypatch.setattr("guard.graphs.SUPPORTED", ("gemma",))
     with pytest.raises(BackboneError, match="cannot take static steps: model_type 'llama'"):
         SirenGuard.from_pretrained(small_artifact, device=DEVICE, dtype=torch.float32, static_steps=True)
+    with pytest.raises(ValueError, match="stream_slots must be at least 1, got 0"):
+        SirenGuard.from_pretrained(small_artifact, device=DEVICE, dtype=torch.float32, stream_slots=0)
     auto = SirenGuard.from_pretrained(small_artifact, device=DEVICE, dtype=torch.float32)
     assert auto.stepper is None  # auto falls back to eager steps, on any device
     assert auto.stream(prompt="hi").append("there").score >= 0.0

@@ -58,28 +58,49 @@ def train_one(
     max_epochs: int = 60,
     patience: int = 6,
     batch_size: int = 128,
+    sample_weight: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[SirenHead, float, int]:
-    """Class-balanced training with early stopping on validation loss."""
+    """Class-balanced training with early stopping on validation loss.
+
+    `sample_weight` (train, validation) replaces the class weights with one weight per
+    row (the loss is the weighted mean); the class weights are the special case
+    ``weight[i] = class_weight[y[i]]``. `bench/head_variants.py` uses it to re-weight sources.
+    """
     torch.manual_seed(seed)
     net = build_mlp(x_train.shape[1], spec.hidden, spec.dropout)
     opt = torch.optim.AdamW(net.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
-    loss_fn = nn.CrossEntropyLoss(weight=_balanced_weights(y_train))
     xt = torch.from_numpy(x_train)  # (n_train, dim)
     yt = torch.from_numpy(y_train.astype(np.int64))  # (n_train,)
     xv = torch.from_numpy(x_val)  # (n_val, dim)
     yv = torch.from_numpy(y_val.astype(np.int64))  # (n_val,)
-    val_loss_fn = nn.CrossEntropyLoss(weight=_balanced_weights(y_val))
+    if sample_weight is None:
+        train_loss = nn.CrossEntropyLoss(weight=_balanced_weights(y_train))
+        val_loss = nn.CrossEntropyLoss(weight=_balanced_weights(y_val))
+
+        def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+            return train_loss(net(xt[idx]), yt[idx])
+    else:
+        wt, wv = (torch.as_tensor(np.asarray(w, dtype=np.float32)) for w in sample_weight)
+        if wt.shape != yt.shape or wv.shape != yv.shape:
+            raise ValueError("sample_weight needs one weight per training and per validation row")
+        per_row = nn.CrossEntropyLoss(reduction="none")
+
+        def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+            return (per_row(net(xt[idx]), yt[idx]) * wt[idx]).sum() / wt[idx].sum()
+
+        def val_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return (per_row(logits, y) * wv).sum() / wv.sum()
     gen = torch.Generator().manual_seed(seed)
     best, best_state, best_epoch, since = float("inf"), None, 0, 0
     for epoch in range(1, max_epochs + 1):
         net.train()
         for idx in torch.randperm(len(xt), generator=gen).split(batch_size):
             opt.zero_grad()
-            loss_fn(net(xt[idx]), yt[idx]).backward()
+            batch_loss(idx).backward()
             opt.step()
         net.eval()
         with torch.no_grad():
-            loss = float(val_loss_fn(net(xv), yv))
+            loss = float(val_loss(net(xv), yv))
         if loss < best - 1e-4:
             best, best_state, best_epoch, since = loss, copy.deepcopy(net.state_dict()), epoch, 0
         else:

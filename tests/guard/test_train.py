@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import siren_guard
 import torch
@@ -166,3 +167,38 @@ def test_shipped_default_agrees_with_reference_and_separates(backbone_dir, tmp_p
     # 24 of the 40 held-back rows are JailbreakBench goals with topic-matched benign
     # twins, the hardest set (full-set AUROC 0.86 for this head): well above chance.
     assert auroc([r.label for r in rows], our_scores) >= 0.85
+
+
+def _toy_problem(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(120, 6)).astype(np.float32)
+    y = (x[:, 0] + 0.5 * rng.normal(size=120) > 0.6).astype(np.int64)  # unbalanced: about 30% positive
+    return x[:90], y[:90], x[90:], y[90:]
+
+
+def test_per_row_weights_equal_to_the_class_weights_train_the_same_head():
+    xt, yt, xv, yv = _toy_problem()
+    spec = mlp.HeadSpec(hidden=(8,), dropout=0.0, weight_decay=1e-2)
+    default, loss, epochs = mlp.train_one(spec, xt, yt, xv, yv, seed=3, max_epochs=8)
+    class_w = [mlp._balanced_weights(v).numpy() for v in (yt, yv)]
+    weighted, w_loss, w_epochs = mlp.train_one(spec, xt, yt, xv, yv, seed=3, max_epochs=8,
+                                               sample_weight=(class_w[0][yt], class_w[1][yv]))
+    assert (w_epochs, round(w_loss, 5)) == (epochs, round(loss, 5))
+    for k, v in default.state_dict().items():
+        assert torch.allclose(weighted.state_dict()[k], v, atol=1e-5), k
+
+
+def test_per_row_weights_change_what_is_learned_and_are_checked():
+    xt, yt, xv, yv = _toy_problem()
+    spec = mlp.HeadSpec(hidden=(8,), dropout=0.0, weight_decay=1e-2, lr=0.03)
+    base, _, _ = mlp.train_one(spec, xt, yt, xv, yv, seed=3, max_epochs=8)
+    skew = np.where(yt == 1, 20.0, 1.0).astype(np.float32)  # positives count 20 times
+    skewed, _, _ = mlp.train_one(spec, xt, yt, xv, yv, seed=3, max_epochs=8,
+                                 sample_weight=(skew, np.ones(len(yv), dtype=np.float32)))
+    x = torch.from_numpy(xv)
+    with torch.no_grad():
+        p_base = torch.softmax(base(x), -1)[:, 1]
+        p_skew = torch.softmax(skewed(x), -1)[:, 1]
+    assert float(p_skew.mean()) > float(p_base.mean()) + 0.1
+    with pytest.raises(ValueError, match="one weight per"):
+        mlp.train_one(spec, xt, yt, xv, yv, seed=3, sample_weight=(skew[:-1], np.ones(len(yv))))

@@ -19,7 +19,8 @@ file's style dominates), `sqrt` (groups weighted by the square root of their siz
 distribution is seen in training: for each two-class development set (and for the
 harmful-only sets paired with the benign-only ones they are judged with), 5 folds, each
 trained on the training mix plus the other 4/5 of that set (rows weighted
-`--ceiling-weight`) and scored on the held fifth. It also prints a 5-fold L2 logistic
+`--ceiling-weight`; 3-member ensembles, to keep it to about 17 min) and scored on the
+held fifth. It also prints a 5-fold L2 logistic
 regression on the set alone over every feature of blocks 12-19. Neither is a head to
 ship: both see the evaluation distribution. They bound what the recipe could reach on
 this backbone with perfectly matched training data.
@@ -55,56 +56,52 @@ COLUMNS = (("xstest_prompts", "macro_f1"), ("jailbreakbench_behaviors", "macro_f
 # Harmful-only sets with the benign-only sets their targets are read against (README).
 PAIRS = (("harmbench_behaviors_text", "alpaca_eval_prompts"),
          ("strongreject", "trustllm_exaggerated_safety"))
+CEILING_MEMBERS = 3  # ensemble size of each ceiling fit (35 fits; the shipped head has 5)
 
 
 class Fit:
-    """The recipe's fitted pieces: selection, standardisation, MLP (ensemble), Platt."""
+    """The recipe's fitted pieces (as `guard.training.train` fits them): standardisation,
+    MLP (ensemble), Platt. `extra` = (features, labels, weights) joins the training split."""
 
     def __init__(self, feats, y, train, val, weights, sel: probe.Selection, *, members, seed, extra=None):
-        self.sel = sel
-        self.w = np.concatenate([np.full(len(sel.neurons[layer]), sel.weights[layer], dtype=np.float32)
-                                 for layer in sel.layers])
-        raw = self.raw(feats)
+        self.sel, self.w = sel, probe.neuron_weights(sel)
+        raw = probe.gather(feats, sel, weighted=False)
         self.mu, self.sd = raw[train].mean(axis=0), raw[train].std(axis=0) + 1e-6
         x = self.standardise(feats)
         xt, yt, wt = x[train], y[train], weights[0]
-        if extra is not None:  # (features, labels, weights) appended to the training split
+        if extra is not None:
             xt = np.concatenate([xt, self.standardise(extra[0])])
             yt = np.concatenate([yt, extra[1]])
             wt = np.concatenate([wt, extra[2]])
         spec = mlp.HeadSpec(hidden=(128,), dropout=0.3, weight_decay=1e-2)  # the shipped grid's winner
-        nets = [mlp.train_one(spec, xt, yt, x[val], y[val], seed=seed + k,
-                              sample_weight=(wt, weights[1]))[0] for k in range(members)]
-        self.net = mlp.merge(nets, spec.dropout) if members > 1 else nets[0]
+        sample_weight = (wt, weights[1])
+        first = mlp.train_one(spec, xt, yt, x[val], y[val], seed=seed, sample_weight=sample_weight)[0]
+        self.net = mlp.ensemble(spec, first, xt, yt, x[val], y[val], members=members, seed=seed,
+                                sample_weight=sample_weight)
         self.platt = fit_platt(mlp.logit_margin(self.net, x[val]), y[val])
         self.val_auroc = auroc(y[val], self.predict(feats[val]))
 
-    def raw(self, feats: np.ndarray) -> np.ndarray:
-        unweighted = probe.Selection(layers=self.sel.layers, neurons=self.sel.neurons,
-                                     weights={layer: 1.0 for layer in self.sel.layers}, probes=self.sel.probes)
-        return probe.gather(feats, unweighted)
-
     def standardise(self, feats: np.ndarray) -> np.ndarray:
-        return (self.w * (self.raw(feats) - self.mu) / self.sd).astype(np.float32)
+        return (self.w * (probe.gather(feats, self.sel, weighted=False) - self.mu) / self.sd).astype(np.float32)
 
     def predict(self, feats: np.ndarray) -> np.ndarray:
         return self.platt.apply(mlp.logit_margin(self.net, self.standardise(feats)))
 
 
 def row_weights(rows, idx: np.ndarray, y: np.ndarray, mode: str) -> np.ndarray:
-    """One weight per row of `idx`; each class's weights sum to half the rows."""
+    """One weight per row of `idx`; each class's weights sum to half the rows, shared
+    among its groups (one group per class for `balanced`, per (file, class) otherwise)
+    in proportion to the group's size, 1, or the square root of its size."""
     groups: dict[tuple[str, int], list[int]] = {}
     for k, i in enumerate(idx):
-        key = (rows[i].dataset, int(y[i])) if mode != "balanced" else ("", int(y[i]))
-        groups.setdefault(key, []).append(k)
+        groups.setdefault(("" if mode == "balanced" else rows[i].dataset, int(y[i])), []).append(k)
+    share = {"balanced": len, "source": lambda g: 1.0, "sqrt": lambda g: np.sqrt(len(g))}[mode]
     w = np.ones(len(idx), dtype=np.float32)
     for label in (0, 1):
-        keys = [g for g in groups if g[1] == label]
-        size = {g: np.sqrt(len(groups[g])) if mode == "sqrt" else
-                (1.0 if mode == "source" else len(groups[g])) for g in keys}
-        total = sum(size.values())
-        for g in keys:
-            w[groups[g]] = (len(idx) / 2) * (size[g] / total) / len(groups[g])
+        keys = [key for key in groups if key[1] == label]
+        total = sum(share(groups[key]) for key in keys)
+        for key in keys:
+            w[groups[key]] = (len(idx) / 2) * (share(groups[key]) / total) / len(groups[key])
     return w
 
 
@@ -131,7 +128,8 @@ def main() -> None:
                         cache_root=args.cache, token_budget=4096, progress=False)
     for spec in list(opts["data"]) + list(opts["exclude"]):
         if not Path(parse_data_spec(spec)[0]).exists():
-            sys.exit(f"{parse_data_spec(spec)[0]} is missing: run from the repository root, next to ../shared")
+            sys.exit(f"{parse_data_spec(spec)[0]} is missing: run from the repository root, with the shared data "
+                     "folder at ../shared and bench/generate_default.sh's rows in .cache/generated")
 
     started = time.monotonic()
     ds = build_dataset(opts["data"], opts["exclude"], seed, opts["val_fraction"], opts["refusals"], opts["answers"])
@@ -180,7 +178,8 @@ def ceiling(ds, feats, y, weights, recipe, dev, dev_feats, dev_y, extra_weight, 
         folds = StratifiedKFold(5, shuffle=True, random_state=0).split(f, yd)
         for tr, te in folds:
             extra = (f[tr], yd[tr], np.full(len(tr), extra_weight, dtype=np.float32))
-            p[te] = Fit(feats, y, ds.train, ds.val, weights, extra=extra, **{**recipe, "members": 3}).predict(f[te])
+            p[te] = Fit(feats, y, ds.train, ds.val, weights, extra=extra,
+                        **{**recipe, "members": CEILING_MEMBERS}).predict(f[te])
         m = at_threshold(yd, p, threshold)
         best = best_threshold(yd, p)
         x_alone = f[:, 12:20].reshape(len(f), -1)

@@ -128,9 +128,10 @@ def search(
 def ensemble(
     spec: HeadSpec, first: SirenHead, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
     y_val: np.ndarray, *, members: int, seed: int,
+    sample_weight: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> SirenHead:
     """`first` and `members - 1` more fits of `spec` (seeds seed+1, ...), merged into one head."""
-    nets = [first] + [train_one(spec, x_train, y_train, x_val, y_val, seed=seed + k)[0]
+    nets = [first] + [train_one(spec, x_train, y_train, x_val, y_val, seed=seed + k, sample_weight=sample_weight)[0]
                       for k in range(1, members)]
     return merge(nets, spec.dropout) if len(nets) > 1 else first
 

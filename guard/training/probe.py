@@ -90,12 +90,19 @@ def select(
     )
 
 
-def gather(features: np.ndarray, selection: Selection) -> np.ndarray:
+def gather(features: np.ndarray, selection: Selection, *, weighted: bool = True) -> np.ndarray:
     """(n, input_dim) raw selected features times layer weights, in artifact order.
 
     This is exactly what the runtime feeds the MLP: for each selected layer (ascending),
-    the pooled vector's selected neurons (ascending), times the layer weight.
+    the pooled vector's selected neurons (ascending), times the layer weight
+    (`weighted=False`: the neurons alone, which training standardises before weighting).
     """
-    parts = [features[:, layer][:, list(selection.neurons[layer])] * selection.weights[layer]
+    parts = [features[:, layer][:, list(selection.neurons[layer])] * (selection.weights[layer] if weighted else 1.0)
              for layer in selection.layers]
     return np.concatenate(parts, axis=1).astype(np.float32)
+
+
+def neuron_weights(selection: Selection) -> np.ndarray:
+    """(input_dim,) each selected neuron's layer weight, in artifact order."""
+    return np.concatenate([np.full(len(selection.neurons[layer]), selection.weights[layer], dtype=np.float32)
+                           for layer in selection.layers])

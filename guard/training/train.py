@@ -134,11 +134,8 @@ def train(opts: TrainOptions) -> dict:
     sel = probe.select(feats[ds.train], y[ds.train], feats[ds.val], y[ds.val],
                        candidate_layers=range(feats.shape[1]), n_layers=opts.n_layers,
                        max_neurons=opts.max_neurons, c=opts.probe_c, seed=opts.seed)
-    unweighted = probe.Selection(layers=sel.layers, neurons=sel.neurons,
-                                 weights={layer: 1.0 for layer in sel.layers}, probes=sel.probes)
-    raw = probe.gather(feats, unweighted)  # (n, input_dim) selected neurons, unweighted
-    w = np.concatenate([np.full(len(sel.neurons[layer]), sel.weights[layer], dtype=np.float32)
-                        for layer in sel.layers])  # (input_dim,)
+    raw = probe.gather(feats, sel, weighted=False)  # (n, input_dim) selected neurons, unweighted
+    w = probe.neuron_weights(sel)  # (input_dim,)
     mu_x = raw[ds.train].mean(axis=0)
     sd_x = raw[ds.train].std(axis=0) + 1e-6
     # The MLP reads w * (x - mu) / sd: standardised, then weighted by layer quality.

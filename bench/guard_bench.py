@@ -7,7 +7,11 @@
     the final text); where the session takes static steps (on CUDA: CUDA graphs,
     `guard.graphs`), also the same session with eager steps, and the time of one static
     feed by step size; (b) 64 texts from 16 concurrent callers through the batching worker
-    vs one at a time; (c) `score_batch` vs the reference's. Each timing is the best of
+    vs one at a time; (c) `score_batch` vs the reference's; (d) the rate of the kept
+    blocks' matrix products by rows per call; (e) N streams checked every 16 tokens at
+    once through the worker: packed steps (`guard.packing`) vs one step at a time, and
+    on their own (no worker), the packed forward vs one transformers forward per window
+    for a single stream. Each timing is the best of
     `--repeat` runs (the machine may be shared). Without --artifact: guard/default if it
     exists, else a synthetic artifact (layers 6, 12, 18, 24; 8 neurons each). Either way a
     copy whose `base_model.model_id` is the local SmolLM2 directory is what both load.
@@ -121,6 +125,14 @@ def main() -> None:
         finally:
             stepper.release(slot)
 
+    def variant_checks(**options) -> float:
+        """(a)'s 32 checks through another guard of the same artifact (warmed up first)."""
+        other = SirenGuard.from_pretrained(workdir, device=args.device, dtype=dtype, **options)
+        checks(other)
+        seconds = best(lambda: checks(other), args.repeat)
+        other.close()
+        return seconds
+
     def ref_stream():
         for p in prefixes:
             ref.score_streaming(p)
@@ -140,12 +152,9 @@ def main() -> None:
     if ours.stepper is not None:
         # Side by side: the same session with eager steps (a DynamicCache, one kernel
         # launch per op), what every device ran before static steps.
-        eager = SirenGuard.from_pretrained(workdir, device=args.device, dtype=dtype, static_steps=False)
-        checks(eager)
-        t_eager = best(lambda: checks(eager), args.repeat)
+        t_eager = variant_checks(static_steps=False)
         print(f"(a) static steps ({'CUDA graphs' if ours.stepper.capture else 'no capture'}) {t_ours*1e3:.1f} ms "
               f"vs eager steps {t_eager*1e3:.0f} ms ({t_eager/32*1e3:.1f} ms/check) -> {t_eager/t_ours:.1f}x less time")
-        eager.close()
         if args.compile_steps:
             fused = SirenGuard.from_pretrained(workdir, device=args.device, dtype=dtype, static_steps=True,
                                                compile_steps=True)
@@ -242,6 +251,42 @@ def main() -> None:
         t = best(lambda: [products() for _ in range(10)], args.repeat) / 10
         rates.append(f"{rows_at_once} rows {flops_per_row * rows_at_once / t / 1e9:.0f}")
     print("(d) one block's linear layers, GFLOP/s by rows per call: " + ", ".join(rates))
+
+    # (e) concurrent streams: N sessions, each fed 16 tokens per check (256 tokens after
+    # its prompt), through the worker; packed rounds vs one step at a time.
+    streams = []
+    for k in range(16):
+        ids = long_ids[k * 29 : k * 29 + 256]
+        streams.append((rows[k % len(rows)]["prompt"][:200], [tok.decode(ids[:n]) for n in range(16, 257, 16)]))
+
+    def concurrent(n: int, max_stream_batch: int) -> tuple[float, GuardWorker]:
+        worker = GuardWorker(ours, max_stream_batch=max_stream_batch)
+
+        async def run():
+            async def one(prompt, prefixes):
+                session = worker.stream(prompt=prompt)
+                done = ""
+                for p in prefixes:
+                    await session.append(p[len(done):])
+                    done = p
+                await session.aclose()
+            await asyncio.gather(*(one(*streams[k]) for k in range(n)))
+
+        t = best(lambda: asyncio.run(run()), args.repeat)
+        worker.close()
+        return t, worker
+
+    for n in (2, 4, 8, 16):
+        t_alone, _ = concurrent(n, 1)
+        t_packed, worker = concurrent(n, 16)
+        n_checks = n * len(streams[0][1])
+        print(f"(e) {n} streams at once, {n_checks} checks: one step at a time {n_checks/t_alone:.1f} checks/s, "
+              f"packed {n_checks/t_packed:.1f} checks/s -> {t_alone/t_packed:.2f}x "
+              f"({worker.stream_steps / worker.stream_rounds:.1f} checks per packed step)")
+    if ours.packer is not None and ours.stepper is None:
+        t_hf = variant_checks(packed_steps=False)
+        print(f"(e) one stream, (a)'s 32 checks: packed forward {t_ours*1e3:.0f} ms, one transformers forward "
+              f"per window {t_hf*1e3:.0f} ms -> {t_hf/t_ours:.2f}x less time")
     shutil.rmtree(workdir, ignore_errors=True)
 
 

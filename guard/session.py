@@ -15,6 +15,9 @@ equal to a full recompute of that text, at the cost of the new tokens only:
   only the last window grows, and a new window is prefilled once from its start (each
   token is fed at most twice in all). A rollback that reaches into a completed window
   reopens it. The prompt is prefilled when the session is created.
+- `_updates` yields each (window, new ids) feed instead of running it, so that one
+  driver can run several sessions' updates side by side (`append_all`): each round,
+  their windows' feeds go through one packed forward (`guard.packing`).
 - With the guard's `StaticStepper` (on CUDA by default; `guard.graphs`) a window keeps
   its cache and rows in a preallocated slot and each feed is one CUDA-graph replay per
   step size; the logic above is unchanged, and a window without a free slot steps
@@ -26,6 +29,7 @@ Not thread-safe: one session belongs to one `SirenGuard`, used from one thread a
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterator, Sequence
 
 import torch
 from transformers import DynamicCache
@@ -84,16 +88,18 @@ class _Window:
     def feed(self, ids: list[int]) -> None:
         if not ids:
             return
-        self._stale = False
         if self.slot is not None:
+            self._stale = False
             self._score = self.stepper.feed(self.slot, self.n, ids)
             self.n += len(ids)
             return
-        readout = self.guard.readout
-        x = torch.as_tensor([ids], dtype=torch.long, device=readout.device)  # (1, m)
-        new = readout.rows(x, None, self.cache)[0]  # (m, F)
-        self.rows[self.n : self.n + len(ids)] = new
-        self.n += len(ids)
+        self.take(self.guard.feed_rows([(self.cache, ids)])[0])
+
+    def take(self, new: torch.Tensor) -> None:
+        """Keep the rows (m, F) of m tokens just fed into this window's `cache`."""
+        self._stale = False
+        self.rows[self.n : self.n + len(new)] = new
+        self.n += len(new)
         self._score = self._rescore()
 
     def _rescore(self) -> float:
@@ -141,6 +147,11 @@ class StreamSession:
         return ScoreResult.of(self._update(text), self.threshold)
 
     def _update(self, text: str) -> float:
+        return _drive(self.guard, [self._updates(text)])[0]
+
+    def _updates(self, text: str) -> Iterator[tuple[_Window, list[int]]]:
+        """Score `text`: yields each (window, new ids) for the driver to feed, returns
+        the score (`_drive`)."""
         plan = self._plan
         ids = plan.body(self.guard.tokenizer, text)
         keep = common_prefix(self._ids, ids)
@@ -163,9 +174,9 @@ class StreamSession:
             if active is None or active.start != start:
                 active = None
                 active = _Window(self.guard, start)
-                self._feed(active, list(plan.prefix) + ids[start:end])
+                yield from self._feed(active, list(plan.prefix) + ids[start:end])
             else:
-                self._feed(active, ids[start + active.n - len(plan.prefix) : end])
+                yield from self._feed(active, ids[start + active.n - len(plan.prefix) : end])
             scores.append(active.score)
             if not last:
                 self._finals[start] = (end, active.score)
@@ -176,6 +187,64 @@ class StreamSession:
         self._score = max(scores)
         return self._score
 
-    def _feed(self, window: _Window, ids: list[int]) -> None:
-        window.feed(ids)
-        self.tokens_fed += len(ids)
+    def _feed(self, window: _Window, ids: list[int]) -> Iterator[tuple[_Window, list[int]]]:
+        if ids:
+            yield window, ids
+            self.tokens_fed += len(ids)
+
+
+@torch.no_grad()
+def append_all(appends: Sequence[tuple[StreamSession, str]]) -> list[ScoreResult]:
+    """`session.append(delta)` for several sessions of one guard at once: each round,
+    every session's next feed goes into one packed forward (`guard.packing`), so N
+    concurrent checks cost far less than N checks (README, "Concurrency"). Scores equal
+    those of appending one session at a time."""
+    if not appends:
+        return []
+    guard = appends[0][0].guard
+    if any(session.guard is not guard for session, _ in appends):
+        raise ValueError("append_all takes sessions of one guard")
+    if len({id(session) for session, _ in appends}) < len(appends):
+        raise ValueError("append_all takes each session once")
+    updates = []
+    for session, delta in appends:
+        session.response += delta or ""
+        updates.append(session._updates(model_text(prompt=session.prompt or None, response=session.response)))
+    scores = _drive(guard, updates)
+    return [ScoreResult.of(score, session.threshold) for score, (session, _) in zip(scores, appends)]
+
+
+def _drive(guard, updates: list[Iterator[tuple[_Window, list[int]]]]) -> list[float]:
+    """Run session updates (`StreamSession._updates`) side by side to their scores.
+
+    Each round takes every running update's next feed: windows in a static slot step on
+    their own, all others go through `guard.feed_rows` together."""
+    scores = [0.0] * len(updates)
+    pending: dict[int, tuple[_Window, list[int]]] = {}
+
+    def advance(i: int) -> None:
+        try:
+            pending[i] = next(updates[i])
+        except StopIteration as done:
+            scores[i] = done.value
+
+    for i in range(len(updates)):
+        advance(i)
+    while pending:
+        feeds, pending = pending, {}
+        _feed_round(guard, list(feeds.values()))
+        order = list(feeds)
+        del feeds  # no reference left: a window its update drops next frees its slot at once
+        for i in order:
+            advance(i)
+    return scores
+
+
+def _feed_round(guard, feeds: list[tuple[_Window, list[int]]]) -> None:
+    packed = [(window, ids) for window, ids in feeds if window.slot is None]
+    for window, ids in feeds:
+        if window.slot is not None:
+            window.feed(ids)
+    if packed:
+        for (window, _), rows in zip(packed, guard.feed_rows([(w.cache, ids) for w, ids in packed])):
+            window.take(rows)

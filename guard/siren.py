@@ -79,6 +79,7 @@ class SirenGuard:
     def __init__(
         self, config: ArtifactConfig, head: SirenHead, backbone: Backbone, *, long_text: str = "window",
         static_steps: bool | None = None, stream_slots: int = 16, compile_steps: bool | str = False,
+        packed_steps: bool | None = None,
     ) -> None:
         self._config = config
         self._backbone = backbone
@@ -98,6 +99,16 @@ class SirenGuard:
         self._stepper_checked = False
         if static_steps:
             self._check_static_steps()
+        self._packer = None
+        if packed_steps is not False:
+            from guard.graphs import unsupported_reason
+            from guard.packing import PackedStep
+
+            reason = unsupported_reason(self._readout.model, self.max_length)
+            if reason is None:
+                self._packer = PackedStep(self._readout)
+            elif packed_steps:
+                raise BackboneError(f"packed_steps=True, but this backbone cannot take packed steps: {reason}")
 
     @classmethod
     def from_pretrained(
@@ -113,6 +124,7 @@ class SirenGuard:
         static_steps: bool | None = None,
         stream_slots: int = 16,
         compile_steps: bool | str = False,
+        packed_steps: bool | None = None,
     ) -> SirenGuard:
         """Load an artifact (default: the embedded one) and its backbone, offline if local.
 
@@ -126,7 +138,10 @@ class SirenGuard:
         unsupported backbone is an error; False: off. `stream_slots` windows at a time
         take static steps; more fall back to the eager path. `compile_steps` fuses each
         static step with torch.compile (True: inductor; or a backend name) before
-        capture; call `warm_up()` to pay for it at load.
+        capture; call `warm_up()` to pay for it at load. `packed_steps` (`guard.packing`):
+        streaming windows outside static slots step through one packed forward, several
+        sessions' new tokens at once (`guard.session.append_all`); None (default): when
+        the backbone supports it; False: one transformers forward per window.
         """
         folder = resolve_artifact(path_or_id, cache_dir)
         config, state_dict = read_artifact(folder)
@@ -139,7 +154,7 @@ class SirenGuard:
         logger.info("SIREN artifact %s on backbone %s (%s, %s)", folder, loaded.source,
                     next(loaded.model.parameters()).dtype, next(loaded.model.parameters()).device)
         return cls(config, head, loaded, long_text=long_text, static_steps=static_steps,
-                   stream_slots=stream_slots, compile_steps=compile_steps)
+                   stream_slots=stream_slots, compile_steps=compile_steps, packed_steps=packed_steps)
 
     # -- properties mirrored from the reference ------------------------------------------
     @property
@@ -194,6 +209,30 @@ class SirenGuard:
                 self._stepper = StaticStepper(self._readout, self._head, self.max_length,
                                               slots=self._stream_slots, compile=self._compile_steps)
         return self._stepper
+
+    @property
+    def packer(self):
+        """The `PackedStep` streaming windows use outside static slots; None when off."""
+        return self._packer
+
+    @torch.no_grad()
+    def feed_rows(self, feeds: Sequence[tuple[object, list[int]]]) -> list[torch.Tensor]:
+        """Feed each `ids` after its `DynamicCache`'s prefix; each feed's float32 rows of
+        selected neurons, (len(ids), n_features). Packed into forwards of at most
+        `MAX_BATCH_TOKENS` new tokens where the backbone allows, else one forward each."""
+        if self._packer is None:
+            return [self._readout.rows(torch.as_tensor([ids], dtype=torch.long, device=self.device), None, cache)[0]
+                    for cache, ids in feeds]
+        out: list[torch.Tensor] = []
+        lo = 0
+        while lo < len(feeds):
+            hi, tokens = lo + 1, len(feeds[lo][1])
+            while hi < len(feeds) and tokens + len(feeds[hi][1]) <= MAX_BATCH_TOKENS:
+                tokens += len(feeds[hi][1])
+                hi += 1
+            out.extend(self._packer.rows(feeds[lo:hi]))
+            lo = hi
+        return out
 
     def warm_up(self) -> float:
         """Capture (and compile) the static steps now; seconds taken (0 without them)."""

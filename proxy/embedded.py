@@ -94,6 +94,7 @@ class LoadingScorer:
     def _wire(self, metrics) -> None:
         worker = self._worker
         worker.on_batch = metrics.batch_size.observe
+        worker.on_stream_round = metrics.stream_batch_size.observe
         metrics.watch_queue(lambda: worker.queue_depth)
 
     async def score(self, *, prompt=None, response=None) -> float:

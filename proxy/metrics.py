@@ -41,6 +41,9 @@ class Metrics:
         self.active_streams = Gauge("siren_proxy_active_streams", "Responses being streamed now.", registry=r)
         self.batch_size = Histogram("siren_proxy_guard_batch_size", "Items per guard forward pass.",
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.stream_batch_size = Histogram("siren_proxy_guard_stream_batch_size",
+                                           "Streaming checks per packed guard step.",
+                                           buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         self.queue_depth = Gauge("siren_proxy_guard_queue_depth", "Guard work items waiting.", registry=r)
 
     def watch_queue(self, depth: Callable[[], int]) -> None:

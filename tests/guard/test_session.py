@@ -6,8 +6,11 @@ each append the session's score must equal `p_harmful` of the same text scored f
 scratch, within 1e-4 in float32. Small backbones (blocks above layer 2 dropped) keep
 thousands of chunkings within seconds; exactness does not depend on depth, and the
 oracle test covers deep layers. A small max_length makes the windows roll over, so
-rollbacks reach into completed windows too. The "static-" cases take static steps
-(`guard.graphs`, what a GPU captures as CUDA graphs), run eagerly on CPU.
+rollbacks reach into completed windows too. Windows step through packed forwards
+(`guard.packing`); the "static-" cases take static steps instead (`guard.graphs`, what a
+GPU captures as CUDA graphs), run eagerly on CPU, and the "hf-" case one transformers
+forward per window (backbones packing does not support). `append_all` runs several
+sessions' checks together, and each must still equal its own full recompute.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import pytest
 import torch
 
 from guard import SirenGuard
+from guard.session import append_all
 from guard.text import model_text
 from tests.guard.conftest import DEVICE
 
@@ -31,6 +35,8 @@ CASES = {
     # The same through static steps (`guard.graphs`; on CUDA every case takes them).
     "static-with-prompt-mlp": (dict(pooling="mlp_mean", layers=[1, 2], max_length=512), True, 150),
     "static-windows": (dict(pooling="residual_mean", layers=[0, 2], max_length=12), True, 150),
+    # One transformers forward per window: what backbones without packed steps run.
+    "hf-windows": (dict(pooling="residual_mean", layers=[0, 2], max_length=12), True, 100),
 }
 
 
@@ -48,7 +54,10 @@ def case(request, artifact_factory, real_rows):
     spec, with_prompt, chunkings = CASES[request.param]
     folder = artifact_factory("session-" + request.param, scale=3.0, seed=1, **spec)
     static = True if request.param.startswith("static-") else None
-    guard = SirenGuard.from_pretrained(folder, device=DEVICE, dtype=torch.float32, static_steps=static)
+    packed = False if request.param.startswith("hf-") else None
+    guard = SirenGuard.from_pretrained(folder, device=DEVICE, dtype=torch.float32, static_steps=static,
+                                       packed_steps=packed)
+    assert (guard.packer is None) == (packed is False)
     rng = random.Random(request.param)
     texts = []
     for row in rng.sample(real_rows, 4):
@@ -83,6 +92,47 @@ def test_every_check_equals_a_full_recompute(case):
     del session
     if guard.stepper is not None:
         assert guard.stepper.free_slots == guard.stepper.slots  # every window handed its slot back
+
+
+def test_sessions_stepped_together_equal_full_recomputes(case):
+    """`append_all`: the four texts' sessions take their chunks together, each round one
+    packed forward (a session that has finished drops out); every score stays exact."""
+    guard, texts, chunkings, rng = case
+    fulls = [guard.p_harmful([model_text(prompt=p, response=r[:c]) for c in range(len(r) + 1)]) for p, r in texts]
+    worst, rounds = 0.0, 0
+    for _ in range(max(1, chunkings // 40)):
+        sessions = [guard.stream(prompt=prompt) for prompt, _ in texts]
+        cuts = [0] * len(texts)
+        while True:
+            live = [k for k, (_, r) in enumerate(texts) if cuts[k] < len(r)]
+            if not live:
+                break
+            appends = []
+            for k in live:
+                delta = texts[k][1][cuts[k] : cuts[k] + rng.choice([1, 3, 8, 13, 30])]
+                cuts[k] += len(delta)
+                appends.append((sessions[k], delta))
+            for k, result in zip(live, append_all(appends)):
+                worst = max(worst, abs(result.score - fulls[k][cuts[k]]))
+                assert result.threshold == guard.default_threshold
+            rounds += 1
+        for session, (prompt, response) in zip(sessions, texts):
+            assert session.response == response
+    assert worst <= TOL, worst
+    assert rounds > 10
+
+
+def test_append_all_refuses_mixed_guards_and_repeated_sessions(artifact_factory):
+    one, other = (SirenGuard.from_pretrained(artifact_factory(f"session-{name}", pooling="mlp_mean", layers=[1],
+                                                              max_length=32), device=DEVICE, dtype=torch.float32)
+                  for name in ("one", "other"))
+    session = one.stream()
+    assert append_all([]) == []
+    with pytest.raises(ValueError, match="each session once"):
+        append_all([(session, "a"), (session, "b")])
+    with pytest.raises(ValueError, match="one guard"):
+        append_all([(session, "a"), (other.stream(), "b")])
+    assert session.response == ""  # refused before any text was taken
 
 
 def test_prompt_is_prefilled_once_and_tokens_count(case):

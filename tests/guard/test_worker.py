@@ -115,6 +115,106 @@ def test_stream_sessions_match_the_sync_session(guard, real_rows):
     assert tokens == sync_a.tokens > 0
 
 
+def test_waiting_stream_steps_run_together_and_exact(guard, real_rows, monkeypatch):
+    """Four sessions' appends queued behind a busy worker run as one packed round
+    (`append_all`); later rounds pack whatever is waiting. Every score equals the same
+    session stepped alone."""
+    worker = GuardWorker(guard)
+    texts = [(r["prompt"][:60], r["response"][:200]) for r in real_rows[:4]]
+    deltas = [[r[i : i + 23] for i in range(0, len(r), 23)] for _, r in texts]
+    gate = threading.Event()
+    p_harmful = guard.p_harmful
+
+    def gated(prepared):
+        gate.wait(5)
+        return p_harmful(prepared)
+
+    try:
+        async def main():
+            sessions = [worker.stream(prompt=p) for p, _ in texts]
+            for session in sessions:
+                await asyncio.wrap_future(session._opened)
+            monkeypatch.setattr(guard, "p_harmful", gated)
+            blocker = asyncio.ensure_future(worker.score(response="busy"))
+            while worker.queue_depth:  # the worker has taken the blocker and waits on the gate
+                await asyncio.sleep(0.01)
+            first = [asyncio.ensure_future(s.append(d[0])) for s, d in zip(sessions, deltas)]
+            while worker.queue_depth < len(sessions):
+                await asyncio.sleep(0.01)
+            gate.set()
+            await blocker
+            got = [[await f] for f in first]
+            assert (worker.stream_rounds, worker.stream_steps) == (1, 4)  # one round took all four
+
+            async def rest(k):
+                for d in deltas[k][1:]:
+                    got[k].append(await sessions[k].append(d))
+
+            await asyncio.gather(*(rest(k) for k in range(len(sessions))))
+            for session in sessions:
+                await session.aclose()
+            return got
+
+        got = asyncio.run(main())
+    finally:
+        worker.close()
+    for (prompt, _), steps, scores in zip(texts, deltas, got):
+        sync = guard.stream(prompt=prompt)
+        assert scores == pytest.approx([sync.append(d).score for d in steps], abs=TOL)
+    assert worker.stream_steps == sum(len(d) for d in deltas)
+    assert worker.stream_rounds < worker.stream_steps - 3  # concurrent rounds packed more than the first
+
+
+def test_a_packed_step_waits_briefly_for_the_other_open_sessions(guard):
+    """With packed steps a lone append waits up to max_wait_ms for the other open
+    sessions' next steps; with no other session open it runs at once."""
+    worker = GuardWorker(guard, max_wait_ms=1000)
+    try:
+        async def main():
+            sessions = [worker.stream(prompt=f"question {k}") for k in range(3)]
+            for session in sessions:
+                await asyncio.wrap_future(session._opened)
+            first = asyncio.ensure_future(sessions[0].append("Hello"))
+            await asyncio.sleep(0.2)
+            held = not first.done()  # the worker holds it for the other two sessions
+            await asyncio.gather(first, sessions[1].append("a"), sessions[2].append("b"))
+            rounds = (worker.stream_rounds, worker.stream_steps)
+            await sessions[1].aclose()
+            await sessions[2].aclose()
+            started = time.monotonic()
+            await sessions[0].append(" there")
+            return held, rounds, time.monotonic() - started
+
+        held, rounds, alone = asyncio.run(main())
+    finally:
+        worker.close()
+    assert held and rounds == (1, 3)
+    assert alone < 0.5  # the one open session does not wait for anybody
+
+
+def test_appends_are_taken_one_per_session_in_order():
+    """Waiting appends of other sessions join the first; a session met again (a second
+    append, its close) is left in place, and so is every other job, in order."""
+    from guard.worker import _Job
+
+    worker = GuardWorker(_Fake(), max_stream_batch=3)
+    a, b, c, d = "abcd"
+    queued = [_Job("texts", texts=["t"]), _Job("append", session=b), _Job("append", session=a),
+              _Job("append", session=c), _Job("close", session=c), _Job("append", session=c),
+              _Job("append", session=d)]
+    first = _Job("append", session=a)
+    with worker._cond:  # the worker thread cannot take jobs while this is held
+        worker._jobs.extend(queued)
+        batch = worker._more_appends(first)
+        left = list(worker._jobs)
+        worker._jobs.clear()
+    worker.close()
+    assert batch == [first, queued[1], queued[3]]  # a, b, c: max_stream_batch 3 reached
+    assert left == [queued[0], queued[2], queued[4], queued[5], queued[6]]
+    with pytest.raises(ValueError, match="max_stream_batch must be at least 1"):
+        GuardWorker(_Fake(), max_stream_batch=0)
+
+
 class _Fake:
     """Stands in for SirenGuard where the test is about the worker, not the model."""
 

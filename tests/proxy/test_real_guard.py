@@ -101,6 +101,32 @@ def test_benign_prompt_harmful_continuation_is_cut_without_leaking(scripted, sco
     assert cut["trajectories"]["0"][-1][1] >= 0.5
 
 
+def test_concurrent_streams_are_scored_in_packed_steps(katan_url, scorer):
+    """Four streams at once through the real guard: each arrives whole, and the worker
+    reports its streaming checks per packed step (several when checks waited together;
+    tests/guard/test_worker.py makes that happen on purpose)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    text = config(katan_url, prompt="{action: off}", response="{action: cut, threshold: 0.999, check_every: 4}")
+    messages = [f"{OTTERS} Story {k}: the otter named {name} swam upstream." for k, name in
+                enumerate(["Pip", "Moss", "Wren", "Alder"])]
+    with running_proxy(text, scorer) as proxy, sdk(proxy) as client:
+        def stream(message: str) -> str:
+            chunks = client.chat.completions.create(model="m", messages=[{"role": "user", "content": message}],
+                                                    stream=True)
+            return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+        with ThreadPoolExecutor(4) as pool:
+            replies = list(pool.map(stream, messages))
+        metrics = httpx.get(proxy.url + "/metrics").text
+    for message, reply in zip(messages, replies):
+        assert reply.endswith(message)
+    counts = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+              if line.startswith("siren_proxy_guard_stream_batch_size_")}
+    assert counts["siren_proxy_guard_stream_batch_size_count"] >= 4  # every stream was checked
+    assert counts["siren_proxy_guard_stream_batch_size_sum"] >= counts["siren_proxy_guard_stream_batch_size_count"]
+
+
 def audit_record(path: Path, wanted) -> dict:
     """The first audit line that matches; a stream's line is written as its relay closes,
     which can be just after the client has read `[DONE]`."""

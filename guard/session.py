@@ -151,7 +151,16 @@ class StreamSession:
 
     def _updates(self, text: str) -> Iterator[tuple[_Window, list[int]]]:
         """Score `text`: yields each (window, new ids) for the driver to feed, returns
-        the score (`_drive`)."""
+        the score (`_drive`). If a feed fails, or the driver closes this update before
+        its end, the session forgets every cached token, so that its next check
+        recomputes the whole text and stays exact."""
+        try:
+            return (yield from self._steps(text))
+        except BaseException:
+            self._ids, self._finals, self._active = [], {}, None
+            raise
+
+    def _steps(self, text: str) -> Iterator[tuple[_Window, list[int]]]:
         plan = self._plan
         ids = plan.body(self.guard.tokenizer, text)
         keep = common_prefix(self._ids, ids)
@@ -228,15 +237,20 @@ def _drive(guard, updates: list[Iterator[tuple[_Window, list[int]]]]) -> list[fl
         except StopIteration as done:
             scores[i] = done.value
 
-    for i in range(len(updates)):
-        advance(i)
-    while pending:
-        feeds, pending = pending, {}
-        _feed_round(guard, list(feeds.values()))
-        order = list(feeds)
-        del feeds  # no reference left: a window its update drops next frees its slot at once
-        for i in order:
+    try:
+        for i in range(len(updates)):
             advance(i)
+        while pending:
+            feeds, pending = pending, {}
+            _feed_round(guard, list(feeds.values()))
+            order = list(feeds)
+            del feeds  # no reference left: a window its update drops next frees its slot at once
+            for i in order:
+                advance(i)
+    except BaseException:
+        for update in updates:  # the unfinished ones reset their sessions (`_updates`)
+            update.close()
+        raise
     return scores
 
 

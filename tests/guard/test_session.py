@@ -135,6 +135,40 @@ def test_append_all_refuses_mixed_guards_and_repeated_sessions(artifact_factory)
     assert session.response == ""  # refused before any text was taken
 
 
+def test_a_failed_round_resets_its_sessions_and_the_next_check_is_exact(artifact_factory, real_rows,
+                                                                         monkeypatch):
+    """A feed that fails mid-round (after earlier rounds of the same update finished
+    windows) leaves caches half-written: every session of the round forgets what it had
+    cached, and its next check recomputes the whole text, exactly."""
+    folder = artifact_factory("session-failure", pooling="residual_mean", layers=[0, 2], max_length=12,
+                              scale=3.0, seed=1)
+    guard = SirenGuard.from_pretrained(folder, device=DEVICE, dtype=torch.float32)
+    texts = [(r["prompt"][:40], r["response"][:150]) for r in real_rows[:3]]
+    sessions = [guard.stream(prompt=p) for p, _ in texts]
+    append_all([(s, r[:50]) for s, (_, r) in zip(sessions, texts)])
+    calls, feed_rows = 0, guard.feed_rows
+
+    def failing(feeds):
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise RuntimeError("out of memory")
+        return feed_rows(feeds)
+
+    monkeypatch.setattr(guard, "feed_rows", failing)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        append_all([(s, r[50:100]) for s, (_, r) in zip(sessions, texts)])
+    assert calls == 2  # the first round ran, the second failed
+    monkeypatch.undo()
+    fed = [s.tokens_fed for s in sessions]
+    for session, (prompt, response), result, before in zip(
+            sessions, texts, append_all([(s, r[100:]) for s, (_, r) in zip(sessions, texts)]), fed):
+        assert session.response == response
+        assert abs(result.score - guard.p_harmful([model_text(prompt=prompt, response=response)])[0]) <= TOL
+        assert session.tokens_fed - before >= session.tokens  # recomputed from scratch
+    guard.close()
+
+
 def test_prompt_is_prefilled_once_and_tokens_count(case):
     guard, texts, _, _ = case
     prompt, response = texts[0]

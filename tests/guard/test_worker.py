@@ -192,6 +192,36 @@ def test_a_packed_step_waits_briefly_for_the_other_open_sessions(guard):
     assert alone < 0.5  # the one open session does not wait for anybody
 
 
+def test_a_failed_packed_round_fails_each_caller_and_sessions_recover(guard, real_rows, monkeypatch):
+    worker = GuardWorker(guard, max_wait_ms=1000)  # the round waits for all three sessions
+    texts = [(r["prompt"][:50], r["response"][:120]) for r in real_rows[:3]]
+    feed_rows = guard.feed_rows
+
+    def failing(feeds):
+        raise RuntimeError("out of memory")
+
+    try:
+        async def main():
+            sessions = [worker.stream(prompt=p) for p, _ in texts]
+            for session in sessions:  # prompts prefilled before the failure
+                await asyncio.wrap_future(session._opened)
+            monkeypatch.setattr(guard, "feed_rows", failing)
+            failed = await asyncio.gather(*(s.append(r[:60]) for s, (_, r) in zip(sessions, texts)),
+                                          return_exceptions=True)
+            monkeypatch.setattr(guard, "feed_rows", feed_rows)
+            scores = await asyncio.gather(*(s.append(r[60:]) for s, (_, r) in zip(sessions, texts)))
+            return failed, scores
+
+        failed, scores = asyncio.run(main())
+    finally:
+        worker.close()
+    assert worker.stream_rounds == 2 and worker.stream_steps == 6  # one failed round of three, one good
+    for error in failed:
+        assert isinstance(error, ScoringError) and "RuntimeError: out of memory" in str(error)
+    expected = guard.p_harmful([model_text(prompt=p, response=r) for p, r in texts])
+    assert scores == pytest.approx(expected, abs=TOL)
+
+
 def test_appends_are_taken_one_per_session_in_order():
     """Waiting appends of other sessions join the first; a session met again (a second
     append, its close) is left in place, and so is every other job, in order."""

@@ -13,10 +13,10 @@ own `DynamicCache` under a causal mask offset by its cached length.
   carries fixed costs per call (masks, cache bookkeeping, hooks) that packing shares.
   Measured on 2 cores with the shipped artifact, 16-token feeds into 8 caches: 1.9x the
   tokens per second of one forward per cache; whole streaming checks (which also
-  re-tokenise and prefill new windows): 2 streams 1.25x, 8 streams 1.55x
+  re-tokenise and prefill new windows): 2 streams 1.30x, 8 streams 1.64x
   (`bench/guard_bench.py` (e)).
 - One window alone goes through the same forward, as fast as the transformers forward
-  it replaces (1.01x) and with the same numbers (equal to the last bit on SmolLM2).
+  it replaces (1.02x) and with the same numbers (equal to the last bit on SmolLM2).
 - Llama-style blocks only (`guard.graphs.unsupported_reason`: full attention, fixed
   RoPE); other backbones keep `Readout.rows` with one forward per window. States are
   read as `Readout` reads them: the MLP output or the block output, post-norm for the

@@ -110,7 +110,8 @@ class _Window:
 
 
 class StreamSession:
-    def __init__(self, guard, prompt: str | None = None, threshold: float | None = None) -> None:
+    def __init__(self, guard, prompt: str | None = None, threshold: float | None = None, *,
+                 prefill: bool = True) -> None:
         self.guard = guard
         self.prompt = prompt
         self.threshold = guard.threshold(threshold)
@@ -122,7 +123,7 @@ class StreamSession:
         self._score = 0.0
         self.tokens_fed = 0  # backbone tokens run, all windows together (for benchmarks)
         self.rolled_back = 0  # scored tokens that a later tokenisation changed
-        if prompt:
+        if prompt and prefill:
             self._update(model_text(prompt=prompt))
 
     @property

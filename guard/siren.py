@@ -278,11 +278,13 @@ class SirenGuard:
         """The reference's stateless check of a response alone; see `stream` for sessions."""
         return self.score_batch([response_so_far], threshold)[0]
 
-    def stream(self, prompt: str | None = None, *, threshold: float | None = None):
-        """An exact incremental session over `prompt + "\\n" + response_so_far`."""
+    def stream(self, prompt: str | None = None, *, threshold: float | None = None, prefill: bool = True):
+        """An exact incremental session over `prompt + "\\n" + response_so_far`. The prompt
+        is prefilled now, or with `prefill=False` at the first `append` (which is how a
+        worker packs a new session's prefill with other sessions' checks)."""
         from guard.session import StreamSession
 
-        return StreamSession(self, prompt=prompt, threshold=self.threshold(threshold))
+        return StreamSession(self, prompt=prompt, threshold=self.threshold(threshold), prefill=prefill)
 
     @torch.no_grad()
     def p_harmful(self, prepared: Sequence[str]) -> list[float]:

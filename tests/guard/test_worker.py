@@ -115,13 +115,8 @@ def test_stream_sessions_match_the_sync_session(guard, real_rows):
     assert tokens == sync_a.tokens > 0
 
 
-def test_waiting_stream_steps_run_together_and_exact(guard, real_rows, monkeypatch):
-    """Four sessions' appends queued behind a busy worker run as one packed round
-    (`append_all`); later rounds pack whatever is waiting. Every score equals the same
-    session stepped alone."""
-    worker = GuardWorker(guard)
-    texts = [(r["prompt"][:60], r["response"][:200]) for r in real_rows[:4]]
-    deltas = [[r[i : i + 23] for i in range(0, len(r), 23)] for _, r in texts]
+async def busy(worker, guard, monkeypatch) -> tuple[asyncio.Future, threading.Event]:
+    """Keep the worker on one full-text job until the returned gate is set."""
     gate = threading.Event()
     p_harmful = guard.p_harmful
 
@@ -129,18 +124,66 @@ def test_waiting_stream_steps_run_together_and_exact(guard, real_rows, monkeypat
         gate.wait(5)
         return p_harmful(prepared)
 
+    monkeypatch.setattr(guard, "p_harmful", gated)
+    blocker = worker.submit_score(response="busy")  # queued now, not when a task first runs
+    await queued(worker, 0)  # the worker has taken the blocker and waits on the gate
+    return asyncio.wrap_future(blocker), gate
+
+
+async def queued(worker, depth: int) -> None:
+    """Wait (5 s at most) until `depth` jobs wait in the worker's queue."""
+    deadline = time.monotonic() + 5
+    while worker.queue_depth != depth:
+        assert time.monotonic() < deadline, f"{worker.queue_depth} jobs queued, expected {depth}"
+        await asyncio.sleep(0.01)
+
+
+def test_a_new_sessions_prefill_goes_with_other_sessions_checks(guard, real_rows, monkeypatch):
+    """An open (the prompt's prefill) waiting beside another session's append runs in
+    the same packed round; both sessions score as they would alone."""
+    worker = GuardWorker(guard)
+    (p1, r1), (p2, r2) = [(r["prompt"][:80], r["response"][:150]) for r in real_rows[6:8]]
+    try:
+        async def main():
+            a = worker.stream(prompt=p1)
+            await asyncio.wrap_future(a._opened)
+            blocker, gate = await busy(worker, guard, monkeypatch)
+            b = worker.stream(prompt=p2)
+            checked = asyncio.ensure_future(a.append(r1))
+            await queued(worker, 2)
+            before = (worker.stream_rounds, worker.stream_steps)
+            gate.set()
+            await blocker
+            score_a, tokens_b = await checked, await asyncio.wrap_future(b._opened)
+            rounds = (worker.stream_rounds - before[0], worker.stream_steps - before[1])
+            return score_a, tokens_b, rounds, await b.append(r2)
+
+        score_a, tokens_b, rounds, score_b = asyncio.run(main())
+    finally:
+        worker.close()
+    assert rounds == (1, 2), (rounds, tokens_b)
+    assert tokens_b == guard.stream(prompt=p2).tokens > 0
+    assert score_a == pytest.approx(guard.score(prompt=p1, response=r1).score, abs=TOL)
+    assert score_b == pytest.approx(guard.score(prompt=p2, response=r2).score, abs=TOL)
+
+
+def test_waiting_stream_steps_run_together_and_exact(guard, real_rows, monkeypatch):
+    """Four sessions' appends queued behind a busy worker run as one packed round
+    (`append_all`); later rounds pack whatever is waiting. Every score equals the same
+    session stepped alone."""
+    worker = GuardWorker(guard)
+    texts = [(r["prompt"][:60], r["response"][:200]) for r in real_rows[:4]]
+    deltas = [[r[i : i + 23] for i in range(0, len(r), 23)] for _, r in texts]
     try:
         async def main():
             sessions = [worker.stream(prompt=p) for p, _ in texts]
             for session in sessions:
                 await asyncio.wrap_future(session._opened)
-            monkeypatch.setattr(guard, "p_harmful", gated)
-            blocker = asyncio.ensure_future(worker.score(response="busy"))
-            while worker.queue_depth:  # the worker has taken the blocker and waits on the gate
-                await asyncio.sleep(0.01)
+            assert worker.stream_steps == 4  # the four prompts' prefills (packed as they came)
+            worker.stream_rounds = worker.stream_steps = 0
+            blocker, gate = await busy(worker, guard, monkeypatch)
             first = [asyncio.ensure_future(s.append(d[0])) for s, d in zip(sessions, deltas)]
-            while worker.queue_depth < len(sessions):
-                await asyncio.sleep(0.01)
+            await queued(worker, len(sessions))
             gate.set()
             await blocker
             got = [[await f] for f in first]
@@ -174,11 +217,12 @@ def test_a_packed_step_waits_briefly_for_the_other_open_sessions(guard):
             sessions = [worker.stream(prompt=f"question {k}") for k in range(3)]
             for session in sessions:
                 await asyncio.wrap_future(session._opened)
+            opened = (worker.stream_rounds, worker.stream_steps)
             first = asyncio.ensure_future(sessions[0].append("Hello"))
             await asyncio.sleep(0.2)
             held = not first.done()  # the worker holds it for the other two sessions
             await asyncio.gather(first, sessions[1].append("a"), sessions[2].append("b"))
-            rounds = (worker.stream_rounds, worker.stream_steps)
+            rounds = (worker.stream_rounds - opened[0], worker.stream_steps - opened[1])
             await sessions[1].aclose()
             await sessions[2].aclose()
             started = time.monotonic()
@@ -205,6 +249,7 @@ def test_a_failed_packed_round_fails_each_caller_and_sessions_recover(guard, rea
             sessions = [worker.stream(prompt=p) for p, _ in texts]
             for session in sessions:  # prompts prefilled before the failure
                 await asyncio.wrap_future(session._opened)
+            worker.stream_rounds = worker.stream_steps = 0
             monkeypatch.setattr(guard, "feed_rows", failing)
             failed = await asyncio.gather(*(s.append(r[:60]) for s, (_, r) in zip(sessions, texts)),
                                           return_exceptions=True)
@@ -223,19 +268,19 @@ def test_a_failed_packed_round_fails_each_caller_and_sessions_recover(guard, rea
 
 
 def test_appends_are_taken_one_per_session_in_order():
-    """Waiting appends of other sessions join the first; a session met again (a second
-    append, its close) is left in place, and so is every other job, in order."""
+    """Waiting opens and appends of other sessions join the first; a session met again
+    (a second append, its close) is left in place, and so is every other job, in order."""
     from guard.worker import _Job
 
     worker = GuardWorker(_Fake(), max_stream_batch=3)
     a, b, c, d = "abcd"
-    queued = [_Job("texts", texts=["t"]), _Job("append", session=b), _Job("append", session=a),
+    queued = [_Job("texts", texts=["t"]), _Job("open", session=b), _Job("append", session=a),
               _Job("append", session=c), _Job("close", session=c), _Job("append", session=c),
               _Job("append", session=d)]
     first = _Job("append", session=a)
     with worker._cond:  # the worker thread cannot take jobs while this is held
         worker._jobs.extend(queued)
-        batch = worker._more_appends(first)
+        batch = worker._more_steps(first)
         left = list(worker._jobs)
         worker._jobs.clear()
     worker.close()
@@ -258,7 +303,7 @@ class _Fake:
             raise self.error
         return [0.25] * len(texts)
 
-    def stream(self, prompt=None):
+    def stream(self, prompt=None, **options):
         raise RuntimeError("no sessions here")
 
 

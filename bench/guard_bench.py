@@ -9,9 +9,9 @@
     feed by step size; (b) 64 texts from 16 concurrent callers through the batching worker
     vs one at a time; (c) `score_batch` vs the reference's; (d) the rate of the kept
     blocks' matrix products by rows per call; (e) N streams checked every 16 tokens at
-    once through the worker: packed steps (`guard.packing`) vs one step at a time, and
-    on their own (no worker), the packed forward vs one transformers forward per window
-    for a single stream. Each timing is the best of
+    once through the worker: packed steps (`guard.packing`) vs one step at a time; the
+    forward alone, 8 windows packed vs one transformers forward each; and a single
+    stream's session on the packed forward vs one transformers forward per window. Each timing is the best of
     `--repeat` runs (the machine may be shared). Without --artifact: guard/default if it
     exists, else a synthetic artifact (layers 6, 12, 18, 24; 8 neurons each). Either way a
     copy whose `base_model.model_id` is the local SmolLM2 directory is what both load.
@@ -283,6 +283,32 @@ def main() -> None:
         print(f"(e) {n} streams at once, {n_checks} checks: one step at a time {n_checks/t_alone:.1f} checks/s, "
               f"packed {n_checks/t_packed:.1f} checks/s -> {t_alone/t_packed:.2f}x "
               f"({worker.stream_steps / worker.stream_rounds:.1f} checks per packed step)")
+    if ours.packer is not None:
+        # The forward alone: 8 windows holding 100 tokens each take 8 rounds of 16 new
+        # tokens, one transformers forward per window vs one packed forward per round.
+        from transformers import DynamicCache
+
+        windows = [long_ids[k * 37 : k * 37 + 228] for k in range(8)]
+
+        def forwards(packed: bool) -> float:
+            """Seconds for the 8 rounds (the prefill is not timed)."""
+            caches = [DynamicCache(config=ours.readout.model.config) for _ in windows]
+            ours.feed_rows([(cache, ids[:100]) for cache, ids in zip(caches, windows)])
+            sync()
+            started = time.perf_counter()
+            for at in range(100, 228, 16):
+                feeds = [(cache, ids[at : at + 16]) for cache, ids in zip(caches, windows)]
+                if packed:
+                    ours.packer.rows(feeds)
+                else:
+                    for cache, ids in feeds:
+                        ours.readout.rows(torch.tensor([ids], device=args.device), None, cache)
+            sync()
+            return time.perf_counter() - started
+
+        t_one, t_pack = (min(forwards(packed) for _ in range(args.repeat)) for packed in (False, True))
+        print(f"(e) forward alone, 8 windows x 8 rounds of 16 tokens (after a 100-token prefill each): one "
+              f"transformers forward per window {t_one*1e3:.0f} ms, packed {t_pack*1e3:.0f} ms -> {t_one/t_pack:.2f}x")
     if ours.packer is not None and ours.stepper is None:
         t_hf = variant_checks(packed_steps=False)
         print(f"(e) one stream, (a)'s 32 checks: packed forward {t_ours*1e3:.0f} ms, one transformers forward "

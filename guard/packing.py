@@ -11,7 +11,7 @@ own `DynamicCache` under a causal mask offset by its cached length.
 - On CPU this is what makes batching streams pay: a product over 16 rows runs some 1.6x
   slower per row than one over 256 (README, "Benchmark" (d)), and a transformers forward
   carries fixed costs per call (masks, cache bookkeeping, hooks) that packing shares.
-  Measured on 2 cores with the shipped artifact, 16-token feeds into 8 caches: 1.9x the
+  Measured on 2 cores with the shipped artifact, 16-token feeds into 8 caches: 2.0x the
   tokens per second of one forward per cache; whole streaming checks (which also
   re-tokenise and prefill new windows): 2 streams 1.30x, 8 streams 1.64x
   (`bench/guard_bench.py` (e)).

@@ -85,18 +85,14 @@ class _Window:
             self.n = keep
             self._stale = self.n > 0
 
-    def feed(self, ids: list[int]) -> None:
-        if not ids:
-            return
-        if self.slot is not None:
-            self._stale = False
-            self._score = self.stepper.feed(self.slot, self.n, ids)
-            self.n += len(ids)
-            return
-        self.take(self.guard.feed_rows([(self.cache, ids)])[0])
+    def step(self, ids: list[int]) -> None:
+        """Feed `ids` into this window's static slot (windows without one: `take`)."""
+        self._stale = False
+        self._score = self.stepper.feed(self.slot, self.n, ids)
+        self.n += len(ids)
 
     def take(self, new: torch.Tensor) -> None:
-        """Keep the rows (m, F) of m tokens just fed into this window's `cache`."""
+        """Keep the rows (m, F) of m tokens `guard.feed_rows` just fed into `cache`."""
         self._stale = False
         self.rows[self.n : self.n + len(new)] = new
         self.n += len(new)
@@ -256,10 +252,10 @@ def _drive(guard, updates: list[Iterator[tuple[_Window, list[int]]]]) -> list[fl
 
 
 def _feed_round(guard, feeds: list[tuple[_Window, list[int]]]) -> None:
-    packed = [(window, ids) for window, ids in feeds if window.slot is None]
+    """Windows in a static slot step on their own; all others share `guard.feed_rows`."""
+    cached = [(window, ids) for window, ids in feeds if window.slot is None]
     for window, ids in feeds:
         if window.slot is not None:
-            window.feed(ids)
-    if packed:
-        for (window, _), rows in zip(packed, guard.feed_rows([(w.cache, ids) for w, ids in packed])):
-            window.take(rows)
+            window.step(ids)
+    for (window, _), rows in zip(cached, guard.feed_rows([(w.cache, ids) for w, ids in cached])):
+        window.take(rows)

@@ -233,7 +233,7 @@ class GuardWorker:
                 continue
             live.append(job)
         steps = [job for job in live if job.kind == "append" or job.session.prompt]  # nothing to prefill
-        results = {}
+        scores = {}
         if steps:
             from guard.session import append_all  # torch, on the worker thread only
 
@@ -241,11 +241,11 @@ class GuardWorker:
             self.stream_steps += len(steps)
             if self.on_stream_round is not None:
                 self.on_stream_round(len(steps))
-            results = dict(zip(map(id, steps), append_all([(job.session._session, job.payload or "")
-                                                            for job in steps])))
+            results = append_all([(job.session._session, job.payload or "") for job in steps])
+            scores = {id(job): result.score for job, result in zip(steps, results)}
         for job in live:
             tokens = job.session._session.tokens
-            _resolve(job.future, tokens if job.kind == "open" else (results[id(job)].score, tokens))
+            _resolve(job.future, tokens if job.kind == "open" else (scores[id(job)], tokens))
 
     def _run_close(self, job: _Job) -> None:
         """Runs even if its caller was cancelled, so the cache is freed."""

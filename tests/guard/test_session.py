@@ -135,6 +135,20 @@ def test_append_all_refuses_mixed_guards_and_repeated_sessions(artifact_factory)
     assert session.response == ""  # refused before any text was taken
 
 
+def fail_second_feed(guard, monkeypatch) -> list[int]:
+    """From now on the guard's second `feed_rows` call raises; the calls made so far."""
+    calls, feed_rows = [], guard.feed_rows
+
+    def failing(feeds):
+        calls.append(len(calls) + 1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return feed_rows(feeds)
+
+    monkeypatch.setattr(guard, "feed_rows", failing)
+    return calls
+
+
 def test_a_failed_round_resets_its_sessions_and_the_next_check_is_exact(artifact_factory, real_rows,
                                                                          monkeypatch):
     """A feed that fails mid-round (after earlier rounds of the same update finished
@@ -146,19 +160,10 @@ def test_a_failed_round_resets_its_sessions_and_the_next_check_is_exact(artifact
     texts = [(r["prompt"][:40], r["response"][:150]) for r in real_rows[:3]]
     sessions = [guard.stream(prompt=p) for p, _ in texts]
     append_all([(s, r[:50]) for s, (_, r) in zip(sessions, texts)])
-    calls, feed_rows = 0, guard.feed_rows
-
-    def failing(feeds):
-        nonlocal calls
-        calls += 1
-        if calls == 2:
-            raise RuntimeError("out of memory")
-        return feed_rows(feeds)
-
-    monkeypatch.setattr(guard, "feed_rows", failing)
+    calls = fail_second_feed(guard, monkeypatch)
     with pytest.raises(RuntimeError, match="out of memory"):
         append_all([(s, r[50:100]) for s, (_, r) in zip(sessions, texts)])
-    assert calls == 2  # the first round ran, the second failed
+    assert calls == [1, 2]  # the first round ran, the second failed
     monkeypatch.undo()
     fed = [s.tokens_fed for s in sessions]
     for session, (prompt, response), result, before in zip(
@@ -166,6 +171,30 @@ def test_a_failed_round_resets_its_sessions_and_the_next_check_is_exact(artifact
         assert session.response == response
         assert abs(result.score - guard.p_harmful([model_text(prompt=prompt, response=response)])[0]) <= TOL
         assert session.tokens_fed - before >= session.tokens  # recomputed from scratch
+    guard.close()
+
+
+def test_a_window_finished_by_a_failed_update_is_not_reused(artifact_factory, real_rows, monkeypatch):
+    """`set_response` may edit earlier text. An update to an edited text that fails after
+    finishing its first window must not leave that window's score behind: when the next
+    text returns to the old start, the old start is what gets scored."""
+    folder = artifact_factory("session-failure", pooling="residual_mean", layers=[0, 2], max_length=12,
+                              scale=3.0, seed=1)
+    guard = SirenGuard.from_pretrained(folder, device=DEVICE, dtype=torch.float32)
+    original = real_rows[0]["response"][:120]
+    final = original + " and that is all."
+    expected = guard.p_harmful([model_text(response=final)])[0]
+    # the edit whose first window scores highest: a stale score for it would show
+    edit = max((r["response"][:60] + original[60:] for r in real_rows),
+               key=lambda t: guard.p_harmful([guard.tokenizer.decode(guard.plan.body(guard.tokenizer, t)[:12])])[0])
+    session = guard.stream()
+    session.set_response(original)
+    calls = fail_second_feed(guard, monkeypatch)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        session.set_response(edit)
+    assert calls == [1, 2]  # the edited first window was fed and finished, then the next feed failed
+    monkeypatch.undo()
+    assert abs(session.set_response(final).score - expected) <= TOL
     guard.close()
 
 

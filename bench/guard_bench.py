@@ -11,7 +11,10 @@
     blocks' matrix products by rows per call; (e) N streams checked every 16 tokens at
     once through the worker: packed steps (`guard.packing`) vs one step at a time; the
     forward alone, 8 windows packed vs one transformers forward each; and a single
-    stream's session on the packed forward vs one transformers forward per window. Each timing is the best of
+    stream's session on the packed forward vs one transformers forward per window; (f) a
+    guarded request's guard work as the proxy does it (a prompt score, then a session checked
+    every 16 tokens), the prompt scored and then prefilled again vs its score read off the
+    session's prefill. Each timing is the best of
     `--repeat` runs (the machine may be shared). Without --artifact: guard/default if it
     exists, else a synthetic artifact (layers 6, 12, 18, 24; 8 neurons each). Either way a
     copy whose `base_model.model_id` is the local SmolLM2 directory is what both load.
@@ -313,6 +316,40 @@ def main() -> None:
         t_hf = variant_checks(packed_steps=False)
         print(f"(e) one stream, (a)'s 32 checks: packed forward {t_ours*1e3:.0f} ms, one transformers forward "
               f"per window {t_hf*1e3:.0f} ms -> {t_hf/t_ours:.2f}x less time")
+
+    # (f) a guarded request as the proxy runs it: the prompt stage's score, then the
+    # response's session checked every 16 tokens. Before: a full-text score of the prompt
+    # and a session that prefills it again; now: the session's prefill is the prompt score.
+    def requests(n: int, prompt_tokens: int | None, once: bool) -> float:
+        worker = GuardWorker(ours)
+        chosen = [(p if prompt_tokens is None else tok.decode(long_ids[k * 31 : k * 31 + prompt_tokens]), prefixes)
+                  for k, (p, prefixes) in enumerate(streams[:n])]
+
+        async def run():
+            async def one(prompt, prefixes):
+                if once:
+                    session = worker.stream(prompt=prompt)
+                    await session.prompt_score()
+                else:
+                    await worker.score(prompt=prompt)
+                    session = worker.stream(prompt=prompt)
+                done = ""
+                for p in prefixes:
+                    await session.append(p[len(done):])
+                    done = p
+                await session.aclose()
+            await asyncio.gather(*(one(*c) for c in chosen))
+
+        t = best(lambda: asyncio.run(run()), args.repeat)
+        worker.close()
+        return t
+
+    for n, prompt_tokens in ((1, None), (1, 480), (4, None), (4, 480)):
+        t_twice, t_once = requests(n, prompt_tokens, False), requests(n, prompt_tokens, True)
+        size = "~45-token" if prompt_tokens is None else f"{prompt_tokens}-token"
+        print(f"(f) {n} guarded request(s), {size} prompt, 16 checks of 16 tokens: prompt scored then prefilled "
+              f"again {t_twice*1e3:.0f} ms, prompt score read off the prefill {t_once*1e3:.0f} ms "
+              f"-> {t_twice/t_once:.2f}x less time")
     shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -243,9 +243,8 @@ class GuardWorker:
                 self.on_stream_round(len(steps))
             results = append_all([(job.session._session, job.payload or "") for job in steps])
             scores = {id(job): result.score for job, result in zip(steps, results)}
-        for job in live:
-            tokens = job.session._session.tokens
-            _resolve(job.future, tokens if job.kind == "open" else (scores[id(job)], tokens))
+        for job in live:  # an open's score is its prompt's own (None without a prompt)
+            _resolve(job.future, (scores.get(id(job)), job.session._session.tokens))
 
     def _run_close(self, job: _Job) -> None:
         """Runs even if its caller was cancelled, so the cache is freed."""
@@ -283,8 +282,10 @@ def _as_guard_error(exc: BaseException) -> GuardError:
 class AsyncStreamSession:
     """One growing response scored on the worker (`guard.session.StreamSession`).
 
-    The prompt's prefill is queued at creation, so it overlaps with waiting for the
-    upstream's first token. `append` calls must be awaited one after another.
+    The prompt's prefill is queued at creation. Its score is the prompt's own score
+    (the text the session has read is the prompt alone), so a caller that must score the
+    prompt anyway awaits `prompt_score()` instead of a second, full-text scoring of the
+    same tokens. `append` calls must be awaited one after another.
     """
 
     def __init__(self, worker: GuardWorker, prompt: str | None) -> None:
@@ -294,6 +295,16 @@ class AsyncStreamSession:
         self._session = None  # the sync session; touched only on the worker thread
         self._closed = False
         self._opened = worker._submit(_Job("open", session=self))
+
+    async def prompt_score(self) -> float:
+        """P(harmful) of the prompt alone, read off its prefill: equal to
+        `score(prompt=prompt)`."""
+        if not self.prompt:
+            raise ValueError("this stream session has no prompt to score")
+        if self._closed:
+            raise WorkerClosed("this stream session is closed")
+        score, _ = await asyncio.wrap_future(self._opened)
+        return score
 
     async def append(self, delta: str) -> float:
         if self._closed:
@@ -305,11 +316,13 @@ class AsyncStreamSession:
         return score
 
     async def aclose(self) -> None:
+        """Queue the release of the session's cache, without waiting for it: nothing
+        the caller sends (a refusal, a stream's end) waits on the worker's queue."""
         if self._closed:
             return
         self._closed = True
         try:
-            await asyncio.wrap_future(self.worker._submit(_Job("close", session=self)))
+            self.worker._submit(_Job("close", session=self))
         except GuardError:  # closed worker or full queue: the session dies with it anyway
             self._session = None
 

@@ -110,7 +110,10 @@ class LoadingScorer:
             raise ScorerBusy(str(exc)) from exc
 
     def stream(self, prompt=None):
-        return self._get().stream(prompt)
+        try:
+            return self._get().stream(prompt)
+        except self._busy as exc:
+            raise ScorerBusy(str(exc)) from exc
 
     def close(self) -> None:
         if self._worker is not None:

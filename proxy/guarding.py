@@ -16,7 +16,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import httpx
 from starlette.responses import Response
@@ -32,7 +32,7 @@ from .errors import BadRequest, ContentFiltered, GuardUnavailable, Overloaded
 from .records import AuditLog, Exchange
 from . import rerank
 from .relay import RelayResponse, cleanup, raw_body, transport_error
-from .scorer import Scorer, ScorerBusy
+from .scorer import Scorer, ScorerBusy, StreamSession
 from .shapes import CONTENT_FILTER, refused_json, refused_stream
 from .stream_guard import StreamGuard
 from .upstream import response_headers
@@ -48,7 +48,10 @@ def guarded_endpoint(method: str, upstream_path: str) -> str | None:
     return endpoint if method == "POST" and endpoint in GUARDED_ENDPOINTS else None
 
 
-async def prompt_decision(scorer: Scorer | None, policy: Policy, prompt: str | None) -> tuple[Decision, float]:
+async def prompt_decision(scorer: Scorer | None, policy: Policy, prompt: str | None,
+                          score_prompt: Callable[[], Awaitable[float]] | None = None) -> tuple[Decision, float]:
+    """The prompt stage's decision and its time; `score_prompt` replaces
+    `scorer.score(prompt=prompt)` (the response's session opened early, `GuardedCall`)."""
     started = time.perf_counter()
     score, error = None, None
     if prompt is None:
@@ -57,7 +60,7 @@ async def prompt_decision(scorer: Scorer | None, policy: Policy, prompt: str | N
         error = "no guard is configured"
     else:
         try:
-            score = await scorer.score(prompt=prompt)
+            score = await (score_prompt() if score_prompt is not None else scorer.score(prompt=prompt))
         except ScorerBusy:
             if policy.on_guard_error == "block" and policy.prompt.action not in ("shadow", "off"):
                 raise Overloaded("the safety guard is saturated; retry shortly",
@@ -116,9 +119,18 @@ class GuardedCall:
             self.prompt = prompt_text(endpoint, payload, policy.prompt.scope)
         except RequestShapeError as exc:
             raise BadRequest(exc.message, param=exc.param) from None
+        self.session: StreamSession | None = None  # the response's session, opened by the prompt stage
 
     async def run(self, send_upstream, body: bytes) -> Response:
         """`send_upstream(body) -> httpx.Response` opens the upstream request."""
+        try:
+            return await self._run(send_upstream, body)
+        finally:
+            if self.session is not None:  # opened by the prompt stage and not handed on
+                with cleanup():
+                    await self._take_session().aclose()
+
+    async def _run(self, send_upstream, body: bytes) -> Response:
         headers: dict[str, str] = {}
         reranking = rerank.applies(self.policy, self.endpoint, self.payload)
         if reranking:
@@ -127,7 +139,7 @@ class GuardedCall:
         if stage.action == "off":
             response = await send_upstream(body)
         else:
-            response, decision, body = await self._prompt_stage(send_upstream, body)
+            response, decision, body = await self._prompt_stage(send_upstream, body, share=not reranking)
             if decision.action == FLAG:
                 headers = headers_for(decision, policy=self.policy.name)
             if response is None:
@@ -135,6 +147,31 @@ class GuardedCall:
         if reranking:
             return await self._rerank(response, headers)
         return await self._response_stage(response, headers)
+
+    def _shares_prompt(self) -> bool:
+        """Whether the response stage will score `prompt + "\\n" + response` with a session."""
+        response = self.policy.response
+        return self.scorer is not None and bool(self.prompt) and response.action != "off" \
+            and response.include_prompt  # an empty prompt has no prefill (it scores as " ")
+
+    async def _prompt_by_session(self) -> float:
+        """The prompt's score, read off the prefill of the response's session, which the
+        response stage then takes over: the prompt's tokens run once per request, not once
+        for the prompt stage and again for the response. A failed session is dropped (the
+        response stage opens a fresh one)."""
+        session = self.scorer.stream(self.prompt)
+        try:
+            score = await session.prompt_score()
+        except BaseException:
+            with cleanup():
+                await session.aclose()
+            raise
+        self.session = session
+        return score
+
+    def _take_session(self) -> StreamSession | None:
+        session, self.session = self.session, None
+        return session
 
     async def _rerank(self, response: httpx.Response, headers: dict[str, str]) -> Response:
         data = await read_whole(response)
@@ -176,11 +213,12 @@ class GuardedCall:
         return Response(json.dumps(completion, ensure_ascii=False).encode(), media_type="application/json",
                         headers={**dict(passthrough), **headers})
 
-    async def _prompt_stage(self, send_upstream, body: bytes):
+    async def _prompt_stage(self, send_upstream, body: bytes, *, share: bool):
         parallel = self.policy.prompt.mode == "parallel"
         pending = asyncio.create_task(send_upstream(body)) if parallel else None
+        score_prompt = self._prompt_by_session if share and self._shares_prompt() else None
         try:
-            decision, ms = await prompt_decision(self.scorer, self.policy, self.prompt)
+            decision, ms = await prompt_decision(self.scorer, self.policy, self.prompt, score_prompt)
         except BaseException:
             await _discard(pending)
             raise
@@ -212,12 +250,20 @@ class GuardedCall:
         if stage.action == "off" or response.status_code != 200:
             self._write_audit()
             return RelayResponse(raw_body(response), response.status_code,
-                                 response_headers(passthrough, keep_length=True) + list(headers.items()))
+                                 response_headers(passthrough, keep_length=True) + list(headers.items()),
+                                 on_close=response.aclose)
         if response.headers.get("content-type", "").startswith("text/event-stream"):
             guard = StreamGuard(endpoint=self.endpoint, request=self.payload, policy=self.policy,
-                                scorer=self.scorer, prompt=self.prompt, exchange=self.exchange)
+                                scorer=self.scorer, prompt=self.prompt, exchange=self.exchange,
+                                session=self._take_session())
             body = self._audited(guard.relay(response))
-            return RelayResponse(body, 200, response_headers(passthrough, keep_length=False) + list(headers.items()))
+
+            async def on_close() -> None:  # the relay's own `finally` does this, if it ever started
+                await response.aclose()
+                await guard.aclose()
+
+            return RelayResponse(body, 200, response_headers(passthrough, keep_length=False) + list(headers.items()),
+                                 on_close=on_close)
         data = await read_whole(response)
         content, verdict_headers = await self._guard_whole(data)
         self._write_audit()
@@ -239,10 +285,13 @@ class GuardedCall:
                 raise GuardUnavailable("the upstream response could not be checked by the safety guard")
             return data, {}
         prompt = self.prompt if self.policy.response.include_prompt else None
+        session = self.session  # its prompt is prefilled: one choice needs only its own tokens (`run` closes it)
         started = time.perf_counter()
         scores, error = [None] * len(choices), None
         try:
-            if choices:
+            if session is not None and len(choices) == 1:
+                scores = [await session.append(choices[0][1])]
+            elif choices:
                 scores = await self.scorer.score_many([(prompt, text) for _, text in choices])
         except Exception as exc:  # noqa: BLE001
             error = f"{type(exc).__name__}: {exc}"

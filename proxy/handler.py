@@ -196,9 +196,11 @@ def relay(response: httpx.Response, metrics: Metrics) -> RelayResponse:
     """An unguarded response: non-streams byte for byte, streams event by event."""
     if is_event_stream(response):
         return RelayResponse(sse_passthrough(response, MAX_EVENT_BYTES, metrics), response.status_code,
-                             response_headers(response.headers.multi_items(), keep_length=False))
+                             response_headers(response.headers.multi_items(), keep_length=False),
+                             on_close=response.aclose)
     return RelayResponse(raw_body(response), response.status_code,
-                         response_headers(response.headers.multi_items(), keep_length=True), watch=False)
+                         response_headers(response.headers.multi_items(), keep_length=True), watch=False,
+                         on_close=response.aclose)
 
 
 def is_event_stream(response: httpx.Response) -> bool:

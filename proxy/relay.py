@@ -6,13 +6,15 @@ with a slow upstream there may be no next write for a long time, and until the u
 response is closed vLLM keeps generating for nobody. Whatever ends the relay (the end of
 the body, a client disconnect, a cut, an error), the body iterator is closed in
 `finally`, shielded from cancellation, and the iterator's own `finally` closes the
-upstream response.
+upstream response. A body iterator that never started (the client left before the
+first chunk) has no `finally` to run, so `on_close` (idempotent: closing the upstream
+response, a guarded stream's sessions) runs last whatever happened.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import anyio
 import httpx
@@ -26,9 +28,11 @@ logger = logging.getLogger(__name__)
 
 class RelayResponse(Response):
     def __init__(self, body: AsyncIterator[bytes], status_code: int,
-                 headers: Sequence[tuple[str, str]], *, watch: bool = True) -> None:
+                 headers: Sequence[tuple[str, str]], *, watch: bool = True,
+                 on_close: Callable[[], Awaitable[None]] | None = None) -> None:
         self.body_iterator = body
         self.watch = watch
+        self.on_close = on_close
         self.status_code = status_code
         self.background = None
         self.raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
@@ -40,8 +44,7 @@ class RelayResponse(Response):
             except OSError:
                 pass
             finally:
-                with anyio.CancelScope(shield=True):
-                    await self.body_iterator.aclose()
+                await self._close()
             return
         async with anyio.create_task_group() as tg:
 
@@ -56,10 +59,16 @@ class RelayResponse(Response):
             except OSError:  # the client went away between our checks
                 pass
             finally:
-                with anyio.CancelScope(shield=True):
-                    await self.body_iterator.aclose()
+                await self._close()
                 tg.cancel_scope.cancel()
 
+    async def _close(self) -> None:
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.body_iterator.aclose()
+            finally:
+                if self.on_close is not None:
+                    await self.on_close()
 
     async def _send_all(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})

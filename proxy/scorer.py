@@ -18,6 +18,11 @@ class ScorerBusy(Exception):
 class StreamSession(Protocol):
     """Scores one growing response; each `append` returns the score of all text so far."""
 
+    async def prompt_score(self) -> float:
+        """The prompt's own score, `score(prompt=prompt)`, read off the session's prefill:
+        the proxy's prompt stage awaits it instead of scoring the same tokens twice."""
+        ...
+
     async def append(self, delta: str) -> float: ...
 
     async def aclose(self) -> None: ...
@@ -36,5 +41,6 @@ class Scorer(Protocol):
         ...
 
     def stream(self, prompt: str | None = None) -> StreamSession:
-        """An incremental session over `prompt + "\\n" + response_so_far`."""
+        """An incremental session over `prompt + "\\n" + response_so_far`; raises
+        `ScorerBusy` if the scorer's queue is full."""
         ...

@@ -80,7 +80,8 @@ class StreamCut(Exception):
 
 class StreamGuard:
     def __init__(self, *, endpoint: str, request: Mapping, policy: Policy, scorer: Scorer,
-                 prompt: str | None, exchange: Exchange) -> None:
+                 prompt: str | None, exchange: Exchange, session: StreamSession | None = None) -> None:
+        """`session`: choice 0's, already prefilled with `prompt` by the prompt stage."""
         self.endpoint = endpoint
         self.request = request
         self.policy = policy
@@ -91,6 +92,7 @@ class StreamGuard:
         n = request.get("n", 1)
         self.n = 1 if endpoint == "responses" or not isinstance(n, int) or n < 1 else n  # <= MAX_N (checked)
         self.choices = {i: Choice(i) for i in range(self.n)}
+        self.choices[0].session = session
         self.queue: deque[Held] = deque()
         self.template: dict = {}  # id/created/model of the stream, for chunks we write
         self.last_usage: dict | None = None
@@ -125,12 +127,18 @@ class StreamGuard:
                     self.exchange.leaked(choice.index, max(0, choice.released - choice.safe))
             with cleanup():
                 await response.aclose()
-                for choice in self.choices.values():
-                    if choice.session is not None:
-                        try:
-                            await choice.session.aclose()
-                        except Exception as exc:  # noqa: BLE001 - the stream is over either way
-                            logger.warning("closing a guard session failed: %s", exc)
+                await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the guard sessions (idempotent; the proxy also runs it when the relay
+        never started, which leaves a prompt stage's session open)."""
+        for choice in self.choices.values():
+            session, choice.session = choice.session, None
+            if session is not None:
+                try:
+                    await session.aclose()
+                except Exception as exc:  # noqa: BLE001 - the stream is over either way
+                    logger.warning("closing a guard session failed: %s", exc)
 
     async def _items(self, items) -> bytes:
         for item in items:

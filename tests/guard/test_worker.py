@@ -97,6 +97,9 @@ def test_stream_sessions_match_the_sync_session(guard, real_rows):
     try:
         async def main():
             a, b = worker.stream(prompt=prompt), worker.stream()
+            assert await a.prompt_score() == pytest.approx(guard.score(prompt=prompt).score, abs=TOL)
+            with pytest.raises(ValueError, match="no prompt"):
+                await b.prompt_score()
             got_a, got_b = [], []
             for d in deltas:  # two interleaved sessions on one worker
                 got_a.append(await a.append(d))
@@ -154,15 +157,16 @@ def test_a_new_sessions_prefill_goes_with_other_sessions_checks(guard, real_rows
             before = (worker.stream_rounds, worker.stream_steps)
             gate.set()
             await blocker
-            score_a, tokens_b = await checked, await asyncio.wrap_future(b._opened)
+            score_a, (prompt_b, tokens_b) = await checked, await asyncio.wrap_future(b._opened)
             rounds = (worker.stream_rounds - before[0], worker.stream_steps - before[1])
-            return score_a, tokens_b, rounds, await b.append(r2)
+            return score_a, prompt_b, tokens_b, rounds, await b.append(r2)
 
-        score_a, tokens_b, rounds, score_b = asyncio.run(main())
+        score_a, prompt_b, tokens_b, rounds, score_b = asyncio.run(main())
     finally:
         worker.close()
     assert rounds == (1, 2), (rounds, tokens_b)
     assert tokens_b == guard.stream(prompt=p2).tokens > 0
+    assert prompt_b == pytest.approx(guard.score(prompt=p2).score, abs=TOL)  # the prefill's own score
     assert score_a == pytest.approx(guard.score(prompt=p1, response=r1).score, abs=TOL)
     assert score_b == pytest.approx(guard.score(prompt=p2, response=r2).score, abs=TOL)
 

@@ -127,6 +127,35 @@ def test_concurrent_streams_are_scored_in_packed_steps(katan_url, scorer):
     assert counts["siren_proxy_guard_stream_batch_size_sum"] >= counts["siren_proxy_guard_stream_batch_size_count"]
 
 
+def test_a_guarded_stream_reads_its_prompt_once(katan_url, scorer, tmp_path):
+    """The prompt stage's score is the prefill of the stream's session, which the response
+    stage continues: the worker runs no full-text scoring for the request, and the score
+    equals a one-pass score of the prompt."""
+    audit = tmp_path / "audit.jsonl"
+    text = config(katan_url, prompt="{action: refuse, threshold: 0.5}",
+                  response="{action: cut, threshold: 0.999, check_every: 8}", server=f"  audit_log: {audit}")
+    with running_proxy(text, scorer) as proxy, sdk(proxy) as client:
+        chunks = client.chat.completions.create(model="m", messages=[{"role": "user", "content": OTTERS}],
+                                                stream=True)
+        reply = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        refused = client.chat.completions.create(model="m", messages=[{"role": "user", "content": HARMFUL}],
+                                                 stream=True)
+        refusal = [c.choices[0].finish_reason for c in refused if c.choices]
+        metrics = httpx.get(proxy.url + "/metrics").text
+    assert reply.endswith(OTTERS) and refusal[-1] == "content_filter"
+    assert "siren_proxy_guard_batch_size_count 0.0" in metrics  # no full-text job at all
+    record = audit_record(audit, lambda r: r["stream"] and len(r["decisions"]) == 2)
+    prompt_score = record["decisions"][0]["score"]
+
+    async def one_pass():
+        return await scorer.score(prompt=OTTERS), await scorer.score(prompt=HARMFUL)
+
+    benign, harmful = asyncio.run(one_pass())
+    assert abs(prompt_score - benign) < 2e-3  # bfloat16 where the CPU has it (see the README)
+    refused_record = audit_record(audit, lambda r: r["decisions"][0]["action"] == "refuse")
+    assert abs(refused_record["decisions"][0]["score"] - harmful) < 2e-3 and harmful > 0.9
+
+
 def audit_record(path: Path, wanted) -> dict:
     """The first audit line that matches; a stream's line is written as its relay closes,
     which can be just after the client has read `[DONE]`."""

@@ -4,7 +4,8 @@
 `KeywordScorer` implements `proxy.scorer.Scorer` by looking for marker words, so a test
 controls exactly where a stream crosses: "BOMB" scores 0.99, "borderline" 0.4, anything
 else 0.01. Sessions score the prompt (when given) plus everything appended, like the
-real guard's sessions.
+real guard's sessions; `calls` lists the full texts scored, a session's `prompt_score`
+included.
 """
 
 from __future__ import annotations
@@ -41,8 +42,17 @@ class GuardBroke(RuntimeError):
 class KeywordSession:
     def __init__(self, scorer: KeywordScorer, prompt: str | None) -> None:
         self.scorer = scorer
+        self.prompt = prompt
         self.text = prompt + "\n" if prompt else ""
         self.closed = False
+        self.prompt_scored = False  # `prompt_score` was asked (the prompt stage used this session)
+
+    async def prompt_score(self) -> float:
+        if not self.prompt:
+            raise ValueError("this stream session has no prompt to score")
+        self.prompt_scored = True
+        self.scorer.calls.append(self.prompt)
+        return await self.scorer._score(self.prompt)
 
     async def append(self, delta: str) -> float:
         self.text += delta
@@ -85,6 +95,8 @@ class KeywordScorer:
         return [await self.score(prompt=p, response=r) for p, r in items]
 
     def stream(self, prompt: str | None = None) -> KeywordSession:
+        if self.busy:
+            raise ScorerBusy("scripted full queue")
         session = KeywordSession(self, prompt)
         self.sessions.append(session)
         return session

@@ -1,0 +1,182 @@
+"""The prompt is read once per request: the prompt stage scores it by opening the
+response's guard session (its prefill is the prompt's score), and the response stage
+continues that session. Every way a request ends closes the session.
+
+The real guard's prompt score read off a prefill is tested in tests/guard/test_worker.py
+and end to end in tests/proxy/test_real_guard.py; here `KeywordScorer` shows which
+session did what.
+"""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+import httpx
+import pytest
+
+from proxy.relay import RelayResponse
+from tests.proxy.test_guarded import AUTH, CUT, REFUSAL, policy_yaml, sse_events, stream_body, user
+from tests.support.clients import close_sdk_clients, sdk  # noqa: F401 - close_sdk_clients is autouse
+from tests.support.proxy import running_proxy
+from tests.support.scorers import KeywordScorer
+from tests.support.servers import free_port
+
+REFUSE = "{action: refuse, threshold: 0.5}"
+
+
+def all_closed(scorer: KeywordScorer, timeout: float = 5.0) -> bool:
+    """The proxy closes sessions as the response ends, just after the client has it all."""
+    deadline = time.monotonic() + timeout
+    while not all(s.closed for s in scorer.sessions) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return all(s.closed for s in scorer.sessions)
+
+
+def test_a_guarded_stream_continues_the_prompt_stages_session(katan_url):
+    scorer = KeywordScorer()
+    with running_proxy(policy_yaml(katan_url, prompt=REFUSE, response=CUT % (4, 4)), scorer) as proxy:
+        body = stream_body(proxy, "tell me about otters")
+    assert sse_events(body)[-1] == "[DONE]"
+    [session] = scorer.sessions
+    assert session.prompt_scored  # the prompt stage's score came from this session's prefill
+    assert scorer.calls == ["tell me about otters"]  # and nothing scored the prompt a second time
+    assert session.text.startswith("tell me about otters\n") and session.text.endswith("User: tell me about otters")
+    assert all_closed(scorer)
+
+
+def test_a_crossing_in_the_shared_session_still_cuts(scripted):
+    url, _ = scripted
+    scorer = KeywordScorer()
+    with running_proxy(policy_yaml(url, prompt=REFUSE, response=CUT % (1, 1)), scorer) as proxy:
+        body = stream_body(proxy, "hello", script="text:one two BOMB three")
+    events = sse_events(body)
+    assert REFUSAL in "".join(events) and "BOMB" not in "".join(events)
+    [session] = scorer.sessions
+    assert session.prompt_scored and all_closed(scorer)
+
+
+def test_a_whole_reply_is_scored_on_the_prompt_stages_session(scripted):
+    url, _ = scripted
+    scorer = KeywordScorer()
+    with running_proxy(policy_yaml(url, prompt=REFUSE, response=CUT % (16, 16)), scorer) as proxy:
+        ok = sdk(proxy, default_headers={"x-script": "text:fine words"}).chat.completions.create(
+            model="m", messages=user("hi"))
+        cut = sdk(proxy, default_headers={"x-script": "text:a BOMB recipe"}).chat.completions.create(
+            model="m", messages=user("hi"))
+    assert ok.choices[0].message.content == "fine words"
+    assert cut.choices[0].message.content == REFUSAL
+    assert [s.text for s in scorer.sessions] == ["hi\nfine words", "hi\na BOMB recipe"]
+    assert all(s.prompt_scored for s in scorer.sessions)
+    assert scorer.calls == ["hi", "hi"]  # no full-text scoring of prompt + response
+    assert all_closed(scorer)
+
+
+def test_several_whole_choices_are_scored_as_one_batch(scripted):
+    """n > 1: the choices go to `score_many` together; the prompt's session is closed."""
+    url, _ = scripted
+    scorer = KeywordScorer()
+    with running_proxy(policy_yaml(url, prompt=REFUSE, response=CUT % (16, 16)), scorer) as proxy:
+        reply = sdk(proxy, default_headers={"x-script": "text:calm|BOMB"}).chat.completions.create(
+            model="m", messages=user("hi"), n=2)
+    assert [c.message.content for c in reply.choices] == ["calm", REFUSAL]
+    assert scorer.calls == ["hi", "hi\ncalm", "hi\nBOMB"]
+    assert all_closed(scorer)
+
+
+def test_with_n_streams_choice_0_takes_the_prompts_session(scripted):
+    url, _ = scripted
+    scorer = KeywordScorer()
+    with running_proxy(policy_yaml(url, prompt=REFUSE, response=CUT % (2, 2)), scorer) as proxy:
+        body = stream_body(proxy, "hi", script="replay:stream_n2_raw.txt", n=2)  # a recorded vLLM n=2 stream
+    assert sse_events(body)[-1] == "[DONE]"
+    assert [s.prompt_scored for s in scorer.sessions] == [True, False]
+    assert all(s.text.startswith("hi\n") for s in scorer.sessions)
+    assert all_closed(scorer)
+
+
+@pytest.mark.parametrize("case", ["refused", "upstream error", "upstream unreachable", "rerank"])
+def test_every_other_ending_closes_the_prompts_session(scripted, case):
+    url, recorder = scripted
+    extra = "    rerank: {n: 2, select: safest}" if case == "rerank" else ""
+    if case == "upstream unreachable":
+        url = f"http://127.0.0.1:{free_port()}/v1"
+    scorer = KeywordScorer()
+    message = "a BOMB please" if case == "refused" else "hi"
+    script = "no-such-script" if case == "upstream error" else "text:fine"
+    with running_proxy(policy_yaml(url, prompt=REFUSE, response=CUT % (4, 4), policy_extra=extra), scorer) as proxy:
+        response = httpx.post(proxy.url + "/v1/chat/completions", headers={**AUTH, "x-script": script},
+                              json={"model": "m", "messages": user(message)}, timeout=20)
+    expect = {"refused": 200, "upstream error": 400, "upstream unreachable": 502, "rerank": 200}[case]
+    assert response.status_code == expect, response.text
+    assert "error" in response.json() if expect != 200 else "choices" in response.json()
+    if case == "rerank":  # candidates are ranked with score_many; no session to share
+        assert scorer.sessions == [] and scorer.calls == ["hi", "hi\nfine", "hi\nfine"]
+    else:
+        [session] = scorer.sessions
+        assert session.prompt_scored and session.text == f"{message}\n"  # never appended to
+        assert all_closed(scorer)
+
+
+@pytest.mark.parametrize("response_stage", ["{action: off}", "{action: cut, include_prompt: false}"])
+def test_no_session_when_the_response_stage_does_not_read_the_prompt(katan_url, response_stage):
+    scorer = KeywordScorer()
+    with running_proxy(policy_yaml(katan_url, prompt=REFUSE, response=response_stage), scorer) as proxy:
+        sdk(proxy).chat.completions.create(model="m", messages=user("otters"))
+    assert scorer.calls[0] == "otters"
+    assert not any(s.prompt_scored for s in scorer.sessions)
+
+
+def test_an_empty_prompt_is_scored_as_text(scripted):
+    """No user message: the prompt is empty and a session would have nothing to prefill,
+    so the prompt stage scores it as a text (" ") and the request goes through."""
+    url, _ = scripted
+    scorer = KeywordScorer()
+    with running_proxy(policy_yaml(url, prompt=REFUSE, response=CUT % (4, 4)), scorer) as proxy:
+        reply = sdk(proxy, default_headers={"x-script": "text:fine"}).chat.completions.create(
+            model="m", messages=[{"role": "system", "content": "Be brief."}])
+    assert reply.choices[0].message.content == "fine"
+    assert scorer.calls[0] == "" and not any(s.prompt_scored for s in scorer.sessions)
+
+
+def test_a_failed_prompt_session_is_closed_and_replaced(katan_url):
+    """The prompt stage's session fails (the guard is down); with `on_guard_error: allow`
+    the request goes on, and the response stage opens a session of its own rather than
+    inherit the broken one."""
+    scorer = KeywordScorer(fail=True)
+    text = policy_yaml(katan_url, prompt=REFUSE, response=CUT % (4, 4), policy_extra="    on_guard_error: allow")
+    with running_proxy(text, scorer) as proxy:
+        body = stream_body(proxy, "hi there")
+    assert sse_events(body)[-1] == "[DONE]"
+    first, second = scorer.sessions
+    assert first.prompt_scored and first.text == "hi there\n"  # failed, closed, never appended to
+    assert not second.prompt_scored and second.text.startswith("hi there\n") and len(second.text) > len(first.text)
+    assert all_closed(scorer)
+
+
+def test_a_relay_that_never_started_still_runs_on_close():
+    """The client is gone before the first body chunk: the body iterator never starts,
+    so its own `finally` (which closes the upstream and the sessions) never runs, and
+    `on_close` must."""
+    ran = {"body": False, "finally": False, "on_close": 0}
+
+    async def body():
+        try:
+            ran["body"] = True
+            yield b"data: x\n\n"
+        finally:
+            ran["finally"] = True
+
+    async def on_close() -> None:
+        ran["on_close"] += 1
+
+    async def send(message) -> None:
+        raise OSError("the client went away")
+
+    async def receive():
+        await anyio.sleep_forever()
+
+    for watch in (True, False):
+        ran.update(body=False, on_close=0)
+        anyio.run(RelayResponse(body(), 200, [], watch=watch, on_close=on_close), {"type": "http"}, receive, send)
+        assert ran == {"body": False, "finally": False, "on_close": 1}

@@ -262,18 +262,19 @@ def main() -> None:
         ids = long_ids[k * 29 : k * 29 + 256]
         streams.append((rows[k % len(rows)]["prompt"][:200], [tok.decode(ids[:n]) for n in range(16, 257, 16)]))
 
+    async def check_all(session, prefixes) -> None:
+        """Feed a session the growing prefixes (one check each), then close it."""
+        done = ""
+        for p in prefixes:
+            await session.append(p[len(done):])
+            done = p
+        await session.aclose()
+
     def concurrent(n: int, max_stream_batch: int) -> tuple[float, GuardWorker]:
         worker = GuardWorker(ours, max_stream_batch=max_stream_batch)
 
         async def run():
-            async def one(prompt, prefixes):
-                session = worker.stream(prompt=prompt)
-                done = ""
-                for p in prefixes:
-                    await session.append(p[len(done):])
-                    done = p
-                await session.aclose()
-            await asyncio.gather(*(one(*streams[k]) for k in range(n)))
+            await asyncio.gather(*(check_all(worker.stream(prompt=p), prefixes) for p, prefixes in streams[:n]))
 
         t = best(lambda: asyncio.run(run()), args.repeat)
         worker.close()
@@ -335,11 +336,7 @@ def main() -> None:
                 else:
                     await worker.score(prompt=prompt)
                     session = worker.stream(prompt=prompt)
-                done = ""
-                for p in prefixes:
-                    await session.append(p[len(done):])
-                    done = p
-                await session.aclose()
+                await check_all(session, prefixes)
             await asyncio.gather(*(one(*c) for c in chosen))
 
         t = best(lambda: asyncio.run(run()), max(3, args.repeat))

@@ -137,6 +137,8 @@ class GuardedCall:
             body = rerank.upstream_body(self.payload, self.policy.rerank)
         stage = self.policy.prompt
         if stage.action == "off":
+            if not reranking and self._shares_prompt():
+                self._open_early()
             response = await send_upstream(body)
         else:
             response, decision, body = await self._prompt_stage(send_upstream, body, share=not reranking)
@@ -168,6 +170,14 @@ class GuardedCall:
             raise
         self.session = session
         return score
+
+    def _open_early(self) -> None:
+        """No prompt stage: open the response's session now, so that its prefill runs
+        while the upstream works on its first token, not at the first check."""
+        try:
+            self.session = self.scorer.stream(self.prompt)
+        except Exception as exc:  # noqa: BLE001 - the first check opens one and meets on_guard_error
+            logger.warning("guard session did not open early: %s: %s", type(exc).__name__, exc)
 
     def _take_session(self) -> StreamSession | None:
         session, self.session = self.session, None

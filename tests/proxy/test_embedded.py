@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import pytest
@@ -40,3 +41,23 @@ def test_the_guard_loads_with_the_configured_options(monkeypatch):
     assert seen == {"artifact": "/a", "device": "cpu", "dtype": "float32", "trust_remote_code": False,
                     "stream_slots": 4, "compile_steps": True, "backbone": "/b"}
     assert "stop after the call" in str(scorer.error)
+
+
+def test_a_full_queue_is_scorer_busy_for_sessions_too(tmp_path):
+    """The prompt stage opens a session: a full queue there must be `ScorerBusy` (503 with
+    Retry-After under `on_guard_error: block`), as it is for `score`."""
+    from guard.errors import QueueFull
+    from guard.worker import GuardWorker
+    from proxy.scorer import ScorerBusy
+
+    scorer = LoadingScorer(GuardConfig(artifact=str(tmp_path / "no-such-artifact")))
+    scorer.wait(timeout=120)
+    worker = GuardWorker(object(), max_queue=0, num_threads=1)  # every job finds the queue full
+    scorer._worker, scorer._busy = worker, QueueFull  # what a successful load leaves
+    try:
+        with pytest.raises(ScorerBusy, match="max_queue=0"):
+            scorer.stream("hi")
+        with pytest.raises(ScorerBusy, match="max_queue=0"):
+            asyncio.run(scorer.score(prompt="hi"))
+    finally:
+        worker.close()

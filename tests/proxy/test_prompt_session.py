@@ -127,6 +127,35 @@ def test_no_session_when_the_response_stage_does_not_read_the_prompt(katan_url, 
     assert not any(s.prompt_scored for s in scorer.sessions)
 
 
+@pytest.mark.parametrize("reachable", [True, False])
+def test_without_a_prompt_stage_the_session_opens_before_the_upstream_call(scripted, reachable):
+    """The prompt's prefill then overlaps with the upstream's time to first token; an
+    upstream that cannot be reached still closes it."""
+    url, recorder = scripted
+    if not reachable:
+        url = f"http://127.0.0.1:{free_port()}/v1"
+    scorer = KeywordScorer()
+    opened_at = []
+    stream = scorer.stream
+
+    def recording(prompt=None):
+        opened_at.append(len(recorder.requests))
+        return stream(prompt)
+
+    scorer.stream = recording
+    with running_proxy(policy_yaml(url, response=CUT % (4, 4)), scorer) as proxy:
+        before = len(recorder.requests)
+        response = httpx.post(proxy.url + "/v1/chat/completions", headers={"x-script": "text:one two three"},
+                              json={"model": "m", "messages": user("hi"), "stream": True}, timeout=20)
+    assert opened_at == [before]  # before the upstream had the request
+    [session] = scorer.sessions
+    assert not session.prompt_scored and all_closed(scorer)
+    if reachable:
+        assert session.text == "hi\none two three " and sse_events(response.content)[-1] == "[DONE]"
+    else:
+        assert response.status_code == 502 and session.text == "hi\n"
+
+
 def test_an_empty_prompt_is_scored_as_text(scripted):
     """No user message: the prompt is empty and a session would have nothing to prefill,
     so the prompt stage scores it as a text (" ") and the request goes through."""

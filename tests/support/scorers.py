@@ -60,7 +60,7 @@ class KeywordSession:
         return await self.scorer._score(self.text)
 
     async def aclose(self) -> None:
-        await asyncio.sleep(0)  # like the real worker, closing takes a round trip
+        await asyncio.sleep(0)  # a yield point, as any await in the proxy's cleanup is
         self.closed = True
 
 

@@ -25,6 +25,7 @@ own `DynamicCache` under a causal mask offset by its cached length.
 
 from __future__ import annotations
 
+import itertools
 import sys
 from collections.abc import Sequence
 
@@ -67,9 +68,7 @@ class PackedStep:
         # query i of a feed sees the cached prefix and new tokens up to itself
         masks = [torch.arange(n + m, device=device)[None, :] <= (n + torch.arange(m, device=device))[:, None]
                  for n, m in zip(past, lengths)]  # (m, n + m) each
-        bounds = [0]
-        for m in lengths:
-            bounds.append(bounds[-1] + m)
+        bounds = [0, *itertools.accumulate(lengths)]
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         h = self.inner.embed_tokens(ids)  # (1, T, hidden)
         cos, sin = self.inner.rotary_emb(h, positions)  # (1, T, head_dim)

@@ -140,8 +140,11 @@ class StreamSession:
     def set_response(self, response_so_far: str) -> ScoreResult:
         """Score the session's prompt joined with `response_so_far` (any edit is exact)."""
         self.response = response_so_far
-        text = model_text(prompt=self.prompt or None, response=response_so_far)
-        return ScoreResult.of(self._update(text), self.threshold)
+        return ScoreResult.of(self._update(self._text()), self.threshold)
+
+    def _text(self) -> str:
+        """What the session scores: its prompt joined with the response so far."""
+        return model_text(prompt=self.prompt or None, response=self.response)
 
     def _update(self, text: str) -> float:
         return _drive(self.guard, [self._updates(text)])[0]
@@ -215,7 +218,7 @@ def append_all(appends: Sequence[tuple[StreamSession, str]]) -> list[ScoreResult
     updates = []
     for session, delta in appends:
         session.response += delta or ""
-        updates.append(session._updates(model_text(prompt=session.prompt or None, response=session.response)))
+        updates.append(session._updates(session._text()))
     scores = _drive(guard, updates)
     return [ScoreResult.of(score, session.threshold) for score, (session, _) in zip(scores, appends)]
 

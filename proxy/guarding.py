@@ -16,7 +16,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 import httpx
 from starlette.responses import Response
@@ -266,13 +266,14 @@ class GuardedCall:
             guard = StreamGuard(endpoint=self.endpoint, request=self.payload, policy=self.policy,
                                 scorer=self.scorer, prompt=self.prompt, exchange=self.exchange,
                                 session=self._take_session())
-            body = self._audited(guard.relay(response))
 
-            async def on_close() -> None:  # the relay's own `finally` does this, if it ever started
+            async def on_close() -> None:  # after the relay's own `finally`, or instead of it
                 await response.aclose()
                 await guard.aclose()
+                self._write_audit()
 
-            return RelayResponse(body, 200, response_headers(passthrough, keep_length=False) + list(headers.items()),
+            return RelayResponse(guard.relay(response), 200,
+                                 response_headers(passthrough, keep_length=False) + list(headers.items()),
                                  on_close=on_close)
         data = await read_whole(response)
         content, verdict_headers = await self._guard_whole(data)
@@ -345,15 +346,6 @@ class GuardedCall:
                 else:
                     choice["message"] = {"role": "assistant", "content": refusal}
                 choice["finish_reason"] = CONTENT_FILTER
-
-    async def _audited(self, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in body:
-                yield chunk
-        finally:
-            with cleanup():
-                await body.aclose()
-            self._write_audit()
 
     def _write_audit(self) -> None:
         if self.audit is not None:

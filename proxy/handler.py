@@ -119,7 +119,12 @@ class Proxy:
             self._stream_ended(streaming)
             raise
         if isinstance(response, RelayResponse):
-            response.body_iterator = self._finishing(response.body_iterator, streaming, deadline, timeout)
+            response.body_iterator = self._finishing(response.body_iterator, deadline, timeout)
+
+            async def ended() -> None:  # also when the body never started
+                self._stream_ended(streaming)
+
+            response.on_close.append(ended)
         else:
             self._stream_ended(streaming)
         return response
@@ -129,9 +134,9 @@ class Proxy:
             self.active_streams -= 1
             self.metrics.active_streams.dec()
 
-    async def _finishing(self, body: AsyncIterator[bytes], streaming: bool, deadline: float | None,
+    async def _finishing(self, body: AsyncIterator[bytes], deadline: float | None,
                          timeout: float | None) -> AsyncIterator[bytes]:
-        """The body, cut off at the request deadline; the stream slot is freed at its end."""
+        """The body, cut off at the request deadline (the stream slot is freed `on_close`)."""
         loop = asyncio.get_running_loop()
         try:
             while True:
@@ -149,7 +154,6 @@ class Proxy:
         finally:
             with cleanup():
                 await body.aclose()
-            self._stream_ended(streaming)
 
     async def _handle(self, request: Request, config: Config, path: str, body: bytes,
                       payload: dict | None) -> Response:

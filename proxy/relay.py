@@ -6,9 +6,12 @@ with a slow upstream there may be no next write for a long time, and until the u
 response is closed vLLM keeps generating for nobody. Whatever ends the relay (the end of
 the body, a client disconnect, a cut, an error), the body iterator is closed in
 `finally`, shielded from cancellation, and the iterator's own `finally` closes the
-upstream response. A body iterator that never started (the client left before the
-first chunk) has no `finally` to run, so `on_close` (idempotent: closing the upstream
-response, a guarded stream's sessions) runs last whatever happened.
+upstream response. A body iterator that never started (`send` raised before the first
+chunk: the client was gone) has no `finally` to run, so whatever must happen at the end
+of every response (closing the upstream response and a guarded stream's sessions,
+writing its audit line, freeing its stream slot) is an `on_close` callback, run last,
+in order, whatever happened. Callbacks may also run after the iterator's own cleanup,
+so they are idempotent.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ class RelayResponse(Response):
                  on_close: Callable[[], Awaitable[None]] | None = None) -> None:
         self.body_iterator = body
         self.watch = watch
-        self.on_close = on_close
+        self.on_close: list[Callable[[], Awaitable[None]]] = [on_close] if on_close is not None else []
         self.status_code = status_code
         self.background = None
         self.raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
@@ -67,8 +70,11 @@ class RelayResponse(Response):
             try:
                 await self.body_iterator.aclose()
             finally:
-                if self.on_close is not None:
-                    await self.on_close()
+                for close in self.on_close:
+                    try:
+                        await close()
+                    except Exception:  # noqa: BLE001 - the others must still run
+                        logger.exception("closing a response failed")
 
     async def _send_all(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})

@@ -109,7 +109,7 @@ def test_every_other_ending_closes_the_prompts_session(scripted, case):
                               json={"model": "m", "messages": user(message)}, timeout=20)
     expect = {"refused": 200, "upstream error": 400, "upstream unreachable": 502, "rerank": 200}[case]
     assert response.status_code == expect, response.text
-    assert "error" in response.json() if expect != 200 else "choices" in response.json()
+    assert ("choices" if expect == 200 else "error") in response.json()
     if case == "rerank":  # candidates are ranked with score_many; no session to share
         assert scorer.sessions == [] and scorer.calls == ["hi", "hi\nfine", "hi\nfine"]
     else:
@@ -199,6 +199,9 @@ def test_a_relay_that_never_started_still_runs_on_close():
     async def on_close() -> None:
         ran["on_close"] += 1
 
+    async def broken() -> None:
+        raise RuntimeError("a callback that fails")
+
     async def send(message) -> None:
         raise OSError("the client went away")
 
@@ -207,5 +210,65 @@ def test_a_relay_that_never_started_still_runs_on_close():
 
     for watch in (True, False):
         ran.update(body=False, on_close=0)
-        anyio.run(RelayResponse(body(), 200, [], watch=watch, on_close=on_close), {"type": "http"}, receive, send)
+        response = RelayResponse(body(), 200, [], watch=watch)
+        response.on_close += [broken, on_close]  # a failing callback does not stop the next
+        anyio.run(response, {"type": "http"}, receive, send)
         assert ran == {"body": False, "finally": False, "on_close": 1}
+
+
+def test_a_client_gone_before_the_first_byte_leaves_nothing_open(scripted, tmp_path):
+    """The ASGI server's `send` raises at the response's start (the client left during the
+    prompt stage): the stream's slot is freed, the upstream and the guard session are
+    closed, and the audit line is written, though the body never started."""
+    import asyncio
+    import json
+
+    from policies.config import parse_config
+    from policies.reload import ConfigHolder
+    from proxy.app import build_app
+
+    url, recorder = scripted
+    audit = tmp_path / "audit.jsonl"
+    text = policy_yaml(url, prompt=REFUSE, response=CUT % (2, 2), server=f"  audit_log: {audit}")
+    scorer = KeywordScorer()
+    app = build_app(ConfigHolder(parse_config(text)), scorer)
+    body = json.dumps({"model": "m", "messages": user("hi"), "stream": True}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/chat/completions",
+             "raw_path": b"/v1/chat/completions", "query_string": b"", "root_path": "",
+             "headers": [(b"host", b"proxy"), (b"content-type", b"application/json"),
+                         (b"x-script", b"slowtext:a b c d e f g h i j k l m n o p")],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}
+    started = []
+
+    async def receive():
+        if not started:
+            started.append(True)
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.sleep(3600)
+
+    async def send(message) -> None:
+        raise OSError("the client went away")
+
+    async def main() -> tuple[str, list[str]]:
+        async with app.router.lifespan_context(app):  # closes the pool and the audit file
+            return await run()
+
+    async def run() -> tuple[str, list[str]]:
+        before = len(recorder.streams)
+        await app(scope, receive, send)
+        for _ in range(100):  # the upstream notices the close on its next write
+            if len(recorder.streams) > before:
+                break
+            await asyncio.sleep(0.05)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://proxy") as client:
+            metrics = (await client.get("/metrics")).text
+        return metrics, recorder.streams[before:]
+
+    metrics, streams = asyncio.run(main())
+    assert "siren_proxy_active_streams 0.0" in metrics  # the slot came back
+    assert streams == ["closed-early"]
+    [session] = scorer.sessions
+    assert session.prompt_scored and session.closed
+    [record] = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert record["stream"] and record["decisions"][0]["stage"] == "prompt"

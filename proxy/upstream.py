@@ -48,7 +48,9 @@ def request_headers(raw: Iterable[tuple[str, str]], upstream: Upstream, *,
         drop.add("authorization")
     if identity_encoding:
         drop.add("accept-encoding")
-    out = [(k, v) for k, v in raw if k.lower() not in drop]
+    # A field value has no leading or trailing white space (RFC 9110 5.5); the server's
+    # parser may leave some on, and httpx's h11 transport (HEAD) refuses to send it.
+    out = [(k, v.strip(" \t")) for k, v in raw if k.lower() not in drop]
     if upstream.api_key is not None:
         out.append(("authorization", f"Bearer {upstream.api_key}"))
     if identity_encoding:

@@ -384,6 +384,19 @@ def test_non_ascii_header_value_is_forwarded_not_500(stack, proxy):
 
 
 @PROXIES
+def test_white_space_around_a_header_value_is_not_forwarded(stack, proxy):
+    """The server's parser leaves trailing white space on a value; it is not part of the
+    value (RFC 9110 5.5), and httpx's h11 transport, which sends HEAD requests, refused
+    it: HEAD /v1/models with `x-custom: ! ` was a 502."""
+    before = len(stack.upstream.paths)
+    head = exchange(stack.proxies[proxy].port, b"HEAD", b"/v1/models", [(b"x-custom", b"! ")])
+    echoed = exchange(stack.proxies[proxy].port, b"GET", b"/v1/anything", [(b"x-note", b"padded \t")])
+    assert head.status == 200 and echoed.status == 200, (head.status, echoed.body[:200])
+    assert len(stack.upstream.paths) == before + 2
+    assert json.loads(echoed.body)["headers"]["x-note"] == "padded"
+
+
+@PROXIES
 @pytest.mark.parametrize("method,target", [(b"TRACE", b"/v1/models"), (b"PROPFIND", b"/v1/models"),
                                            (b"GET", b"*"), (b"OPTIONS", b"*"), (b"GET", b"/v1/%0A0")])
 def test_requests_no_route_serves_get_the_error_envelope(stack, proxy, method, target):

@@ -70,6 +70,28 @@ class _Window:
         self.rows = torch.empty(guard.max_length, readout.n_features,
                                 dtype=torch.float32, device=readout.device)  # (max_length, F)
 
+    def copy(self) -> _Window:
+        """A window of its own (no slot) with this one's tokens, cache and rows."""
+        if self.slot is not None:
+            raise ValueError("a window in a static slot cannot be copied")
+        twin = object.__new__(_Window)
+        twin.guard, twin.start, twin.n, twin.stepper, twin.slot = self.guard, self.start, self.n, self.stepper, None
+        twin._score, twin._stale = self._score, self._stale
+        twin.cache = DynamicCache(  # compact copies: a cropped cache's tensors are views of longer ones
+            ddp_cache_data=[(None, None) if layer.keys is None else (layer.keys.clone(), layer.values.clone())
+                            for layer in self.cache.layers])
+        twin.rows = self.rows.clone()
+        return twin
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of its cache and rows (0 in a static slot, which is preallocated)."""
+        if self.slot is not None:
+            return 0
+        cached = sum(t.numel() * t.element_size() for layer in self.cache.layers
+                     for t in (layer.keys, layer.values) if t is not None)
+        return cached + self.rows.numel() * self.rows.element_size()
+
     @property
     def score(self) -> float:
         if self._stale:
@@ -153,16 +175,29 @@ class StreamSession:
         """Score `text`: yields each (window, new ids) for the driver to feed, returns
         the score (`_drive`). If a feed fails, or the driver closes this update before
         its end, the session forgets every cached token, so that its next check
-        recomputes the whole text and stays exact."""
+        recomputes the whole text and stays exact.
+
+        With the guard's prefix cache (`guard.prefixes`), a session with nothing scored
+        yet starts from the cached state that covers most of its text, and a session that
+        has just scored its prompt alone leaves a copy of its state there."""
+        prefixes = self.guard.prefixes
         try:
-            return (yield from self._steps(text))
+            ids = self._plan.body(self.guard.tokenizer, text)
+            fresh = not self._ids and self._active is None
+            if fresh and prefixes is not None:
+                found = prefixes.take(ids, len(self._plan.prefix))
+                if found is not None:
+                    self._ids, self._finals, self._active = found
+            score = yield from self._steps(ids)
         except BaseException:
             self._ids, self._finals, self._active = [], {}, None
             raise
+        if fresh and prefixes is not None and self.prompt and not self.response:
+            prefixes.put(self._ids, self._finals, self._active)
+        return score
 
-    def _steps(self, text: str) -> Iterator[tuple[_Window, list[int]]]:
+    def _steps(self, ids: list[int]) -> Iterator[tuple[_Window, list[int]]]:
         plan = self._plan
-        ids = plan.body(self.guard.tokenizer, text)
         keep = common_prefix(self._ids, ids)
         self.rolled_back += len(self._ids) - keep
         self._finals = {s: v for s, v in self._finals.items() if v[0] <= keep}

@@ -27,6 +27,7 @@ from guard.artifact import ArtifactConfig, load_head, read_artifact
 from guard.backbone import Backbone, load_backbone
 from guard.errors import ArtifactError, BackboneError
 from guard.head import SirenHead
+from guard.prefixes import PrefixCache
 from guard.readout import Readout
 from guard.result import ScoreResult
 from guard.text import model_text
@@ -44,6 +45,7 @@ MAX_BATCH_TOKENS = 8192  # windows per forward are capped by padded tokens, to b
 # H100: one 512-token forward 15-20 ms, almost all launch time), so there every window
 # goes into as few forwards as MAX_BATCH_TOKENS allows.
 MAX_PAD_SHARE = 0.15
+DEFAULT_PREFIX_CACHE_MB = 256.0  # `guard.prefixes`: about 32 full windows of SmolLM2-135M in float32
 
 
 def max_pad_share(device: torch.device) -> float:
@@ -79,7 +81,7 @@ class SirenGuard:
     def __init__(
         self, config: ArtifactConfig, head: SirenHead, backbone: Backbone, *, long_text: str = "window",
         static_steps: bool | None = None, stream_slots: int = 16, compile_steps: bool | str = False,
-        packed_steps: bool | None = None,
+        packed_steps: bool | None = None, prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
     ) -> None:
         self._config = config
         self._backbone = backbone
@@ -109,6 +111,9 @@ class SirenGuard:
                 self._packer = PackedStep(self._readout)
             elif packed_steps:
                 raise BackboneError(f"packed_steps=True, but this backbone cannot take packed steps: {reason}")
+        if not prefix_cache_mb >= 0:
+            raise ValueError(f"prefix_cache_mb must be at least 0, got {prefix_cache_mb}")
+        self._prefixes = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
 
     @classmethod
     def from_pretrained(
@@ -125,6 +130,7 @@ class SirenGuard:
         stream_slots: int = 16,
         compile_steps: bool | str = False,
         packed_steps: bool | None = None,
+        prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
     ) -> SirenGuard:
         """Load an artifact (default: the embedded one) and its backbone, offline if local.
 
@@ -142,6 +148,9 @@ class SirenGuard:
         streaming windows outside static slots step through one packed forward, several
         sessions' new tokens at once (`guard.session.append_all`); None (default): when
         the backbone supports it; False: one transformers forward per window.
+        `prefix_cache_mb` (`guard.prefixes`): streaming sessions that start with a token
+        prefix an earlier session ran continue from its state instead of running it
+        again (exact); the cache holds at most this many MiB, 0 turns it off.
         """
         folder = resolve_artifact(path_or_id, cache_dir)
         config, state_dict = read_artifact(folder)
@@ -154,7 +163,8 @@ class SirenGuard:
         logger.info("SIREN artifact %s on backbone %s (%s, %s)", folder, loaded.source,
                     next(loaded.model.parameters()).dtype, next(loaded.model.parameters()).device)
         return cls(config, head, loaded, long_text=long_text, static_steps=static_steps,
-                   stream_slots=stream_slots, compile_steps=compile_steps, packed_steps=packed_steps)
+                   stream_slots=stream_slots, compile_steps=compile_steps, packed_steps=packed_steps,
+                   prefix_cache_mb=prefix_cache_mb)
 
     # -- properties mirrored from the reference ------------------------------------------
     @property
@@ -209,6 +219,11 @@ class SirenGuard:
                 self._stepper = StaticStepper(self._readout, self._head, self.max_length,
                                               slots=self._stream_slots, compile=self._compile_steps)
         return self._stepper
+
+    @property
+    def prefixes(self) -> PrefixCache | None:
+        """Scored prefixes streaming sessions start from (`guard.prefixes`); None when off."""
+        return self._prefixes
 
     @property
     def packer(self):

@@ -95,6 +95,7 @@ class GuardConfig:
     threads: int | None = None  # torch threads of the guard's worker; None: one less than the cores
     stream_slots: int = 16  # streaming windows that take static (CUDA-graph) steps at once
     compile_steps: bool = False  # fuse static steps with torch.compile at load (GPU; ~70 s)
+    prefix_cache_mb: float = 256.0  # scored prefixes streaming sessions continue from; 0: off
 
 
 @dataclass(frozen=True)
@@ -267,6 +268,7 @@ def _guard(g: Section) -> GuardConfig:
         threads=g.integer("threads", None, minimum=1, nullable=True),
         stream_slots=g.integer("stream_slots", d.stream_slots, minimum=1),
         compile_steps=g.boolean("compile_steps", d.compile_steps),
+        prefix_cache_mb=g.number("prefix_cache_mb", d.prefix_cache_mb, minimum=0),
     )
     g.finish()
     return guard

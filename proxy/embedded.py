@@ -56,6 +56,7 @@ class LoadingScorer:
             guard = SirenGuard.from_pretrained(s.artifact, device=s.device, dtype=s.dtype,
                                                trust_remote_code=s.trust_remote_code,
                                                stream_slots=s.stream_slots, compile_steps=s.compile_steps,
+                                               prefix_cache_mb=s.prefix_cache_mb,
                                                **options)
             seconds = guard.warm_up()  # CUDA graphs (and compiled steps) before the first stream
             if seconds:
@@ -96,6 +97,8 @@ class LoadingScorer:
         worker.on_batch = metrics.batch_size.observe
         worker.on_stream_round = metrics.stream_batch_size.observe
         metrics.watch_queue(lambda: worker.queue_depth)
+        if worker.guard.prefixes is not None:
+            metrics.watch_prefixes(worker.guard.prefixes)
 
     async def score(self, *, prompt=None, response=None) -> float:
         try:

@@ -171,6 +171,17 @@ class GuardedCall:
         self.session = session
         return score
 
+    async def _prompt_through_session(self) -> float:
+        """Conversation scopes: each turn's prompt starts with the last turn's, so the
+        prompt is read by a session of its own, which continues from the guard's cached
+        prefix and leaves its own there (`guard.prefixes`), instead of a full-text score."""
+        session = self.scorer.stream(self.prompt)
+        try:
+            return await session.prompt_score()
+        finally:
+            with cleanup():
+                await session.aclose()
+
     def _open_early(self) -> None:
         """No prompt stage: open the response's session now, so that its prefill runs
         while the upstream works on its first token, not at the first check."""
@@ -226,7 +237,12 @@ class GuardedCall:
     async def _prompt_stage(self, send_upstream, body: bytes, *, share: bool):
         parallel = self.policy.prompt.mode == "parallel"
         pending = asyncio.create_task(send_upstream(body)) if parallel else None
-        score_prompt = self._prompt_by_session if share and self._shares_prompt() else None
+        if share and self._shares_prompt():
+            score_prompt = self._prompt_by_session
+        elif self.scorer is not None and self.prompt and self.policy.prompt.scope != "last_user":
+            score_prompt = self._prompt_through_session
+        else:
+            score_prompt = None
         try:
             decision, ms = await prompt_decision(self.scorer, self.policy, self.prompt, score_prompt)
         except BaseException:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -45,9 +46,36 @@ class Metrics:
                                            "Streaming checks per packed guard step.",
                                            buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         self.queue_depth = Gauge("siren_proxy_guard_queue_depth", "Guard work items waiting.", registry=r)
+        self._prefixes = _PrefixCacheCollector()
+        r.register(self._prefixes)
 
     def watch_queue(self, depth: Callable[[], int]) -> None:
         self.queue_depth.set_function(depth)
 
+    def watch_prefixes(self, cache) -> None:
+        """Report a `guard.prefixes.PrefixCache` (its counts are read at each scrape)."""
+        self._prefixes.cache = cache
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _PrefixCacheCollector:
+    """The guard's prefix cache, read when scraped (its counts live on the worker thread)."""
+
+    def __init__(self) -> None:
+        self.cache = None
+
+    def collect(self):
+        cache = self.cache
+        if cache is None:
+            return
+        yield CounterMetricFamily("siren_proxy_guard_prefix_cache_hits",
+                                  "Stream sessions that continued from a cached prefix.", value=cache.hits)
+        yield CounterMetricFamily("siren_proxy_guard_prefix_cache_misses",
+                                  "Stream sessions that found no cached prefix worth taking.", value=cache.misses)
+        yield CounterMetricFamily("siren_proxy_guard_prefix_tokens_reused",
+                                  "Tokens the guard did not run again thanks to cached prefixes.",
+                                  value=cache.tokens_reused)
+        yield GaugeMetricFamily("siren_proxy_guard_prefix_cache_bytes", "Bytes held by the prefix cache.",
+                                value=cache.nbytes)

@@ -127,6 +127,35 @@ def test_no_session_when_the_response_stage_does_not_read_the_prompt(katan_url, 
     assert not any(s.prompt_scored for s in scorer.sessions)
 
 
+@pytest.mark.parametrize("scope", ["conversation", "conversation_with_system"])
+def test_a_conversation_prompt_is_read_by_a_session_of_its_own(scripted, scope):
+    """Conversation scopes: when no response session reads the prompt, the prompt stage
+    still reads it through a session (closed at once), so the guard's prefix cache can
+    carry each turn into the next (tests/guard/test_prefixes.py); a refusal too."""
+    url, _ = scripted
+    scorer = KeywordScorer()
+    prompt = "{action: refuse, threshold: 0.5, scope: %s}" % scope
+    with running_proxy(policy_yaml(url, prompt=prompt, response="{action: off}"), scorer) as proxy:
+        client = sdk(proxy, default_headers={"x-script": "text:fine"})
+        messages = [{"role": "system", "content": "be brief"}, *user("hi")]
+        first = client.chat.completions.create(model="m", messages=messages)
+        turn = [*messages, {"role": "assistant", "content": "fine"}, *user("a BOMB, please")]
+        refused = client.chat.completions.create(model="m", messages=turn)
+    assert first.choices[0].message.content == "fine" and refused.choices[0].message.content == REFUSAL
+    system = "system: be brief\n" if scope == "conversation_with_system" else ""
+    assert [s.prompt for s in scorer.sessions] == [
+        f"{system}user: hi", f"{system}user: hi\nassistant: fine\nuser: a BOMB, please"]
+    assert all(s.prompt_scored for s in scorer.sessions) and all_closed(scorer)
+    assert scorer.calls == [s.prompt for s in scorer.sessions]  # no full-text scoring
+
+
+def test_last_user_prompts_keep_full_text_scoring(katan_url):
+    scorer = KeywordScorer()
+    with running_proxy(policy_yaml(katan_url, prompt=REFUSE, response="{action: off}"), scorer) as proxy:
+        sdk(proxy).chat.completions.create(model="m", messages=user("otters"))
+    assert scorer.calls == ["otters"] and scorer.sessions == []
+
+
 @pytest.mark.parametrize("reachable", [True, False])
 def test_without_a_prompt_stage_the_session_opens_before_the_upstream_call(scripted, reachable):
     """The prompt's prefill then overlaps with the upstream's time to first token; an

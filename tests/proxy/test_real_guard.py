@@ -19,6 +19,7 @@ import httpx
 import openai
 import pytest
 
+from policies.extract import prompt_text
 from tests.support.proxy import running_proxy
 from tests.support.scorers import embedded_scorer
 from tests.support.servers import free_port, wait_http
@@ -154,6 +155,42 @@ def test_a_guarded_stream_reads_its_prompt_once(katan_url, scorer, tmp_path):
     assert abs(prompt_score - benign) < 2e-3  # bfloat16 where the CPU has it (see the README)
     refused_record = audit_record(audit, lambda r: r["decisions"][0]["action"] == "refuse")
     assert abs(refused_record["decisions"][0]["score"] - harmful) < 2e-3 and harmful > 0.9
+
+
+def prefix_counts(proxy) -> dict[str, float]:
+    text = httpx.get(proxy.url + "/metrics").text
+    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+            if line.startswith("siren_proxy_guard_prefix_")}
+
+
+def test_each_turn_of_a_conversation_continues_from_the_last(katan_url, scorer, tmp_path):
+    """`conversation` scope: the second turn's prompt starts with the first turn's, and the
+    guard's prefix cache runs only the new tokens; its score equals a one-pass score."""
+    audit = tmp_path / "audit.jsonl"
+    text = config(katan_url, prompt="{action: refuse, threshold: 0.5, scope: conversation}",
+                  response="{action: off}", server=f"  audit_log: {audit}")
+    first = [{"role": "user", "content": OTTERS}]
+    with running_proxy(text, scorer) as proxy, sdk(proxy) as client:
+        reply = client.chat.completions.create(model="m", messages=first).choices[0].message.content
+        before = prefix_counts(proxy)
+        second = [*first, {"role": "assistant", "content": reply},
+                  {"role": "user", "content": "And now one about herons, please."}]
+        client.chat.completions.create(model="m", messages=second)
+        after = prefix_counts(proxy)
+        metrics = httpx.get(proxy.url + "/metrics").text
+    assert after["siren_proxy_guard_prefix_cache_hits_total"] == before["siren_proxy_guard_prefix_cache_hits_total"] + 1
+    reused = after["siren_proxy_guard_prefix_tokens_reused_total"] - before["siren_proxy_guard_prefix_tokens_reused_total"]
+    assert reused >= 15  # "user: " and the first question's tokens
+    assert after["siren_proxy_guard_prefix_cache_bytes"] > 0
+    assert "siren_proxy_guard_batch_size_count 0.0" in metrics  # prompts went through sessions
+    records = [json.loads(line) for line in audit.read_text().splitlines()]  # written before each reply
+    assert len(records) == 2
+
+    async def one_pass():
+        rendered = prompt_text("chat/completions", {"messages": second}, "conversation")
+        return await scorer.score(prompt=rendered)
+
+    assert abs(records[1]["decisions"][0]["score"] - asyncio.run(one_pass())) < 2e-3
 
 
 def audit_record(path: Path, wanted) -> dict:

@@ -1,0 +1,136 @@
+"""Prefix cache benchmark: guard work per request with and without `guard.prefixes`.
+
+    PYTHONPATH=. python bench/prefix_bench.py [--threads 1] [--repeat 3] [--artifact DIR]
+
+Two guards load the same artifact and backbone, one with the prefix cache (the default,
+256 MiB) and one without (`prefix_cache_mb=0`); every request goes through a
+`GuardWorker`, as the proxy's do, one request at a time. Texts come from the committed
+fixture rows (tests/guard/fixtures/responses.jsonl: HarmBench, XSTest); prompts are
+rendered by the proxy's own `policies.extract.prompt_text`.
+
+(1) A conversation of 8 turns, `conversation` scope: turn k's prompt is every message so
+    far. Per turn, the prompt stage's time (a session's prefill and its score, as the
+    proxy reads a conversation prompt), and the whole guarded turn: that prompt, then
+    the reply checked every 16 tokens on the same session (`include_prompt`, the default).
+(2) 8 requests that share a ~400-token system prompt, `conversation_with_system` scope,
+    each with its own question: the prompt stage's time.
+(3) The same prompt sent again (a retry, or "regenerate").
+
+Each arm starts with an empty cache; each figure is the best of `--repeat` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from guard import SirenGuard  # noqa: E402
+from guard.worker import GuardWorker  # noqa: E402
+from policies.extract import prompt_text  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--artifact", default=None, help="default: the embedded head")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the proxy's default on 2 cores)")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    cached = SirenGuard.from_pretrained(args.artifact, dtype=dtype)
+    plain = SirenGuard.from_pretrained(args.artifact, dtype=dtype, prefix_cache_mb=0)
+    tok = cached.tokenizer
+    rows = [json.loads(x) for x in (ROOT / "tests/guard/fixtures/responses.jsonl").open()]
+
+    def tokens(text: str) -> int:
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    def render(messages, scope: str) -> str:
+        return prompt_text("chat/completions", {"messages": messages}, scope)
+
+    def timed(guard, requests) -> list[tuple[float, float]]:
+        """Best of `--repeat` runs, per request: (prompt stage s, whole request s); a
+        request is (prompt, reply checked every 16 tokens, or None)."""
+        best = None
+        for _ in range(args.repeat):
+            if guard.prefixes is not None:
+                guard.prefixes.clear()
+            worker = GuardWorker(guard, num_threads=args.threads)
+            times = asyncio.run(run(worker, requests))
+            worker.close()
+            best = times if best is None else [tuple(map(min, a, b)) for a, b in zip(best, times)]
+        return best
+
+    async def run(worker, requests):
+        times = []
+        for prompt, reply in requests:
+            started = time.perf_counter()
+            session = worker.stream(prompt=prompt)
+            await session.prompt_score()
+            prompt_s = time.perf_counter() - started
+            if reply is not None:
+                ids = tok(reply, add_special_tokens=False)["input_ids"]
+                done = ""
+                for n in range(16, len(ids) + 16, 16):
+                    text = tok.decode(ids[:n])
+                    await session.append(text[len(done):])
+                    done = text
+            await session.aclose()
+            times.append((prompt_s, time.perf_counter() - started))
+        return times
+
+    def report(name: str, requests, whole: bool) -> None:
+        with_cache, without = timed(cached, requests), timed(plain, requests)
+        print(f"\n{name}")
+        print("  request  prompt tokens  prompt stage: no cache / cache" + ("   whole request: no cache / cache"
+                                                                          if whole else ""))
+        for k, ((prompt, _), (p1, w1), (p0, w0)) in enumerate(zip(requests, with_cache, without)):
+            line = f"  {k + 1:>7}  {tokens(prompt):>13}  {p0*1e3:>8.0f} ms / {p1*1e3:>5.0f} ms ({p0/p1:4.1f}x)"
+            if whole:
+                line += f"   {w0*1e3:>8.0f} ms / {w1*1e3:>5.0f} ms ({w0/w1:4.1f}x)"
+            print(line)
+        p0, p1 = sum(t[0] for t in without), sum(t[0] for t in with_cache)
+        line = f"  all      {'':>13}  {p0*1e3:>8.0f} ms / {p1*1e3:>5.0f} ms ({p0/p1:4.1f}x)"
+        if whole:
+            w0, w1 = sum(t[1] for t in without), sum(t[1] for t in with_cache)
+            line += f"   {w0*1e3:>8.0f} ms / {w1*1e3:>5.0f} ms ({w0/w1:4.1f}x)"
+        print(line)
+
+    print(f"dtype {args.dtype}; torch threads {args.threads}; max_length {cached.max_length}; "
+          f"best of {args.repeat}")
+
+    # (1) a conversation: each turn resends the history
+    messages, turns = [], []
+    for row in rows[:8]:
+        messages.append({"role": "user", "content": row["prompt"][:300]})
+        reply = row["response"][:500]
+        turns.append((render(messages, "conversation"), reply))
+        messages.append({"role": "assistant", "content": reply})
+    report("(1) an 8-turn conversation, `conversation` scope", turns, whole=True)
+
+    # (2) one system prompt, many questions
+    system = " ".join(r["response"][:400] for r in rows[20:24])
+    shared = [(render([{"role": "system", "content": system}, {"role": "user", "content": r["prompt"][:200]}],
+                      "conversation_with_system"), None) for r in rows[8:16]]
+    report("(2) 8 requests sharing a system prompt, `conversation_with_system` scope", shared, whole=False)
+
+    # (3) the same prompt again
+    longest = max((r["prompt"] for r in rows), key=len)
+    again = [(longest[:1200], None)] * 2
+    report("(3) one prompt sent twice (a retry)", again, whole=False)
+    print(f"\ncache after (3): {len(cached.prefixes)} entries, {cached.prefixes.nbytes / 2**20:.1f} MiB; "
+          f"hits {cached.prefixes.hits}, misses {cached.prefixes.misses}, "
+          f"tokens reused {cached.prefixes.tokens_reused}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""A cache of scored token prefixes shared by a guard's stream sessions.
+
+Requests to one proxy repeat long token prefixes: a multi-turn conversation resends its
+history with every turn (the `conversation` scopes), an application puts the same system
+prompt before every message (`conversation_with_system`), a client retries or
+regenerates the same prompt, and the choices of an n>1 request share theirs. A session
+whose text starts with a prefix some earlier session already ran need not run it again:
+a causal backbone's states for a prefix are the same whatever follows, which is the
+property that makes a session's own checks exact, so taking over that session's state
+and feeding only the rest is exact too.
+
+- After a session has scored its prompt (before any response), a copy of its state goes
+  in: the body token ids, the scores of its completed windows, and the last window's KV
+  cache and per-token rows (`_Window.copy`).
+- A new session, before it feeds anything, takes the entry that covers most of its text
+  (the longest common token prefix, counting the last window only if it starts inside
+  that prefix) and continues from a copy of it, cropped to that prefix by the session's
+  usual rollback (`StreamSession._steps`); the entry stays for others.
+- Bounded by bytes (`max_bytes`), least recently used out first. One window's entry is
+  about 30 KB per token on SmolLM2-135M in float32 (20 kept blocks), 7.9 MB for a full
+  256-token window.
+- With static steps (a GPU) windows live in preallocated slots and step as CUDA-graph
+  replays; a copied window would have a cache of its own and step eagerly, which costs
+  more there than the prefill it saves. So with static steps only completed windows'
+  scores are kept, and only texts longer than one window gain.
+
+Thread-safe (one lock), though a guard's sessions run on one thread anyway.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from guard.session import _Window, common_prefix
+
+MIN_REUSE = 8  # tokens: below this, copying an entry is not worth it
+
+
+@dataclass
+class _Entry:
+    ids: tuple[int, ...]  # body tokens scored
+    finals: dict[int, tuple[int, float]]  # completed window start -> (end, score)
+    window: _Window | None  # the last window (a copy owned by the cache), or None
+    nbytes: int = field(default=0)
+
+
+class PrefixCache:
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be at least 0, got {max_bytes}")
+        self.max_bytes = int(max_bytes)
+        self._entries: OrderedDict[tuple[int, ...], _Entry] = OrderedDict()
+        self._lock = threading.Lock()
+        self.nbytes = 0
+        self.hits = 0  # sessions that took over a cached prefix
+        self.misses = 0  # sessions that found none worth taking
+        self.tokens_reused = 0  # body tokens those sessions did not run again
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def put(self, ids: list[int], finals: dict[int, tuple[int, float]], window: _Window | None) -> None:
+        """Keep a copy of a session's state after it scored `ids` (body tokens)."""
+        if not ids or self.max_bytes == 0:
+            return
+        key = tuple(ids)
+        with self._lock:
+            if key in self._entries:  # the same text again: only its recency changes
+                self._entries.move_to_end(key)
+                return
+        # with static steps a copy (a cache of its own) would step eagerly, slower than a slot
+        copy = window.copy() if window is not None and window.stepper is None else None
+        entry = _Entry(key, dict(finals), copy)
+        entry.nbytes = 64 * len(key) + (copy.nbytes if copy is not None else 0)  # a tuple slot, an int
+        if entry.nbytes > self.max_bytes:
+            return
+        with self._lock:
+            if key in self._entries:
+                return
+            self._entries[key] = entry
+            self.nbytes += entry.nbytes
+            while self.nbytes > self.max_bytes:
+                _, old = self._entries.popitem(last=False)
+                self.nbytes -= old.nbytes
+
+    def take(self, ids: list[int], prefix: int) -> tuple[list[int], dict, _Window | None] | None:
+        """The state to continue from for a text of body tokens `ids`: (ids kept, finals,
+        a copy of the last window) cut to the longest common prefix, or None.
+        `prefix` is the tokenizer's special-prefix length (windows count it in `n`)."""
+        best, best_cover, best_keep, best_window = None, 0, 0, False
+        with self._lock:
+            for entry in reversed(self._entries.values()):  # most recent first
+                keep = common_prefix(entry.ids, ids)
+                window = entry.window
+                # the session drops a last window that starts past the common prefix
+                usable = window is not None and (window.start < keep or (window.start == keep and prefix > 0))
+                cover = keep if usable else max((end for end, _ in entry.finals.values() if end <= keep), default=0)
+                if cover > best_cover:
+                    best, best_cover, best_keep, best_window = entry, cover, keep, usable
+            if best is None or best_cover < MIN_REUSE:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(best.ids)
+            self.hits += 1
+            self.tokens_reused += best_cover
+            window = best.window.copy() if best_window else None
+        return list(best.ids[:best_keep]), dict(best.finals), window
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.nbytes = 0

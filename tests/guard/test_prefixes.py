@@ -1,0 +1,171 @@
+"""The prefix cache (`guard.prefixes`): a session whose text starts with tokens an earlier
+session ran continues from that session's state, and every score still equals a full
+recompute of the same text.
+
+Conversations are built from real rows (tests/guard/fixtures) the way the proxy's
+`conversation` scope renders them, so each turn's prompt starts with the previous turn's;
+the windows case (max_length 12) makes long prompts span many windows, so completed
+windows are reused too; the static case keeps windows in slots, which are not copied.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from guard import SirenGuard
+from guard.session import append_all
+from guard.text import model_text
+from tests.guard.conftest import DEVICE
+
+TOL = 1e-4
+
+CASES = {
+    "one-window": dict(pooling="mlp_mean", layers=[1, 2], max_length=512),
+    "windows": dict(pooling="residual_mean", layers=[0, 2], max_length=12),
+    "static-windows": dict(pooling="residual_mean", layers=[0, 2], max_length=12),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def guard(request, artifact_factory):
+    folder = artifact_factory("prefixes-" + request.param, scale=3.0, seed=2, **CASES[request.param])
+    static = True if request.param.startswith("static-") else None
+    guard = SirenGuard.from_pretrained(folder, device=DEVICE, dtype=torch.float32, static_steps=static)
+    yield guard
+    guard.close()
+
+
+def conversations(rows, turns: int = 3) -> list[list[tuple[str, str]]]:
+    """Each conversation's turns: (prompt as the `conversation` scope renders it, reply)."""
+    out = []
+    for i in range(0, 2 * turns, turns):
+        history, convo = [], []
+        for row in rows[i : i + turns]:
+            user, reply = row["prompt"][:70], row["response"][:60]
+            history.append(f"user: {user}")
+            convo.append(("\n".join(history), reply))
+            history.append(f"assistant: {reply}")
+        out.append(convo)
+    return out
+
+
+def full(guard, prompt, response=None) -> float:
+    return guard.p_harmful([model_text(prompt=prompt, response=response)])[0]
+
+
+def test_each_turn_continues_the_last_and_scores_exactly(guard, real_rows):
+    # what a turn may run again of the last turn's prompt: BPE merges at the join, and with
+    # windows the start of the window the join falls in
+    slack = 4 if guard.max_length > 100 else guard.plan.window + 4
+    hits = guard.prefixes.hits
+    for convo in conversations(real_rows):
+        guard.prefixes.clear()
+        before = 0
+        for turn, (prompt, reply) in enumerate(convo):
+            session = guard.stream(prompt=prompt)  # the cache holds the last turn's prompt
+            assert session.score == pytest.approx(full(guard, prompt), abs=TOL)
+            guard.prefixes.clear()
+            alone = guard.stream(prompt=prompt)  # what it costs without (and the next turn's entry)
+            assert alone.score == pytest.approx(session.score, abs=TOL)
+            if turn and guard.stepper is None:
+                assert session.tokens_fed <= alone.tokens_fed - before + slack
+            before = session.tokens
+            for cut in range(0, len(reply), 9):
+                result = session.append(reply[cut : cut + 9])
+                assert result.score == pytest.approx(full(guard, prompt, reply[: cut + 9]), abs=TOL)
+    if guard.stepper is None:
+        assert guard.prefixes.hits >= hits + 4
+    assert guard.prefixes.tokens_reused > 0
+
+
+def test_completed_windows_are_reused_in_static_slots_too(guard, real_rows):
+    """Slots are not copied, but the scores of a long prompt's completed windows are."""
+    if guard.max_length > 100:
+        pytest.skip("one window: nothing completes")
+    guard.prefixes.clear()
+    prompt = real_rows[0]["prompt"][:200]
+    first = guard.stream(prompt=prompt)
+    again = guard.stream(prompt=prompt + " Answer briefly.")
+    assert again.score == pytest.approx(full(guard, prompt + " Answer briefly."), abs=TOL)
+    assert again.tokens_fed < first.tokens_fed / 2
+
+
+def test_the_same_prompt_again_runs_nothing(guard, real_rows):
+    guard.prefixes.clear()
+    prompt = real_rows[1]["prompt"][:90]
+    first = guard.stream(prompt=prompt)
+    hits = guard.prefixes.hits  # counters are totals (the proxy's metrics): clear() keeps them
+    second = guard.stream(prompt=prompt)
+    assert second.score == first.score
+    if guard.stepper is None:
+        assert second.tokens_fed == 0 and guard.prefixes.hits == hits + 1
+
+
+def test_an_entry_is_a_copy_that_later_steps_cannot_change(guard, real_rows):
+    """Sessions that took an entry go on appending (and rolling back) in their own
+    copies; the entry still scores the prompt exactly for the next session."""
+    guard.prefixes.clear()
+    prompt = real_rows[2]["prompt"][:80]
+    guard.stream(prompt=prompt)
+    takers = [guard.stream(prompt=prompt) for _ in range(3)]
+    append_all([(s, real_rows[k]["response"][:120]) for k, s in enumerate(takers)])
+    takers[0].set_response("")  # a rollback into the prompt's window
+    takers[0].set_response("Sure.")
+    later = guard.stream(prompt=prompt)
+    assert later.score == pytest.approx(full(guard, prompt), abs=TOL)
+    assert later.append(" No.").score == pytest.approx(full(guard, prompt, " No."), abs=TOL)
+
+
+def test_a_session_without_a_prompt_can_take_but_does_not_put(guard, real_rows):
+    guard.prefixes.clear()
+    session = guard.stream()
+    session.append(real_rows[0]["response"][:100])
+    assert len(guard.prefixes) == 0
+    guard.stream(prompt=real_rows[0]["response"][:100])  # the response as another's prompt
+    taker = guard.stream()
+    result = taker.append(real_rows[0]["response"][:100] + " More.")
+    assert result.score == pytest.approx(full(guard, None, real_rows[0]["response"][:100] + " More."), abs=TOL)
+
+
+def test_a_failed_prefill_leaves_no_entry_and_the_next_session_is_exact(guard, real_rows, monkeypatch):
+    guard.prefixes.clear()
+    prompt = real_rows[3]["prompt"][:150]
+
+    def failing(feeds):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(guard, "feed_rows", failing)
+    if guard.stepper is not None:
+        monkeypatch.setattr(guard.stepper, "feed", lambda *a, **k: failing(None))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        guard.stream(prompt=prompt)
+    monkeypatch.undo()
+    assert len(guard.prefixes) == 0
+    assert guard.stream(prompt=prompt).score == pytest.approx(full(guard, prompt), abs=TOL)
+
+
+def test_bounded_by_bytes_least_recently_used_out_first(artifact_factory, real_rows):
+    folder = artifact_factory("prefixes-lru", pooling="mlp_mean", layers=[1, 2], max_length=512)
+    guard = SirenGuard.from_pretrained(folder, device=DEVICE, dtype=torch.float32, prefix_cache_mb=0.5)
+    cache = guard.prefixes
+    prompts = [row["prompt"][:60] for row in real_rows[:12]]
+    sizes = []
+    for prompt in prompts:
+        guard.stream(prompt=prompt)
+        sizes.append(cache.nbytes)
+        assert cache.nbytes <= cache.max_bytes
+    assert len(cache) < len(prompts)  # some went out
+    first, last = guard.stream(prompt=prompts[0]), guard.stream(prompt=prompts[-1])
+    assert first.tokens_fed > 0 and last.tokens_fed == 0  # the oldest went first
+    # one entry over the whole budget is not kept
+    tiny = SirenGuard.from_pretrained(folder, device=DEVICE, dtype=torch.float32, prefix_cache_mb=0.01)
+    tiny.stream(prompt=real_rows[0]["prompt"][:400])
+    assert len(tiny.prefixes) == 0 and tiny.prefixes.nbytes == 0
+    off = SirenGuard.from_pretrained(folder, device=DEVICE, dtype=torch.float32, prefix_cache_mb=0)
+    assert off.prefixes is None
+    assert off.stream(prompt=prompts[0]).score == pytest.approx(full(guard, prompts[0]), abs=TOL)
+    with pytest.raises(ValueError, match="prefix_cache_mb"):
+        SirenGuard.from_pretrained(folder, device=DEVICE, dtype=torch.float32, prefix_cache_mb=-1)
+    for g in (guard, tiny, off):
+        g.close()

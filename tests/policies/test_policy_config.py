@@ -386,3 +386,15 @@ def test_guard_stream_slots_must_be_a_positive_integer(value):
 def test_guard_threads_must_be_positive():
     with pytest.raises(ConfigError, match="guard.threads"):
         parse_config("upstreams: {up: {base_url: 'http://x/v1'}}\nguard: {threads: 0}\n")
+
+
+@pytest.mark.parametrize("text,expect", [("", 256.0), ("guard: {prefix_cache_mb: 0}\n", 0.0),
+                                         ("guard: {prefix_cache_mb: 1.5}\n", 1.5)])
+def test_guard_prefix_cache_mb(text, expect):
+    assert parse_config("upstreams: {up: {base_url: 'http://x/v1'}}\n" + text).guard.prefix_cache_mb == expect
+
+
+@pytest.mark.parametrize("value", ["-1", "many", ".inf", "true"])
+def test_guard_prefix_cache_mb_must_be_a_number_at_least_0(value):
+    with pytest.raises(ConfigError, match="guard.prefix_cache_mb"):
+        parse_config(f"upstreams: {{up: {{base_url: 'http://x/v1'}}}}\nguard: {{prefix_cache_mb: {value}}}\n")

@@ -99,8 +99,10 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="guard-bench-"))
     which = prepare_artifact(args.artifact, backbone_dir, workdir)
     ref = siren_guard.SirenGuard.from_pretrained(str(workdir), device=args.device, dtype=dtype)
+    # No prefix cache: (e) and (f) repeat the same prompts, which would then run once in
+    # all; bench/prefix_bench.py measures the cache.
     ours = SirenGuard.from_pretrained(workdir, device=args.device, dtype=dtype,
-                                      static_steps=True if args.static_steps == "on" else None)
+                                      static_steps=True if args.static_steps == "on" else None, prefix_cache_mb=0)
     print(f"artifact: {which}; device {args.device}; dtype {args.dtype}; torch threads {torch.get_num_threads()}; "
           f"kept blocks {len(ours.readout.model.model.layers)}/{ours.readout.original_layers}")
 

@@ -155,10 +155,19 @@ class ArmResult:
         return statistics.fmean(s.total - s.ttft for s in self.streams)
 
 
-async def run_arm(name: str, client: httpx.AsyncClient, url: str, body: bytes, k: int, proxy_pid: int,
+SERIAL = itertools.count(1)
+
+
+def distinct_body(message: str) -> bytes:
+    """Each stream's own prompt: the guard's prefix cache (README, "Prefix cache") would
+    otherwise run one shared prompt once for all K streams, a best case, not the usual one."""
+    return request_body(f"Note {next(SERIAL)}: {message}")
+
+
+async def run_arm(name: str, client: httpx.AsyncClient, url: str, message: str, k: int, proxy_pid: int,
                   katan_pid: int) -> ArmResult:
     p0, u0, t0 = cpu_seconds(proxy_pid), cpu_seconds(katan_pid), time.perf_counter()
-    streams = await asyncio.gather(*(one_stream(client, url, body) for _ in range(k)))
+    streams = await asyncio.gather(*(one_stream(client, url, distinct_body(message)) for _ in range(k)))
     wall = time.perf_counter() - t0
     return ArmResult(name, k, list(streams), (cpu_seconds(proxy_pid) - p0) / k, (cpu_seconds(katan_pid) - u0) / k,
                      wall)
@@ -189,7 +198,7 @@ def table(results: list[ArmResult]) -> str:
 
 async def bench(args: argparse.Namespace, katan_url: str, proxy_url: str, proxy_pid: int,
                 katan_pid: int) -> list[ArmResult]:
-    body = request_body(user_message(args.chunks))
+    message = user_message(args.chunks)
     path = "/chat/completions"
     arms = {"direct": katan_url + path, "unguarded": proxy_url + "/v1" + path,
             "guarded": proxy_url + "/guarded/v1" + path}
@@ -203,7 +212,7 @@ async def bench(args: argparse.Namespace, katan_url: str, proxy_url: str, proxy_
         while k <= args.max_k:
             step = []
             for name, url in arms.items():
-                step.append(await run_arm(name, client, url, body, k, proxy_pid, katan_pid))
+                step.append(await run_arm(name, client, url, message, k, proxy_pid, katan_pid))
                 print(f"K={k:<4} {name:<9} mean stream {step[-1].mean_total:6.2f} s  wall {step[-1].wall:6.2f} s",
                       flush=True)
             results.extend(step)

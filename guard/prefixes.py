@@ -10,15 +10,21 @@ property that makes a session's own checks exact, so taking over that session's 
 and feeding only the rest is exact too.
 
 - After a session has scored its prompt (before any response), a copy of its state goes
-  in: the body token ids, the scores of its completed windows, and the last window's KV
-  cache and per-token rows (`_Window.copy`).
+  in: the body token ids, the scores of its completed windows, and the KV cache and
+  per-token rows of its last window and of the one before it, if the prefill ran that
+  one (`_Window.copy`). Windows overlap by half, so every token is in at most those two.
 - A new session, before it feeds anything, takes the entry that covers most of its text
-  (the longest common token prefix, counting the last window only if it starts inside
-  that prefix) and continues from a copy of it, cropped to that prefix by the session's
-  usual rollback (`StreamSession._steps`); the entry stays for others.
-- Bounded by bytes (`max_bytes`), least recently used out first. One window's entry is
-  about 30 KB per token on SmolLM2-135M in float32 (20 kept blocks), 7.9 MB for a full
-  256-token window.
+  (the longest common token prefix, if a cached window starts inside it) and continues
+  from copies of it: completed windows that end inside the prefix keep their scores, and
+  a window the new text needs at a cached window's start continues that window, cut to
+  the prefix by the session's usual rollback (`StreamSession._steps`). The entry stays
+  for others. So a text that continues a cached one (the next turn of a conversation)
+  runs only its new tokens, and one that shares only part of it (a system prompt) runs
+  what follows the shared part, plus whatever the window layout adds: a text's windows
+  are laid out from its start, so both texts have windows at the same starts.
+- Bounded by bytes (`max_bytes`), least recently used out first. A window costs about
+  30 KB per token on SmolLM2-135M in float32 (20 kept blocks), 7.7 MB for a full
+  256-token window, so an entry holds at most about 15 MB.
 - With static steps (a GPU) windows live in preallocated slots and step as CUDA-graph
   replays; a copied window would have a cache of its own and step eagerly, which costs
   more there than the prefill it saves. So with static steps only completed windows'
@@ -42,7 +48,7 @@ MIN_REUSE = 8  # tokens: below this, copying an entry is not worth it
 class _Entry:
     ids: tuple[int, ...]  # body tokens scored
     finals: dict[int, tuple[int, float]]  # completed window start -> (end, score)
-    window: _Window | None  # the last window (a copy owned by the cache), or None
+    windows: list[_Window]  # copies owned by the cache: the last window, and the one before
     nbytes: int = field(default=0)
 
 
@@ -61,8 +67,10 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def put(self, ids: list[int], finals: dict[int, tuple[int, float]], window: _Window | None) -> None:
-        """Keep a copy of a session's state after it scored `ids` (body tokens)."""
+    def put(self, ids: list[int], finals: dict[int, tuple[int, float]], windows: list[_Window]) -> None:
+        """Keep a copy of a session's state after it scored `ids` (body tokens): its
+        completed windows' scores and `windows` (the last one, and the one before it if
+        this update ran it: every token is in at most two windows)."""
         if not ids or self.max_bytes == 0:
             return
         key = tuple(ids)
@@ -71,9 +79,9 @@ class PrefixCache:
                 self._entries.move_to_end(key)
                 return
         # with static steps a copy (a cache of its own) would step eagerly, slower than a slot
-        copy = window.copy() if window is not None and window.stepper is None else None
-        entry = _Entry(key, dict(finals), copy)
-        entry.nbytes = 64 * len(key) + (copy.nbytes if copy is not None else 0)  # a tuple slot, an int
+        copies = [w.copy() for w in windows if w.stepper is None]
+        entry = _Entry(key, dict(finals), copies)
+        entry.nbytes = 64 * len(key) + sum(w.nbytes for w in copies)  # a tuple slot and an int per token
         if entry.nbytes > self.max_bytes:
             return
         with self._lock:
@@ -85,28 +93,27 @@ class PrefixCache:
                 _, old = self._entries.popitem(last=False)
                 self.nbytes -= old.nbytes
 
-    def take(self, ids: list[int], prefix: int) -> tuple[list[int], dict, _Window | None] | None:
+    def take(self, ids: list[int], prefix: int) -> tuple[list[int], dict, list[_Window]] | None:
         """The state to continue from for a text of body tokens `ids`: (ids kept, finals,
-        a copy of the last window) cut to the longest common prefix, or None.
+        copies of the windows that start inside the common prefix), or None.
         `prefix` is the tokenizer's special-prefix length (windows count it in `n`)."""
-        best, best_cover, best_keep, best_window = None, 0, 0, False
+        best, best_cover, best_keep, best_windows = None, 0, 0, []
         with self._lock:
             for entry in reversed(self._entries.values()):  # most recent first
                 keep = common_prefix(entry.ids, ids)
-                window = entry.window
-                # the session drops a last window that starts past the common prefix
-                usable = window is not None and (window.start < keep or (window.start == keep and prefix > 0))
+                # the session drops a window that starts past the common prefix
+                usable = [w for w in entry.windows if w.start < keep or (w.start == keep and prefix > 0)]
                 cover = keep if usable else max((end for end, _ in entry.finals.values() if end <= keep), default=0)
                 if cover > best_cover:
-                    best, best_cover, best_keep, best_window = entry, cover, keep, usable
+                    best, best_cover, best_keep, best_windows = entry, cover, keep, usable
             if best is None or best_cover < MIN_REUSE:
                 self.misses += 1
                 return None
             self._entries.move_to_end(best.ids)
             self.hits += 1
             self.tokens_reused += best_cover
-            window = best.window.copy() if best_window else None
-        return list(best.ids[:best_keep]), dict(best.finals), window
+            windows = [w.copy() for w in best_windows]
+        return list(best.ids[:best_keep]), dict(best.finals), windows
 
     def clear(self) -> None:
         with self._lock:

@@ -138,6 +138,8 @@ class StreamSession:
         self._ids: list[int] = []  # body tokens scored so far
         self._finals: dict[int, tuple[int, float]] = {}  # window start -> (end, score)
         self._active: _Window | None = None
+        self._spares: dict[int, _Window] = {}  # start -> a cached window to continue (`guard.prefixes`)
+        self._previous: _Window | None = None  # the window the last update completed last
         self._score = 0.0
         self.tokens_fed = 0  # backbone tokens run, all windows together (for benchmarks)
         self.rolled_back = 0  # scored tokens that a later tokenisation changed
@@ -187,13 +189,16 @@ class StreamSession:
             if fresh and prefixes is not None:
                 found = prefixes.take(ids, len(self._plan.prefix))
                 if found is not None:
-                    self._ids, self._finals, self._active = found
+                    self._ids, self._finals, windows = found
+                    self._spares = {window.start: window for window in windows}
             score = yield from self._steps(ids)
         except BaseException:
-            self._ids, self._finals, self._active = [], {}, None
+            self._ids, self._finals, self._active, self._spares = [], {}, None, {}
             raise
+        finally:
+            previous, self._previous = self._previous, None
         if fresh and prefixes is not None and self.prompt and not self.response:
-            prefixes.put(self._ids, self._finals, self._active)
+            prefixes.put(self._ids, self._finals, [w for w in (previous, self._active) if w is not None])
         return score
 
     def _steps(self, ids: list[int]) -> Iterator[tuple[_Window, list[int]]]:
@@ -217,19 +222,32 @@ class StreamSession:
                 continue
             if active is None or active.start != start:
                 active = None
-                active = _Window(self.guard, start)
+                active = self._spare(start, keep) or _Window(self.guard, start)
+            if active.n == 0:
                 yield from self._feed(active, list(plan.prefix) + ids[start:end])
             else:
                 yield from self._feed(active, ids[start + active.n - len(plan.prefix) : end])
             scores.append(active.score)
             if not last:
                 self._finals[start] = (end, active.score)
+                # kept to the update's end for the prefix cache (a slot is let go at once)
+                self._previous = active if active.slot is None and self.guard.prefixes is not None else None
                 active = None
         self._finals = {s: v for s, v in self._finals.items() if (s, v[0]) in spans[:-1]}
-        self._active = active
+        self._active, self._spares = active, {}
         self._ids = ids
         self._score = max(scores)
         return self._score
+
+    def _spare(self, start: int, keep: int) -> _Window | None:
+        """A window taken from the prefix cache for `start`, cut to the `keep` body tokens
+        this text shares with the cached one; None if there is none or nothing of it is
+        left."""
+        window = self._spares.pop(start, None)
+        if window is None or start > keep or (start == keep and not self._plan.prefix):
+            return None
+        window.crop(len(self._plan.prefix) + keep - start)
+        return window
 
     def _feed(self, window: _Window, ids: list[int]) -> Iterator[tuple[_Window, list[int]]]:
         if ids:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from guard import SirenGuard
-from guard.session import append_all
+from guard.session import append_all, common_prefix
 from guard.text import model_text
 from tests.guard.conftest import DEVICE
 
@@ -77,6 +77,28 @@ def test_each_turn_continues_the_last_and_scores_exactly(guard, real_rows):
     if guard.stepper is None:
         assert guard.prefixes.hits >= hits + 4
     assert guard.prefixes.tokens_reused > 0
+
+
+def test_a_shared_system_prompt_runs_only_what_follows_it(guard, real_rows):
+    """`conversation_with_system`: one system prompt, then questions of different lengths,
+    so the texts' windows are laid out differently. Each text continues the cached windows
+    that start inside the shared part (the last one and the one before), so it runs only
+    what follows that part, plus at most a stride of window layout and BPE merges."""
+    system = "system: " + " ".join(row["response"][:120] for row in real_rows[:2])
+    questions = ["user: Why?", "user: And then what happened next, exactly?", "user: Go on.",
+                 "user: Can you say that again, but much shorter and simpler?", "user: Sure?"]
+    tok = guard.tokenizer
+    guard.prefixes.clear()
+    seen = []
+    for question in questions:
+        prompt = f"{system}\n{question}"
+        ids = guard.plan.body(tok, model_text(prompt=prompt))
+        keep = max((common_prefix(ids, other) for other in seen), default=0)
+        session = guard.stream(prompt=prompt)
+        assert session.score == pytest.approx(full(guard, prompt), abs=TOL)
+        if seen and guard.stepper is None:
+            assert session.tokens_fed <= len(ids) - keep + guard.plan.stride + 4, (question, keep, len(ids))
+        seen.append(ids)
 
 
 def test_completed_windows_are_reused_in_static_slots_too(guard, real_rows):

@@ -22,9 +22,9 @@ and feeding only the rest is exact too.
   runs only its new tokens, and one that shares only part of it (a system prompt) runs
   what follows the shared part, plus whatever the window layout adds: a text's windows
   are laid out from its start, so both texts have windows at the same starts.
-- Bounded by bytes (`max_bytes`), least recently used out first. A window costs about
-  30 KB per token on SmolLM2-135M in float32 (20 kept blocks), 7.7 MB for a full
-  256-token window, so an entry holds at most about 15 MB.
+- Bounded by bytes (`max_bytes`), least recently used out first. A window's KV cache
+  costs 30 KB per token on SmolLM2-135M in float32 (20 kept blocks); with the shipped
+  head's rows a full 256-token window is 9.5 MiB, so an entry holds at most about 19 MiB.
 - With static steps (a GPU) windows live in preallocated slots and step as CUDA-graph
   replays; a copied window would have a cache of its own and step eagerly, which costs
   more there than the prefill it saves. So with static steps only completed windows'

@@ -10,6 +10,8 @@ windows are reused too; the static case keeps windows in slots, which are not co
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -99,6 +101,27 @@ def test_a_shared_system_prompt_runs_only_what_follows_it(guard, real_rows):
         if seen and guard.stepper is None:
             assert session.tokens_fed <= len(ids) - keep + guard.plan.stride + 4, (question, keep, len(ids))
         seen.append(ids)
+
+
+def test_texts_that_part_anywhere_score_exactly(guard, real_rows):
+    """Random pairs: a real prompt, then another that keeps a random number of its
+    characters and goes on differently, so the common prefix ends anywhere (inside a
+    word, at a window's start or end). The second starts from the first's entry and must
+    equal a full recompute, and so must a response appended to it."""
+    rng = random.Random(7)
+    worst, hits = 0.0, guard.prefixes.hits
+    for _ in range(40):
+        first, other = rng.sample(real_rows, 2)
+        a = first["prompt"][:rng.randrange(20, 200)]
+        b = a[:rng.randrange(0, len(a) + 1)] + other["response"][:rng.randrange(1, 120)]
+        guard.prefixes.clear()
+        guard.stream(prompt=a)
+        session = guard.stream(prompt=b)
+        worst = max(worst, abs(session.score - full(guard, b)))
+        reply = other["prompt"][:40]
+        worst = max(worst, abs(session.append(reply).score - full(guard, b, reply)))
+    assert worst <= TOL, worst
+    assert guard.prefixes.hits - hits >= 5  # the pairs that share enough took the entry
 
 
 def test_completed_windows_are_reused_in_static_slots_too(guard, real_rows):

@@ -256,6 +256,24 @@ def main() -> None:
         t = best(lambda: [products() for _ in range(10)], args.repeat) / 10
         rates.append(f"{rows_at_once} rows {flops_per_row * rows_at_once / t / 1e9:.0f}")
     print("(d) one block's linear layers, GFLOP/s by rows per call: " + ", ".join(rates))
+    # The same for every kept block in turn, as a forward runs them: one block's weights
+    # fit in the caches, all of them do not, so each call reads its weights from memory.
+    every = [m for layer in ours.readout.model.model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+    weights_mb = sum(m.weight.numel() * m.weight.element_size() for m in every) / 2**20
+    rates = []
+    for rows_at_once in (16, 256):
+        xs = {m.in_features: torch.randn(rows_at_once, m.in_features, dtype=dtype, device=args.device) for m in every}
+
+        def forward_products():
+            with torch.inference_mode():
+                for m in every:
+                    m(xs[m.in_features])
+
+        t = best(lambda: [forward_products() for _ in range(3)], args.repeat) / 3
+        flops = flops_per_row * len(ours.readout.model.model.layers) * rows_at_once
+        rates.append(f"{rows_at_once} rows {flops / t / 1e9:.0f} ({t * 1e3:.1f} ms)")
+    print(f"(d) every kept block's linear layers in turn ({weights_mb:.0f} MiB of weights), GFLOP/s by rows per "
+          f"call: " + ", ".join(rates))
 
     # (e) concurrent streams: N sessions, each fed 16 tokens per check (256 tokens after
     # its prompt), through the worker; packed rounds vs one step at a time.

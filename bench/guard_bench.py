@@ -241,19 +241,24 @@ def main() -> None:
 
     # (d) why (a)'s floor ratio and (b) are what they are: the kept blocks' matrix products
     # are most of the time, and their speed per row depends on how many rows go at once.
-    block = ours.readout.model.model.layers[0]
-    linears = [m for m in block.modules() if isinstance(m, torch.nn.Linear)]
-    flops_per_row = sum(2 * m.in_features * m.out_features for m in linears)
-    rates = []
-    for rows_at_once in (1, 16, 40, 256, 1024):
-        xs = {m.in_features: torch.randn(rows_at_once, m.in_features, dtype=dtype, device=args.device) for m in linears}
+    def product_seconds(linears, rows_at_once: int, calls: int) -> float:
+        """Seconds for one pass of `rows_at_once` rows through each of `linears` in turn."""
+        xs = {m.in_features: torch.randn(rows_at_once, m.in_features, dtype=dtype, device=args.device)
+              for m in linears}
 
         def products():
             with torch.inference_mode():
                 for m in linears:
                     m(xs[m.in_features])
 
-        t = best(lambda: [products() for _ in range(10)], args.repeat) / 10
+        return best(lambda: [products() for _ in range(calls)], args.repeat) / calls
+
+    block = ours.readout.model.model.layers[0]
+    linears = [m for m in block.modules() if isinstance(m, torch.nn.Linear)]
+    flops_per_row = sum(2 * m.in_features * m.out_features for m in linears)
+    rates = []
+    for rows_at_once in (1, 16, 40, 256, 1024):
+        t = product_seconds(linears, rows_at_once, 10)
         rates.append(f"{rows_at_once} rows {flops_per_row * rows_at_once / t / 1e9:.0f}")
     print("(d) one block's linear layers, GFLOP/s by rows per call: " + ", ".join(rates))
     # The same for every kept block in turn, as a forward runs them: one block's weights
@@ -262,14 +267,7 @@ def main() -> None:
     weights_mb = sum(m.weight.numel() * m.weight.element_size() for m in every) / 2**20
     rates = []
     for rows_at_once in (16, 256):
-        xs = {m.in_features: torch.randn(rows_at_once, m.in_features, dtype=dtype, device=args.device) for m in every}
-
-        def forward_products():
-            with torch.inference_mode():
-                for m in every:
-                    m(xs[m.in_features])
-
-        t = best(lambda: [forward_products() for _ in range(3)], args.repeat) / 3
+        t = product_seconds(every, rows_at_once, 3)
         flops = flops_per_row * len(ours.readout.model.model.layers) * rows_at_once
         rates.append(f"{rows_at_once} rows {flops / t / 1e9:.0f} ({t * 1e3:.1f} ms)")
     print(f"(d) every kept block's linear layers in turn ({weights_mb:.0f} MiB of weights), GFLOP/s by rows per "

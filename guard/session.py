@@ -85,9 +85,7 @@ class _Window:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of its cache and rows (0 in a static slot, which is preallocated)."""
-        if self.slot is not None:
-            return 0
+        """Bytes of its cache and rows (a window without a slot, as `copy` makes)."""
         cached = sum(t.numel() * t.element_size() for layer in self.cache.layers
                      for t in (layer.keys, layer.values) if t is not None)
         return cached + self.rows.numel() * self.rows.element_size()

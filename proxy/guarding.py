@@ -13,6 +13,7 @@ to first token is about max(0, guard time - upstream time to first token).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -156,31 +157,27 @@ class GuardedCall:
         return self.scorer is not None and bool(self.prompt) and response.action != "off" \
             and response.include_prompt  # an empty prompt has no prefill (it scores as " ")
 
-    async def _prompt_by_session(self) -> float:
-        """The prompt's score, read off the prefill of the response's session, which the
-        response stage then takes over: the prompt's tokens run once per request, not once
-        for the prompt stage and again for the response. A failed session is dropped (the
-        response stage opens a fresh one)."""
+    async def _prompt_by_session(self, *, keep: bool) -> float:
+        """The prompt's score, read off the prefill of a guard session.
+
+        `keep`: the response's session, which the response stage then takes over, so the
+        prompt's tokens run once per request, not once for the prompt stage and again for
+        the response. Otherwise (conversation scopes with no response session: each
+        turn's prompt starts with the last turn's) a session of its own, closed at once,
+        which continues from the guard's cached prefix and leaves its own there
+        (`guard.prefixes`), instead of a full-text score. A session that failed is closed,
+        never kept (the response stage opens a fresh one)."""
         session = self.scorer.stream(self.prompt)
+        kept = False
         try:
             score = await session.prompt_score()
-        except BaseException:
-            with cleanup():
-                await session.aclose()
-            raise
-        self.session = session
-        return score
-
-    async def _prompt_through_session(self) -> float:
-        """Conversation scopes: each turn's prompt starts with the last turn's, so the
-        prompt is read by a session of its own, which continues from the guard's cached
-        prefix and leaves its own there (`guard.prefixes`), instead of a full-text score."""
-        session = self.scorer.stream(self.prompt)
-        try:
-            return await session.prompt_score()
+            if keep:
+                self.session, kept = session, True
+            return score
         finally:
-            with cleanup():
-                await session.aclose()
+            if not kept:
+                with cleanup():
+                    await session.aclose()
 
     def _open_early(self) -> None:
         """No prompt stage: open the response's session now, so that its prefill runs
@@ -238,9 +235,9 @@ class GuardedCall:
         parallel = self.policy.prompt.mode == "parallel"
         pending = asyncio.create_task(send_upstream(body)) if parallel else None
         if share and self._shares_prompt():
-            score_prompt = self._prompt_by_session
+            score_prompt = functools.partial(self._prompt_by_session, keep=True)
         elif self.scorer is not None and self.prompt and self.policy.prompt.scope != "last_user":
-            score_prompt = self._prompt_through_session
+            score_prompt = functools.partial(self._prompt_by_session, keep=False)
         else:
             score_prompt = None
         try:

@@ -25,6 +25,10 @@ and feeding only the rest is exact too.
 - Bounded by bytes (`max_bytes`), least recently used out first. A window's KV cache
   costs 30 KB per token on SmolLM2-135M in float32 (20 kept blocks); with the shipped
   head's rows a full 256-token window is 9.5 MiB, so an entry holds at most about 19 MiB.
+- Partitioned by a salt (`StreamSession.cache_salt`, as vLLM's `cache_salt` partitions
+  its prefix cache): a session takes only entries that sessions with the same salt left.
+  A hit makes a score arrive sooner, so a shared entry tells one client that another sent
+  the same prefix; the proxy salts by API key and by the request's own `cache_salt`.
 - With static steps (a GPU) windows live in preallocated slots and step as CUDA-graph
   replays; a copied window would have a cache of its own and step eagerly, which costs
   more there than the prefill it saves. So with static steps only completed windows'
@@ -46,6 +50,7 @@ MIN_REUSE = 8  # tokens: below this, copying an entry is not worth it
 
 @dataclass
 class _Entry:
+    salt: str | None  # the partition: only sessions with the same salt take this entry
     ids: tuple[int, ...]  # body tokens scored
     finals: dict[int, tuple[int, float]]  # completed window start -> (end, score)
     windows: list[_Window]  # copies owned by the cache: the last window, and the one before
@@ -57,7 +62,7 @@ class PrefixCache:
         if max_bytes < 0:
             raise ValueError(f"max_bytes must be at least 0, got {max_bytes}")
         self.max_bytes = int(max_bytes)
-        self._entries: OrderedDict[tuple[int, ...], _Entry] = OrderedDict()
+        self._entries: OrderedDict[tuple[str | None, tuple[int, ...]], _Entry] = OrderedDict()
         self._lock = threading.Lock()
         self.nbytes = 0
         self.hits = 0  # sessions that took over a cached prefix
@@ -67,21 +72,23 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def put(self, ids: list[int], finals: dict[int, tuple[int, float]], windows: list[_Window]) -> None:
+    def put(self, ids: list[int], finals: dict[int, tuple[int, float]], windows: list[_Window], *,
+            salt: str | None = None) -> None:
         """Keep a copy of a session's state after it scored `ids` (body tokens): its
         completed windows' scores and `windows` (the last one, and the one before it if
-        this update ran it: every token is in at most two windows)."""
+        this update ran it: every token is in at most two windows), for sessions salted
+        `salt`."""
         if not ids or self.max_bytes == 0:
             return
-        key = tuple(ids)
+        key = (salt, tuple(ids))
         with self._lock:
             if key in self._entries:  # the same text again: only its recency changes
                 self._entries.move_to_end(key)
                 return
         # with static steps a copy (a cache of its own) would step eagerly, slower than a slot
         copies = [w.copy() for w in windows if w.stepper is None]
-        entry = _Entry(key, dict(finals), copies)
-        entry.nbytes = 64 * len(key) + sum(w.nbytes for w in copies)  # a tuple slot and an int per token
+        entry = _Entry(salt, key[1], dict(finals), copies)
+        entry.nbytes = 64 * len(ids) + sum(w.nbytes for w in copies)  # a tuple slot and an int per token
         if entry.nbytes > self.max_bytes:
             return
         with self._lock:
@@ -93,13 +100,17 @@ class PrefixCache:
                 _, old = self._entries.popitem(last=False)
                 self.nbytes -= old.nbytes
 
-    def take(self, ids: list[int], prefix: int) -> tuple[list[int], dict, list[_Window]] | None:
-        """The state to continue from for a text of body tokens `ids`: (ids kept, finals,
-        copies of the windows that start inside the common prefix), or None.
-        `prefix` is the tokenizer's special-prefix length (windows count it in `n`)."""
+    def take(self, ids: list[int], prefix: int, *,
+             salt: str | None = None) -> tuple[list[int], dict, list[_Window]] | None:
+        """The state to continue from for a text of body tokens `ids`, from the entries
+        salted `salt`: (ids kept, finals, copies of the windows that start inside the
+        common prefix), or None. `prefix` is the tokenizer's special-prefix length
+        (windows count it in `n`)."""
         best, best_cover, best_keep, best_windows = None, 0, 0, []
         with self._lock:
             for entry in reversed(self._entries.values()):  # most recent first
+                if entry.salt != salt:
+                    continue
                 keep = common_prefix(entry.ids, ids)
                 # the session drops a window that starts past the common prefix
                 usable = [w for w in entry.windows if w.start < keep or (w.start == keep and prefix > 0)]
@@ -109,7 +120,7 @@ class PrefixCache:
             if best is None or best_cover < MIN_REUSE:
                 self.misses += 1
                 return None
-            self._entries.move_to_end(best.ids)
+            self._entries.move_to_end((best.salt, best.ids))
             self.hits += 1
             self.tokens_reused += best_cover
             windows = [w.copy() for w in best_windows]

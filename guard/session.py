@@ -127,9 +127,10 @@ class _Window:
 
 class StreamSession:
     def __init__(self, guard, prompt: str | None = None, threshold: float | None = None, *,
-                 prefill: bool = True) -> None:
+                 prefill: bool = True, cache_salt: str | None = None) -> None:
         self.guard = guard
         self.prompt = prompt
+        self.cache_salt = cache_salt  # the prefix cache's partition this session reads and adds to
         self.threshold = guard.threshold(threshold)
         self.response = ""
         self._plan = guard.plan
@@ -185,7 +186,7 @@ class StreamSession:
             ids = self._plan.body(self.guard.tokenizer, text)
             fresh = not self._ids and self._active is None
             if fresh and prefixes is not None:
-                found = prefixes.take(ids, len(self._plan.prefix))
+                found = prefixes.take(ids, len(self._plan.prefix), salt=self.cache_salt)
                 if found is not None:
                     self._ids, self._finals, windows = found
                     self._spares = {window.start: window for window in windows}
@@ -196,7 +197,8 @@ class StreamSession:
         finally:
             previous, self._previous = self._previous, None
         if fresh and prefixes is not None and self.prompt and not self.response:
-            prefixes.put(self._ids, self._finals, [w for w in (previous, self._active) if w is not None])
+            prefixes.put(self._ids, self._finals, [w for w in (previous, self._active) if w is not None],
+                         salt=self.cache_salt)
         return score
 
     def _steps(self, ids: list[int]) -> Iterator[tuple[_Window, list[int]]]:

@@ -293,13 +293,17 @@ class SirenGuard:
         """The reference's stateless check of a response alone; see `stream` for sessions."""
         return self.score_batch([response_so_far], threshold)[0]
 
-    def stream(self, prompt: str | None = None, *, threshold: float | None = None, prefill: bool = True):
+    def stream(self, prompt: str | None = None, *, threshold: float | None = None, prefill: bool = True,
+               cache_salt: str | None = None):
         """An exact incremental session over `prompt + "\\n" + response_so_far`. The prompt
         is prefilled now, or with `prefill=False` at the first `append` (which is how a
-        worker packs a new session's prefill with other sessions' checks)."""
+        worker packs a new session's prefill with other sessions' checks). `cache_salt`:
+        the session continues from, and leaves its prompt in, only the prefix cache
+        entries of sessions with the same salt (`guard.prefixes`)."""
         from guard.session import StreamSession
 
-        return StreamSession(self, prompt=prompt, threshold=self.threshold(threshold), prefill=prefill)
+        return StreamSession(self, prompt=prompt, threshold=self.threshold(threshold), prefill=prefill,
+                             cache_salt=cache_salt)
 
     @torch.no_grad()
     def p_harmful(self, prepared: Sequence[str]) -> list[float]:

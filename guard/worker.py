@@ -120,8 +120,8 @@ class GuardWorker:
         texts = [model_text(prompt=p, response=r if (p, r) != (None, None) else "") for p, r in items]
         return await asyncio.wrap_future(self._submit(_Job("texts", texts=texts)))
 
-    def stream(self, prompt: str | None = None) -> AsyncStreamSession:
-        return AsyncStreamSession(self, prompt)
+    def stream(self, prompt: str | None = None, *, cache_salt: str | None = None) -> AsyncStreamSession:
+        return AsyncStreamSession(self, prompt, cache_salt=cache_salt)
 
     def close(self) -> None:
         with self._cond:
@@ -226,7 +226,8 @@ class GuardWorker:
         for job in jobs:
             handle = job.session
             if job.kind == "open":
-                handle._session = self.guard.stream(prompt=handle.prompt, prefill=False)
+                handle._session = self.guard.stream(prompt=handle.prompt, prefill=False,
+                                                    cache_salt=handle.cache_salt)
                 self._open_sessions += 1
             elif handle._session is None:
                 _fail(job.future, ScoringError("the stream session failed to open"))
@@ -288,9 +289,10 @@ class AsyncStreamSession:
     same tokens. `append` calls must be awaited one after another.
     """
 
-    def __init__(self, worker: GuardWorker, prompt: str | None) -> None:
+    def __init__(self, worker: GuardWorker, prompt: str | None, *, cache_salt: str | None = None) -> None:
         self.worker = worker
         self.prompt = prompt
+        self.cache_salt = cache_salt
         self.tokens = 0  # tokens of the text scored so far
         self._session = None  # the sync session; touched only on the worker thread
         self._closed = False

@@ -38,6 +38,7 @@ GUARD_ERROR_MODES = ("block", "allow")
 RERANK_SELECTS = ("safest", "first_safe")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+CACHE_SCOPES = ("key", "shared")  # guard.prefix_cache_scope
 DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
 _DEVICE = re.compile(r"^(?:auto|cpu|cuda|cuda:\d+)$")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
@@ -96,6 +97,7 @@ class GuardConfig:
     stream_slots: int = 16  # streaming windows that take static (CUDA-graph) steps at once
     compile_steps: bool = False  # fuse static steps with torch.compile at load (GPU; ~70 s)
     prefix_cache_mb: float = 256.0  # scored prefixes streaming sessions continue from; 0: off
+    prefix_cache_scope: str = "key"  # key: entries are not shared across API keys; shared: they are
 
 
 @dataclass(frozen=True)
@@ -269,6 +271,7 @@ def _guard(g: Section) -> GuardConfig:
         stream_slots=g.integer("stream_slots", d.stream_slots, minimum=1),
         compile_steps=g.boolean("compile_steps", d.compile_steps),
         prefix_cache_mb=g.number("prefix_cache_mb", d.prefix_cache_mb, minimum=0),
+        prefix_cache_scope=g.choice("prefix_cache_scope", d.prefix_cache_scope, CACHE_SCOPES),
     )
     g.finish()
     return guard

@@ -112,9 +112,9 @@ class LoadingScorer:
         except self._busy as exc:
             raise ScorerBusy(str(exc)) from exc
 
-    def stream(self, prompt=None):
+    def stream(self, prompt=None, *, cache_salt=None):
         try:
-            return self._get().stream(prompt)
+            return self._get().stream(prompt, cache_salt=cache_salt)
         except self._busy as exc:
             raise ScorerBusy(str(exc)) from exc
 

@@ -74,6 +74,19 @@ async def prompt_decision(scorer: Scorer | None, policy: Policy, prompt: str | N
     return decision, (time.perf_counter() - started) * 1000
 
 
+def cache_salt(scope: str, key_name: str | None, payload: Mapping) -> str | None:
+    """The guard prefix cache's partition for a request: its proxy API key's name unless
+    `scope` is `shared`, and its own `cache_salt` (vLLM's request field, forwarded as
+    sent) when that is a non-empty string. None, the partition of requests with neither."""
+    parts = {}
+    if scope == "key" and key_name is not None:
+        parts["key"] = key_name
+    salt = payload.get("cache_salt")
+    if isinstance(salt, str) and salt:
+        parts["salt"] = salt
+    return json.dumps(parts, sort_keys=True) if parts else None
+
+
 def steered(endpoint: str, payload: dict, message: str) -> dict:
     """The request with the policy's safety instruction added as (or to) the system prompt."""
     payload = dict(payload)
@@ -105,8 +118,9 @@ class GuardedCall:
     """One guarded request: decides, calls the upstream, and guards what comes back."""
 
     def __init__(self, *, scorer: Scorer | None, audit: AuditLog | None, endpoint: str, payload: dict,
-                 policy: Policy, exchange: Exchange) -> None:
+                 policy: Policy, exchange: Exchange, cache_salt: str | None = None) -> None:
         self.scorer = scorer
+        self.cache_salt = cache_salt  # the guard's prefix cache partition (`cache_salt()`)
         self.audit = audit
         self.endpoint = endpoint
         self.payload = payload
@@ -167,7 +181,7 @@ class GuardedCall:
         which continues from the guard's cached prefix and leaves its own there
         (`guard.prefixes`), instead of a full-text score. A session that failed is closed,
         never kept (the response stage opens a fresh one)."""
-        session = self.scorer.stream(self.prompt)
+        session = self.scorer.stream(self.prompt, cache_salt=self.cache_salt)
         kept = False
         try:
             score = await session.prompt_score()
@@ -183,7 +197,7 @@ class GuardedCall:
         """No prompt stage: open the response's session now, so that its prefill runs
         while the upstream works on its first token, not at the first check."""
         try:
-            self.session = self.scorer.stream(self.prompt)
+            self.session = self.scorer.stream(self.prompt, cache_salt=self.cache_salt)
         except Exception as exc:  # noqa: BLE001 - the first check opens one and meets on_guard_error
             logger.warning("guard session did not open early: %s: %s", type(exc).__name__, exc)
 
@@ -278,7 +292,7 @@ class GuardedCall:
         if response.headers.get("content-type", "").startswith("text/event-stream"):
             guard = StreamGuard(endpoint=self.endpoint, request=self.payload, policy=self.policy,
                                 scorer=self.scorer, prompt=self.prompt, exchange=self.exchange,
-                                session=self._take_session())
+                                session=self._take_session(), cache_salt=self.cache_salt)
 
             async def on_close() -> None:  # after the relay's own `finally`, or instead of it
                 await response.aclose()

@@ -25,7 +25,7 @@ from policies.routing import match_route
 from .errors import (BadRequest, NotFound, Overloaded, PayloadTooLarge, ProxyError, RequestTimeout,
                      Unauthorized, error_event, error_response)
 from .metrics import Metrics
-from .guarding import GuardedCall, guarded_endpoint
+from .guarding import GuardedCall, cache_salt, guarded_endpoint
 from .records import AuditLog, Exchange
 from .relay import (RelayResponse, TruncatedStream, broken_stream, check_complete, cleanup, open_upstream,
                     raw_body)
@@ -84,6 +84,7 @@ class Proxy:
         self.audit = audit
         self.metrics = metrics or Metrics()
         self.active_streams = 0
+        self.cache_scope = holder.current.guard.prefix_cache_scope  # read at start-up, as the guard is
 
     async def handle(self, request: Request) -> Response:
         config: Config = self.holder.current
@@ -192,7 +193,8 @@ class Proxy:
         exchange = Exchange(route=match.route.name, policy=policy.name, endpoint=endpoint,
                             stream=payload.get("stream") is True, metrics=self.metrics)
         call = GuardedCall(scorer=self.scorer, audit=self.audit, endpoint=endpoint, payload=payload,
-                           policy=policy, exchange=exchange)
+                           policy=policy, exchange=exchange,
+                           cache_salt=cache_salt(self.cache_scope, key_name, payload))
         return await call.run(send, body)
 
 

@@ -40,7 +40,8 @@ class Scorer(Protocol):
         """(prompt, response) pairs scored as one batch, e.g. n candidate responses."""
         ...
 
-    def stream(self, prompt: str | None = None) -> StreamSession:
+    def stream(self, prompt: str | None = None, *, cache_salt: str | None = None) -> StreamSession:
         """An incremental session over `prompt + "\\n" + response_so_far`; raises
-        `ScorerBusy` if the scorer's queue is full."""
+        `ScorerBusy` if the scorer's queue is full. `cache_salt`: the session shares cached
+        prefixes only with sessions of the same salt (`guard.prefixes`)."""
         ...

@@ -80,8 +80,10 @@ class StreamCut(Exception):
 
 class StreamGuard:
     def __init__(self, *, endpoint: str, request: Mapping, policy: Policy, scorer: Scorer,
-                 prompt: str | None, exchange: Exchange, session: StreamSession | None = None) -> None:
-        """`session`: choice 0's, already prefilled with `prompt` by the prompt stage."""
+                 prompt: str | None, exchange: Exchange, session: StreamSession | None = None,
+                 cache_salt: str | None = None) -> None:
+        """`session`: choice 0's, already prefilled with `prompt` by the prompt stage;
+        `cache_salt`: the partition of the guard's prefix cache the choices' sessions use."""
         self.endpoint = endpoint
         self.request = request
         self.policy = policy
@@ -89,6 +91,7 @@ class StreamGuard:
         self.scorer = scorer
         self.prompt = prompt if self.stage.include_prompt else None
         self.exchange = exchange
+        self.cache_salt = cache_salt
         n = request.get("n", 1)
         self.n = 1 if endpoint == "responses" or not isinstance(n, int) or n < 1 else n  # <= MAX_N (checked)
         self.choices = {i: Choice(i) for i in range(self.n)}
@@ -225,7 +228,7 @@ class StreamGuard:
         score, error = None, None
         try:
             if choice.session is None:
-                choice.session = self.scorer.stream(self.prompt)
+                choice.session = self.scorer.stream(self.prompt, cache_salt=self.cache_salt)
             score = await choice.session.append(choice.pending_text)
         except Exception as exc:  # noqa: BLE001 - any guard failure meets on_guard_error
             error = f"{type(exc).__name__}: {exc}"

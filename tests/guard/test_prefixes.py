@@ -162,6 +162,28 @@ def test_an_entry_is_a_copy_that_later_steps_cannot_change(guard, real_rows):
     assert later.append(" No.").score == pytest.approx(full(guard, prompt, " No."), abs=TOL)
 
 
+def test_salts_partition_the_cache(guard, real_rows):
+    """A session takes only entries that sessions with its own salt left (the proxy salts
+    by API key): the same prompt under another salt, or none, runs in full; the salt's own
+    next turn continues from its entry. Each salt keeps its own entry of the same tokens."""
+    guard.prefixes.clear()
+    prompt = real_rows[4]["prompt"][:90]
+    alice = guard.stream(prompt=prompt, cache_salt="alice")
+    hits = guard.prefixes.hits
+    bob = guard.stream(prompt=prompt, cache_salt="bob")
+    anyone = guard.stream(prompt=prompt)
+    assert guard.prefixes.hits == hits  # neither took alice's entry
+    assert bob.tokens_fed == anyone.tokens_fed == alice.tokens_fed > 0
+    assert bob.score == anyone.score == pytest.approx(alice.score, abs=TOL)
+    assert len(guard.prefixes) == 3
+    turn = prompt + " Thanks, and one more question."
+    again = guard.stream(prompt=turn, cache_salt="alice")
+    assert guard.prefixes.hits == hits + 1
+    assert again.score == pytest.approx(full(guard, turn), abs=TOL)
+    if guard.stepper is None:
+        assert again.tokens_fed < alice.tokens_fed
+
+
 def test_a_session_without_a_prompt_can_take_but_does_not_put(guard, real_rows):
     guard.prefixes.clear()
     session = guard.stream()

@@ -398,3 +398,15 @@ def test_guard_prefix_cache_mb(text, expect):
 def test_guard_prefix_cache_mb_must_be_a_number_at_least_0(value):
     with pytest.raises(ConfigError, match="guard.prefix_cache_mb"):
         parse_config(f"upstreams: {{up: {{base_url: 'http://x/v1'}}}}\nguard: {{prefix_cache_mb: {value}}}\n")
+
+
+@pytest.mark.parametrize("text,expect", [("", "key"), ("guard: {prefix_cache_scope: shared}\n", "shared"),
+                                         ("guard: {prefix_cache_scope: key}\n", "key")])
+def test_guard_prefix_cache_scope(text, expect):
+    assert parse_config("upstreams: {up: {base_url: 'http://x/v1'}}\n" + text).guard.prefix_cache_scope == expect
+
+
+@pytest.mark.parametrize("value", ["route", "null", "1", "Key"])
+def test_guard_prefix_cache_scope_must_be_key_or_shared(value):
+    with pytest.raises(ConfigError, match="guard.prefix_cache_scope"):
+        parse_config(f"upstreams: {{up: {{base_url: 'http://x/v1'}}}}\nguard: {{prefix_cache_scope: {value}}}\n")

@@ -167,9 +167,9 @@ def test_without_a_prompt_stage_the_session_opens_before_the_upstream_call(scrip
     opened_at = []
     stream = scorer.stream
 
-    def recording(prompt=None):
+    def recording(prompt=None, **options):
         opened_at.append(len(recorder.requests))
-        return stream(prompt)
+        return stream(prompt, **options)
 
     scorer.stream = recording
     with running_proxy(policy_yaml(url, response=CUT % (4, 4)), scorer) as proxy:
@@ -301,3 +301,29 @@ def test_a_client_gone_before_the_first_byte_leaves_nothing_open(scripted, tmp_p
     assert session.prompt_scored and session.closed
     [record] = [json.loads(line) for line in audit.read_text().splitlines()]
     assert record["stream"] and record["decisions"][0]["stage"] == "prompt"
+
+
+@pytest.mark.parametrize("scope", ["key", "shared"])
+def test_sessions_are_salted_by_api_key_and_cache_salt(scripted, scope):
+    """The guard's prefix cache is partitioned per request (`guard.prefix_cache_scope`):
+    by the proxy key's name unless the scope is `shared`, and by the body's `cache_salt`
+    (vLLM's field) when it is a non-empty string. Every session of a request gets the
+    same salt: the prompt stage's (choice 0's) and the other choices' of an n=2 stream."""
+    url, _ = scripted
+    server = ("  api_keys: [{key: sk-alice, name: alice}, {key: sk-bob, name: bob}]\n"
+              f"guard:\n  prefix_cache_scope: {scope}")
+    scorer = KeywordScorer()
+    requests = [("sk-alice", {}), ("sk-bob", {}), ("sk-alice", {"cache_salt": "s1"}),
+                ("sk-alice", {"cache_salt": 7}), ("sk-alice", {"cache_salt": ""})]
+    with running_proxy(policy_yaml(url, prompt=REFUSE, response=CUT % (4, 4), server=server), scorer) as proxy:
+        for key, extra in requests:
+            payload = {"model": "m", "messages": user("hi"), "stream": True, "n": 2, **extra}
+            headers = {"authorization": f"Bearer {key}", "x-script": "replay:stream_n2_raw.txt"}
+            with httpx.stream("POST", proxy.url + "/v1/chat/completions", json=payload, headers=headers) as response:
+                assert response.status_code == 200
+                assert sse_events(b"".join(response.iter_raw()))[-1] == "[DONE]"
+    salts = [session.cache_salt for session in scorer.sessions]
+    alice, bob = ('{"key": "alice"}', '{"key": "bob"}') if scope == "key" else (None, None)
+    salted = '{"key": "alice", "salt": "s1"}' if scope == "key" else '{"salt": "s1"}'
+    assert salts == [alice, alice, bob, bob, salted, salted, alice, alice, alice, alice]
+    assert all_closed(scorer)

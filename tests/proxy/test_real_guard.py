@@ -193,6 +193,35 @@ def test_each_turn_of_a_conversation_continues_from_the_last(katan_url, scorer, 
     assert abs(records[1]["decisions"][0]["score"] - asyncio.run(one_pass())) < 2e-3
 
 
+def test_one_api_keys_cached_prefixes_are_not_anothers(katan_url, scorer):
+    """With proxy keys, the guard's prefix cache is partitioned by key (the default
+    `guard.prefix_cache_scope: key`): bob's request for the prompt alice just sent runs in
+    full (a timing signal would tell him alice sent it), alice's own repeat runs nothing."""
+    text = f"""
+server:
+  api_keys: [{{key: sk-alice, name: alice}}, {{key: sk-bob, name: bob}}]
+upstreams:
+  up: {{base_url: {katan_url}, api_key: sk}}
+policies:
+  p: {{prompt: {{action: refuse, threshold: 0.5, scope: conversation}}, response: {{action: off}}}}
+routes:
+  - {{prefix: /v1, upstream: up, policy: p}}
+"""
+    messages = [{"role": "user", "content": OTTERS + " Keep it to four lines."}]
+    counts = []
+    with running_proxy(text, scorer) as proxy:
+        for key in ("sk-alice", "sk-bob", "sk-alice"):
+            with openai.OpenAI(base_url=proxy.url + "/v1", api_key=key, max_retries=0) as client:
+                client.chat.completions.create(model="m", messages=messages)
+            counts.append(prefix_counts(proxy))
+    hits = [c["siren_proxy_guard_prefix_cache_hits_total"] for c in counts]
+    misses = [c["siren_proxy_guard_prefix_cache_misses_total"] for c in counts]
+    assert hits[1] == hits[0] and misses[1] == misses[0] + 1  # bob: alice's entry was not his
+    assert hits[2] == hits[1] + 1  # alice's repeat took her own entry
+    reused = counts[2]["siren_proxy_guard_prefix_tokens_reused_total"] - counts[1]["siren_proxy_guard_prefix_tokens_reused_total"]
+    assert reused >= 15
+
+
 def audit_record(path: Path, wanted) -> dict:
     """The first audit line that matches; a stream's line is written as its relay closes,
     which can be just after the client has read `[DONE]`."""

@@ -40,9 +40,10 @@ class GuardBroke(RuntimeError):
 
 
 class KeywordSession:
-    def __init__(self, scorer: KeywordScorer, prompt: str | None) -> None:
+    def __init__(self, scorer: KeywordScorer, prompt: str | None, cache_salt: str | None = None) -> None:
         self.scorer = scorer
         self.prompt = prompt
+        self.cache_salt = cache_salt  # the partition the proxy asked for
         self.text = prompt + "\n" if prompt else ""
         self.closed = False
         self.prompt_scored = False  # `prompt_score` was asked (the prompt stage used this session)
@@ -94,9 +95,9 @@ class KeywordScorer:
     async def score_many(self, items) -> list[float]:
         return [await self.score(prompt=p, response=r) for p, r in items]
 
-    def stream(self, prompt: str | None = None) -> KeywordSession:
+    def stream(self, prompt: str | None = None, *, cache_salt: str | None = None) -> KeywordSession:
         if self.busy:
             raise ScorerBusy("scripted full queue")
-        session = KeywordSession(self, prompt)
+        session = KeywordSession(self, prompt, cache_salt)
         self.sessions.append(session)
         return session

@@ -10,8 +10,9 @@ assignment, atomic under the GIL; a lock keeps two reloads from interleaving.
 of the content so a touch without an edit is not a reload. The fingerprint is updated by
 every reload attempt, good or bad, so a bad file is reported once, not at every poll.
 
-Only policies, routes and upstreams take effect on reload; `server` and `guard` are read
-at start-up, and `restart_needed(old, new)` names those that differ so the proxy can log it.
+Policies, routes, upstreams and the per-request `server` settings take effect on reload;
+the listening address, the log level, the audit file and `guard` are read at start-up,
+and `restart_needed(old, new)` names those that differ so the proxy can log it.
 """
 
 from __future__ import annotations
@@ -104,6 +105,18 @@ class ConfigHolder:
             return True
 
 
+# Read once, at start-up: the listening socket, the log, the audit file and the loaded guard.
+# The rest of `server` (keys, body and stream limits, the request deadline) is read by
+# each request, so a reload rotates keys and changes limits at once.
+STARTUP_ONLY = ("server.host", "server.port", "server.audit_log", "server.log_level", "guard")
+
+
 def restart_needed(old: Config, new: Config) -> tuple[str, ...]:
-    """The sections that differ but are only read at start-up."""
-    return tuple(name for name in ("server", "guard") if getattr(old, name) != getattr(new, name))
+    """The settings that differ but are only read at start-up (`STARTUP_ONLY`)."""
+
+    def get(config: Config, dotted: str):
+        for name in dotted.split("."):
+            config = getattr(config, name)
+        return config
+
+    return tuple(name for name in STARTUP_ONLY if get(old, name) != get(new, name))

@@ -94,9 +94,23 @@ def test_reload_warns_about_sections_read_only_at_start(config_file, caplog):
     config_file.write_text(EXAMPLE + "server: {port: 9999}\nguard: {device: cpu}\n")
     with caplog.at_level(logging.WARNING, logger="policies.reload"):
         assert holder.reload() is True
-    assert restart_needed(old, holder.current) == ("server", "guard")
-    assert "server, guard" in caplog.text and "restart" in caplog.text
+    assert restart_needed(old, holder.current) == ("server.port", "guard")
+    assert "server.port, guard" in caplog.text and "restart" in caplog.text
     assert restart_needed(old, old) == ()
+
+
+def test_per_request_server_settings_need_no_restart(config_file, caplog):
+    """Keys, body and stream limits and the request deadline are read by each request,
+    so a reload that changes only them says nothing of a restart."""
+    holder = ConfigHolder.load(str(config_file), env={})
+    old = holder.current
+    config_file.write_text(EXAMPLE + "server: {api_keys: [sk-new], max_body_bytes: 100, "
+                                     "max_concurrent_streams: 2, request_timeout: 5}\n")
+    with caplog.at_level(logging.INFO, logger="policies.reload"):
+        assert holder.reload() is True
+    assert holder.current.server.api_keys != old.server.api_keys
+    assert restart_needed(old, holder.current) == ()
+    assert "restart" not in caplog.text and "config reloaded" in caplog.text
 
 
 def _run_cli(*argv: str) -> int:

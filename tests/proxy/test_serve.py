@@ -93,6 +93,27 @@ def test_sighup_reloads(tmp_path, scripted):
         eventually(lambda: status(serve.url + "/v2/models") == 200)
 
 
+def test_a_reload_rotates_api_keys_without_a_restart(tmp_path, scripted):
+    """`server.api_keys` is read by each request: after a reload the new key is let in and
+    the revoked one refused at once, and the log speaks of no restart."""
+    upstream, _ = scripted
+    path = tmp_path / "config.yaml"
+
+    def keyed(key: str) -> str:
+        return config_text(upstream) + f"server: {{api_keys: [{key}]}}\n"
+
+    def code(key: str) -> int:
+        return httpx.get(serve.url + "/v1/models", headers={"authorization": f"Bearer {key}"}).status_code
+
+    path.write_text(keyed("sk-old"))
+    with Serve(path) as serve:
+        assert (code("sk-old"), code("sk-new")) == (200, 401)
+        path.write_text(keyed("sk-new"))
+        eventually(lambda: code("sk-new") == 200)
+        assert code("sk-old") == 401
+    assert "config reloaded" in serve.output and "restart" not in serve.output
+
+
 def test_in_flight_stream_finishes_under_its_config(tmp_path, scripted):
     upstream, recorder = scripted
     path = tmp_path / "config.yaml"

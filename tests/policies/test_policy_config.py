@@ -388,25 +388,17 @@ def test_guard_threads_must_be_positive():
         parse_config("upstreams: {up: {base_url: 'http://x/v1'}}\nguard: {threads: 0}\n")
 
 
-@pytest.mark.parametrize("text,expect", [("", 256.0), ("guard: {prefix_cache_mb: 0}\n", 0.0),
-                                         ("guard: {prefix_cache_mb: 1.5}\n", 1.5)])
-def test_guard_prefix_cache_mb(text, expect):
-    assert parse_config("upstreams: {up: {base_url: 'http://x/v1'}}\n" + text).guard.prefix_cache_mb == expect
+@pytest.mark.parametrize("key,text,expect", [
+    ("prefix_cache_mb", "", 256.0), ("prefix_cache_mb", "0", 0.0), ("prefix_cache_mb", "1.5", 1.5),
+    ("prefix_cache_scope", "", "key"), ("prefix_cache_scope", "shared", "shared"), ("prefix_cache_scope", "key", "key")])
+def test_guard_prefix_cache_options(key, text, expect):
+    guard = f"guard: {{{key}: {text}}}\n" if text else ""
+    assert getattr(parse_config("upstreams: {up: {base_url: 'http://x/v1'}}\n" + guard).guard, key) == expect
 
 
-@pytest.mark.parametrize("value", ["-1", "many", ".inf", "true"])
-def test_guard_prefix_cache_mb_must_be_a_number_at_least_0(value):
-    with pytest.raises(ConfigError, match="guard.prefix_cache_mb"):
-        parse_config(f"upstreams: {{up: {{base_url: 'http://x/v1'}}}}\nguard: {{prefix_cache_mb: {value}}}\n")
-
-
-@pytest.mark.parametrize("text,expect", [("", "key"), ("guard: {prefix_cache_scope: shared}\n", "shared"),
-                                         ("guard: {prefix_cache_scope: key}\n", "key")])
-def test_guard_prefix_cache_scope(text, expect):
-    assert parse_config("upstreams: {up: {base_url: 'http://x/v1'}}\n" + text).guard.prefix_cache_scope == expect
-
-
-@pytest.mark.parametrize("value", ["route", "null", "1", "Key"])
-def test_guard_prefix_cache_scope_must_be_key_or_shared(value):
-    with pytest.raises(ConfigError, match="guard.prefix_cache_scope"):
-        parse_config(f"upstreams: {{up: {{base_url: 'http://x/v1'}}}}\nguard: {{prefix_cache_scope: {value}}}\n")
+@pytest.mark.parametrize("key,value", [("prefix_cache_mb", v) for v in ("-1", "many", ".inf", "true")]
+                         + [("prefix_cache_scope", v) for v in ("route", "null", "1", "Key")])
+def test_guard_prefix_cache_options_are_checked(key, value):
+    """The size is a number at least 0; the scope is key or shared."""
+    with pytest.raises(ConfigError, match=f"guard.{key}"):
+        parse_config(f"upstreams: {{up: {{base_url: 'http://x/v1'}}}}\nguard: {{{key}: {value}}}\n")

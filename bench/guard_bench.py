@@ -265,13 +265,31 @@ def main() -> None:
     # fit in the caches, all of them do not, so each call reads its weights from memory.
     every = [m for layer in ours.readout.model.model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
     weights_mb = sum(m.weight.numel() * m.weight.element_size() for m in every) / 2**20
-    rates = []
-    for rows_at_once in (16, 256):
-        t = product_seconds(every, rows_at_once, 3)
-        flops = flops_per_row * len(ours.readout.model.model.layers) * rows_at_once
-        rates.append(f"{rows_at_once} rows {flops / t / 1e9:.0f} ({t * 1e3:.1f} ms)")
+    # One row costs about the time to read the weights once; each further row adds its
+    # share of the arithmetic, so t(rows) ~ t(1) + rows * (t(256) - t(1)) / 255.
+    layers = ours.readout.model.model.layers
+    flops_per_pass = flops_per_row * len(layers)
+
+    def rates_of(linears) -> str:
+        rates = []
+        for rows_at_once in (1, 16, 32, 256):
+            t = product_seconds(linears, rows_at_once, 3)
+            rates.append(f"{rows_at_once} rows {flops_per_pass * rows_at_once / t / 1e9:.0f} ({t * 1e3:.1f} ms)")
+        return ", ".join(rates)
+
     print(f"(d) every kept block's linear layers in turn ({weights_mb:.0f} MiB of weights), GFLOP/s by rows per "
-          f"call: " + ", ".join(rates))
+          f"call: " + rates_of(every))
+    # Fewer, wider products (q/k/v as one, gate/up as one, as the GPU step runs them)
+    fused = []
+    for layer in layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for group in ((attn.q_proj, attn.k_proj, attn.v_proj), (attn.o_proj,), (mlp.gate_proj, mlp.up_proj),
+                      (mlp.down_proj,)):
+            wide = torch.nn.Linear(group[0].in_features, sum(m.out_features for m in group), bias=False,
+                                   dtype=dtype, device=args.device)
+            wide.weight.data = torch.cat([m.weight.data for m in group])
+            fused.append(wide)
+    print("(d) the same with q/k/v and gate/up fused (4 products a block, not 7): " + rates_of(fused))
 
     # (e) concurrent streams: N sessions, each fed 16 tokens per check (256 tokens after
     # its prompt), through the worker; packed rounds vs one step at a time.

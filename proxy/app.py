@@ -26,7 +26,8 @@ METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
 
 def build_app(holder, scorer: Scorer | None = None) -> Starlette:
-    """`holder.current` is the live Config; `scorer` is None only when no route guards."""
+    """`holder.current` is the live Config; `scorer` is None, or not started, while no route
+    scores text."""
     pool = UpstreamPool()
     audit_path = holder.current.server.audit_log
     audit = AuditLog(audit_path) if audit_path else None
@@ -42,7 +43,7 @@ def build_app(holder, scorer: Scorer | None = None) -> Starlette:
         config = holder.current
         checks = await asyncio.gather(*(upstream_reachable(pool, u) for u in config.upstreams.values()))
         upstreams = dict(zip(config.upstreams, checks))
-        if scorer is None:
+        if scorer is None or not getattr(scorer, "started", True):  # no route scores text
             guard = "absent"
         elif scorer.ready:
             guard = "ready"

@@ -34,17 +34,33 @@ class LoadingScorer:
     """A `Scorer` whose model loads on a background thread.
 
     Calls made before it is ready raise `GuardNotReady`, which the proxy treats as any
-    other guard failure (the policy's `on_guard_error` decides).
+    other guard failure (the policy's `on_guard_error` decides). With `start=False` it
+    loads nothing until `start()`: a proxy whose routes score nothing at start-up loads
+    the model only when a reload makes one score.
     """
 
-    def __init__(self, settings: GuardConfig) -> None:
+    def __init__(self, settings: GuardConfig, *, start: bool = True) -> None:
         self.settings = settings
         self._worker = None
         self._metrics = None
         self._busy: type[BaseException] = ScorerBusy
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._load, name="guard-loader", daemon=True)
-        self._thread.start()
+        self._start_lock = threading.Lock()
+        if start:
+            self.start()
+
+    @property
+    def started(self) -> bool:
+        return self._thread.ident is not None
+
+    def start(self) -> bool:
+        """Begin loading on the background thread; True if this call began it."""
+        with self._start_lock:
+            if self.started:
+                return False
+            self._thread.start()
+            return True
 
     def _load(self) -> None:
         try:
@@ -74,7 +90,8 @@ class LoadingScorer:
             logger.error("guard failed to load: %s", exc)
 
     def wait(self, timeout: float | None = None) -> bool:
-        self._thread.join(timeout)
+        if self.started:
+            self._thread.join(timeout)
         return self.ready
 
     @property
@@ -83,7 +100,9 @@ class LoadingScorer:
 
     def _get(self):
         if self._worker is None:
-            raise GuardNotReady("the guard failed to load" if self.error else "the guard is still loading")
+            if self.error is not None:
+                raise GuardNotReady("the guard failed to load")
+            raise GuardNotReady("the guard is still loading" if self.started else "the guard is not loaded")
         return self._worker
 
     def watch(self, metrics) -> None:

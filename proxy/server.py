@@ -2,7 +2,8 @@
 
 The port opens at once; the guard loads on a worker thread meanwhile, and `/readyz`
 says 503 until it has. Until then a guarded request meets the policy's
-`on_guard_error` (fail closed by default), never an unguarded pass.
+`on_guard_error` (fail closed by default), never an unguarded pass. A config whose
+routes score nothing loads no guard, until a reload makes one score.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 import uvicorn
 
@@ -45,17 +47,34 @@ def with_overrides(config: Config, upstream: str | None) -> Config:
 
 
 class OverridingHolder(ConfigHolder):
-    """A ConfigHolder that re-applies the command line's `--upstream` after each reload."""
+    """A ConfigHolder that re-applies the command line's `--upstream` after each reload,
+    then calls `on_reload(config)` if set."""
 
     def __init__(self, config: Config, *, path: str, upstream: str | None) -> None:
         self._upstream = upstream
+        self.on_reload: Callable[[Config], None] | None = None
         super().__init__(with_overrides(config, upstream), path=path)
 
     def reload(self, path: str | None = None) -> bool:
         ok = super().reload(path)
         if ok:
             self._current = with_overrides(self._current, self._upstream)
+            if self.on_reload is not None:
+                self.on_reload(self._current)
         return ok
+
+
+def load_when_needed(scorer: LoadingScorer) -> Callable[[Config], None]:
+    """After a reload: a proxy that started with no route scoring loaded no guard; load it
+    now that a route scores, so the route is guarded once it has loaded (until then its
+    requests meet `on_guard_error`), with no restart."""
+
+    def check(config: Config) -> None:
+        if guard_needed(config) and scorer.start():
+            logger.warning("a route now scores text: loading the guard (until it is ready, guarded "
+                           "requests meet their policy's on_guard_error)")
+
+    return check
 
 
 async def watch_config(holder: ConfigHolder) -> None:
@@ -84,7 +103,8 @@ def serve(config_path: str, *, host: str | None = None, port: int | None = None,
     # httpx logs every upstream request at INFO: a line per request, and their URLs.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLevelName(level)))
     holder = OverridingHolder(config, path=config_path, upstream=upstream)
-    scorer = LoadingScorer(config.guard) if guard_needed(config) else None
+    scorer = LoadingScorer(config.guard, start=guard_needed(config))
+    holder.on_reload = load_when_needed(scorer)
     app = build_app(holder, scorer)
     server = uvicorn.Server(uvicorn.Config(
         app, host=host or config.server.host, port=port or config.server.port,
@@ -97,8 +117,7 @@ def serve(config_path: str, *, host: str | None = None, port: int | None = None,
             await server.serve()
         finally:
             watcher.cancel()
-            if scorer is not None:
-                scorer.close()
+            scorer.close()
 
     try:
         with asyncio.Runner(loop_factory=server.config.get_loop_factory()) as runner:  # uvloop when installed

@@ -25,6 +25,18 @@ def test_a_guard_that_fails_to_load_fails_every_call(tmp_path):
         scorer.stream("x")
 
 
+def test_a_guard_not_started_loads_nothing_until_started(tmp_path):
+    """What `siren-proxy serve` holds while no route scores: no model, calls refused as
+    not loaded; `start()` begins the load once."""
+    scorer = LoadingScorer(GuardConfig(artifact=str(tmp_path / "no-such-artifact")), start=False)
+    assert not scorer.started and not scorer.wait(timeout=0.1) and scorer.error is None
+    with pytest.raises(GuardNotReady, match="not loaded"):
+        scorer.stream("x")
+    assert scorer.start() is True and scorer.started
+    assert scorer.start() is False  # once
+    assert not scorer.wait(timeout=120) and scorer.error is not None  # it did try: the artifact is missing
+
+
 def test_the_guard_loads_with_the_configured_options(monkeypatch):
     import guard
 

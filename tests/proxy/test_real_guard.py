@@ -282,3 +282,44 @@ def test_siren_proxy_serve_with_the_embedded_guard(katan_url, tmp_path):
     assert answered.choices[0].message.content.endswith(BENIGN)
     assert shadowed.choices[0].finish_reason == "stop"
     assert "stage=prompt" in output and HARMFUL not in output  # decisions logged, text never
+
+
+def test_a_reload_that_makes_a_route_score_loads_the_guard(katan_url, tmp_path):
+    """`siren-proxy serve` with routes that score nothing loads no model (`/readyz`: guard
+    absent). A reload that turns a prompt stage on loads it, with no restart: requests
+    meet `on_guard_error` while it loads (503 here, fail closed), then are guarded."""
+    path = tmp_path / "config.yaml"
+    path.write_text(config(katan_url, prompt="{action: off}", response="{action: off}"))
+    port = free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SIREN_PROXY_RELOAD_POLL_SECONDS": "0.2"}
+    proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(path), "--port", str(port)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    codes = []
+    try:
+        wait_http(url + "/healthz", timeout=60, proc=proc)
+        before = httpx.get(url + "/readyz")
+        with openai.OpenAI(base_url=url + "/v1", api_key="sk", max_retries=0) as client:
+            passed = client.chat.completions.create(model="m", messages=[{"role": "user", "content": HARMFUL}])
+            path.write_text(config(katan_url, prompt="{action: refuse, threshold: 0.5}", response="{action: off}"))
+            deadline = time.monotonic() + 300  # a fresh machine converts the GGUF first (~20 s)
+            while True:  # passed until the reload is seen, 503 while the guard loads, then refused
+                try:
+                    reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": HARMFUL}])
+                    codes.append(reply.choices[0].finish_reason)
+                except openai.APIStatusError as exc:
+                    codes.append(exc.status_code)
+                if codes[-1] == "content_filter":
+                    break
+                assert proc.poll() is None and time.monotonic() < deadline, "the guard did not load"
+                time.sleep(0.2)
+        after = httpx.get(url + "/readyz").json()
+    finally:
+        proc.terminate()
+        output = proc.communicate(timeout=30)[0]
+    assert before.status_code == 200 and before.json()["guard"] == "absent", output[-2000:]
+    assert passed.choices[0].finish_reason == "stop"  # nothing scored before the reload
+    assert "loading the guard" in output and "guard ready" in output
+    stops = codes.count("stop")  # before the reload was seen; then 503 (guard_unavailable) while it loaded
+    assert 503 in codes and codes == ["stop"] * stops + [503] * (len(codes) - stops - 1) + ["content_filter"], codes
+    assert after["guard"] == "ready"

@@ -15,6 +15,11 @@ rendered by the proxy's own `policies.extract.prompt_text`.
 (2) 8 requests that share a ~400-token system prompt, `conversation_with_system` scope,
     each with its own question: the prompt stage's time.
 (3) The same prompt sent again (a retry, or "regenerate").
+(4) Safest-of-4 (`rerank`), or a whole reply with n=4: the guard work of one request,
+    the prompt stage and the four candidates. Before: the prompt scored as text, then
+    the four `prompt + "\n" + candidate` texts as one batch (`score_many`); now: the
+    prompt stage's session, then three more that take its prompt from the cache, the
+    four appends packed (`GuardedCall._score_choices`). Both on the guard with the cache.
 
 Each arm starts with an empty cache; each figure is the best of `--repeat` runs.
 """
@@ -130,6 +135,38 @@ def main() -> None:
     print(f"\ncache after (3): {len(cached.prefixes)} entries, {cached.prefixes.nbytes / 2**20:.1f} MiB; "
           f"hits {cached.prefixes.hits}, misses {cached.prefixes.misses}, "
           f"tokens reused {cached.prefixes.tokens_reused}")
+
+    # (4) n candidates for one prompt
+    async def as_texts(worker, prompt, candidates):
+        await worker.score(prompt=prompt)
+        await worker.score_many([(prompt, c) for c in candidates])
+
+    async def as_sessions(worker, prompt, candidates):
+        sessions = [worker.stream(prompt=prompt)]
+        await sessions[0].prompt_score()
+        sessions += [worker.stream(prompt=prompt) for _ in candidates[1:]]
+        await asyncio.gather(*(s.append(c) for s, c in zip(sessions, candidates)))
+        for s in sessions:
+            await s.aclose()
+
+    def best_of(how, prompt, candidates) -> float:
+        best = float("inf")
+        for _ in range(args.repeat):
+            cached.prefixes.clear()
+            worker = GuardWorker(cached, num_threads=args.threads)
+            started = time.perf_counter()
+            asyncio.run(how(worker, prompt, candidates))
+            best = min(best, time.perf_counter() - started)
+            worker.close()
+        return best
+
+    candidates = [r["response"][:600] for r in rows if len(r["response"]) >= 600][:4]
+    print("\n(4) 4 candidates (safest-of-4, or n=4), ~"
+          f"{sum(map(tokens, candidates)) / 4:.0f} tokens each: prompt stage + candidates")
+    print("  prompt tokens  as texts (before) / sessions from the cached prompt")
+    for prompt in (next(r["prompt"][:250] for r in rows if len(r["prompt"]) >= 250), turns[3][0]):
+        t0, t1 = best_of(as_texts, prompt, candidates), best_of(as_sessions, prompt, candidates)
+        print(f"  {tokens(prompt):>13}  {t0*1e3:>8.0f} ms / {t1*1e3:>5.0f} ms ({t0/t1:4.1f}x)")
 
 
 if __name__ == "__main__":

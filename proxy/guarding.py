@@ -152,11 +152,11 @@ class GuardedCall:
             body = rerank.upstream_body(self.payload, self.policy.rerank)
         stage = self.policy.prompt
         if stage.action == "off":
-            if not reranking and self._shares_prompt():
+            if self._shares_prompt():
                 self._open_early()
             response = await send_upstream(body)
         else:
-            response, decision, body = await self._prompt_stage(send_upstream, body, share=not reranking)
+            response, decision, body = await self._prompt_stage(send_upstream, body)
             if decision.action == FLAG:
                 headers = headers_for(decision, policy=self.policy.name)
             if response is None:
@@ -216,10 +216,9 @@ class GuardedCall:
         if not texts:  # an upstream error, or nothing to rank: the client gets it as it came
             self._write_audit()
             return Response(data, status_code=response.status_code, headers=dict(passthrough))
-        prompt = self.prompt if self.policy.response.include_prompt else None
         started = time.perf_counter()
         try:
-            scores = await self.scorer.score_many([(prompt, text) for _, text in texts])
+            scores = await self._score_choices([text for _, text in texts])
         except Exception as exc:  # noqa: BLE001
             decision = decide_response(self.policy.response, None, on_guard_error=self.policy.on_guard_error,
                                        error=f"{type(exc).__name__}: {exc}")
@@ -245,10 +244,10 @@ class GuardedCall:
         return Response(json.dumps(completion, ensure_ascii=False).encode(), media_type="application/json",
                         headers={**dict(passthrough), **headers})
 
-    async def _prompt_stage(self, send_upstream, body: bytes, *, share: bool):
+    async def _prompt_stage(self, send_upstream, body: bytes):
         parallel = self.policy.prompt.mode == "parallel"
         pending = asyncio.create_task(send_upstream(body)) if parallel else None
-        if share and self._shares_prompt():
+        if self._shares_prompt():
             score_prompt = functools.partial(self._prompt_by_session, keep=True)
         elif self.scorer is not None and self.prompt and self.policy.prompt.scope != "last_user":
             score_prompt = functools.partial(self._prompt_by_session, keep=False)
@@ -322,15 +321,11 @@ class GuardedCall:
             if decision.action == GUARD_ERROR:
                 raise GuardUnavailable("the upstream response could not be checked by the safety guard")
             return data, {}
-        prompt = self.prompt if self.policy.response.include_prompt else None
-        session = self.session  # its prompt is prefilled: one choice needs only its own tokens (`run` closes it)
         started = time.perf_counter()
         scores, error = [None] * len(choices), None
         try:
-            if session is not None and len(choices) == 1:
-                scores = [await session.append(choices[0][1])]
-            elif choices:
-                scores = await self.scorer.score_many([(prompt, text) for _, text in choices])
+            if choices:
+                scores = await self._score_choices([text for _, text in choices])
         except Exception as exc:  # noqa: BLE001
             error = f"{type(exc).__name__}: {exc}"
             logger.warning("guard failed on a response: %s", error)
@@ -350,6 +345,31 @@ class GuardedCall:
             if decision.action == FLAG and (not headers or decision.crossed):
                 headers = headers_for(decision, policy=self.policy.name)
         return (json.dumps(body, ensure_ascii=False).encode() if changed else data), headers
+
+    async def _score_choices(self, texts: list[str]) -> list[float]:
+        """Each of a whole reply's texts scored as the response stage reads it: `prompt +
+        "\\n" + text` (`include_prompt`), else the text alone.
+
+        With the prompt, on guard sessions: the first is the prompt stage's (its prompt
+        already prefilled), or one opened now whose prefill is awaited, so the prompt is in
+        the guard's prefix cache before the others open; they take it and run only their
+        own text's tokens (`guard.prefixes`), and the worker packs their appends into
+        shared forwards. So n choices, or safest-of-n's n candidates, cost one prompt and
+        n responses, not n prompts. Without the prompt, one batch."""
+        if not self._shares_prompt():
+            prompt = self.prompt if self.policy.response.include_prompt else None
+            return await self.scorer.score_many([(prompt, text) for text in texts])
+        sessions = [self._take_session() or self.scorer.stream(self.prompt, cache_salt=self.cache_salt)]
+        try:
+            if len(texts) > 1:
+                await sessions[0].prompt_score()
+                for _ in texts[1:]:  # one at a time: each opened is closed below, even if the next fails
+                    sessions.append(self.scorer.stream(self.prompt, cache_salt=self.cache_salt))
+            return list(await asyncio.gather(*(s.append(text) for s, text in zip(sessions, texts))))
+        finally:
+            for session in sessions:
+                with cleanup():
+                    await session.aclose()
 
     def _texts(self, body: dict) -> list[tuple[int, str]] | None:
         if self.endpoint == "responses":

@@ -72,16 +72,36 @@ def test_a_whole_reply_is_scored_on_the_prompt_stages_session(scripted):
     assert all_closed(scorer)
 
 
-def test_several_whole_choices_are_scored_as_one_batch(scripted):
-    """n > 1: the choices go to `score_many` together; the prompt's session is closed."""
+@pytest.mark.parametrize("prompt_stage", [REFUSE, "{action: off}"])
+def test_several_whole_choices_continue_the_prompts_session(scripted, prompt_stage):
+    """n > 1: choice 0 continues the prompt's session (the prompt stage's, or the one
+    opened early); the other choices' sessions open only after its prefill has scored, so
+    the real guard's prefix cache holds the prompt for them. No full-text scoring."""
     url, _ = scripted
     scorer = KeywordScorer()
-    with running_proxy(policy_yaml(url, prompt=REFUSE, response=CUT % (16, 16)), scorer) as proxy:
+    with running_proxy(policy_yaml(url, prompt=prompt_stage, response=CUT % (16, 16)), scorer) as proxy:
         reply = sdk(proxy, default_headers={"x-script": "text:calm|BOMB"}).chat.completions.create(
             model="m", messages=user("hi"), n=2)
     assert [c.message.content for c in reply.choices] == ["calm", REFUSAL]
-    assert scorer.calls == ["hi", "hi\ncalm", "hi\nBOMB"]
+    assert scorer.calls == ["hi"]  # the prompt's prefill, once
+    assert [s.text for s in scorer.sessions] == ["hi\ncalm", "hi\nBOMB"]
+    assert [s.prompt_scored for s in scorer.sessions] == [True, False]
+    assert scorer.sessions[1].calls_before == 1  # opened after the prompt had scored
     assert all_closed(scorer)
+
+
+@pytest.mark.parametrize("rerank", [False, True])
+def test_a_full_queue_while_choices_open_closes_every_session_and_fails_closed(scripted, rerank):
+    """The guard's queue fills after two sessions, while the third choice (or candidate)
+    opens: the two are closed, and the reply meets `on_guard_error` (block: 503)."""
+    url, _ = scripted
+    scorer = KeywordScorer(sessions_before_busy=2)
+    extra = "    rerank: {n: 3, select: safest}" if rerank else ""
+    with running_proxy(policy_yaml(url, prompt=REFUSE, response=CUT % (16, 16), policy_extra=extra), scorer) as proxy:
+        response = httpx.post(proxy.url + "/v1/chat/completions", headers={"x-script": "text:a|b|c"},
+                              json={"model": "m", "messages": user("hi"), **({} if rerank else {"n": 3})}, timeout=20)
+    assert response.status_code == 503 and response.json()["error"]["code"] == "guard_unavailable"
+    assert len(scorer.sessions) == 2 and all_closed(scorer)
 
 
 def test_with_n_streams_choice_0_takes_the_prompts_session(scripted):
@@ -110,8 +130,9 @@ def test_every_other_ending_closes_the_prompts_session(scripted, case):
     expect = {"refused": 200, "upstream error": 400, "upstream unreachable": 502, "rerank": 200}[case]
     assert response.status_code == expect, response.text
     assert ("choices" if expect == 200 else "error") in response.json()
-    if case == "rerank":  # candidates are ranked with score_many; no session to share
-        assert scorer.sessions == [] and scorer.calls == ["hi", "hi\nfine", "hi\nfine"]
+    if case == "rerank":  # the candidates continue the prompt's session, and one more opens after it
+        assert scorer.calls == ["hi"] and [s.text for s in scorer.sessions] == ["hi\nfine", "hi\nfine"]
+        assert scorer.sessions[0].prompt_scored and all_closed(scorer)
     else:
         [session] = scorer.sessions
         assert session.prompt_scored and session.text == f"{message}\n"  # never appended to

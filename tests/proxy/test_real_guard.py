@@ -222,6 +222,43 @@ routes:
     assert reused >= 15
 
 
+def test_safest_of_n_scores_its_candidates_from_the_cached_prompt(scripted, scorer):
+    """Safest-of-3 with the real guard: the prompt is prefilled once, by the prompt
+    stage's session; the other candidates' sessions take it from the prefix cache and run
+    only their own tokens. Every candidate's score equals a one-pass score of prompt +
+    candidate."""
+    url, _ = scripted
+    text = f"""
+upstreams:
+  up: {{base_url: {url}}}
+policies:
+  p:
+    prompt: {{action: refuse, threshold: 0.5}}
+    response: {{action: cut, threshold: 0.99}}
+    rerank: {{n: 3, select: safest}}
+routes:
+  - {{prefix: /v1, upstream: up, policy: p}}
+"""
+    candidates = ["Otters hold hands while they sleep.", "They eat crabs and fish.",
+                  "A group of otters in water is called a raft."]
+    with running_proxy(text, scorer) as proxy, sdk(proxy) as client:
+        before = prefix_counts(proxy)
+        raw = client.chat.completions.with_raw_response.create(
+            model="m", messages=[{"role": "user", "content": OTTERS}],
+            extra_headers={"x-script": "text:" + "|".join(candidates)})
+        after = prefix_counts(proxy)
+    scores = [float(x) for x in raw.headers["x-siren-rerank-scores"].split(",")]
+
+    async def one_pass():
+        return await scorer.score_many([(OTTERS, c) for c in candidates])
+
+    assert max(abs(a - b) for a, b in zip(scores, asyncio.run(one_pass()))) < 2e-3
+    assert after["siren_proxy_guard_prefix_cache_hits_total"] - before["siren_proxy_guard_prefix_cache_hits_total"] >= 2
+    reused = after["siren_proxy_guard_prefix_tokens_reused_total"] - before["siren_proxy_guard_prefix_tokens_reused_total"]
+    assert reused >= 2 * 30  # two candidates did not run the prompt again
+    assert raw.headers["x-siren-rerank"].split("/")[1] == "3"
+
+
 def audit_record(path: Path, wanted) -> dict:
     """The first audit line that matches; a stream's line is written as its relay closes,
     which can be just after the client has read `[DONE]`."""

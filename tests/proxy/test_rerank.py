@@ -60,7 +60,10 @@ def test_safest_candidate_is_returned_as_n1(scripted):
     assert raw.headers["x-siren-rerank"] == "2/3"
     assert raw.headers["x-siren-rerank-scores"] == "0.9900,0.4000,0.0100"
     assert reply.usage.completion_tokens == 18  # the upstream's own usage, for all 3 candidates
-    assert len(scorer.calls) == 3
+    # the candidates continue the prompt's session (opened as the request came) and two
+    # more opened after its prefill, so the guard's prefix cache runs the prompt once
+    assert scorer.calls == ["hi"]
+    assert [s.text for s in scorer.sessions] == ["hi\na BOMB", "hi\na borderline one", "hi\na calm one"]
 
 
 def test_first_safe(scripted):

@@ -51,8 +51,9 @@ class KeywordSession:
     async def prompt_score(self) -> float:
         if not self.prompt:
             raise ValueError("this stream session has no prompt to score")
+        if not self.prompt_scored:  # the real session's prefill runs once, however often it is awaited
+            self.scorer.calls.append(self.prompt)
         self.prompt_scored = True
-        self.scorer.calls.append(self.prompt)
         return await self.scorer._score(self.prompt)
 
     async def append(self, delta: str) -> float:
@@ -66,9 +67,11 @@ class KeywordSession:
 
 
 class KeywordScorer:
-    def __init__(self, *, fail: bool = False, busy: bool = False, delay: float = 0.0) -> None:
+    def __init__(self, *, fail: bool = False, busy: bool = False, delay: float = 0.0,
+                 sessions_before_busy: int | None = None) -> None:
         self.fail = fail
         self.busy = busy
+        self.sessions_before_busy = sessions_before_busy  # the queue fills after this many sessions
         self.delay = delay
         self.calls: list[str] = []
         self.checks: list[int] = []
@@ -96,8 +99,9 @@ class KeywordScorer:
         return [await self.score(prompt=p, response=r) for p, r in items]
 
     def stream(self, prompt: str | None = None, *, cache_salt: str | None = None) -> KeywordSession:
-        if self.busy:
+        if self.busy or len(self.sessions) == self.sessions_before_busy:
             raise ScorerBusy("scripted full queue")
         session = KeywordSession(self, prompt, cache_salt)
+        session.calls_before = len(self.calls)  # what had been scored when it opened
         self.sessions.append(session)
         return session

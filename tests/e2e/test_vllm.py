@@ -8,6 +8,7 @@ run): `python -m pytest -m vllm tests/e2e -q`. What each test proves about vLLM 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -207,3 +208,32 @@ def test_harmful_prompt_is_refused_without_calling_vllm(vllm_url, scorer):
     assert float(plain.headers["x-siren-score"]) >= 0.5
     for name in ("vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:request_success_total"):
         assert after[name] == before[name], name
+
+
+def test_safest_of_3_scores_vllms_candidates_from_the_cached_prompt(vllm_url, scorer):
+    """Safest-of-3 (`rerank`) over vLLM's own sampled candidates: the proxy's request for 3
+    candidates (seeded, so a direct request gets the same 3), each scored on a guard
+    session that starts from the prompt stage's cached prefill; every score equals a
+    one-pass score of prompt + candidate, and the answer is the lowest-scoring one."""
+    text = config(vllm_url, prompt="{action: refuse, threshold: 0.5}",
+                  response="{action: cut, threshold: 0.99}").replace(
+        "    response: {action: cut, threshold: 0.99}",
+        "    response: {action: cut, threshold: 0.99}\n    rerank: {n: 3, select: safest}")
+    messages = [{"role": "user", "content": BENIGN}]
+    options = dict(temperature=1.0, seed=7, max_tokens=48)
+    with sdk(vllm_url) as direct:
+        candidates = [c.message.content for c in direct.chat.completions.create(
+            model=SERVED_NAME, messages=messages, n=3, **options).choices]
+    with running_proxy(text, scorer) as proxy, sdk(proxy.url + "/v1") as client:
+        raw = client.chat.completions.with_raw_response.create(model=SERVED_NAME, messages=messages, **options)
+    scores = [float(x) for x in raw.headers["x-siren-rerank-scores"].split(",")]
+    chosen = int(raw.headers["x-siren-rerank"].split("/")[0])
+
+    async def one_pass():
+        return await scorer.score_many([(BENIGN, c) for c in candidates])
+
+    expected = asyncio.run(one_pass())
+    assert max(abs(a - b) for a, b in zip(scores, expected)) < 2e-3, (scores, expected)
+    assert chosen == min(range(3), key=scores.__getitem__)
+    assert raw.parse().choices[0].message.content == candidates[chosen]
+    print(f"\nsafest-of-3 over vLLM: scores {scores}, one-pass {[round(x, 4) for x in expected]}, chose {chosen}")

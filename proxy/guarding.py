@@ -42,6 +42,10 @@ logger = logging.getLogger(__name__)
 
 GUARDED_ENDPOINTS = ("chat/completions", "completions", "responses")
 MAX_N = 128
+# A whole reply's choices (or safest-of-n's candidates) are scored on at most this many
+# guard sessions at once: as many as the worker packs into one round by default
+# (`guard.max_batch_size`), and a bound on the prompt cache copies held for one reply.
+CHOICE_SESSIONS = 16
 
 
 def guarded_endpoint(method: str, upstream_path: str) -> str | None:
@@ -354,22 +358,26 @@ class GuardedCall:
         already prefilled), or one opened now whose prefill is awaited, so the prompt is in
         the guard's prefix cache before the others open; they take it and run only their
         own text's tokens (`guard.prefixes`), and the worker packs their appends into
-        shared forwards. So n choices, or safest-of-n's n candidates, cost one prompt and
-        n responses, not n prompts. Without the prompt, one batch."""
+        shared forwards, `CHOICE_SESSIONS` at a time. So n choices, or safest-of-n's n
+        candidates, cost one prompt and n responses, not n prompts. Without the prompt,
+        one batch."""
         if not self._shares_prompt():
             prompt = self.prompt if self.policy.response.include_prompt else None
             return await self.scorer.score_many([(prompt, text) for text in texts])
         sessions = [self._take_session() or self.scorer.stream(self.prompt, cache_salt=self.cache_salt)]
+        scores: list[float] = []
         try:
             if len(texts) > 1:
                 await sessions[0].prompt_score()
-                for _ in texts[1:]:  # one at a time: each opened is closed below, even if the next fails
+            for start in range(0, len(texts), CHOICE_SESSIONS):  # bounded: each holds a copy of the prompt's cache
+                group = texts[start : start + CHOICE_SESSIONS]
+                while len(sessions) < len(group):  # one at a time: each opened is closed, even if the next fails
                     sessions.append(self.scorer.stream(self.prompt, cache_salt=self.cache_salt))
-            return list(await asyncio.gather(*(s.append(text) for s, text in zip(sessions, texts))))
+                scores += await asyncio.gather(*(s.append(text) for s, text in zip(sessions, group)))
+                await _close_all(sessions)
+            return scores
         finally:
-            for session in sessions:
-                with cleanup():
-                    await session.aclose()
+            await _close_all(sessions)
 
     def _texts(self, body: dict) -> list[tuple[int, str]] | None:
         if self.endpoint == "responses":
@@ -408,6 +416,18 @@ async def read_whole(response: httpx.Response) -> bytes:
     finally:
         with cleanup():
             await response.aclose()
+
+
+async def _close_all(sessions: list[StreamSession]) -> None:
+    """Close and forget every session in `sessions`: one that fails to close is logged,
+    and the rest are still closed."""
+    while sessions:
+        session = sessions.pop()
+        with cleanup():
+            try:
+                await session.aclose()
+            except Exception as exc:  # noqa: BLE001 - the verdict stands; the worker frees it on its own close
+                logger.warning("guard session did not close: %s: %s", type(exc).__name__, exc)
 
 
 async def _discard(task: asyncio.Task | None) -> None:

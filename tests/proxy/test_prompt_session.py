@@ -15,6 +15,7 @@ import anyio
 import httpx
 import pytest
 
+from proxy.guarding import CHOICE_SESSIONS
 from proxy.relay import RelayResponse
 from tests.proxy.test_guarded import AUTH, CUT, REFUSAL, policy_yaml, sse_events, stream_body, user
 from tests.support.clients import close_sdk_clients, sdk  # noqa: F401 - close_sdk_clients is autouse
@@ -88,6 +89,21 @@ def test_several_whole_choices_continue_the_prompts_session(scripted, prompt_sta
     assert [s.prompt_scored for s in scorer.sessions] == [True, False]
     assert scorer.sessions[1].calls_before == 1  # opened after the prompt had scored
     assert all_closed(scorer)
+
+
+def test_many_whole_choices_are_scored_a_bounded_group_at_a_time(scripted):
+    """n=40: every choice is scored, by at most `CHOICE_SESSIONS` sessions open at once
+    (each would hold a copy of the prompt's cache), and every session is closed."""
+    url, _ = scripted
+    scorer = KeywordScorer()
+    words = [f"w{i}" for i in range(40)]
+    words[33] = "BOMB"
+    with running_proxy(policy_yaml(url, prompt=REFUSE, response=CUT % (16, 16)), scorer) as proxy:
+        reply = sdk(proxy, default_headers={"x-script": "text:" + "|".join(words)}).chat.completions.create(
+            model="m", messages=user("hi"), n=40)
+    assert [c.message.content for c in reply.choices] == words[:33] + [REFUSAL] + words[34:]
+    assert sorted(s.text for s in scorer.sessions) == sorted(f"hi\n{w}" for w in words)
+    assert scorer.most_open == CHOICE_SESSIONS and all_closed(scorer)
 
 
 @pytest.mark.parametrize("rerank", [False, True])

@@ -76,6 +76,7 @@ class KeywordScorer:
         self.calls: list[str] = []
         self.checks: list[int] = []
         self.sessions: list[KeywordSession] = []
+        self.most_open = 0  # the most sessions open at once
 
     @property
     def ready(self) -> bool:
@@ -103,5 +104,6 @@ class KeywordScorer:
             raise ScorerBusy("scripted full queue")
         session = KeywordSession(self, prompt, cache_salt)
         session.calls_before = len(self.calls)  # what had been scored when it opened
+        self.most_open = max(self.most_open, 1 + sum(not s.closed for s in self.sessions))
         self.sessions.append(session)
         return session

@@ -129,4 +129,26 @@ def routing_table(config: Config) -> str:
                      + ", ".join(k.name for k in config.server.api_keys))
     else:
         lines.append("auth: off (server.api_keys is empty)")
+    lines.append(_guard_summary(config))
     return "\n".join(lines)
+
+
+def guard_needed(config: Config) -> bool:
+    """Whether any policy that a route uses scores anything (so the model must load)."""
+    used = {route.policy for route in config.routes}
+    return any(p.prompt.action != "off" or p.response.action != "off" or p.rerank is not None
+               for name, p in config.policies.items() if name in used)
+
+
+def _guard_summary(config: Config) -> str:
+    """What `serve` loads for the guard, and how its prefix cache is shared."""
+    if not guard_needed(config):
+        return "guard: not loaded (no route scores text; a reload that makes one score loads it)"
+    g = config.guard
+    artifact = g.artifact or "the embedded default head"
+    if g.prefix_cache_mb == 0:
+        cache = "prefix cache off"
+    else:
+        shared = "per API key" if g.prefix_cache_scope == "key" and config.server.auth_required else "shared"
+        cache = f"prefix cache {g.prefix_cache_mb:g} MiB, {shared}"
+    return f"guard: {artifact}, device {g.device}, dtype {g.dtype}; {cache}"

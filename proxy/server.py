@@ -21,6 +21,7 @@ import uvicorn
 from policies.config import Config
 from policies.errors import ConfigError
 from policies.reload import ConfigHolder
+from policies.routing import guard_needed
 
 from .app import build_app
 from .embedded import LoadingScorer
@@ -29,13 +30,6 @@ logger = logging.getLogger(__name__)
 
 # How often the config file is checked for changes (SIGHUP reloads at once, any time).
 RELOAD_POLL_SECONDS = float(os.environ.get("SIREN_PROXY_RELOAD_POLL_SECONDS", "2"))
-
-
-def guard_needed(config: Config) -> bool:
-    """Whether any policy that a route uses scores anything (so the model must load)."""
-    used = {route.policy for route in config.routes}
-    return any(p.prompt.action != "off" or p.response.action != "off" or p.rerank is not None
-               for name, p in config.policies.items() if name in used)
 
 
 def with_overrides(config: Config, upstream: str | None) -> Config:

@@ -351,6 +351,20 @@ def test_reference_config_loads():
     assert "steer" in {p.prompt.action for p in config.policies.values()}
 
 
+def test_the_reference_shows_every_key():
+    """docs/config.reference.yaml says it shows every key: each field of the config's
+    sections appears there as a key (steer's two under their YAML names)."""
+    import dataclasses
+
+    from policies.config import GuardConfig, ServerConfig, Upstream
+
+    text = REFERENCE.read_text()
+    yaml_names = {"steer_from": "from", "steer_message": "system_message"}
+    for section in (ServerConfig, Upstream, GuardConfig, PromptStage, ResponseStage):
+        for f in dataclasses.fields(section):
+            assert f"{yaml_names.get(f.name, f.name)}:" in text, f"{section.__name__}.{f.name}"
+
+
 def test_textwrap_helper_matches_file_lines():
     # The helper dedents; line numbers must still be those of the dedented text.
     with pytest.raises(ConfigError) as info:

@@ -128,6 +128,25 @@ def test_routing_table_of_the_example():
     assert "policy redteam: prompt shadow@0.5" in table
     assert "response cut@0.9 every 16 hold 0" in table
     assert "auth: off" in table
+    assert table.endswith("guard: the embedded default head, device auto, dtype auto; prefix cache 256 MiB, shared")
+
+
+@pytest.mark.parametrize("extra,expect", [
+    ("server: {api_keys: [k1]}\n", "prefix cache 256 MiB, per API key"),
+    ("server: {api_keys: [k1]}\nguard: {prefix_cache_scope: shared}\n", "prefix cache 256 MiB, shared"),
+    ("guard: {prefix_cache_mb: 0, artifact: /heads/x, device: cpu}\n",
+     "guard: /heads/x, device cpu, dtype auto; prefix cache off"),
+])
+def test_routing_table_says_what_guard_serve_loads(extra, expect):
+    base = "upstreams: {up: {base_url: 'http://x/v1'}}\nroutes: [{prefix: /v1, upstream: up, policy: default}]\n"
+    assert expect in routing_table(parse_config(base + extra)).splitlines()[-1]
+
+
+def test_routing_table_says_no_guard_loads_when_no_route_scores():
+    text = ("upstreams: {up: {base_url: 'http://x/v1'}}\n"
+            "policies: {open: {prompt: {action: off}, response: {action: off}}}\n"
+            "routes: [{prefix: /v1, upstream: up, policy: open}]\n")
+    assert routing_table(parse_config(text)).splitlines()[-1].startswith("guard: not loaded")
 
 
 # (Authorization header, api key name)

@@ -26,15 +26,14 @@ from policies.config import Policy
 from policies.decisions import (BLOCK, CUT, FLAG, GUARD_ERROR, REFUSE, STEER, Decision, decide_prompt,
                                 decide_response, headers_for)
 from policies.errors import RequestShapeError
-from policies.extract import (prompt_text, response_text_chat, response_text_completion,
-                              response_text_responses)
+from policies.extract import prompt_text
 
 from .errors import BadRequest, ContentFiltered, GuardUnavailable, Overloaded
 from .records import AuditLog, Exchange
 from . import rerank
 from .relay import RelayResponse, cleanup, raw_body, transport_error
 from .scorer import Scorer, ScorerBusy, StreamSession
-from .shapes import CONTENT_FILTER, refused_json, refused_stream
+from .shapes import choice_texts, refuse_choice, refused_json, refused_stream, steered
 from .stream_guard import StreamGuard
 from .upstream import response_headers
 
@@ -89,25 +88,6 @@ def cache_salt(scope: str, key_name: str | None, payload: Mapping) -> str | None
     if isinstance(salt, str) and salt:
         parts["salt"] = salt
     return json.dumps(parts, sort_keys=True) if parts else None
-
-
-def steered(endpoint: str, payload: dict, message: str) -> dict:
-    """The request with the policy's safety instruction added as (or to) the system prompt."""
-    payload = dict(payload)
-    if endpoint == "chat/completions":
-        messages = list(payload.get("messages") or [])
-        first = messages[0] if messages else None
-        if isinstance(first, dict) and first.get("role") in ("system", "developer") and isinstance(first.get("content"), str):
-            messages[0] = {**first, "content": f"{message}\n\n{first['content']}"}
-        else:
-            messages.insert(0, {"role": "system", "content": message})
-        payload["messages"] = messages
-    elif endpoint == "completions" and isinstance(payload.get("prompt"), str):
-        payload["prompt"] = f"{message}\n\n{payload['prompt']}"
-    elif endpoint == "responses":
-        instructions = payload.get("instructions")
-        payload["instructions"] = f"{message}\n\n{instructions}" if isinstance(instructions, str) else message
-    return payload
 
 
 def refusal_response(endpoint: str, payload: Mapping, policy: Policy, headers: dict[str, str]) -> Response:
@@ -216,7 +196,7 @@ class GuardedCall:
             body = json.loads(data) if response.status_code == 200 else None
         except ValueError:
             body = None
-        texts = self._texts(body) if isinstance(body, dict) else None
+        texts = choice_texts(self.endpoint, body) if isinstance(body, dict) else None
         if not texts:  # an upstream error, or nothing to rank: the client gets it as it came
             self._write_audit()
             return Response(data, status_code=response.status_code, headers=dict(passthrough))
@@ -317,7 +297,7 @@ class GuardedCall:
             body = json.loads(data)
         except ValueError:
             body = None
-        choices = self._texts(body) if isinstance(body, dict) else None
+        choices = choice_texts(self.endpoint, body) if isinstance(body, dict) else None
         if choices is None:  # not a completion we can read: nothing to score, fail per policy
             decision = decide_response(self.policy.response, None, on_guard_error=self.policy.on_guard_error,
                                        error="the upstream response is not a completion the guard can read")
@@ -344,7 +324,7 @@ class GuardedCall:
             if decision.action == GUARD_ERROR:
                 raise GuardUnavailable("the safety guard failed while checking the response")
             if decision.action == CUT:
-                self._replace(body, index)
+                refuse_choice(self.endpoint, self.payload, self.policy.refusal, body, index)
                 changed = True
             if decision.action == FLAG and (not headers or decision.crossed):
                 headers = headers_for(decision, policy=self.policy.name)
@@ -378,29 +358,6 @@ class GuardedCall:
             return scores
         finally:
             await _close_all(sessions)
-
-    def _texts(self, body: dict) -> list[tuple[int, str]] | None:
-        if self.endpoint == "responses":
-            return [(0, response_text_responses(body))] if isinstance(body.get("output"), list) else None
-        choices = body.get("choices")
-        if not isinstance(choices, list):
-            return None
-        read = response_text_completion if self.endpoint == "completions" else response_text_chat
-        return [(c.get("index", i), read(c)) for i, c in enumerate(choices) if isinstance(c, dict)]
-
-    def _replace(self, body: dict, index: int) -> None:
-        refusal = self.policy.refusal
-        if self.endpoint == "responses":
-            body.update(refused_json("responses", self.payload, refusal) | {
-                k: body[k] for k in ("id", "created_at", "model", "usage") if k in body})
-            return
-        for i, choice in enumerate(body["choices"]):
-            if isinstance(choice, dict) and choice.get("index", i) == index:
-                if self.endpoint == "completions":
-                    choice["text"] = refusal
-                else:
-                    choice["message"] = {"role": "assistant", "content": refusal}
-                choice["finish_reason"] = CONTENT_FILTER
 
     def _write_audit(self) -> None:
         if self.audit is not None:

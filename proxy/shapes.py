@@ -1,4 +1,5 @@
-"""OpenAI response shapes the proxy writes itself: refusals, cut chunks, usage.
+"""OpenAI shapes the proxy reads or writes itself: refusals, cut chunks, usage, a whole
+reply's choices, and a steered request.
 
 Each endpoint that carries generated text has three forms here: a whole refused
 response (the prompt stage answered without calling the upstream), the same in stream
@@ -14,6 +15,8 @@ import json
 import time
 import uuid
 from collections.abc import Mapping
+
+from policies.extract import response_text_chat, response_text_completion, response_text_responses
 
 from .sse import DONE, encode_event, encode_json
 
@@ -109,3 +112,50 @@ def response_cut_events(response: Mapping, refusal: str, *, item_id: str | None 
 def _typed_event(obj: Mapping) -> bytes:
     """A Responses API event: `event: <type>` and the JSON, as OpenAI sends them."""
     return encode_event(json.dumps(obj, ensure_ascii=False, separators=(",", ":")), event=obj["type"])
+
+
+def steered(endpoint: str, payload: dict, message: str) -> dict:
+    """The request with the policy's safety instruction added as (or to) the system prompt."""
+    payload = dict(payload)
+    if endpoint == "chat/completions":
+        messages = list(payload.get("messages") or [])
+        first = messages[0] if messages else None
+        if isinstance(first, dict) and first.get("role") in ("system", "developer") and isinstance(first.get("content"), str):
+            messages[0] = {**first, "content": f"{message}\n\n{first['content']}"}
+        else:
+            messages.insert(0, {"role": "system", "content": message})
+        payload["messages"] = messages
+    elif endpoint == "completions" and isinstance(payload.get("prompt"), str):
+        payload["prompt"] = f"{message}\n\n{payload['prompt']}"
+    elif endpoint == "responses":
+        instructions = payload.get("instructions")
+        payload["instructions"] = f"{message}\n\n{instructions}" if isinstance(instructions, str) else message
+    return payload
+
+
+def choice_texts(endpoint: str, body: Mapping) -> list[tuple[int, str]] | None:
+    """(index, generated text) of each choice of a whole reply; None if `body` is not a
+    completion of `endpoint`'s shape."""
+    if endpoint == "responses":
+        return [(0, response_text_responses(body))] if isinstance(body.get("output"), list) else None
+    choices = body.get("choices")
+    if not isinstance(choices, list):
+        return None
+    read = response_text_completion if endpoint == "completions" else response_text_chat
+    return [(c.get("index", i), read(c)) for i, c in enumerate(choices) if isinstance(c, dict)]
+
+
+def refuse_choice(endpoint: str, request: Mapping, refusal: str, body: dict, index: int) -> None:
+    """Replace choice `index` of a whole reply with `refusal`, in place (a Responses reply
+    becomes the refused response, keeping its id, times, model and usage)."""
+    if endpoint == "responses":
+        body.update(refused_json("responses", request, refusal) | {
+            k: body[k] for k in ("id", "created_at", "model", "usage") if k in body})
+        return
+    for i, choice in enumerate(body["choices"]):
+        if isinstance(choice, dict) and choice.get("index", i) == index:
+            if endpoint == "completions":
+                choice["text"] = refusal
+            else:
+                choice["message"] = {"role": "assistant", "content": refusal}
+            choice["finish_reason"] = CONTENT_FILTER

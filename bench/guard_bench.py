@@ -253,8 +253,8 @@ def main() -> None:
 
         return best(lambda: [products() for _ in range(calls)], args.repeat) / calls
 
-    block = ours.readout.model.model.layers[0]
-    linears = [m for m in block.modules() if isinstance(m, torch.nn.Linear)]
+    layers = ours.readout.model.model.layers
+    linears = [m for m in layers[0].modules() if isinstance(m, torch.nn.Linear)]
     flops_per_row = sum(2 * m.in_features * m.out_features for m in linears)
     rates = []
     for rows_at_once in (1, 16, 40, 256, 1024):
@@ -263,11 +263,10 @@ def main() -> None:
     print("(d) one block's linear layers, GFLOP/s by rows per call: " + ", ".join(rates))
     # The same for every kept block in turn, as a forward runs them: one block's weights
     # fit in the caches, all of them do not, so each call reads its weights from memory.
-    every = [m for layer in ours.readout.model.model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+    every = [m for layer in layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
     weights_mb = sum(m.weight.numel() * m.weight.element_size() for m in every) / 2**20
     # One row costs about the time to read the weights once; each further row adds its
     # share of the arithmetic, so t(rows) ~ t(1) + rows * (t(256) - t(1)) / 255.
-    layers = ours.readout.model.model.layers
     flops_per_pass = flops_per_row * len(layers)
 
     def rates_of(linears) -> str:

@@ -22,6 +22,7 @@ import logging
 import os
 import threading
 from collections.abc import Mapping
+from operator import attrgetter
 from pathlib import Path
 
 from policies.config import Config, load_config, parse_config
@@ -113,10 +114,4 @@ STARTUP_ONLY = ("server.host", "server.port", "server.audit_log", "server.log_le
 
 def restart_needed(old: Config, new: Config) -> tuple[str, ...]:
     """The settings that differ but are only read at start-up (`STARTUP_ONLY`)."""
-
-    def get(config: Config, dotted: str):
-        for name in dotted.split("."):
-            config = getattr(config, name)
-        return config
-
-    return tuple(name for name in STARTUP_ONLY if get(old, name) != get(new, name))
+    return tuple(name for name in STARTUP_ONLY if attrgetter(name)(old) != attrgetter(name)(new))

@@ -44,9 +44,10 @@ class OverridingHolder(ConfigHolder):
     """A ConfigHolder that re-applies the command line's `--upstream` after each reload,
     then calls `on_reload(config)` if set."""
 
-    def __init__(self, config: Config, *, path: str, upstream: str | None) -> None:
+    def __init__(self, config: Config, *, path: str, upstream: str | None,
+                 on_reload: Callable[[Config], None] | None = None) -> None:
         self._upstream = upstream
-        self.on_reload: Callable[[Config], None] | None = None
+        self.on_reload = on_reload
         super().__init__(with_overrides(config, upstream), path=path)
 
     def reload(self, path: str | None = None) -> bool:
@@ -96,9 +97,8 @@ def serve(config_path: str, *, host: str | None = None, port: int | None = None,
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # httpx logs every upstream request at INFO: a line per request, and their URLs.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLevelName(level)))
-    holder = OverridingHolder(config, path=config_path, upstream=upstream)
     scorer = LoadingScorer(config.guard, start=guard_needed(config))
-    holder.on_reload = load_when_needed(scorer)
+    holder = OverridingHolder(config, path=config_path, upstream=upstream, on_reload=load_when_needed(scorer))
     app = build_app(holder, scorer)
     server = uvicorn.Server(uvicorn.Config(
         app, host=host or config.server.host, port=port or config.server.port,

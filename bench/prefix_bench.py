@@ -1,6 +1,6 @@
 """Prefix cache benchmark: guard work per request with and without `guard.prefixes`.
 
-    PYTHONPATH=. python bench/prefix_bench.py [--threads 1] [--repeat 3] [--artifact DIR]
+    PYTHONPATH=. python bench/prefix_bench.py [--threads 1] [--repeat 3] [--artifact DIR] [--device cuda]
 
 Two guards load the same artifact and backbone, one with the prefix cache (the default,
 256 MiB) and one without (`prefix_cache_mb=0`); every request goes through a
@@ -47,12 +47,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifact", default=None, help="default: the embedded head")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cuda: static steps, and cached windows copied into their slots")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the proxy's default on 2 cores)")
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
-    cached = SirenGuard.from_pretrained(args.artifact, dtype=dtype)
-    plain = SirenGuard.from_pretrained(args.artifact, dtype=dtype, prefix_cache_mb=0)
+    cached = SirenGuard.from_pretrained(args.artifact, device=args.device, dtype=dtype)
+    plain = SirenGuard.from_pretrained(args.artifact, device=args.device, dtype=dtype, prefix_cache_mb=0)
+    for guard in (cached, plain):
+        guard.warm_up()  # on a GPU: capture every step size before timing
     tok = cached.tokenizer
     rows = [json.loads(x) for x in (ROOT / "tests/guard/fixtures/responses.jsonl").open()]
 

@@ -30,9 +30,10 @@ and feeding only the rest is exact too.
   A hit makes a score arrive sooner, so a shared entry tells one client that another sent
   the same prefix; the proxy salts by API key and by the request's own `cache_salt`.
 - With static steps (a GPU) windows live in preallocated slots and step as CUDA-graph
-  replays; a copied window would have a cache of its own and step eagerly, which costs
-  more there than the prefill it saves. So with static steps only completed windows'
-  scores are kept, and only texts longer than one window gain.
+  replays. An entry keeps copies taken out of the slots (`StaticStepper.snapshot`), and
+  a session that continues one copies it into a free slot (`StaticStepper.load`, a few
+  device copies where the prefill is one replay per 128 tokens), so its steps stay
+  static; with no slot free it steps eagerly, as any window beyond the slots does.
 
 Thread-safe (one lock), though a guard's sessions run on one thread anyway.
 """
@@ -85,8 +86,7 @@ class PrefixCache:
             if key in self._entries:  # the same text again: only its recency changes
                 self._entries.move_to_end(key)
                 return
-        # with static steps a copy (a cache of its own) would step eagerly, slower than a slot
-        copies = [w.copy() for w in windows if w.stepper is None]
+        copies = [w.copy() for w in windows]
         entry = _Entry(salt, key[1], dict(finals), copies)
         entry.nbytes = 64 * len(ids) + sum(w.nbytes for w in copies)  # a tuple slot and an int per token
         if entry.nbytes > self.max_bytes:

@@ -21,7 +21,8 @@ equal to a full recompute of that text, at the cost of the new tokens only:
 - With the guard's `StaticStepper` (on CUDA by default; `guard.graphs`) a window keeps
   its cache and rows in a preallocated slot and each feed is one CUDA-graph replay per
   step size; the logic above is unchanged, and a window without a free slot steps
-  eagerly.
+  eagerly. The prefix cache keeps copies taken from slots, and a window continued from
+  one is copied into a free slot (`_Window.settle`).
 
 Not thread-safe: one session belongs to one `SirenGuard`, used from one thread at a time.
 """
@@ -71,17 +72,41 @@ class _Window:
                                 dtype=torch.float32, device=readout.device)  # (max_length, F)
 
     def copy(self) -> _Window:
-        """A window of its own (no slot) with this one's tokens, cache and rows."""
-        if self.slot is not None:
-            raise ValueError("a window in a static slot cannot be copied")
+        """A window of its own (no slot) with this one's tokens, cache and rows: compact
+        copies, taken from the slot for a window in one."""
         twin = object.__new__(_Window)
         twin.guard, twin.start, twin.n, twin.stepper, twin.slot = self.guard, self.start, self.n, self.stepper, None
         twin._score, twin._stale = self._score, self._stale
-        twin.cache = DynamicCache(  # compact copies: a cropped cache's tensors are views of longer ones
-            ddp_cache_data=[(None, None) if layer.keys is None else (layer.keys.clone(), layer.values.clone())
-                            for layer in self.cache.layers])
-        twin.rows = self.rows.clone()
+        if self.slot is not None:
+            layers, rows = self.stepper.snapshot(self.slot, self.n)
+            twin.rows = rows.new_empty(self.guard.max_length, rows.shape[1])
+            twin.rows[: self.n] = rows
+        else:  # a cropped cache's tensors are views of longer ones
+            layers = [(None, None) if layer.keys is None else (layer.keys.clone(), layer.values.clone())
+                      for layer in self.cache.layers]
+            twin.rows = self.rows.clone()
+        twin.cache = DynamicCache(ddp_cache_data=layers)
         return twin
+
+    def settle(self) -> None:
+        """Move a window of its own into a free static slot, when the guard steps
+        statically: a copy from the prefix cache then takes static steps, as a window
+        prefilled in a slot does, for the price of copying its cache in."""
+        if self.slot is not None or self.stepper is None:
+            return
+        slot = self.stepper.acquire()
+        if slot is None:  # all taken: it steps eagerly, as windows beyond the slots do
+            return
+        try:
+            if self.n:
+                self.stepper.load(slot, [(layer.keys, layer.values) for layer in self.cache.layers],
+                                  self.rows[: self.n])
+        except BaseException:
+            self.stepper.release(slot)
+            raise
+        self.slot = slot
+        weakref.finalize(self, self.stepper.release, slot)
+        del self.cache, self.rows
 
     @property
     def nbytes(self) -> int:
@@ -190,18 +215,19 @@ class StreamSession:
                 if found is not None:
                     self._ids, self._finals, windows = found
                     self._spares = {window.start: window for window in windows}
-            score = yield from self._steps(ids)
+            puts = fresh and prefixes is not None and bool(self.prompt) and not self.response
+            score = yield from self._steps(ids, keep_previous=puts)
         except BaseException:
             self._ids, self._finals, self._active, self._spares = [], {}, None, {}
             raise
         finally:
             previous, self._previous = self._previous, None
-        if fresh and prefixes is not None and self.prompt and not self.response:
+        if puts:
             prefixes.put(self._ids, self._finals, [w for w in (previous, self._active) if w is not None],
                          salt=self.cache_salt)
         return score
 
-    def _steps(self, ids: list[int]) -> Iterator[tuple[_Window, list[int]]]:
+    def _steps(self, ids: list[int], keep_previous: bool = False) -> Iterator[tuple[_Window, list[int]]]:
         plan = self._plan
         keep = common_prefix(self._ids, ids)
         self.rolled_back += len(self._ids) - keep
@@ -230,8 +256,8 @@ class StreamSession:
             scores.append(active.score)
             if not last:
                 self._finals[start] = (end, active.score)
-                # kept to the update's end for the prefix cache (a slot is let go at once)
-                self._previous = active if active.slot is None and self.guard.prefixes is not None else None
+                if keep_previous:  # for the prefix cache at the update's end; a slot is let go at once
+                    self._previous = active if active.slot is None else active.copy()
                 active = None
         self._finals = {s: v for s, v in self._finals.items() if (s, v[0]) in spans[:-1]}
         self._active, self._spares = active, {}
@@ -247,6 +273,7 @@ class StreamSession:
         if window is None or start > keep or (start == keep and not self._plan.prefix):
             return None
         window.crop(len(self._plan.prefix) + keep - start)
+        window.settle()
         return window
 
     def _feed(self, window: _Window, ids: list[int]) -> Iterator[tuple[_Window, list[int]]]:

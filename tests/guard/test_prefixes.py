@@ -5,7 +5,8 @@ recompute of the same text.
 Conversations are built from real rows (tests/guard/fixtures) the way the proxy's
 `conversation` scope renders them, so each turn's prompt starts with the previous turn's;
 the windows case (max_length 12) makes long prompts span many windows, so completed
-windows are reused too; the static case keeps windows in slots, which are not copied.
+windows are reused too; the static case keeps windows in slots, copies them out into
+the cache and back into a free slot.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ TOL = 1e-4
 CASES = {
     "one-window": dict(pooling="mlp_mean", layers=[1, 2], max_length=512),
     "windows": dict(pooling="residual_mean", layers=[0, 2], max_length=12),
+    "static-one-window": dict(pooling="mlp_mean", layers=[1, 2], max_length=512),
     "static-windows": dict(pooling="residual_mean", layers=[0, 2], max_length=12),
 }
 
@@ -70,14 +72,13 @@ def test_each_turn_continues_the_last_and_scores_exactly(guard, real_rows):
             guard.prefixes.clear()
             alone = guard.stream(prompt=prompt)  # what it costs without (and the next turn's entry)
             assert alone.score == pytest.approx(session.score, abs=TOL)
-            if turn and guard.stepper is None:
+            if turn:
                 assert session.tokens_fed <= alone.tokens_fed - before + slack
             before = session.tokens
             for cut in range(0, len(reply), 9):
                 result = session.append(reply[cut : cut + 9])
                 assert result.score == pytest.approx(full(guard, prompt, reply[: cut + 9]), abs=TOL)
-    if guard.stepper is None:
-        assert guard.prefixes.hits >= hits + 4
+    assert guard.prefixes.hits >= hits + 4
     assert guard.prefixes.tokens_reused > 0
 
 
@@ -98,7 +99,7 @@ def test_a_shared_system_prompt_runs_only_what_follows_it(guard, real_rows):
         keep = max((common_prefix(ids, other) for other in seen), default=0)
         session = guard.stream(prompt=prompt)
         assert session.score == pytest.approx(full(guard, prompt), abs=TOL)
-        if seen and guard.stepper is None:
+        if seen:
             assert session.tokens_fed <= len(ids) - keep + guard.plan.stride + 4, (question, keep, len(ids))
         seen.append(ids)
 
@@ -124,16 +125,40 @@ def test_texts_that_part_anywhere_score_exactly(guard, real_rows):
     assert guard.prefixes.hits - hits >= 5  # the pairs that share enough took the entry
 
 
-def test_completed_windows_are_reused_in_static_slots_too(guard, real_rows):
-    """Slots are not copied, but the scores of a long prompt's completed windows are."""
-    if guard.max_length > 100:
-        pytest.skip("one window: nothing completes")
+def test_a_long_prompt_continued_runs_only_its_new_tokens(guard, real_rows):
+    """Completed windows keep their scores; the open ones continue from copies."""
     guard.prefixes.clear()
     prompt = real_rows[0]["prompt"][:200]
     first = guard.stream(prompt=prompt)
     again = guard.stream(prompt=prompt + " Answer briefly.")
     assert again.score == pytest.approx(full(guard, prompt + " Answer briefly."), abs=TOL)
-    assert again.tokens_fed < first.tokens_fed / 2
+    assert again.tokens_fed <= len(guard.tokenizer(" Answer briefly.")["input_ids"]) + 4 < first.tokens_fed / 4
+
+
+def test_cached_windows_step_in_static_slots_while_any_is_free(guard, real_rows):
+    """With static steps a taken window is copied into a free slot and steps there; with
+    none free it steps eagerly from its own copy. Both score exactly, and the slots all
+    come back."""
+    if guard.stepper is None:
+        pytest.skip("no static steps")
+    stepper = guard.stepper
+    guard.prefixes.clear()
+    prompt = real_rows[5]["prompt"][:120]
+    guard.stream(prompt=prompt)
+    free = stepper.free_slots
+    reply = real_rows[5]["response"][:80]
+    taker = guard.stream(prompt=prompt)
+    assert taker.tokens_fed == 0 and taker._active.slot is not None
+    assert stepper.free_slots == free - 1
+    assert taker.append(reply).score == pytest.approx(full(guard, prompt, reply), abs=TOL)
+    held = [stepper.acquire() for _ in range(stepper.free_slots)]
+    eager = guard.stream(prompt=prompt)
+    assert eager.tokens_fed == 0 and eager._active.slot is None
+    assert eager.append(reply).score == pytest.approx(full(guard, prompt, reply), abs=TOL)
+    for slot in held:
+        stepper.release(slot)
+    del taker, eager
+    assert stepper.free_slots == free
 
 
 def test_the_same_prompt_again_runs_nothing(guard, real_rows):
@@ -143,8 +168,7 @@ def test_the_same_prompt_again_runs_nothing(guard, real_rows):
     hits = guard.prefixes.hits  # counters are totals (the proxy's metrics): clear() keeps them
     second = guard.stream(prompt=prompt)
     assert second.score == first.score
-    if guard.stepper is None:
-        assert second.tokens_fed == 0 and guard.prefixes.hits == hits + 1
+    assert second.tokens_fed == 0 and guard.prefixes.hits == hits + 1
 
 
 def test_an_entry_is_a_copy_that_later_steps_cannot_change(guard, real_rows):
@@ -180,8 +204,7 @@ def test_salts_partition_the_cache(guard, real_rows):
     again = guard.stream(prompt=turn, cache_salt="alice")
     assert guard.prefixes.hits == hits + 1
     assert again.score == pytest.approx(full(guard, turn), abs=TOL)
-    if guard.stepper is None:
-        assert again.tokens_fed < alice.tokens_fed
+    assert again.tokens_fed < alice.tokens_fed
 
 
 def test_a_session_without_a_prompt_can_take_but_does_not_put(guard, real_rows):

@@ -9,8 +9,9 @@ equal to a full recompute of that text, at the cost of the new tokens only:
   valid; a window's pooled feature is the float32 mean of its rows.
 - Appending text can still change the last few tokens (BPE merges across the boundary,
   or cleaning: trailing spaces are stripped until more text arrives). Each check
-  re-tokenises the whole cleaned text, keeps the longest common token prefix with what
-  was scored, crops the cache and the rows to it, and feeds only the rest.
+  re-tokenises the cleaned text (from a piece boundary near its end where that is exact:
+  `guard.tokens`), keeps the longest common token prefix with what was scored, crops
+  the cache and the rows to it, and feeds only the rest.
 - Texts past `max_length` follow `guard.windows`: completed windows keep their scores,
   only the last window grows, and a new window is prefilled once from its start (each
   token is fed at most twice in all). A rollback that reaches into a completed window
@@ -37,6 +38,7 @@ from transformers import DynamicCache
 
 from guard.result import ScoreResult
 from guard.text import model_text
+from guard.tokens import TextTokens
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -159,6 +161,7 @@ class StreamSession:
         self.threshold = guard.threshold(threshold)
         self.response = ""
         self._plan = guard.plan
+        self._tokens = TextTokens(guard.tokenizer)  # the body tokens, re-tokenised from near the end
         self._ids: list[int] = []  # body tokens scored so far
         self._finals: dict[int, tuple[int, float]] = {}  # window start -> (end, score)
         self._active: _Window | None = None
@@ -208,7 +211,7 @@ class StreamSession:
         has just scored its prompt alone leaves a copy of its state there."""
         prefixes = self.guard.prefixes
         try:
-            ids = self._plan.body(self.guard.tokenizer, text)
+            ids = self._tokens.encode(text)
             fresh = not self._ids and self._active is None
             if fresh and prefixes is not None:
                 found = prefixes.take(ids, len(self._plan.prefix), salt=self.cache_salt)

@@ -173,23 +173,23 @@ class StaticStepper:
     def free_slots(self) -> int:
         return len(self._free)
 
-    def snapshot(self, slot: int, count: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
-        """Copies of the first `count` positions of `slot`: each block's (K, V), shaped as
-        a `DynamicCache` layer holds them (1, kv_heads, count, head_dim), and the rows
-        (count, F). What the prefix cache keeps of a window in a slot."""
+    def views(self, slot: int, count: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """Views (not copies) of the first `count` positions of `slot`: each block's
+        (K, V), shaped as a `DynamicCache` layer holds them (1, kv_heads, count,
+        head_dim), and the rows (count, F). What the prefix cache copies of a window in
+        a slot; the next step may overwrite them."""
         at = slice(slot * self.length, slot * self.length + count)
-        layers = [(k[:, at].unsqueeze(0).clone(), v[:, at].unsqueeze(0).clone()) for k, v in zip(self.k, self.v)]
-        return layers, self.rows[at].clone()
+        return [(k[:, at].unsqueeze(0), v[:, at].unsqueeze(0)) for k, v in zip(self.k, self.v)], self.rows[at]
 
     @torch.no_grad()
     def load(self, slot: int, layers: list[tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor) -> None:
-        """Write a snapshot (`snapshot`, or a `DynamicCache`'s layers of these blocks and
-        their rows) into the first positions of `slot`: a cached window continues there
+        """Write a `DynamicCache`'s layers of these blocks and their rows into the first
+        positions of `slot`: a cached window continues there
         with static steps, for the price of a copy rather than a prefill."""
         count = rows.shape[0]
         at = slice(slot * self.length, slot * self.length + count)
         if len(layers) != len(self.blocks) or count > self.length - STEP_SIZES[-1]:
-            raise ValueError(f"a snapshot of {len(layers)} blocks and {count} positions does not fit a slot")
+            raise ValueError(f"a cache of {len(layers)} blocks and {count} positions does not fit a slot")
         for (keys, values), k, v in zip(layers, self.k, self.v):
             k[:, at].copy_(keys[0, :, :count])
             v[:, at].copy_(values[0, :, :count])

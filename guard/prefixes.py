@@ -30,10 +30,10 @@ and feeding only the rest is exact too.
   A hit makes a score arrive sooner, so a shared entry tells one client that another sent
   the same prefix; the proxy salts by API key and by the request's own `cache_salt`.
 - With static steps (a GPU) windows live in preallocated slots and step as CUDA-graph
-  replays. An entry keeps copies taken out of the slots (`StaticStepper.snapshot`), and
-  a session that continues one copies it into a free slot (`StaticStepper.load`, a few
-  device copies where the prefill is one replay per 128 tokens), so its steps stay
-  static; with no slot free it steps eagerly, as any window beyond the slots does.
+  replays. An entry keeps copies taken out of the slots, and a session that continues
+  one copies it straight into a free slot (`StaticStepper.load`: a few device copies
+  where the prefill is one replay per 128 tokens), so its steps stay static; with no
+  slot free it steps on a copy of its own, eagerly, as any window beyond the slots does.
 
 Thread-safe (one lock), though a guard's sessions run on one thread anyway.
 """
@@ -103,9 +103,10 @@ class PrefixCache:
     def take(self, ids: list[int], prefix: int, *,
              salt: str | None = None) -> tuple[list[int], dict, list[_Window]] | None:
         """The state to continue from for a text of body tokens `ids`, from the entries
-        salted `salt`: (ids kept, finals, copies of the windows that start inside the
-        common prefix), or None. `prefix` is the tokenizer's special-prefix length
-        (windows count it in `n`)."""
+        salted `salt`: (ids kept, finals, the entry's windows that start inside the
+        common prefix), or None. The session steps only `_Window.continued` copies of
+        those windows. `prefix` is the tokenizer's special-prefix length (windows count
+        it in `n`)."""
         best, best_cover, best_keep, best_windows = None, 0, 0, []
         with self._lock:
             for entry in reversed(self._entries.values()):  # most recent first
@@ -123,8 +124,7 @@ class PrefixCache:
             self._entries.move_to_end((best.salt, best.ids))
             self.hits += 1
             self.tokens_reused += best_cover
-            windows = [w.copy() for w in best_windows]
-        return list(best.ids[:best_keep]), dict(best.finals), windows
+        return list(best.ids[:best_keep]), dict(best.finals), best_windows
 
     def clear(self) -> None:
         with self._lock:

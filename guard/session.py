@@ -22,8 +22,8 @@ equal to a full recompute of that text, at the cost of the new tokens only:
 - With the guard's `StaticStepper` (on CUDA by default; `guard.graphs`) a window keeps
   its cache and rows in a preallocated slot and each feed is one CUDA-graph replay per
   step size; the logic above is unchanged, and a window without a free slot steps
-  eagerly. The prefix cache keeps copies taken from slots, and a window continued from
-  one is copied into a free slot (`_Window.settle`).
+  eagerly. The prefix cache keeps copies taken out of slots, and a window continued
+  from one is copied into a free slot (`_Window.continued`).
 
 Not thread-safe: one session belongs to one `SirenGuard`, used from one thread at a time.
 """
@@ -74,41 +74,40 @@ class _Window:
                                 dtype=torch.float32, device=readout.device)  # (max_length, F)
 
     def copy(self) -> _Window:
-        """A window of its own (no slot) with this one's tokens, cache and rows: compact
-        copies, taken from the slot for a window in one."""
-        twin = object.__new__(_Window)
-        twin.guard, twin.start, twin.n, twin.stepper, twin.slot = self.guard, self.start, self.n, self.stepper, None
-        twin._score, twin._stale = self._score, self._stale
+        """A window of its own (no slot) with this one's tokens, cache and rows, taken
+        out of the slot for a window in one. The cache is compact: `DynamicCache` copies
+        what it is given (its layers `torch.cat` onto empty ones, as every update does),
+        and a cropped cache's tensors are views of longer ones."""
+        twin = self._twin(None)
         if self.slot is not None:
-            layers, rows = self.stepper.snapshot(self.slot, self.n)
+            layers, rows = self.stepper.views(self.slot, self.n)
             twin.rows = rows.new_empty(self.guard.max_length, rows.shape[1])
             twin.rows[: self.n] = rows
-        else:  # a cropped cache's tensors are views of longer ones
-            layers = [(None, None) if layer.keys is None else (layer.keys.clone(), layer.values.clone())
-                      for layer in self.cache.layers]
+        else:
+            layers = [(layer.keys, layer.values) for layer in self.cache.layers]
             twin.rows = self.rows.clone()
         twin.cache = DynamicCache(ddp_cache_data=layers)
         return twin
 
-    def settle(self) -> None:
-        """Move a window of its own into a free static slot, when the guard steps
-        statically: a copy from the prefix cache then takes static steps, as a window
-        prefilled in a slot does, for the price of copying its cache in."""
-        if self.slot is not None or self.stepper is None:
-            return
-        slot = self.stepper.acquire()
-        if slot is None:  # all taken: it steps eagerly, as windows beyond the slots do
-            return
-        try:
-            if self.n:
-                self.stepper.load(slot, [(layer.keys, layer.values) for layer in self.cache.layers],
-                                  self.rows[: self.n])
-        except BaseException:
-            self.stepper.release(slot)
-            raise
-        self.slot = slot
-        weakref.finalize(self, self.stepper.release, slot)
-        del self.cache, self.rows
+    def continued(self) -> _Window:
+        """A window for a session that continues this one, an entry's window in the
+        prefix cache (which is never stepped itself): in a free static slot, its cache
+        copied in, when the guard steps statically; otherwise a copy of its own (no slot
+        free: it steps eagerly, as windows beyond the slots do)."""
+        slot = self.stepper.acquire() if self.stepper is not None and self.slot is None else None
+        if slot is None:
+            return self.copy()
+        twin = self._twin(slot)
+        weakref.finalize(twin, self.stepper.release, slot)
+        if self.n:
+            self.stepper.load(slot, [(layer.keys, layer.values) for layer in self.cache.layers], self.rows[: self.n])
+        return twin
+
+    def _twin(self, slot: int | None) -> _Window:
+        twin = object.__new__(_Window)
+        twin.guard, twin.start, twin.n, twin.stepper, twin.slot = self.guard, self.start, self.n, self.stepper, slot
+        twin._score, twin._stale = self._score, self._stale
+        return twin
 
     @property
     def nbytes(self) -> int:
@@ -275,8 +274,8 @@ class StreamSession:
         window = self._spares.pop(start, None)
         if window is None or start > keep or (start == keep and not self._plan.prefix):
             return None
+        window = window.continued()
         window.crop(len(self._plan.prefix) + keep - start)
-        window.settle()
         return window
 
     def _feed(self, window: _Window, ids: list[int]) -> Iterator[tuple[_Window, list[int]]]:

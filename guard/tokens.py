@@ -26,6 +26,8 @@ random edits of real and adversarial texts against whole re-tokenisation.
 
 from __future__ import annotations
 
+import json
+
 MARGIN = 2  # characters: a piece is decided by its own and at most one more
 
 
@@ -36,11 +38,19 @@ def tail_safe(tokenizer) -> bool:
         return False
     pre, model, post = backend.pre_tokenizer, backend.model, backend.post_processor
     return (
-        backend.normalizer is None
+        _no_normaliser(backend.normalizer)
         and type(pre).__name__ == "ByteLevel" and pre.use_regex and not pre.add_prefix_space
         and type(model).__name__ == "BPE" and not model.dropout
         and not (type(post).__name__ == "ByteLevel" and post.trim_offsets)
     )
+
+
+def _no_normaliser(normalizer) -> bool:
+    """None, or an empty sequence (what transformers 5.17 writes for SmolLM2)."""
+    if normalizer is None:
+        return True
+    state = json.loads(normalizer.__getstate__())
+    return state.get("type") == "Sequence" and not state.get("normalizers")
 
 
 def shared_length(a: str, b: str) -> int:

@@ -77,6 +77,23 @@ def test_random_edits_match_whole_re_tokenisation(tokenizer, real_rows):
         assert tokens.encode(text) == whole(tokenizer, text), repr(text)
 
 
+def test_an_empty_normaliser_sequence_is_no_normaliser(tokenizer):
+    """transformers 5.17 gives SmolLM2's tokenizer an empty `Sequence` normaliser."""
+    from tokenizers import normalizers
+
+    backend = tokenizer.backend_tokenizer
+    saved = backend.normalizer
+    try:
+        backend.normalizer = normalizers.Sequence([])
+        assert tail_safe(tokenizer)
+        backend.normalizer = normalizers.Sequence([normalizers.NFKC()])
+        assert not tail_safe(tokenizer)
+        text = "ﬁne ①"  # NFKC changes these: whole re-tokenisation, which applies it
+        assert TextTokens(tokenizer).encode(text) == whole(tokenizer, text)
+    finally:
+        backend.normalizer = saved
+
+
 def test_other_tokenizers_re_tokenise_whole(tokenizer):
     class Plain:
         def __call__(self, text, add_special_tokens=False):

@@ -148,10 +148,14 @@ class StaticStepper:
         ]
         self.reads = {layer: readout.neurons[layer] for layer in readout.layers}
         self.top_normed = readout.original_layers - 1 if readout.normed_top else None
-        # One input buffer per step size: [slot, start, count, ids...]; one output.
-        self._inputs = {b: torch.zeros(3 + b, dtype=torch.long, device=self.device) for b in STEP_SIZES}
-        self._score = torch.zeros(1, dtype=torch.float32, device=self.device)
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        # Several slots' feeds go through one step: up to the next of these batch sizes
+        # (powers of two up to `slots`), padded with the scratch slot.
+        self.batches = tuple(sorted({min(2 ** i, slots) for i in range(max(slots - 1, 0).bit_length() + 1)}))
+        # One input buffer per (batch, step size): [slots, starts, counts, ids...]; one output.
+        self._inputs = {(n, b): torch.zeros(n * (3 + b), dtype=torch.long, device=self.device)
+                        for n in self.batches for b in STEP_SIZES}
+        self._scores = torch.zeros(self.batches[-1], dtype=torch.float32, device=self.device)
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._pool = None
         self._free = list(range(slots - 1, -1, -1))
         self._lock = threading.Lock()
@@ -196,24 +200,49 @@ class StaticStepper:
         self.rows[at].copy_(rows)
 
     # -- stepping ----------------------------------------------------------------------
-    @torch.no_grad()
     def feed(self, slot: int, start: int, ids: list[int]) -> float:
         """Feed `ids` (at least one) at positions [start, start + len(ids)) of `slot`; the
         window's score."""
-        if not ids:
-            raise ValueError("nothing to feed")
-        if start + len(ids) > self.length - STEP_SIZES[-1]:
-            raise ValueError(f"a window holds at most {self.length - STEP_SIZES[-1]} tokens")
-        done = 0
-        while done < len(ids):
-            part = ids[done : done + STEP_SIZES[-1]]
-            size = next(b for b in STEP_SIZES if b >= len(part))
-            at = start + done
-            host = torch.tensor([slot, at, at + len(part), *part, *[0] * (size - len(part))], dtype=torch.long)
-            self._inputs[size].copy_(host)
-            self._run(size)
-            done += len(part)
-        return float(self._score)
+        return self.feed_many([(slot, start, ids)])[0]
+
+    @torch.no_grad()
+    def feed_many(self, feeds: list[tuple[int, int, list[int]]]) -> list[float]:
+        """`feed` for several slots (each at most once) at once: each round of up to 128
+        tokens a feed runs as one step over all of them, padded to the longest part and
+        to the next batch size. A replay costs about the same for 16 tokens as for 128,
+        so N streams' checks cost about what one does (README, "On a GPU")."""
+        if len({slot for slot, _, _ in feeds}) < len(feeds):
+            raise ValueError("a slot can take one feed per step")
+        for _, start, ids in feeds:
+            if not ids:
+                raise ValueError("nothing to feed")
+            if start + len(ids) > self.length - STEP_SIZES[-1]:
+                raise ValueError(f"a window holds at most {self.length - STEP_SIZES[-1]} tokens")
+        scores = [0.0] * len(feeds)
+        most = STEP_SIZES[-1]
+        for done in range(0, max(len(ids) for _, _, ids in feeds), most):
+            live = [i for i, (_, _, ids) in enumerate(feeds) if len(ids) > done]
+            for at in range(0, len(live), self.batches[-1]):
+                group = live[at : at + self.batches[-1]]
+                parts = [feeds[i][2][done : done + most] for i in group]
+                size = next(b for b in STEP_SIZES if b >= max(map(len, parts)))
+                batch = next(n for n in self.batches if n >= len(group))
+                head, tokens = [[], [], []], []
+                for i, part in zip(group, parts):
+                    slot, start, _ = feeds[i]
+                    for column, value in zip(head, (slot, start + done, start + done + len(part))):
+                        column.append(value)
+                    tokens += part + [0] * (size - len(part))
+                for _ in range(batch - len(group)):  # padding: one token into the scratch slot
+                    for column, value in zip(head, (self.slots, 0, 1)):
+                        column.append(value)
+                    tokens += [0] * size
+                self._inputs[batch, size].copy_(torch.tensor(head[0] + head[1] + head[2] + tokens, dtype=torch.long))
+                self._run(batch, size)
+                out = self._scores[: len(group)].tolist()
+                for i, score in zip(group, out):
+                    scores[i] = score
+        return scores
 
     @torch.no_grad()
     def rescore(self, slot: int, count: int) -> float:
@@ -223,28 +252,31 @@ class StaticStepper:
         return float(self.head.p_harmful(pooled)[0])
 
     def warm_up(self) -> None:
-        """Capture (and compile) every step size now, on the scratch slot, rather than
-        at the first check of each size; scores of live slots are untouched."""
-        for size in STEP_SIZES:
-            if self.capture and size not in self._graphs:
-                self._capture(size)
-            elif not self.capture and self.compile:
-                with self._scratch(size):
-                    self._forward(size)
+        """Capture (and compile) every step shape now, on the scratch slot, rather than
+        at the first check of each; scores of live slots are untouched."""
+        for key in self._inputs:
+            if self.capture and key not in self._graphs:
+                self._capture(*key)
+            elif not self.capture and self.compile and key[0] == 1:
+                with self._scratch(*key):
+                    self._forward(*key)
 
     @contextmanager
-    def _scratch(self, size: int):
-        """Point the `size` step's inputs at the scratch slot, then restore them."""
-        live = self._inputs[size].clone()
-        self._inputs[size][:3] = torch.tensor([self.slots, 0, 1])
+    def _scratch(self, batch: int, size: int):
+        """Point a step's inputs at the scratch slot, then restore them."""
+        inputs = self._inputs[batch, size]
+        live = inputs.clone()
+        inputs[: 3 * batch] = torch.tensor([self.slots] * batch + [0] * batch + [1] * batch)
         try:
             yield
         finally:
-            self._inputs[size].copy_(live)
+            inputs.copy_(live)
 
-    def _forward(self, size: int) -> None:
-        if not self.compile:
-            self._step(size)
+    def _forward(self, batch: int, size: int) -> None:
+        # Only single-slot steps are compiled: one compile per shape costs about 9 s, and
+        # batches of slots already share each kernel's launch among their streams.
+        if not self.compile or batch > 1:
+            self._step(batch, size)
             return
         if self._compiled_step is None:
             import torch._dynamo
@@ -252,82 +284,91 @@ class StaticStepper:
             limit = max(torch._dynamo.config.cache_size_limit, 2 * len(STEP_SIZES))  # one entry per size
             torch._dynamo.config.cache_size_limit = limit
             self._compiled_step = torch.compile(self._step, backend=self.compile, fullgraph=True, dynamic=False)
-        self._compiled_step(size)
+        self._compiled_step(batch, size)
 
-    def _run(self, size: int) -> None:
+    def _run(self, batch: int, size: int) -> None:
         if not self.capture:
-            self._forward(size)
+            self._forward(batch, size)
             return
-        graph = self._graphs.get(size)
+        graph = self._graphs.get((batch, size))
         if graph is None:
-            graph = self._capture(size)
+            graph = self._capture(batch, size)
         graph.replay()
 
-    def _capture(self, size: int) -> torch.cuda.CUDAGraph:
-        with self._scratch(size):  # warm-up runs write to the scratch slot only
+    def _capture(self, batch: int, size: int) -> torch.cuda.CUDAGraph:
+        with self._scratch(batch, size):  # warm-up runs write to the scratch slot only
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
                 for _ in range(2):
-                    self._forward(size)
+                    self._forward(batch, size)
             torch.cuda.current_stream(self.device).wait_stream(side)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
-                self._forward(size)
-        self._graphs[size] = graph
-        logger.debug("captured the %d-token streaming step as a CUDA graph", size)
+                self._forward(batch, size)
+        self._graphs[batch, size] = graph
+        logger.debug("captured the streaming step of %d slots x %d tokens as a CUDA graph", batch, size)
         return graph
 
-    def _step(self, size: int) -> None:
-        """One step of `size` tokens; shapes depend on `size` only (capturable).
+    def _step(self, batch: int, size: int) -> None:
+        """One step of `size` tokens into each of `batch` slots; shapes depend on those
+        two only (capturable).
 
         Same math as the model's eager forward, in fewer kernels: fused q/k/v and
         gate/up products, RMSNorm in one kernel, RoPE on q and k together, grouped
         queries folded into the query rows instead of repeating K and V, and attention
         as batched products (measured on an H100: 587 kernels and 2.8 ms per 16-token
-        step with the fused attention kernel, which alone took a third of it).
+        step with the fused attention kernel, which alone took a third of it). The
+        slots' tokens share every product; attention is one batched product per slot
+        and kv head.
         """
-        inputs = self._inputs[size]
-        slot, start, count = inputs[0], inputs[1], inputs[2]
-        ids = inputs[3:].unsqueeze(0)  # (1, B)
-        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
+        inputs = self._inputs[batch, size]
+        slots, starts, counts = inputs[:batch], inputs[batch : 2 * batch], inputs[2 * batch : 3 * batch]
+        ids = inputs[3 * batch :].view(1, batch * size)  # (1, N*B)
+        heads, kv_heads, head_dim, length = self.heads, self.kv_heads, self.head_dim, self.length
         groups = heads // kv_heads
-        query_pos = start + self.positions[:size]  # (B,)
-        rows = slot * self.length + query_pos  # (B,) this slot's rows at those positions
-        slot_rows = slot * self.length + self.positions  # (L,) this slot's rows, in position order
-        allowed = (self.positions[None, :] <= query_pos[:, None]).repeat(groups, 1)  # (groups*B, L)
+        query_pos = starts[:, None] + self.positions[:size]  # (N, B)
+        rows = (slots[:, None] * length + query_pos).view(-1)  # (N*B,) the slots' rows at those positions
+        slot_rows = (slots[:, None] * length + self.positions).view(-1)  # (N*L,) each slot's, in position order
+        allowed = (self.positions[None, None, :] <= query_pos[:, :, None]).repeat(1, groups, 1)  # (N, groups*B, L)
         mask = torch.zeros(allowed.shape, dtype=torch.float32, device=self.device).masked_fill_(
-            ~allowed, float("-inf"))[None]  # (1, groups*B, L), additive: made once per step
-        cos = self.cos.index_select(0, query_pos)[:, None]  # (B, 1, head_dim)
-        sin = self.sin_signed.index_select(0, query_pos)[:, None]
-        h = self.inner.embed_tokens(ids)  # (1, B, hidden)
+            ~allowed, float("-inf"))  # additive: made once per step
+        mask = mask[:, None].expand(batch, kv_heads, groups * size, length).reshape(
+            batch * kv_heads, groups * size, length)
+        cos = self.cos.index_select(0, query_pos.view(-1))[:, None]  # (N*B, 1, head_dim)
+        sin = self.sin_signed.index_select(0, query_pos.view(-1))[:, None]
+        h = self.inner.embed_tokens(ids)  # (1, N*B, hidden)
         parts = []
         for i, block in enumerate(self.blocks):
             attn = block.self_attn
             x = _rms(block.input_layernorm, h)
-            qkv = F.linear(x, self.qkv[i][0], self.qkv[i][1])  # (1, B, (heads + 2 kv_heads) * head_dim)
-            qk = qkv[..., : (heads + kv_heads) * head_dim].view(1, size, heads + kv_heads, head_dim)
-            v = qkv[..., (heads + kv_heads) * head_dim :].view(size, kv_heads, head_dim)
+            qkv = F.linear(x, self.qkv[i][0], self.qkv[i][1])  # (1, N*B, (heads + 2 kv_heads) * head_dim)
+            qk = qkv[..., : (heads + kv_heads) * head_dim].view(1, batch * size, heads + kv_heads, head_dim)
+            v = qkv[..., (heads + kv_heads) * head_dim :].view(batch * size, kv_heads, head_dim)
             if hasattr(attn, "q_norm"):  # qwen3: RMSNorm over each head before RoPE
                 qk = torch.cat([_rms(attn.q_norm, qk[:, :, :heads]), _rms(attn.k_norm, qk[:, :, heads:])], dim=2)
             qk = qk * cos + qk.roll(head_dim // 2, dims=-1) * sin  # RoPE, rounded as the model rounds it
-            self.k[i].index_copy_(1, rows, qk[0, :, heads:].transpose(0, 1))  # (kv_heads, B, head_dim)
+            self.k[i].index_copy_(1, rows, qk[0, :, heads:].transpose(0, 1))  # (kv_heads, N*B, head_dim)
             self.v[i].index_copy_(1, rows, v.transpose(0, 1))
-            keys = self.k[i].index_select(1, slot_rows)  # (kv_heads, L, head_dim)
-            values = self.v[i].index_select(1, slot_rows)
+            # (N*kv_heads, L, head_dim): slot n's keys for kv head j at row n*kv_heads + j
+            keys = self.k[i].index_select(1, slot_rows).view(kv_heads, batch, length, head_dim).transpose(0, 1)
+            keys = keys.reshape(batch * kv_heads, length, head_dim)
+            values = self.v[i].index_select(1, slot_rows).view(kv_heads, batch, length, head_dim).transpose(0, 1)
+            values = values.reshape(batch * kv_heads, length, head_dim)
             # query head h reads kv head h // groups: kv head j's queries become rows (g, b)
-            q = qk[0, :, :heads].view(size, kv_heads, groups, head_dim).permute(1, 2, 0, 3)
-            q = q.reshape(kv_heads, groups * size, head_dim)
+            q = qk[0, :, :heads].view(batch, size, kv_heads, groups, head_dim).permute(0, 2, 3, 1, 4)
+            q = q.reshape(batch * kv_heads, groups * size, head_dim)
             # Attention as three kernels: at these sizes (a few heads, one short query
             # tile) PyTorch's fused attention kernel runs one thread block per head: 4x slower.
             # Scores and softmax in float32 whatever the dtype, as the fused kernels keep them.
             scores = torch.baddbmm(mask, q.float(), keys.float().transpose(1, 2),
-                                   alpha=self.scaling)  # (kv_heads, groups*B, L)
+                                   alpha=self.scaling)  # (N*kv_heads, groups*B, L)
             probs = scores.softmax(dim=-1).to(values.dtype)  # as flash attention rounds P
-            out = torch.bmm(probs, values)  # (kv_heads, groups*B, head_dim)
-            out = out.view(kv_heads, groups, size, head_dim).permute(2, 0, 1, 3).reshape(1, size, heads * head_dim)
+            out = torch.bmm(probs, values)  # (N*kv_heads, groups*B, head_dim)
+            out = out.view(batch, kv_heads, groups, size, head_dim).permute(0, 3, 1, 2, 4)
+            out = out.reshape(1, batch * size, heads * head_dim)
             h = h + attn.o_proj(out)
             x = _rms(block.post_attention_layernorm, h)
             if self.gate_up[i] is not None:
@@ -341,9 +382,9 @@ class StaticStepper:
                 state = mlp if self.readout.pooling == "mlp_mean" else h
                 if i == self.top_normed:
                     state = _rms(self.inner.norm, h)
-                parts.append(state[0].index_select(-1, neurons).to(torch.float32))  # (B, k_i)
-        self.rows.index_copy_(0, rows, torch.cat(parts, dim=-1))  # (B, F)
-        valid = (self.positions < count).to(torch.float32)[:, None]  # (L, 1)
-        total = (self.rows.index_select(0, slot_rows) * valid).sum(dim=0, keepdim=True)  # (1, F)
-        pooled = total / count.to(torch.float32) * self.readout.weights
-        self._score.copy_(self.head.p_harmful(pooled))
+                parts.append(state[0].index_select(-1, neurons).to(torch.float32))  # (N*B, k_i)
+        self.rows.index_copy_(0, rows, torch.cat(parts, dim=-1))  # (N*B, F)
+        valid = (self.positions[None, :] < counts[:, None]).to(torch.float32)[:, :, None]  # (N, L, 1)
+        total = (self.rows.index_select(0, slot_rows).view(batch, length, -1) * valid).sum(dim=1)  # (N, F)
+        pooled = total / counts[:, None].to(torch.float32) * self.readout.weights
+        self._scores[:batch].copy_(self.head.p_harmful(pooled))

@@ -131,11 +131,12 @@ class _Window:
             self.n = keep
             self._stale = self.n > 0
 
-    def step(self, ids: list[int]) -> None:
-        """Feed `ids` into this window's static slot (windows without one: `take`)."""
+    def stepped(self, m: int, score: float) -> None:
+        """`StaticStepper.feed_many` fed m tokens into this window's slot (windows
+        without one: `take`)."""
         self._stale = False
-        self._score = self.stepper.feed(self.slot, self.n, ids)
-        self.n += len(ids)
+        self._score = score
+        self.n += m
 
     def take(self, new: torch.Tensor) -> None:
         """Keep the rows (m, F) of m tokens `guard.feed_rows` just fed into `cache`."""
@@ -337,10 +338,13 @@ def _drive(guard, updates: list[Iterator[tuple[_Window, list[int]]]]) -> list[fl
 
 
 def _feed_round(guard, feeds: list[tuple[_Window, list[int]]]) -> None:
-    """Windows in a static slot step on their own; all others share `guard.feed_rows`."""
+    """Windows in a static slot step together (`StaticStepper.feed_many`); all others
+    share `guard.feed_rows`."""
+    static = [(window, ids) for window, ids in feeds if window.slot is not None]
     cached = [(window, ids) for window, ids in feeds if window.slot is None]
-    for window, ids in feeds:
-        if window.slot is not None:
-            window.step(ids)
+    if static:
+        scores = guard.stepper.feed_many([(window.slot, window.n, ids) for window, ids in static])
+        for (window, ids), score in zip(static, scores):
+            window.stepped(len(ids), score)
     for (window, _), rows in zip(cached, guard.feed_rows([(w.cache, ids) for w, ids in cached])):
         window.take(rows)

@@ -11,9 +11,10 @@ scoring call becomes a job on one FIFO queue, served by one thread:
   prefill), up to `max_stream_batch`, run as one `guard.session.append_all`: their new
   tokens go through one packed forward, each session keeping its own KV cache
   (`guard.packing`; no padding), so a new stream's prefill carries the 16-token checks
-  of the others at its large-batch rate. After taking the
-  first, the worker waits up to `max_wait_ms` for the other open sessions' steps (only
-  where steps are packed: a GPU's static steps run alone, at once). Measured on 2
+  of the others at its large-batch rate; on a GPU, windows in static slots step
+  together in one CUDA-graph replay (`StaticStepper.feed_many`). After taking the
+  first, the worker waits up to `max_wait_ms` for the other open sessions' steps (not
+  where steps can't be batched: backbones that are not Llama-style). Measured on 2
   cores: 8 streams checked every 16 tokens, 1.6x the checks per second of stepping them
   one at a time (README, "Benchmark" (e)). Appends are taken from anywhere in the
   queue, so a round of streaming steps is served ahead of the full-text jobs behind
@@ -77,10 +78,10 @@ class GuardWorker:
         self.stream_rounds = 0  # append_all calls: streaming steps run together
         self.stream_steps = 0  # streaming steps run in them
         self._open_sessions = 0  # sessions opened and not yet closed (worker thread only)
-        # Streaming steps that are packed (`guard.packing`) wait up to max_wait_ms for the
-        # other open sessions' steps; static steps (a GPU's CUDA graphs) run alone, at once.
-        packed = getattr(guard, "packer", None) is not None and getattr(guard, "stepper", None) is None
-        self._stream_wait = self.max_wait if packed else 0.0
+        # Streaming steps that run together (packed, `guard.packing`, or static steps in
+        # one replay, `guard.graphs`) wait up to max_wait_ms for the other open sessions'.
+        together = getattr(guard, "packer", None) is not None or getattr(guard, "stepper", None) is not None
+        self._stream_wait = self.max_wait if together else 0.0
         self.on_batch: Callable[[int], None] | None = None  # called with each batch's size
         self.on_stream_round: Callable[[int], None] | None = None  # ... and each packed round's
         self._thread = threading.Thread(target=self._run, name="siren-guard-worker", daemon=True)

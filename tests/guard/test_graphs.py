@@ -119,6 +119,37 @@ def test_static_steps_equal_the_eager_forward(family, read):
         stepper.feed(slot, n, [])
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_several_slots_step_together_as_each_alone(family):
+    """`feed_many`: feeds of different lengths (one split past 128 tokens) at different
+    starts of several slots, in one step padded to a batch size, score as each slot fed
+    alone does, and leave the same rows."""
+    pooling, layers = READS["residual-top-normed"]
+    max_length = 300
+    config = artifact_config(pooling, layers, max_length)
+    readout = Readout(tiny_model(family), config)
+    head = head_for(config)
+    together = StaticStepper(readout, head, max_length, slots=5)
+    alone = StaticStepper(readout, head, max_length, slots=5)
+    assert together.batches == (1, 2, 4, 5)
+    rng = random.Random(family)
+    texts = [[rng.randrange(COMMON["vocab_size"]) for _ in range(max_length)] for _ in range(5)]
+    a = [together.acquire() for _ in range(5)]
+    b = [alone.acquire() for _ in range(5)]
+    done = [0] * 5
+    for lengths in ([150, 3, 40, 1, 0], [16, 16, 0, 9, 100], [1, 30, 77, 2, 5]):
+        feeds = [(k, lengths[k]) for k in range(5) if lengths[k]]
+        scores = together.feed_many([(a[k], done[k], texts[k][done[k] : done[k] + m]) for k, m in feeds])
+        for (k, m), score in zip(feeds, scores):
+            assert score == pytest.approx(alone.feed(b[k], done[k], texts[k][done[k] : done[k] + m]), abs=TOL)
+            done[k] += m
+    for k in range(5):
+        x, y = a[k] * together.length, b[k] * alone.length
+        assert torch.allclose(together.rows[x : x + done[k]], alone.rows[y : y + done[k]], atol=TOL, rtol=0)
+    with pytest.raises(ValueError, match="one feed per step"):
+        together.feed_many([(a[0], done[0], [1]), (a[0], done[0] + 1, [2])])
+
+
 def test_unsupported_backbones_are_named():
     gpt2 = AutoModelForCausalLM.from_config(
         AutoConfig.for_model("gpt2", vocab_size=64, n_embd=32, n_layer=1, n_head=2))

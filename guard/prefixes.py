@@ -74,11 +74,12 @@ class PrefixCache:
         return len(self._entries)
 
     def put(self, ids: list[int], finals: dict[int, tuple[int, float]], windows: list[_Window], *,
-            salt: str | None = None) -> None:
+            salt: str | None = None, kept: list[_Window] = ()) -> None:
         """Keep a copy of a session's state after it scored `ids` (body tokens): its
         completed windows' scores and `windows` (the last one, and the one before it if
         this update ran it: every token is in at most two windows), for sessions salted
-        `salt`."""
+        `salt`. Those of `windows` also in `kept` are copies nobody steps again (a
+        session's completed window): kept as they are, not copied again."""
         if not ids or self.max_bytes == 0:
             return
         key = (salt, tuple(ids))
@@ -86,7 +87,7 @@ class PrefixCache:
             if key in self._entries:  # the same text again: only its recency changes
                 self._entries.move_to_end(key)
                 return
-        copies = [w.copy() for w in windows]
+        copies = [w if any(w is k for k in kept) else w.copy() for w in windows]
         entry = _Entry(salt, key[1], dict(finals), copies)
         entry.nbytes = 64 * len(ids) + sum(w.nbytes for w in copies)  # a tuple slot and an int per token
         if entry.nbytes > self.max_bytes:

@@ -226,8 +226,8 @@ class StreamSession:
         finally:
             previous, self._previous = self._previous, None
         if puts:
-            prefixes.put(self._ids, self._finals, [w for w in (previous, self._active) if w is not None],
-                         salt=self.cache_salt)
+            windows = [w for w in (previous, self._active) if w is not None]
+            prefixes.put(self._ids, self._finals, windows, salt=self.cache_salt, kept=[previous])
         return score
 
     def _steps(self, ids: list[int], keep_previous: bool = False) -> Iterator[tuple[_Window, list[int]]]:
@@ -259,8 +259,8 @@ class StreamSession:
             scores.append(active.score)
             if not last:
                 self._finals[start] = (end, active.score)
-                if keep_previous:  # for the prefix cache at the update's end; a slot is let go at once
-                    self._previous = active if active.slot is None else active.copy()
+                if keep_previous and k == len(spans) - 2:  # the one before the last: a copy for the
+                    self._previous = active.copy()  # prefix cache at the update's end (its slot goes back now)
                 active = None
         self._finals = {s: v for s, v in self._finals.items() if (s, v[0]) in spans[:-1]}
         self._active, self._spares = active, {}

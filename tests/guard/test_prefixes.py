@@ -161,6 +161,23 @@ def test_cached_windows_step_in_static_slots_while_any_is_free(guard, real_rows)
     assert stepper.free_slots == free
 
 
+def test_an_entry_costs_two_window_copies_however_long_the_prompt(guard, real_rows, monkeypatch):
+    """The last window and the one before it are copied once each, not every window the
+    prefill completes, nor twice."""
+    from guard.session import _Window
+
+    guard.prefixes.clear()
+    copies = []
+    original = _Window.copy
+    monkeypatch.setattr(_Window, "copy", lambda self: copies.append(self.start) or original(self))
+    prompt = " ".join(row["prompt"][:100] for row in real_rows[:6])
+    session = guard.stream(prompt=prompt)
+    windows = len(guard.plan.spans(len(session._ids)))
+    assert len(copies) == min(windows, 2) and len(guard.prefixes) == 1
+    if guard.max_length < 100:
+        assert windows > 10
+
+
 def test_the_same_prompt_again_runs_nothing(guard, real_rows):
     guard.prefixes.clear()
     prompt = real_rows[1]["prompt"][:90]

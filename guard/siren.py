@@ -80,7 +80,7 @@ def backbone_spec(config: ArtifactConfig, artifact_dir: Path) -> str:
 class SirenGuard:
     def __init__(
         self, config: ArtifactConfig, head: SirenHead, backbone: Backbone, *, long_text: str = "window",
-        static_steps: bool | None = None, stream_slots: int = 16, compile_steps: bool | str = False,
+        static_steps: bool | None = None, stream_slots: int = 64, compile_steps: bool | str = False,
         packed_steps: bool | None = None, prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
     ) -> None:
         self._config = config
@@ -127,7 +127,7 @@ class SirenGuard:
         long_text: str = "window",
         backbone: str | None = None,
         static_steps: bool | None = None,
-        stream_slots: int = 16,
+        stream_slots: int = 64,
         compile_steps: bool | str = False,
         packed_steps: bool | None = None,
         prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,

@@ -94,7 +94,7 @@ class GuardConfig:
     max_queue: int = 1024
     trust_remote_code: bool = False
     threads: int | None = None  # torch threads of the guard's worker; None: one less than the cores
-    stream_slots: int = 16  # streaming windows that take static (CUDA-graph) steps at once
+    stream_slots: int = 64  # streaming windows that take static (CUDA-graph) steps at once
     compile_steps: bool = False  # fuse static steps with torch.compile at load (GPU; ~70 s)
     prefix_cache_mb: float = 256.0  # scored prefixes streaming sessions continue from; 0: off
     prefix_cache_scope: str = "key"  # key: entries are not shared across API keys; shared: they are

@@ -378,7 +378,7 @@ def test_guard_threads(value, expect):
     assert config.guard.threads == expect
 
 
-@pytest.mark.parametrize("text,expect", [("", 16), ("guard: {stream_slots: 64}\n", 64)])
+@pytest.mark.parametrize("text,expect", [("", 64), ("guard: {stream_slots: 8}\n", 8)])
 def test_guard_stream_slots(text, expect):
     assert parse_config("upstreams: {up: {base_url: 'http://x/v1'}}\n" + text).guard.stream_slots == expect
 

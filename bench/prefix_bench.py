@@ -19,7 +19,7 @@ rendered by the proxy's own `policies.extract.prompt_text`.
     the prompt stage and the four candidates. Before: the prompt scored as text, then
     the four `prompt + "\n" + candidate` texts as one batch (`score_many`); now: the
     prompt stage's session, then three more that take its prompt from the cache, the
-    four appends packed (`GuardedCall._score_choices`). Both on the guard with the cache.
+    four appends packed (`proxy.whole.WholeReply.score_choices`). Both on the guard with the cache.
 
 Each arm starts with an empty cache; each figure is the best of `--repeat` runs.
 """

@@ -23,28 +23,24 @@ import httpx
 from starlette.responses import Response
 
 from policies.config import Policy
-from policies.decisions import (BLOCK, CUT, FLAG, GUARD_ERROR, REFUSE, STEER, Decision, decide_prompt,
-                                decide_response, headers_for)
+from policies.decisions import BLOCK, FLAG, GUARD_ERROR, REFUSE, STEER, Decision, decide_prompt, headers_for
 from policies.errors import RequestShapeError
 from policies.extract import prompt_text
 
 from .errors import BadRequest, ContentFiltered, GuardUnavailable, Overloaded
 from .records import AuditLog, Exchange
 from . import rerank
-from .relay import RelayResponse, cleanup, raw_body, transport_error
+from .relay import RelayResponse, cleanup, raw_body
 from .scorer import Scorer, ScorerBusy, StreamSession
-from .shapes import choice_texts, refuse_choice, refused_json, refused_stream, steered
+from .shapes import refused_json, refused_stream, steered
 from .stream_guard import StreamGuard
 from .upstream import response_headers
+from .whole import WholeReply, read_whole
 
 logger = logging.getLogger(__name__)
 
 GUARDED_ENDPOINTS = ("chat/completions", "completions", "responses")
 MAX_N = 128
-# A whole reply's choices (or safest-of-n's candidates) are scored on at most this many
-# guard sessions at once: as many as the worker packs into one round by default
-# (`guard.max_batch_size`), and a bound on the prompt cache copies held for one reply.
-CHOICE_SESSIONS = 16
 
 
 def guarded_endpoint(method: str, upstream_path: str) -> str | None:
@@ -127,7 +123,7 @@ class GuardedCall:
         finally:
             if self.session is not None:  # opened by the prompt stage and not handed on
                 with cleanup():
-                    await self._take_session().aclose()
+                    await self.take_session().aclose()
 
     async def _run(self, send_upstream, body: bytes) -> Response:
         headers: dict[str, str] = {}
@@ -136,7 +132,7 @@ class GuardedCall:
             body = rerank.upstream_body(self.payload, self.policy.rerank)
         stage = self.policy.prompt
         if stage.action == "off":
-            if self._shares_prompt():
+            if self.shares_prompt():
                 self._open_early()
             response = await send_upstream(body)
         else:
@@ -146,10 +142,10 @@ class GuardedCall:
             if response is None:
                 return self._answer_refused(decision)
         if reranking:
-            return await self._rerank(response, headers)
+            return await WholeReply(self).rank(response, headers)
         return await self._response_stage(response, headers)
 
-    def _shares_prompt(self) -> bool:
+    def shares_prompt(self) -> bool:
         """Whether the response stage will score `prompt + "\\n" + response` with a session."""
         response = self.policy.response
         return self.scorer is not None and bool(self.prompt) and response.action != "off" \
@@ -185,53 +181,14 @@ class GuardedCall:
         except Exception as exc:  # noqa: BLE001 - the first check opens one and meets on_guard_error
             logger.warning("guard session did not open early: %s: %s", type(exc).__name__, exc)
 
-    def _take_session(self) -> StreamSession | None:
+    def take_session(self) -> StreamSession | None:
         session, self.session = self.session, None
         return session
-
-    async def _rerank(self, response: httpx.Response, headers: dict[str, str]) -> Response:
-        data = await read_whole(response)
-        passthrough = response_headers(response.headers.multi_items(), keep_length=False)
-        try:
-            body = json.loads(data) if response.status_code == 200 else None
-        except ValueError:
-            body = None
-        texts = choice_texts(self.endpoint, body) if isinstance(body, dict) else None
-        if not texts:  # an upstream error, or nothing to rank: the client gets it as it came
-            self._write_audit()
-            return Response(data, status_code=response.status_code, headers=dict(passthrough))
-        started = time.perf_counter()
-        try:
-            scores = await self._score_choices([text for _, text in texts])
-        except Exception as exc:  # noqa: BLE001
-            decision = decide_response(self.policy.response, None, on_guard_error=self.policy.on_guard_error,
-                                       error=f"{type(exc).__name__}: {exc}")
-            self.exchange.decided(decision, 0.0)
-            if decision.action == GUARD_ERROR:
-                raise GuardUnavailable("the safety guard failed while ranking candidates") from None
-            scores = [0.0] * len(texts)  # allow: rank blind, i.e. the first candidate
-        ms = (time.perf_counter() - started) * 1000
-        self.exchange.timed("rerank", ms / 1000)
-        chosen = rerank.select(scores, self.policy.response.threshold, self.policy.rerank.select)
-        for (index, _), score in zip(texts, scores):
-            self.exchange.scored(index, 0, score)
-        decision = decide_response(self.policy.response, scores[chosen] if chosen is not None else max(scores),
-                                   on_guard_error=self.policy.on_guard_error)
-        self.exchange.decided(decision, ms)
-        self._write_audit()
-        completion = rerank.chosen_completion(body, chosen, self.policy, self.payload)
-        headers = {**headers, "x-siren-rerank": f"{'none' if chosen is None else chosen}/{len(scores)}",
-                   "x-siren-rerank-scores": ",".join(f"{s:.4f}" for s in scores)}
-        if self.payload.get("stream") is True:
-            return Response(rerank.as_stream(completion, self.payload), media_type="text/event-stream",
-                            headers={**dict(passthrough), "content-type": "text/event-stream", **headers})
-        return Response(json.dumps(completion, ensure_ascii=False).encode(), media_type="application/json",
-                        headers={**dict(passthrough), **headers})
 
     async def _prompt_stage(self, send_upstream, body: bytes):
         parallel = self.policy.prompt.mode == "parallel"
         pending = asyncio.create_task(send_upstream(body)) if parallel else None
-        if self._shares_prompt():
+        if self.shares_prompt():
             score_prompt = functools.partial(self._prompt_by_session, keep=True)
         elif self.scorer is not None and self.prompt and self.policy.prompt.scope != "last_user":
             score_prompt = functools.partial(self._prompt_by_session, keep=False)
@@ -255,7 +212,7 @@ class GuardedCall:
         return response, decision, body
 
     def _answer_refused(self, decision: Decision) -> Response:
-        self._write_audit()
+        self.write_audit()
         headers = headers_for(decision, policy=self.policy.name)
         if decision.action == REFUSE:
             return refusal_response(self.endpoint, self.payload, self.policy, headers)
@@ -268,123 +225,32 @@ class GuardedCall:
         stage = self.policy.response
         passthrough = response.headers.multi_items()
         if stage.action == "off" or response.status_code != 200:
-            self._write_audit()
+            self.write_audit()
             return RelayResponse(raw_body(response), response.status_code,
                                  response_headers(passthrough, keep_length=True) + list(headers.items()),
                                  on_close=response.aclose)
         if response.headers.get("content-type", "").startswith("text/event-stream"):
             guard = StreamGuard(endpoint=self.endpoint, request=self.payload, policy=self.policy,
                                 scorer=self.scorer, prompt=self.prompt, exchange=self.exchange,
-                                session=self._take_session(), cache_salt=self.cache_salt)
+                                session=self.take_session(), cache_salt=self.cache_salt)
 
             async def on_close() -> None:  # after the relay's own `finally`, or instead of it
                 await response.aclose()
                 await guard.aclose()
-                self._write_audit()
+                self.write_audit()
 
             return RelayResponse(guard.relay(response), 200,
                                  response_headers(passthrough, keep_length=False) + list(headers.items()),
                                  on_close=on_close)
         data = await read_whole(response)
-        content, verdict_headers = await self._guard_whole(data)
-        self._write_audit()
+        content, verdict_headers = await WholeReply(self).guard(data)
+        self.write_audit()
         return Response(content, status_code=200,
                         headers=dict(response_headers(passthrough, keep_length=False)) | headers | verdict_headers)
 
-    async def _guard_whole(self, data: bytes) -> tuple[bytes, dict[str, str]]:
-        """A non-streamed response: score prompt + each choice; replace what crosses."""
-        try:
-            body = json.loads(data)
-        except ValueError:
-            body = None
-        choices = choice_texts(self.endpoint, body) if isinstance(body, dict) else None
-        if choices is None:  # not a completion we can read: nothing to score, fail per policy
-            decision = decide_response(self.policy.response, None, on_guard_error=self.policy.on_guard_error,
-                                       error="the upstream response is not a completion the guard can read")
-            self.exchange.decided(decision, 0.0)
-            if decision.action == GUARD_ERROR:
-                raise GuardUnavailable("the upstream response could not be checked by the safety guard")
-            return data, {}
-        started = time.perf_counter()
-        scores, error = [None] * len(choices), None
-        try:
-            if choices:
-                scores = await self._score_choices([text for _, text in choices])
-        except Exception as exc:  # noqa: BLE001
-            error = f"{type(exc).__name__}: {exc}"
-            logger.warning("guard failed on a response: %s", error)
-        ms = (time.perf_counter() - started) * 1000
-        self.exchange.timed("response", ms / 1000)
-        headers: dict[str, str] = {}
-        changed = False
-        for (index, _), score in zip(choices, scores):
-            decision = decide_response(self.policy.response, score, on_guard_error=self.policy.on_guard_error,
-                                       error=error)
-            self.exchange.decided(decision, ms, choice=index)
-            if decision.action == GUARD_ERROR:
-                raise GuardUnavailable("the safety guard failed while checking the response")
-            if decision.action == CUT:
-                refuse_choice(self.endpoint, self.payload, self.policy.refusal, body, index)
-                changed = True
-            if decision.action == FLAG and (not headers or decision.crossed):
-                headers = headers_for(decision, policy=self.policy.name)
-        return (json.dumps(body, ensure_ascii=False).encode() if changed else data), headers
-
-    async def _score_choices(self, texts: list[str]) -> list[float]:
-        """Each of a whole reply's texts scored as the response stage reads it: `prompt +
-        "\\n" + text` (`include_prompt`), else the text alone.
-
-        With the prompt, on guard sessions: the first is the prompt stage's (its prompt
-        already prefilled), or one opened now whose prefill is awaited, so the prompt is in
-        the guard's prefix cache before the others open; they take it and run only their
-        own text's tokens (`guard.prefixes`), and the worker packs their appends into
-        shared forwards, `CHOICE_SESSIONS` at a time. So n choices, or safest-of-n's n
-        candidates, cost one prompt and n responses, not n prompts. Without the prompt,
-        one batch."""
-        if not self._shares_prompt():
-            prompt = self.prompt if self.policy.response.include_prompt else None
-            return await self.scorer.score_many([(prompt, text) for text in texts])
-        sessions = [self._take_session() or self.scorer.stream(self.prompt, cache_salt=self.cache_salt)]
-        scores: list[float] = []
-        try:
-            if len(texts) > 1:
-                await sessions[0].prompt_score()
-            for start in range(0, len(texts), CHOICE_SESSIONS):  # bounded: each holds a copy of the prompt's cache
-                group = texts[start : start + CHOICE_SESSIONS]
-                while len(sessions) < len(group):  # one at a time: each opened is closed, even if the next fails
-                    sessions.append(self.scorer.stream(self.prompt, cache_salt=self.cache_salt))
-                scores += await asyncio.gather(*(s.append(text) for s, text in zip(sessions, group)))
-                await _close_all(sessions)
-            return scores
-        finally:
-            await _close_all(sessions)
-
-    def _write_audit(self) -> None:
+    def write_audit(self) -> None:
         if self.audit is not None:
             self.audit.write(self.exchange)
-
-
-async def read_whole(response: httpx.Response) -> bytes:
-    """A non-streamed upstream body, read whole; a break is a 502/504 like any other."""
-    try:
-        return await response.aread()
-    except httpx.HTTPError as exc:
-        raise transport_error(exc) from exc
-    finally:
-        with cleanup():
-            await response.aclose()
-
-
-async def _close_all(sessions: list[StreamSession]) -> None:
-    """Close and forget every session in `sessions`: one that fails to close is logged,
-    and the rest are still closed."""
-    while sessions:
-        session = sessions.pop()
-        with cleanup():
-            try:
-                await session.aclose()
-            except Exception as exc:  # noqa: BLE001 - the verdict stands; the worker frees it on its own close
-                logger.warning("guard session did not close: %s: %s", type(exc).__name__, exc)
 
 
 async def _discard(task: asyncio.Task | None) -> None:

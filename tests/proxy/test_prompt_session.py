@@ -15,7 +15,7 @@ import anyio
 import httpx
 import pytest
 
-from proxy.guarding import CHOICE_SESSIONS
+from proxy.whole import CHOICE_SESSIONS
 from proxy.relay import RelayResponse
 from tests.proxy.test_guarded import AUTH, CUT, REFUSAL, policy_yaml, sse_events, stream_body, user
 from tests.support.clients import close_sdk_clients, sdk  # noqa: F401 - close_sdk_clients is autouse

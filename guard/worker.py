@@ -8,7 +8,8 @@ scoring call becomes a job on one FIFO queue, served by one thread:
   waits up to `max_wait_ms` for more, up to `max_batch_size` texts. `score_many` is
   always one batch, whatever its size.
 - Streaming steps of different sessions (`append`, and `open` with its prompt's
-  prefill), up to `max_stream_batch`, run as one `guard.session.append_all`: their new
+  prefill), up to `max_stream_batch` (default `max_batch_size`, or the guard's static
+  slots if more), run as one `guard.session.append_all`: their new
   tokens go through one packed forward, each session keeping its own KV cache
   (`guard.packing`; no padding), so a new stream's prefill carries the 16-token checks
   of the others at its large-batch rate; on a GPU, windows in static slots step
@@ -66,7 +67,11 @@ class GuardWorker:
         # the default thread count, not the one its creator chose with torch.set_num_threads.
         self.num_threads = num_threads or torch.get_num_threads()
         self.max_batch_size = max_batch_size
-        self.max_stream_batch = max_batch_size if max_stream_batch is None else max_stream_batch
+        # A round of streaming steps takes up to max_batch_size sessions, or, with static
+        # steps, as many as there are slots: one replay steps them all (README, "On a GPU").
+        stepper = getattr(guard, "stepper", None)
+        rounds = max(max_batch_size, stepper.slots) if stepper is not None else max_batch_size
+        self.max_stream_batch = rounds if max_stream_batch is None else max_stream_batch
         if self.max_stream_batch < 1:
             raise ValueError(f"max_stream_batch must be at least 1, got {self.max_stream_batch}")
         self.max_wait = max_wait_ms / 1000.0

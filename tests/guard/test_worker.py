@@ -7,6 +7,7 @@ import importlib
 import math
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -292,6 +293,20 @@ def test_appends_are_taken_one_per_session_in_order():
     assert left == [queued[0], queued[2], queued[4], queued[5], queued[6]]
     with pytest.raises(ValueError, match="max_stream_batch must be at least 1"):
         GuardWorker(_Fake(), max_stream_batch=0)
+
+
+def test_with_static_steps_a_round_takes_as_many_sessions_as_there_are_slots():
+    """One replay steps every slot (`StaticStepper.feed_many`), so a round is not cut at
+    max_batch_size; without static steps it is."""
+    static = _Fake()
+    static.stepper = SimpleNamespace(slots=64)
+    for fake, expected in ((static, 64), (_Fake(), 16)):
+        worker = GuardWorker(fake, max_batch_size=16)
+        assert worker.max_stream_batch == expected
+        worker.close()
+    worker = GuardWorker(static, max_batch_size=16, max_stream_batch=8)  # as asked
+    assert worker.max_stream_batch == 8
+    worker.close()
 
 
 class _Fake:

@@ -199,6 +199,24 @@ def main() -> None:
         t_tail = best(tails, args.repeat) / 32
         print(f"(a) per static feed: {', '.join(feeds)}; per check, re-tokenising the whole text {t_tok*1e3:.2f} ms, "
               f"only its tail (guard.tokens, what a session does) {t_tail*1e3:.2f} ms")
+        # What the prefix cache pays for a window in a slot: a copy out of it (an entry),
+        # and an entry's window continued in a free slot (copied in).
+        window = ours.stream(prompt=tok.decode(long_ids[: ours.plan.window - 8]))._active
+        entry = window.copy()
+        def continue_entry():
+            for _ in range(20):
+                entry.continued()  # dropped at once: its slot goes back
+
+        t_out = best(lambda: [window.copy() for _ in range(20)], args.repeat) / 20
+        t_in = best(continue_entry, args.repeat) / 20
+        print(f"(a) prefix cache, a {window.n}-token window: copied out of its slot {t_out*1e3:.2f} ms, "
+              f"an entry's copied into a free slot {t_in*1e3:.2f} ms")
+        del window, entry
+        if ours.stepper.capture:
+            t_warm = ours.warm_up()
+            print(f"(a) warm_up(): {len(ours.stepper._graphs)} graphs ({ours.stepper.slots} slots) in {t_warm:.1f} s; "
+                  f"torch then holds {torch.cuda.memory_allocated() / 2**30:.2f} GB allocated, "
+                  f"{torch.cuda.memory_reserved() / 2**30:.2f} GB reserved")
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 

@@ -85,7 +85,7 @@ class GuardWorker:
         self._open_sessions = 0  # sessions opened and not yet closed (worker thread only)
         # Streaming steps that run together (packed, `guard.packing`, or static steps in
         # one replay, `guard.graphs`) wait up to max_wait_ms for the other open sessions'.
-        together = getattr(guard, "packer", None) is not None or getattr(guard, "stepper", None) is not None
+        together = getattr(guard, "packer", None) is not None or stepper is not None
         self._stream_wait = self.max_wait if together else 0.0
         self.on_batch: Callable[[int], None] | None = None  # called with each batch's size
         self.on_stream_round: Callable[[int], None] | None = None  # ... and each packed round's

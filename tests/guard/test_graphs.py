@@ -148,6 +148,8 @@ def test_several_slots_step_together_as_each_alone(family):
         assert torch.allclose(together.rows[x : x + done[k]], alone.rows[y : y + done[k]], atol=TOL, rtol=0)
     with pytest.raises(ValueError, match="one feed per step"):
         together.feed_many([(a[0], done[0], [1]), (a[0], done[0] + 1, [2])])
+    with pytest.raises(ValueError, match="does not fit a slot"):  # a cache of other blocks
+        together.load(a[0], [], together.rows[:3])
 
 
 def test_unsupported_backbones_are_named():

@@ -20,6 +20,11 @@ rendered by the proxy's own `policies.extract.prompt_text`.
     the four `prompt + "\n" + candidate` texts as one batch (`score_many`); now: the
     prompt stage's session, then three more that take its prompt from the cache, the
     four appends packed (`proxy.whole.WholeReply.score_choices`). Both on the guard with the cache.
+(5) `last_user` prompts with no response session (the prompt stage alone): 64 distinct
+    prompts (tests/guard/fixtures/train_small.jsonl) from 16 concurrent callers, then the
+    same 64 again (retries). Before: full-text scores, batched by the worker
+    (`worker.score`); now: a session each, closed at once (`GuardedCall._prompt_by_session`),
+    on the guard without the cache and with it.
 
 Each arm starts with an empty cache; each figure is the best of `--repeat` runs.
 """
@@ -51,6 +56,7 @@ def main() -> None:
                         help="cuda: static steps, and cached windows copied into their slots")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the proxy's default on 2 cores)")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--cases", default="12345", help="which cases to run, e.g. 5")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     cached = SirenGuard.from_pretrained(args.artifact, device=args.device, dtype=dtype)
@@ -124,21 +130,24 @@ def main() -> None:
         reply = row["response"][:500]
         turns.append((render(messages, "conversation"), reply))
         messages.append({"role": "assistant", "content": reply})
-    report("(1) an 8-turn conversation, `conversation` scope", turns, whole=True)
+    if "1" in args.cases:
+        report("(1) an 8-turn conversation, `conversation` scope", turns, whole=True)
 
     # (2) one system prompt, many questions
     system = " ".join(r["response"][:400] for r in rows[20:24])
     shared = [(render([{"role": "system", "content": system}, {"role": "user", "content": r["prompt"][:200]}],
                       "conversation_with_system"), None) for r in rows[8:16]]
-    report("(2) 8 requests sharing a system prompt, `conversation_with_system` scope", shared, whole=False)
+    if "2" in args.cases:
+        report("(2) 8 requests sharing a system prompt, `conversation_with_system` scope", shared, whole=False)
 
     # (3) the same prompt again
     longest = max((r["prompt"] for r in rows), key=len)
     again = [(longest[:1200], None)] * 2
-    report("(3) one prompt sent twice (a retry)", again, whole=False)
-    print(f"\ncache after (3): {len(cached.prefixes)} entries, {cached.prefixes.nbytes / 2**20:.1f} MiB; "
-          f"hits {cached.prefixes.hits}, misses {cached.prefixes.misses}, "
-          f"tokens reused {cached.prefixes.tokens_reused}")
+    if "3" in args.cases:
+        report("(3) one prompt sent twice (a retry)", again, whole=False)
+        print(f"\ncache after (3): {len(cached.prefixes)} entries, {cached.prefixes.nbytes / 2**20:.1f} MiB; "
+              f"hits {cached.prefixes.hits}, misses {cached.prefixes.misses}, "
+              f"tokens reused {cached.prefixes.tokens_reused}")
 
     # (4) n candidates for one prompt
     async def as_texts(worker, prompt, candidates):
@@ -165,12 +174,60 @@ def main() -> None:
         return best
 
     candidates = [r["response"][:600] for r in rows if len(r["response"]) >= 600][:4]
-    print("\n(4) 4 candidates (safest-of-4, or n=4), ~"
-          f"{sum(map(tokens, candidates)) / 4:.0f} tokens each: prompt stage + candidates")
-    print("  prompt tokens  as texts (before) / sessions from the cached prompt")
-    for prompt in (next(r["prompt"][:250] for r in rows if len(r["prompt"]) >= 250), turns[3][0]):
-        t0, t1 = best_of(as_texts, prompt, candidates), best_of(as_sessions, prompt, candidates)
-        print(f"  {tokens(prompt):>13}  {t0*1e3:>8.0f} ms / {t1*1e3:>5.0f} ms ({t0/t1:4.1f}x)")
+    if "4" in args.cases:
+        print("\n(4) 4 candidates (safest-of-4, or n=4), ~"
+              f"{sum(map(tokens, candidates)) / 4:.0f} tokens each: prompt stage + candidates")
+        print("  prompt tokens  as texts (before) / sessions from the cached prompt")
+        for prompt in (next(r["prompt"][:250] for r in rows if len(r["prompt"]) >= 250), turns[3][0]):
+            t0, t1 = best_of(as_texts, prompt, candidates), best_of(as_sessions, prompt, candidates)
+            print(f"  {tokens(prompt):>13}  {t0*1e3:>8.0f} ms / {t1*1e3:>5.0f} ms ({t0/t1:4.1f}x)")
+
+    # (5) last_user prompts, the prompt stage alone: full-text scores vs sessions, then retries
+    async def as_text(worker, prompt):
+        await worker.score(prompt=prompt)
+
+    async def as_session(worker, prompt):
+        session = worker.stream(prompt=prompt)
+        try:
+            await session.prompt_score()
+        finally:
+            await session.aclose()
+
+    async def callers(worker, how, prompts):
+        async def caller(k):
+            for prompt in prompts[k::16]:
+                await how(worker, prompt)
+        await asyncio.gather(*(caller(k) for k in range(16)))
+
+    def passes(guard, how, prompts) -> tuple[float, float]:
+        """Best of `--repeat`: (first pass s, second pass s), from an empty cache."""
+        best = (float("inf"), float("inf"))
+        for _ in range(args.repeat):
+            if guard.prefixes is not None:
+                guard.prefixes.clear()
+            worker = GuardWorker(guard, num_threads=args.threads)
+            times = []
+            for _ in range(2):
+                started = time.perf_counter()
+                asyncio.run(callers(worker, how, prompts))
+                times.append(time.perf_counter() - started)
+            worker.close()
+            best = tuple(map(min, best, times))
+        return best
+
+    if "5" in args.cases:
+        small = [json.loads(x)["prompt"] for x in (ROOT / "tests/guard/fixtures/train_small.jsonl").open()]
+        prompts = list(dict.fromkeys(p[:300] for p in small))[:64]
+        print(f"\n(5) {len(prompts)} distinct `last_user` prompts (~{sum(map(tokens, prompts)) / len(prompts):.0f} "
+              "tokens) from 16 callers, prompt stage alone; then the same prompts again (retries)")
+        print("  arm                                   first pass        again")
+        arms = (("full-text scores, batched (before)", plain, as_text),
+                ("sessions, no cache", plain, as_session),
+                ("sessions, prefix cache (now)", cached, as_session))
+        for name, guard, how in arms:
+            first, again_s = passes(guard, how, prompts)
+            print(f"  {name:<36}  {len(prompts)/first:6.1f} prompts/s  {len(prompts)/again_s:6.1f} prompts/s")
+        print(f"  cache after: {len(cached.prefixes)} entries, {cached.prefixes.nbytes / 2**20:.1f} MiB")
 
 
 if __name__ == "__main__":

@@ -74,33 +74,43 @@ class _Window:
                                 dtype=torch.float32, device=readout.device)  # (max_length, F)
 
     def copy(self) -> _Window:
-        """A window of its own (no slot) with this one's tokens, cache and rows, taken
-        out of the slot for a window in one. The cache is compact: `DynamicCache` copies
-        what it is given (its layers `torch.cat` onto empty ones, as every update does),
-        and a cropped cache's tensors are views of longer ones."""
-        twin = self._twin(None)
-        if self.slot is not None:
-            layers, rows = self.stepper.views(self.slot, self.n)
-            twin.rows = rows.new_empty(self.guard.max_length, rows.shape[1])
-            twin.rows[: self.n] = rows
-        else:
-            layers = [(layer.keys, layer.values) for layer in self.cache.layers]
-            twin.rows = self.rows.clone()
-        twin.cache = DynamicCache(ddp_cache_data=layers)
-        return twin
+        """A compact window of its own (no slot) with this one's tokens, cache and rows:
+        an entry of the prefix cache, which is never stepped itself (a session steps
+        `continued()`), so it holds its n rows, not room for a whole window. The cache is
+        compact too: `DynamicCache` copies what it is given (its layers `torch.cat` onto
+        empty ones, as every update does), and a cropped cache's tensors are views of
+        longer ones."""
+        layers, rows = self._state()
+        return self._detached(layers, rows.clone())
 
     def continued(self) -> _Window:
         """A window for a session that continues this one, an entry's window in the
-        prefix cache (which is never stepped itself): in a free static slot, its cache
-        copied in, when the guard steps statically; otherwise a copy of its own (no slot
-        free: it steps eagerly, as windows beyond the slots do)."""
+        prefix cache: in a free static slot, its cache copied in, when the guard steps
+        statically; otherwise a copy of its own with room for a whole window's rows (no
+        slot free: it steps eagerly, as windows beyond the slots do)."""
+        layers, rows = self._state()
         slot = self.stepper.acquire() if self.stepper is not None and self.slot is None else None
         if slot is None:
-            return self.copy()
+            room = rows.new_empty(self.guard.max_length, rows.shape[1])
+            room[: self.n] = rows
+            return self._detached(layers, room)
         twin = self._twin(slot)
         weakref.finalize(twin, self.stepper.release, slot)
         if self.n:
-            self.stepper.load(slot, [(layer.keys, layer.values) for layer in self.cache.layers], self.rows[: self.n])
+            self.stepper.load(slot, layers, rows)
+        return twin
+
+    def _state(self) -> tuple[list, torch.Tensor]:
+        """Each kept block's (keys, values) and the rows (n, F) of its n tokens, in its
+        slot or its own cache."""
+        if self.slot is not None:
+            return self.stepper.views(self.slot, self.n)
+        return [(layer.keys, layer.values) for layer in self.cache.layers], self.rows[: self.n]
+
+    def _detached(self, layers: list, rows: torch.Tensor) -> _Window:
+        twin = self._twin(None)
+        twin.cache = DynamicCache(ddp_cache_data=layers)
+        twin.rows = rows
         return twin
 
     def _twin(self, slot: int | None) -> _Window:

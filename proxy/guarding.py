@@ -156,11 +156,12 @@ class GuardedCall:
 
         `keep`: the response's session, which the response stage then takes over, so the
         prompt's tokens run once per request, not once for the prompt stage and again for
-        the response. Otherwise (conversation scopes with no response session: each
-        turn's prompt starts with the last turn's) a session of its own, closed at once,
-        which continues from the guard's cached prefix and leaves its own there
-        (`guard.prefixes`), instead of a full-text score. A session that failed is closed,
-        never kept (the response stage opens a fresh one)."""
+        the response. Otherwise (no response session) a session of its own, closed at
+        once, which continues from the guard's cached prefix and leaves its own there
+        (`guard.prefixes`), instead of a full-text score: a conversation's turn starts
+        with the last turn's prompt, and a retried or regenerated prompt is one the guard
+        has read. A session that failed is closed, never kept (the response stage opens a
+        fresh one)."""
         session = self.scorer.stream(self.prompt, cache_salt=self.cache_salt)
         kept = False
         try:
@@ -190,7 +191,7 @@ class GuardedCall:
         pending = asyncio.create_task(send_upstream(body)) if parallel else None
         if self.shares_prompt():
             score_prompt = functools.partial(self._prompt_by_session, keep=True)
-        elif self.scorer is not None and self.prompt and self.policy.prompt.scope != "last_user":
+        elif self.scorer is not None and self.prompt:
             score_prompt = functools.partial(self._prompt_by_session, keep=False)
         else:
             score_prompt = None

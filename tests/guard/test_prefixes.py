@@ -252,6 +252,29 @@ def test_a_failed_prefill_leaves_no_entry_and_the_next_session_is_exact(guard, r
     assert guard.stream(prompt=prompt).score == pytest.approx(full(guard, prompt), abs=TOL)
 
 
+def test_an_entry_holds_its_tokens_not_a_windows_room(guard, real_rows):
+    """An entry's windows are never stepped (a session steps `continued()` copies, given
+    room for a whole window's rows there), so they hold the KV cache and rows of their own
+    tokens: a short prompt's entry costs in proportion to its tokens, not the 2 MiB of
+    rows a full window of the shipped head has room for. A session continuing it appends
+    past the entry's length and stays exact."""
+    guard.prefixes.clear()
+    prompt = real_rows[0]["prompt"][:60]  # over MIN_REUSE tokens; with max_length 12, two windows
+    guard.stream(prompt=prompt)
+    [entry] = guard.prefixes._entries.values()
+    assert any(window.n < guard.max_length for window in entry.windows)
+    for window in entry.windows:
+        assert window.rows.shape[0] == window.n
+        assert all(layer.keys.shape[-2] == window.n for layer in window.cache.layers)
+    kv = sum(t.numel() * t.element_size() for w in entry.windows for layer in w.cache.layers
+             for t in (layer.keys, layer.values))
+    assert entry.nbytes == 64 * len(entry.ids) + kv + sum(w.n * w.rows.shape[1] * 4 for w in entry.windows)
+    session = guard.stream(prompt=prompt)
+    assert session.tokens_fed == 0
+    reply = real_rows[0]["response"][:40]
+    assert session.append(reply).score == pytest.approx(full(guard, prompt, reply), abs=TOL)
+
+
 def test_bounded_by_bytes_least_recently_used_out_first(artifact_factory, real_rows):
     folder = artifact_factory("prefixes-lru", pooling="mlp_mean", layers=[1, 2], max_length=512)
     guard = SirenGuard.from_pretrained(folder, device=DEVICE, dtype=torch.float32, prefix_cache_mb=0.5)

@@ -96,7 +96,7 @@ def test_upstream_error_status_and_body_pass_through_unchanged(via_katan, katan_
     headers = {"authorization": "Bearer x", "content-type": "application/json"}
     direct = httpx.post(katan_url + "/chat/completions", content=body, headers=headers)
     proxied = httpx.post(via_katan.url + "/v1/chat/completions", content=body, headers=headers)
-    assert (proxied.status_code, proxied.content) == (direct.status_code, direct.content) 
+    assert (proxied.status_code, proxied.content) == (direct.status_code, direct.content)
     assert direct.status_code == 400
 
 

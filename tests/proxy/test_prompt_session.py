@@ -156,12 +156,19 @@ def test_every_other_ending_closes_the_prompts_session(scripted, case):
 
 
 @pytest.mark.parametrize("response_stage", ["{action: off}", "{action: cut, include_prompt: false}"])
-def test_no_session_when_the_response_stage_does_not_read_the_prompt(katan_url, response_stage):
+def test_a_prompt_no_response_session_reads_is_read_by_a_session_of_its_own(katan_url, response_stage):
+    """`last_user`, the default scope, too: when no response session reads the prompt,
+    the prompt stage reads it through a session closed at once, not a full-text score,
+    so a retried or regenerated prompt continues from the guard's prefix cache (the real
+    guard: tests/proxy/test_real_guard.py)."""
     scorer = KeywordScorer()
     with running_proxy(policy_yaml(katan_url, prompt=REFUSE, response=response_stage), scorer) as proxy:
         sdk(proxy).chat.completions.create(model="m", messages=user("otters"))
-    assert scorer.calls[0] == "otters"
-    assert not any(s.prompt_scored for s in scorer.sessions)
+    first, *rest = scorer.sessions
+    assert first.prompt == "otters" and first.prompt_scored and first.text == "otters\n"  # never appended to
+    assert scorer.calls[0] == "otters" and not any(s.prompt_scored for s in rest)
+    assert all(s.prompt is None for s in rest)  # include_prompt: false scores the response alone
+    assert all_closed(scorer)
 
 
 @pytest.mark.parametrize("scope", ["conversation", "conversation_with_system"])
@@ -184,13 +191,6 @@ def test_a_conversation_prompt_is_read_by_a_session_of_its_own(scripted, scope):
         f"{system}user: hi", f"{system}user: hi\nassistant: fine\nuser: a BOMB, please"]
     assert all(s.prompt_scored for s in scorer.sessions) and all_closed(scorer)
     assert scorer.calls == [s.prompt for s in scorer.sessions]  # no full-text scoring
-
-
-def test_last_user_prompts_keep_full_text_scoring(katan_url):
-    scorer = KeywordScorer()
-    with running_proxy(policy_yaml(katan_url, prompt=REFUSE, response="{action: off}"), scorer) as proxy:
-        sdk(proxy).chat.completions.create(model="m", messages=user("otters"))
-    assert scorer.calls == ["otters"] and scorer.sessions == []
 
 
 @pytest.mark.parametrize("reachable", [True, False])

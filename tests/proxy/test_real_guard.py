@@ -19,6 +19,7 @@ import httpx
 import openai
 import pytest
 
+from guard.text import model_text
 from policies.extract import prompt_text
 from tests.support.proxy import running_proxy
 from tests.support.scorers import embedded_scorer
@@ -62,11 +63,16 @@ def test_harmful_prompt_refused_benign_answered(katan_url, scorer):
         answered = client.chat.completions.create(model="m", messages=[{"role": "user", "content": BENIGN}])
         ready = httpx.get(proxy.url + "/readyz").json()
         metrics = httpx.get(proxy.url + "/metrics").text
+        asyncio.run(scorer.score(prompt=BENIGN))  # a full-text job on the proxy's guard worker
+        batches = httpx.get(proxy.url + "/metrics").text
     assert refused.parse().choices[0].finish_reason == "content_filter"
     assert float(refused.headers["x-siren-score"]) > 0.9
     assert answered.choices[0].message.content.endswith(BENIGN)
     assert ready["guard"] == "ready"
-    assert "siren_proxy_guard_batch_size_count 2.0" in metrics  # the worker reports its batches
+    # the worker reports its rounds: each prompt was read by a session's prefill
+    assert "siren_proxy_guard_stream_batch_size_count 2.0" in metrics
+    assert "siren_proxy_guard_batch_size_count 0.0" in metrics
+    assert "siren_proxy_guard_batch_size_count 1.0" in batches  # ... and its full-text batches
     assert "siren_proxy_guard_queue_depth 0.0" in metrics
 
 
@@ -191,6 +197,35 @@ def test_each_turn_of_a_conversation_continues_from_the_last(katan_url, scorer, 
         return await scorer.score(prompt=rendered)
 
     assert abs(records[1]["decisions"][0]["score"] - asyncio.run(one_pass())) < 2e-3
+
+
+def test_a_retried_prompt_runs_no_tokens_again(katan_url, scorer, tmp_path):
+    """`last_user` scope with the response stage off (the prompt stage alone): the prompt
+    is read by a session of its own, so the same request sent again (a retry, a
+    regeneration) takes its whole prompt from the guard's prefix cache, with the same
+    score, equal to a one-pass score."""
+    audit = tmp_path / "audit.jsonl"
+    text = config(katan_url, prompt="{action: refuse, threshold: 0.5}", response="{action: off}",
+                  server=f"  audit_log: {audit}")
+    messages = [{"role": "user", "content": OTTERS + " A retry."}]
+    with running_proxy(text, scorer) as proxy, sdk(proxy) as client:
+        client.chat.completions.create(model="m", messages=messages)
+        before = prefix_counts(proxy)
+        client.chat.completions.create(model="m", messages=messages)
+        after = prefix_counts(proxy)
+        metrics = httpx.get(proxy.url + "/metrics").text
+    guard = scorer._get().guard
+    tokens = len(guard.plan.body(guard.tokenizer, model_text(prompt=OTTERS + " A retry.")))
+    assert after["siren_proxy_guard_prefix_cache_hits_total"] == before["siren_proxy_guard_prefix_cache_hits_total"] + 1
+    reused = after["siren_proxy_guard_prefix_tokens_reused_total"] - before["siren_proxy_guard_prefix_tokens_reused_total"]
+    assert reused == tokens  # all of it
+    assert "siren_proxy_guard_batch_size_count 0.0" in metrics  # no full-text scoring
+    first, second = (json.loads(line)["decisions"][0]["score"] for line in audit.read_text().splitlines())
+
+    async def one_pass():
+        return await scorer.score(prompt=OTTERS + " A retry.")
+
+    assert first == second and abs(first - asyncio.run(one_pass())) < 2e-3
 
 
 def test_one_api_keys_cached_prefixes_are_not_anothers(katan_url, scorer):

@@ -248,13 +248,14 @@ def main() -> None:
     if "b" in args.cases:
         # (b) 64 texts, 16 concurrent callers through the worker vs one at a time: prompts
         # alone (the proxy's prompt check, short texts) and prompt + response (long texts).
-        for label, texts in (
-            ("prompts", [(r["prompt"][:300], None) for r in rows * 3][:64]),
-            ("prompt+response", [(r["prompt"][:300], r["response"][:600]) for r in rows * 3][:64]),
-        ):
-            n_tok = sum(len(ours.plan.body(tok, model_text(prompt=p, response=r))) for p, r in texts) / 64
-            t_seq = best(lambda: [ours.score(prompt=p, response=r) for p, r in texts], args.repeat)
-            worker = GuardWorker(ours, max_batch_size=16, max_wait_ms=2.0)
+        # On CPU a batch's windows are packed (no padding); the padded batches a GPU (or a
+        # backbone packing does not support) gets are timed beside them.
+        padded = None
+        if ours.packer is not None and args.device == "cpu":
+            padded = SirenGuard.from_pretrained(workdir, device=args.device, dtype=dtype, packed_steps=False)
+
+        def concurrent(guard, texts) -> tuple[float, int]:
+            worker = GuardWorker(guard, max_batch_size=16, max_wait_ms=2.0)
 
             async def callers():
                 async def caller(k):
@@ -262,11 +263,27 @@ def main() -> None:
                         await worker.score(prompt=p, response=r)
                 await asyncio.gather(*(caller(k) for k in range(16)))
 
-            t_conc = best(lambda: asyncio.run(callers()), args.repeat)
+            t = best(lambda: asyncio.run(callers()), args.repeat)
             worker.close()
+            return t, worker.batches
+
+        for label, texts in (
+            ("prompts", [(r["prompt"][:300], None) for r in rows * 3][:64]),
+            ("prompt+response", [(r["prompt"][:300], r["response"][:600]) for r in rows * 3][:64]),
+        ):
+            n_tok = sum(len(ours.plan.body(tok, model_text(prompt=p, response=r))) for p, r in texts) / 64
+            t_seq = best(lambda: [ours.score(prompt=p, response=r) for p, r in texts], args.repeat)
+            t_conc, batches = concurrent(ours, texts)
             print(f"(b) 64 {label} (~{n_tok:.0f} tokens each): one at a time {64/t_seq:.1f} texts/s, "
                   f"16 callers via worker {64/t_conc:.1f} texts/s -> {t_seq/t_conc:.2f}x throughput "
-                  f"({worker.batches} batches)")
+                  f"({batches} batches)")
+            if padded is not None:
+                t_pseq = best(lambda: [padded.score(prompt=p, response=r) for p, r in texts], args.repeat)
+                t_pad, _ = concurrent(padded, texts)
+                print(f"(b) the same, batches padded (packed_steps=False): one at a time {64/t_pseq:.1f} texts/s, "
+                      f"16 callers {64/t_pad:.1f} texts/s -> packed batches {t_pad/t_conc:.2f}x the padded ones")
+        if padded is not None:
+            padded.close()
 
     if "c" in args.cases:
         # (c) score_batch vs the reference's

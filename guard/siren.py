@@ -18,10 +18,11 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
+from transformers import DynamicCache
 
 from guard.artifact import ArtifactConfig, load_head, read_artifact
 from guard.backbone import Backbone, load_backbone
@@ -36,7 +37,7 @@ from guard.windows import TokenPlan
 logger = logging.getLogger(__name__)
 
 DEFAULT_ARTIFACT = Path(__file__).resolve().parent / "default"
-MAX_BATCH_TOKENS = 8192  # windows per forward are capped by padded tokens, to bound memory
+MAX_BATCH_TOKENS = 8192  # tokens per forward (padded ones included), to bound memory
 # A forward's padded tokens may exceed its real ones by this share at most. On CPU a
 # padded token costs what a real one does, while a forward of a few hundred rows already
 # runs its matrix products near their best rate, so a batch of uneven lengths is cut
@@ -239,14 +240,8 @@ class SirenGuard:
             return [self._readout.rows(torch.as_tensor([ids], dtype=torch.long, device=self.device), None, cache)[0]
                     for cache, ids in feeds]
         out: list[torch.Tensor] = []
-        lo = 0
-        while lo < len(feeds):
-            hi, tokens = lo + 1, len(feeds[lo][1])
-            while hi < len(feeds) and tokens + len(feeds[hi][1]) <= MAX_BATCH_TOKENS:
-                tokens += len(feeds[hi][1])
-                hi += 1
+        for lo, hi in _token_chunks([len(ids) for _, ids in feeds]):
             out.extend(self._packer.rows(feeds[lo:hi]))
-            lo = hi
         return out
 
     def warm_up(self) -> float:
@@ -307,12 +302,16 @@ class SirenGuard:
 
     @torch.no_grad()
     def p_harmful(self, prepared: Sequence[str]) -> list[float]:
-        """P(harmful) of texts already prepared by `guard.text.model_text`.
+        """P(harmful) of texts already prepared by `guard.text.model_text`; a text's score
+        is its windows' maximum.
 
-        Every window of every text is one row of a right-padded batch; windows are
-        sorted by length and cut into forwards whose padding stays under
-        `MAX_PAD_SHARE` of their tokens on CPU (and under `MAX_BATCH_TOKENS` in all); a text's
-        score is its windows' maximum.
+        On CPU, where the backbone takes packed steps (`guard.packing`), every window's
+        tokens are packed into forwards of at most `MAX_BATCH_TOKENS`, no padding, each
+        window pooled as a session pools it. Otherwise (a GPU, where padding is nearly
+        free and one wide forward is best; other backbones) every window is one row of a
+        right-padded batch; windows are sorted by length and cut into forwards whose
+        padding stays under `MAX_PAD_SHARE` of their tokens on CPU (and under
+        `MAX_BATCH_TOKENS` in all).
         """
         if not prepared:
             return []
@@ -322,8 +321,17 @@ class SirenGuard:
             body = self._plan.body(self._tokenizer, text)
             for start, end in self._plan.spans(len(body)):
                 windows.append((i, prefix + body[start:end]))
-        windows.sort(key=lambda w: len(w[1]))
         scores = [0.0] * len(prepared)
+        if self._packer is not None and self.device.type == "cpu":
+            config = self._readout.model.config
+            for lo, hi in _token_chunks([len(ids) for _, ids in windows]):
+                chunk = windows[lo:hi]
+                rows = self._packer.rows([(DynamicCache(config=config), ids) for _, ids in chunk])
+                pooled = torch.cat([r.sum(dim=0, keepdim=True) / len(r) for r in rows]) * self._readout.weights
+                for (i, _), p in zip(chunk, self._head.p_harmful(pooled).tolist()):
+                    scores[i] = max(scores[i], p)
+            return scores
+        windows.sort(key=lambda w: len(w[1]))
         pad = self._tokenizer.pad_token_id
         pad_share = max_pad_share(self.device)
         lo = 0
@@ -351,6 +359,19 @@ class SirenGuard:
 
     def close(self) -> None:
         self._readout.close()
+
+
+def _token_chunks(lengths: Sequence[int]) -> Iterator[tuple[int, int]]:
+    """Consecutive (lo, hi) ranges of feeds whose tokens add up to at most
+    `MAX_BATCH_TOKENS` (a longer feed alone): one packed forward each."""
+    lo = 0
+    while lo < len(lengths):
+        hi, tokens = lo + 1, lengths[lo]
+        while hi < len(lengths) and tokens + lengths[hi] <= MAX_BATCH_TOKENS:
+            tokens += lengths[hi]
+            hi += 1
+        yield lo, hi
+        lo = hi
 
 
 __all__ = ["SirenGuard", "ScoreResult", "DEFAULT_ARTIFACT"]

@@ -4,9 +4,9 @@ The backbone is not re-entrant and torch must never run on the event loop, so ev
 scoring call becomes a job on one FIFO queue, served by one thread:
 
 - Full-text scorings (`score`, `score_many`) waiting together are merged into one batch
-  (`SirenGuard.p_harmful`, windows sorted by length): after taking the first, the worker
-  waits up to `max_wait_ms` for more, up to `max_batch_size` texts. `score_many` is
-  always one batch, whatever its size.
+  (`SirenGuard.p_harmful`: packed on CPU, padded on a GPU): after taking the first, the
+  worker waits up to `max_wait_ms` for more, up to `max_batch_size` texts. `score_many`
+  is always one batch, whatever its size.
 - Streaming steps of different sessions (`append`, and `open` with its prompt's
   prefill), up to `max_stream_batch` (default `max_batch_size`, or the guard's static
   slots if more), run as one `guard.session.append_all`: their new

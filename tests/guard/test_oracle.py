@@ -2,10 +2,10 @@
 
 Synthetic artifacts (seeded random heads, a few layers and neurons) over the SmolLM2
 backbone as a Hugging Face directory; both runtimes in float32 on CPU; every score must
-agree within 1e-4, single and batched, for texts of 1 to 600 tokens. The three
-configurations cover a top layer below the last block (blocks dropped at load, raw
-residual), the last block as top layer (the reference reads the post-norm state there),
-MLP-output pooling, and truncation at max_length.
+agree within 1e-4, single and batched (packed, and padded), for texts of 1 to 600
+tokens. The three configurations cover a top layer below the last block (blocks dropped
+at load, raw residual), the last block as top layer (the reference reads the post-norm
+state there), MLP-output pooling, and truncation at max_length.
 """
 
 from __future__ import annotations
@@ -36,8 +36,11 @@ def pair(request, artifact_factory):
     ref = siren_guard.SirenGuard.from_pretrained(str(folder), device=DEVICE, dtype=torch.float32)
     # "truncate" so a 600-token text is read as the reference reads it when max_length=512.
     ours = SirenGuard.from_pretrained(folder, device=DEVICE, dtype=torch.float32, long_text="truncate")
+    ours.padded = SirenGuard.from_pretrained(folder, device=DEVICE, dtype=torch.float32, long_text="truncate",
+                                             packed_steps=False)  # padded batches (a GPU's, other backbones')
     yield ref, ours
     ref.close()
+    ours.padded.close()
     ours.close()
     del ref, ours
 
@@ -62,10 +65,12 @@ def test_single_scores_match_reference(pair, texts):
 
 
 def test_batched_scores_match_reference(pair, texts):
+    """On CPU `ours` packs the batch's windows (`guard.packing`); `ours.padded` pads them."""
     ref, ours = pair
     expected = [r.score for r in ref.score_batch(texts)]
     got = [r.score for r in ours.score_batch(texts)]
     assert got == pytest.approx(expected, abs=TOL)
+    assert [r.score for r in ours.padded.score_batch(texts)] == pytest.approx(expected, abs=TOL)
     assert max(got) - min(got) > 0.01  # the head is not saturated: scores really move
 
 

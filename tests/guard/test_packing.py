@@ -19,6 +19,7 @@ from guard import SirenGuard
 from guard.errors import BackboneError
 from guard.packing import PackedStep
 from guard.readout import Readout
+from guard.text import model_text
 from tests.guard.conftest import DEVICE
 from tests.guard.test_graphs import COMMON, FAMILIES, READS, artifact_config, tiny_model
 
@@ -69,3 +70,30 @@ def test_packed_steps_refuse_what_they_cannot_do(artifact_factory, monkeypatch):
     auto = SirenGuard.from_pretrained(folder, device=DEVICE, dtype=torch.float32)
     assert auto.packer is None  # falls back to one transformers forward per window
     assert auto.stream(prompt="hi").append("there").score >= 0.0
+
+
+def test_full_text_scores_are_packed_on_cpu(artifact_factory, real_rows, monkeypatch):
+    """`p_harmful` (score, score_batch, the worker's batches) packs every window's tokens
+    on CPU, no padding, and scores as the padded batches do; chunks of at most
+    MAX_BATCH_TOKENS tokens, a longer window alone. On a GPU it keeps padded batches."""
+    folder = artifact_factory("packed-full-text", pooling="mlp_mean", layers=[1, 2], max_length=24, scale=3.0)
+    packed = SirenGuard.from_pretrained(folder, device=DEVICE, dtype=torch.float32)
+    padded = SirenGuard.from_pretrained(folder, device=DEVICE, dtype=torch.float32, packed_steps=False)
+    texts = ["Hi"] + [model_text(prompt=r["prompt"][:n]) for r, n in zip(real_rows, (5, 40, 90, 200, 400, 900))]
+    expected = padded.p_harmful(texts)
+    assert max(expected) - min(expected) > 0.01  # the scores really move
+    if DEVICE == "cpu":  # padded batches go through Readout.rows: packed ones never do
+        monkeypatch.setattr(packed.readout, "rows", lambda *a, **k: pytest.fail("a padded forward ran"))
+    assert packed.p_harmful(texts) == pytest.approx(expected, abs=TOL)
+    forwards = []
+    rows = packed.packer.rows
+    monkeypatch.setattr(packed.packer, "rows", lambda feeds: forwards.append([len(ids) for _, ids in feeds])
+                        or rows(feeds))
+    monkeypatch.setattr("guard.siren.MAX_BATCH_TOKENS", 30)
+    assert packed.p_harmful(texts) == pytest.approx(expected, abs=TOL)
+    if DEVICE == "cpu":
+        assert len(forwards) > 3 and all(sum(f) <= 30 or len(f) == 1 for f in forwards)
+    else:
+        assert forwards == []  # padded batches (tests/guard/test_worker.py)
+    packed.close()
+    padded.close()

@@ -28,6 +28,16 @@ def guard(artifact_factory):
     g.close()
 
 
+@pytest.fixture(scope="module")
+def padded(artifact_factory):
+    """Padded batches: what a GPU runs, and backbones packing does not support (on CPU a
+    batch's windows are packed: tests/guard/test_packing.py)."""
+    folder = artifact_factory("worker", pooling="residual_mean", layers=[0, 2], scale=3.0, max_length=64)
+    g = SirenGuard.from_pretrained(folder, device=DEVICE, dtype=torch.float32, packed_steps=False)
+    yield g
+    g.close()
+
+
 def record_forwards(guard, monkeypatch) -> list[tuple[int, int]]:
     """(padded, real) tokens of every forward `p_harmful` runs from now on."""
     forwards = []
@@ -45,9 +55,10 @@ def uneven_texts(real_rows) -> list[str]:
     return [model_text(prompt=r["prompt"][: 10 + 7 * i]) for i, r in enumerate(real_rows[:12])]
 
 
-def test_uneven_batches_are_cut_into_forwards_of_even_length(guard, real_rows, monkeypatch):
+def test_uneven_batches_are_cut_into_forwards_of_even_length(padded, real_rows, monkeypatch):
     from guard.siren import max_pad_share
 
+    guard = padded
     share = max_pad_share(guard.device)
     texts = uneven_texts(real_rows)
     singles = [guard.p_harmful([t])[0] for t in texts]
@@ -62,7 +73,8 @@ def test_uneven_batches_are_cut_into_forwards_of_even_length(guard, real_rows, m
         assert all(padded <= (1 + share) * real for padded, real in forwards)
 
 
-def test_on_a_gpu_uneven_batches_go_in_one_forward(guard, real_rows, monkeypatch):
+def test_on_a_gpu_uneven_batches_go_in_one_forward(padded, real_rows, monkeypatch):
+    guard = padded
     siren = importlib.import_module("guard.siren")
     assert math.isinf(siren.max_pad_share(torch.device("cuda")))
     monkeypatch.setattr(siren, "max_pad_share", lambda device: math.inf)

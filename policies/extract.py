@@ -93,6 +93,8 @@ def _render(messages: list[tuple[str, str]], scope: str) -> str:
 
 def _chat_messages(body: Mapping) -> list[tuple[str, str]]:
     messages = body.get("messages")
+    if messages is None:
+        raise RequestShapeError("Missing required parameter: 'messages'.", param="messages")
     if not _is_list(messages):
         raise RequestShapeError("'messages' must be a list", param="messages")
     out = []
@@ -106,6 +108,8 @@ def _chat_messages(body: Mapping) -> list[tuple[str, str]]:
 
 def _completion_prompt(body: Mapping) -> str | None:
     prompt = body.get("prompt")
+    if prompt is None:
+        raise RequestShapeError("Missing required parameter: 'prompt'.", param="prompt")
     if isinstance(prompt, str):
         return prompt
     if _is_list(prompt):

@@ -99,6 +99,17 @@ def test_bad_shapes_raise_request_shape_error(endpoint, body, param):
     assert info.value.param == param
 
 
+@pytest.mark.parametrize(("endpoint", "body", "param"), [
+    ("chat/completions", {"model": "m"}, "messages"),
+    ("chat/completions", {"messages": None}, "messages"),
+    ("completions", {"model": "m"}, "prompt"),
+])
+def test_a_missing_required_field_is_named_as_missing(endpoint, body, param):
+    with pytest.raises(RequestShapeError, match=rf"^Missing required parameter: '{param}'\.$") as info:
+        prompt_text(endpoint, body, "last_user")
+    assert info.value.param == param
+
+
 def test_unknown_endpoint_is_a_programming_error():
     with pytest.raises(ValueError, match="not a guarded endpoint"):
         prompt_text("embeddings", {"input": "x"}, "last_user")

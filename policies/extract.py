@@ -8,7 +8,9 @@ Pure functions over already-decoded JSON. The prompt is taken per `scope`:
 
 Content is a string or a list of parts whose text parts (`text`, `input_text`,
 `output_text`) are joined with "\\n"; other parts (images, audio, files) carry no text.
-Assistant tool-call arguments are text too: they can carry anything.
+Assistant tool-call arguments are text too: they can carry anything. In a response, a
+reasoning model's reasoning (chat `reasoning`/`reasoning_content`, Responses reasoning
+items) is scored with the answer: the client receives it too.
 
 `prompt_text` returns None when the prompt is not scoreable: a `/v1/completions` prompt
 given as token ids, or a Responses request without `input`. None is not "safe": the proxy
@@ -29,6 +31,10 @@ from policies.errors import RequestShapeError
 ENDPOINTS = ("chat/completions", "completions", "responses")
 _SYSTEM_ROLES = ("system", "developer")
 _TEXT_PARTS = ("text", "input_text", "output_text")
+_REASONING_KEYS = ("reasoning", "reasoning_content")
+_RESPONSES_TEXT_DELTAS = ("response.output_text.delta", "response.refusal.delta",
+                          "response.function_call_arguments.delta", "response.reasoning_text.delta",
+                          "response.reasoning_summary_text.delta")
 
 
 def _is_list(value: Any) -> bool:
@@ -168,12 +174,21 @@ def prompt_text(endpoint: str, body: Mapping, scope: str) -> str | None:
     raise ValueError(f"not a guarded endpoint: {endpoint!r} (expected one of {ENDPOINTS})")
 
 
+def reasoning_text(message: Mapping) -> str:
+    """A chat message's or delta's reasoning: `reasoning` (vLLM since 0.11, OpenRouter) or
+    `reasoning_content` (llama.cpp, DeepSeek's API, older vLLM). A server in transition
+    may send both with the same text; it is read once."""
+    texts = [message.get(key) for key in _REASONING_KEYS]
+    texts = [t for t in texts if isinstance(t, str)]
+    return texts[0] if len(texts) == 2 and texts[0] == texts[1] else "".join(texts)
+
+
 def response_text_chat(choice: Mapping) -> str:
-    """A non-streamed chat choice: message content, refusal and tool-call arguments."""
+    """A non-streamed chat choice: reasoning, message content, refusal and tool-call arguments."""
     message = choice.get("message") or {}
     if not isinstance(message, Mapping):
         return ""
-    texts = [_message_text(message, param="message")]
+    texts = [reasoning_text(message), _message_text(message, param="message")]
     if isinstance(message.get("refusal"), str):
         texts.append(message["refusal"])
     return "\n".join(t for t in texts if t)
@@ -185,12 +200,16 @@ def response_text_completion(choice: Mapping) -> str:
 
 
 def response_text_responses(body: Mapping) -> str:
-    """A non-streamed Responses object: its output messages' text and function-call arguments."""
+    """A non-streamed Responses object: its output messages' text, function-call arguments,
+    and reasoning items' text and summaries."""
     texts = []
     for item in body.get("output") or []:
         if not isinstance(item, Mapping):
             continue
-        if item.get("type") == "message":
+        if item.get("type") == "reasoning":
+            parts = [*(item.get("summary") or []), *(item.get("content") or [])]
+            texts += [p["text"] for p in parts if isinstance(p, Mapping) and isinstance(p.get("text"), str)]
+        elif item.get("type") == "message":
             texts.append(content_text(item.get("content"), param="output.content"))
         elif item.get("type") == "function_call" and isinstance(item.get("arguments"), str):
             texts.append(item["arguments"])
@@ -200,13 +219,14 @@ def response_text_responses(body: Mapping) -> str:
 def delta_text(endpoint: str, chunk: Mapping) -> dict[int, str]:
     """New text per choice index in one streamed chunk (Responses: one event, index 0).
 
-    Chat: `delta.content`, `delta.refusal` and tool-call argument fragments. Completions:
-    `text`. Responses: `response.output_text.delta`, `response.refusal.delta` and
-    `response.function_call_arguments.delta` events. Anything else carries no text.
+    Chat: `delta.reasoning` (or `reasoning_content`), `delta.content`, `delta.refusal` and
+    tool-call argument fragments. Completions: `text`. Responses: the output text, refusal,
+    function-call argument, reasoning text and reasoning summary delta events. Anything
+    else carries no text. A reasoning model's thinking streams to the client like its
+    answer, so it is scored like its answer.
     """
     if endpoint == "responses":
-        if chunk.get("type") in ("response.output_text.delta", "response.refusal.delta",
-                                 "response.function_call_arguments.delta") and isinstance(chunk.get("delta"), str):
+        if chunk.get("type") in _RESPONSES_TEXT_DELTAS and isinstance(chunk.get("delta"), str):
             return {0: chunk["delta"]}
         return {}
     out: dict[int, str] = {}
@@ -217,7 +237,8 @@ def delta_text(endpoint: str, chunk: Mapping) -> dict[int, str]:
             text = response_text_completion(choice)
         else:
             delta = choice.get("delta") or {}
-            pieces = [delta.get("content"), delta.get("refusal")] if isinstance(delta, Mapping) else []
+            pieces = [reasoning_text(delta), delta.get("content"), delta.get("refusal")] \
+                if isinstance(delta, Mapping) else []
             for call in (delta.get("tool_calls") or []) if isinstance(delta, Mapping) else []:
                 function = call.get("function") if isinstance(call, Mapping) else None
                 if isinstance(function, Mapping):

@@ -67,7 +67,7 @@ def refused_stream(endpoint: str, request: Mapping, refusal: str) -> bytes:
     """The whole refused response in stream form, ending as the upstream's would."""
     whole = refused_json(endpoint, request, refusal)
     if endpoint == "responses":
-        return response_cut_events(whole, refusal, item_id=whole["output"][0]["id"])
+        return response_cut_events({**whole, "output": []}, refusal, item_id=whole["output"][0]["id"], created=True)
     out = []
     for choice in whole["choices"]:
         base = {k: whole[k] for k in ("id", "created", "model")}
@@ -100,13 +100,32 @@ def usage_chunk(endpoint: str, template: Mapping, usage: Mapping) -> bytes:
     return encode_json({**base, "object": obj, "choices": [], "usage": dict(usage)})
 
 
-def response_cut_events(response: Mapping, refusal: str, *, item_id: str | None = None) -> bytes:
-    """Responses API: the refusal as a text delta, then `response.incomplete`."""
-    final = {**response, "status": "incomplete", "incomplete_details": {"reason": CONTENT_FILTER}}
-    delta = {"type": "response.output_text.delta", "item_id": item_id or "msg-siren", "output_index": 0,
-             "content_index": 0, "delta": refusal, "sequence_number": 0, "logprobs": []}
-    incomplete = {"type": "response.incomplete", "response": final, "sequence_number": 1}
-    return _typed_event(delta) + _typed_event(incomplete)
+def response_cut_events(response: Mapping, refusal: str, *, item_id: str | None = None, output_index: int = 0,
+                        sequence: int = 0, created: bool = False) -> bytes:
+    """Responses API: the refusal as a message item of its own (added, its text, done), then
+    `response.incomplete` with that item after `response`'s output. With `created`,
+    `response.created` comes first (a response refused before the upstream was called).
+    The item goes at `output_index`, after the items the client already has, and events
+    are numbered on from `sequence`, so a client that rebuilds the response from its
+    events (the openai SDK's `responses.stream()`) takes them as OpenAI's own."""
+    item_id = item_id or _id("msg")
+    part = {"type": "output_text", "text": refusal, "annotations": []}
+    message = {"id": item_id, "type": "message", "role": "assistant", "status": "in_progress", "content": []}
+    done = {**message, "status": "incomplete", "content": [part]}
+    where = {"item_id": item_id, "output_index": output_index, "content_index": 0}
+    final = {**response, "status": "incomplete", "incomplete_details": {"reason": CONTENT_FILTER},
+             "output": [*(response.get("output") or []), done]}
+    events = [("response.output_item.added", {"output_index": output_index, "item": message}),
+              ("response.content_part.added", {**where, "part": {**part, "text": ""}}),
+              ("response.output_text.delta", {**where, "delta": refusal, "logprobs": []}),
+              ("response.output_text.done", {**where, "text": refusal, "logprobs": []}),
+              ("response.content_part.done", {**where, "part": part}),
+              ("response.output_item.done", {"output_index": output_index, "item": done}),
+              ("response.incomplete", {"response": final})]
+    if created:
+        events.insert(0, ("response.created", {"response": {**response, "status": "in_progress", "output": []}}))
+    return b"".join(_typed_event({"type": kind, **data, "sequence_number": sequence + i})
+                    for i, (kind, data) in enumerate(events))
 
 
 def _typed_event(obj: Mapping) -> bytes:

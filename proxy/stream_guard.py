@@ -47,9 +47,14 @@ from .sse import DONE, Event, SSEDecoder, SSEError
 logger = logging.getLogger(__name__)
 
 MAX_EVENT_BYTES = 4 << 20
-_RESPONSES_DONE = ("response.output_text.done", "response.function_call_arguments.done",
-                   "response.content_part.done", "response.output_item.done", "response.completed",
-                   "response.incomplete", "response.failed")
+# A Responses stream ends with one of these. The `.done` events of each output item (a
+# reasoning item, a message, a function call) come before the next item starts, and
+# repeat the item's whole text: they are checked at, so they need not wait for the next
+# check, but the choice goes on.
+_RESPONSES_END = ("response.completed", "response.incomplete", "response.failed")
+_RESPONSES_PART_DONE = ("response.output_text.done", "response.function_call_arguments.done",
+                        "response.reasoning_text.done", "response.reasoning_summary_text.done",
+                        "response.content_part.done", "response.output_item.done")
 
 
 @dataclass
@@ -100,6 +105,8 @@ class StreamGuard:
         self.template: dict = {}  # id/created/model of the stream, for chunks we write
         self.last_usage: dict | None = None
         self.upstream_done = False
+        self.items_released = 0  # Responses: output items the client has been told of
+        self.next_sequence = 0  # Responses: the sequence number our own events start at
 
     # -- the relay ---------------------------------------------------------------------
 
@@ -193,6 +200,8 @@ class StreamGuard:
             if i in self.choices and not self.choices[i].cut:
                 await self._check(self.choices[i])
                 self.choices[i].finished = True
+        if self.endpoint == "responses" and payload.get("type") in _RESPONSES_PART_DONE and not self.choices[0].cut:
+            await self._check(self.choices[0])
 
     def _indices(self, payload: dict) -> set[int]:
         if self.endpoint == "responses":
@@ -204,7 +213,7 @@ class StreamGuard:
 
     def _finishing(self, payload: dict) -> list[int]:
         if self.endpoint == "responses":
-            return [0] if payload.get("type") in _RESPONSES_DONE else []
+            return [0] if payload.get("type") in _RESPONSES_END else []
         return [c.get("index", 0) for c in payload.get("choices") or []
                 if isinstance(c, dict) and c.get("finish_reason") is not None]
 
@@ -268,7 +277,8 @@ class StreamGuard:
                 kept.append(Held(rewritten[0], reach, rewritten[1]))
         self.queue = kept
         if self.endpoint == "responses":
-            raw = response_cut_events(self.template, self.policy.refusal)
+            raw = response_cut_events(self.template, self.policy.refusal, output_index=self.items_released,
+                                      sequence=self.next_sequence)
         else:
             raw = cut_chunk(self.endpoint, self.template, choice.index, self.policy.refusal)
         self.queue.append(Held(raw))
@@ -300,6 +310,11 @@ class StreamGuard:
             self.queue.popleft()
             for i, p in held.reach.items():
                 self.choices[i].released = max(self.choices[i].released, p)
+            if self.endpoint == "responses" and held.payload is not None:
+                self.items_released += held.payload.get("type") == "response.output_item.added"
+                number = held.payload.get("sequence_number")
+                if isinstance(number, int) and not isinstance(number, bool):
+                    self.next_sequence = max(self.next_sequence, number + 1)
             out.append(held.raw)
         return b"".join(out)
 

@@ -122,6 +122,12 @@ def test_unknown_endpoint_is_a_programming_error():
     ({"message": {"content": None, "refusal": "I can't."}}, "I can't."),
     ({"message": None}, ""),
     ({}, ""),
+    # a reasoning model's thinking comes first, under either name, once when both carry it
+    ({"message": {"reasoning": "think", "content": "ok"}}, "think\nok"),
+    ({"message": {"reasoning_content": "think", "content": "ok"}}, "think\nok"),
+    ({"message": {"reasoning": "think", "reasoning_content": "think", "content": "ok"}}, "think\nok"),
+    ({"message": {"reasoning": "a", "reasoning_content": "b", "content": None}}, "ab"),
+    ({"message": {"reasoning": None, "content": "ok"}}, "ok"),
 ])
 def test_response_text_chat(choice, text):
     assert response_text_chat(choice) == text
@@ -142,6 +148,9 @@ def test_response_text_responses():
     ]}
     assert response_text_responses(body) == "one\nno\n{}"
     assert response_text_responses({}) == ""
+    reasoning = {"type": "reasoning", "summary": [{"type": "summary_text", "text": "sum"}],
+                 "content": [{"type": "reasoning_text", "text": "think"}, "junk"]}
+    assert response_text_responses({"output": [reasoning, *body["output"]]}) == "sum\nthink\none\nno\n{}"
 
 
 # (endpoint, chunk, text per choice index)
@@ -155,9 +164,17 @@ DELTAS = [
     ("chat/completions", {"choices": [{"index": 0, "delta": {"refusal": "No"}}]}, {0: "No"}),
     ("chat/completions", {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}, {}),
     ("chat/completions", {"choices": [], "usage": {"total_tokens": 3}}, {}),
+    ("chat/completions", {"choices": [{"index": 0, "delta": {"reasoning": "hm"}}]}, {0: "hm"}),
+    ("chat/completions", {"choices": [{"index": 0, "delta": {"reasoning_content": "hm"}}]}, {0: "hm"}),
+    ("chat/completions", {"choices": [{"index": 0, "delta": {"reasoning": "hm", "reasoning_content": "hm"}}]},
+     {0: "hm"}),
+    ("chat/completions", {"choices": [{"index": 0, "delta": {"reasoning": ".", "content": "So"}}]}, {0: ".So"}),
     ("completions", {"choices": [{"index": 0, "text": "abc"}]}, {0: "abc"}),
     ("responses", {"type": "response.output_text.delta", "delta": "Hi"}, {0: "Hi"}),
     ("responses", {"type": "response.function_call_arguments.delta", "delta": "{"}, {0: "{"}),
+    ("responses", {"type": "response.reasoning_text.delta", "delta": "hm"}, {0: "hm"}),
+    ("responses", {"type": "response.reasoning_summary_text.delta", "delta": "sum"}, {0: "sum"}),
+    ("responses", {"type": "response.reasoning_text.done", "text": "hm"}, {}),
     ("responses", {"type": "response.completed", "response": {}}, {}),
 ]
 

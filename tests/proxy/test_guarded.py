@@ -294,6 +294,39 @@ def test_responses_stream_is_cut(scripted):
     assert events[-1].response.incomplete_details.reason == "content_filter"
 
 
+REFUSAL_ITEM = ["response.output_item.added", "response.content_part.added", "response.output_text.delta",
+                "response.output_text.done", "response.content_part.done", "response.output_item.done",
+                "response.incomplete"]
+
+
+@pytest.mark.parametrize(("script", "prompt", "items_before"), [
+    ("text:one two BOMB three four", "{action: off}", 1),  # cut inside the message
+    ("think:plain thoughts here|then a BOMB", "{action: off}", 2),  # cut in the message after a reasoning item
+    ("think:a BOMB at once|fine", "{action: off}", 1),  # cut in the reasoning item
+    ("text:never sent", "{action: refuse, threshold: 0.5}", 0),  # refused before the upstream
+])
+def test_responses_streams_the_proxy_ends_are_whole_event_sequences(scripted, script, prompt, items_before):
+    """The refusal is a message item of its own, after the items the client has, numbered on
+    from the upstream's events: the openai SDK's `responses.stream()` rebuilds the response
+    from them without error (before, it raised on a cut after a reasoning item and on a
+    refused prompt). Only `get_final_response()` refuses it, as it refuses any response
+    that ends incomplete."""
+    url, _ = scripted
+    with running_proxy(policy_yaml(url, prompt=prompt, response=CUT % (2, 2)), KeywordScorer()) as proxy:
+        client = sdk(proxy, default_headers={"x-script": script})
+        with client.responses.stream(model="m", input="a BOMB question" if "refuse" in prompt else "q") as stream:
+            events = list(stream)
+    types = [e.type for e in events]
+    assert types[0] == "response.created" and types[-len(REFUSAL_ITEM):] == REFUSAL_ITEM
+    assert types.count("response.output_item.added") == items_before + 1
+    added = events[-len(REFUSAL_ITEM)]
+    assert added.output_index == items_before
+    numbers = [e.sequence_number for e in events]
+    assert numbers == sorted(set(numbers))
+    assert events[-1].response.output[-1].content[0].text == REFUSAL
+    assert "BOMB" not in json.dumps([e.model_dump() for e in events])
+
+
 def test_guard_failure_mid_stream_fails_closed(katan_url):
     scorer = KeywordScorer()
     with running_proxy(policy_yaml(katan_url, response=CUT % (4, 4)), scorer) as proxy:

@@ -16,6 +16,12 @@ Behaviour is chosen per request by the `x-script` header:
     slowtext:<words>     the same, 10 ms between chunks, as a model generating them
     endless:<words>      <words> over and over, 10 ms a chunk, for up to 60 s (a model
                          that would go on generating until it is stopped)
+    think:<r>|<words>    a reasoning model (chat and Responses): the reasoning <r>, then the
+                         answer <words>; chat sends the reasoning as `delta.reasoning`
+                         (vLLM's field), or in the fields the `x-reasoning-field` header names
+                         (comma-separated: a server sending both, as vLLM did in transition)
+
+Responses streams carry each output item's whole event sequence (added, deltas, `.done`).
 """
 
 from __future__ import annotations
@@ -33,8 +39,10 @@ from starlette.routing import Route
 FIXTURES = Path(__file__).resolve().parent.parent / "proxy" / "fixtures" / "vllm-0.32-cpu"
 
 
-def chat_chunk(content: str | None = None, *, finish: str | None = None, role: bool = False) -> bytes:
-    delta = {"role": "assistant", "content": ""} if role else ({"content": content} if content else {})
+def chat_chunk(content: str | None = None, *, finish: str | None = None, role: bool = False,
+               field: str = "content") -> bytes:
+    delta = {"role": "assistant", "content": ""} if role else (
+        {f: content for f in field.split(",")} if content else {})
     body = {"id": "chatcmpl-test", "object": "chat.completion.chunk", "created": 1, "model": "smollm2",
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
     return b"data: " + json.dumps(body).encode() + b"\n\n"
@@ -80,6 +88,19 @@ def build_upstream(recorder: Recorder) -> Starlette:
                     await asyncio.sleep(0.01)
                     yield chat_chunk(words[i % len(words)] + " ")
             return await streamed([chat_chunk(role=True)], forever)
+        if kind == "think":
+            reasoning, _, answer = arg.partition("|")
+            field = request.headers.get("x-reasoning-field", "reasoning")
+            if not payload.get("stream"):
+                return JSONResponse({
+                    "id": "chatcmpl-test", "object": "chat.completion", "created": 1, "model": "smollm2",
+                    "choices": [{"index": i, "message": {"role": "assistant", **dict.fromkeys(field.split(","), reasoning),
+                                                     "content": answer},
+                                 "finish_reason": "stop"} for i in range(payload.get("n") or 1)],
+                    "usage": {"prompt_tokens": 3, "completion_tokens": 9, "total_tokens": 12}})
+            chunks = [chat_chunk(role=True)] + [chat_chunk(w + " ", field=field) for w in reasoning.split(" ")]
+            chunks += [chat_chunk(w + " ") for w in answer.split(" ")]
+            return await streamed(chunks + [chat_chunk(finish="stop"), b"data: [DONE]\n\n"])
         if kind in ("text", "slowtext"):
             words = arg.split(" ")
             if not payload.get("stream"):
@@ -143,24 +164,46 @@ def build_upstream(recorder: Recorder) -> Starlette:
         payload = await request.json()
         recorder.requests.append({"headers": dict(request.headers), "body": payload,
                                   "path": request.url.path, "query": request.url.query})
-        text = request.headers.get("x-script", "text:a plain answer")[len("text:"):]
-        message = {"id": "msg_1", "type": "message", "role": "assistant", "status": "completed",
-                   "content": [{"type": "output_text", "text": text, "annotations": []}]}
+        kind, _, arg = request.headers.get("x-script", "text:a plain answer").partition(":")
+        reasoning, _, text = arg.partition("|") if kind == "think" else ("", "", arg)
+        items = [("message", "msg_1", "output_text", text)]
+        if kind == "think":
+            items.insert(0, ("reasoning", "rs_1", "reasoning_text", reasoning))
+        output = []
+        for item_type, item_id, part_type, item_text in items:
+            part = {"type": part_type, "text": item_text}
+            if item_type == "message":
+                output.append({"id": item_id, "type": "message", "role": "assistant", "status": "completed",
+                               "content": [{**part, "annotations": []}]})
+            else:
+                output.append({"id": item_id, "type": "reasoning", "summary": [], "content": [part],
+                               "status": "completed"})
         final = {"id": "resp_1", "object": "response", "created_at": int(time.time()), "status": "completed",
-                 "model": payload.get("model", "smollm2"), "output": [message]}
+                 "model": payload.get("model", "smollm2"), "output": output}
         if not payload.get("stream"):
             return JSONResponse(final)
 
+        sequence = iter(range(10_000))
+
         def event(name: str, data: dict) -> bytes:
-            return f"event: {name}\ndata: {json.dumps({'type': name, **data})}\n\n".encode()
+            body = {"type": name, **data, "sequence_number": next(sequence)}
+            return f"event: {name}\ndata: {json.dumps(body)}\n\n".encode()
         started = {**final, "status": "in_progress", "output": []}
-        chunks = [event("response.created", {"response": started, "sequence_number": 0})]
-        for i, word in enumerate(text.split(" ")):
-            chunks.append(event("response.output_text.delta", {
-                "item_id": "msg_1", "output_index": 0, "content_index": 0,
-                "delta": word + (" " if i < len(text.split(" ")) - 1 else ""),
-                "sequence_number": i + 1, "logprobs": []}))
-        chunks.append(event("response.completed", {"response": final, "sequence_number": 999}))
+        chunks = [event("response.created", {"response": started})]
+        for position, ((_, item_id, part_type, item_text), item) in enumerate(zip(items, output)):
+            where = {"item_id": item_id, "output_index": position, "content_index": 0}
+            part = item["content"][0]
+            added = {**item, "status": "in_progress", "content": []}
+            chunks.append(event("response.output_item.added", {"output_index": position, "item": added}))
+            chunks.append(event("response.content_part.added", {**where, "part": {**part, "text": ""}}))
+            words = item_text.split(" ")
+            for i, word in enumerate(words):
+                chunks.append(event(f"response.{part_type}.delta", {
+                    **where, "delta": word + (" " if i < len(words) - 1 else ""), "logprobs": []}))
+            chunks.append(event(f"response.{part_type}.done", {**where, "text": item_text, "logprobs": []}))
+            chunks.append(event("response.content_part.done", {**where, "part": part}))
+            chunks.append(event("response.output_item.done", {"output_index": position, "item": item}))
+        chunks.append(event("response.completed", {"response": final}))
         return await streamed(chunks)
 
     async def models(request: Request) -> Response:

@@ -34,7 +34,11 @@ _TEXT_PARTS = ("text", "input_text", "output_text")
 _REASONING_KEYS = ("reasoning", "reasoning_content")
 _RESPONSES_TEXT_DELTAS = ("response.output_text.delta", "response.refusal.delta",
                           "response.function_call_arguments.delta", "response.reasoning_text.delta",
-                          "response.reasoning_summary_text.delta")
+                          "response.reasoning_summary_text.delta", "response.custom_tool_call_input.delta",
+                          "response.mcp_call_arguments.delta", "response.code_interpreter_call_code.delta")
+# Responses output items whose text is the model's own, by the field that holds it
+_RESPONSES_TOOL_TEXT = {"function_call": "arguments", "custom_tool_call": "input", "mcp_call": "arguments",
+                        "code_interpreter_call": "code"}
 
 
 def _is_list(value: Any) -> bool:
@@ -200,8 +204,9 @@ def response_text_completion(choice: Mapping) -> str:
 
 
 def response_text_responses(body: Mapping) -> str:
-    """A non-streamed Responses object: its output messages' text, function-call arguments,
-    and reasoning items' text and summaries."""
+    """A non-streamed Responses object: its output messages' text, reasoning items' text and
+    summaries, and what the model wrote into tool calls (function and MCP arguments, custom
+    tool input, code interpreter code)."""
     texts = []
     for item in body.get("output") or []:
         if not isinstance(item, Mapping):
@@ -211,8 +216,10 @@ def response_text_responses(body: Mapping) -> str:
             texts += [p["text"] for p in parts if isinstance(p, Mapping) and isinstance(p.get("text"), str)]
         elif item.get("type") == "message":
             texts.append(content_text(item.get("content"), param="output.content"))
-        elif item.get("type") == "function_call" and isinstance(item.get("arguments"), str):
-            texts.append(item["arguments"])
+        else:
+            field = _RESPONSES_TOOL_TEXT.get(item.get("type")) if isinstance(item.get("type"), str) else None
+            if field and isinstance(item.get(field), str):
+                texts.append(item[field])
     return "\n".join(t for t in texts if t)
 
 
@@ -221,7 +228,8 @@ def delta_text(endpoint: str, chunk: Mapping) -> dict[int, str]:
 
     Chat: `delta.reasoning` (or `reasoning_content`), `delta.content`, `delta.refusal` and
     tool-call argument fragments. Completions: `text`. Responses: the output text, refusal,
-    function-call argument, reasoning text and reasoning summary delta events. Anything
+    reasoning text and summary, function-call and MCP argument, custom tool input and code
+    interpreter code delta events. Anything
     else carries no text. A reasoning model's thinking streams to the client like its
     answer, so it is scored like its answer.
     """

@@ -54,7 +54,9 @@ MAX_EVENT_BYTES = 4 << 20
 _RESPONSES_END = ("response.completed", "response.incomplete", "response.failed")
 _RESPONSES_PART_DONE = ("response.output_text.done", "response.function_call_arguments.done",
                         "response.reasoning_text.done", "response.reasoning_summary_text.done",
-                        "response.content_part.done", "response.output_item.done")
+                        "response.custom_tool_call_input.done", "response.mcp_call_arguments.done",
+                        "response.code_interpreter_call_code.done", "response.content_part.done",
+                        "response.output_item.done")
 
 
 @dataclass

@@ -151,6 +151,12 @@ def test_response_text_responses():
     reasoning = {"type": "reasoning", "summary": [{"type": "summary_text", "text": "sum"}],
                  "content": [{"type": "reasoning_text", "text": "think"}, "junk"]}
     assert response_text_responses({"output": [reasoning, *body["output"]]}) == "sum\nthink\none\nno\n{}"
+    tools = {"output": [{"type": "custom_tool_call", "name": "sh", "input": "ls"},
+                        {"type": "mcp_call", "name": "m", "arguments": "{\"q\":1}"},
+                        {"type": "code_interpreter_call", "code": "print(1)"},
+                        {"type": "web_search_call", "action": {"query": "not the model's text"}},
+                        {"type": "mcp_call", "arguments": None}, {"type": ["junk"], "code": "x"}]}
+    assert response_text_responses(tools) == "ls\n{\"q\":1}\nprint(1)"
 
 
 # (endpoint, chunk, text per choice index)
@@ -175,6 +181,9 @@ DELTAS = [
     ("responses", {"type": "response.reasoning_text.delta", "delta": "hm"}, {0: "hm"}),
     ("responses", {"type": "response.reasoning_summary_text.delta", "delta": "sum"}, {0: "sum"}),
     ("responses", {"type": "response.reasoning_text.done", "text": "hm"}, {}),
+    ("responses", {"type": "response.custom_tool_call_input.delta", "delta": "ls"}, {0: "ls"}),
+    ("responses", {"type": "response.mcp_call_arguments.delta", "delta": "{"}, {0: "{"}),
+    ("responses", {"type": "response.code_interpreter_call_code.delta", "delta": "x=1"}, {0: "x=1"}),
     ("responses", {"type": "response.completed", "response": {}}, {}),
 ]
 

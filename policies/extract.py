@@ -229,9 +229,8 @@ def delta_text(endpoint: str, chunk: Mapping) -> dict[int, str]:
     Chat: `delta.reasoning` (or `reasoning_content`), `delta.content`, `delta.refusal` and
     tool-call argument fragments. Completions: `text`. Responses: the output text, refusal,
     reasoning text and summary, function-call and MCP argument, custom tool input and code
-    interpreter code delta events. Anything
-    else carries no text. A reasoning model's thinking streams to the client like its
-    answer, so it is scored like its answer.
+    interpreter code delta events. Anything else carries no text. A reasoning model's
+    thinking streams to the client like its answer, so it is scored like its answer.
     """
     if endpoint == "responses":
         if chunk.get("type") in _RESPONSES_TEXT_DELTAS and isinstance(chunk.get("delta"), str):

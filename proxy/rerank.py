@@ -56,11 +56,15 @@ def chosen_completion(body: dict, candidate: int | None, policy: Policy, payload
     return {**body, "choices": [choice]}
 
 
+# what a chosen candidate's message streams as, a reasoning model's thinking first
+_DELTA_FIELDS = ("reasoning", "reasoning_content", "content", "tool_calls", "refusal")
+
+
 def as_stream(completion: Mapping, payload: Mapping) -> bytes:
     base = {k: completion[k] for k in ("id", "created", "model") if k in completion}
     choice = completion["choices"][0]
     message = choice.get("message") or {}
-    delta = {k: v for k, v in message.items() if k in ("reasoning", "reasoning_content", "content", "tool_calls", "refusal") and v is not None}
+    delta = {k: v for k, v in message.items() if k in _DELTA_FIELDS and v is not None}
     if isinstance(delta.get("tool_calls"), list):
         delta["tool_calls"] = [{**call, "index": i} for i, call in enumerate(delta["tool_calls"])]
 

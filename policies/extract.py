@@ -179,9 +179,9 @@ def prompt_text(endpoint: str, body: Mapping, scope: str) -> str | None:
 
 
 def reasoning_text(message: Mapping) -> str:
-    """A chat message's or delta's reasoning: `reasoning` (vLLM since 0.11, OpenRouter) or
-    `reasoning_content` (llama.cpp, DeepSeek's API, older vLLM). A server in transition
-    may send both with the same text; it is read once."""
+    """A chat message's or delta's reasoning: `reasoning` (current vLLM, OpenRouter) or
+    `reasoning_content` (llama.cpp, DeepSeek's API, older vLLM). A server keeping the old
+    name beside the new may send both with the same text; it is read once."""
     texts = [message.get(key) for key in _REASONING_KEYS]
     texts = [t for t in texts if isinstance(t, str)]
     return texts[0] if len(texts) == 2 and texts[0] == texts[1] else "".join(texts)

@@ -19,7 +19,7 @@ Behaviour is chosen per request by the `x-script` header:
     think:<r>|<words>    a reasoning model (chat and Responses): the reasoning <r>, then the
                          answer <words>; chat sends the reasoning as `delta.reasoning`
                          (vLLM's field), or in the fields the `x-reasoning-field` header names
-                         (comma-separated: a server sending both, as vLLM did in transition)
+                         (comma-separated: a server that sends both)
 
 Responses streams carry each output item's whole event sequence (added, deltas, `.done`).
 """

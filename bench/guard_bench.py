@@ -345,6 +345,25 @@ def main() -> None:
                 wide.weight.data = torch.cat([m.weight.data for m in group])
                 fused.append(wide)
         print("(d) the same with q/k/v and gate/up fused (4 products a block, not 7): " + rates_of(fused))
+        if args.device == "cpu" and dtype == torch.float32 and torch.backends.mkl.is_available():
+            # MKL's packed GEMM, what inductor's CPU freezing emits: each weight reordered
+            # once for the row count, then multiplied; timed beside the plain products.
+            class MklPacked(torch.nn.Module):
+                def __init__(self, linear: torch.nn.Linear, rows_at_once: int) -> None:
+                    super().__init__()
+                    self.in_features, self.weight, self.rows = linear.in_features, linear.weight, rows_at_once
+                    self.packed = torch.ops.mkl._mkl_reorder_linear_weight(linear.weight, rows_at_once)
+
+                def forward(self, x: torch.Tensor) -> torch.Tensor:
+                    return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, None, self.rows)
+
+            ratios = []
+            for rows_at_once in (1, 16, 32, 256):
+                packed = [MklPacked(m, rows_at_once) for m in every]
+                plain_t, packed_t = (product_seconds(ms, rows_at_once, 3) for ms in (every, packed))
+                ratios.append(f"{rows_at_once} rows {plain_t / packed_t:.2f}x")
+                del packed
+            print("(d) the same through MKL's packed GEMM, speed against the plain products: " + ", ".join(ratios))
 
     # (e) concurrent streams: N sessions, each fed 16 tokens per check (256 tokens after
     # its prompt), through the worker; packed rounds vs one step at a time.

@@ -5,7 +5,8 @@ may be released, then goes out as the upstream's own bytes (so a stream the guar
 touches is byte-identical to a direct one). Per choice:
 
 - a token is one upstream delta carrying text for that choice (vLLM and OpenAI send one
-  token a delta; content, refusal and tool-call argument fragments all count as text);
+  token a delta; reasoning, content, refusal and tool-call argument fragments all count
+  as text: `policies.extract.delta_text`);
 - every `check_every` tokens, and when the choice finishes, the new text goes to that
   choice's incremental guard session, which returns the score of prompt + response so
   far at the cost of the new tokens only;
@@ -202,8 +203,8 @@ class StreamGuard:
             if i in self.choices and not self.choices[i].cut:
                 await self._check(self.choices[i])
                 self.choices[i].finished = True
-        if self.endpoint == "responses" and payload.get("type") in _RESPONSES_PART_DONE and not self.choices[0].cut:
-            await self._check(self.choices[0])
+        if self.endpoint == "responses" and payload.get("type") in _RESPONSES_PART_DONE:
+            await self._check(self.choices[0])  # (a cut Responses choice returned above)
 
     def _indices(self, payload: dict) -> set[int]:
         if self.endpoint == "responses":

@@ -11,6 +11,7 @@ clients that already handle provider-side filtering handle ours.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 import uuid
@@ -126,6 +127,75 @@ def response_cut_events(response: Mapping, refusal: str, *, item_id: str | None 
         events.insert(0, ("response.created", {"response": {**response, "status": "in_progress", "output": []}}))
     return b"".join(_typed_event({"type": kind, **data, "sequence_number": sequence + i})
                     for i, (kind, data) in enumerate(events))
+
+
+# Responses events that add to an item's text: the field they add to, and where it lies.
+_ITEM_DELTAS = {"response.output_text.delta": ("content", "text"), "response.refusal.delta": ("content", "refusal"),
+                "response.reasoning_text.delta": ("content", "text"),
+                "response.reasoning_summary_text.delta": ("summary", "text"),
+                "response.function_call_arguments.delta": (None, "arguments"),
+                "response.mcp_call_arguments.delta": (None, "arguments"),
+                "response.custom_tool_call_input.delta": (None, "input"),
+                "response.code_interpreter_call_code.delta": (None, "code")}
+_PARTS_ADDED = {"response.content_part.added": "content", "response.reasoning_summary_part.added": "summary"}
+
+
+class ResponseOutput:
+    """The output items of a Responses stream as far as its client has been sent them,
+    rebuilt from the released events the way the openai SDK's accumulator rebuilds them:
+    an item from its `output_item.added`, grown by its parts and deltas, replaced whole by
+    its `output_item.done`. A cut stream's `response.incomplete` lists these (an item cut
+    mid-way with the text released of it, status `incomplete`) before the refusal, so a
+    client reading only the final event sees what the others saw."""
+
+    def __init__(self) -> None:
+        self.items: dict[int, dict] = {}
+        self.done: set[int] = set()
+
+    def apply(self, event: Mapping) -> None:
+        kind, index = event.get("type"), event.get("output_index")
+        if not isinstance(index, int) or isinstance(index, bool):
+            return
+        if kind in ("response.output_item.added", "response.output_item.done"):
+            if isinstance(event.get("item"), Mapping):
+                self.items[index] = copy.deepcopy(dict(event["item"]))
+                self.done.discard(index)
+                if kind == "response.output_item.done":
+                    self.done.add(index)
+            return
+        item = self.items.get(index)
+        if item is None or index in self.done:
+            return
+        if kind in _PARTS_ADDED and isinstance(event.get("part"), Mapping):
+            parts = item.get(_PARTS_ADDED[kind])
+            part = copy.deepcopy(dict(event["part"]))
+            item[_PARTS_ADDED[kind]] = [*(parts if isinstance(parts, list) else []), part]
+        elif kind in _ITEM_DELTAS and isinstance(event.get("delta"), str):
+            where, key = _ITEM_DELTAS[kind]
+            target = item if where is None else self._part(item, where, event)
+            if target is not None:
+                text = target.get(key)
+                target[key] = (text if isinstance(text, str) else "") + event["delta"]
+
+    @staticmethod
+    def _part(item: dict, where: str, event: Mapping) -> dict | None:
+        """The part a delta adds to: the one at its content (summary) index, else the last
+        (vLLM numbers a reasoning item's one part 0 or 1)."""
+        parts = item.get(where)
+        if not isinstance(parts, list) or not parts:
+            return None
+        position = event.get("summary_index" if where == "summary" else "content_index")
+        part = parts[position] if isinstance(position, int) and 0 <= position < len(parts) else parts[-1]
+        return part if isinstance(part, dict) else None
+
+    def output(self) -> list[dict]:
+        """The items in order; those not done are marked `incomplete`."""
+        return [item if index in self.done or "status" not in item else {**item, "status": "incomplete"}
+                for index, item in sorted(self.items.items())]
+
+    @property
+    def next_index(self) -> int:
+        return max(self.items, default=-1) + 1
 
 
 def _typed_event(obj: Mapping) -> bytes:

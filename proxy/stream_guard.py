@@ -42,7 +42,7 @@ from .errors import GuardUnavailable, error_event
 from .relay import TruncatedStream, broken_stream, check_complete, cleanup
 from .records import Exchange
 from .scorer import Scorer, StreamSession
-from .shapes import cut_chunk, response_cut_events, usage_chunk, wants_usage
+from .shapes import ResponseOutput, cut_chunk, response_cut_events, usage_chunk, wants_usage
 from .sse import DONE, Event, SSEDecoder, SSEError
 
 logger = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ class StreamGuard:
         self.template: dict = {}  # id/created/model of the stream, for chunks we write
         self.last_usage: dict | None = None
         self.upstream_done = False
-        self.items_released = 0  # Responses: output items the client has been told of
+        self.output = ResponseOutput()  # Responses: the output items the client has been sent
         self.next_sequence = 0  # Responses: the sequence number our own events start at
 
     # -- the relay ---------------------------------------------------------------------
@@ -280,8 +280,8 @@ class StreamGuard:
                 kept.append(Held(rewritten[0], reach, rewritten[1]))
         self.queue = kept
         if self.endpoint == "responses":
-            raw = response_cut_events(self.template, self.policy.refusal, output_index=self.items_released,
-                                      sequence=self.next_sequence)
+            raw = response_cut_events({**self.template, "output": self.output.output()}, self.policy.refusal,
+                                      output_index=self.output.next_index, sequence=self.next_sequence)
         else:
             raw = cut_chunk(self.endpoint, self.template, choice.index, self.policy.refusal)
         self.queue.append(Held(raw))
@@ -314,7 +314,7 @@ class StreamGuard:
             for i, p in held.reach.items():
                 self.choices[i].released = max(self.choices[i].released, p)
             if self.endpoint == "responses" and held.payload is not None:
-                self.items_released += held.payload.get("type") == "response.output_item.added"
+                self.output.apply(held.payload)
                 number = held.payload.get("sequence_number")
                 if isinstance(number, int) and not isinstance(number, bool):
                     self.next_sequence = max(self.next_sequence, number + 1)

@@ -105,6 +105,12 @@ def test_harmful_reasoning_item_from_vllms_responses_api_is_cut(reasoning_url, s
     assert events[-1].response.incomplete_details.reason == "content_filter"
     refusal = [e for e in events if e.type == "response.output_text.delta"]
     assert [e.delta for e in refusal] == [REFUSAL] and refusal[0].output_index == 1  # after the reasoning item
+    # the final event lists the reasoning the client was sent, cut mid-way, before the refusal
+    reasoning, message = events[-1].response.output
+    sent = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
+    assert reasoning.type == "reasoning" and reasoning.status == "incomplete"
+    assert "".join(part.text for part in reasoning.content) == sent
+    assert message.content[0].text == REFUSAL
     record = audit_records(audit, 1)[0]
     assert record["leaked_tokens"] == {"0": 0}
     print(f"\nResponses reasoning cut: {types.count('response.reasoning_text.delta')} reasoning deltas released, "

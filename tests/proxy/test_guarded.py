@@ -325,6 +325,17 @@ def test_responses_streams_the_proxy_ends_are_whole_event_sequences(scripted, sc
     assert numbers == sorted(set(numbers))
     assert events[-1].response.output[-1].content[0].text == REFUSAL
     assert "BOMB" not in json.dumps([e.model_dump() for e in events])
+    # the final event lists what the client was sent before the refusal, items cut mid-way
+    # with their released text and status incomplete, so reading it alone loses nothing
+    final = events[-1].response.output
+    assert [item.id for item in final[:-1]] == [e.item.id for e in events[:-len(REFUSAL_ITEM)]
+                                                if e.type == "response.output_item.added"]
+    for index, item in enumerate(final[:-1]):
+        sent = "".join(e.delta for e in events[:-len(REFUSAL_ITEM)]
+                       if e.type.endswith("text.delta") and e.output_index == index)
+        finished = any(e.type == "response.output_item.done" and e.output_index == index for e in events)
+        assert "".join(part.text for part in item.content) == sent
+        assert item.status == ("completed" if finished else "incomplete")
 
 
 def test_guard_failure_mid_stream_fails_closed(katan_url):

@@ -39,6 +39,7 @@ _RESPONSES_TEXT_DELTAS = ("response.output_text.delta", "response.refusal.delta"
 # Responses output items whose text is the model's own, by the field that holds it
 _RESPONSES_TOOL_TEXT = {"function_call": "arguments", "custom_tool_call": "input", "mcp_call": "arguments",
                         "code_interpreter_call": "code"}
+_TOOL_OUTPUTS = ("function_call_output", "custom_tool_call_output")
 
 
 def _is_list(value: Any) -> bool:
@@ -86,7 +87,9 @@ def _tool_calls_text(message: Mapping, *, param: str) -> list[str]:
 
 
 def _message_text(message: Mapping, *, param: str) -> str:
-    parts = [content_text(message.get("content"), param=f"{param}.content")]
+    """A chat message's text: its reasoning (an assistant's, sent back by the client or
+    generated), content and tool-call arguments."""
+    parts = [reasoning_text(message), content_text(message.get("content"), param=f"{param}.content")]
     return "\n".join(p for p in parts + _tool_calls_text(message, param=param) if p)
 
 
@@ -150,10 +153,10 @@ def _responses_items(body: Mapping) -> list[tuple[str, str]] | None:
             if not isinstance(item.get("role"), str):
                 raise RequestShapeError(f"'{param}.role' must be a string", param=f"{param}.role")
             out.append((item["role"], content_text(item.get("content"), param=f"{param}.content")))
-        elif kind == "function_call" and isinstance(item.get("arguments"), str):
-            out.append(("assistant", item["arguments"]))
-        elif kind == "function_call_output" and isinstance(item.get("output"), str):
+        elif kind in _TOOL_OUTPUTS and isinstance(item.get("output"), str):
             out.append(("tool", item["output"]))
+        else:  # an earlier turn's reasoning or tool call, sent back
+            out.append(("assistant", _output_item_text(item)))
     return out
 
 
@@ -192,7 +195,7 @@ def response_text_chat(choice: Mapping) -> str:
     message = choice.get("message") or {}
     if not isinstance(message, Mapping):
         return ""
-    texts = [reasoning_text(message), _message_text(message, param="message")]
+    texts = [_message_text(message, param="message")]
     if isinstance(message.get("refusal"), str):
         texts.append(message["refusal"])
     return "\n".join(t for t in texts if t)
@@ -207,20 +210,25 @@ def response_text_responses(body: Mapping) -> str:
     """A non-streamed Responses object: its output messages' text, reasoning items' text and
     summaries, and what the model wrote into tool calls (function and MCP arguments, custom
     tool input, code interpreter code)."""
-    texts = []
-    for item in body.get("output") or []:
-        if not isinstance(item, Mapping):
-            continue
-        if item.get("type") == "reasoning":
-            parts = [*(item.get("summary") or []), *(item.get("content") or [])]
-            texts += [p["text"] for p in parts if isinstance(p, Mapping) and isinstance(p.get("text"), str)]
-        elif item.get("type") == "message":
-            texts.append(content_text(item.get("content"), param="output.content"))
-        else:
-            field = _RESPONSES_TOOL_TEXT.get(item.get("type")) if isinstance(item.get("type"), str) else None
-            if field and isinstance(item.get(field), str):
-                texts.append(item[field])
+    texts = [_output_item_text(item) for item in body.get("output") or [] if isinstance(item, Mapping)]
     return "\n".join(t for t in texts if t)
+
+
+def _output_item_text(item: Mapping) -> str:
+    """The text of a Responses output item other than a message (a reasoning item's summary
+    and content, a tool item's model-written field), or a message's content."""
+    kind = item.get("type")
+    if kind == "reasoning":
+        parts = [*_list_or_empty(item.get("summary")), *_list_or_empty(item.get("content"))]
+        return "\n".join(p["text"] for p in parts if isinstance(p, Mapping) and isinstance(p.get("text"), str))
+    if kind == "message":
+        return content_text(item.get("content"), param="output.content")
+    field = _RESPONSES_TOOL_TEXT.get(kind) if isinstance(kind, str) else None
+    return item[field] if field and isinstance(item.get(field), str) else ""
+
+
+def _list_or_empty(value: Any) -> list:
+    return value if _is_list(value) else []
 
 
 def delta_text(endpoint: str, chunk: Mapping) -> dict[int, str]:

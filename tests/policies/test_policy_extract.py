@@ -60,6 +60,22 @@ PROMPTS = [
     ("responses", RESPONSES_ITEMS, "conversation_with_system",
      "system: Be brief.\nsystem: sys\nuser: hi\nassistant: hello\nassistant: {}\ntool: 42\nuser: bye"),
     ("responses", {"prompt": {"id": "pmpt_1"}}, "last_user", None),
+    # an earlier turn's reasoning, sent back (interleaved thinking), is part of the conversation
+    ("chat/completions", {"messages": [
+        {"role": "user", "content": "q"}, {"role": "assistant", "reasoning_content": "thought", "content": "a"},
+        {"role": "user", "content": "next"}]}, "conversation", "user: q\nassistant: thought\na\nuser: next"),
+    ("chat/completions", {"messages": [{"role": "assistant", "reasoning": "r", "reasoning_content": "r"}]},
+     "conversation", "assistant: r"),
+    ("responses", {"input": [
+        {"role": "user", "content": "q"},
+        {"type": "reasoning", "id": "rs", "summary": [{"type": "summary_text", "text": "sum"}],
+         "content": [{"type": "reasoning_text", "text": "thought"}]},
+        {"type": "reasoning", "id": "rs2", "summary": [], "encrypted_content": "opaque"},
+        {"type": "custom_tool_call", "call_id": "c", "name": "sh", "input": "ls"},
+        {"type": "custom_tool_call_output", "call_id": "c", "output": "files"},
+        {"type": "web_search_call", "id": "ws", "status": "completed"},
+        {"role": "user", "content": "next"}]},
+     "conversation", "user: q\nassistant: sum\nthought\nassistant: ls\ntool: files\nuser: next"),
     ("responses", {"input": []}, "last_user", ""),
 ]
 

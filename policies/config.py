@@ -36,6 +36,7 @@ PROMPT_SCOPES = ("last_user", "conversation", "conversation_with_system")
 PROMPT_MODES = ("sequential", "parallel")
 GUARD_ERROR_MODES = ("block", "allow")
 RERANK_SELECTS = ("safest", "first_safe")
+UNGUARDED_ENDPOINTS = ("block", "forward")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 CACHE_SCOPES = ("key", "shared")  # guard.prefix_cache_scope
@@ -138,6 +139,7 @@ class Policy:
     prompt: PromptStage = PromptStage()
     response: ResponseStage = ResponseStage()
     rerank: Rerank | None = None
+    unguarded_endpoints: str = "block"  # endpoints that generate text the guard does not read
 
 
 @dataclass(frozen=True)
@@ -287,6 +289,7 @@ def _policy(p: Section, name: str) -> Policy:
         prompt=_prompt(prompt_section) if prompt_section else PromptStage(),
         response=_response(response_section) if response_section else ResponseStage(),
         rerank=_rerank(rerank_section) if rerank_section else None,
+        unguarded_endpoints=p.choice("unguarded_endpoints", "block", UNGUARDED_ENDPOINTS),
     )
     p.finish()
     return policy

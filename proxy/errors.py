@@ -3,6 +3,7 @@
     ProxyError                      every error the proxy itself answers with
     ├── BadRequest          400     malformed JSON, wrong shapes, odd paths
     ├── Unauthorized        401     missing or wrong proxy API key
+    ├── Forbidden           403     an endpoint the guard cannot read, on a guarded route
     ├── NotFound            404     no route matches the path
     ├── PayloadTooLarge     413     body over server.max_body_bytes
     ├── ContentFiltered     400     prompt refused with `action: block`
@@ -47,6 +48,10 @@ class BadRequest(ProxyError):
 
 class Unauthorized(ProxyError):
     status, type, code = 401, "invalid_request_error", "invalid_api_key"
+
+
+class Forbidden(ProxyError):
+    status, type = 403, "invalid_request_error"
 
 
 class NotFound(ProxyError):

@@ -1,8 +1,10 @@
 """The guarded path: prompt stage before (or beside) the upstream call, response stage after.
 
 Endpoints that carry generated text are guarded: `chat/completions`, `completions`,
-`responses` (POST, under any route's prefix). Everything else (models, embeddings,
-files, ...) carries no generated text and is forwarded unguarded; the README lists both.
+`responses` (POST, however the route mounts them: `proxy.endpoints`). Those that
+generate text in shapes the guard does not read are refused; the rest (models,
+embeddings, files, ...) carry no generated text and are forwarded unguarded. The README
+lists them all.
 
 Prompt stage, `mode: sequential`: score, decide, then call the upstream (or not).
 `mode: parallel`: call the upstream at once and score meanwhile; the upstream response
@@ -39,13 +41,7 @@ from .whole import WholeReply, read_whole
 
 logger = logging.getLogger(__name__)
 
-GUARDED_ENDPOINTS = ("chat/completions", "completions", "responses")
 MAX_N = 128
-
-
-def guarded_endpoint(method: str, upstream_path: str) -> str | None:
-    endpoint = upstream_path.strip("/")
-    return endpoint if method == "POST" and endpoint in GUARDED_ENDPOINTS else None
 
 
 async def prompt_decision(scorer: Scorer | None, policy: Policy, prompt: str | None,

@@ -18,14 +18,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from policies.auth import authenticate
-from policies.config import Config
+from policies.config import Config, Policy
 from policies.errors import UnsafePathError
 from policies.routing import match_route
 
-from .errors import (BadRequest, NotFound, Overloaded, PayloadTooLarge, ProxyError, RequestTimeout,
+from .errors import (BadRequest, Forbidden, NotFound, Overloaded, PayloadTooLarge, ProxyError, RequestTimeout,
                      Unauthorized, error_event, error_response)
+from .endpoints import guarded_endpoint, unread_endpoint
 from .metrics import Metrics
-from .guarding import GuardedCall, cache_salt, guarded_endpoint
+from .guarding import GuardedCall, cache_salt
 from .records import AuditLog, Exchange
 from .relay import (RelayResponse, TruncatedStream, broken_stream, check_complete, cleanup, open_upstream,
                     raw_body)
@@ -172,10 +173,15 @@ class Proxy:
         if match is None:
             raise NotFound(f"no route for {request.method} {path}")
         request.state.route = match.route.name
-        endpoint = guarded_endpoint(request.method, match.upstream_path)
-        policy = match.policy
-        guarded = endpoint is not None and (policy.prompt.action != "off" or policy.response.action != "off")
         url = upstream_url(match.upstream, match.upstream_path, request.url.query)
+        endpoint = guarded_endpoint(request.method, url)
+        policy = match.policy
+        scoring = policy.prompt.action != "off" or policy.response.action != "off"
+        guarded = endpoint is not None and scoring
+        if scoring and policy.unguarded_endpoints == "block":
+            refuse_unread(request.method, path, url, policy)
+        if guarded and payload is None:  # a route mounted on the endpoint itself
+            payload = parse_json_object(body)
         raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw]
         # A guarded response is read by the guard, so it must not arrive compressed.
         # Back to bytes as received: httpx would refuse a str value that is not ASCII.
@@ -196,6 +202,19 @@ class Proxy:
                            policy=policy, exchange=exchange,
                            cache_salt=cache_salt(self.cache_scope, key_name, payload))
         return await call.run(send, body)
+
+
+def refuse_unread(method: str, path: str, url: str, policy: Policy) -> None:
+    """Raise `Forbidden` for an endpoint whose generated text the guard cannot read."""
+    unread = unread_endpoint(method, url)
+    if unread is None or (unread.stage == "response" and policy.response.action == "off"):
+        return
+    does = "generates text" if unread.stage == "prompt" else "returns generated text"
+    raise Forbidden(
+        f"{method} {path} ({unread.what}) {does} in a shape this proxy's guard does not read, "
+        f"so policy {policy.name!r} refuses it. Use chat/completions, completions or responses, "
+        "or set `unguarded_endpoints: forward` on the policy to let it through unguarded.",
+        code="unguarded_endpoint")
 
 
 def relay(response: httpx.Response, metrics: Metrics) -> RelayResponse:

@@ -27,6 +27,7 @@ def test_example_loads_and_means_what_it_says():
     assert redteam.prompt.action == "shadow"
     assert redteam.response == ResponseStage(action="cut", threshold=0.9, check_every=16, holdback=0)
     assert default.on_guard_error == redteam.on_guard_error == "block"
+    assert default.unguarded_endpoints == redteam.unguarded_endpoints == "block"
     assert example.server == ServerConfig() and example.guard == GuardConfig()
     assert example.path == "config.yaml"
 
@@ -187,6 +188,7 @@ ERRORS = [
     (UP + "policies:\n  p:\n    response: {include_prompt: 1}\n", "policies.p.response.include_prompt", 6, "true or false"),
     (UP + "policies:\n  p:\n    response: {threshhold: 0.5}\n", "policies.p.response.threshhold", 6, "unknown key"),
     (UP + "policies:\n  p:\n    on_guard_error: ignore\n", "policies.p.on_guard_error", 6, "one of block"),
+    (UP + "policies:\n  p:\n    unguarded_endpoints: allow\n", "policies.p.unguarded_endpoints", 6, "one of block"),
     (UP + "policies:\n  p:\n    refusal: ''\n", "policies.p.refusal", 6, "empty"),
     (UP + "policies:\n  p:\n    rerank: {n: 1}\n", "policies.p.rerank.n", 6, ">= 2"),
     (UP + "policies:\n  p:\n    rerank: {select: safest}\n", "policies.p.rerank.n", 6, "required"),

@@ -45,6 +45,7 @@ LIMIT = 65536  # server.max_body_bytes of both proxies
 DOCUMENTED = {
     400: {None, "content_filter"},
     401: {"invalid_api_key"},
+    403: {"unguarded_endpoint"},
     404: {"not_found"},
     405: {None, "method_not_allowed"},  # not in the README's table yet: a method no route serves
     413: {"request_too_large"},

@@ -1,0 +1,106 @@
+"""Which endpoints are guarded, and the ones that generate text the guard cannot read."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from proxy.endpoints import guarded_endpoint, unread_endpoint
+from tests.support.clients import close_sdk_clients, sdk  # noqa: F401 - close_sdk_clients is autouse
+from tests.support.proxy import running_proxy
+from tests.support.scorers import KeywordScorer
+
+from .test_guarded import CUT, REFUSAL, policy_yaml, user
+
+
+@pytest.mark.parametrize(("method", "url", "endpoint"), [
+    ("POST", "http://h/v1/chat/completions", "chat/completions"),
+    ("POST", "http://h/v1/chat/completions/", "chat/completions"),
+    ("POST", "http://h/chat/completions?x=1", "chat/completions"),
+    ("POST", "http://h/openai/deployments/d/chat/completions", "chat/completions"),
+    ("POST", "http://h/v1/completions", "completions"),
+    ("POST", "http://h/v1/responses", "responses"),
+    ("GET", "http://h/v1/chat/completions", None),
+    ("POST", "http://h/v1/chat/completions/batch", None),
+    ("POST", "http://h/v1/chat/completions/render", None),
+    ("POST", "http://h/v1/responses/resp_1/cancel", None),
+    ("POST", "http://h/v1/embeddings", None),
+    ("POST", "http://h/completions-like", None),
+])
+def test_guarded_endpoints_are_known_by_their_last_segments(method, url, endpoint):
+    assert guarded_endpoint(method, url) == endpoint
+
+
+@pytest.mark.parametrize(("method", "url", "stage"), [
+    ("POST", "http://h/v1/messages", "prompt"),
+    ("POST", "http://h/anthropic/v1/messages", "prompt"),
+    ("POST", "http://h/v1/chat/completions/batch", "prompt"),
+    ("POST", "http://h/v1/systemone", "prompt"),
+    ("POST", "http://h/v1/batches", "prompt"),
+    ("GET", "http://h/v1/responses/resp_1?stream=true", "response"),
+    ("GET", "http://h/v1/chat/completions", "response"),
+    ("GET", "http://h/v1/chat/completions/chatcmpl-1", "response"),
+    ("GET", "http://h/v1/conversations/c1/items", "response"),
+    ("GET", "http://h/v1/conversations/c1/items/i1", "response"),
+    ("POST", "http://h/v1/messages/count_tokens", None),
+    ("POST", "http://h/v1/threads/t1/messages", None),
+    ("GET", "http://h/v1/responses/resp_1/input_items", None),
+    ("GET", "http://h/v1/batches", None),
+    ("GET", "http://h/v1/conversations/c1", None),
+    ("DELETE", "http://h/v1/responses/resp_1", None),
+    ("GET", "http://h/v1/models", None),
+])
+def test_endpoints_generating_text_the_guard_cannot_read(method, url, stage):
+    unread = unread_endpoint(method, url)
+    assert (unread.stage if unread else None) == stage
+
+
+def call(proxy, method: str, path: str) -> httpx.Response:
+    body = {"model": "m", "max_tokens": 8, "messages": user("a BOMB question")} if method == "POST" else None
+    return httpx.request(method, proxy.url + path, json=body, timeout=10)
+
+
+@pytest.mark.parametrize(("method", "path"), [("POST", "/v1/messages"), ("POST", "/v1/chat/completions/batch"),
+                                              ("POST", "/v1/batches"), ("GET", "/v1/responses/resp_1"),
+                                              ("GET", "/v1/chat/completions/chatcmpl-1")])
+def test_a_guarded_route_refuses_what_its_guard_cannot_read(scripted, method, path):
+    url, recorder = scripted
+    forwarded = len(recorder.requests)
+    with running_proxy(policy_yaml(url, prompt="{action: refuse}", response=CUT % (4, 4)), KeywordScorer()) as proxy:
+        reply = call(proxy, method, path)
+    assert reply.status_code == 403
+    error = reply.json()["error"]
+    assert error["code"] == "unguarded_endpoint" and error["type"] == "invalid_request_error"
+    assert path in error["message"] and "unguarded_endpoints: forward" in error["message"]
+    assert len(recorder.requests) == forwarded
+
+
+@pytest.mark.parametrize(("prompt", "response", "extra", "method", "path"), [
+    ("{action: refuse}", CUT % (4, 4), "    unguarded_endpoints: forward", "POST", "/v1/messages"),
+    ("{action: off}", "{action: off}", "", "POST", "/v1/messages"),  # a plain pass-through
+    ("{action: refuse}", "{action: off}", "", "GET", "/v1/responses/resp_1"),  # no response stage to evade
+    ("{action: refuse}", CUT % (4, 4), "", "POST", "/v1/messages/count_tokens"),
+])
+def test_they_are_forwarded_when_the_policy_says_so_or_has_nothing_to_evade(scripted, prompt, response, extra,
+                                                                            method, path):
+    url, _ = scripted
+    with running_proxy(policy_yaml(url, prompt=prompt, response=response, policy_extra=extra),
+                       KeywordScorer()) as proxy:
+        reply = call(proxy, method, path)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["path"] == path  # the upstream's echo of what it was sent
+
+
+def test_a_route_mounted_above_the_api_root_still_guards(scripted):
+    """`prefix: /` over `base_url` without `/v1`: the client's `/v1/chat/completions` is the
+    upstream's, and is guarded (it used to be forwarded unguarded, as an unknown path)."""
+    url, _ = scripted
+    text = policy_yaml(url.removesuffix("/v1"), response=CUT % (2, 2)).replace(
+        "{prefix: /v1, upstream: up, policy: p}", "{prefix: /, upstream: up, policy: p}")
+    with running_proxy(text, KeywordScorer()) as proxy:
+        client = sdk(proxy, default_headers={"x-script": "text:one two BOMB three four"})
+        reply = client.chat.completions.create(model="m", messages=user("q"))
+        stream = client.chat.completions.create(model="m", messages=user("q"), stream=True)
+        streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert reply.choices[0].message.content == REFUSAL
+    assert "BOMB" not in streamed and streamed.endswith(REFUSAL)

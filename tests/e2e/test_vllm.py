@@ -46,7 +46,7 @@ def scorer():
     yield from embedded_scorer()
 
 
-def config(url: str, *, prompt: str, response: str, server: str = "") -> str:
+def config(url: str, *, prompt: str, response: str, server: str = "", policy_extra: str = "") -> str:
     return f"""
 server:
   port: 8080
@@ -57,6 +57,7 @@ policies:
   p:
     prompt: {prompt}
     response: {response}
+{policy_extra}
 routes:
   - {{prefix: /v1, upstream: vllm, policy: p}}
 """
@@ -208,6 +209,29 @@ def test_harmful_prompt_is_refused_without_calling_vllm(vllm_url, scorer):
     assert float(plain.headers["x-siren-score"]) >= 0.5
     for name in ("vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:request_success_total"):
         assert after[name] == before[name], name
+
+
+def test_vllms_other_generating_endpoints_are_no_way_around_the_guard(vllm_url, scorer):
+    """vLLM also generates through the Anthropic Messages API and its batch chat endpoint,
+    in shapes the guard does not read. Direct, both answer the prompt the chat endpoint
+    refuses; a guarded route refuses them (403) without calling vLLM, and forwards them
+    only when the policy says `unguarded_endpoints: forward`."""
+    prompt = [{"role": "user", "content": HARMFUL_PROMPT}]
+    bodies = {"/messages": {"model": SERVED_NAME, "max_tokens": 8, "messages": prompt},
+              "/chat/completions/batch": {"model": SERVED_NAME, "max_tokens": 8, "messages": [prompt]}}
+    direct = {path: httpx.post(vllm_url + path, json=body, timeout=300) for path, body in bodies.items()}
+    assert direct["/messages"].json()["content"][0]["text"]  # generated, unguarded
+    assert direct["/chat/completions/batch"].json()["choices"][0]["message"]["content"]
+    before = settled_metrics(vllm_url)
+    with running_proxy(config(vllm_url, **GUARDED), scorer) as proxy:
+        refused = {path: httpx.post(proxy.url + "/v1" + path, json=body, timeout=300) for path, body in bodies.items()}
+    after = settled_metrics(vllm_url)
+    with running_proxy(config(vllm_url, **GUARDED, policy_extra="    unguarded_endpoints: forward"), scorer) as proxy:
+        forwarded = httpx.post(proxy.url + "/v1/messages", json=bodies["/messages"], timeout=300)
+    for reply in refused.values():
+        assert reply.status_code == 403 and reply.json()["error"]["code"] == "unguarded_endpoint"
+    assert after["vllm:request_success_total"] == before["vllm:request_success_total"]
+    assert forwarded.status_code == 200 and forwarded.json()["content"][0]["text"]
 
 
 def test_safest_of_3_scores_vllms_candidates_from_the_cached_prompt(vllm_url, scorer):

@@ -4,7 +4,8 @@ Pure functions over already-decoded JSON. The prompt is taken per `scope`:
     last_user                 the last message whose role is "user"
     conversation              every message as "role: text", lines joined with "\\n",
                               without system/developer messages
-    conversation_with_system  the same with them (and the Responses `instructions` first)
+    conversation_with_system  the same with them (and the Responses `instructions` first),
+                              after the request's tool descriptions as "tools: name: text"
 
 Content is a string or a list of parts whose text parts (`text`, `input_text`,
 `output_text`) are joined with "\\n"; other parts (images, audio, files) carry no text.
@@ -29,7 +30,7 @@ from typing import Any
 from policies.errors import RequestShapeError
 
 ENDPOINTS = ("chat/completions", "completions", "responses")
-_SYSTEM_ROLES = ("system", "developer")
+_SYSTEM_ROLES = ("system", "developer", "tools")  # "tools": the request's tool descriptions
 _TEXT_PARTS = ("text", "input_text", "output_text")
 _REASONING_KEYS = ("reasoning", "reasoning_content")
 _RESPONSES_TEXT_DELTAS = ("response.output_text.delta", "response.refusal.delta",
@@ -104,6 +105,25 @@ def _render(messages: list[tuple[str, str]], scope: str) -> str:
     )
 
 
+def _tools(body: Mapping) -> list[tuple[str, str]]:
+    """The descriptions of the tools a request offers the model ("name: description" lines;
+    chat `tools[].function`, legacy `functions`, Responses `tools[]`): text the model reads
+    as it reads a system prompt, and what an untrusted tool server writes. Malformed
+    entries are the upstream's to refuse."""
+    entries = []
+    for key in ("tools", "functions"):
+        tools = body.get(key)
+        for tool in tools if _is_list(tools) else []:
+            if isinstance(tool, Mapping):
+                entries.append(tool.get("function") if isinstance(tool.get("function"), Mapping) else tool)
+    lines = []
+    for tool in entries:
+        text = tool.get("description") or tool.get("server_description")  # an MCP server's
+        if isinstance(text, str) and text:
+            lines.append(f"{tool.get('name') or tool.get('server_label') or 'tool'}: {text}")
+    return [("tools", "\n".join(lines))] if lines else []
+
+
 def _chat_messages(body: Mapping) -> list[tuple[str, str]]:
     messages = body.get("messages")
     if messages is None:
@@ -165,7 +185,7 @@ def prompt_text(endpoint: str, body: Mapping, scope: str) -> str | None:
     if not isinstance(body, Mapping):
         raise RequestShapeError("the request body must be a JSON object")
     if endpoint == "chat/completions":
-        return _render(_chat_messages(body), scope)
+        return _render(_tools(body) + _chat_messages(body), scope)
     if endpoint == "completions":
         return _completion_prompt(body)
     if endpoint == "responses":
@@ -177,7 +197,7 @@ def prompt_text(endpoint: str, body: Mapping, scope: str) -> str | None:
             raise RequestShapeError("'instructions' must be a string", param="instructions")
         if instructions:
             items = [("system", instructions), *items]
-        return _render(items, scope)
+        return _render(_tools(body) + items, scope)
     raise ValueError(f"not a guarded endpoint: {endpoint!r} (expected one of {ENDPOINTS})")
 
 

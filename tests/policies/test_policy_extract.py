@@ -60,6 +60,20 @@ PROMPTS = [
     ("responses", RESPONSES_ITEMS, "conversation_with_system",
      "system: Be brief.\nsystem: sys\nuser: hi\nassistant: hello\nassistant: {}\ntool: 42\nuser: bye"),
     ("responses", {"prompt": {"id": "pmpt_1"}}, "last_user", None),
+    # tool descriptions are read as a system prompt is: with conversation_with_system only
+    ("chat/completions", {"messages": [{"role": "user", "content": "q"}], "tools": [
+        {"type": "function", "function": {"name": "f", "description": "Finds things.", "parameters": {}}},
+        {"type": "function", "function": {"name": "g"}}, "junk"],
+        "functions": [{"name": "old", "description": "Legacy."}]},
+     "conversation_with_system", "tools: f: Finds things.\nold: Legacy.\nuser: q"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "q"}], "tools": [
+        {"type": "function", "function": {"name": "f", "description": "Finds things."}}]}, "conversation", "user: q"),
+    ("responses", {"input": "q", "instructions": "ins", "tools": [
+        {"type": "function", "name": "f", "description": "Finds."},
+        {"type": "mcp", "server_label": "docs", "server_description": "Reads docs."},
+        {"type": "web_search"}]},
+     "conversation_with_system", "tools: f: Finds.\ndocs: Reads docs.\nsystem: ins\nuser: q"),
+    ("responses", {"input": "q", "tools": "not a list"}, "conversation_with_system", "user: q"),
     # an earlier turn's reasoning, sent back (interleaved thinking), is part of the conversation
     ("chat/completions", {"messages": [
         {"role": "user", "content": "q"}, {"role": "assistant", "reasoning_content": "thought", "content": "a"},

@@ -3,7 +3,8 @@
 Pure functions over already-decoded JSON. The prompt is taken per `scope`:
     last_user                 the last message whose role is "user"
     conversation              every message as "role: text", lines joined with "\\n",
-                              without system/developer messages
+                              without system/developer messages (vLLM's RAG `documents`
+                              first, as "document: text")
     conversation_with_system  the same with them (and the Responses `instructions` first),
                               after the request's tool descriptions as "tools: name: text"
 
@@ -124,6 +125,18 @@ def _tools(body: Mapping) -> list[tuple[str, str]]:
     return [("tools", "\n".join(lines))] if lines else []
 
 
+def _documents(body: Mapping) -> list[tuple[str, str]]:
+    """vLLM's `documents` (RAG: a template renders each document's "title" and "text" into
+    the prompt): retrieved text, read like a tool's output."""
+    documents = body.get("documents")
+    out = []
+    for document in documents if _is_list(documents) else []:
+        if isinstance(document, Mapping):
+            text = "\n".join(v for v in document.values() if isinstance(v, str) and v)
+            out.append(("document", text))
+    return out
+
+
 def _chat_messages(body: Mapping) -> list[tuple[str, str]]:
     messages = body.get("messages")
     if messages is None:
@@ -185,7 +198,7 @@ def prompt_text(endpoint: str, body: Mapping, scope: str) -> str | None:
     if not isinstance(body, Mapping):
         raise RequestShapeError("the request body must be a JSON object")
     if endpoint == "chat/completions":
-        return _render(_tools(body) + _chat_messages(body), scope)
+        return _render(_tools(body) + _documents(body) + _chat_messages(body), scope)
     if endpoint == "completions":
         return _completion_prompt(body)
     if endpoint == "responses":

@@ -74,6 +74,12 @@ PROMPTS = [
         {"type": "web_search"}]},
      "conversation_with_system", "tools: f: Finds.\ndocs: Reads docs.\nsystem: ins\nuser: q"),
     ("responses", {"input": "q", "tools": "not a list"}, "conversation_with_system", "user: q"),
+    # vLLM's RAG documents: retrieved text the template puts in the prompt, read as tool output is
+    ("chat/completions", {"messages": [{"role": "user", "content": "q"}],
+                          "documents": [{"title": "T", "text": "body"}, {"text": ""}, "junk"]},
+     "conversation", "document: T\nbody\nuser: q"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "q"}], "documents": [{"text": "body"}]},
+     "last_user", "q"),
     # an earlier turn's reasoning, sent back (interleaved thinking), is part of the conversation
     ("chat/completions", {"messages": [
         {"role": "user", "content": "q"}, {"role": "assistant", "reasoning_content": "thought", "content": "a"},

@@ -235,16 +235,18 @@ def choice_texts(endpoint: str, body: Mapping) -> list[tuple[int, str]] | None:
 
 
 def refuse_choice(endpoint: str, request: Mapping, refusal: str, body: dict, index: int) -> None:
-    """Replace choice `index` of a whole reply with `refusal`, in place (a Responses reply
-    becomes the refused response, keeping its id, times, model and usage)."""
+    """Replace choice `index` of a whole reply with `refusal`, in place, keeping nothing of
+    the choice but its index (a Responses reply becomes the refused response, keeping its
+    id, times, model and usage)."""
     if endpoint == "responses":
         body.update(refused_json("responses", request, refusal) | {
             k: body[k] for k in ("id", "created_at", "model", "usage") if k in body})
         return
     for i, choice in enumerate(body["choices"]):
         if isinstance(choice, dict) and choice.get("index", i) == index:
-            if endpoint == "completions":
-                choice["text"] = refusal
-            else:
-                choice["message"] = {"role": "assistant", "content": refusal}
-            choice["finish_reason"] = CONTENT_FILTER
+            # Rebuilt, not edited: its log-probabilities, vLLM's `token_ids` and the like
+            # spell out the text it replaces.
+            text = {"text": refusal} if endpoint == "completions" else {
+                "message": {"role": "assistant", "content": refusal}}
+            body["choices"][i] = {"index": choice.get("index", i), **text, "logprobs": None,
+                                  "finish_reason": CONTENT_FILTER}

@@ -378,6 +378,26 @@ def test_non_stream_completions_and_responses(scripted):
     assert response.status == "incomplete" and response.output_text == REFUSAL
 
 
+def test_a_replaced_reply_keeps_no_token_of_what_it_replaced(scripted):
+    """A refused choice's log-probabilities and vLLM's `token_ids` spelled out the text it
+    replaced; they go with it. A choice under the threshold keeps them."""
+    url, _ = scripted
+    with running_proxy(policy_yaml(url, response=CUT % (16, 16)), KeywordScorer()) as proxy:
+        for script in ("text:a BOMB recipe", "text:otters swim"):
+            client = sdk(proxy, default_headers={"x-script": script})
+            chat = client.chat.completions.with_raw_response.create(
+                model="m", messages=user("q"), logprobs=True, extra_body={"return_token_ids": True})
+            completion = client.completions.with_raw_response.create(
+                model="m", prompt="p", logprobs=1, extra_body={"return_token_ids": True})
+            for raw in (chat, completion):
+                choice = json.loads(raw.text)["choices"][0]
+                if "BOMB" in script:
+                    assert "BOMB" not in raw.text and choice["finish_reason"] == "content_filter"
+                    assert choice["logprobs"] is None and "token_ids" not in choice
+                else:
+                    assert choice["logprobs"] and choice["token_ids"] == [7, 5]
+
+
 def test_unguarded_endpoints_pass_through(scripted):
     url, _ = scripted
     with running_proxy(policy_yaml(url, prompt="{action: block}", response=CUT % (1, 1)),

@@ -21,6 +21,10 @@ Behaviour is chosen per request by the `x-script` header:
                          (vLLM's field), or in the fields the `x-reasoning-field` header names
                          (comma-separated: a server that sends both)
 
+Non-streamed chat (`text:`) and completion replies carry each word's log-probability and
+vLLM's `token_ids` when the request asks for them (`logprobs`, `return_token_ids`), as
+vLLM's do: text of their own that a refusal must not leave behind.
+
 Responses streams carry each output item's whole event sequence (added, deltas, `.done`).
 """
 
@@ -70,6 +74,21 @@ def build_upstream(recorder: Recorder) -> Starlette:
                 recorder.streams.append("complete" if finished else "closed-early")
         return StreamingResponse(body(), media_type="text/event-stream")
 
+    def token_fields(payload: dict, text: str, *, chat: bool) -> dict:
+        """`logprobs` and `token_ids` of a whole reply, one "token" a word, if asked for."""
+        words = [w + " " for w in text.split(" ")]
+        fields = {"logprobs": None}
+        if chat and payload.get("logprobs") is True:
+            fields["logprobs"] = {"content": [{"token": w, "logprob": -0.5, "bytes": list(w.encode()),
+                                               "top_logprobs": []} for w in words]}
+        elif not chat and isinstance(payload.get("logprobs"), int):
+            fields["logprobs"] = {"tokens": words, "token_logprobs": [-0.5] * len(words),
+                                  "top_logprobs": [{w: -0.5} for w in words],
+                                  "text_offset": [sum(map(len, words[:i])) for i in range(len(words))]}
+        if payload.get("return_token_ids") is True:
+            fields["token_ids"] = [len(w) for w in words]
+        return fields
+
     async def chat(request: Request) -> Response:
         payload = await request.json()
         recorder.requests.append({"headers": dict(request.headers), "body": payload,
@@ -109,7 +128,8 @@ def build_upstream(recorder: Recorder) -> Starlette:
                 return JSONResponse({
                     "id": "chatcmpl-test", "object": "chat.completion", "created": 1, "model": "smollm2",
                     "choices": [{"index": i, "message": {"role": "assistant", "content": parts[i % len(parts)]},
-                                 "finish_reason": "stop"} for i in range(n)],
+                                 "finish_reason": "stop", **token_fields(payload, parts[i % len(parts)], chat=True)}
+                                for i in range(n)],
                     "usage": {"prompt_tokens": 3, "completion_tokens": n * len(words),
                               "total_tokens": 3 + n * len(words)}})
             chunks = [chat_chunk(role=True)] + [chat_chunk(w + " ") for w in words]
@@ -151,7 +171,8 @@ def build_upstream(recorder: Recorder) -> Starlette:
         if not payload.get("stream"):
             return JSONResponse({"id": "cmpl-test", "object": "text_completion", "created": 1,
                                  "model": "smollm2",
-                                 "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}],
+                                 "choices": [{"index": 0, "text": text, "finish_reason": "stop",
+                                              **token_fields(payload, text, chat=False)}],
                                  "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
         chunks = [b"data: " + json.dumps({"id": "cmpl-test", "object": "text_completion", "created": 1,
                                           "model": "smollm2",

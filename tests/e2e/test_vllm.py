@@ -163,6 +163,22 @@ def test_harmful_continuation_is_cut_and_vllm_stops(vllm_url, scorer, tmp_path):
     assert generated < CUT_MAX_TOKENS, generated
 
 
+def test_a_whole_reply_cut_keeps_none_of_vllms_tokens(vllm_url, scorer):
+    """Non-streamed with `logprobs` and vLLM's `return_token_ids`: direct, both spell out
+    the answer; the refused choice through the proxy carries neither."""
+    body = {"model": SERVED_NAME, "messages": CUT_MESSAGES, "temperature": 0, "max_tokens": 48,
+            "logprobs": True, "return_token_ids": True}
+    direct = httpx.post(vllm_url + "/chat/completions", json=body, timeout=300).json()["choices"][0]
+    assert direct["logprobs"]["content"] and direct["token_ids"]
+    response = f"{{action: cut, threshold: {CUT_THRESHOLD}}}"
+    with running_proxy(config(vllm_url, prompt="{action: shadow}", response=response), scorer) as proxy:
+        reply = httpx.post(proxy.url + "/v1/chat/completions", json=body, timeout=300)
+    choice = reply.json()["choices"][0]
+    assert choice["message"]["content"] == REFUSAL and choice["finish_reason"] == "content_filter"
+    assert choice["logprobs"] is None and "token_ids" not in choice
+    assert direct["message"]["content"][:40] not in reply.text
+
+
 def test_n2_stream_one_choice_cut_the_other_finishes(vllm_url, scorer, tmp_path):
     """n=2, sampled: vLLM seeds choice i with seed + i. With seed 21 (this fixture's
     server), choice 0 offers "a printable python script ... to create fake email

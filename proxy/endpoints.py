@@ -5,9 +5,9 @@ The guarded endpoints are known by their last segments wherever the route mounts
 either way `.../chat/completions` is chat), so no mount leaves them unguarded.
 
 Some other endpoints run the model on a client's text, or hand back text it generated
-earlier, in shapes the guard does not read. On a route whose policy guards, they are
-refused (403, `unguarded_endpoint`) unless the policy says `unguarded_endpoints:
-forward`. Generation: the Anthropic Messages API (vLLM, llama.cpp and LiteLLM serve
+earlier, in shapes the guard does not read. Where they would evade a stage that
+enforces (prompt `refuse`/`block`/`steer`, response `cut`), they are refused (403,
+`unguarded_endpoint`) unless the policy says `unguarded_endpoints: forward`. Generation: the Anthropic Messages API (vLLM, llama.cpp and LiteLLM serve
 `/v1/messages`), vLLM's batch chat completions and structured decisions, and the Batch
 API, whose requests run later upstream. Retrieval, when the response stage is on: a
 stored or background Responses response (also replayed as a stream), stored chat
@@ -24,8 +24,8 @@ GUARDED = {("chat", "completions"): "chat/completions", ("completions",): "compl
 
 @dataclass(frozen=True)
 class Unread:
-    """An endpoint that generates (`stage` "prompt": any guarding policy refuses it) or
-    returns generated text (`stage` "response": refused when the response stage is on)."""
+    """An endpoint that generates (`stage` "prompt": it evades both stages) or returns
+    generated text (`stage` "response": it evades the response stage)."""
 
     method: str
     tail: tuple[str, ...]  # the path's last segments; "*" is any one segment

@@ -176,9 +176,8 @@ class Proxy:
         url = upstream_url(match.upstream, match.upstream_path, request.url.query)
         endpoint = guarded_endpoint(request.method, url)
         policy = match.policy
-        scoring = policy.prompt.action != "off" or policy.response.action != "off"
-        guarded = endpoint is not None and scoring
-        if scoring and policy.unguarded_endpoints == "block":
+        guarded = endpoint is not None and (policy.prompt.action != "off" or policy.response.action != "off")
+        if policy.unguarded_endpoints == "block":
             refuse_unread(request.method, path, url, policy)
         if guarded and payload is None:  # a route mounted on the endpoint itself
             payload = parse_json_object(body)
@@ -205,9 +204,13 @@ class Proxy:
 
 
 def refuse_unread(method: str, path: str, url: str, policy: Policy) -> None:
-    """Raise `Forbidden` for an endpoint whose generated text the guard cannot read."""
+    """Raise `Forbidden` for an endpoint whose generated text the guard cannot read, when
+    the stage it would evade enforces (`flag` and `shadow` stop nothing, so they are not
+    evaded: under them it is forwarded)."""
     unread = unread_endpoint(method, url)
-    if unread is None or (unread.stage == "response" and policy.response.action == "off"):
+    prompt_enforces = policy.prompt.action in ("refuse", "block", "steer")
+    response_enforces = policy.response.action == "cut"
+    if unread is None or not (response_enforces or (unread.stage == "prompt" and prompt_enforces)):
         return
     does = "generates text" if unread.stage == "prompt" else "returns generated text"
     raise Forbidden(

@@ -60,13 +60,21 @@ def call(proxy, method: str, path: str) -> httpx.Response:
     return httpx.request(method, proxy.url + path, json=body, timeout=10)
 
 
-@pytest.mark.parametrize(("method", "path"), [("POST", "/v1/messages"), ("POST", "/v1/chat/completions/batch"),
-                                              ("POST", "/v1/batches"), ("GET", "/v1/responses/resp_1"),
-                                              ("GET", "/v1/chat/completions/chatcmpl-1")])
-def test_a_guarded_route_refuses_what_its_guard_cannot_read(scripted, method, path):
+ENFORCING = [("{action: refuse}", CUT % (4, 4)), ("{action: shadow}", CUT % (4, 4)),
+             ("{action: steer, steer: {from: 0.2, system_message: s}}", "{action: shadow}")]
+GENERATING = [("POST", "/v1/messages"), ("POST", "/v1/chat/completions/batch"), ("POST", "/v1/batches")]
+RETRIEVING = [("GET", "/v1/responses/resp_1"), ("GET", "/v1/chat/completions/chatcmpl-1")]
+
+
+@pytest.mark.parametrize(("method", "path", "prompt", "response"),
+                         [(*where, *policy) for where in GENERATING for policy in ENFORCING]
+                         + [(*where, *policy) for where in RETRIEVING for policy in ENFORCING if "cut" in policy[1]])
+def test_a_guarded_route_refuses_what_its_guard_cannot_read(scripted, method, path, prompt, response):
+    """Generation is refused when either stage enforces; a retrieval, which evades only the
+    response stage, when that stage cuts."""
     url, recorder = scripted
     forwarded = len(recorder.requests)
-    with running_proxy(policy_yaml(url, prompt="{action: refuse}", response=CUT % (4, 4)), KeywordScorer()) as proxy:
+    with running_proxy(policy_yaml(url, prompt=prompt, response=response), KeywordScorer()) as proxy:
         reply = call(proxy, method, path)
     assert reply.status_code == 403
     error = reply.json()["error"]
@@ -79,6 +87,8 @@ def test_a_guarded_route_refuses_what_its_guard_cannot_read(scripted, method, pa
     ("{action: refuse}", CUT % (4, 4), "    unguarded_endpoints: forward", "POST", "/v1/messages"),
     ("{action: off}", "{action: off}", "", "POST", "/v1/messages"),  # a plain pass-through
     ("{action: refuse}", "{action: off}", "", "GET", "/v1/responses/resp_1"),  # no response stage to evade
+    ("{action: shadow}", "{action: flag}", "", "POST", "/v1/messages"),  # neither stage stops anything
+    ("{action: refuse}", "{action: shadow}", "", "GET", "/v1/responses/resp_1"),
     ("{action: refuse}", CUT % (4, 4), "", "POST", "/v1/messages/count_tokens"),
 ])
 def test_they_are_forwarded_when_the_policy_says_so_or_has_nothing_to_evade(scripted, prompt, response, extra,

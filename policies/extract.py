@@ -186,8 +186,8 @@ def _responses_items(body: Mapping) -> list[tuple[str, str]] | None:
             if not isinstance(item.get("role"), str):
                 raise RequestShapeError(f"'{param}.role' must be a string", param=f"{param}.role")
             out.append((item["role"], content_text(item.get("content"), param=f"{param}.content")))
-        elif kind in _TOOL_OUTPUTS and isinstance(item.get("output"), str):
-            out.append(("tool", item["output"]))
+        elif kind in _TOOL_OUTPUTS:  # a string, or content parts (`input_text`, images, ...)
+            out.append(("tool", content_text(item.get("output"), param=f"{param}.output")))
         else:  # an earlier turn's reasoning or tool call, sent back
             out.append(("assistant", _output_item_text(item)))
     return out

@@ -74,6 +74,9 @@ PROMPTS = [
         {"type": "web_search"}]},
      "conversation_with_system", "tools: f: Finds.\ndocs: Reads docs.\nsystem: ins\nuser: q"),
     ("responses", {"input": "q", "tools": "not a list"}, "conversation_with_system", "user: q"),
+    ("responses", {"input": [{"type": "function_call_output", "call_id": "c", "output": [
+        {"type": "input_text", "text": "part one"}, {"type": "input_image", "image_url": "data:"}]}]},
+     "conversation", "tool: part one"),
     # vLLM's RAG documents: retrieved text the template puts in the prompt, read as tool output is
     ("chat/completions", {"messages": [{"role": "user", "content": "q"}],
                           "documents": [{"title": "T", "text": "body"}, {"text": ""}, "junk"]},

@@ -114,3 +114,17 @@ def test_a_route_mounted_above_the_api_root_still_guards(scripted):
         streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert reply.choices[0].message.content == REFUSAL
     assert "BOMB" not in streamed and streamed.endswith(REFUSAL)
+
+
+def test_a_route_mounted_on_the_endpoint_itself_still_guards(scripted):
+    """`prefix: /chat-only` over `base_url: .../v1/chat/completions`: the client's path says
+    nothing of chat, the upstream URL does; the body is read as chat (or refused as bad JSON)."""
+    url, _ = scripted
+    text = policy_yaml(url + "/chat/completions", response=CUT % (2, 2)).replace(
+        "{prefix: /v1, upstream: up, policy: p}", "{prefix: /chat-only, upstream: up, policy: p}")
+    with running_proxy(text, KeywordScorer()) as proxy:
+        headers = {"x-script": "text:one two BOMB three four"}
+        reply = httpx.post(proxy.url + "/chat-only", json={"model": "m", "messages": user("q")}, headers=headers)
+        broken = httpx.post(proxy.url + "/chat-only", content=b"{not json", headers=headers)
+    assert reply.json()["choices"][0]["message"]["content"] == REFUSAL
+    assert broken.status_code == 400 and "not valid JSON" in broken.json()["error"]["message"]

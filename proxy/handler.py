@@ -212,12 +212,15 @@ def refuse_unread(method: str, path: str, url: str, policy: Policy) -> None:
     response_enforces = policy.response.action == "cut"
     if unread is None or not (response_enforces or (unread.stage == "prompt" and prompt_enforces)):
         return
-    does = "generates text" if unread.stage == "prompt" else "returns generated text"
-    raise Forbidden(
-        f"{method} {path} ({unread.what}) {does} in a shape this proxy's guard does not read, "
-        f"so policy {policy.name!r} refuses it. Use chat/completions, completions or responses, "
-        "or set `unguarded_endpoints: forward` on the policy to let it through unguarded.",
-        code="unguarded_endpoint")
+    if unread.stage == "prompt":
+        why, instead = ("generates text in a shape this proxy's guard does not read",
+                        "Use chat/completions, completions or responses, or set")
+    else:
+        why, instead = ("returns text the model generated earlier, outside the request that guarded it "
+                        "(a response the proxy cut is still whole upstream)", "Set")
+    raise Forbidden(f"{method} {path} ({unread.what}) {why}, so policy {policy.name!r} refuses it. {instead} "
+                    "`unguarded_endpoints: forward` on the policy to let it through unguarded.",
+                    code="unguarded_endpoint")
 
 
 def relay(response: httpx.Response, metrics: Metrics) -> RelayResponse:

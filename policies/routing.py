@@ -108,7 +108,8 @@ def _policy_summary(policy: Policy) -> str:
     if p.action == "steer":
         prompt += f" (steer from {p.steer_from:g})"
     response = "off" if r.action == "off" else f"{r.action}@{r.threshold:g} every {r.check_every} hold {r.holdback}"
-    return f"prompt {prompt} [{p.scope}, {p.mode}]; response {response}; on_guard_error {policy.on_guard_error}"
+    return (f"prompt {prompt} [{p.scope}, {p.mode}]; response {response}; on_guard_error {policy.on_guard_error}; "
+            f"unguarded endpoints {policy.unguarded_endpoints}")
 
 
 def routing_table(config: Config) -> str:

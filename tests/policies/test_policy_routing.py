@@ -126,7 +126,7 @@ def test_routing_table_lists_routes_in_order_without_secrets():
 def test_routing_table_of_the_example():
     table = routing_table(load_example())
     assert "policy redteam: prompt shadow@0.5" in table
-    assert "response cut@0.9 every 16 hold 0" in table
+    assert "response cut@0.9 every 16 hold 0; on_guard_error block; unguarded endpoints block" in table
     assert "auth: off" in table
     assert table.endswith("guard: the embedded default head, device auto, dtype auto; prefix cache 256 MiB, shared")
 

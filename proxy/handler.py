@@ -181,6 +181,8 @@ class Proxy:
             refuse_unread(request.method, path, url, policy)
         if guarded and payload is None:  # a route mounted on the endpoint itself
             payload = parse_json_object(body)
+        if guarded and policy.unguarded_endpoints == "block":
+            refuse_background(endpoint, path, payload, policy)
         raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw]
         # A guarded response is read by the guard, so it must not arrive compressed.
         # Back to bytes as received: httpx would refuse a str value that is not ASCII.
@@ -201,6 +203,18 @@ class Proxy:
                            policy=policy, exchange=exchange,
                            cache_salt=cache_salt(self.cache_scope, key_name, payload))
         return await call.run(send, body)
+
+
+def refuse_background(endpoint: str, path: str, payload: dict, policy: Policy) -> None:
+    """A background Responses request that is not streamed answers "queued" at once; its
+    output is read later through `GET responses/{id}`, which a cutting policy refuses.
+    Say so now, not at the first poll."""
+    if endpoint == "responses" and payload.get("background") is True and payload.get("stream") is not True \
+            and policy.response.action == "cut":
+        raise Forbidden(f"POST {path} with background: true is read back later through GET responses/{{id}}, "
+                        f"outside the request that guards it, so policy {policy.name!r} refuses it. Stream it "
+                        "(stream: true, guarded as it is generated), or set `unguarded_endpoints: forward` on "
+                        "the policy to let it through unguarded.", param="background", code="unguarded_endpoint")
 
 
 def refuse_unread(method: str, path: str, url: str, policy: Policy) -> None:

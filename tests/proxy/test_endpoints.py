@@ -128,3 +128,23 @@ def test_a_route_mounted_on_the_endpoint_itself_still_guards(scripted):
         broken = httpx.post(proxy.url + "/chat-only", content=b"{not json", headers=headers)
     assert reply.json()["choices"][0]["message"]["content"] == REFUSAL
     assert broken.status_code == 400 and "not valid JSON" in broken.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(("stream", "response", "extra", "refused"), [
+    (False, CUT % (4, 4), "", True),
+    (True, CUT % (4, 4), "", False),  # streamed: guarded as it is generated
+    (False, "{action: shadow}", "", False),
+    (False, CUT % (4, 4), "    unguarded_endpoints: forward", False),
+])
+def test_a_background_response_read_back_later_is_refused_up_front(scripted, stream, response, extra, refused):
+    url, recorder = scripted
+    forwarded = len(recorder.requests)
+    with running_proxy(policy_yaml(url, response=response, policy_extra=extra), KeywordScorer()) as proxy:
+        reply = httpx.post(proxy.url + "/v1/responses", json={"model": "m", "input": "q", "background": True,
+                                                              "stream": stream}, timeout=10)
+    if refused:
+        assert reply.status_code == 403 and reply.json()["error"]["param"] == "background"
+        assert reply.json()["error"]["code"] == "unguarded_endpoint"
+        assert len(recorder.requests) == forwarded
+    else:
+        assert reply.status_code == 200 and len(recorder.requests) == forwarded + 1

@@ -5,13 +5,13 @@ The guarded endpoints are known by their last segments wherever the route mounts
 either way `.../chat/completions` is chat), so no mount leaves them unguarded.
 
 Some other endpoints run the model on a client's text, or hand back text it generated
-earlier, in shapes the guard does not read. Where they would evade a stage that
-enforces (prompt `refuse`/`block`/`steer`, response `cut`), they are refused (403,
-`unguarded_endpoint`) unless the policy says `unguarded_endpoints: forward`. Generation: the Anthropic Messages API (vLLM, llama.cpp and LiteLLM serve
-`/v1/messages`), vLLM's batch chat completions and structured decisions, and the Batch
-API, whose requests run later upstream. Retrieval, when the response stage is on: a
+earlier, in shapes the guard does not read. Generation: the Anthropic Messages API (vLLM,
+llama.cpp and LiteLLM serve `/v1/messages`), vLLM's batch chat completions and
+structured decisions, and the Batch API, whose requests run later upstream. Retrieval: a
 stored or background Responses response (also replayed as a stream), stored chat
 completions, a conversation's items; a stream the proxy cut is still whole upstream.
+`proxy.handler.refuse_unguarded` refuses them where they would evade a stage that
+enforces.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-GUARDED = {("chat", "completions"): "chat/completions", ("completions",): "completions", ("responses",): "responses"}
+# (last segments, endpoint), longest first: chat/completions before completions
+GUARDED = ((("chat", "completions"), "chat/completions"), (("completions",), "completions"),
+           (("responses",), "responses"))
 
 
 @dataclass(frozen=True)
@@ -55,10 +57,7 @@ def guarded_endpoint(method: str, url: str) -> str | None:
     if method != "POST":
         return None
     path = segments(url)
-    for tail in sorted(GUARDED, key=len, reverse=True):  # chat/completions before completions
-        if path[-len(tail):] == tail:
-            return GUARDED[tail]
-    return None
+    return next((endpoint for tail, endpoint in GUARDED if path[-len(tail):] == tail), None)
 
 
 def unread_endpoint(method: str, url: str) -> Unread | None:

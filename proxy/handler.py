@@ -177,12 +177,10 @@ class Proxy:
         endpoint = guarded_endpoint(request.method, url)
         policy = match.policy
         guarded = endpoint is not None and (policy.prompt.action != "off" or policy.response.action != "off")
-        if policy.unguarded_endpoints == "block":
-            refuse_unread(request.method, path, url, policy)
         if guarded and payload is None:  # a route mounted on the endpoint itself
             payload = parse_json_object(body)
-        if guarded and policy.unguarded_endpoints == "block":
-            refuse_background(endpoint, path, payload, policy)
+        if policy.unguarded_endpoints == "block":
+            refuse_unguarded(request.method, path, url, endpoint, payload, policy)
         raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw]
         # A guarded response is read by the guard, so it must not arrive compressed.
         # Back to bytes as received: httpx would refuse a str value that is not ASCII.
@@ -205,26 +203,22 @@ class Proxy:
         return await call.run(send, body)
 
 
-def refuse_background(endpoint: str, path: str, payload: dict, policy: Policy) -> None:
-    """A background Responses request that is not streamed answers "queued" at once; its
-    output is read later through `GET responses/{id}`, which a cutting policy refuses.
-    Say so now, not at the first poll."""
-    if endpoint == "responses" and payload.get("background") is True and payload.get("stream") is not True \
-            and policy.response.action == "cut":
+def refuse_unguarded(method: str, path: str, url: str, endpoint: str | None, payload: dict | None,
+                     policy: Policy) -> None:
+    """Raise `Forbidden` where a request would get generated text past a stage that
+    enforces (`flag` and `shadow` stop nothing, so under them it is forwarded): an
+    endpoint whose text the guard cannot read (`proxy.endpoints`), or a background
+    Responses request that is not streamed, whose output is read later through the
+    refused `GET responses/{id}` (said now, not at the first poll)."""
+    cuts = policy.response.action == "cut"
+    if cuts and endpoint == "responses" and payload.get("background") is True and payload.get("stream") is not True:
         raise Forbidden(f"POST {path} with background: true is read back later through GET responses/{{id}}, "
                         f"outside the request that guards it, so policy {policy.name!r} refuses it. Stream it "
                         "(stream: true, guarded as it is generated), or set `unguarded_endpoints: forward` on "
                         "the policy to let it through unguarded.", param="background", code="unguarded_endpoint")
-
-
-def refuse_unread(method: str, path: str, url: str, policy: Policy) -> None:
-    """Raise `Forbidden` for an endpoint whose generated text the guard cannot read, when
-    the stage it would evade enforces (`flag` and `shadow` stop nothing, so they are not
-    evaded: under them it is forwarded)."""
     unread = unread_endpoint(method, url)
     prompt_enforces = policy.prompt.action in ("refuse", "block", "steer")
-    response_enforces = policy.response.action == "cut"
-    if unread is None or not (response_enforces or (unread.stage == "prompt" and prompt_enforces)):
+    if unread is None or not (cuts or (unread.stage == "prompt" and prompt_enforces)):
         return
     if unread.stage == "prompt":
         why, instead = ("generates text in a shape this proxy's guard does not read",

@@ -10,6 +10,10 @@ Pure functions over already-decoded JSON. The prompt is taken per `scope`:
 
 Content is a string or a list of parts whose text parts (`text`, `input_text`,
 `output_text`) are joined with "\\n"; other parts (images, audio, files) carry no text.
+
+The Anthropic Messages API (`messages`) is read the same way: its `system` is the system
+message, a user message's `tool_result` blocks are "tool" lines, and an assistant's
+`thinking` and `tool_use` input (as JSON) are its text, as are text `document` blocks.
 Assistant tool-call arguments are text too: they can carry anything. In a response, a
 reasoning model's reasoning (chat `reasoning`/`reasoning_content`, Responses reasoning
 items) is scored with the answer: the client receives it too.
@@ -25,12 +29,13 @@ Shapes the OpenAI API would reject raise `RequestShapeError` with an OpenAI `par
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from policies.errors import RequestShapeError
 
-ENDPOINTS = ("chat/completions", "completions", "responses")
+ENDPOINTS = ("chat/completions", "completions", "responses", "messages")
 _SYSTEM_ROLES = ("system", "developer", "tools")  # "tools": the request's tool descriptions
 _TEXT_PARTS = ("text", "input_text", "output_text")
 _REASONING_KEYS = ("reasoning", "reasoning_content")
@@ -42,6 +47,8 @@ _RESPONSES_TEXT_DELTAS = ("response.output_text.delta", "response.refusal.delta"
 _RESPONSES_TOOL_TEXT = {"function_call": "arguments", "custom_tool_call": "input", "mcp_call": "arguments",
                         "code_interpreter_call": "code"}
 _TOOL_OUTPUTS = ("function_call_output", "custom_tool_call_output")
+# Anthropic Messages stream deltas: the field of each delta type that holds new text
+_MESSAGES_DELTAS = {"text_delta": "text", "thinking_delta": "thinking", "input_json_delta": "partial_json"}
 
 
 def _is_list(value: Any) -> bool:
@@ -193,8 +200,72 @@ def _responses_items(body: Mapping) -> list[tuple[str, str]] | None:
     return out
 
 
+def _anthropic_system(body: Mapping) -> list[tuple[str, str]]:
+    system = body.get("system")
+    if system is None:
+        return []
+    if not isinstance(system, str) and not _is_list(system):
+        raise RequestShapeError("'system' must be a string or a list of text blocks", param="system")
+    return [("system", block_text(system, param="system")[0])]
+
+
+def _anthropic_messages(body: Mapping) -> list[tuple[str, str]]:
+    """(role, text) per Anthropic message; a user message's tool results come first, as
+    "tool" entries (what a tool wrote, not what the user said)."""
+    messages = body.get("messages")
+    if messages is None:
+        raise RequestShapeError("Missing required parameter: 'messages'.", param="messages")
+    if not _is_list(messages):
+        raise RequestShapeError("'messages' must be a list", param="messages")
+    out = []
+    for i, message in enumerate(messages):
+        param = f"messages[{i}]"
+        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
+            raise RequestShapeError(f"'{param}' must be an object with a string 'role'", param=param)
+        text, tool_results = block_text(message.get("content"), param=f"{param}.content")
+        out += [("tool", t) for t in tool_results]
+        if text or not tool_results:  # a message of tool results alone is no turn of its role
+            out.append((message["role"], text))
+    return out
+
+
+def block_text(content: Any, *, param: str) -> tuple[str, list[str]]:
+    """Anthropic content (a string or a list of blocks) as text, and the text of its
+    `tool_result` blocks apart. Text, thinking, tool-use input (as JSON) and text
+    documents are text; images, redacted thinking and signatures are not."""
+    if content is None:
+        return "", []
+    if isinstance(content, str):
+        return content, []
+    if not _is_list(content):
+        raise RequestShapeError(f"'{param}' must be a string or a list of content blocks", param=param)
+    texts, results = [], []
+    for i, block in enumerate(content):
+        where = f"{param}[{i}]"
+        if not isinstance(block, Mapping):
+            raise RequestShapeError(f"'{where}' must be an object", param=where)
+        kind = block.get("type")
+        if kind in ("text", "thinking"):
+            text = block.get(kind)
+            if not isinstance(text, str):
+                raise RequestShapeError(f"'{where}.{kind}' must be a string", param=f"{where}.{kind}")
+            texts.append(text)
+        elif kind in ("tool_use", "server_tool_use") and "input" in block:
+            texts.append(json.dumps(block["input"], ensure_ascii=False))
+        elif kind == "tool_result":
+            results.append(block_text(block.get("content"), param=f"{where}.content")[0])
+        elif kind == "document" and isinstance(block.get("source"), Mapping):
+            source = block["source"]
+            if source.get("type") == "text" and isinstance(source.get("data"), str):
+                texts.append(source["data"])
+            elif source.get("type") == "content":
+                texts.append(block_text(source.get("content"), param=f"{where}.source.content")[0])
+    return "\n".join(t for t in texts if t), results
+
+
 def prompt_text(endpoint: str, body: Mapping, scope: str) -> str | None:
-    """The prompt text to score for `endpoint` ("chat/completions", "completions", "responses")."""
+    """The prompt text to score for `endpoint` ("chat/completions", "completions",
+    "responses", "messages")."""
     if not isinstance(body, Mapping):
         raise RequestShapeError("the request body must be a JSON object")
     if endpoint == "chat/completions":
@@ -211,6 +282,8 @@ def prompt_text(endpoint: str, body: Mapping, scope: str) -> str | None:
         if instructions:
             items = [("system", instructions), *items]
         return _render(_tools(body) + items, scope)
+    if endpoint == "messages":
+        return _render(_tools(body) + _anthropic_system(body) + _anthropic_messages(body), scope)
     raise ValueError(f"not a guarded endpoint: {endpoint!r} (expected one of {ENDPOINTS})")
 
 
@@ -247,6 +320,12 @@ def response_text_responses(body: Mapping) -> str:
     return "\n".join(t for t in texts if t)
 
 
+def response_text_messages(body: Mapping) -> str:
+    """A non-streamed Anthropic message: its text, thinking and tool-use input blocks."""
+    text, _ = block_text(body.get("content"), param="content")
+    return text
+
+
 def _output_item_text(item: Mapping) -> str:
     """The text of a Responses output item other than a message (a reasoning item's summary
     and content, a tool item's model-written field), or a message's content."""
@@ -270,13 +349,23 @@ def delta_text(endpoint: str, chunk: Mapping) -> dict[int, str]:
     Chat: `delta.reasoning` (or `reasoning_content`), `delta.content`, `delta.refusal` and
     tool-call argument fragments. Completions: `text`. Responses: the output text, refusal,
     reasoning text and summary, function-call and MCP argument, custom tool input and code
-    interpreter code delta events. Anything else carries no text. A reasoning model's
+    interpreter code delta events. Messages (Anthropic, one event, index 0): text, thinking
+    and tool-input JSON deltas, and the text a block opens with. Anything else carries no
+    text. A reasoning model's
     thinking streams to the client like its answer, so it is scored like its answer.
     """
     if endpoint == "responses":
         if chunk.get("type") in _RESPONSES_TEXT_DELTAS and isinstance(chunk.get("delta"), str):
             return {0: chunk["delta"]}
         return {}
+    if endpoint == "messages":
+        kind = chunk.get("type")
+        delta = chunk.get("delta") if kind == "content_block_delta" else chunk.get("content_block")
+        if kind not in ("content_block_delta", "content_block_start") or not isinstance(delta, Mapping):
+            return {}
+        field = _MESSAGES_DELTAS.get(delta.get("type")) or delta.get("type")  # a block's opening text
+        text = delta.get(field) if isinstance(field, str) else None
+        return {0: text} if isinstance(text, str) and text else {}
     out: dict[int, str] = {}
     for choice in chunk.get("choices") or []:
         if not isinstance(choice, Mapping) or not isinstance(choice.get("index", 0), int):

@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .errors import BadRequest, NotFound, error_response
+from .errors import BadRequest, NotFound, anthropic_path, error_response
 from .handler import Proxy
 from .metrics import Metrics
 from .records import AuditLog
@@ -67,11 +67,11 @@ def build_app(holder, scorer: Scorer | None = None) -> Starlette:
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
         """What the router itself refuses (a method it does not route, a path it cannot
-        match) in OpenAI's format too."""
+        match) in OpenAI's format (Anthropic's under `/v1/messages`) too."""
         kind = NotFound if exc.status_code == 404 else BadRequest
         error = kind(exc.detail if isinstance(exc.detail, str) else "request not routable")
         error.status = exc.status_code
-        response = error_response(error)
+        response = error_response(error, anthropic=anthropic_path(request.url.path))
         response.headers.update(exc.headers or {})
         return response
 

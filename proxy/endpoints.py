@@ -4,9 +4,11 @@ The guarded endpoints are known by their last segments wherever the route mounts
 (`base_url: http://vllm:8000/v1` under `/v1`, or `base_url: http://vllm:8000` under `/`:
 either way `.../chat/completions` is chat), so no mount leaves them unguarded.
 
+The Anthropic Messages API (`/v1/messages`, which vLLM, llama.cpp and LiteLLM serve
+beside the OpenAI endpoints) is guarded too, as "messages".
+
 Some other endpoints run the model on a client's text, or hand back text it generated
-earlier, in shapes the guard does not read. Generation: the Anthropic Messages API (vLLM,
-llama.cpp and LiteLLM serve `/v1/messages`), vLLM's batch chat completions and
+earlier, in shapes the guard does not read. Generation: vLLM's batch chat completions and
 structured decisions, and the Batch API, whose requests run later upstream. Retrieval: a
 stored or background Responses response (also replayed as a stream), stored chat
 completions, a conversation's items; a stream the proxy cut is still whole upstream.
@@ -20,8 +22,8 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 # (last segments, endpoint), longest first: chat/completions before completions
-GUARDED = ((("chat", "completions"), "chat/completions"), (("completions",), "completions"),
-           (("responses",), "responses"))
+GUARDED = ((("chat", "completions"), "chat/completions"), (("v1", "messages"), "messages"),
+           (("completions",), "completions"), (("responses",), "responses"))
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,6 @@ class Unread:
 
 
 UNREAD = (
-    Unread("POST", ("v1", "messages"), "the Anthropic Messages API", "prompt"),
     Unread("POST", ("chat", "completions", "batch"), "vLLM's batch chat completions", "prompt"),
     Unread("POST", ("systemone",), "vLLM's structured decisions", "prompt"),
     Unread("POST", ("batches",), "the Batch API (its requests run later, upstream)", "prompt"),
@@ -53,7 +54,8 @@ def segments(url: str) -> tuple[str, ...]:
 
 
 def guarded_endpoint(method: str, url: str) -> str | None:
-    """"chat/completions", "completions" or "responses" for a POST to one, else None."""
+    """"chat/completions", "completions", "responses" or "messages" for a POST to one,
+    else None."""
     if method != "POST":
         return None
     path = segments(url)

@@ -16,6 +16,11 @@
 Before response headers go out an error is a real status code with the JSON envelope;
 after they have gone out it is an in-band SSE event followed by ``data: [DONE]``, which
 is what vLLM does for errors inside a stream.
+
+A request to the Anthropic Messages API (`/v1/messages`, `anthropic_path`) gets the same
+errors in Anthropic's shape, so its SDK raises them as it raises Anthropic's own:
+``{"type": "error", "error": {"type": ..., "message": ...}}``, and inside a stream an
+``event: error`` with that body (an Anthropic stream has no ``[DONE]``).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import json
 
 from starlette.responses import Response
 
-from .sse import DONE, encode_json
+from .sse import DONE, encode_event, encode_json
 
 
 class ProxyError(Exception):
@@ -95,15 +100,39 @@ def body_of(exc: ProxyError) -> dict:
     return error_body(exc.message, exc.type, exc.param, exc.code)
 
 
-def error_response(exc: ProxyError) -> Response:
+# Anthropic's error types (its API reference, "Errors") for the statuses the proxy answers
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 504: "timeout_error"}
+
+
+def anthropic_path(path: str) -> bool:
+    """Whether a request path is the Anthropic Messages API's (or its token counter)."""
+    parts = [p for p in path.split("?")[0].split("/") if p]
+    return parts[-2:] == ["v1", "messages"] or parts[-3:] == ["v1", "messages", "count_tokens"]
+
+
+def anthropic_body_of(exc: ProxyError) -> dict:
+    """The Anthropic error envelope for `exc`; the proxy's own `code`, when it has one,
+    rides along (Anthropic's SDK ignores fields it does not know)."""
+    kind = "overloaded_error" if isinstance(exc, Overloaded) else _ANTHROPIC_TYPES.get(exc.status, "api_error")
+    error = {"type": kind, "message": exc.message}
+    if exc.code is not None:
+        error["code"] = exc.code
+    return {"type": "error", "error": error}
+
+
+def error_response(exc: ProxyError, *, anthropic: bool = False) -> Response:
     return Response(
-        json.dumps(body_of(exc)).encode(),
+        json.dumps(anthropic_body_of(exc) if anthropic else body_of(exc)).encode(),
         status_code=exc.status,
         media_type="application/json",
         headers=exc.headers,
     )
 
 
-def error_event(exc: ProxyError) -> bytes:
-    """An error after the stream began: one SSE event with the envelope, then [DONE]."""
+def error_event(exc: ProxyError, *, anthropic: bool = False) -> bytes:
+    """An error after the stream began: one SSE event with the envelope, then [DONE]
+    (Anthropic: `event: error`, and no [DONE])."""
+    if anthropic:
+        return encode_event(json.dumps(anthropic_body_of(exc)), event="error")
     return encode_json(body_of(exc)) + DONE

@@ -1,7 +1,8 @@
 """The guarded path: prompt stage before (or beside) the upstream call, response stage after.
 
 Endpoints that carry generated text are guarded: `chat/completions`, `completions`,
-`responses` (POST, however the route mounts them: `proxy.endpoints`). Those that
+`responses` and Anthropic's `/v1/messages` (POST, however the route mounts them:
+`proxy.endpoints`). Those that
 generate text in shapes the guard does not read are refused; the rest (models,
 embeddings, files, ...) carry no generated text and are forwarded unguarded. The README
 lists them all.

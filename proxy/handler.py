@@ -23,7 +23,7 @@ from policies.errors import UnsafePathError
 from policies.routing import match_route
 
 from .errors import (BadRequest, Forbidden, NotFound, Overloaded, PayloadTooLarge, ProxyError, RequestTimeout,
-                     Unauthorized, error_event, error_response)
+                     Unauthorized, anthropic_path, error_event, error_response)
 from .endpoints import guarded_endpoint, unread_endpoint
 from .metrics import Metrics
 from .guarding import GuardedCall, cache_salt
@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 # Endpoints whose body is a JSON object: a body that does not parse is a 400 here,
 # rather than an upstream's guess.
-JSON_ENDPOINTS = ("chat/completions", "completions", "embeddings", "responses", "moderations")
+JSON_ENDPOINTS = ("chat/completions", "completions", "embeddings", "responses", "moderations", "v1/messages")
 # One SSE event larger than this is an upstream fault, not a reason to grow memory.
 MAX_EVENT_BYTES = 4 << 20
 
@@ -90,10 +90,12 @@ class Proxy:
     async def handle(self, request: Request) -> Response:
         config: Config = self.holder.current
         request.state.route = "-"
+        # Errors in the shape the client's SDK reads: Anthropic's for its Messages API.
+        request.state.anthropic = anthropic_path(request.url.path)
         try:
             response = await self._admit(request, config)
         except ProxyError as exc:
-            response = error_response(exc)
+            response = error_response(exc, anthropic=request.state.anthropic)
         self.metrics.requests.labels(request.state.route, str(response.status_code)).inc()
         return response
 
@@ -121,7 +123,8 @@ class Proxy:
             self._stream_ended(streaming)
             raise
         if isinstance(response, RelayResponse):
-            response.body_iterator = self._finishing(response.body_iterator, deadline, timeout)
+            response.body_iterator = self._finishing(response.body_iterator, deadline, timeout,
+                                                     anthropic=request.state.anthropic)
 
             async def ended() -> None:  # also when the body never started
                 self._stream_ended(streaming)
@@ -137,7 +140,7 @@ class Proxy:
             self.metrics.active_streams.dec()
 
     async def _finishing(self, body: AsyncIterator[bytes], deadline: float | None,
-                         timeout: float | None) -> AsyncIterator[bytes]:
+                         timeout: float | None, *, anthropic: bool = False) -> AsyncIterator[bytes]:
         """The body, cut off at the request deadline (the stream slot is freed `on_close`)."""
         loop = asyncio.get_running_loop()
         try:
@@ -150,7 +153,8 @@ class Proxy:
                 except StopAsyncIteration:
                     return
                 except TimeoutError:
-                    yield error_event(RequestTimeout(f"the request did not complete within {timeout}s"))
+                    yield error_event(RequestTimeout(f"the request did not complete within {timeout}s"),
+                                      anthropic=anthropic)
                     return
                 yield chunk
         finally:
@@ -161,7 +165,7 @@ class Proxy:
                       payload: dict | None) -> Response:
         key_name = None
         if config.server.auth_required:
-            key_name = authenticate(config, request.headers.get("authorization"))
+            key_name = authenticate(config, client_key(request.headers))
             if key_name is None:
                 raise Unauthorized("missing or invalid API key for this proxy")
         model = payload.get("model") if payload is not None else None
@@ -194,7 +198,7 @@ class Proxy:
             return response
 
         if not guarded:
-            return relay(await send(body), self.metrics)
+            return relay(await send(body), self.metrics, anthropic=request.state.anthropic)
         exchange = Exchange(route=match.route.name, policy=policy.name, endpoint=endpoint,
                             stream=payload.get("stream") is True, metrics=self.metrics)
         call = GuardedCall(scorer=self.scorer, audit=self.audit, endpoint=endpoint, payload=payload,
@@ -222,7 +226,7 @@ def refuse_unguarded(method: str, path: str, url: str, endpoint: str | None, pay
         return
     if unread.stage == "prompt":
         why, instead = ("generates text in a shape this proxy's guard does not read",
-                        "Use chat/completions, completions or responses, or set")
+                        "Use chat/completions, completions, responses or messages, or set")
     else:
         why, instead = ("returns text the model generated earlier, outside the request that guarded it "
                         "(a response the proxy cut is still whole upstream)", "Set")
@@ -231,10 +235,20 @@ def refuse_unguarded(method: str, path: str, url: str, endpoint: str | None, pay
                     code="unguarded_endpoint")
 
 
-def relay(response: httpx.Response, metrics: Metrics) -> RelayResponse:
+def client_key(headers) -> str | None:
+    """The `Authorization` header a client sent, or its Anthropic-style `x-api-key` (how
+    Anthropic's SDK sends a key) as a bearer token when it sent no `Authorization`."""
+    authorization = headers.get("authorization")
+    if authorization is None and headers.get("x-api-key"):
+        return f"Bearer {headers['x-api-key']}"
+    return authorization
+
+
+def relay(response: httpx.Response, metrics: Metrics, *, anthropic: bool = False) -> RelayResponse:
     """An unguarded response: non-streams byte for byte, streams event by event."""
     if is_event_stream(response):
-        return RelayResponse(sse_passthrough(response, MAX_EVENT_BYTES, metrics), response.status_code,
+        return RelayResponse(sse_passthrough(response, MAX_EVENT_BYTES, metrics, anthropic=anthropic),
+                             response.status_code,
                              response_headers(response.headers.multi_items(), keep_length=False),
                              on_close=response.aclose)
     return RelayResponse(raw_body(response), response.status_code,
@@ -247,7 +261,7 @@ def is_event_stream(response: httpx.Response) -> bool:
 
 
 async def sse_passthrough(response: httpx.Response, max_event_bytes: int,
-                          metrics: Metrics | None = None) -> AsyncIterator[bytes]:
+                          metrics: Metrics | None = None, *, anthropic: bool = False) -> AsyncIterator[bytes]:
     """Forward whole events as they complete; the bytes are the upstream's, unchanged.
 
     Going event by event (not chunk by chunk) costs nothing in latency, since a client
@@ -268,7 +282,7 @@ async def sse_passthrough(response: httpx.Response, max_event_bytes: int,
         if tail:
             yield b"".join(event.raw for event in tail)
     except (httpx.HTTPError, SSEError, TruncatedStream) as exc:
-        yield broken_stream(exc)
+        yield broken_stream(exc, anthropic=anthropic)
     finally:
         with cleanup():
             await response.aclose()

@@ -136,9 +136,11 @@ def check_complete(tail: list) -> list:
     return tail
 
 
-def broken_stream(exc: Exception) -> bytes:
+def broken_stream(exc: Exception, *, anthropic: bool = False) -> bytes:
     """The in-band error event for an upstream stream that broke off after it began."""
     logger.warning("upstream stream broke off: %s", type(exc).__name__)
     if isinstance(exc, httpx.TimeoutException):
-        return error_event(UpstreamTimeout("the upstream stopped sending within the read timeout"))
-    return error_event(UpstreamUnreachable(f"the upstream stream broke off ({type(exc).__name__})"))
+        return error_event(UpstreamTimeout("the upstream stopped sending within the read timeout"),
+                           anthropic=anthropic)
+    return error_event(UpstreamUnreachable(f"the upstream stream broke off ({type(exc).__name__})"),
+                       anthropic=anthropic)

@@ -1,12 +1,14 @@
 """OpenAI shapes the proxy reads or writes itself: refusals, cut chunks, usage, a whole
-reply's choices, and a steered request.
+reply's choices, and a steered request (and the Anthropic Messages API's, `messages`).
 
 Each endpoint that carries generated text has three forms here: a whole refused
 response (the prompt stage answered without calling the upstream), the same in stream
 form, and the final chunk that ends one choice of a stream that was cut. All of them
 say `finish_reason: "content_filter"` (Responses: `status: "incomplete"` with
 `incomplete_details.reason: "content_filter"`), as OpenAI and Azure OpenAI do, so
-clients that already handle provider-side filtering handle ours.
+clients that already handle provider-side filtering handle ours. An Anthropic message
+says `stop_reason: "refusal"`, as Anthropic's API does when its own classifiers stop a
+reply; the refusal is a text block of its own.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ import time
 import uuid
 from collections.abc import Mapping
 
-from policies.extract import response_text_chat, response_text_completion, response_text_responses
+from policies.extract import (response_text_chat, response_text_completion, response_text_messages,
+                              response_text_responses)
 
 from .sse import DONE, encode_event, encode_json
 
 CONTENT_FILTER = "content_filter"
+REFUSAL = "refusal"  # Anthropic's stop_reason
 
 
 def _id(prefix: str) -> str:
@@ -46,6 +50,10 @@ def wants_usage(request: Mapping) -> bool:
 def refused_json(endpoint: str, request: Mapping, refusal: str) -> dict:
     model = request.get("model") if isinstance(request.get("model"), str) else "unknown"
     created = int(time.time())
+    if endpoint == "messages":
+        return {"id": f"msg_siren_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant", "model": model,
+                "content": [{"type": "text", "text": refusal}], "stop_reason": REFUSAL, "stop_sequence": None,
+                "usage": {"input_tokens": 0, "output_tokens": 0}}
     if endpoint == "responses":
         return {"id": _id("resp"), "object": "response", "created_at": created, "model": model,
                 "status": "incomplete", "incomplete_details": {"reason": CONTENT_FILTER},
@@ -67,6 +75,10 @@ def refused_json(endpoint: str, request: Mapping, refusal: str) -> dict:
 def refused_stream(endpoint: str, request: Mapping, refusal: str) -> bytes:
     """The whole refused response in stream form, ending as the upstream's would."""
     whole = refused_json(endpoint, request, refusal)
+    if endpoint == "messages":
+        started = {**whole, "content": [], "stop_reason": None}
+        return _anthropic_event({"type": "message_start", "message": started}) + message_cut_events(
+            MessageOutput(), refusal)
     if endpoint == "responses":
         return response_cut_events({**whole, "output": []}, refusal, item_id=whole["output"][0]["id"], created=True)
     out = []
@@ -198,6 +210,45 @@ class ResponseOutput:
         return max(self.items, default=-1) + 1
 
 
+class MessageOutput:
+    """The content blocks of an Anthropic Messages stream that its client has been sent
+    (from the released events): which are still open, and the index a new one takes. A
+    cut closes the open ones, so the client's accumulator (the anthropic SDK's
+    `messages.stream()`) keeps what it was sent, then adds the refusal as a block."""
+
+    def __init__(self) -> None:
+        self.open: list[int] = []
+        self.next_index = 0
+
+    def apply(self, event: Mapping) -> None:
+        index = event.get("index")
+        if not isinstance(index, int) or isinstance(index, bool):
+            return
+        if event.get("type") == "content_block_start":
+            self.open.append(index)
+            self.next_index = max(self.next_index, index + 1)
+        elif event.get("type") == "content_block_stop" and index in self.open:
+            self.open.remove(index)
+
+
+def message_cut_events(output: MessageOutput, refusal: str, *, output_tokens: int = 0) -> bytes:
+    """The end of a cut Anthropic Messages stream: each open block stopped, the refusal as
+    a text block, `message_delta` with `stop_reason: "refusal"`, `message_stop`."""
+    index = output.next_index
+    events = [{"type": "content_block_stop", "index": i} for i in output.open]
+    events += [{"type": "content_block_start", "index": index, "content_block": {"type": "text", "text": ""}},
+               {"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": refusal}},
+               {"type": "content_block_stop", "index": index},
+               {"type": "message_delta", "delta": {"stop_reason": REFUSAL, "stop_sequence": None},
+                "usage": {"output_tokens": output_tokens}},
+               {"type": "message_stop"}]
+    return b"".join(_anthropic_event(event) for event in events)
+
+
+def _anthropic_event(obj: Mapping) -> bytes:
+    return encode_event(json.dumps(obj, ensure_ascii=False, separators=(",", ":")), event=obj["type"])
+
+
 def _typed_event(obj: Mapping) -> bytes:
     """A Responses API event: `event: <type>` and the JSON, as OpenAI sends them."""
     return encode_event(json.dumps(obj, ensure_ascii=False, separators=(",", ":")), event=obj["type"])
@@ -219,6 +270,12 @@ def steered(endpoint: str, payload: dict, message: str) -> dict:
     elif endpoint == "responses":
         instructions = payload.get("instructions")
         payload["instructions"] = f"{message}\n\n{instructions}" if isinstance(instructions, str) else message
+    elif endpoint == "messages":
+        system = payload.get("system")
+        if isinstance(system, list):
+            payload["system"] = [{"type": "text", "text": message}, *system]
+        else:
+            payload["system"] = f"{message}\n\n{system}" if isinstance(system, str) and system else message
     return payload
 
 
@@ -227,6 +284,8 @@ def choice_texts(endpoint: str, body: Mapping) -> list[tuple[int, str]] | None:
     completion of `endpoint`'s shape."""
     if endpoint == "responses":
         return [(0, response_text_responses(body))] if isinstance(body.get("output"), list) else None
+    if endpoint == "messages":
+        return [(0, response_text_messages(body))] if isinstance(body.get("content"), list) else None
     choices = body.get("choices")
     if not isinstance(choices, list):
         return None
@@ -238,8 +297,8 @@ def refuse_choice(endpoint: str, request: Mapping, refusal: str, body: dict, ind
     """Replace choice `index` of a whole reply with `refusal`, in place, keeping nothing of
     the choice but its index (a Responses reply becomes the refused response, keeping its
     id, times, model and usage)."""
-    if endpoint == "responses":
-        body.update(refused_json("responses", request, refusal) | {
+    if endpoint in ("responses", "messages"):
+        body.update(refused_json(endpoint, request, refusal) | {
             k: body[k] for k in ("id", "created_at", "model", "usage") if k in body})
         return
     for i, choice in enumerate(body["choices"]):

@@ -19,6 +19,10 @@ touches is byte-identical to a direct one). Per choice:
   When no live choice is left the upstream response is closed (vLLM stops generating),
   a usage chunk is synthesised if the client asked for one, then `data: [DONE]`.
 
+A Responses stream (and an Anthropic Messages stream, `messages`) is one choice whose
+events are typed; a cut ends it as that API ends a stopped reply (`shapes`), after the
+items (blocks) the client was already sent.
+
 The relay awaits each check before reading on, so back-pressure, not memory, absorbs a
 slow guard; concurrent streams are batched by the guard's worker.
 """
@@ -42,7 +46,8 @@ from .errors import GuardUnavailable, error_event
 from .relay import TruncatedStream, broken_stream, check_complete, cleanup
 from .records import Exchange
 from .scorer import Scorer, StreamSession
-from .shapes import ResponseOutput, cut_chunk, response_cut_events, usage_chunk, wants_usage
+from .shapes import (MessageOutput, ResponseOutput, cut_chunk, message_cut_events, response_cut_events,
+                     usage_chunk, wants_usage)
 from .sse import DONE, Event, SSEDecoder, SSEError
 
 logger = logging.getLogger(__name__)
@@ -58,6 +63,8 @@ _RESPONSES_PART_DONE = ("response.output_text.done", "response.function_call_arg
                         "response.custom_tool_call_input.done", "response.mcp_call_arguments.done",
                         "response.code_interpreter_call_code.done", "response.content_part.done",
                         "response.output_item.done")
+# Endpoints whose streams are one choice of typed events
+_TYPED = ("responses", "messages")
 
 
 @dataclass
@@ -101,7 +108,7 @@ class StreamGuard:
         self.exchange = exchange
         self.cache_salt = cache_salt
         n = request.get("n", 1)
-        self.n = 1 if endpoint == "responses" or not isinstance(n, int) or n < 1 else n  # <= MAX_N (checked)
+        self.n = 1 if endpoint in _TYPED or not isinstance(n, int) or n < 1 else n  # <= MAX_N (checked)
         self.choices = {i: Choice(i) for i in range(self.n)}
         self.choices[0].session = session
         self.queue: deque[Held] = deque()
@@ -110,6 +117,8 @@ class StreamGuard:
         self.upstream_done = False
         self.output = ResponseOutput()  # Responses: the output items the client has been sent
         self.next_sequence = 0  # Responses: the sequence number our own events start at
+        self.blocks = MessageOutput()  # Messages: the content blocks the client has been sent
+        self.anthropic = endpoint == "messages"  # errors in Anthropic's shape
 
     # -- the relay ---------------------------------------------------------------------
 
@@ -131,7 +140,7 @@ class StreamGuard:
                 yield tail
         except (httpx.HTTPError, SSEError, TruncatedStream) as exc:
             # Only what was already scored safe goes out before the error: never held text.
-            yield self._release() + broken_stream(exc)
+            yield self._release() + broken_stream(exc, anthropic=self.anthropic)
         finally:
             for choice in self.choices.values():
                 if choice.decision is not None:
@@ -176,6 +185,8 @@ class StreamGuard:
         if not self.template:
             if self.endpoint == "responses" and isinstance(payload.get("response"), dict):
                 self.template = dict(payload["response"])
+            elif self.endpoint == "messages" and isinstance(payload.get("message"), dict):
+                self.template = dict(payload["message"])
             elif "id" in payload:
                 self.template = {k: payload[k] for k in ("id", "created", "model") if k in payload}
         if isinstance(payload.get("usage"), dict):
@@ -203,11 +214,12 @@ class StreamGuard:
             if i in self.choices and not self.choices[i].cut:
                 await self._check(self.choices[i])
                 self.choices[i].finished = True
-        if self.endpoint == "responses" and payload.get("type") in _RESPONSES_PART_DONE:
-            await self._check(self.choices[0])  # (a cut Responses choice returned above)
+        if (self.endpoint == "responses" and payload.get("type") in _RESPONSES_PART_DONE) or (
+                self.endpoint == "messages" and payload.get("type") == "content_block_stop"):
+            await self._check(self.choices[0])  # (a cut typed choice returned above)
 
     def _indices(self, payload: dict) -> set[int]:
-        if self.endpoint == "responses":
+        if self.endpoint in _TYPED:
             return {0}
         return {c.get("index", 0) for c in payload.get("choices") or [] if isinstance(c, dict)}
 
@@ -217,12 +229,14 @@ class StreamGuard:
     def _finishing(self, payload: dict) -> list[int]:
         if self.endpoint == "responses":
             return [0] if payload.get("type") in _RESPONSES_END else []
+        if self.endpoint == "messages":  # its stop_reason comes in message_delta
+            return [0] if payload.get("type") in ("message_delta", "message_stop") else []
         return [c.get("index", 0) for c in payload.get("choices") or []
                 if isinstance(c, dict) and c.get("finish_reason") is not None]
 
     def _without_cut_choices(self, payload: dict) -> tuple[bytes, dict] | None:
         """The chunk without its cut choices; None when nothing of it is left to send."""
-        if self.endpoint == "responses":
+        if self.endpoint in _TYPED:
             return None
         cut = self._cut_indices()
         kept = [c for c in payload.get("choices") or [] if not (isinstance(c, dict) and c.get("index", 0) in cut)]
@@ -256,7 +270,7 @@ class StreamGuard:
             self.exchange.scored(choice.index, choice.scored, score)
         if decision.action == GUARD_ERROR:
             raise StreamCut(self._release() + error_event(
-                GuardUnavailable("the safety guard failed while scoring this stream")))
+                GuardUnavailable("the safety guard failed while scoring this stream"), anthropic=self.anthropic))
         if decision.action == CUT:
             targets = self.choices.values() if self.stage.end_all_choices else [choice]
             for target in targets:
@@ -282,13 +296,15 @@ class StreamGuard:
         if self.endpoint == "responses":
             raw = response_cut_events({**self.template, "output": self.output.output()}, self.policy.refusal,
                                       output_index=self.output.next_index, sequence=self.next_sequence)
+        elif self.endpoint == "messages":
+            raw = message_cut_events(self.blocks, self.policy.refusal, output_tokens=choice.tokens)
         else:
             raw = cut_chunk(self.endpoint, self.template, choice.index, self.policy.refusal)
         self.queue.append(Held(raw))
 
     def _close_out(self) -> bytes:
         """After the last live choice was cut: usage if asked for, then [DONE]."""
-        if self.endpoint == "responses":
+        if self.endpoint in _TYPED:
             return b""
         out = b""
         if wants_usage(self.request):
@@ -318,6 +334,8 @@ class StreamGuard:
                 number = held.payload.get("sequence_number")
                 if isinstance(number, int) and not isinstance(number, bool):
                     self.next_sequence = max(self.next_sequence, number + 1)
+            elif self.endpoint == "messages" and held.payload is not None:
+                self.blocks.apply(held.payload)
             out.append(held.raw)
         return b"".join(out)
 

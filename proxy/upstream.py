@@ -40,12 +40,15 @@ def request_headers(raw: Iterable[tuple[str, str]], upstream: Upstream, *,
     `identity_encoding` asks for an uncompressed body when the proxy must read it (a
     guarded response); pass-through traffic keeps the client's Accept-Encoding.
     `drop_authorization` is set when the client's key was the proxy's own, which must
-    not travel on to the upstream.
+    not travel on to the upstream: its `Authorization`, or its `x-api-key` when it sent
+    no `Authorization` (`proxy.handler.client_key`).
     """
     raw = list(raw)
     drop = hop_by_hop(raw) | {"host", "content-length"}
     if upstream.api_key is not None or drop_authorization:
         drop.add("authorization")
+    if drop_authorization and not any(k.lower() == "authorization" for k, _ in raw):
+        drop.add("x-api-key")
     if identity_encoding:
         drop.add("accept-encoding")
     # A field value has no leading or trailing white space (RFC 9110 5.5); the server's

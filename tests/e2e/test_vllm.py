@@ -14,6 +14,7 @@ import re
 import time
 from pathlib import Path
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -227,27 +228,77 @@ def test_harmful_prompt_is_refused_without_calling_vllm(vllm_url, scorer):
         assert after[name] == before[name], name
 
 
-def test_vllms_other_generating_endpoints_are_no_way_around_the_guard(vllm_url, scorer):
-    """vLLM also generates through the Anthropic Messages API and its batch chat endpoint,
-    in shapes the guard does not read. Direct, both answer the prompt the chat endpoint
-    refuses; a guarded route refuses them (403) without calling vLLM, and forwards them
-    only when the policy says `unguarded_endpoints: forward`."""
+def test_vllms_anthropic_messages_api_is_guarded(vllm_url, scorer):
+    """vLLM also generates through the Anthropic Messages API (`/v1/messages`). Direct, it
+    answers the prompt the chat endpoint refuses; through the proxy, the anthropic SDK gets
+    the refusal (`stop_reason: "refusal"`) and vLLM is never called. A benign stream comes
+    through byte for byte but for the message id."""
     prompt = [{"role": "user", "content": HARMFUL_PROMPT}]
-    bodies = {"/messages": {"model": SERVED_NAME, "max_tokens": 8, "messages": prompt},
-              "/chat/completions/batch": {"model": SERVED_NAME, "max_tokens": 8, "messages": [prompt]}}
-    direct = {path: httpx.post(vllm_url + path, json=body, timeout=300) for path, body in bodies.items()}
-    assert direct["/messages"].json()["content"][0]["text"]  # generated, unguarded
-    assert direct["/chat/completions/batch"].json()["choices"][0]["message"]["content"]
+    direct = httpx.post(vllm_url + "/messages", json={"model": SERVED_NAME, "max_tokens": 8, "messages": prompt},
+                        timeout=300)
+    assert direct.json()["content"][0]["text"]  # generated
+    benign = {"model": SERVED_NAME, "max_tokens": 32, "temperature": 0, "stream": True,
+              "messages": [{"role": "user", "content": BENIGN}]}
+    direct_stream = httpx.post(vllm_url + "/messages", json=benign, timeout=300).content
     before = settled_metrics(vllm_url)
     with running_proxy(config(vllm_url, **GUARDED), scorer) as proxy:
-        refused = {path: httpx.post(proxy.url + "/v1" + path, json=body, timeout=300) for path, body in bodies.items()}
+        client = anthropic.Anthropic(base_url=proxy.url, api_key="sk", max_retries=0, timeout=300)
+        with client:
+            refused = client.messages.create(model=SERVED_NAME, max_tokens=64, messages=prompt)
+            with client.messages.stream(model=SERVED_NAME, max_tokens=64, messages=prompt) as stream:
+                refused_stream = stream.get_final_message()
+        after = settled_metrics(vllm_url)
+        proxied_stream = httpx.post(proxy.url + "/v1/messages", json=benign, timeout=300).content
+    for message in (refused, refused_stream):
+        assert message.stop_reason == "refusal" and [b.text for b in message.content] == [REFUSAL]
+    assert after["vllm:request_success_total"] == before["vllm:request_success_total"]
+    assert masked(proxied_stream) == masked(direct_stream) and b"text_delta" in proxied_stream
+
+
+def test_a_harmful_anthropic_stream_is_cut(vllm_url, scorer, tmp_path):
+    """The phishing prompt of the chat cut test through `/v1/messages` (greedy, so the same
+    tokens as a direct request): the anthropic SDK's message keeps the text it was sent,
+    then the refusal block, `stop_reason: "refusal"`; nothing past a safe check leaked.
+    The shipped head scores this one 0.9997 at the first check (16 tokens; 0.997 without
+    the prompt), so what it keeps is the empty text block vLLM opened; the scripted
+    upstream's tests (tests/proxy/test_messages.py) keep text released before a cut."""
+    audit = tmp_path / "audit.jsonl"
+    body = {"model": SERVED_NAME, "max_tokens": 256, "temperature": 0, "messages": CUT_MESSAGES}
+    direct = httpx.post(vllm_url + "/messages", json=body, timeout=300).json()["content"][0]["text"]
+    response = f"{{action: cut, threshold: {CUT_THRESHOLD}, check_every: 16, holdback: 16}}"
+    text = config(vllm_url, prompt="{action: shadow}", response=response, server=f"  audit_log: {audit}")
+    with running_proxy(text, scorer) as proxy:
+        client = anthropic.Anthropic(base_url=proxy.url, api_key="sk", max_retries=0, timeout=300)
+        options = {k: v for k, v in body.items() if k != "temperature"}  # not a parameter of this SDK's stream()
+        with client, client.messages.stream(**options, extra_body={"temperature": 0}) as stream:
+            deltas = list(stream.text_stream)
+            final = stream.get_final_message()
+    assert final.stop_reason == "refusal" and final.content[-1].text == REFUSAL
+    released = "".join(b.text for b in final.content[:-1])
+    assert direct.startswith(released) and len(released) < len(direct)
+    assert "".join(deltas) == released + REFUSAL
+    record = audit_records(audit, 1)[0]
+    assert record["endpoint"] == "messages" and record["leaked_tokens"] == {"0": 0}, record
+    print(f"\nmessages cut: released {len(released)} of {len(direct)} chars, trajectory {record['trajectories']}")
+
+
+def test_vllms_other_generating_endpoints_are_no_way_around_the_guard(vllm_url, scorer):
+    """vLLM's batch chat endpoint generates in a shape the guard does not read. Direct, it
+    answers the prompt the chat endpoint refuses; a guarded route refuses it (403) without
+    calling vLLM, and forwards it only when the policy says `unguarded_endpoints: forward`."""
+    prompt = [{"role": "user", "content": HARMFUL_PROMPT}]
+    body = {"model": SERVED_NAME, "max_tokens": 8, "messages": [prompt]}
+    direct = httpx.post(vllm_url + "/chat/completions/batch", json=body, timeout=300)
+    assert direct.json()["choices"][0]["message"]["content"]  # generated, unguarded
+    before = settled_metrics(vllm_url)
+    with running_proxy(config(vllm_url, **GUARDED), scorer) as proxy:
+        refused = httpx.post(proxy.url + "/v1/chat/completions/batch", json=body, timeout=300)
     after = settled_metrics(vllm_url)
     with running_proxy(config(vllm_url, **GUARDED, policy_extra="    unguarded_endpoints: forward"), scorer) as proxy:
-        forwarded = httpx.post(proxy.url + "/v1/messages", json=bodies["/messages"], timeout=300)
-    for reply in refused.values():
-        assert reply.status_code == 403 and reply.json()["error"]["code"] == "unguarded_endpoint"
+        forwarded = httpx.post(proxy.url + "/v1/chat/completions/batch", json=body, timeout=300)
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "unguarded_endpoint"
     assert after["vllm:request_success_total"] == before["vllm:request_success_total"]
-    assert forwarded.status_code == 200 and forwarded.json()["content"][0]["text"]
+    assert forwarded.status_code == 200 and forwarded.json()["choices"][0]["message"]["content"]
 
 
 def test_safest_of_3_scores_vllms_candidates_from_the_cached_prompt(vllm_url, scorer):

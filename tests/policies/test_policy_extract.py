@@ -100,6 +100,32 @@ PROMPTS = [
         {"role": "user", "content": "next"}]},
      "conversation", "user: q\nassistant: sum\nthought\nassistant: ls\ntool: files\nuser: next"),
     ("responses", {"input": []}, "last_user", ""),
+    # Anthropic Messages: `system` as the system message, tool results as "tool" lines
+    ("messages", {"system": "sys", "messages": [{"role": "user", "content": "hi"}]}, "conversation_with_system",
+     "system: sys\nuser: hi"),
+    ("messages", {"system": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+                  "messages": [{"role": "user", "content": "hi"}]}, "conversation", "user: hi"),
+    ("messages", {"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "q"}, {"type": "image", "source": {}}]},
+        {"role": "assistant", "content": [{"type": "thinking", "thinking": "hm", "signature": "s"},
+                                          {"type": "redacted_thinking", "data": "opaque"},
+                                          {"type": "tool_use", "id": "t", "name": "f", "input": {"x": "é"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "res"},
+                                     {"type": "tool_result", "tool_use_id": "u",
+                                      "content": [{"type": "text", "text": "r2"}]},
+                                     {"type": "text", "text": "next"}]}]},
+     "conversation", 'user: q\nassistant: hm\n{"x": "é"}\ntool: res\ntool: r2\nuser: next'),
+    ("messages", {"messages": [{"role": "user", "content": "q"},
+                               {"role": "user", "content": [{"type": "tool_result", "content": "res"}]}]},
+     "last_user", "q"),  # a tool's output is not what the user said
+    ("messages", {"messages": [{"role": "user", "content": [
+        {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "doc"}},
+        {"type": "document", "source": {"type": "content", "content": [{"type": "text", "text": "doc2"}]}},
+        {"type": "document", "source": {"type": "base64", "data": "JVBERi0="}}]}]},
+     "last_user", "doc\ndoc2"),
+    ("messages", {"tools": [{"name": "f", "description": "does f", "input_schema": {}}],
+                  "messages": [{"role": "user", "content": "hi"}]}, "conversation_with_system",
+     "tools: f: does f\nuser: hi"),
 ]
 
 
@@ -128,6 +154,16 @@ BAD = [
     ("responses", {"input": ["hi"]}, "input[0]"),
     ("responses", {"input": [{"type": "message", "content": "x"}]}, "input[0].role"),
     ("responses", {"input": "x", "instructions": 3}, "instructions"),
+    ("messages", {"messages": "hi"}, "messages"),
+    ("messages", {"messages": [{"content": "hi"}]}, "messages[0]"),
+    ("messages", {"messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
+    ("messages", {"messages": [{"role": "user", "content": ["hi"]}]}, "messages[0].content[0]"),
+    ("messages", {"messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]},
+     "messages[0].content[0].text"),
+    ("messages", {"messages": [{"role": "user", "content": [{"type": "tool_result", "content": 3}]}]},
+     "messages[0].content[0].content"),
+    ("messages", {"system": 3, "messages": []}, "system"),
+    ("messages", {"system": [{"type": "text"}], "messages": []}, "system[0].text"),
 ]
 
 
@@ -142,6 +178,7 @@ def test_bad_shapes_raise_request_shape_error(endpoint, body, param):
     ("chat/completions", {"model": "m"}, "messages"),
     ("chat/completions", {"messages": None}, "messages"),
     ("completions", {"model": "m"}, "prompt"),
+    ("messages", {"model": "m"}, "messages"),
 ])
 def test_a_missing_required_field_is_named_as_missing(endpoint, body, param):
     with pytest.raises(RequestShapeError, match=rf"^Missing required parameter: '{param}'\.$") as info:
@@ -224,6 +261,21 @@ DELTAS = [
     ("responses", {"type": "response.mcp_call_arguments.delta", "delta": "{"}, {0: "{"}),
     ("responses", {"type": "response.code_interpreter_call_code.delta", "delta": "x=1"}, {0: "x=1"}),
     ("responses", {"type": "response.completed", "response": {}}, {}),
+    ("messages", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi"}},
+     {0: "Hi"}),
+    ("messages", {"type": "content_block_delta", "index": 1, "delta": {"type": "thinking_delta", "thinking": "hm"}},
+     {0: "hm"}),
+    ("messages", {"type": "content_block_delta", "index": 2,
+                  "delta": {"type": "input_json_delta", "partial_json": "{\"q"}}, {0: "{\"q"}),
+    ("messages", {"type": "content_block_delta", "index": 1, "delta": {"type": "signature_delta", "signature": "s"}},
+     {}),
+    ("messages", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": "So"}},
+     {0: "So"}),
+    ("messages", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}, {}),
+    ("messages", {"type": "content_block_start", "index": 2,
+                  "content_block": {"type": "tool_use", "id": "t", "name": "f", "input": {}}}, {}),
+    ("messages", {"type": "message_delta", "delta": {"stop_reason": "end_turn"}}, {}),
+    ("messages", {"type": "content_block_delta", "delta": "junk"}, {}),
 ]
 
 

@@ -8,7 +8,8 @@ normalise the very paths and headers under test. For every generated request:
 - no 500 from the proxy (the upstream's own answers, marked by `PathLog`, pass through
   unchanged), and a 502/503/504 only with a documented `code` (the README's error table);
 - when the proxy answers without calling the upstream and the status is an error, the
-  body is the OpenAI envelope `{"error": {"message", "type", "param", "code"}}` with a
+  body is the OpenAI envelope `{"error": {"message", "type", "param", "code"}}` (under
+  `/v1/messages`, Anthropic's `{"type": "error", "error": {"type", "message"}}`) with a
   documented status/code pair (uvicorn's own "Invalid HTTP request received." for bytes
   that are not HTTP at all is the one exception, and it never reaches the upstream);
 - in-band errors in a 200 stream carry a documented code;
@@ -33,6 +34,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from proxy.errors import anthropic_path
 from tests.proxy.rawhttp import PathLog, Reply, exchange
 from tests.support.proxy import running_proxy
 from tests.support.scorers import KeywordScorer
@@ -96,7 +98,11 @@ def stack():
         print(f"\nfuzz cases run: {state.cases}")
 
 
-def is_envelope(body: object) -> bool:
+def is_envelope(body: object, *, anthropic: bool = False) -> bool:
+    if anthropic:  # Anthropic's, with the proxy's `code` when it has one
+        error = body.get("error") if isinstance(body, dict) and set(body) == {"type", "error"} else None
+        return (body["type"] == "error" and isinstance(error, dict) and set(error) <= {"type", "message", "code"}
+                and isinstance(error.get("message"), str) and isinstance(error.get("type"), str))
     if not (isinstance(body, dict) and set(body) == {"error"} and isinstance(body["error"], dict)):
         return False
     error = body["error"]
@@ -164,8 +170,8 @@ def check(stack: Stack, proxy: str, method: bytes, target: bytes, headers=(), bo
         else:
             assert reply.content_type.startswith("application/json"), context
             error = json.loads(reply.body)
-            assert is_envelope(error), context
-            assert error["error"]["code"] in DOCUMENTED.get(reply.status, ()), context
+            assert is_envelope(error, anthropic=anthropic_path(sent_path.decode("latin-1"))), context
+            assert error["error"].get("code") in DOCUMENTED.get(reply.status, ()), context
     if reply.status == 200 and reply.content_type.startswith("text/event-stream"):
         for error in sse_errors(reply.body):
             assert error.get("code") in IN_BAND, context
@@ -200,6 +206,7 @@ BASES = {
     "chat/completions": {"model": "m", "messages": [{"role": "user", "content": "hello"}]},
     "completions": {"model": "m", "prompt": "hello"},
     "responses": {"model": "m", "input": "hello"},
+    "messages": {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "hello"}]},
 }
 COMMON = ["model", "stream", "stream_options", "n", "max_tokens", "temperature", "extra_field", "user", "tools"]
 FIELDS = {
@@ -207,6 +214,8 @@ FIELDS = {
                                   "messages.0.content.0", "messages.0.content.0.text", "messages.1"],
     "completions": COMMON + ["prompt", "prompt.0", "echo", "logprobs", "suffix"],
     "responses": COMMON + ["input", "input.0", "input.0.content", "input.0.content.0", "instructions"],
+    "messages": COMMON + ["messages", "messages.0", "messages.0.content", "messages.0.role", "messages.0.content.0",
+                          "messages.0.content.0.type", "messages.0.content.0.content", "system", "system.0"],
 }
 
 
@@ -295,12 +304,12 @@ def expected(body: bytes) -> tuple[int, str | None] | None:
 @PROXIES
 @FUZZ
 @given(body=raw_bodies, endpoint=st.sampled_from([b"chat/completions", b"completions", b"responses",
-                                                  b"moderations"]))
+                                                  b"messages", b"moderations"]))
 def test_malformed_and_oversized_bodies(stack, proxy, body, endpoint):
     reply, seen = check(stack, proxy, b"POST", b"/v1/" + endpoint, [(b"content-type", b"application/json")], body)
     answer = expected(body)
     if answer is not None:
-        assert not seen and (reply.status, json.loads(reply.body)["error"]["code"]) == answer
+        assert not seen and (reply.status, json.loads(reply.body)["error"].get("code")) == answer
 
 
 # -- paths -------------------------------------------------------------------------------

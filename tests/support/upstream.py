@@ -26,6 +26,11 @@ vLLM's `token_ids` when the request asks for them (`logprobs`, `return_token_ids
 vLLM's do: text of their own that a refusal must not leave behind.
 
 Responses streams carry each output item's whole event sequence (added, deltas, `.done`).
+
+`/v1/messages` (the Anthropic Messages API, in vLLM's event order) takes `text:<words>`,
+`think:<r>|<words>` (a thinking block, then the text), `tool:<json>` (a text block "Let
+me check.", then a `tool_use` block whose input JSON streams in pieces) and
+`reset-after:<n>` (n text deltas, then the connection drops).
 """
 
 from __future__ import annotations
@@ -227,6 +232,56 @@ def build_upstream(recorder: Recorder) -> Starlette:
         chunks.append(event("response.completed", {"response": final}))
         return await streamed(chunks)
 
+    async def messages(request: Request) -> Response:
+        payload = await request.json()
+        recorder.requests.append({"headers": dict(request.headers), "body": payload,
+                                  "path": request.url.path, "query": request.url.query})
+        kind, _, arg = request.headers.get("x-script", "text:a plain answer").partition(":")
+        if kind == "think":
+            reasoning, _, answer = arg.partition("|")
+            blocks = [("thinking", reasoning), ("text", answer)]
+        elif kind == "tool":
+            blocks = [("text", "Let me check."), ("tool_use", arg)]
+        elif kind == "reset-after":
+            blocks = [("text", " ".join(f"tok{i}" for i in range(int(arg))))]
+        else:
+            blocks = [("text", arg)]
+        content = [{"type": "tool_use", "id": "toolu_1", "name": "lookup", "input": json.loads(text)}
+                   if block == "tool_use" else {"type": block, block: text, **({"signature": ""} if block == "thinking" else {})}
+                   for block, text in blocks]
+        stop = "tool_use" if kind == "tool" else "end_turn"
+        final = {"id": "msg_1", "type": "message", "role": "assistant", "model": payload.get("model", "smollm2"),
+                 "content": content, "stop_reason": stop, "stop_sequence": None,
+                 "usage": {"input_tokens": 5, "output_tokens": 9}}
+        if not payload.get("stream"):
+            return JSONResponse(final)
+
+        def event(data: dict) -> bytes:
+            return f"event: {data['type']}\ndata: {json.dumps(data)}\n\n".encode()
+        chunks = [event({"type": "message_start", "message": {**final, "content": [], "stop_reason": None,
+                                                              "usage": {"input_tokens": 5, "output_tokens": 0}}})]
+        for index, (block_kind, text) in enumerate(blocks):
+            opened = {"type": "tool_use", "id": "toolu_1", "name": "lookup", "input": {}} \
+                if block_kind == "tool_use" else {"type": block_kind, block_kind: ""}
+            chunks.append(event({"type": "content_block_start", "index": index, "content_block": opened}))
+            pieces = [text[i:i + 6] for i in range(0, len(text), 6)] if block_kind == "tool_use" else \
+                [w + (" " if i < len(text.split(" ")) - 1 else "") for i, w in enumerate(text.split(" "))]
+            delta_type, field = {"text": ("text_delta", "text"), "thinking": ("thinking_delta", "thinking"),
+                                 "tool_use": ("input_json_delta", "partial_json")}[block_kind]
+            for piece in pieces:
+                chunks.append(event({"type": "content_block_delta", "index": index,
+                                     "delta": {"type": delta_type, field: piece}}))
+            if kind == "reset-after":
+                async def boom():
+                    raise ConnectionResetError("scripted reset")
+                    yield b""  # pragma: no cover - makes this an async generator
+                return await streamed(chunks, boom)
+            chunks.append(event({"type": "content_block_stop", "index": index}))
+        chunks.append(event({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None},
+                             "usage": {"output_tokens": 9}}))
+        chunks.append(event({"type": "message_stop"}))
+        return await streamed(chunks)
+
     async def models(request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [{"id": "smollm2", "object": "model",
                                                           "created": 1, "owned_by": "test"}]})
@@ -244,6 +299,7 @@ def build_upstream(recorder: Recorder) -> Starlette:
         Route("/v1/embeddings", embeddings, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/responses", responses, methods=["POST"]),
+        Route("/v1/messages", messages, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/{path:path}", echo_request, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
     ])

@@ -77,7 +77,7 @@ def refused_stream(endpoint: str, request: Mapping, refusal: str) -> bytes:
     whole = refused_json(endpoint, request, refusal)
     if endpoint == "messages":
         started = {**whole, "content": [], "stop_reason": None}
-        return _anthropic_event({"type": "message_start", "message": started}) + message_cut_events(
+        return _typed_event({"type": "message_start", "message": started}) + message_cut_events(
             MessageOutput(), refusal)
     if endpoint == "responses":
         return response_cut_events({**whole, "output": []}, refusal, item_id=whole["output"][0]["id"], created=True)
@@ -242,15 +242,12 @@ def message_cut_events(output: MessageOutput, refusal: str, *, output_tokens: in
                {"type": "message_delta", "delta": {"stop_reason": REFUSAL, "stop_sequence": None},
                 "usage": {"output_tokens": output_tokens}},
                {"type": "message_stop"}]
-    return b"".join(_anthropic_event(event) for event in events)
-
-
-def _anthropic_event(obj: Mapping) -> bytes:
-    return encode_event(json.dumps(obj, ensure_ascii=False, separators=(",", ":")), event=obj["type"])
+    return b"".join(_typed_event(event) for event in events)
 
 
 def _typed_event(obj: Mapping) -> bytes:
-    """A Responses API event: `event: <type>` and the JSON, as OpenAI sends them."""
+    """A Responses API (or Anthropic Messages) event: `event: <type>` and the JSON, as
+    OpenAI (Anthropic) sends them."""
     return encode_event(json.dumps(obj, ensure_ascii=False, separators=(",", ":")), event=obj["type"])
 
 

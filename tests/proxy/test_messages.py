@@ -8,6 +8,8 @@ the anthropic SDK makes of the proxy's answer: the refusal as a text block with
 
 from __future__ import annotations
 
+import time
+
 import anthropic
 import httpx
 import pytest
@@ -128,6 +130,30 @@ def test_a_stream_is_cut_with_a_refusal_block(scripted, script):
     assert final.content[-1].type == "text" and final.content[-1].text == REFUSAL
     sent = "".join(str(block.model_dump()) for block in final.content)
     assert "BOMB" not in sent and "BOMB" not in "".join(deltas)
+
+
+def test_a_cut_stops_the_upstream(scripted):
+    """A model that would go on generating: the cut closes the upstream response (vLLM
+    aborts the request when its client goes away), and the SDK's stream ends at once."""
+    url, recorder = scripted
+    with running_proxy(policy_yaml(url, response=CUT % (2, 2)), KeywordScorer()) as proxy:
+        before = len(recorder.streams)
+        final, _ = streamed(anthropic_sdk(proxy, default_headers={"x-script": "endless:fine fine BOMB"}))
+        time.sleep(0.2)  # the upstream's generator sees the disconnect
+    assert final.stop_reason == "refusal" and recorder.streams[before:] == ["closed-early"]
+
+
+def test_the_request_deadline_ends_a_stream_with_an_anthropic_error(scripted):
+    url, recorder = scripted
+    text = policy_yaml(url, response=CUT % (2, 2), server="  request_timeout: 0.5")
+    with running_proxy(text, KeywordScorer()) as proxy:
+        before = len(recorder.streams)
+        with pytest.raises(anthropic.APIStatusError) as late:
+            streamed(anthropic_sdk(proxy, default_headers={"x-script": "endless:fine words here"}))
+        time.sleep(0.2)
+    assert late.value.body["error"]["code"] == "request_timeout"
+    assert late.value.body["error"]["type"] == "timeout_error"
+    assert recorder.streams[before:] == ["closed-early"]
 
 
 def test_a_stream_under_the_threshold_is_byte_identical(scripted):

@@ -29,8 +29,9 @@ Responses streams carry each output item's whole event sequence (added, deltas, 
 
 `/v1/messages` (the Anthropic Messages API, in vLLM's event order) takes `text:<words>`,
 `think:<r>|<words>` (a thinking block, then the text), `tool:<json>` (a text block "Let
-me check.", then a `tool_use` block whose input JSON streams in pieces) and
-`reset-after:<n>` (n text deltas, then the connection drops).
+me check.", then a `tool_use` block whose input JSON streams in pieces),
+`reset-after:<n>` (n text deltas, then the connection drops) and `endless:<words>` (a
+text block of <words> over and over, 10 ms a delta, for up to 60 s).
 """
 
 from __future__ import annotations
@@ -271,6 +272,13 @@ def build_upstream(recorder: Recorder) -> Starlette:
             for piece in pieces:
                 chunks.append(event({"type": "content_block_delta", "index": index,
                                      "delta": {"type": delta_type, field: piece}}))
+            if kind == "endless":
+                async def forever():
+                    for i in range(6000):
+                        await asyncio.sleep(0.01)
+                        yield event({"type": "content_block_delta", "index": index,
+                                     "delta": {"type": "text_delta", "text": pieces[i % len(pieces)] + " "}})
+                return await streamed(chunks, forever)
             if kind == "reset-after":
                 async def boom():
                     raise ConnectionResetError("scripted reset")

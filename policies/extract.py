@@ -30,7 +30,7 @@ Shapes the OpenAI API would reject raise `RequestShapeError` with an OpenAI `par
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from policies.errors import RequestShapeError
@@ -144,19 +144,23 @@ def _documents(body: Mapping) -> list[tuple[str, str]]:
     return out
 
 
-def _chat_messages(body: Mapping) -> list[tuple[str, str]]:
+def _each_message(body: Mapping) -> Iterator[tuple[Mapping, str]]:
+    """Each of `body["messages"]` (chat or Anthropic), checked to be an object with a
+    string role, with its `param` name."""
     messages = body.get("messages")
     if messages is None:
         raise RequestShapeError("Missing required parameter: 'messages'.", param="messages")
     if not _is_list(messages):
         raise RequestShapeError("'messages' must be a list", param="messages")
-    out = []
     for i, message in enumerate(messages):
         param = f"messages[{i}]"
         if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
             raise RequestShapeError(f"'{param}' must be an object with a string 'role'", param=param)
-        out.append((message["role"], _message_text(message, param=param)))
-    return out
+        yield message, param
+
+
+def _chat_messages(body: Mapping) -> list[tuple[str, str]]:
+    return [(message["role"], _message_text(message, param=param)) for message, param in _each_message(body)]
 
 
 def _completion_prompt(body: Mapping) -> str | None:
@@ -212,16 +216,8 @@ def _anthropic_system(body: Mapping) -> list[tuple[str, str]]:
 def _anthropic_messages(body: Mapping) -> list[tuple[str, str]]:
     """(role, text) per Anthropic message; a user message's tool results come first, as
     "tool" entries (what a tool wrote, not what the user said)."""
-    messages = body.get("messages")
-    if messages is None:
-        raise RequestShapeError("Missing required parameter: 'messages'.", param="messages")
-    if not _is_list(messages):
-        raise RequestShapeError("'messages' must be a list", param="messages")
     out = []
-    for i, message in enumerate(messages):
-        param = f"messages[{i}]"
-        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
-            raise RequestShapeError(f"'{param}' must be an object with a string 'role'", param=param)
+    for message, param in _each_message(body):
         text, tool_results = block_text(message.get("content"), param=f"{param}.content")
         out += [("tool", t) for t in tool_results]
         if text or not tool_results:  # a message of tool results alone is no turn of its role

@@ -8,6 +8,7 @@ the anthropic SDK makes of the proxy's answer: the refusal as a text block with
 
 from __future__ import annotations
 
+import json
 import time
 
 import anthropic
@@ -18,7 +19,9 @@ from tests.support.clients import anthropic_sdk, close_sdk_clients  # noqa: F401
 from tests.support.proxy import running_proxy
 from tests.support.scorers import KeywordScorer
 
-from .test_guarded import CUT, REFUSAL, policy_yaml, user
+from .test_guarded import CUT, FIXTURES, REFUSAL, policy_yaml, user
+
+OTTERS = "Give me three facts about otters."
 
 
 def ask(client, text: str = "hello", **kw):
@@ -166,6 +169,23 @@ def test_a_stream_under_the_threshold_is_byte_identical(scripted):
         final, _ = streamed(anthropic_sdk(proxy, default_headers=headers))
     assert guarded == direct
     assert [b.type for b in final.content] == ["thinking", "text"] and final.stop_reason == "end_turn"
+
+
+def test_a_recorded_vllm_messages_stream_passes_byte_for_byte(scripted):
+    """vLLM's own `/v1/messages` stream (tests/proxy/fixtures), replayed through a guarded
+    route in 37-byte pieces: the client gets vLLM's bytes, and the SDK's message equals the
+    one vLLM returned unstreamed for the same greedy request."""
+    url, _ = scripted
+    raw = (FIXTURES / "messages_stream_raw.txt").read_bytes()
+    whole = json.loads((FIXTURES / "messages_nonstream.json").read_bytes())
+    headers = {"x-script": "replay:messages_stream_raw.txt"}
+    body = {"model": "smollm2", "max_tokens": 48, "messages": user(OTTERS), "stream": True}
+    policy = policy_yaml(url, prompt="{action: refuse, threshold: 0.5}", response=CUT % (16, 16))
+    with running_proxy(policy, KeywordScorer()) as proxy:
+        guarded = httpx.post(proxy.url + "/v1/messages", json=body, headers=headers).content
+        final, _ = streamed(anthropic_sdk(proxy, default_headers=headers), OTTERS)
+    assert guarded == raw
+    assert texts(final) == [whole["content"][0]["text"]] and final.stop_reason == whole["stop_reason"]
 
 
 def test_a_cut_keeps_what_was_released_and_closes_the_open_block(scripted):

@@ -30,8 +30,9 @@ Responses streams carry each output item's whole event sequence (added, deltas, 
 `/v1/messages` (the Anthropic Messages API, in vLLM's event order) takes `text:<words>`,
 `think:<r>|<words>` (a thinking block, then the text), `tool:<json>` (a text block "Let
 me check.", then a `tool_use` block whose input JSON streams in pieces),
-`reset-after:<n>` (n text deltas, then the connection drops) and `endless:<words>` (a
-text block of <words> over and over, 10 ms a delta, for up to 60 s).
+`reset-after:<n>` (n text deltas, then the connection drops), `endless:<words>` (a
+text block of <words> over and over, 10 ms a delta, for up to 60 s) and `replay:<file>`
+(a recorded vLLM stream, as chat's `replay:`).
 """
 
 from __future__ import annotations
@@ -238,6 +239,9 @@ def build_upstream(recorder: Recorder) -> Starlette:
         recorder.requests.append({"headers": dict(request.headers), "body": payload,
                                   "path": request.url.path, "query": request.url.query})
         kind, _, arg = request.headers.get("x-script", "text:a plain answer").partition(":")
+        if kind == "replay":
+            raw = (FIXTURES / arg).read_bytes()
+            return await streamed([raw[i:i + 37] for i in range(0, len(raw), 37)])
         if kind == "think":
             reasoning, _, answer = arg.partition("|")
             blocks = [("thinking", reasoning), ("text", answer)]

@@ -76,10 +76,12 @@ def artifact_factory(tmp_path_factory, backbone_dir):
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
+def _one_torch_thread(request):
     """Small CPU steps run 3-10x faster on one thread when the cores are shared (OpenMP
-    workers spin-wait for a busy core); restored after each guard test module."""
+    workers spin-wait for a busy core); restored after each guard test module. A module
+    of whole-text forwards, which scale with threads, sets `TORCH_THREADS = None` to
+    keep them all (on 2 cores its forwards take half the time)."""
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(getattr(request.module, "TORCH_THREADS", 1) or before)
     yield
     torch.set_num_threads(before)

@@ -20,6 +20,8 @@ from guard.training.evaluate import EvalOptions, evaluate, table
 from guard.training.metrics import at_threshold, auroc, best_threshold, pairwise_accuracy, report
 from guard.training.train import TrainOptions, train
 
+TORCH_THREADS = None  # whole-text forwards mostly: every thread (conftest)
+
 FIXTURES = Path(__file__).parent / "fixtures"
 TRAIN = FIXTURES / "train_small.jsonl"
 HELDOUT = FIXTURES / "train_heldout.jsonl"

@@ -15,6 +15,8 @@ from guard import SirenGuard
 from guard.text import model_text
 from tests.guard.conftest import DEVICE
 
+TORCH_THREADS = None  # whole-text forwards mostly: every thread (conftest)
+
 BENIGN = ("The museum opens at nine in the morning and closes at five. Visitors can buy "
           "tickets at the entrance or online, and children under twelve enter for free. ")
 

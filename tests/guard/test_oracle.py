@@ -19,6 +19,7 @@ from guard.text import model_text
 from tests.guard.conftest import DEVICE
 
 TOL = 1e-4
+TORCH_THREADS = None  # whole-text forwards only: every thread (conftest)
 TOKEN_COUNTS = (1, 17, 64, 200, 600)
 SINGLE = (0, 2, 4)  # indices of TOKEN_COUNTS also scored one at a time
 

@@ -25,6 +25,8 @@ from guard.training.metrics import auroc
 from guard.training.train import TrainOptions, build_dataset, train
 from guard.training import mlp
 
+TORCH_THREADS = None  # whole-text forwards mostly: every thread (conftest)
+
 FIXTURES = Path(__file__).parent / "fixtures"
 TRAIN = FIXTURES / "train_small.jsonl"
 HELDOUT = FIXTURES / "train_heldout.jsonl"

@@ -10,13 +10,13 @@ Pure functions over already-decoded JSON. The prompt is taken per `scope`:
 
 Content is a string or a list of parts whose text parts (`text`, `input_text`,
 `output_text`) are joined with "\\n"; other parts (images, audio, files) carry no text.
+Assistant tool-call arguments are text too: they can carry anything. In a response, a
+reasoning model's reasoning (chat `reasoning`/`reasoning_content`, Responses reasoning
+items) is scored with the answer: the client receives it too.
 
 The Anthropic Messages API (`messages`) is read the same way: its `system` is the system
 message, a user message's `tool_result` blocks are "tool" lines, and an assistant's
 `thinking` and `tool_use` input (as JSON) are its text, as are text `document` blocks.
-Assistant tool-call arguments are text too: they can carry anything. In a response, a
-reasoning model's reasoning (chat `reasoning`/`reasoning_content`, Responses reasoning
-items) is scored with the answer: the client receives it too.
 
 `prompt_text` returns None when the prompt is not scoreable: a `/v1/completions` prompt
 given as token ids, or a Responses request without `input`. None is not "safe": the proxy
@@ -346,21 +346,23 @@ def delta_text(endpoint: str, chunk: Mapping) -> dict[int, str]:
     tool-call argument fragments. Completions: `text`. Responses: the output text, refusal,
     reasoning text and summary, function-call and MCP argument, custom tool input and code
     interpreter code delta events. Messages (Anthropic, one event, index 0): text, thinking
-    and tool-input JSON deltas, and the text a block opens with. Anything else carries no
-    text. A reasoning model's
-    thinking streams to the client like its answer, so it is scored like its answer.
+    and tool-input JSON deltas, and the text a text or thinking block opens with. Anything
+    else carries no text. A reasoning model's thinking streams to the client like its
+    answer, so it is scored like its answer.
     """
     if endpoint == "responses":
         if chunk.get("type") in _RESPONSES_TEXT_DELTAS and isinstance(chunk.get("delta"), str):
             return {0: chunk["delta"]}
         return {}
     if endpoint == "messages":
-        kind = chunk.get("type")
-        delta = chunk.get("delta") if kind == "content_block_delta" else chunk.get("content_block")
-        if kind not in ("content_block_delta", "content_block_start") or not isinstance(delta, Mapping):
-            return {}
-        field = _MESSAGES_DELTAS.get(delta.get("type")) or delta.get("type")  # a block's opening text
-        text = delta.get(field) if isinstance(field, str) else None
+        if chunk.get("type") == "content_block_delta" and isinstance(chunk.get("delta"), Mapping):
+            part = chunk["delta"]
+            text = part.get(_MESSAGES_DELTAS.get(part.get("type"), ""))
+        elif chunk.get("type") == "content_block_start" and isinstance(chunk.get("content_block"), Mapping):
+            part = chunk["content_block"]  # a text or thinking block may open with text
+            text = part.get(part["type"]) if part.get("type") in ("text", "thinking") else None
+        else:
+            text = None
         return {0: text} if isinstance(text, str) and text else {}
     out: dict[int, str] = {}
     for choice in chunk.get("choices") or []:

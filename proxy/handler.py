@@ -179,6 +179,9 @@ class Proxy:
         request.state.route = match.route.name
         url = upstream_url(match.upstream, match.upstream_path, request.url.query)
         endpoint = guarded_endpoint(request.method, url)
+        # A route mounted on the Messages endpoint itself: its errors are Anthropic's too,
+        # as its stream's are (`StreamGuard`), whatever the client's path says.
+        request.state.anthropic = request.state.anthropic or endpoint == "messages"
         policy = match.policy
         guarded = endpoint is not None and (policy.prompt.action != "off" or policy.response.action != "off")
         if guarded and payload is None:  # a route mounted on the endpoint itself

@@ -51,7 +51,7 @@ def refused_json(endpoint: str, request: Mapping, refusal: str) -> dict:
     model = request.get("model") if isinstance(request.get("model"), str) else "unknown"
     created = int(time.time())
     if endpoint == "messages":
-        return {"id": f"msg_siren_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant", "model": model,
+        return {"id": _id("msg"), "type": "message", "role": "assistant", "model": model,
                 "content": [{"type": "text", "text": refusal}], "stop_reason": REFUSAL, "stop_sequence": None,
                 "usage": {"input_tokens": 0, "output_tokens": 0}}
     if endpoint == "responses":

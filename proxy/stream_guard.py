@@ -185,8 +185,6 @@ class StreamGuard:
         if not self.template:
             if self.endpoint == "responses" and isinstance(payload.get("response"), dict):
                 self.template = dict(payload["response"])
-            elif self.endpoint == "messages" and isinstance(payload.get("message"), dict):
-                self.template = dict(payload["message"])
             elif "id" in payload:
                 self.template = {k: payload[k] for k in ("id", "created", "model") if k in payload}
         if isinstance(payload.get("usage"), dict):

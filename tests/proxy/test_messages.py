@@ -102,6 +102,25 @@ def test_block_and_bad_requests_are_anthropic_errors(scripted):
     assert len(recorder.requests) == before
 
 
+def test_a_route_mounted_on_the_messages_endpoint_answers_anthropic_errors(scripted):
+    """`prefix: /claude` over `base_url: .../v1/messages`: the client's path says nothing
+    of the Messages API, the upstream URL does; the request is guarded as Messages, and
+    what the proxy refuses is refused in Anthropic's shape."""
+    url, _ = scripted
+    text = policy_yaml(url + "/messages", prompt="{action: block}").replace(
+        "{prefix: /v1, upstream: up, policy: p}", "{prefix: /claude, upstream: up, policy: p}")
+    with running_proxy(text, KeywordScorer()) as proxy:
+        body = {"model": "m", "max_tokens": 8, "messages": user("a BOMB")}
+        blocked = httpx.post(proxy.url + "/claude", json=body)
+        broken = httpx.post(proxy.url + "/claude", content=b"{not json")
+        ok = httpx.post(proxy.url + "/claude", json={**body, "messages": user("hi")}, headers={"x-script": "text:ok"})
+    assert blocked.status_code == 400 and blocked.json()["error"] == {
+        "type": "invalid_request_error", "message": "the prompt was blocked by the safety policy",
+        "code": "content_filter"}
+    assert broken.status_code == 400 and broken.json()["type"] == "error"
+    assert ok.json()["content"] == [{"type": "text", "text": "ok"}]
+
+
 def test_steer_adds_the_safety_message_to_the_system_prompt(scripted):
     url, recorder = scripted
     prompt = "{action: steer, steer: {from: 0.3, system_message: Be careful.}}"

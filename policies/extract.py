@@ -144,23 +144,23 @@ def _documents(body: Mapping) -> list[tuple[str, str]]:
     return out
 
 
-def _each_message(body: Mapping) -> Iterator[tuple[Mapping, str]]:
+def _each_message(body: Mapping, where: str = "messages") -> Iterator[tuple[Mapping, str]]:
     """Each of `body["messages"]` (chat or Anthropic), checked to be an object with a
-    string role, with its `param` name."""
+    string role, with its `param` name (under `where`: one conversation of a batch)."""
     messages = body.get("messages")
     if messages is None:
         raise RequestShapeError("Missing required parameter: 'messages'.", param="messages")
     if not _is_list(messages):
-        raise RequestShapeError("'messages' must be a list", param="messages")
+        raise RequestShapeError(f"'{where}' must be a list", param=where)
     for i, message in enumerate(messages):
-        param = f"messages[{i}]"
+        param = f"{where}[{i}]"
         if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
             raise RequestShapeError(f"'{param}' must be an object with a string 'role'", param=param)
         yield message, param
 
 
-def _chat_messages(body: Mapping) -> list[tuple[str, str]]:
-    return [(message["role"], _message_text(message, param=param)) for message, param in _each_message(body)]
+def _chat_messages(body: Mapping, where: str = "messages") -> list[tuple[str, str]]:
+    return [(message["role"], _message_text(message, param=param)) for message, param in _each_message(body, where)]
 
 
 def _completion_prompt(body: Mapping) -> str | None:
@@ -281,6 +281,28 @@ def prompt_text(endpoint: str, body: Mapping, scope: str) -> str | None:
     if endpoint == "messages":
         return _render(_tools(body) + _anthropic_system(body) + _anthropic_messages(body), scope)
     raise ValueError(f"not a guarded endpoint: {endpoint!r} (expected one of {ENDPOINTS})")
+
+
+def batch_prompt_texts(body: Mapping, scope: str) -> list[str]:
+    """vLLM's batch chat completions (`chat/completions/batch`): `messages` is a list of
+    conversations, each read as one chat request's `messages` (with the request's tools
+    and documents, which every conversation shares)."""
+    if not isinstance(body, Mapping):
+        raise RequestShapeError("the request body must be a JSON object")
+    conversations = body.get("messages")
+    if conversations is None:
+        raise RequestShapeError("Missing required parameter: 'messages'.", param="messages")
+    if not _is_list(conversations) or not conversations:
+        raise RequestShapeError("'messages' must be a non-empty list of conversations (lists of messages)",
+                                param="messages")
+    shared = _tools(body) + _documents(body)
+    texts = []
+    for i, conversation in enumerate(conversations):
+        where = f"messages[{i}]"
+        if not _is_list(conversation) or not conversation:
+            raise RequestShapeError(f"'{where}' must be a non-empty list of messages", param=where)
+        texts.append(_render(shared + _chat_messages({"messages": conversation}, where), scope))
+    return texts
 
 
 def reasoning_text(message: Mapping) -> str:

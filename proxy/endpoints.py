@@ -5,11 +5,12 @@ The guarded endpoints are known by their last segments wherever the route mounts
 either way `.../chat/completions` is chat), so no mount leaves them unguarded.
 
 The Anthropic Messages API (`/v1/messages`, which vLLM, llama.cpp and LiteLLM serve
-beside the OpenAI endpoints) is guarded too, as "messages".
+beside the OpenAI endpoints) is guarded too, as "messages", and vLLM's batch chat
+completions (`chat/completions/batch`, one conversation per choice: `proxy.batch`).
 
 Some other endpoints run the model on a client's text, or hand back text it generated
-earlier, in shapes the guard does not read. Generation: vLLM's batch chat completions and
-structured decisions, and the Batch API, whose requests run later upstream. Retrieval: a
+earlier, in shapes the guard does not read. Generation: vLLM's structured decisions, and
+the Batch API, whose requests run later upstream. Retrieval: a
 stored or background Responses response (also replayed as a stream), stored chat
 completions, a conversation's items; a stream the proxy cut is still whole upstream.
 `proxy.handler.refuse_unguarded` refuses them where they would evade a stage that
@@ -22,7 +23,8 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 # (last segments, endpoint), longest first: chat/completions before completions
-GUARDED = ((("chat", "completions"), "chat/completions"), (("v1", "messages"), "messages"),
+GUARDED = ((("chat", "completions", "batch"), "chat/completions/batch"),
+           (("chat", "completions"), "chat/completions"), (("v1", "messages"), "messages"),
            (("completions",), "completions"), (("responses",), "responses"))
 
 
@@ -38,7 +40,6 @@ class Unread:
 
 
 UNREAD = (
-    Unread("POST", ("chat", "completions", "batch"), "vLLM's batch chat completions", "prompt"),
     Unread("POST", ("systemone",), "vLLM's structured decisions", "prompt"),
     Unread("POST", ("batches",), "the Batch API (its requests run later, upstream)", "prompt"),
     Unread("GET", ("responses", "*"), "a stored or background response", "response"),
@@ -54,8 +55,8 @@ def segments(url: str) -> tuple[str, ...]:
 
 
 def guarded_endpoint(method: str, url: str) -> str | None:
-    """"chat/completions", "completions", "responses" or "messages" for a POST to one,
-    else None."""
+    """"chat/completions", "completions", "responses", "messages" or
+    "chat/completions/batch" (vLLM's) for a POST to one, else None."""
     if method != "POST":
         return None
     path = segments(url)

@@ -11,6 +11,7 @@
     ├── RequestTimeout      504     server.request_timeout passed
     ├── GuardUnavailable    503     the guard failed and the policy fails closed
     ├── UpstreamUnreachable 502     connect failed, reset before the response began
+    ├── BadGateway          502     an upstream reply the proxy must rewrite and cannot read
     └── UpstreamTimeout     504     connect or read timeout before the response began
 
 Before response headers go out an error is a real status code with the JSON envelope;
@@ -85,6 +86,10 @@ class GuardUnavailable(ProxyError):
 
 class UpstreamUnreachable(ProxyError):
     status, type, code = 502, "server_error", "upstream_unreachable"
+
+
+class BadGateway(ProxyError):
+    status, type, code = 502, "server_error", "bad_upstream_reply"
 
 
 class UpstreamTimeout(ProxyError):

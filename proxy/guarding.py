@@ -195,15 +195,15 @@ class GuardedCall:
         try:
             decision, ms = await prompt_decision(self.scorer, self.policy, self.prompt, score_prompt)
         except BaseException:
-            await _discard(pending)
+            await discard(pending)
             raise
         self.exchange.decided(decision, ms)
         self.exchange.timed("prompt", ms / 1000)
         if not decision.forwards:
-            await _discard(pending)
+            await discard(pending)
             return None, decision, body
         if decision.action == STEER:
-            await _discard(pending)  # the request already sent lacks the safety message
+            await discard(pending)  # the request already sent lacks the safety message
             body = json.dumps(steered(self.endpoint, self.payload, self.policy.prompt.steer_message)).encode()
             pending = None
         response = await pending if pending is not None else await send_upstream(body)
@@ -251,7 +251,7 @@ class GuardedCall:
             self.audit.write(self.exchange)
 
 
-async def _discard(task: asyncio.Task | None) -> None:
+async def discard(task: asyncio.Task | None) -> None:
     """Cancel an upstream call started in parallel; close its response if it came."""
     if task is None:
         return

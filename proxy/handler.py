@@ -24,6 +24,7 @@ from policies.routing import match_route
 
 from .errors import (BadRequest, Forbidden, NotFound, Overloaded, PayloadTooLarge, ProxyError, RequestTimeout,
                      Unauthorized, anthropic_path, error_event, error_response)
+from . import batch
 from .endpoints import guarded_endpoint, unread_endpoint
 from .metrics import Metrics
 from .guarding import GuardedCall, cache_salt
@@ -38,7 +39,8 @@ logger = logging.getLogger(__name__)
 
 # Endpoints whose body is a JSON object: a body that does not parse is a 400 here,
 # rather than an upstream's guess.
-JSON_ENDPOINTS = ("chat/completions", "completions", "embeddings", "responses", "moderations", "v1/messages")
+JSON_ENDPOINTS = ("chat/completions", "completions", "completions/batch", "embeddings", "responses", "moderations",
+                  "v1/messages")
 # One SSE event larger than this is an upstream fault, not a reason to grow memory.
 MAX_EVENT_BYTES = 4 << 20
 
@@ -204,9 +206,13 @@ class Proxy:
             return relay(await send(body), self.metrics, anthropic=request.state.anthropic)
         exchange = Exchange(route=match.route.name, policy=policy.name, endpoint=endpoint,
                             stream=payload.get("stream") is True, metrics=self.metrics)
-        call = GuardedCall(scorer=self.scorer, audit=self.audit, endpoint=endpoint, payload=payload,
-                           policy=policy, exchange=exchange,
-                           cache_salt=cache_salt(self.cache_scope, key_name, payload))
+        salt = cache_salt(self.cache_scope, key_name, payload)
+        if endpoint == batch.ENDPOINT:
+            call = batch.BatchCall(scorer=self.scorer, audit=self.audit, payload=payload, policy=policy,
+                                   exchange=exchange, cache_salt=salt)
+        else:
+            call = GuardedCall(scorer=self.scorer, audit=self.audit, endpoint=endpoint, payload=payload,
+                               policy=policy, exchange=exchange, cache_salt=salt)
         return await call.run(send, body)
 
 

@@ -47,7 +47,9 @@ def wants_usage(request: Mapping) -> bool:
     return isinstance(options, Mapping) and options.get("include_usage") is True
 
 
-def refused_json(endpoint: str, request: Mapping, refusal: str) -> dict:
+def refused_json(endpoint: str, request: Mapping, refusal: str, *, choices: int | None = None) -> dict:
+    """The whole refused response; chat and completions have `choices` choices (the
+    request's `n` by default)."""
     model = request.get("model") if isinstance(request.get("model"), str) else "unknown"
     created = int(time.time())
     if endpoint == "messages":
@@ -60,16 +62,17 @@ def refused_json(endpoint: str, request: Mapping, refusal: str) -> dict:
                 "output": [{"id": _id("msg"), "type": "message", "role": "assistant", "status": "incomplete",
                             "content": [{"type": "output_text", "text": refusal, "annotations": []}]}],
                 "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}}
-    if endpoint == "completions":
-        return {"id": _id("cmpl"), "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": i, "text": refusal, "finish_reason": CONTENT_FILTER, "logprobs": None}
-                            for i in range(_choices(request))],
-                "usage": _usage()}
-    return {"id": _id("chatcmpl"), "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": refusal},
-                         "finish_reason": CONTENT_FILTER, "logprobs": None}
-                        for i in range(_choices(request))],
+    prefix, kind = ("cmpl", "text_completion") if endpoint == "completions" else ("chatcmpl", "chat.completion")
+    return {"id": _id(prefix), "object": kind, "created": created, "model": model,
+            "choices": [refused_choice(endpoint, i, refusal)
+                        for i in range(_choices(request) if choices is None else choices)],
             "usage": _usage()}
+
+
+def refused_choice(endpoint: str, index: int, refusal: str) -> dict:
+    """A chat or completions choice that is the refusal, finish_reason content_filter."""
+    text = {"text": refusal} if endpoint == "completions" else {"message": {"role": "assistant", "content": refusal}}
+    return {"index": index, **text, "logprobs": None, "finish_reason": CONTENT_FILTER}
 
 
 def refused_stream(endpoint: str, request: Mapping, refusal: str) -> bytes:
@@ -302,7 +305,4 @@ def refuse_choice(endpoint: str, request: Mapping, refusal: str, body: dict, ind
         if isinstance(choice, dict) and choice.get("index", i) == index:
             # Rebuilt, not edited: its log-probabilities, vLLM's `token_ids` and the like
             # spell out the text it replaces.
-            text = {"text": refusal} if endpoint == "completions" else {
-                "message": {"role": "assistant", "content": refusal}}
-            body["choices"][i] = {"index": choice.get("index", i), **text, "logprobs": None,
-                                  "finish_reason": CONTENT_FILTER}
+            body["choices"][i] = refused_choice(endpoint, choice.get("index", i), refusal)

@@ -282,23 +282,30 @@ def test_a_harmful_anthropic_stream_is_cut(vllm_url, scorer, tmp_path):
     print(f"\nmessages cut: released {len(released)} of {len(direct)} chars, trajectory {record['trajectories']}")
 
 
-def test_vllms_other_generating_endpoints_are_no_way_around_the_guard(vllm_url, scorer):
-    """vLLM's batch chat endpoint generates in a shape the guard does not read. Direct, it
-    answers the prompt the chat endpoint refuses; a guarded route refuses it (403) without
-    calling vLLM, and forwards it only when the policy says `unguarded_endpoints: forward`."""
-    prompt = [{"role": "user", "content": HARMFUL_PROMPT}]
-    body = {"model": SERVED_NAME, "max_tokens": 8, "messages": [prompt]}
-    direct = httpx.post(vllm_url + "/chat/completions/batch", json=body, timeout=300)
-    assert direct.json()["choices"][0]["message"]["content"]  # generated, unguarded
+def test_vllms_batch_chat_is_guarded_per_conversation(vllm_url, scorer):
+    """vLLM's batch chat endpoint answers a list of conversations in one request. Direct,
+    it answers the harmful one too; through the proxy that conversation's choice is the
+    refusal and never reaches vLLM (its prompt tokens are not in vLLM's counters), and the
+    benign one's answer is vLLM's own, equal to a direct batch of it alone (greedy). The
+    openai SDK has no method for the endpoint: a client posts with the SDK's `post`."""
+    harmful, benign = [{"role": "user", "content": HARMFUL_PROMPT}], [{"role": "user", "content": BENIGN}]
+    body = {"model": SERVED_NAME, "max_tokens": 32, "temperature": 0, "messages": [harmful, benign]}
+    direct = httpx.post(vllm_url + "/chat/completions/batch", json=body, timeout=300).json()
+    assert [c["index"] for c in direct["choices"]] == [0, 1]
+    assert all(c["message"]["content"] for c in direct["choices"])  # generated, unguarded
+    alone = httpx.post(vllm_url + "/chat/completions/batch", json={**body, "messages": [benign]}, timeout=300).json()
     before = settled_metrics(vllm_url)
     with running_proxy(config(vllm_url, **GUARDED), scorer) as proxy:
-        refused = httpx.post(proxy.url + "/v1/chat/completions/batch", json=body, timeout=300)
+        client = sdk(proxy.url + "/v1")
+        with client:
+            reply = client.post("/chat/completions/batch", body=body, cast_to=openai.types.chat.ChatCompletion)
     after = settled_metrics(vllm_url)
-    with running_proxy(config(vllm_url, **GUARDED, policy_extra="    unguarded_endpoints: forward"), scorer) as proxy:
-        forwarded = httpx.post(proxy.url + "/v1/chat/completions/batch", json=body, timeout=300)
-    assert refused.status_code == 403 and refused.json()["error"]["code"] == "unguarded_endpoint"
-    assert after["vllm:request_success_total"] == before["vllm:request_success_total"]
-    assert forwarded.status_code == 200 and forwarded.json()["choices"][0]["message"]["content"]
+    assert [(c.index, c.finish_reason) for c in reply.choices] == [(0, "content_filter"), (1, alone["choices"][0]["finish_reason"])]
+    assert reply.choices[0].message.content == REFUSAL
+    assert reply.choices[1].message.content == alone["choices"][0]["message"]["content"]
+    prompt_tokens = after["vllm:prompt_tokens_total"] - before["vllm:prompt_tokens_total"]
+    assert prompt_tokens == alone["usage"]["prompt_tokens"] == reply.usage.prompt_tokens
+    print(f"\nbatch: direct prompt tokens {direct['usage']['prompt_tokens']}, through the proxy {prompt_tokens}")
 
 
 def test_safest_of_3_scores_vllms_candidates_from_the_cached_prompt(vllm_url, scorer):

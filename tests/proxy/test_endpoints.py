@@ -25,7 +25,7 @@ from .test_guarded import CUT, REFUSAL, policy_yaml, user
     ("POST", "http://h/v1/messages/count_tokens", None),
     ("POST", "http://h/v1/threads/t1/messages", None),
     ("GET", "http://h/v1/chat/completions", None),
-    ("POST", "http://h/v1/chat/completions/batch", None),
+    ("POST", "http://h/v1/chat/completions/batch", "chat/completions/batch"),  # vLLM's (proxy.batch)
     ("POST", "http://h/v1/chat/completions/render", None),
     ("POST", "http://h/v1/responses/resp_1/cancel", None),
     ("POST", "http://h/v1/embeddings", None),
@@ -36,7 +36,6 @@ def test_guarded_endpoints_are_known_by_their_last_segments(method, url, endpoin
 
 
 @pytest.mark.parametrize(("method", "url", "stage"), [
-    ("POST", "http://h/v1/chat/completions/batch", "prompt"),
     ("POST", "http://h/v1/systemone", "prompt"),
     ("POST", "http://h/v1/batches", "prompt"),
     ("GET", "http://h/v1/responses/resp_1?stream=true", "response"),
@@ -45,6 +44,7 @@ def test_guarded_endpoints_are_known_by_their_last_segments(method, url, endpoin
     ("GET", "http://h/v1/conversations/c1/items", "response"),
     ("GET", "http://h/v1/conversations/c1/items/i1", "response"),
     ("POST", "http://h/v1/messages", None),  # guarded
+    ("POST", "http://h/v1/chat/completions/batch", None),  # guarded
     ("POST", "http://h/v1/messages/count_tokens", None),
     ("POST", "http://h/v1/threads/t1/messages", None),
     ("GET", "http://h/v1/responses/resp_1/input_items", None),
@@ -65,7 +65,7 @@ def call(proxy, method: str, path: str) -> httpx.Response:
 
 ENFORCING = [("{action: refuse}", CUT % (4, 4)), ("{action: shadow}", CUT % (4, 4)),
              ("{action: steer, steer: {from: 0.2, system_message: s}}", "{action: shadow}")]
-GENERATING = [("POST", "/v1/chat/completions/batch"), ("POST", "/v1/systemone"), ("POST", "/v1/batches")]
+GENERATING = [("POST", "/v1/systemone"), ("POST", "/v1/batches")]
 RETRIEVING = [("GET", "/v1/responses/resp_1"), ("GET", "/v1/chat/completions/chatcmpl-1")]
 
 
@@ -87,8 +87,8 @@ def test_a_guarded_route_refuses_what_its_guard_cannot_read(scripted, method, pa
 
 
 @pytest.mark.parametrize(("prompt", "response", "extra", "method", "path"), [
-    ("{action: refuse}", CUT % (4, 4), "    unguarded_endpoints: forward", "POST", "/v1/chat/completions/batch"),
-    ("{action: off}", "{action: off}", "", "POST", "/v1/chat/completions/batch"),  # a plain pass-through
+    ("{action: refuse}", CUT % (4, 4), "    unguarded_endpoints: forward", "POST", "/v1/systemone"),
+    ("{action: off}", "{action: off}", "", "POST", "/v1/systemone"),  # a plain pass-through
     ("{action: refuse}", "{action: off}", "", "GET", "/v1/responses/resp_1"),  # no response stage to evade
     ("{action: shadow}", "{action: flag}", "", "POST", "/v1/systemone"),  # neither stage stops anything
     ("{action: refuse}", "{action: shadow}", "", "GET", "/v1/responses/resp_1"),

@@ -51,7 +51,7 @@ DOCUMENTED = {
     404: {"not_found"},
     405: {None, "method_not_allowed"},  # not in the README's table yet: a method no route serves
     413: {"request_too_large"},
-    502: {"upstream_unreachable"},
+    502: {"upstream_unreachable", "bad_upstream_reply"},
     503: {"overloaded", "guard_unavailable"},
     504: {"upstream_timeout", "request_timeout"},
 }
@@ -207,6 +207,8 @@ BASES = {
     "completions": {"model": "m", "prompt": "hello"},
     "responses": {"model": "m", "input": "hello"},
     "messages": {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "hello"}]},
+    "chat/completions/batch": {"model": "m", "messages": [[{"role": "user", "content": "hello"}],
+                                                          [{"role": "user", "content": "hi"}]]},
 }
 COMMON = ["model", "stream", "stream_options", "n", "max_tokens", "temperature", "extra_field", "user", "tools"]
 FIELDS = {
@@ -216,6 +218,8 @@ FIELDS = {
     "responses": COMMON + ["input", "input.0", "input.0.content", "input.0.content.0", "instructions"],
     "messages": COMMON + ["messages", "messages.0", "messages.0.content", "messages.0.role", "messages.0.content.0",
                           "messages.0.content.0.type", "messages.0.content.0.content", "system", "system.0"],
+    "chat/completions/batch": COMMON + ["messages", "messages.0", "messages.1", "messages.0.0", "messages.1.0.role",
+                                        "messages.1.0.content", "messages.1.0.content.0", "messages.2"],
 }
 
 
@@ -304,7 +308,7 @@ def expected(body: bytes) -> tuple[int, str | None] | None:
 @PROXIES
 @FUZZ
 @given(body=raw_bodies, endpoint=st.sampled_from([b"chat/completions", b"completions", b"responses",
-                                                  b"messages", b"moderations"]))
+                                                  b"messages", b"moderations", b"chat/completions/batch"]))
 def test_malformed_and_oversized_bodies(stack, proxy, body, endpoint):
     reply, seen = check(stack, proxy, b"POST", b"/v1/" + endpoint, [(b"content-type", b"application/json")], body)
     answer = expected(body)

@@ -27,6 +27,10 @@ vLLM's do: text of their own that a refusal must not leave behind.
 
 Responses streams carry each output item's whole event sequence (added, deltas, `.done`).
 
+`/v1/chat/completions/batch` (vLLM's batch chat) answers conversation i with the i-th
+part of `text:a|b|c`, or echoes its last user message; `raw:<body>` sends <body> whole,
+`error:<status>` a vLLM error with that status.
+
 `/v1/messages` (the Anthropic Messages API, in vLLM's event order) takes `text:<words>`,
 `think:<r>|<words>` (a thinking block, then the text), `tool:<json>` (a text block "Let
 me check.", then a `tool_use` block whose input JSON streams in pieces),
@@ -294,6 +298,29 @@ def build_upstream(recorder: Recorder) -> Starlette:
         chunks.append(event({"type": "message_stop"}))
         return await streamed(chunks)
 
+    async def batch_chat(request: Request) -> Response:
+        """vLLM's batch chat completions (never streamed, as vLLM's is not)."""
+        payload = await request.json()
+        recorder.requests.append({"headers": dict(request.headers), "body": payload,
+                                  "path": request.url.path, "query": request.url.query})
+        kind, _, arg = request.headers.get("x-script", "echo").partition(":")
+        if kind == "raw":
+            return Response(arg, media_type="application/json")
+        if kind == "error":
+            return JSONResponse({"object": "error", "message": "scripted upstream error", "type": "BadRequestError",
+                                 "param": None, "code": int(arg)}, status_code=int(arg))
+        replies = []
+        for i, conversation in enumerate(payload["messages"]):
+            last = next(m["content"] for m in reversed(conversation) if m["role"] == "user")
+            parts = arg.split("|")
+            replies.append(parts[i % len(parts)] if kind == "text" else f"echo: {last}")
+        return JSONResponse({
+            "id": "chatcmpl-batch", "object": "chat.completion", "created": 1, "model": "smollm2",
+            "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": "stop",
+                         **token_fields(payload, text, chat=True)} for i, text in enumerate(replies)],
+            "usage": {"prompt_tokens": 5 * len(replies), "completion_tokens": 2 * len(replies),
+                      "total_tokens": 7 * len(replies)}})
+
     async def models(request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [{"id": "smollm2", "object": "model",
                                                           "created": 1, "owned_by": "test"}]})
@@ -308,6 +335,7 @@ def build_upstream(recorder: Recorder) -> Starlette:
 
     return Starlette(routes=[
         Route("/v1/chat/completions", chat, methods=["POST"]),
+        Route("/v1/chat/completions/batch", batch_chat, methods=["POST"]),
         Route("/v1/embeddings", embeddings, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/responses", responses, methods=["POST"]),

@@ -9,12 +9,18 @@ beside the OpenAI endpoints) is guarded too, as "messages", and vLLM's batch cha
 completions (`chat/completions/batch`, one conversation per choice: `proxy.batch`).
 
 Some other endpoints run the model on a client's text, or hand back text it generated
-earlier, in shapes the guard does not read. Generation: vLLM's structured decisions, and
-the Batch API, whose requests run later upstream. Retrieval: a
-stored or background Responses response (also replayed as a stream), stored chat
-completions, a conversation's items; a stream the proxy cut is still whole upstream.
-`proxy.handler.refuse_unguarded` refuses them where they would evade a stage that
-enforces.
+earlier, in shapes the guard does not read. Generation: vLLM's structured decisions, the
+Batch API, whose requests run later upstream, and servers' own formats beside their
+OpenAI ones (llama.cpp's `/completion`, `/infill` and Vertex `/predict`, TGI's and
+Ollama's `generate`, Ollama's `api/chat`), which a route mounted above `/v1` reaches.
+Retrieval: a stored or background Responses response (also replayed as a stream), stored
+chat completions, a conversation's items, llama.cpp's resumable streams; a stream the
+proxy cut is still whole upstream. `proxy.handler.refuse_unguarded` refuses them where
+they would evade a stage that enforces.
+
+llama.cpp also serves its own format at `/completions` (no `/v1`), a path read here as
+OpenAI's: the guard reads the prompt, and a reply it cannot read is a guard failure,
+which meets the policy's `on_guard_error` (`proxy.whole`, `proxy.stream_guard.readable`).
 """
 
 from __future__ import annotations
@@ -41,12 +47,22 @@ class Unread:
 
 UNREAD = (
     Unread("POST", ("systemone",), "vLLM's structured decisions", "prompt"),
+    # Servers' own generation formats, which a route mounted above `/v1` reaches:
+    Unread("POST", ("completion",), "llama.cpp's own completion format", "prompt"),
+    Unread("POST", ("infill",), "llama.cpp's code infill", "prompt"),
+    Unread("POST", ("predict",), "a Vertex AI predict route (llama.cpp's, which runs any endpoint)", "prompt"),
+    Unread("POST", ("generate",), "a native generate endpoint (TGI, Ollama's api/generate, vLLM's token-in "
+           "generate)", "prompt"),
+    Unread("POST", ("generate_stream",), "TGI's streaming generate", "prompt"),
+    Unread("POST", ("api", "chat"), "Ollama's own chat format", "prompt"),
     Unread("POST", ("batches",), "the Batch API (its requests run later, upstream)", "prompt"),
     Unread("GET", ("responses", "*"), "a stored or background response", "response"),
     Unread("GET", ("chat", "completions"), "stored chat completions", "response"),
     Unread("GET", ("chat", "completions", "*"), "a stored chat completion", "response"),
     Unread("GET", ("conversations", "*", "items"), "a conversation's items", "response"),
     Unread("GET", ("conversations", "*", "items", "*"), "a conversation's item", "response"),
+    Unread("GET", ("stream", "*"), "llama.cpp's resumable stream (a generation replayed)", "response"),
+    Unread("POST", ("streams", "lookup"), "llama.cpp's resumable stream lookup", "response"),
 )
 
 

@@ -89,6 +89,19 @@ class Held:
     payload: dict | None = None  # parsed JSON, kept to rewrite multi-choice chunks on a cut
 
 
+def readable(endpoint: str, payload) -> bool:
+    """Whether a stream event's JSON is one the guard reads for `endpoint`: a chunk with a
+    `choices` list (chat, completions), a typed event (Responses, Messages), or an error
+    (`{"error": ...}`; older vLLM: `"object": "error"`), which carries no generated text."""
+    if not isinstance(payload, dict):
+        return False
+    if "error" in payload or payload.get("object") == "error":
+        return True
+    if endpoint in _TYPED:
+        return isinstance(payload.get("type"), str)
+    return isinstance(payload.get("choices"), list)
+
+
 class StreamCut(Exception):
     """Internal: the stream must end now (every choice cut, or the guard failed closed)."""
 
@@ -119,6 +132,7 @@ class StreamGuard:
         self.next_sequence = 0  # Responses: the sequence number our own events start at
         self.blocks = MessageOutput()  # Messages: the content blocks the client has been sent
         self.anthropic = endpoint == "messages"  # errors in Anthropic's shape
+        self.unreadable = False  # an event the guard cannot read has been seen
 
     # -- the relay ---------------------------------------------------------------------
 
@@ -171,15 +185,35 @@ class StreamGuard:
                 await self._finish_all()  # every choice is scored to its end before [DONE]
                 self.queue.append(Held(item.raw))
                 continue
+            if not item.data.strip():  # nothing a client could read as text
+                self.queue.append(Held(item.raw))
+                continue
             try:
                 payload = item.json()
             except SSEError:
                 payload = None
-            if not isinstance(payload, dict):  # not a chunk: carries no text we could score
-                self.queue.append(Held(item.raw))
+            if not readable(self.endpoint, payload):
+                self._unreadable(item.raw)
                 continue
             await self._event(item.raw, payload)
         return self._release()
+
+    def _unreadable(self, raw: bytes) -> None:
+        """An event the guard cannot read (not JSON, or not this endpoint's shape: a
+        server's own stream format at an OpenAI path, say) may carry text it would never
+        score, so it is a guard failure and meets `on_guard_error`: failing closed ends
+        the stream with an in-band `guard_unavailable`; allowed, it goes out in turn."""
+        decision = decide_response(self.stage, None, on_guard_error=self.policy.on_guard_error,
+                                   error=f"the upstream sent a stream event the guard cannot read as {self.endpoint}")
+        if not self.unreadable:  # one log line and record per stream, however many follow
+            self.unreadable = True
+            logger.warning("guarded %s stream: an upstream event the guard cannot read (%s)",
+                           self.endpoint, decision.action)
+            self.exchange.decided(decision, 0.0)
+        if decision.action == GUARD_ERROR:
+            raise StreamCut(self._release() + error_event(GuardUnavailable(
+                "the upstream's stream has an event the safety guard cannot read"), anthropic=self.anthropic))
+        self.queue.append(Held(raw))
 
     async def _event(self, raw: bytes, payload: dict) -> None:
         if not self.template:

@@ -6,6 +6,7 @@ import httpx
 import pytest
 
 from proxy.endpoints import guarded_endpoint, unread_endpoint
+from proxy.stream_guard import readable
 from tests.support.clients import close_sdk_clients, sdk  # noqa: F401 - close_sdk_clients is autouse
 from tests.support.proxy import running_proxy
 from tests.support.scorers import KeywordScorer
@@ -38,6 +39,20 @@ def test_guarded_endpoints_are_known_by_their_last_segments(method, url, endpoin
 @pytest.mark.parametrize(("method", "url", "stage"), [
     ("POST", "http://h/v1/systemone", "prompt"),
     ("POST", "http://h/v1/batches", "prompt"),
+    ("POST", "http://h/completion", "prompt"),  # llama.cpp's own formats
+    ("POST", "http://h/infill", "prompt"),
+    ("POST", "http://h/predict", "prompt"),
+    ("POST", "http://h/generate", "prompt"),  # TGI
+    ("POST", "http://h/generate_stream", "prompt"),
+    ("POST", "http://h/api/generate", "prompt"),  # Ollama
+    ("POST", "http://h/api/chat", "prompt"),
+    ("POST", "http://h/inference/v1/generate", "prompt"),  # vLLM, token ids in and out
+    ("GET", "http://h/v1/stream/conv-1", "response"),  # llama.cpp's resumable streams
+    ("POST", "http://h/v1/streams/lookup", "response"),
+    ("DELETE", "http://h/v1/stream/conv-1", None),
+    ("GET", "http://h/v1/streams", None),
+    ("POST", "http://h/api/embed", None),
+    ("POST", "http://h/tokenize", None),
     ("GET", "http://h/v1/responses/resp_1?stream=true", "response"),
     ("GET", "http://h/v1/chat/completions", "response"),
     ("GET", "http://h/v1/chat/completions/chatcmpl-1", "response"),
@@ -151,3 +166,69 @@ def test_a_background_response_read_back_later_is_refused_up_front(scripted, str
         assert len(recorder.requests) == forwarded
     else:
         assert reply.status_code == 200 and len(recorder.requests) == forwarded + 1
+
+
+def llamacpp_root(url: str, extra: str = "") -> str:
+    """A route at `/` over the server's root, as a llama.cpp user mounts it to reach its
+    own endpoints beside the OpenAI ones."""
+    return policy_yaml(url.removesuffix("/v1"), prompt="{action: refuse}", response=CUT % (4, 4),
+                       policy_extra=extra).replace("{prefix: /v1, upstream: up, policy: p}",
+                                                   "{prefix: /, upstream: up, policy: p}")
+
+
+def test_a_servers_own_generation_formats_are_no_way_around_the_guard(scripted):
+    """Under a route at the server's root, llama.cpp's `/completion` and `/infill`, Ollama's
+    `api/chat`, TGI's `generate` and llama.cpp's resumable streams are refused, not
+    forwarded unguarded."""
+    url, recorder = scripted
+    before = len(recorder.requests)
+    with running_proxy(llamacpp_root(url), KeywordScorer()) as proxy:
+        replies = [httpx.post(proxy.url + path, json={"prompt": "BOMB", "stream": True})
+                   for path in ("/completion", "/infill", "/api/chat", "/generate", "/v1/streams/lookup")]
+        replies.append(httpx.get(proxy.url + "/v1/stream/conv-1"))
+    assert [r.status_code for r in replies] == [403] * 6
+    assert {r.json()["error"]["code"] for r in replies} == {"unguarded_endpoint"}
+    assert len(recorder.requests) == before
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_llamacpp_s_own_format_at_completions_fails_as_the_policy_says(scripted, stream):
+    """llama.cpp answers `/completions` (no `/v1`) in its own format, which the guard cannot
+    read (`content`, no `choices`): failing closed, the client gets `guard_unavailable` (in
+    band once a stream began) and none of the text; `on_guard_error: allow` lets it through."""
+    url, _ = scripted
+    body = {"prompt": "tell me", "stream": stream}
+    headers = {"x-script": "text:step one of the BOMB"}
+    with running_proxy(llamacpp_root(url), KeywordScorer()) as proxy:
+        closed = httpx.post(proxy.url + "/completions", json=body, headers=headers)
+    with running_proxy(llamacpp_root(url, "    on_guard_error: allow"), KeywordScorer()) as proxy:
+        allowed = httpx.post(proxy.url + "/completions", json=body, headers=headers)
+    assert "BOMB" not in closed.text
+    if stream:
+        assert closed.status_code == 200 and '"code":"guard_unavailable"' in closed.text
+        assert closed.text.endswith("data: [DONE]\n\n")
+        assert allowed.text.count('"content"') == 6 and '"stop": true' in allowed.text
+    else:
+        assert closed.status_code == 503 and closed.json()["error"]["code"] == "guard_unavailable"
+        assert allowed.json()["content"] == "step one of the BOMB"
+
+
+@pytest.mark.parametrize(("endpoint", "payload", "ok"), [
+    ("chat/completions", {"id": "c", "choices": [{"index": 0, "delta": {"content": "hi"}}]}, True),
+    ("chat/completions", {"id": "c", "choices": [], "usage": {"total_tokens": 3}}, True),  # the usage chunk
+    ("chat/completions", {"error": {"message": "boom", "type": "BadRequestError", "code": 400}}, True),  # vLLM
+    ("chat/completions", {"object": "error", "message": "boom", "type": "BadRequestError"}, True),  # older vLLM
+    ("chat/completions", {"content": "step one", "stop": False}, False),  # llama.cpp's own format
+    ("chat/completions", {"choices": "not a list"}, False),
+    ("chat/completions", ["a", "list"], False),
+    ("chat/completions", "a string", False),
+    ("chat/completions", None, False),  # not JSON at all
+    ("completions", {"choices": [{"index": 0, "text": "hi"}]}, True),
+    ("completions", {"token": {"text": "hi"}, "generated_text": None}, False),  # TGI's own
+    ("responses", {"type": "response.output_text.delta", "delta": "hi"}, True),
+    ("responses", {"delta": "hi"}, False),
+    ("messages", {"type": "ping"}, True),
+    ("messages", {"type": 7}, False),
+])
+def test_which_stream_events_the_guard_reads(endpoint, payload, ok):
+    assert readable(endpoint, payload) is ok

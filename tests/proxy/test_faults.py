@@ -175,12 +175,18 @@ def test_stream_breaking_off_is_an_in_band_error_then_done(proxy, fault, code, d
     still_serves(server)
 
 
-def test_invalid_json_event_passes_through_and_the_stream_goes_on(proxy):
-    """An event whose data is not JSON carries no text to score: it is relayed as sent."""
-    _, server = proxy
-    status, body, _ = ask(server, "invalid-json-event")
-    assert status == 200
-    assert body == b"".join(HEAD) + b"data: {not json\n\n" + TAIL
+def test_an_invalid_json_event_is_relayed_unguarded_and_fails_a_guarded_stream_closed(proxy):
+    """An event whose data is not JSON is relayed as sent where nothing is guarded. Under
+    a guard it is text the guard cannot read (a client may show it), so a fail-closed
+    policy ends the stream there, after what was scored."""
+    policy, server = proxy
+    status, body, ending = ask(server, "invalid-json-event")
+    assert (status, ending) == (200, "complete")
+    if policy == "unguarded":
+        assert body == b"".join(HEAD) + b"data: {not json\n\n" + TAIL
+    else:
+        error = assert_in_band(body, "guard_unavailable", kept=b"".join(HEAD))
+        assert "cannot read" in error["message"] and b"not json" not in body
     still_serves(server)
 
 

@@ -27,6 +27,9 @@ vLLM's do: text of their own that a refusal must not leave behind.
 
 Responses streams carry each output item's whole event sequence (added, deltas, `.done`).
 
+`/completions` (no `/v1`: llama.cpp's own completion format, as its server serves there)
+streams `text:<words>` as llama.cpp does, or returns it whole.
+
 `/v1/chat/completions/batch` (vLLM's batch chat) answers conversation i with the i-th
 part of `text:a|b|c`, or echoes its last user message; `raw:<body>` sends <body> whole,
 `error:<status>` a vLLM error with that status.
@@ -70,6 +73,13 @@ class Recorder:
 
 
 def build_upstream(recorder: Recorder) -> Starlette:
+    async def received(request: Request) -> dict:
+        """The request's JSON body, recorded with its headers, path and query."""
+        payload = await request.json()
+        recorder.requests.append({"headers": dict(request.headers), "body": payload,
+                                  "path": request.url.path, "query": request.url.query})
+        return payload
+
     async def streamed(chunks, tail=None, delay: float = 0.0) -> StreamingResponse:
         async def body():
             finished = False
@@ -101,9 +111,7 @@ def build_upstream(recorder: Recorder) -> Starlette:
         return fields
 
     async def chat(request: Request) -> Response:
-        payload = await request.json()
-        recorder.requests.append({"headers": dict(request.headers), "body": payload,
-                                  "path": request.url.path, "query": request.url.query})
+        payload = await received(request)
         script = request.headers.get("x-script", "text:hello from the scripted upstream")
         kind, _, arg = script.partition(":")
         if kind == "replay":
@@ -175,9 +183,7 @@ def build_upstream(recorder: Recorder) -> Starlette:
                              "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)}})
 
     async def completions(request: Request) -> Response:
-        payload = await request.json()
-        recorder.requests.append({"headers": dict(request.headers), "body": payload,
-                                  "path": request.url.path, "query": request.url.query})
+        payload = await received(request)
         text = request.headers.get("x-script", "text: and then some")[len("text:"):]
         if not payload.get("stream"):
             return JSONResponse({"id": "cmpl-test", "object": "text_completion", "created": 1,
@@ -192,10 +198,22 @@ def build_upstream(recorder: Recorder) -> Starlette:
                   for w in text.split(" ")]
         return await streamed(chunks + [b"data: [DONE]\n\n"])
 
+    async def llamacpp_completion(request: Request) -> Response:
+        """llama.cpp's own completion format, which its server speaks at `/completion` and
+        `/completions` (its OpenAI one is `/v1/completions`): `content`, no `choices`, and a
+        stream of such objects that ends with `"stop": true` and no `[DONE]`."""
+        payload = await received(request)
+        words = request.headers.get("x-script", "text:native words")[len("text:"):].split(" ")
+        if not payload.get("stream"):
+            return JSONResponse({"index": 0, "content": " ".join(words), "id_slot": 0, "stop": True,
+                                 "tokens_predicted": len(words), "stop_type": "eos"})
+        chunks = [b"data: " + json.dumps({"index": 0, "content": w + " ", "tokens": [], "stop": False,
+                                          "id_slot": 0}).encode() + b"\n\n" for w in words]
+        final = {"index": 0, "content": "", "tokens": [], "stop": True, "id_slot": 0, "stop_type": "eos"}
+        return await streamed(chunks + [b"data: " + json.dumps(final).encode() + b"\n\n"])
+
     async def responses(request: Request) -> Response:
-        payload = await request.json()
-        recorder.requests.append({"headers": dict(request.headers), "body": payload,
-                                  "path": request.url.path, "query": request.url.query})
+        payload = await received(request)
         kind, _, arg = request.headers.get("x-script", "text:a plain answer").partition(":")
         reasoning, _, text = arg.partition("|") if kind == "think" else ("", "", arg)
         items = [("message", "msg_1", "output_text", text)]
@@ -239,9 +257,7 @@ def build_upstream(recorder: Recorder) -> Starlette:
         return await streamed(chunks)
 
     async def messages(request: Request) -> Response:
-        payload = await request.json()
-        recorder.requests.append({"headers": dict(request.headers), "body": payload,
-                                  "path": request.url.path, "query": request.url.query})
+        payload = await received(request)
         kind, _, arg = request.headers.get("x-script", "text:a plain answer").partition(":")
         if kind == "replay":
             raw = (FIXTURES / arg).read_bytes()
@@ -300,9 +316,7 @@ def build_upstream(recorder: Recorder) -> Starlette:
 
     async def batch_chat(request: Request) -> Response:
         """vLLM's batch chat completions (never streamed, as vLLM's is not)."""
-        payload = await request.json()
-        recorder.requests.append({"headers": dict(request.headers), "body": payload,
-                                  "path": request.url.path, "query": request.url.query})
+        payload = await received(request)
         kind, _, arg = request.headers.get("x-script", "echo").partition(":")
         if kind == "raw":
             return Response(arg, media_type="application/json")
@@ -341,5 +355,6 @@ def build_upstream(recorder: Recorder) -> Starlette:
         Route("/v1/responses", responses, methods=["POST"]),
         Route("/v1/messages", messages, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
+        Route("/completions", llamacpp_completion, methods=["POST"]),
         Route("/v1/{path:path}", echo_request, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
     ])

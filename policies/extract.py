@@ -179,6 +179,19 @@ def _completion_prompt(body: Mapping) -> str | None:
     raise RequestShapeError("'prompt' must be a string, a list of strings, or token ids", param="prompt")
 
 
+def completion_prompts(body: Mapping) -> list[str | None]:
+    """The prompts of a `/completions` request, each completed on its own (a list of
+    strings, or of token-id lists, is several: choice i answers prompt i // n): each one's
+    text, or None for token ids. A request of one prompt has one."""
+    joined = _completion_prompt(body)  # checks the shape
+    prompt = body["prompt"]
+    if _is_list(prompt) and prompt and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    if _is_list(prompt) and prompt and all(_is_list(p) for p in prompt):
+        return [None] * len(prompt)
+    return [joined]
+
+
 def _responses_items(body: Mapping) -> list[tuple[str, str]] | None:
     items = body.get("input")
     if items is None:

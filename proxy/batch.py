@@ -38,7 +38,7 @@ from policies.errors import RequestShapeError
 from policies.extract import batch_prompt_texts, response_text_chat
 
 from .errors import BadGateway, BadRequest, ContentFiltered, GuardUnavailable
-from .guarding import discard, prompt_decision
+from .guarding import discard, gather_all, prompt_decision, prompt_score
 from .records import AuditLog, Exchange
 from .relay import RelayResponse, cleanup, raw_body
 from .scorer import Scorer
@@ -115,7 +115,7 @@ class BatchCall:
         decided: list[tuple[Decision, float]] = []
         for start in range(0, len(self.prompts), CHOICE_SESSIONS):  # bounded: each session holds a cache
             group = self.prompts[start : start + CHOICE_SESSIONS]
-            decided += await _gather(prompt_decision(self.scorer, self.policy, prompt, self._scorer_of(prompt))
+            decided += await gather_all(prompt_decision(self.scorer, self.policy, prompt, self._scorer_of(prompt))
                                      for prompt in group)
         self.exchange.timed("prompt", time.perf_counter() - started)
         for i, (decision, ms) in enumerate(decided):
@@ -135,18 +135,8 @@ class BatchCall:
     def _scorer_of(self, prompt: str):
         """A conversation's prompt scored on a guard session of its own, closed at once:
         its prefill stays in the guard's prefix cache, where the response stage's session
-        for the same conversation continues from it. An empty prompt has no prefill."""
-        if self.scorer is None or not prompt:
-            return None
-        return functools.partial(self._session_prompt_score, prompt)
-
-    async def _session_prompt_score(self, prompt: str) -> float:
-        session = self.scorer.stream(prompt, cache_salt=self.cache_salt)
-        try:
-            return await session.prompt_score()
-        finally:
-            with cleanup():
-                await session.aclose()
+        for the same conversation continues from it."""
+        return None if self.scorer is None else functools.partial(prompt_score, self.scorer, prompt, self.cache_salt)
 
     async def _response_stage(self, response: httpx.Response, kept: list[int], headers: dict[str, str]) -> Response:
         passthrough = response.headers.multi_items()
@@ -217,7 +207,7 @@ class BatchCall:
         sessions = [(i, text) for i, text in items if include and self.prompts[i]]
         for start in range(0, len(sessions), CHOICE_SESSIONS):
             group = sessions[start : start + CHOICE_SESSIONS]
-            got = await _gather(self._session_score(self.prompts[i], text) for i, text in group)
+            got = await gather_all(self._session_score(self.prompts[i], text) for i, text in group)
             scores.update(zip((i for i, _ in group), got))
         return [scores[i] for i, _ in items]
 
@@ -262,12 +252,3 @@ def _reply(data: bytes, sent: int) -> dict | None:
         return None
     return reply
 
-
-async def _gather(calls) -> list:
-    """Run `calls` together and wait for all of them (so none is left running), then
-    raise the first failure, if any."""
-    results = await asyncio.gather(*calls, return_exceptions=True)
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
-    return results

@@ -28,7 +28,7 @@ from starlette.responses import Response
 from policies.config import Policy
 from policies.decisions import BLOCK, FLAG, GUARD_ERROR, REFUSE, STEER, Decision, decide_prompt, headers_for
 from policies.errors import RequestShapeError
-from policies.extract import prompt_text
+from policies.extract import completion_prompts, prompt_text
 
 from .errors import BadRequest, ContentFiltered, GuardUnavailable, Overloaded
 from .records import AuditLog, Exchange
@@ -38,7 +38,7 @@ from .scorer import Scorer, ScorerBusy, StreamSession
 from .shapes import refused_json, refused_stream, steered
 from .stream_guard import StreamGuard
 from .upstream import response_headers
-from .whole import WholeReply, read_whole
+from .whole import CHOICE_SESSIONS, WholeReply, read_whole
 
 logger = logging.getLogger(__name__)
 
@@ -109,8 +109,16 @@ class GuardedCall:
             raise BadRequest(f"'n' must be an integer from 1 to {MAX_N}", param="n")
         try:
             self.prompt = prompt_text(endpoint, payload, policy.prompt.scope)
+            prompts = completion_prompts(payload) if endpoint == "completions" else [self.prompt]
         except RequestShapeError as exc:
             raise BadRequest(exc.message, param=exc.param) from None
+        self.n = n or 1  # choices per prompt
+        if len(prompts) * self.n > MAX_N:
+            raise BadRequest(f"a guarded completions request has at most {MAX_N} choices (prompts x n); this one "
+                             f"has {len(prompts)} prompts x n = {self.n}", param="prompt")
+        # Several prompts (a completions list), each completed and scored on its own: choice
+        # i answers prompts[i // n]. None where the request has one prompt (`self.prompt`).
+        self.prompts: list[str | None] | None = prompts if len(prompts) > 1 else None
         self.session: StreamSession | None = None  # the response's session, opened by the prompt stage
 
     async def run(self, send_upstream, body: bytes) -> Response:
@@ -146,7 +154,11 @@ class GuardedCall:
         """Whether the response stage will score `prompt + "\\n" + response` with a session."""
         response = self.policy.response
         return self.scorer is not None and bool(self.prompt) and response.action != "off" \
-            and response.include_prompt  # an empty prompt has no prefill (it scores as " ")
+            and response.include_prompt and self.prompts is None  # an empty prompt has no prefill (it scores as " ")
+
+    def choice_prompt(self, index: int) -> str | None:
+        """The prompt choice `index` answers."""
+        return self.prompt if self.prompts is None else self.prompts[index // self.n]
 
     async def _prompt_by_session(self, *, keep: bool) -> float:
         """The prompt's score, read off the prefill of a guard session.
@@ -171,6 +183,17 @@ class GuardedCall:
                 with cleanup():
                     await session.aclose()
 
+    async def _each_prompt(self) -> float:
+        """A completions request's several prompts, each scored on its own: each is
+        completed apart, and a harmful one is not to be diluted by the others in one mean.
+        The request's score is the highest; each prompt stays in the guard's prefix cache
+        for its choices' sessions."""
+        scores: list[float] = []
+        for start in range(0, len(self.prompts), CHOICE_SESSIONS):
+            scores += await gather_all(prompt_score(self.scorer, prompt, self.cache_salt)
+                                       for prompt in self.prompts[start : start + CHOICE_SESSIONS])
+        return max(scores)
+
     def _open_early(self) -> None:
         """No prompt stage: open the response's session now, so that its prefill runs
         while the upstream works on its first token, not at the first check."""
@@ -186,14 +209,18 @@ class GuardedCall:
     async def _prompt_stage(self, send_upstream, body: bytes):
         parallel = self.policy.prompt.mode == "parallel"
         pending = asyncio.create_task(send_upstream(body)) if parallel else None
-        if self.shares_prompt():
+        prompt = self.prompt
+        if self.prompts is not None:  # scored one by one; a prompt of token ids is not scoreable
+            prompt = None if None in self.prompts else self.prompt
+            score_prompt = self._each_prompt if self.scorer is not None else None
+        elif self.shares_prompt():
             score_prompt = functools.partial(self._prompt_by_session, keep=True)
         elif self.scorer is not None and self.prompt:
             score_prompt = functools.partial(self._prompt_by_session, keep=False)
         else:
             score_prompt = None
         try:
-            decision, ms = await prompt_decision(self.scorer, self.policy, self.prompt, score_prompt)
+            decision, ms = await prompt_decision(self.scorer, self.policy, prompt, score_prompt)
         except BaseException:
             await discard(pending)
             raise
@@ -229,7 +256,7 @@ class GuardedCall:
                                  on_close=response.aclose)
         if response.headers.get("content-type", "").startswith("text/event-stream"):
             guard = StreamGuard(endpoint=self.endpoint, request=self.payload, policy=self.policy,
-                                scorer=self.scorer, prompt=self.prompt, exchange=self.exchange,
+                                scorer=self.scorer, prompt=self.prompt, prompts=self.prompts, exchange=self.exchange,
                                 session=self.take_session(), cache_salt=self.cache_salt)
 
             async def on_close() -> None:  # after the relay's own `finally`, or instead of it
@@ -249,6 +276,30 @@ class GuardedCall:
     def write_audit(self) -> None:
         if self.audit is not None:
             self.audit.write(self.exchange)
+
+
+async def prompt_score(scorer: Scorer, prompt: str, cache_salt: str | None) -> float:
+    """`prompt`'s score, read off the prefill of a guard session closed at once, which
+    leaves the prompt in the guard's prefix cache for the sessions that answer it (an
+    empty prompt has no prefill: a full-text score)."""
+    if not prompt:
+        return await scorer.score(prompt=prompt)
+    session = scorer.stream(prompt, cache_salt=cache_salt)
+    try:
+        return await session.prompt_score()
+    finally:
+        with cleanup():
+            await session.aclose()
+
+
+async def gather_all(calls) -> list:
+    """Run `calls` together and wait for all of them (so none is left running), then
+    raise the first failure, if any."""
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results
 
 
 async def discard(task: asyncio.Task | None) -> None:

@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Mapping
 
-from policies.extract import (response_text_chat, response_text_completion, response_text_messages,
+from policies.extract import (completion_prompts, response_text_chat, response_text_completion, response_text_messages,
                               response_text_responses)
 
 from .sse import DONE, encode_event, encode_json
@@ -32,9 +32,12 @@ def _id(prefix: str) -> str:
     return f"{prefix}-siren-{uuid.uuid4().hex[:24]}"
 
 
-def _choices(request: Mapping) -> int:
+def _choices(endpoint: str, request: Mapping) -> int:
+    """How many choices the upstream would have sent: n per prompt (a completions request
+    may have several prompts)."""
     n = request.get("n", 1)
-    return n if isinstance(n, int) and 1 <= n <= 128 else 1
+    n = n if isinstance(n, int) and 1 <= n <= 128 else 1
+    return n * len(completion_prompts(request)) if endpoint == "completions" else n
 
 
 def _usage(prompt_tokens: int = 0, completion_tokens: int = 0) -> dict:
@@ -65,7 +68,7 @@ def refused_json(endpoint: str, request: Mapping, refusal: str, *, choices: int 
     prefix, kind = ("cmpl", "text_completion") if endpoint == "completions" else ("chatcmpl", "chat.completion")
     return {"id": _id(prefix), "object": kind, "created": created, "model": model,
             "choices": [refused_choice(endpoint, i, refusal)
-                        for i in range(_choices(request) if choices is None else choices)],
+                        for i in range(_choices(endpoint, request) if choices is None else choices)],
             "usage": _usage()}
 
 
@@ -267,6 +270,8 @@ def steered(endpoint: str, payload: dict, message: str) -> dict:
         payload["messages"] = messages
     elif endpoint == "completions" and isinstance(payload.get("prompt"), str):
         payload["prompt"] = f"{message}\n\n{payload['prompt']}"
+    elif endpoint == "completions" and isinstance(payload.get("prompt"), list):  # several prompts: each
+        payload["prompt"] = [f"{message}\n\n{p}" if isinstance(p, str) else p for p in payload["prompt"]]
     elif endpoint == "responses":
         instructions = payload.get("instructions")
         payload["instructions"] = f"{message}\n\n{instructions}" if isinstance(instructions, str) else message

@@ -91,7 +91,7 @@ class Held:
 
 def readable(endpoint: str, payload) -> bool:
     """Whether a stream event's JSON is one the guard reads for `endpoint`: a chunk with a
-    `choices` list (chat, completions), a typed event (Responses, Messages), or an error
+    `choices` list of objects with integer indexes (chat, completions), a typed event (Responses, Messages), or an error
     (`{"error": ...}`; older vLLM: `"object": "error"`), which carries no generated text."""
     if not isinstance(payload, dict):
         return False
@@ -99,7 +99,9 @@ def readable(endpoint: str, payload) -> bool:
         return True
     if endpoint in _TYPED:
         return isinstance(payload.get("type"), str)
-    return isinstance(payload.get("choices"), list)
+    choices = payload.get("choices")
+    return isinstance(choices, list) and all(isinstance(c, dict) and isinstance(c.get("index", 0), int)
+                                             for c in choices)
 
 
 class StreamCut(Exception):
@@ -109,20 +111,24 @@ class StreamCut(Exception):
 class StreamGuard:
     def __init__(self, *, endpoint: str, request: Mapping, policy: Policy, scorer: Scorer,
                  prompt: str | None, exchange: Exchange, session: StreamSession | None = None,
-                 cache_salt: str | None = None) -> None:
+                 cache_salt: str | None = None, prompts: list[str | None] | None = None) -> None:
         """`session`: choice 0's, already prefilled with `prompt` by the prompt stage;
-        `cache_salt`: the partition of the guard's prefix cache the choices' sessions use."""
+        `cache_salt`: the partition of the guard's prefix cache the choices' sessions use;
+        `prompts`: a completions request's several prompts, n choices each (choice i
+        answers prompts[i // n]), where it has more than one."""
         self.endpoint = endpoint
         self.request = request
         self.policy = policy
         self.stage = policy.response
         self.scorer = scorer
         self.prompt = prompt if self.stage.include_prompt else None
+        self.prompts = prompts
         self.exchange = exchange
         self.cache_salt = cache_salt
         n = request.get("n", 1)
-        self.n = 1 if endpoint in _TYPED or not isinstance(n, int) or n < 1 else n  # <= MAX_N (checked)
-        self.choices = {i: Choice(i) for i in range(self.n)}
+        self.n = 1 if endpoint in _TYPED or not isinstance(n, int) or n < 1 else n  # per prompt
+        # Every choice the upstream sends has its own session: prompts x n <= MAX_N (checked)
+        self.choices = {i: Choice(i) for i in range(self.n * len(prompts or [None]))}
         self.choices[0].session = session
         self.queue: deque[Held] = deque()
         self.template: dict = {}  # id/created/model of the stream, for chunks we write
@@ -200,9 +206,10 @@ class StreamGuard:
 
     def _unreadable(self, raw: bytes) -> None:
         """An event the guard cannot read (not JSON, or not this endpoint's shape: a
-        server's own stream format at an OpenAI path, say) may carry text it would never
-        score, so it is a guard failure and meets `on_guard_error`: failing closed ends
-        the stream with an in-band `guard_unavailable`; allowed, it goes out in turn."""
+        server's own stream format at an OpenAI path, say; or text for a choice index the
+        request did not ask for) may carry text it would never score, so it is a guard
+        failure and meets `on_guard_error`: failing closed ends the stream with an in-band
+        `guard_unavailable`; allowed, it goes out in turn."""
         decision = decide_response(self.stage, None, on_guard_error=self.policy.on_guard_error,
                                    error=f"the upstream sent a stream event the guard cannot read as {self.endpoint}")
         if not self.unreadable:  # one log line and record per stream, however many follow
@@ -229,10 +236,11 @@ class StreamGuard:
                 return
             raw, payload = rewritten
         texts = delta_text(self.endpoint, payload)
+        if not texts.keys() <= self.choices.keys():  # text of a choice nobody asked for: never scored
+            self._unreadable(raw)
+            return
         held = Held(raw, payload=payload)
         for i, text in texts.items():
-            if i not in self.choices:
-                continue
             choice = self.choices[i]
             choice.tokens += 1
             choice.pending_text += text
@@ -249,6 +257,12 @@ class StreamGuard:
         if (self.endpoint == "responses" and payload.get("type") in _RESPONSES_PART_DONE) or (
                 self.endpoint == "messages" and payload.get("type") == "content_block_stop"):
             await self._check(self.choices[0])  # (a cut typed choice returned above)
+
+    def _prompt_of(self, index: int) -> str | None:
+        """The prompt choice `index` is scored with (None without `include_prompt`)."""
+        if self.prompts is None or not self.stage.include_prompt:
+            return self.prompt
+        return self.prompts[index // self.n]
 
     def _indices(self, payload: dict) -> set[int]:
         if self.endpoint in _TYPED:
@@ -286,7 +300,7 @@ class StreamGuard:
         score, error = None, None
         try:
             if choice.session is None:
-                choice.session = self.scorer.stream(self.prompt, cache_salt=self.cache_salt)
+                choice.session = self.scorer.stream(self._prompt_of(choice.index), cache_salt=self.cache_salt)
             score = await choice.session.append(choice.pending_text)
         except Exception as exc:  # noqa: BLE001 - any guard failure meets on_guard_error
             error = f"{type(exc).__name__}: {exc}"

@@ -64,7 +64,7 @@ class WholeReply:
         scores, error = [None] * len(choices), None
         try:
             if choices:
-                scores = await self.score_choices([text for _, text in choices])
+                scores = await self.score_choices(choices)
         except Exception as exc:  # noqa: BLE001
             error = f"{type(exc).__name__}: {exc}"
             logger.warning("guard failed on a response: %s", error)
@@ -102,7 +102,7 @@ class WholeReply:
             return Response(data, status_code=response.status_code, headers=dict(passthrough))
         started = time.perf_counter()
         try:
-            scores = await self.score_choices([text for _, text in texts])
+            scores = await self.score_choices(texts)
         except Exception as exc:  # noqa: BLE001
             decision = decide_response(call.policy.response, None, on_guard_error=call.policy.on_guard_error,
                                        error=f"{type(exc).__name__}: {exc}")
@@ -128,9 +128,9 @@ class WholeReply:
         return Response(json.dumps(completion, ensure_ascii=False).encode(), media_type="application/json",
                         headers={**dict(passthrough), **headers})
 
-    async def score_choices(self, texts: list[str]) -> list[float]:
-        """Each of a whole reply's texts scored as the response stage reads it: `prompt +
-        "\\n" + text` (`include_prompt`), else the text alone.
+    async def score_choices(self, choices: list[tuple[int, str]]) -> list[float]:
+        """Each of a whole reply's (index, text) scored as the response stage reads it:
+        `prompt + "\\n" + text` (`include_prompt`), else the text alone.
 
         With the prompt, on guard sessions: the first is the prompt stage's (its prompt
         already prefilled), or one opened now whose prefill is awaited, so the prompt is in
@@ -138,11 +138,14 @@ class WholeReply:
         own text's tokens (`guard.prefixes`), and the worker packs their appends into
         shared forwards, `CHOICE_SESSIONS` at a time. So n choices, or safest-of-n's n
         candidates, cost one prompt and n responses, not n prompts. Without the prompt,
-        one batch."""
+        one batch, as are a completions request's several prompts with their choices (each
+        choice with the prompt it answers)."""
         call = self.call
+        texts = [text for _, text in choices]
         if not call.shares_prompt():
-            prompt = call.prompt if call.policy.response.include_prompt else None
-            return await call.scorer.score_many([(prompt, text) for text in texts])
+            include = call.policy.response.include_prompt
+            return await call.scorer.score_many([(call.choice_prompt(i) if include else None, text)
+                                                 for i, text in choices])
         sessions = [call.take_session() or call.scorer.stream(call.prompt, cache_salt=call.cache_salt)]
         scores: list[float] = []
         try:

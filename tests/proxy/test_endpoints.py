@@ -220,6 +220,8 @@ def test_llamacpp_s_own_format_at_completions_fails_as_the_policy_says(scripted,
     ("chat/completions", {"object": "error", "message": "boom", "type": "BadRequestError"}, True),  # older vLLM
     ("chat/completions", {"content": "step one", "stop": False}, False),  # llama.cpp's own format
     ("chat/completions", {"choices": "not a list"}, False),
+    ("chat/completions", {"choices": [{"index": "1", "delta": {"content": "hi"}}]}, False),
+    ("chat/completions", {"choices": ["hi"]}, False),
     ("chat/completions", ["a", "list"], False),
     ("chat/completions", "a string", False),
     ("chat/completions", None, False),  # not JSON at all

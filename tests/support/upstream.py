@@ -183,19 +183,27 @@ def build_upstream(recorder: Recorder) -> Starlette:
                              "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)}})
 
     async def completions(request: Request) -> Response:
+        """`text:<words>` for each choice; with several prompts (a list) or n > 1, as vLLM
+        does, choice i answers prompt i // n, and `text:a|b` gives choice i the i-th part.
+        A stream sends the choices' words in turns."""
         payload = await received(request)
-        text = request.headers.get("x-script", "text: and then some")[len("text:"):]
+        parts = request.headers.get("x-script", "text: and then some")[len("text:"):].split("|")
+        prompt = payload.get("prompt")
+        prompts = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
+        texts = [parts[i % len(parts)] for i in range(prompts * (payload.get("n") or 1))]
         if not payload.get("stream"):
             return JSONResponse({"id": "cmpl-test", "object": "text_completion", "created": 1,
                                  "model": "smollm2",
-                                 "choices": [{"index": 0, "text": text, "finish_reason": "stop",
-                                              **token_fields(payload, text, chat=False)}],
+                                 "choices": [{"index": i, "text": text, "finish_reason": "stop",
+                                              **token_fields(payload, text, chat=False)}
+                                             for i, text in enumerate(texts)],
                                  "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+        words = [text.split(" ") for text in texts]
         chunks = [b"data: " + json.dumps({"id": "cmpl-test", "object": "text_completion", "created": 1,
                                           "model": "smollm2",
-                                          "choices": [{"index": 0, "text": w + " ", "finish_reason": None,
+                                          "choices": [{"index": i, "text": choice[k] + " ", "finish_reason": None,
                                                        "logprobs": None}]}).encode() + b"\n\n"
-                  for w in text.split(" ")]
+                  for k in range(max(map(len, words))) for i, choice in enumerate(words) if k < len(choice)]
         return await streamed(chunks + [b"data: [DONE]\n\n"])
 
     async def llamacpp_completion(request: Request) -> Response:

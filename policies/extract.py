@@ -19,7 +19,7 @@ message, a user message's `tool_result` blocks are "tool" lines, and an assistan
 `thinking` and `tool_use` input (as JSON) are its text, as are text `document` blocks.
 
 `prompt_text` returns None when the prompt is not scoreable: a `/v1/completions` prompt
-given as token ids, or a Responses request without `input`. None is not "safe": the proxy
+given as token ids or as vLLM's `prompt_embeds` alone, or a Responses request without `input`. None is not "safe": the proxy
 passes it to `decide_prompt` as a score of None, which counts as a guard failure, so a
 fail-closed policy does not let token ids slip past the guard. A request with no user
 message at all has an empty prompt "" (there is nothing a user said).
@@ -166,6 +166,8 @@ def _chat_messages(body: Mapping, where: str = "messages") -> list[tuple[str, st
 def _completion_prompt(body: Mapping) -> str | None:
     prompt = body.get("prompt")
     if prompt is None:
+        if body.get("prompt_embeds") is not None:
+            return None  # vLLM's `prompt_embeds` alone: embeddings, not scoreable
         raise RequestShapeError("Missing required parameter: 'prompt'.", param="prompt")
     if isinstance(prompt, str):
         return prompt
@@ -182,14 +184,19 @@ def _completion_prompt(body: Mapping) -> str | None:
 def completion_prompts(body: Mapping) -> list[str | None]:
     """The prompts of a `/completions` request, each completed on its own (a list of
     strings, or of token-id lists, is several: choice i answers prompt i // n): each one's
-    text, or None for token ids. A request of one prompt has one."""
+    text, or None for token ids. vLLM's `prompt_embeds` (one or a list) are prompts too,
+    before those of `prompt`, and not scoreable. A request of one prompt has one."""
+    embeds = body.get("prompt_embeds")
+    embedded = [] if embeds is None else [None] * (len(embeds) if _is_list(embeds) else 1)
     joined = _completion_prompt(body)  # checks the shape
-    prompt = body["prompt"]
+    prompt = body.get("prompt")
+    if prompt is None:
+        return embedded or [None]
     if _is_list(prompt) and prompt and all(isinstance(p, str) for p in prompt):
-        return list(prompt)
+        return embedded + list(prompt)
     if _is_list(prompt) and prompt and all(_is_list(p) for p in prompt):
-        return [None] * len(prompt)
-    return [joined]
+        return embedded + [None] * len(prompt)
+    return embedded + [joined]
 
 
 def _responses_items(body: Mapping) -> list[tuple[str, str]] | None:

@@ -110,3 +110,27 @@ def test_bounds_and_token_ids(scripted, prompt, n, status):
         assert reply.json()["error"]["code"] == "guard_unavailable"
     else:
         assert len(reply.json()["choices"]) == 128
+
+
+@pytest.mark.parametrize(("body", "choices"), [
+    ({"prompt_embeds": "AAAA"}, 1),
+    ({"prompt_embeds": ["AAAA", "BBBB"], "prompt": "hi"}, 3),
+    ({"prompt_embeds": "AAAA", "prompt": ["hi", "otters"]}, 3),
+])
+def test_prompt_embeds_are_prompts_the_guard_cannot_read(scripted, body, choices):
+    """vLLM completes `prompt_embeds` (embeddings, base64) as prompts of their own, before
+    `prompt`'s: nothing the guard reads, so a fail-closed policy refuses the request
+    (503) without calling the upstream, and `on_guard_error: allow` lets it through."""
+    url, recorder = scripted
+    before = len(recorder.requests)
+    body = {"model": "m", **body}
+    with running_proxy(policy_yaml(url, prompt=REFUSE), KeywordScorer()) as proxy:
+        closed = httpx.post(proxy.url + "/v1/completions", json=body)
+    reached = len(recorder.requests) - before
+    allow = policy_yaml(url, prompt=REFUSE, response=CUT % (2, 2), policy_extra="    on_guard_error: allow")
+    with running_proxy(allow, KeywordScorer()) as proxy:
+        allowed = httpx.post(proxy.url + "/v1/completions", json=body, headers={"x-script": "text:fine"})
+    assert closed.status_code == 503 and closed.json()["error"]["code"] == "guard_unavailable"
+    assert reached == 0
+    assert allowed.status_code == 200, allowed.text
+    assert recorder.requests[-1]["body"] == body and len(allowed.json()["choices"]) == choices

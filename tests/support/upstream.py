@@ -183,13 +183,15 @@ def build_upstream(recorder: Recorder) -> Starlette:
                              "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)}})
 
     async def completions(request: Request) -> Response:
-        """`text:<words>` for each choice; with several prompts (a list) or n > 1, as vLLM
-        does, choice i answers prompt i // n, and `text:a|b` gives choice i the i-th part.
+        """`text:<words>` for each choice; with several prompts (a list, and vLLM's
+        `prompt_embeds` before it) or n > 1, as vLLM does, choice i answers prompt i // n,
+        and `text:a|b` gives choice i the i-th part.
         A stream sends the choices' words in turns."""
         payload = await received(request)
         parts = request.headers.get("x-script", "text: and then some")[len("text:"):].split("|")
-        prompt = payload.get("prompt")
-        prompts = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
+        prompt, embeds = payload.get("prompt"), payload.get("prompt_embeds")
+        prompts = (len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else
+                   int(prompt is not None)) + (len(embeds) if isinstance(embeds, list) else int(embeds is not None))
         texts = [parts[i % len(parts)] for i in range(prompts * (payload.get("n") or 1))]
         if not payload.get("stream"):
             return JSONResponse({"id": "cmpl-test", "object": "text_completion", "created": 1,

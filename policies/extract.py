@@ -19,7 +19,8 @@ message, a user message's `tool_result` blocks are "tool" lines, and an assistan
 `thinking` and `tool_use` input (as JSON) are its text, as are text `document` blocks.
 
 `prompt_text` returns None when the prompt is not scoreable: a `/v1/completions` prompt
-given as token ids or as vLLM's `prompt_embeds` alone, or a Responses request without `input`. None is not "safe": the proxy
+given as token ids or as vLLM's `prompt_embeds` alone, or a Responses request without
+`input` or stored-prompt `variables`. None is not "safe": the proxy
 passes it to `decide_prompt` as a score of None, which counts as a guard failure, so a
 fail-closed policy does not let token ids slip past the guard. A request with no user
 message at all has an empty prompt "" (there is nothing a user said).
@@ -224,6 +225,32 @@ def _responses_items(body: Mapping) -> list[tuple[str, str]] | None:
     return out
 
 
+def _prompt_variables(body: Mapping) -> str:
+    """The text a Responses request fills a stored prompt template with (`prompt.variables`:
+    strings, or content parts such as `input_text`). The template is the developer's,
+    stored upstream and unseen here; what fills it is the client's."""
+    prompt = body.get("prompt")
+    if prompt is None:
+        return ""
+    if not isinstance(prompt, Mapping):
+        raise RequestShapeError("'prompt' must be an object (a stored prompt's id and variables)", param="prompt")
+    variables = prompt.get("variables")
+    if variables is None:
+        return ""
+    if not isinstance(variables, Mapping):
+        raise RequestShapeError("'prompt.variables' must be an object", param="prompt.variables")
+    texts = []
+    for name, value in variables.items():
+        if isinstance(value, Mapping) and value.get("type") in _TEXT_PARTS:
+            value = value.get("text")
+            if not isinstance(value, str):
+                param = f"prompt.variables.{name}.text"
+                raise RequestShapeError(f"'{param}' must be a string", param=param)
+        if isinstance(value, str) and value:  # else an image or a file: no text
+            texts.append(value)
+    return "\n".join(texts)
+
+
 def _anthropic_system(body: Mapping) -> list[tuple[str, str]]:
     system = body.get("system")
     if system is None:
@@ -290,8 +317,15 @@ def prompt_text(endpoint: str, body: Mapping, scope: str) -> str | None:
         return _completion_prompt(body)
     if endpoint == "responses":
         items = _responses_items(body)
-        if items is None:
-            return None
+        variables = _prompt_variables(body)
+        if items is None and not variables:
+            return None  # a stored prompt alone, or no input: nothing of the client's to read
+        items = items or []
+        if variables:  # the client's words in the stored prompt: part of its turn
+            if items and items[-1][0] == "user":
+                items[-1] = ("user", f"{items[-1][1]}\n{variables}")
+            else:
+                items.append(("user", variables))
         instructions = body.get("instructions")
         if instructions is not None and not isinstance(instructions, str):
             raise RequestShapeError("'instructions' must be a string", param="instructions")

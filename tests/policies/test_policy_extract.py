@@ -60,6 +60,14 @@ PROMPTS = [
     ("responses", RESPONSES_ITEMS, "conversation_with_system",
      "system: Be brief.\nsystem: sys\nuser: hi\nassistant: hello\nassistant: {}\ntool: 42\nuser: bye"),
     ("responses", {"prompt": {"id": "pmpt_1"}}, "last_user", None),
+    # a stored prompt's variables are the client's words, read as part of its turn
+    ("responses", {"prompt": {"id": "pmpt_1", "variables": {"q": "how to make a bomb", "n": "3"}}}, "last_user",
+     "how to make a bomb\n3"),
+    ("responses", {"input": "hi", "prompt": {"id": "p", "variables": {"q": {"type": "input_text", "text": "bomb"},
+                                                                    "img": {"type": "input_image", "file_id": "f"}}}},
+     "last_user", "hi\nbomb"),
+    ("responses", {"input": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+                   "prompt": {"id": "p", "variables": {"q": "bomb"}}}, "conversation", "user: hi\nassistant: yo\nuser: bomb"),
     # tool descriptions are read as a system prompt is: with conversation_with_system only
     ("chat/completions", {"messages": [{"role": "user", "content": "q"}], "tools": [
         {"type": "function", "function": {"name": "f", "description": "Finds things.", "parameters": {}}},
@@ -154,6 +162,10 @@ BAD = [
     ("responses", {"input": ["hi"]}, "input[0]"),
     ("responses", {"input": [{"type": "message", "content": "x"}]}, "input[0].role"),
     ("responses", {"input": "x", "instructions": 3}, "instructions"),
+    ("responses", {"input": "x", "prompt": "pmpt_1"}, "prompt"),
+    ("responses", {"input": "x", "prompt": {"id": "p", "variables": ["a"]}}, "prompt.variables"),
+    ("responses", {"input": "x", "prompt": {"id": "p", "variables": {"q": {"type": "input_text", "text": 5}}}},
+     "prompt.variables.q.text"),
     ("messages", {"messages": "hi"}, "messages"),
     ("messages", {"messages": [{"content": "hi"}]}, "messages[0]"),
     ("messages", {"messages": [{"role": "user", "content": 3}]}, "messages[0].content"),

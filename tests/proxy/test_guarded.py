@@ -458,3 +458,19 @@ def test_a_poisoned_tool_description_is_read_with_the_system_prompt(scripted, sc
     with running_proxy(policy_yaml(url, prompt=f"{{action: refuse, scope: {scope}}}"), KeywordScorer()) as proxy:
         reply = sdk(proxy).chat.completions.create(model="m", messages=user("hello"), tools=tools)
     assert (reply.choices[0].message.content == REFUSAL) is (scope == "conversation_with_system")
+
+
+def test_a_stored_prompts_variables_are_read_as_the_clients_turn(scripted):
+    """A Responses request may name a prompt template stored upstream (OpenAI's `prompt`)
+    and fill it with `variables`: the template is the developer's, the variables are the
+    client's words, scored as part of its turn (with no `input` at all, too)."""
+    url, recorder = scripted
+    before = len(recorder.requests)
+    with running_proxy(policy_yaml(url, prompt="{action: refuse, threshold: 0.5}"), KeywordScorer()) as proxy:
+        client = sdk(proxy)
+        alone = client.responses.create(model="m", prompt={"id": "pmpt_1", "variables": {"topic": "a BOMB"}})
+        beside = client.responses.create(model="m", input="hi", prompt={
+            "id": "pmpt_1", "variables": {"topic": {"type": "input_text", "text": "a BOMB"}}})
+    assert alone.status == beside.status == "incomplete"
+    assert alone.output_text == beside.output_text == REFUSAL
+    assert len(recorder.requests) == before

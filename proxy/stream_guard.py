@@ -91,8 +91,9 @@ class Held:
 
 def readable(endpoint: str, payload) -> bool:
     """Whether a stream event's JSON is one the guard reads for `endpoint`: a chunk with a
-    `choices` list of objects with integer indexes (chat, completions), a typed event (Responses, Messages), or an error
-    (`{"error": ...}`; older vLLM: `"object": "error"`), which carries no generated text."""
+    `choices` list of objects with integer indexes (chat, completions), a typed event
+    (Responses, Messages), or an error (`{"error": ...}`; older vLLM: `"object": "error"`),
+    which carries no generated text."""
     if not isinstance(payload, dict):
         return False
     if "error" in payload or payload.get("object") == "error":

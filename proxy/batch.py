@@ -38,13 +38,13 @@ from policies.errors import RequestShapeError
 from policies.extract import batch_prompt_texts, response_text_chat
 
 from .errors import BadGateway, BadRequest, ContentFiltered, GuardUnavailable
-from .guarding import discard, gather_all, prompt_decision, prompt_score
+from .guarding import discard, prompt_decision, prompt_score
 from .records import AuditLog, Exchange
-from .relay import RelayResponse, cleanup, raw_body
+from .relay import RelayResponse, raw_body
 from .scorer import Scorer
 from .shapes import refused_choice, refused_json, steered
 from .upstream import response_headers
-from .whole import CHOICE_SESSIONS, read_whole
+from .whole import gather_groups, read_whole, score_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -112,11 +112,8 @@ class BatchCall:
 
     async def _prompt_stage(self) -> list[Decision]:
         started = time.perf_counter()
-        decided: list[tuple[Decision, float]] = []
-        for start in range(0, len(self.prompts), CHOICE_SESSIONS):  # bounded: each session holds a cache
-            group = self.prompts[start : start + CHOICE_SESSIONS]
-            decided += await gather_all(prompt_decision(self.scorer, self.policy, prompt, self._scorer_of(prompt))
-                                     for prompt in group)
+        decided: list[tuple[Decision, float]] = await gather_groups(
+            lambda prompt: prompt_decision(self.scorer, self.policy, prompt, self._scorer_of(prompt)), self.prompts)
         self.exchange.timed("prompt", time.perf_counter() - started)
         for i, (decision, ms) in enumerate(decided):
             self.exchange.decided(decision, ms, choice=i)
@@ -174,7 +171,9 @@ class BatchCall:
         started = time.perf_counter()
         scores, error = [None] * len(choices), None
         try:
-            scores = await self._score_replies([(c["index"], response_text_chat(c)) for c in choices])
+            include = stage.include_prompt  # each reply with its own conversation's prompt
+            scores = await score_pairs(self.scorer, [(self.prompts[c["index"]] if include else None,
+                                                      response_text_chat(c)) for c in choices], self.cache_salt)
         except Exception as exc:  # noqa: BLE001 - every guard failure meets on_guard_error
             error = f"{type(exc).__name__}: {exc}"
             logger.warning("guard failed on a batch reply: %s", error)
@@ -190,34 +189,6 @@ class BatchCall:
             if decision.action == FLAG and (decision.crossed or "x-siren-decision" not in headers):
                 headers = {**headers, **headers_for(decision, policy=self.policy.name)}
         return headers
-
-    async def _score_replies(self, items: list[tuple[int, str]]) -> list[float]:
-        """`prompt_i + "\\n" + text` (or the text alone without `include_prompt`): on a
-        session per conversation, `CHOICE_SESSIONS` at a time, each continuing from its
-        prompt's prefill in the prefix cache; a conversation with an empty prompt, and
-        texts without their prompts, in one full-text batch."""
-        if self.scorer is None:
-            raise RuntimeError("no guard is configured")
-        include = self.policy.response.include_prompt
-        scores: dict[int, float] = {}
-        plain = [(i, text) for i, text in items if not (include and self.prompts[i])]
-        if plain:
-            got = await self.scorer.score_many([(self.prompts[i] if include else None, text) for i, text in plain])
-            scores.update(zip((i for i, _ in plain), got))
-        sessions = [(i, text) for i, text in items if include and self.prompts[i]]
-        for start in range(0, len(sessions), CHOICE_SESSIONS):
-            group = sessions[start : start + CHOICE_SESSIONS]
-            got = await gather_all(self._session_score(self.prompts[i], text) for i, text in group)
-            scores.update(zip((i for i, _ in group), got))
-        return [scores[i] for i, _ in items]
-
-    async def _session_score(self, prompt: str, text: str) -> float:
-        session = self.scorer.stream(prompt, cache_salt=self.cache_salt)
-        try:
-            return await session.append(text)
-        finally:
-            with cleanup():
-                await session.aclose()
 
     def _flag_headers(self, decisions: Sequence[Decision | None]) -> dict[str, str]:
         """`x-siren-*` for a flagging prompt stage: the first conversation that crossed,

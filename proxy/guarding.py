@@ -38,7 +38,7 @@ from .scorer import Scorer, ScorerBusy, StreamSession
 from .shapes import refused_json, refused_stream, steered
 from .stream_guard import StreamGuard
 from .upstream import response_headers
-from .whole import CHOICE_SESSIONS, WholeReply, read_whole
+from .whole import WholeReply, gather_groups, read_whole
 
 logger = logging.getLogger(__name__)
 
@@ -188,11 +188,8 @@ class GuardedCall:
         completed apart, and a harmful one is not to be diluted by the others in one mean.
         The request's score is the highest; each prompt stays in the guard's prefix cache
         for its choices' sessions."""
-        scores: list[float] = []
-        for start in range(0, len(self.prompts), CHOICE_SESSIONS):
-            scores += await gather_all(prompt_score(self.scorer, prompt, self.cache_salt)
-                                       for prompt in self.prompts[start : start + CHOICE_SESSIONS])
-        return max(scores)
+        return max(await gather_groups(functools.partial(prompt_score, self.scorer, cache_salt=self.cache_salt),
+                                       self.prompts))
 
     def _open_early(self) -> None:
         """No prompt stage: open the response's session now, so that its prefill runs
@@ -290,16 +287,6 @@ async def prompt_score(scorer: Scorer, prompt: str, cache_salt: str | None) -> f
     finally:
         with cleanup():
             await session.aclose()
-
-
-async def gather_all(calls) -> list:
-    """Run `calls` together and wait for all of them (so none is left running), then
-    raise the first failure, if any."""
-    results = await asyncio.gather(*calls, return_exceptions=True)
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
-    return results
 
 
 async def discard(task: asyncio.Task | None) -> None:

@@ -138,14 +138,14 @@ class WholeReply:
         own text's tokens (`guard.prefixes`), and the worker packs their appends into
         shared forwards, `CHOICE_SESSIONS` at a time. So n choices, or safest-of-n's n
         candidates, cost one prompt and n responses, not n prompts. Without the prompt,
-        one batch, as are a completions request's several prompts with their choices (each
-        choice with the prompt it answers)."""
+        one batch. A completions request's several prompts: each choice with the prompt it
+        answers (`score_pairs`)."""
         call = self.call
         texts = [text for _, text in choices]
         if not call.shares_prompt():
             include = call.policy.response.include_prompt
-            return await call.scorer.score_many([(call.choice_prompt(i) if include else None, text)
-                                                 for i, text in choices])
+            return await score_pairs(call.scorer, [(call.choice_prompt(i) if include else None, text)
+                                                   for i, text in choices], call.cache_salt)
         sessions = [call.take_session() or call.scorer.stream(call.prompt, cache_salt=call.cache_salt)]
         scores: list[float] = []
         try:
@@ -160,6 +160,45 @@ class WholeReply:
             return scores
         finally:
             await _close_all(sessions)
+
+
+async def gather_groups(call, items) -> list:
+    """`call(item)` for each of `items`, `CHOICE_SESSIONS` at a time (each may hold a guard
+    session's cache); every call of a group is awaited, so none is left running, before
+    the group's first failure, if any, is raised."""
+    out: list = []
+    for start in range(0, len(items), CHOICE_SESSIONS):
+        results = await asyncio.gather(*map(call, items[start : start + CHOICE_SESSIONS]), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        out += results
+    return out
+
+
+async def score_pairs(scorer, pairs: list[tuple[str | None, str]], cache_salt: str | None) -> list[float]:
+    """(prompt, text) pairs scored as `prompt + "\\n" + text` (the text alone where the
+    prompt is None): each pair with a prompt on a guard session of its own, which
+    continues from that prompt's prefill in the guard's prefix cache (where the prompt
+    stage left it), and the rest in one full-text batch."""
+    if scorer is None:
+        raise RuntimeError("no guard is configured")
+
+    async def on_session(pair: tuple[str, str]) -> float:
+        session = scorer.stream(pair[0], cache_salt=cache_salt)
+        try:
+            return await session.append(pair[1])
+        finally:
+            with cleanup():
+                await session.aclose()
+
+    scores: dict[int, float] = {}
+    plain = [k for k, (prompt, _) in enumerate(pairs) if not prompt]  # an empty prompt has no prefill
+    if plain:
+        scores.update(zip(plain, await scorer.score_many([pairs[k] for k in plain])))
+    prompted = [k for k, (prompt, _) in enumerate(pairs) if prompt]
+    scores.update(zip(prompted, await gather_groups(on_session, [pairs[k] for k in prompted])))
+    return [scores[k] for k in range(len(pairs))]
 
 
 async def read_whole(response: httpx.Response) -> bytes:

@@ -50,8 +50,10 @@ def test_each_choice_is_scored_with_the_prompt_it_answers(scripted):
         reply = sdk(proxy, default_headers={"x-script": "text:plain words"}).completions.create(
             model="m", prompt=["otters", "a borderline ask", "haiku"], n=2)
     assert [c[2] for c in texts(reply)] == ["stop", "stop", "content_filter", "content_filter", "stop", "stop"]
-    assert sorted(c for c in scorer.calls if c.endswith("plain words")) == (
+    # each on a session opened with the prompt it answers (its prefill cached by the prompt stage)
+    assert sorted(s.text for s in scorer.sessions if s.text.endswith("plain words")) == (
         ["a borderline ask\nplain words"] * 2 + ["haiku\nplain words"] * 2 + ["otters\nplain words"] * 2)
+    assert all(s.closed for s in scorer.sessions)
 
 
 def test_every_choice_of_a_stream_is_guarded(scripted):

@@ -37,6 +37,7 @@ PROMPT_MODES = ("sequential", "parallel")
 GUARD_ERROR_MODES = ("block", "allow")
 RERANK_SELECTS = ("safest", "first_safe")
 UNGUARDED_ENDPOINTS = ("block", "forward")
+MODERATIONS = ("forward", "guard")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 CACHE_SCOPES = ("key", "shared")  # guard.prefix_cache_scope
@@ -140,6 +141,7 @@ class Policy:
     response: ResponseStage = ResponseStage()
     rerank: Rerank | None = None
     unguarded_endpoints: str = "block"  # endpoints that generate text the guard does not read
+    moderations: str = "forward"  # `guard`: POST moderations answered by the guard (`proxy.moderations`)
 
 
 @dataclass(frozen=True)
@@ -290,6 +292,7 @@ def _policy(p: Section, name: str) -> Policy:
         response=_response(response_section) if response_section else ResponseStage(),
         rerank=_rerank(rerank_section) if rerank_section else None,
         unguarded_endpoints=p.choice("unguarded_endpoints", "block", UNGUARDED_ENDPOINTS),
+        moderations=p.choice("moderations", "forward", MODERATIONS),
     )
     p.finish()
     return policy

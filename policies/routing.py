@@ -138,7 +138,7 @@ def guard_needed(config: Config) -> bool:
     """Whether any policy that a route uses scores anything (so the model must load)."""
     used = {route.policy for route in config.routes}
     return any(p.prompt.action != "off" or p.response.action != "off" or p.rerank is not None
-               for name, p in config.policies.items() if name in used)
+               or p.moderations == "guard" for name, p in config.policies.items() if name in used)
 
 
 def _guard_summary(config: Config) -> str:

@@ -24,7 +24,7 @@ from policies.routing import match_route
 
 from .errors import (BadRequest, Forbidden, NotFound, Overloaded, PayloadTooLarge, ProxyError, RequestTimeout,
                      Unauthorized, anthropic_path, error_event, error_response)
-from . import batch
+from . import batch, moderations
 from .endpoints import guarded_endpoint, unread_endpoint
 from .metrics import Metrics
 from .guarding import GuardedCall, cache_salt
@@ -185,6 +185,11 @@ class Proxy:
         # as its stream's are (`StreamGuard`), whatever the client's path says.
         request.state.anthropic = request.state.anthropic or endpoint == "messages"
         policy = match.policy
+        if policy.moderations == "guard" and moderations.moderation_endpoint(request.method, url):
+            exchange = Exchange(route=match.route.name, policy=policy.name, endpoint=moderations.ENDPOINT,
+                                stream=False, metrics=self.metrics)
+            payload = payload if payload is not None else parse_json_object(body)
+            return await moderations.answer(self.scorer, payload, policy, exchange, self.audit)
         guarded = endpoint is not None and (policy.prompt.action != "off" or policy.response.action != "off")
         if guarded and payload is None:  # a route mounted on the endpoint itself
             payload = parse_json_object(body)

@@ -189,6 +189,7 @@ ERRORS = [
     (UP + "policies:\n  p:\n    response: {threshhold: 0.5}\n", "policies.p.response.threshhold", 6, "unknown key"),
     (UP + "policies:\n  p:\n    on_guard_error: ignore\n", "policies.p.on_guard_error", 6, "one of block"),
     (UP + "policies:\n  p:\n    unguarded_endpoints: allow\n", "policies.p.unguarded_endpoints", 6, "one of block"),
+    (UP + "policies:\n  p:\n    moderations: yes\n", "policies.p.moderations", 6, "one of forward"),
     (UP + "policies:\n  p:\n    refusal: ''\n", "policies.p.refusal", 6, "empty"),
     (UP + "policies:\n  p:\n    rerank: {n: 1}\n", "policies.p.rerank.n", 6, ">= 2"),
     (UP + "policies:\n  p:\n    rerank: {select: safest}\n", "policies.p.rerank.n", 6, "required"),

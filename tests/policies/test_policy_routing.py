@@ -5,7 +5,7 @@ import pytest
 from policies.auth import authenticate, bearer_token
 from policies.config import parse_config
 from policies.errors import UnsafePathError
-from policies.routing import match_route, routing_table
+from policies.routing import guard_needed, match_route, routing_table
 from tests.policies.cases import load_example
 
 CONFIG = parse_config("""\
@@ -147,6 +147,10 @@ def test_routing_table_says_no_guard_loads_when_no_route_scores():
             "policies: {open: {prompt: {action: off}, response: {action: off}}}\n"
             "routes: [{prefix: /v1, upstream: up, policy: open}]\n")
     assert routing_table(parse_config(text)).splitlines()[-1].startswith("guard: not loaded")
+    # A policy that answers moderations from the guard needs it, with both stages off.
+    answers = text.replace("response: {action: off}}", "response: {action: off}, moderations: guard}")
+    assert answers != text and guard_needed(parse_config(answers))
+    assert routing_table(parse_config(answers)).splitlines()[-1].startswith("guard: the embedded default head")
 
 
 # (Authorization header, api key name)

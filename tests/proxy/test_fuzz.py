@@ -45,7 +45,7 @@ LIMIT = 65536  # server.max_body_bytes of both proxies
 
 # status -> the `code` values the proxy may answer with (README "Errors").
 DOCUMENTED = {
-    400: {None, "content_filter"},
+    400: {None, "content_filter", "unsupported_input"},
     401: {"invalid_api_key"},
     403: {"unguarded_endpoint"},
     404: {"not_found"},
@@ -61,7 +61,8 @@ UVICORN_400 = b"Invalid HTTP request received."
 
 def proxy_yaml(base_url: str, *, guarded: bool) -> str:
     policy = ("prompt: {action: refuse, threshold: 0.5}\n"
-              "    response: {action: cut, threshold: 0.5, check_every: 2, holdback: 2}") if guarded else (
+              "    response: {action: cut, threshold: 0.5, check_every: 2, holdback: 2}\n"
+              "    moderations: guard") if guarded else (
               "prompt: {action: off}\n    response: {action: off}")
     return f"""
 server:
@@ -209,6 +210,7 @@ BASES = {
     "messages": {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "hello"}]},
     "chat/completions/batch": {"model": "m", "messages": [[{"role": "user", "content": "hello"}],
                                                           [{"role": "user", "content": "hi"}]]},
+    "moderations": {"model": "m", "input": ["hello", "a BOMB"]},  # the guarded proxy answers it itself
 }
 COMMON = ["model", "stream", "stream_options", "n", "max_tokens", "temperature", "extra_field", "user", "tools"]
 FIELDS = {
@@ -220,6 +222,7 @@ FIELDS = {
                           "messages.0.content.0.type", "messages.0.content.0.content", "system", "system.0"],
     "chat/completions/batch": COMMON + ["messages", "messages.0", "messages.1", "messages.0.0", "messages.1.0.role",
                                         "messages.1.0.content", "messages.1.0.content.0", "messages.2"],
+    "moderations": ["model", "input", "input.0", "input.1", "input.0.type", "input.0.text", "extra_field"],
 }
 
 

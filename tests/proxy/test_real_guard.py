@@ -326,6 +326,23 @@ def test_stream_scores_equal_whole_text_scores(scorer):
     assert abs(streamed - whole) < 2e-3
 
 
+def test_moderations_answered_by_the_real_guard(scorer):
+    """`moderations: guard`: the openai SDK's `moderations.create` gets the prompt stage's
+    own scores, and no upstream is called (nothing listens at the upstream's port)."""
+    text = config("http://127.0.0.1:9/v1", prompt="{action: refuse, threshold: 0.5}", response="{action: off}")
+    with running_proxy(text.replace("    response: {action: off}", "    response: {action: off}\n    moderations: guard"),
+                       scorer) as proxy, sdk(proxy) as client:
+        reply = client.moderations.create(input=[HARMFUL, BENIGN])
+
+    async def one_pass():
+        return [await scorer.score(prompt=t) for t in (HARMFUL, BENIGN)]
+
+    scores = [r.category_scores.model_extra["harmful"] for r in reply.results]
+    assert [r.flagged for r in reply.results] == [True, False]
+    assert max(abs(a - b) for a, b in zip(scores, asyncio.run(one_pass()))) < 2e-3
+    assert scores[0] > 0.9 and scores[1] < 0.1
+
+
 def test_siren_proxy_serve_with_the_embedded_guard(katan_url, tmp_path):
     """The main job as a user runs it: the repo's config.yaml, the embedded guard, no download."""
     port = free_port()
@@ -343,6 +360,7 @@ def test_siren_proxy_serve_with_the_embedded_guard(katan_url, tmp_path):
         with openai.OpenAI(base_url=url + "/v1", api_key="sk", max_retries=0) as client:
             refused = client.chat.completions.create(model="m", messages=[{"role": "user", "content": HARMFUL}])
             answered = client.chat.completions.create(model="m", messages=[{"role": "user", "content": BENIGN}])
+            moderated = client.moderations.create(input=[HARMFUL, BENIGN])  # answered by the guard
             redteam = openai.OpenAI(base_url=url + "/redteam/v1", api_key="sk", max_retries=0)
             with redteam:
                 shadowed = redteam.chat.completions.create(
@@ -353,6 +371,7 @@ def test_siren_proxy_serve_with_the_embedded_guard(katan_url, tmp_path):
     assert refused.choices[0].finish_reason == "content_filter", output[-2000:]
     assert answered.choices[0].message.content.endswith(BENIGN)
     assert shadowed.choices[0].finish_reason == "stop"
+    assert [r.flagged for r in moderated.results] == [True, False]
     assert "stage=prompt" in output and HARMFUL not in output  # decisions logged, text never
 
 

@@ -3,9 +3,10 @@
 Real responses (tests/guard/fixtures) are cut at random character boundaries, with chat
 markers and runs of white space added so that cleaning changes earlier text too; after
 each append the session's score must equal `p_harmful` of the same text scored from
-scratch, within 1e-4 in float32. Small backbones (blocks above layer 2 dropped) keep
-thousands of chunkings within seconds; exactness does not depend on depth, and the
-oracle test covers deep layers. A small max_length makes the windows roll over, so
+scratch, within 1e-4 in float32. Two-block backbones (the blocks above layer 1 dropped)
+keep thousands of chunkings within minutes; exactness does not depend on depth, the
+oracle test covers deep layers, and the prefix, long-text and worker tests' sessions
+read layers 0 and 2 (a block between selected layers). A small max_length makes the windows roll over, so
 rollbacks reach into completed windows too. Windows step through packed forwards
 (`guard.packing`); the "static-" cases take static steps instead (`guard.graphs`, what a
 GPU captures as CUDA graphs), run eagerly on CPU, and the "hf-" case one transformers
@@ -29,14 +30,14 @@ TOL = 1e-4
 
 CASES = {
     # name: (artifact spec, with a prompt, chunkings)
-    "response-only": (dict(pooling="residual_mean", layers=[0, 2], max_length=512), False, 400),
-    "with-prompt-mlp": (dict(pooling="mlp_mean", layers=[1, 2], max_length=512), True, 300),
-    "windows": (dict(pooling="residual_mean", layers=[0, 2], max_length=12), True, 300),
+    "response-only": (dict(pooling="residual_mean", layers=[0, 1], max_length=512), False, 400),
+    "with-prompt-mlp": (dict(pooling="mlp_mean", layers=[0, 1], max_length=512), True, 300),
+    "windows": (dict(pooling="residual_mean", layers=[0, 1], max_length=12), True, 300),
     # The same through static steps (`guard.graphs`; on CUDA every case takes them).
-    "static-with-prompt-mlp": (dict(pooling="mlp_mean", layers=[1, 2], max_length=512), True, 150),
-    "static-windows": (dict(pooling="residual_mean", layers=[0, 2], max_length=12), True, 150),
+    "static-with-prompt-mlp": (dict(pooling="mlp_mean", layers=[0, 1], max_length=512), True, 150),
+    "static-windows": (dict(pooling="residual_mean", layers=[0, 1], max_length=12), True, 150),
     # One transformers forward per window: what backbones without packed steps run.
-    "hf-windows": (dict(pooling="residual_mean", layers=[0, 2], max_length=12), True, 100),
+    "hf-windows": (dict(pooling="residual_mean", layers=[0, 1], max_length=12), True, 100),
 }
 
 

@@ -9,7 +9,10 @@ with a value matching the glob, the request authenticated with the named API key
 Paths are checked before any matching: a path that could climb out of the prefix the
 proxy appends to `upstream.base_url` (`.`/`..` segments, `//`, a backslash, `%2f`, `%2e`,
 `%5c`, control characters) raises `UnsafePathError`. Pass the raw path (ASGI
-`scope["raw_path"]`, latin-1 decoded, query string removed) so encoded forms are seen.
+`scope["raw_path"]`, latin-1 decoded, query string removed) so encoded forms are seen,
+after `normalize_path`: `/v1/chat/%63ompletions` is `/v1/chat/completions` to an
+upstream that decodes its path (uvicorn, vLLM), so it must be to routing and to the
+guard's endpoint rules too.
 """
 
 from __future__ import annotations
@@ -24,6 +27,19 @@ from policies.errors import UnsafePathError
 
 _ENCODED_UNSAFE = re.compile(r"%(?:2f|2e|5c|00)", re.IGNORECASE)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+# RFC 3986's unreserved characters but '.', whose escape `check_path` refuses
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_~")
+
+
+def normalize_path(path: str) -> str:
+    """`path` with percent-escapes of unreserved characters decoded (RFC 3986, 6.2.2.2):
+    the same resource to any server, and the form routes and endpoints are matched in."""
+    def decode(match: re.Match) -> str:
+        char = chr(int(match.group(1), 16))
+        return char if char in _UNRESERVED else match.group(0)
+
+    return _ESCAPE.sub(decode, path) if "%" in path else path
 
 
 @dataclass(frozen=True)

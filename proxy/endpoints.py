@@ -12,10 +12,18 @@ Some other endpoints run the model on a client's text, or hand back text it gene
 earlier, in shapes the guard does not read. Generation: vLLM's structured decisions, the
 Batch API, whose requests run later upstream, and servers' own formats beside their
 OpenAI ones (llama.cpp's `/completion`, `/infill` and Vertex `/predict`, TGI's and
-Ollama's `generate`, Ollama's `api/chat`), which a route mounted above `/v1` reaches.
-Retrieval: a stored or background Responses response (also replayed as a stream), stored
-chat completions, a conversation's items, llama.cpp's resumable streams; a stream the
-proxy cut is still whole upstream. `proxy.handler.refuse_unguarded` refuses them where
+Ollama's `generate`, Ollama's `api/chat`), which a route mounted above `/v1` reaches;
+other providers' formats that gateways serve beside OpenAI's (Gemini's and Vertex AI's
+`model:generateContent`-style methods, Bedrock's `invoke` and `converse`, Cohere's
+chat); OpenAI's Assistants runs. Retrieval: a stored or background Responses response
+(also replayed as a stream, or answered by its cancellation), stored chat completions
+(read, or updated and answered whole), a conversation's items, an Assistants thread's
+messages and run steps, llama.cpp's resumable streams; a stream the proxy cut is still
+whole upstream.
+
+Segments are compared decoded, as the upstream reads them (`/v1/chat/%63ompletions` is
+chat: `policies.routing.normalize_path` decodes escaped letters before routing, and
+`segments` every escape, so `models/m%3AgenerateContent` is Gemini's too). `proxy.handler.refuse_unguarded` refuses them where
 they would evade a stage that enforces.
 
 llama.cpp also serves its own format at `/completions` (no `/v1`), a path read here as
@@ -26,7 +34,8 @@ which meets the policy's `on_guard_error` (`proxy.whole`, `proxy.stream_guard.re
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from fnmatch import fnmatchcase
+from urllib.parse import unquote, urlsplit
 
 # (last segments, endpoint), longest first: chat/completions before completions
 GUARDED = ((("chat", "completions", "batch"), "chat/completions/batch"),
@@ -40,7 +49,7 @@ class Unread:
     generated text (`stage` "response": it evades the response stage)."""
 
     method: str
-    tail: tuple[str, ...]  # the path's last segments; "*" is any one segment
+    tail: tuple[str, ...]  # the path's last segments, as `fnmatch` patterns ("*" is any one segment)
     what: str
     stage: str
 
@@ -55,19 +64,45 @@ UNREAD = (
            "generate)", "prompt"),
     Unread("POST", ("generate_stream",), "TGI's streaming generate", "prompt"),
     Unread("POST", ("api", "chat"), "Ollama's own chat format", "prompt"),
+    # Other providers' formats, which gateways (LiteLLM, llm-katan) serve beside OpenAI's:
+    Unread("POST", ("*:generateContent",), "Gemini's generateContent", "prompt"),
+    Unread("POST", ("*:streamGenerateContent",), "Gemini's streamGenerateContent", "prompt"),
+    Unread("POST", ("*:predict",), "a Vertex AI predict", "prompt"),
+    Unread("POST", ("*:rawPredict",), "a Vertex AI rawPredict", "prompt"),
+    Unread("POST", ("*:streamRawPredict",), "a Vertex AI streamRawPredict", "prompt"),
+    Unread("POST", ("model", "*", "invoke"), "Bedrock's invoke", "prompt"),
+    Unread("POST", ("model", "*", "invoke-with-response-stream"), "Bedrock's streamed invoke", "prompt"),
+    Unread("POST", ("model", "*", "converse"), "Bedrock's converse", "prompt"),
+    Unread("POST", ("model", "*", "converse-stream"), "Bedrock's converse-stream", "prompt"),
+    Unread("POST", ("v1", "chat"), "Cohere's chat", "prompt"),
+    Unread("POST", ("v2", "chat"), "Cohere's chat", "prompt"),
+    # OpenAI's Assistants API: runs generate later, their messages are read back
+    Unread("POST", ("threads", "runs"), "an Assistants run", "prompt"),
+    Unread("POST", ("threads", "*", "runs"), "an Assistants run", "prompt"),
+    Unread("POST", ("threads", "*", "runs", "*", "submit_tool_outputs"), "an Assistants run", "prompt"),
     Unread("POST", ("batches",), "the Batch API (its requests run later, upstream)", "prompt"),
     Unread("GET", ("responses", "*"), "a stored or background response", "response"),
+    Unread("POST", ("responses", "*", "cancel"), "a cancelled response (answered with its output)", "response"),
     Unread("GET", ("chat", "completions"), "stored chat completions", "response"),
     Unread("GET", ("chat", "completions", "*"), "a stored chat completion", "response"),
+    Unread("POST", ("chat", "completions", "chatcmpl-*"), "a stored chat completion (updated, answered whole)",
+           "response"),
     Unread("GET", ("conversations", "*", "items"), "a conversation's items", "response"),
     Unread("GET", ("conversations", "*", "items", "*"), "a conversation's item", "response"),
+    Unread("GET", ("threads", "*", "messages"), "an Assistants thread's messages", "response"),
+    Unread("GET", ("threads", "*", "messages", "*"), "an Assistants thread's message", "response"),
+    Unread("GET", ("threads", "*", "runs", "*", "steps"), "an Assistants run's steps", "response"),
+    Unread("GET", ("threads", "*", "runs", "*", "steps", "*"), "an Assistants run's step", "response"),
     Unread("GET", ("stream", "*"), "llama.cpp's resumable stream (a generation replayed)", "response"),
     Unread("POST", ("streams", "lookup"), "llama.cpp's resumable stream lookup", "response"),
 )
 
 
 def segments(url: str) -> tuple[str, ...]:
-    return tuple(s for s in urlsplit(url).path.split("/") if s)
+    """The URL's path segments as the upstream reads them, percent-escapes decoded (the
+    escapes that could change the segments themselves, `%2f` and `%2e`, are refused
+    before: `policies.routing.check_path`)."""
+    return tuple(unquote(s) for s in urlsplit(url).path.split("/") if s)
 
 
 def guarded_endpoint(method: str, url: str) -> str | None:
@@ -85,6 +120,6 @@ def unread_endpoint(method: str, url: str) -> Unread | None:
     for entry in UNREAD:
         tail = path[-len(entry.tail):]
         if method == entry.method and len(tail) == len(entry.tail) and all(
-                want in ("*", got) for want, got in zip(entry.tail, tail)):
+                fnmatchcase(got, want) for want, got in zip(entry.tail, tail)):
             return entry
     return None

@@ -20,7 +20,7 @@ from starlette.responses import Response
 from policies.auth import authenticate
 from policies.config import Config, Policy
 from policies.errors import UnsafePathError
-from policies.routing import match_route
+from policies.routing import match_route, normalize_path
 
 from .errors import (BadRequest, Forbidden, NotFound, Overloaded, PayloadTooLarge, ProxyError, RequestTimeout,
                      Unauthorized, anthropic_path, error_event, error_response)
@@ -105,8 +105,10 @@ class Proxy:
         """Stream slots and the request deadline around the pipeline."""
         timeout = config.server.request_timeout
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
-        # The raw path, so that encoded dots and slashes are seen (and refused) as sent.
-        path = request.scope.get("raw_path", b"").decode("latin-1") or request.url.path
+        # The raw path, so that encoded dots and slashes are seen (and refused) as sent, with
+        # escaped letters and digits decoded: an upstream that decodes its path serves
+        # `chat/%63ompletions` as chat, so it is guarded as chat (and forwarded decoded).
+        path = normalize_path(request.scope.get("raw_path", b"").decode("latin-1") or request.url.path)
         body = await read_body(request, config.server.max_body_bytes)
         payload = parse_json_object(body) if json_endpoint(path, request.method) else None
         streaming = payload is not None and payload.get("stream") is True

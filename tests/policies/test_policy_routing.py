@@ -5,7 +5,7 @@ import pytest
 from policies.auth import authenticate, bearer_token
 from policies.config import parse_config
 from policies.errors import UnsafePathError
-from policies.routing import guard_needed, match_route, routing_table
+from policies.routing import guard_needed, match_route, normalize_path, routing_table
 from tests.policies.cases import load_example
 
 CONFIG = parse_config("""\
@@ -184,3 +184,16 @@ def test_authenticate_without_keys_is_never_a_name():
 @pytest.mark.parametrize(("header", "token"), [("Bearer t", "t"), ("Token t", None), ("Bearer", None)])
 def test_bearer_token(header, token):
     assert bearer_token(header) == token
+
+
+@pytest.mark.parametrize(("raw", "normal"), [
+    ("/v1/chat/%63ompletions", "/v1/chat/completions"),
+    ("/%76%31/m%65ssages", "/v1/messages"),
+    ("/v1/a%2Db%5fc%7E", "/v1/a-b_c~"),
+    ("/v1/%2e%2e/admin", "/v1/%2e%2e/admin"),  # '.' stays escaped, for check_path to refuse
+    ("/v1/files%2fetc", "/v1/files%2fetc"),  # reserved and other characters stay as sent
+    ("/v1/x%3Ay%20z%c3%a9%zz%4", "/v1/x%3Ay%20z%c3%a9%zz%4"),
+    ("/v1/chat/completions", "/v1/chat/completions"),
+])
+def test_escaped_unreserved_characters_are_decoded_before_routing(raw, normal):
+    assert normalize_path(raw) == normal

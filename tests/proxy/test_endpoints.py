@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
 from proxy.endpoints import guarded_endpoint, unread_endpoint
 from proxy.stream_guard import readable
+from tests.proxy.rawhttp import exchange
 from tests.support.clients import close_sdk_clients, sdk  # noqa: F401 - close_sdk_clients is autouse
 from tests.support.proxy import running_proxy
 from tests.support.scorers import KeywordScorer
@@ -31,6 +34,9 @@ from .test_guarded import CUT, REFUSAL, policy_yaml, user
     ("POST", "http://h/v1/responses/resp_1/cancel", None),
     ("POST", "http://h/v1/embeddings", None),
     ("POST", "http://h/completions-like", None),
+    ("POST", "http://h/v1/chat/%63ompletions", "chat/completions"),  # as an upstream that decodes reads it
+    ("POST", "http://h/v1/m%65ssages", "messages"),
+    ("POST", "http://h/v1/chat/completions/%62atch", "chat/completions/batch"),
 ])
 def test_guarded_endpoints_are_known_by_their_last_segments(method, url, endpoint):
     assert guarded_endpoint(method, url) == endpoint
@@ -58,6 +64,23 @@ def test_guarded_endpoints_are_known_by_their_last_segments(method, url, endpoin
     ("GET", "http://h/v1/chat/completions/chatcmpl-1", "response"),
     ("GET", "http://h/v1/conversations/c1/items", "response"),
     ("GET", "http://h/v1/conversations/c1/items/i1", "response"),
+    ("POST", "http://h/v1beta/models/gemini-pro:generateContent", "prompt"),  # other providers' formats
+    ("POST", "http://h/v1/models/m%3AstreamGenerateContent", "prompt"),
+    ("POST", "http://h/v1/projects/p/locations/l/endpoints/e:rawPredict", "prompt"),
+    ("POST", "http://h/model/anthropic.claude/invoke", "prompt"),
+    ("POST", "http://h/model/m/converse-stream", "prompt"),
+    ("POST", "http://h/v2/chat", "prompt"),
+    ("POST", "http://h/v1/threads/runs", "prompt"),  # Assistants
+    ("POST", "http://h/v1/threads/t1/runs", "prompt"),
+    ("POST", "http://h/v1/threads/t1/runs/r1/submit_tool_outputs", "prompt"),
+    ("GET", "http://h/v1/threads/t1/messages", "response"),
+    ("GET", "http://h/v1/threads/t1/messages/m1", "response"),
+    ("GET", "http://h/v1/threads/t1/runs/r1/steps", "response"),
+    ("POST", "http://h/v1/responses/resp_1/cancel", "response"),  # answered with the output so far
+    ("POST", "http://h/v1/chat/completions/chatcmpl-1", "response"),  # metadata update: the completion whole
+    ("POST", "http://h/v1/chat/completions/render", None),  # vLLM's: token ids of the prompt
+    ("GET", "http://h/v1/threads/t1", None),
+    ("POST", "http://h/v1/models/m:countTokens", None),
     ("POST", "http://h/v1/messages", None),  # guarded
     ("POST", "http://h/v1/chat/completions/batch", None),  # guarded
     ("POST", "http://h/v1/messages/count_tokens", None),
@@ -80,8 +103,9 @@ def call(proxy, method: str, path: str) -> httpx.Response:
 
 ENFORCING = [("{action: refuse}", CUT % (4, 4)), ("{action: shadow}", CUT % (4, 4)),
              ("{action: steer, steer: {from: 0.2, system_message: s}}", "{action: shadow}")]
-GENERATING = [("POST", "/v1/systemone"), ("POST", "/v1/batches")]
-RETRIEVING = [("GET", "/v1/responses/resp_1"), ("GET", "/v1/chat/completions/chatcmpl-1")]
+GENERATING = [("POST", "/v1/systemone"), ("POST", "/v1/batches"), ("POST", "/v1/models/m:generateContent")]
+RETRIEVING = [("GET", "/v1/responses/resp_1"), ("GET", "/v1/chat/completions/chatcmpl-1"),
+              ("POST", "/v1/chat/completions/chatcmpl-1")]
 
 
 @pytest.mark.parametrize(("method", "path", "prompt", "response"),
@@ -117,6 +141,29 @@ def test_they_are_forwarded_when_the_policy_says_so_or_has_nothing_to_evade(scri
         reply = call(proxy, method, path)
     assert reply.status_code == 200, reply.text
     assert reply.json()["path"] == path  # the upstream's echo of what it was sent
+
+
+@pytest.mark.parametrize("path", [b"/v1/chat/%63ompletions", b"/v1/chat/completion%73", b"/%76%31/chat/completions",
+                                  b"/v1/chat%2Dcompletions-not-an-endpoint"])
+def test_escaped_letters_in_the_path_are_no_way_around_the_guard(scripted, path):
+    """uvicorn (vLLM's server) decodes the path, so `chat/%63ompletions` is its chat
+    endpoint: the proxy decodes escaped letters and digits before routing, guards it as
+    chat, and forwards the decoded path."""
+    url, recorder = scripted
+    before = len(recorder.requests)
+    body = json.dumps({"model": "m", "messages": user("a BOMB question")}).encode()
+    with running_proxy(policy_yaml(url, prompt="{action: refuse}", response=CUT % (4, 4)), KeywordScorer()) as proxy:
+        refused = exchange(proxy.port, b"POST", path, [(b"content-type", b"application/json")], body)
+        answered = exchange(proxy.port, b"POST", path, [(b"content-type", b"application/json"),
+                                                        (b"x-script", b"text:otters")],
+                            body.replace(b"a BOMB question", b"hi"))
+    if path.endswith(b"not-an-endpoint"):  # `-` decoded too; not an endpoint, forwarded as such
+        assert json.loads(refused.body)["path"] == "/v1/chat-completions-not-an-endpoint"
+        return
+    assert refused.status == 200, refused.body
+    assert json.loads(refused.body)["choices"][0]["message"]["content"] == REFUSAL
+    assert json.loads(answered.body)["choices"][0]["message"]["content"] == "otters"
+    assert [r["path"] for r in recorder.requests[before:]] == ["/v1/chat/completions"]  # the allowed one, decoded
 
 
 def test_a_route_mounted_above_the_api_root_still_guards(scripted):

@@ -1,7 +1,8 @@
 """What is scored: the text pulled out of OpenAI request and response bodies.
 
 Pure functions over already-decoded JSON. The prompt is taken per `scope`:
-    last_user                 the last message whose role is "user"
+    last_user                 the last message whose role is "user" (or any role but the
+                              assistant's, system's and tools' ones, in any case)
     conversation              every message as "role: text", lines joined with "\\n",
                               without system/developer messages (vLLM's RAG `documents`
                               first, as "document: text")
@@ -38,6 +39,15 @@ from policies.errors import RequestShapeError
 
 ENDPOINTS = ("chat/completions", "completions", "responses", "messages")
 _SYSTEM_ROLES = ("system", "developer", "tools")  # "tools": the request's tool descriptions
+# Roles whose text is not the user's turn. vLLM renders any role string through the chat
+# template, so "User", " user" or "human" reach the model as the user's words: every
+# other role is read as the user's (`_user_side`).
+_NOT_USER = frozenset({"assistant", "model", "system", "developer", "tool", "tools", "function", "ipython",
+                       "document"})
+
+
+def _user_side(role: str) -> bool:
+    return role.strip().lower() not in _NOT_USER
 _TEXT_PARTS = ("text", "input_text", "output_text")
 _REASONING_KEYS = ("reasoning", "reasoning_content")
 _RESPONSES_TEXT_DELTAS = ("response.output_text.delta", "response.refusal.delta",
@@ -106,7 +116,7 @@ def _message_text(message: Mapping, *, param: str) -> str:
 def _render(messages: list[tuple[str, str]], scope: str) -> str:
     """last_user → the last user text; conversation scopes → "role: text" lines."""
     if scope == "last_user":
-        return next((text for role, text in reversed(messages) if role == "user"), "")
+        return next((text for role, text in reversed(messages) if _user_side(role)), "")
     keep_system = scope == "conversation_with_system"
     return "\n".join(
         f"{role}: {text}" for role, text in messages

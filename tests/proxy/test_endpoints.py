@@ -281,3 +281,17 @@ def test_llamacpp_s_own_format_at_completions_fails_as_the_policy_says(scripted,
 ])
 def test_which_stream_events_the_guard_reads(endpoint, payload, ok):
     assert readable(endpoint, payload) is ok
+
+
+@pytest.mark.parametrize("role", ["User", "USER", " user", "human"])
+def test_a_user_turn_under_another_spelling_is_still_the_users(scripted, role):
+    """vLLM renders any role string through the chat template, so the model reads these
+    as the user's turn; `last_user` scores them (it used to find no user message and
+    score "")."""
+    url, recorder = scripted
+    before = len(recorder.requests)
+    with running_proxy(policy_yaml(url, prompt="{action: block}"), KeywordScorer()) as proxy:
+        reply = httpx.post(proxy.url + "/v1/chat/completions",
+                           json={"model": "m", "messages": [{"role": role, "content": "a BOMB question"}]})
+    assert reply.status_code == 400 and reply.json()["error"]["code"] == "content_filter"
+    assert len(recorder.requests) == before

@@ -24,6 +24,7 @@ failed; every other action yields `guard_error` under `block` and `allow` under 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from policies.config import PromptStage, ResponseStage
@@ -120,3 +121,16 @@ def headers_for(decision: Decision, *, policy: str | None = None) -> dict[str, s
     if policy is not None:
         headers["x-siren-policy"] = policy
     return headers
+
+
+def merged_headers(prompt: Mapping[str, str], response: Mapping[str, str]) -> dict[str, str]:
+    """The `x-siren-*` headers of a reply both stages decided: one decision's, never a mix.
+
+    The prompt stage's stand unless they are absent or say `allowed` and the response
+    stage's say more (`flagged`, `guard_error`). A stream's headers leave before its reply
+    is scored, so they are the prompt's; a whole reply says the same, and adds the reply's
+    verdict only where the prompt's had nothing to say.
+    """
+    says_more = bool(response) and (not prompt or (prompt.get("x-siren-decision") == "allowed"
+                                             and response.get("x-siren-decision") != "allowed"))
+    return dict(response if says_more else prompt)

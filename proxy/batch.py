@@ -33,7 +33,8 @@ import httpx
 from starlette.responses import Response
 
 from policies.config import Policy
-from policies.decisions import BLOCK, CUT, FLAG, GUARD_ERROR, STEER, Decision, decide_response, headers_for
+from policies.decisions import (BLOCK, CUT, FLAG, GUARD_ERROR, STEER, Decision, decide_response, headers_for,
+                                merged_headers)
 from policies.errors import RequestShapeError
 from policies.extract import batch_prompt_texts, response_text_chat
 
@@ -144,16 +145,18 @@ class BatchCall:
                                  on_close=response.aclose)
         data = await read_whole(response)
         reply = _reply(data, len(kept))
-        if reply is None:
+        if reply is None and not whole:
+            # The refused conversations' choices cannot be put back into it: the upstream's
+            # fault whatever the response stage says, and never the guard's.
+            raise BadGateway("the upstream's reply is not a batch chat completion with one choice per "
+                             "conversation sent, so the proxy cannot answer each conversation")
+        if reply is None:  # sent as it came: the response stage's to judge, as a chat reply's
             decision = decide_response(self.policy.response, None, on_guard_error=self.policy.on_guard_error,
                                        error="the upstream response is not a batch chat completion")
             self.exchange.decided(decision, 0.0)
             if decision.action == GUARD_ERROR:
                 raise GuardUnavailable("the upstream response could not be checked by the safety guard")
-            if whole:  # nothing of the client's to put back into it
-                return self._json_response(data, headers, passthrough)
-            raise BadGateway("the upstream's reply is not a batch chat completion with one choice per "
-                             "conversation sent, so the proxy cannot answer each conversation")
+            return self._json_response(data, headers, passthrough)
         for choice in reply["choices"]:
             choice["index"] = kept[choice["index"]]
         if self.policy.response.action != "off":
@@ -165,7 +168,8 @@ class BatchCall:
 
     async def _guard_replies(self, reply: dict, headers: dict[str, str]) -> dict[str, str]:
         """Each choice scored with its own conversation's prompt; one that crosses is
-        replaced by the refusal."""
+        replaced by the refusal. Returns the prompt stage's `headers` merged with the
+        response stage's, as a chat reply's are (`merged_headers`)."""
         stage = self.policy.response
         choices = reply["choices"]
         started = time.perf_counter()
@@ -179,20 +183,20 @@ class BatchCall:
             logger.warning("guard failed on a batch reply: %s", error)
         ms = (time.perf_counter() - started) * 1000
         self.exchange.timed("response", ms / 1000)
+        decisions: list[Decision] = []
         for position, (choice, score) in enumerate(zip(choices, scores)):
             decision = decide_response(stage, score, on_guard_error=self.policy.on_guard_error, error=error)
+            decisions.append(decision)
             self.exchange.decided(decision, ms, choice=choice["index"])
             if decision.action == GUARD_ERROR:
                 raise GuardUnavailable("the safety guard failed while checking the batch's replies")
             if decision.action == CUT:
                 choices[position] = refused_choice("chat/completions", choice["index"], self.policy.refusal)
-            if decision.action == FLAG and (decision.crossed or "x-siren-decision" not in headers):
-                headers = {**headers, **headers_for(decision, policy=self.policy.name)}
-        return headers
+        return merged_headers(headers, self._flag_headers(decisions))
 
     def _flag_headers(self, decisions: Sequence[Decision | None]) -> dict[str, str]:
-        """`x-siren-*` for a flagging prompt stage: the first conversation that crossed,
-        else the first."""
+        """`x-siren-*` for a flagging stage: the first conversation that crossed, else the
+        first."""
         flagged = [d for d in decisions if d is not None and d.action == FLAG]
         if not flagged:
             return {}

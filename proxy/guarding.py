@@ -26,7 +26,8 @@ import httpx
 from starlette.responses import Response
 
 from policies.config import Policy
-from policies.decisions import BLOCK, FLAG, GUARD_ERROR, REFUSE, STEER, Decision, decide_prompt, headers_for
+from policies.decisions import (BLOCK, FLAG, GUARD_ERROR, REFUSE, STEER, Decision, decide_prompt, headers_for,
+                                merged_headers)
 from policies.errors import RequestShapeError
 from policies.extract import completion_prompts, prompt_text
 
@@ -267,8 +268,8 @@ class GuardedCall:
         data = await read_whole(response)
         content, verdict_headers = await WholeReply(self).guard(data)
         self.write_audit()
-        return Response(content, status_code=200,
-                        headers=dict(response_headers(passthrough, keep_length=False)) | headers | verdict_headers)
+        return Response(content, status_code=200, headers=dict(response_headers(passthrough, keep_length=False))
+                        | merged_headers(headers, verdict_headers))
 
     def write_audit(self) -> None:
         if self.audit is not None:

@@ -64,7 +64,8 @@ def refused_json(endpoint: str, request: Mapping, refusal: str, *, choices: int 
                 "status": "incomplete", "incomplete_details": {"reason": CONTENT_FILTER},
                 "output": [{"id": _id("msg"), "type": "message", "role": "assistant", "status": "incomplete",
                             "content": [{"type": "output_text", "text": refusal, "annotations": []}]}],
-                "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}}
+                "usage": {"input_tokens": 0, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                          "output_tokens": 0, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 0}}
     prefix, kind = ("cmpl", "text_completion") if endpoint == "completions" else ("chatcmpl", "chat.completion")
     return {"id": _id(prefix), "object": kind, "created": created, "model": model,
             "choices": [refused_choice(endpoint, i, refusal)
@@ -258,13 +259,16 @@ def _typed_event(obj: Mapping) -> bytes:
 
 
 def steered(endpoint: str, payload: dict, message: str) -> dict:
-    """The request with the policy's safety instruction added as (or to) the system prompt."""
+    """The request with the policy's safety instruction first in its system prompt, or as
+    its system prompt where it has none: never a second system turn beside the client's,
+    which chat templates that take one leading system message refuse. (`completions` has
+    no system prompt: the message goes before each prompt.)"""
     payload = dict(payload)
     if endpoint == "chat/completions":
         messages = list(payload.get("messages") or [])
-        first = messages[0] if messages else None
-        if isinstance(first, dict) and first.get("role") in ("system", "developer") and isinstance(first.get("content"), str):
-            messages[0] = {**first, "content": f"{message}\n\n{first['content']}"}
+        content = _system_content(messages[0] if messages else None, message, "text")
+        if content is not None:
+            messages[0] = {**messages[0], "content": content}
         else:
             messages.insert(0, {"role": "system", "content": message})
         payload["messages"] = messages
@@ -273,15 +277,42 @@ def steered(endpoint: str, payload: dict, message: str) -> dict:
     elif endpoint == "completions" and isinstance(payload.get("prompt"), list):  # several prompts: each
         payload["prompt"] = [f"{message}\n\n{p}" if isinstance(p, str) else p for p in payload["prompt"]]
     elif endpoint == "responses":
-        instructions = payload.get("instructions")
-        payload["instructions"] = f"{message}\n\n{instructions}" if isinstance(instructions, str) else message
+        instructions, items = payload.get("instructions"), payload.get("input")
+        first = items[0] if isinstance(items, list) and items else None
+        # Servers put `instructions` before the input as a system message of its own; without
+        # them, a leading system item is the system prompt (a message item may omit `type`).
+        leading = first if isinstance(first, dict) and first.get("type", "message") == "message" else None
+        content = None if isinstance(instructions, str) else _system_content(leading, message, "input_text")
+        if content is not None:
+            payload["input"] = [{**first, "content": content}, *items[1:]]
+        else:
+            payload["instructions"] = f"{message}\n\n{instructions}" if isinstance(instructions, str) else message
     elif endpoint == "messages":
         system = payload.get("system")
         if isinstance(system, list):
-            payload["system"] = [{"type": "text", "text": message}, *system]
+            payload["system"] = _before_parts(system, message, "text")
         else:
             payload["system"] = f"{message}\n\n{system}" if isinstance(system, str) and system else message
     return payload
+
+
+def _system_content(first: object, message: str, part_type: str) -> str | list | None:
+    """The content of `first`, a system (or developer) message, with `message` in front;
+    None where `first` is not one, or its content is neither a string nor a list of parts."""
+    if not isinstance(first, dict) or first.get("role") not in ("system", "developer"):
+        return None
+    content = first.get("content")
+    if isinstance(content, str):
+        return f"{message}\n\n{content}"
+    return _before_parts(content, message, part_type) if isinstance(content, list) else None
+
+
+def _before_parts(parts: list, message: str, part_type: str) -> list:
+    """`message` as a text part of its own before `parts`, followed by the blank line a
+    string system prompt gets: the client's parts are left as they came (a server that
+    joins parts with "\\n" adds one more line break), and no server that joins them with
+    nothing runs the two texts together."""
+    return [{"type": part_type, "text": f"{message}\n\n" if parts else message}, *parts]
 
 
 def choice_texts(endpoint: str, body: Mapping) -> list[tuple[int, str]] | None:

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from policies.config import PromptStage, ResponseStage
-from policies.decisions import Decision, decide_prompt, decide_response, headers_for
+from policies.decisions import Decision, decide_prompt, decide_response, headers_for, merged_headers
 from tests.policies.cases import load_example
 
 STEER = PromptStage(action="steer", threshold=0.6, steer_from=0.3, steer_message="Be safe.")
@@ -152,6 +152,38 @@ def test_headers_for(decision, policy, headers):
 def test_headers_never_carry_the_guard_error_text():
     decision = decide_prompt(PromptStage("flag"), None, on_guard_error="allow", error="CUDA OOM at /secret/path")
     assert "secret" not in str(headers_for(decision))
+
+
+def _flag(stage: str, score: float | None, crossed: bool = False, error: str | None = None) -> dict[str, str]:
+    return headers_for(Decision(stage, "flag", score, 0.5, crossed, error))
+
+
+PROMPT_FLAGGED = _flag("prompt", 0.9, True)
+PROMPT_ALLOWED = _flag("prompt", 0.1)
+PROMPT_FAILED = _flag("prompt", None, error="timeout")  # flag under on_guard_error: allow
+REPLY_FLAGGED = _flag("response", 0.8, True)
+REPLY_ALLOWED = _flag("response", 0.2)
+REPLY_FAILED = _flag("response", None, error="timeout")
+
+# (prompt stage's headers, response stage's, what the client gets): one decision, the
+# prompt's unless it was allowed (or absent) and the response's says more
+MERGED = [
+    (PROMPT_FLAGGED, REPLY_ALLOWED, PROMPT_FLAGGED),
+    (PROMPT_FLAGGED, REPLY_FLAGGED, PROMPT_FLAGGED),
+    (PROMPT_FLAGGED, REPLY_FAILED, PROMPT_FLAGGED),
+    (PROMPT_FAILED, REPLY_FLAGGED, PROMPT_FAILED),
+    (PROMPT_ALLOWED, REPLY_ALLOWED, PROMPT_ALLOWED),
+    (PROMPT_ALLOWED, REPLY_FLAGGED, REPLY_FLAGGED),
+    (PROMPT_ALLOWED, REPLY_FAILED, REPLY_FAILED),
+    ({}, REPLY_ALLOWED, REPLY_ALLOWED),
+    (PROMPT_ALLOWED, {}, PROMPT_ALLOWED),
+    ({}, {}, {}),
+]
+
+
+@pytest.mark.parametrize(("prompt", "response", "merged"), MERGED)
+def test_merged_headers_tell_one_decision(prompt, response, merged):
+    assert merged_headers(prompt, response) == merged
 
 
 # The example config must mean what it says: (policy, stage, score, action)

@@ -190,6 +190,26 @@ def test_flag_headers_name_the_conversation_that_crossed(scripted):
     assert reply.headers["x-siren-decision"] == "flagged" and reply.headers["x-siren-score"] == "0.9900"
 
 
+@pytest.mark.parametrize(("questions", "replies", "expected"), [
+    (("a BOMB", "hi"), "fine|fine", ("prompt", "flagged")),
+    (("a BOMB", "hi"), "fine|a BOMB", ("prompt", "flagged")),
+    (("hi", "otters?"), "fine|a BOMB", ("response", "flagged")),
+    (("hi", "otters?"), "fine|fine", ("prompt", "allowed")),
+])
+def test_flag_on_both_stages_tells_the_prompts_verdict_unless_only_a_reply_crossed(scripted, questions, replies,
+                                                                                   expected):
+    """As a chat reply's (tests/proxy/test_guarded.py): one decision, the prompt stage's
+    unless it was allowed and the response stage's says more."""
+    url, _ = scripted
+    text = policy_yaml(url, prompt="{action: flag, threshold: 0.5}",
+                       response="{action: flag, threshold: 0.5, include_prompt: false}")
+    with running_proxy(text, KeywordScorer()) as proxy:
+        reply = httpx.post(proxy.url + PATH, json={"model": "m", "messages": [user(q) for q in questions]},
+                           headers={"x-script": f"text:{replies}"})
+    assert reply.status_code == 200 and len(reply.json()["choices"]) == 2
+    assert (reply.headers["x-siren-stage"], reply.headers["x-siren-decision"]) == expected
+
+
 # -- bad input and faults ---------------------------------------------------------------------
 
 @pytest.mark.parametrize(("body", "param"), [
@@ -227,19 +247,26 @@ def test_an_upstream_error_is_relayed_as_it_came(scripted):
                                  '{"choices": [{"index": 3, "message": {"content": "x"}}]}'])
 def test_an_unreadable_reply_is_never_passed_off_as_the_batchs(scripted, raw):
     """With a conversation held back, the reply must be re-indexed: one the proxy cannot read
-    is a 502. Sent whole, it is the response stage's to judge: 503 where the policy fails
+    is a 502, whatever the response stage would say (the upstream's fault, not the
+    guard's). Sent whole, it is the response stage's to judge: 503 where the policy fails
     closed, as it came where it allows."""
     url, _ = scripted
     body = {"model": "m", "messages": [user("hi"), user("a BOMB")]}
     with running_proxy(policy_yaml(url, prompt=REFUSE), KeywordScorer()) as proxy:
         held_back = httpx.post(proxy.url + PATH, json=body, headers={"x-script": f"raw:{raw}"})
+    held_back_guarded = []
+    for extra in ("", "    on_guard_error: allow"):
+        with running_proxy(policy_yaml(url, prompt=REFUSE, response=CUT, policy_extra=extra),
+                           KeywordScorer()) as proxy:
+            held_back_guarded.append(httpx.post(proxy.url + PATH, json=body, headers={"x-script": f"raw:{raw}"}))
     body = {"model": "m", "messages": [user("hi")]}
     with running_proxy(policy_yaml(url, response=CUT), KeywordScorer()) as proxy:
         closed = httpx.post(proxy.url + PATH, json=body, headers={"x-script": f"raw:{raw}"})
     allow = policy_yaml(url, response=CUT, policy_extra="    on_guard_error: allow")
     with running_proxy(allow, KeywordScorer()) as proxy:
         allowed = httpx.post(proxy.url + PATH, json=body, headers={"x-script": f"raw:{raw}"})
-    assert held_back.status_code == 502 and held_back.json()["error"]["code"] == "bad_upstream_reply"
+    for reply in (held_back, *held_back_guarded):
+        assert reply.status_code == 502 and reply.json()["error"]["code"] == "bad_upstream_reply", reply.text
     assert closed.status_code == 503 and closed.json()["error"]["code"] == "guard_unavailable"
     assert allowed.status_code == 200 and allowed.text == raw
 

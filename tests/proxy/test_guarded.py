@@ -98,6 +98,31 @@ def test_flag_forwards_with_headers(katan_url):
     assert raw.parse().choices[0].message.content.endswith("User: BOMB facts")  # forwarded
 
 
+@pytest.mark.parametrize(("question", "reply", "stream", "expected"), [
+    ("BOMB facts", "fine", False, ("prompt", "flagged", "0.9900")),
+    ("BOMB facts", "fine", True, ("prompt", "flagged", "0.9900")),
+    ("BOMB facts", "a BOMB", False, ("prompt", "flagged", "0.9900")),
+    ("hi", "a BOMB", False, ("response", "flagged", "0.9900")),
+    ("hi", "a BOMB", True, ("prompt", "allowed", "0.0100")),  # the headers went out before the reply was scored
+    ("hi", "fine", False, ("prompt", "allowed", "0.0100")),
+    ("hi", "fine", True, ("prompt", "allowed", "0.0100")),
+])
+def test_flag_on_both_stages_tells_the_prompts_verdict_unless_only_the_reply_crossed(scripted, question, reply,
+                                                                                     stream, expected):
+    """The headers describe one decision: the prompt's, as a stream's do, unless the prompt
+    was allowed and a whole reply's verdict says more. A flagged prompt reads flagged
+    however the reply scores."""
+    url, _ = scripted
+    response = "{action: flag, threshold: 0.5, include_prompt: false}"
+    with running_proxy(policy_yaml(url, prompt="{action: flag, threshold: 0.5}", response=response),
+                       KeywordScorer()) as proxy:
+        raw = httpx.post(proxy.url + "/v1/chat/completions", headers={"x-script": f"text:{reply}"},
+                         json={"model": "m", "messages": user(question), "stream": stream})
+    assert raw.status_code == 200
+    assert (raw.headers["x-siren-stage"], raw.headers["x-siren-decision"], raw.headers["x-siren-score"]) == expected
+    assert raw.headers["x-siren-policy"] == "p"
+
+
 def test_shadow_forwards_untouched_and_records(katan_url, tmp_path):
     audit = tmp_path / "audit.jsonl"
     server = f"  audit_log: {audit}"
@@ -123,6 +148,22 @@ def test_steer_adds_a_system_message_inside_the_band(scripted):
     assert steered == [{"role": "system", "content": "Be careful."}, *user("a borderline question")]
     assert plain == user("a plain question")
     assert refused.choices[0].finish_reason == "content_filter"
+
+
+def test_steer_puts_the_safety_message_into_a_system_message_of_content_parts(scripted):
+    """A system message whose content is a list of parts gets the safety message as its
+    first text part, not a second system message (templates that take one leading system
+    message refuse two)."""
+    url, recorder = scripted
+    prompt = '{action: steer, threshold: 0.8, steer: {from: 0.3, system_message: "Be careful."}}'
+    system = {"role": "system", "content": [{"type": "text", "text": "You are Bob."}]}
+    with running_proxy(policy_yaml(url, prompt=prompt), KeywordScorer()) as proxy:
+        client = sdk(proxy, default_headers={"x-script": "text:ok"})
+        client.chat.completions.create(model="m", messages=[system, *user("a borderline question")])
+    assert recorder.requests[-1]["body"]["messages"] == [
+        {"role": "system", "content": [{"type": "text", "text": "Be careful.\n\n"},
+                                       {"type": "text", "text": "You are Bob."}]},
+        *user("a borderline question")]
 
 
 @pytest.mark.parametrize("on_error,expect", [("block", 503), ("allow", 200)])

@@ -133,7 +133,7 @@ def test_steer_adds_the_safety_message_to_the_system_prompt(scripted):
         ask(client, "a borderline question")
         added = recorder.requests[-1]["body"]["system"]
     assert plain == "Be careful.\n\nYou are terse."
-    assert blocks == [{"type": "text", "text": "Be careful."}, {"type": "text", "text": "You are terse."}]
+    assert blocks == [{"type": "text", "text": "Be careful.\n\n"}, {"type": "text", "text": "You are terse."}]
     assert added == "Be careful."
 
 

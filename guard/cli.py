@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import NoReturn
 
 
 def register(subparsers) -> None:
@@ -23,32 +24,79 @@ def register(subparsers) -> None:
     cmd.add_argument("--artifact", default=None, help="artifact directory or hub id (default: embedded)")
     cmd.add_argument("--device", default=None, help="cpu, cuda or auto (default: auto)")
     cmd.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (default: auto)")
-    cmd.add_argument("--threshold", type=float, default=None, help="override the artifact's threshold")
+    cmd.add_argument("--threshold", type=_unit_interval, default=None,
+                     help="override the artifact's threshold (a number in [0, 1])")
     cmd.add_argument("--batch-size", type=int, default=16, help="rows per batch with --jsonl")
     cmd.set_defaults(func=run_score)
+
+
+def _unit_interval(value: str) -> float:
+    """A threshold as the config takes one: a finite number in [0, 1] (nan is not)."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {value!r}") from None
+    if not 0.0 <= number <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return number
+
+
+def _fail(message: str) -> NoReturn:
+    """Bad input: one line on stderr and exit status 2 (argparse's, and `check-config`'s),
+    never a traceback."""
+    print(f"siren-proxy score: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def _rows(args: argparse.Namespace) -> list[dict]:
     if args.jsonl is not None:
         if args.text is not None or args.prompt is not None or args.response is not None:
-            raise SystemExit("score: --jsonl cannot be combined with text, --prompt or --response")
-        stream = sys.stdin if args.jsonl == "-" else open(args.jsonl, encoding="utf-8")
-        with stream:
-            rows = []
-            for n, line in enumerate(stream, 1):
-                if line.strip():
-                    row = json.loads(line)
-                    if not isinstance(row, dict) or not ({"text", "prompt", "response"} & row.keys()):
-                        raise SystemExit(f"score: {args.jsonl}:{n}: a row needs 'text' or 'prompt'/'response'")
-                    rows.append(row)
-            return rows
+            _fail("--jsonl cannot be combined with text, --prompt or --response")
+        return _read_jsonl(args.jsonl)
     if args.text is not None and (args.prompt is not None or args.response is not None):
-        raise SystemExit("score: pass either text or --prompt/--response, not both")
+        _fail("pass either text or --prompt/--response, not both")
     if args.text is None and args.prompt is None and args.response is None:
-        raise SystemExit("score: give a text, --prompt/--response, or --jsonl FILE")
+        _fail("give a text, --prompt/--response, or --jsonl FILE")
     if args.text is not None:
         return [{"text": args.text}]
     return [{"prompt": args.prompt, "response": args.response}]
+
+
+def _read_jsonl(name: str) -> list[dict]:
+    """Every row of `name` ('-': stdin), each checked before any is scored. Lines are
+    decoded one at a time, so an error names the line it is on (a text stream decodes
+    ahead, in blocks)."""
+    try:
+        stream = sys.stdin.buffer if name == "-" else open(name, "rb")
+    except OSError as exc:
+        _fail(f"{name}: cannot read: {exc.strerror or exc}")
+    rows = []
+    with stream:
+        for n, line in enumerate(stream, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except UnicodeDecodeError:
+                _fail(f"{name}:{n}: not valid UTF-8")
+            except json.JSONDecodeError as exc:
+                _fail(f"{name}:{n}: not valid JSON: {exc.msg} (column {exc.colno})")
+            except (ValueError, RecursionError):
+                _fail(f"{name}:{n}: not valid JSON")
+            if not isinstance(row, dict) or not ({"text", "prompt", "response"} & row.keys()):
+                _fail(f"{name}:{n}: a row needs 'text' or 'prompt'/'response'")
+            if not _row_texts_ok(row):
+                _fail(f"{name}:{n}: 'text' must be a string; 'prompt' and 'response' strings or null, "
+                      "at least one a string")
+            rows.append(row)
+    return rows
+
+
+def _row_texts_ok(row: dict) -> bool:
+    if "text" in row:
+        return isinstance(row["text"], str)
+    texts = [row.get("prompt"), row.get("response")]
+    return all(t is None or isinstance(t, str) for t in texts) and any(isinstance(t, str) for t in texts)
 
 
 def run_score(args: argparse.Namespace) -> int:

@@ -220,7 +220,8 @@ class Section:
         if value is None and nullable:
             return None
         if isinstance(value, bool) or not isinstance(value, int):
-            raise self.error(key, f"expected an integer, got {_kind(value)}")
+            got = _not_finite(value) if isinstance(value, float) else None
+            raise self.error(key, f"expected an integer, got {got or _kind(value)}{_why_a_string(value, interpolated)}")
         return self._bounded(key, value, minimum, maximum)
 
     def number(
@@ -232,8 +233,10 @@ class Section:
             value = _parse(value, float)
         if value is None and nullable:
             return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise self.error(key, f"expected a finite number, got {_kind(value)}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.error(key, f"expected a finite number, got {_kind(value)}{_why_a_string(value, interpolated)}")
+        if _not_finite(value):
+            raise self.error(key, f"expected a finite number, got {_not_finite(value)}")
         if positive and value <= 0:
             raise self.error(key, f"must be > 0, got {value}")
         return float(self._bounded(key, value, minimum, maximum))
@@ -274,6 +277,36 @@ class Section:
         for key in self.value:
             if key not in self._seen:
                 raise self.error(key, f"unknown key (known: {', '.join(sorted(self._seen))})")
+
+
+def _not_finite(value: int | float) -> str | None:
+    """How an error names a number no float holds (never the value itself), or None."""
+    try:
+        number = float(value)
+    except OverflowError:
+        return "an integer too large for a float"
+    if math.isnan(number):
+        return "NaN"
+    return None if math.isfinite(number) else "infinity (.inf, or a number too large for a float, e.g. 1.0e+400)"
+
+
+def _why_a_string(value: Any, interpolated: bool) -> str:
+    """Why a string that reads as a number in Python is a string here: it was quoted, or
+    YAML 1.1 does not read that spelling as a number (`1e3`, `1.0e400`: an exponent needs
+    a '.' before it and a sign after the 'e'). Quotes the value only when it was written in
+    the file (an interpolated value may be a secret)."""
+    if interpolated or not isinstance(value, str) or not re.search(r"\d", value):
+        return ""
+    try:
+        float(value)
+        plain = yaml.load(value, Loader=_Loader)  # what the same text reads as unquoted
+    except (ValueError, yaml.YAMLError):
+        return ""
+    if isinstance(plain, (int, float)) and not isinstance(plain, bool):
+        return f" ({value!r} is quoted: write the number without quotes)"
+    if "e" in value.lower():
+        return f" (YAML reads {value!r} as a string: write an exponent with a '.' and a sign, e.g. 1.0e+3)"
+    return f" (YAML reads {value!r} as a string, not a number)"
 
 
 def _parse(text: str, kind: Callable[[str], Any]) -> Any:

@@ -4,8 +4,9 @@ Invariants of a `Config` that `parse_config` returns (so the proxy never re-chec
 every route names an existing upstream and policy, and an existing `server.api_keys`
 entry when it has an `api_key` condition; no route is shadowed by an earlier one; every
 threshold is in [0, 1]; a steer band satisfies 0 <= steer_from < threshold; upstream
-base URLs are http(s) without a trailing slash; route prefixes start with "/", have no
-trailing slash (except "/" itself) and no `.`/`..` segments, `//` or `%`.
+base URLs are http(s) with a host, a port (if any) in 1-65535 and no trailing slash;
+route prefixes start with "/", have no trailing slash (except "/" itself) and no
+`.`/`..` segments, `//` or `%`.
 
 The policy named `default` always exists: when `policies` does not define it, it is the
 built-in `Policy(name="default")` with every field at its default. When `routes` is
@@ -239,10 +240,10 @@ def _upstreams(top: Section) -> dict[str, Upstream]:
     out = {}
     for name, kp, line, value in entries:
         u = Section(top.ctx, value, kp, line)
-        base_url = u.string("base_url").rstrip("/")
-        parts = urlsplit(base_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
-            raise u.error("base_url", f"must be an http(s) URL without query or fragment; got {u.value['base_url']!r}")
+        try:
+            base_url = upstream_base_url(u.string("base_url"))
+        except ValueError as exc:
+            raise u.error("base_url", f"{exc}; got {u.value['base_url']!r}") from None
         d = Upstream(name, base_url)
         api_key = u.string("api_key", None, nullable=True, nonempty=False)
         out[name] = Upstream(
@@ -255,6 +256,27 @@ def _upstreams(top: Section) -> dict[str, Upstream]:
         )
         u.finish()
     return out
+
+
+def upstream_base_url(url: str) -> str:
+    """`url` as an upstream's `base_url`, its trailing `/` dropped; a `ValueError` saying
+    why when it is not one. The one check for a config file's `base_url` and for
+    `serve --upstream`, so the command line cannot start a proxy the file would refuse."""
+    url = url.rstrip("/")
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.query \
+            or parts.fragment:
+        raise ValueError("must be an http(s) URL without query or fragment")
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or over 65535
+        port = 0
+    if port == 0:
+        raise ValueError("the port must be a number in 1-65535")
+    return url
 
 
 def _guard(g: Section) -> GuardConfig:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import uvicorn
 
-from policies.config import Config
+from policies.config import Config, upstream_base_url
 from policies.errors import ConfigError
 from policies.reload import ConfigHolder
 from policies.routing import guard_needed
@@ -33,9 +33,11 @@ RELOAD_POLL_SECONDS = float(os.environ.get("SIREN_PROXY_RELOAD_POLL_SECONDS", "2
 
 
 def with_overrides(config: Config, upstream: str | None) -> Config:
+    """`config` with every upstream's base_url replaced by `upstream`, which `serve` has
+    checked as a config file's `base_url` is (`upstream_base_url`)."""
     if upstream is None:
         return config
-    base = upstream.rstrip("/")
+    base = upstream_base_url(upstream)
     upstreams = {name: dataclasses.replace(u, base_url=base) for name, u in config.upstreams.items()}
     return dataclasses.replace(config, upstreams=upstreams)
 
@@ -88,6 +90,12 @@ def serve(config_path: str, *, host: str | None = None, port: int | None = None,
           upstream: str | None = None, log_level: str | None = None) -> int:
     from policies.config import load_config
 
+    if upstream is not None:
+        try:
+            upstream_base_url(upstream)
+        except ValueError as exc:  # as the file's `base_url` would be refused, before anything starts
+            print(f"siren-proxy: invalid --upstream: {exc}; got {upstream!r}", file=sys.stderr)
+            return 2
     try:
         config = load_config(config_path)
     except ConfigError as exc:

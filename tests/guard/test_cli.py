@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,9 +41,63 @@ def test_score_text_prompt_response_and_jsonl(artifact, tmp_path, capsys):
     assert lines[1]["score"] == pytest.approx(guard.score(prompt="two", response="three").score, abs=1e-5)
 
 
-def test_score_refuses_ambiguous_input(artifact):
-    with pytest.raises(SystemExit):
+def test_score_refuses_ambiguous_input(artifact, capsys):
+    with pytest.raises(SystemExit) as exit_info:
         main(["score", "text", "--prompt", "p", "--artifact", str(artifact)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "siren-proxy score: pass either text or --prompt/--response, not both\n"
+
+
+@pytest.mark.parametrize(("second", "problem"), [
+    (b"{not json}", "not valid JSON: Expecting property name enclosed in double quotes (column 2)"),
+    (b'{"text": "caf\xe9"}', "not valid UTF-8"),
+    (b'["text"]', "a row needs 'text' or 'prompt'/'response'"),
+    (b'{"text": 5}', "'text' must be a string"),
+    (b'{"prompt": null, "response": null}', "'text' must be a string"),
+    (b"[" * 100000 + b"]" * 100000, "not valid JSON"),
+])
+def test_score_jsonl_bad_line_is_one_line_naming_file_and_line(tmp_path, capsys, second, problem):
+    """Checked before the artifact loads (it does not exist here): exit 2, no traceback."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_bytes(b'{"text": "fine"}\n' + second + b"\n" + b'{"text": "after"}\n')
+    with pytest.raises(SystemExit) as exit_info:
+        main(["score", "--jsonl", str(rows), "--artifact", str(tmp_path / "absent")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"siren-proxy score: {rows}:2: {problem}") and err.count("\n") == 1, err
+
+
+def test_score_jsonl_missing_file(tmp_path, capsys):
+    missing = tmp_path / "missing.jsonl"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["score", "--jsonl", str(missing)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"siren-proxy score: {missing}: cannot read: No such file or directory\n"
+
+
+def test_score_jsonl_errors_reach_the_shell_without_a_traceback(tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "fine"}\nnot json\n')
+    result = subprocess.run([sys.executable, "-m", "proxy", "score", "--jsonl", str(rows)],
+                            capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[2])
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"siren-proxy score: {rows}:2: not valid JSON") and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("value", ["2", "-0.1", "1.5", "nan", "inf", "high"])
+def test_score_threshold_outside_0_1_is_a_usage_error(artifact, capsys, value):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["score", "hello", "--artifact", str(artifact), "--device", "cpu", "--threshold", value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: argument --threshold: must be" in err and "[0, 1]" in err
+
+
+@pytest.mark.parametrize("value", ["0", "1", "0.25"])
+def test_score_threshold_bounds_are_accepted(artifact, capsys, value):
+    common = ["--artifact", str(artifact), "--device", "cpu", "--dtype", "float32"]
+    assert main(["score", "hello", *common, "--threshold", value]) == 0
+    assert json.loads(capsys.readouterr().out)["threshold"] == float(value)
 
 
 @pytest.mark.parametrize("value", ["0", "-2", "two"])

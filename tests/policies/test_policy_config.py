@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 
@@ -7,7 +8,7 @@ import pytest
 
 from policies.config import (
     DEFAULT_REFUSAL, ApiKey, GuardConfig, Policy, PromptStage, ResponseStage, Rerank, Route,
-    ServerConfig, load_config, parse_config,
+    ServerConfig, load_config, parse_config, upstream_base_url,
 )
 from policies.errors import ConfigError
 from tests.policies.cases import EXAMPLE, load_example, parse
@@ -142,6 +143,19 @@ ERRORS = [
     ("upstreams:\n  local:\n    base_url: http:///v1\n", "upstreams.local.base_url", 3, "http(s)"),
     ("upstreams:\n  local:\n    base_url: http://x/v1?a=1\n", "upstreams.local.base_url", 3, "query"),
     ("upstreams:\n  local:\n    base_url: 8000\n", "upstreams.local.base_url", 3, "expected a string"),
+    ("upstreams:\n  local:\n    base_url: http://x:99999/v1\n", "upstreams.local.base_url", 3,
+     "the port must be a number in 1-65535; got 'http://x:99999/v1'"),
+    ("upstreams:\n  local:\n    base_url: http://x:0/v1\n", "upstreams.local.base_url", 3, "port must be"),
+    ("upstreams:\n  local:\n    base_url: http://x:eighty/v1\n", "upstreams.local.base_url", 3, "port must be"),
+    ("upstreams:\n  local:\n    base_url: 'http://[::1/v1'\n", "upstreams.local.base_url", 3, "http(s)"),
+    (UP + "    connect_timeout: 1.0e+400\n", "upstreams.local.connect_timeout", 4,
+     "expected a finite number, got infinity"),
+    (UP + "    connect_timeout: 1" + "0" * 400 + "\n", "upstreams.local.connect_timeout", 4,
+     "got an integer too large for a float"),
+    (UP + "    connect_timeout: 1e3\n", "upstreams.local.connect_timeout", 4,
+     "got a string (YAML reads '1e3' as a string: write an exponent with a '.' and a sign, e.g. 1.0e+3)"),
+    (UP + "    max_connections: '8'\n", "upstreams.local.max_connections", 4,
+     "expected an integer, got a string ('8' is quoted: write the number without quotes)"),
     (UP + "    read_timeout: 0\n", "upstreams.local.read_timeout", 4, "> 0"),
     (UP + "    connect_timeout: true\n", "upstreams.local.connect_timeout", 4, "finite number"),
     (UP + "    max_connections: 1.5\n", "upstreams.local.max_connections", 4, "integer"),
@@ -184,6 +198,12 @@ ERRORS = [
      "policies.p.prompt.mode", 8, "parallel"),
     (UP + "policies:\n  p:\n    response: {action: refuse}\n", "policies.p.response.action", 6, "one of cut"),
     (UP + "policies:\n  p:\n    response: {check_every: 0}\n", "policies.p.response.check_every", 6, ">= 1"),
+    (UP + "policies:\n  p:\n    response: {check_every: 1e400}\n", "policies.p.response.check_every", 6,
+     "expected an integer, got a string (YAML reads '1e400' as a string"),
+    (UP + "policies:\n  p:\n    response: {check_every: 1.0e+400}\n", "policies.p.response.check_every", 6,
+     "expected an integer, got infinity"),
+    (UP + "policies:\n  p:\n    prompt: {threshold: 5e-1}\n", "policies.p.prompt.threshold", 6,
+     "YAML reads '5e-1' as a string"),
     (UP + "policies:\n  p:\n    response: {holdback: -1}\n", "policies.p.response.holdback", 6, ">= 0"),
     (UP + "policies:\n  p:\n    response: {include_prompt: 1}\n", "policies.p.response.include_prompt", 6, "true or false"),
     (UP + "policies:\n  p:\n    response: {threshhold: 0.5}\n", "policies.p.response.threshhold", 6, "unknown key"),
@@ -307,6 +327,34 @@ def test_interpolated_non_number_is_a_type_error_without_the_value():
     with pytest.raises(ConfigError) as info:
         parse_config(UP + "server:\n  port: ${PORT}\n", env={"PORT": "secret-ish"})
     assert info.value.key_path == "server.port" and "secret-ish" not in str(info.value)
+
+
+def test_an_interpolated_number_that_is_not_finite_is_named_without_its_value():
+    with pytest.raises(ConfigError) as info:
+        parse_config(UP + "server:\n  request_timeout: ${T}\n", env={"T": "1e999"})
+    assert info.value.reason == "expected a finite number, got infinity (.inf, or a number too large for a float, e.g. 1.0e+400)"
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    ("http://127.0.0.1:8000/v1/", "http://127.0.0.1:8000/v1"),
+    ("https://example.com:65535", "https://example.com:65535"),
+    ("http://[::1]:1/v1", "http://[::1]:1/v1"),
+])
+def test_upstream_base_url_accepts(url, expected):
+    assert upstream_base_url(url) == expected
+
+
+@pytest.mark.parametrize(("url", "reason"), [
+    ("ftp://x/v1", "must be an http(s) URL without query or fragment"),
+    ("http:///v1", "must be an http(s) URL without query or fragment"),
+    ("http://x/v1#f", "must be an http(s) URL without query or fragment"),
+    ("http://[::1/v1", "must be an http(s) URL without query or fragment"),
+    ("http://x:65536/v1", "the port must be a number in 1-65535"),
+    ("http://x:-1/v1", "the port must be a number in 1-65535"),
+])
+def test_upstream_base_url_refuses(url, reason):
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        upstream_base_url(url)
 
 
 def test_missing_secret_names_variable_not_value():

@@ -7,9 +7,11 @@ the servers. No guard is involved here: every policy is `off`.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import socket
 import time
+import zlib
 from pathlib import Path
 
 import httpx
@@ -164,6 +166,35 @@ def test_json_endpoint_rejects_non_objects(via_katan, body):
     response = httpx.post(via_katan.url + "/v1/chat/completions", content=body)
     assert response.status_code == 400
     assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(("path", "compress", "coding"), [
+    ("/v1/chat/completions", gzip.compress, "gzip"),
+    ("/v1/responses", gzip.compress, "gzip"),
+    ("/v1/embeddings", zlib.compress, "deflate"),
+])
+def test_compressed_body_on_a_json_endpoint_is_400_not_forwarded(via_scripted, path, compress, coding):
+    """Refused, never inflated nor forwarded, with a message that says what to do (it said
+    "not valid UTF-8", which is true of the bytes and no help)."""
+    proxy, recorder = via_scripted
+    before = len(recorder.requests)
+    body = compress(json.dumps({"model": "smollm2", "messages": [{"role": "user", "content": "hi"}],
+                                "input": "hi"}).encode())
+    response = httpx.post(proxy.url + path, content=body,
+                          headers={"content-type": "application/json", "content-encoding": coding})
+    assert response.status_code == 400
+    assert response.json() == {"error": {
+        "message": f"request body is compressed ({coding}); this endpoint does not accept compressed request "
+                   "bodies: send the JSON uncompressed, without Content-Encoding",
+        "type": "invalid_request_error", "param": None, "code": None}}
+    assert len(recorder.requests) == before
+
+
+def test_compressed_body_elsewhere_is_forwarded_as_sent(via_scripted):
+    proxy, _ = via_scripted
+    body = gzip.compress(b'{"purpose": "batch"}')
+    seen = httpx.post(proxy.url + "/v1/files", content=body, headers={"content-encoding": "gzip"}).json()
+    assert seen["body"].encode("latin-1") == body and seen["headers"]["content-encoding"] == "gzip"
 
 
 def test_body_over_limit_is_413(via_katan):

@@ -155,6 +155,28 @@ def test_bad_config_fails_at_start_naming_the_key(tmp_path, text, names):
     assert names in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(("upstream", "reason"), [
+    ("ftp://x/v1", "must be an http(s) URL without query or fragment; got 'ftp://x/v1'"),
+    ("http://127.0.0.1:99999/v1", "the port must be a number in 1-65535; got 'http://127.0.0.1:99999/v1'"),
+])
+def test_bad_upstream_flag_fails_at_start_as_the_file_would(tmp_path, upstream, reason):
+    """`--upstream` is checked as a config file's `base_url` is, before anything listens."""
+    path = tmp_path / "config.yaml"
+    path.write_text(config_text("http://127.0.0.1:8000/v1"))
+    port = free_port()
+    try:
+        result = subprocess.run([sys.executable, "-m", "proxy", "serve", "--config", str(path), "--port", str(port),
+                                 "--upstream", upstream], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"serve --upstream {upstream} started serving")
+    assert result.returncode == 2
+    assert result.stderr == f"siren-proxy: invalid --upstream: {reason}\n"
+    path.write_text(config_text(upstream))
+    check = subprocess.run([sys.executable, "-m", "proxy", "check-config", str(path)],
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 2 and check.stderr.rstrip().endswith(f"upstreams.up.base_url: {reason}")
+
+
 def test_check_config_prints_the_routing_table():
     result = subprocess.run([sys.executable, "-m", "proxy", "check-config", "config.yaml"],
                             capture_output=True, text=True, timeout=60, cwd=Path(__file__).parents[2])

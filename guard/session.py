@@ -31,7 +31,7 @@ Not thread-safe: one session belongs to one `SirenGuard`, used from one thread a
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from transformers import DynamicCache
@@ -296,11 +296,13 @@ class StreamSession:
 
 
 @torch.no_grad()
-def append_all(appends: Sequence[tuple[StreamSession, str]]) -> list[ScoreResult]:
+def append_all(appends: Sequence[tuple[StreamSession, str]],
+               given_up: Sequence[Callable[[], bool]] | None = None) -> list[ScoreResult]:
     """`session.append(delta)` for several sessions of one guard at once: each round,
     every session's next feed goes into one packed forward (`guard.packing`), so N
     concurrent checks cost far less than N checks (README, "Concurrency"). Scores equal
-    those of appending one session at a time."""
+    those of appending one session at a time. `given_up[i]()` true stops session i's
+    update between rounds (`_drive`): its score is NaN, and its next check re-reads it all."""
     if not appends:
         return []
     guard = appends[0][0].guard
@@ -312,15 +314,20 @@ def append_all(appends: Sequence[tuple[StreamSession, str]]) -> list[ScoreResult
     for session, delta in appends:
         session.response += delta or ""
         updates.append(session._updates(session._text()))
-    scores = _drive(guard, updates)
+    scores = _drive(guard, updates, given_up)
     return [ScoreResult.of(score, session.threshold) for score, (session, _) in zip(scores, appends)]
 
 
-def _drive(guard, updates: list[Iterator[tuple[_Window, list[int]]]]) -> list[float]:
+def _drive(guard, updates: list[Iterator[tuple[_Window, list[int]]]],
+           given_up: Sequence[Callable[[], bool]] | None = None) -> list[float]:
     """Run session updates (`StreamSession._updates`) side by side to their scores.
 
     Each round takes every running update's next feed: windows in a static slot step on
-    their own, all others go through `guard.feed_rows` together."""
+    their own, all others go through `guard.feed_rows` together. Between rounds, an
+    update whose `given_up[i]()` is true (its caller left: a client gone, a deadline
+    passed) is closed, which resets its session, and scores NaN; the others go on. A long
+    prompt's prefill is a round per window, so nobody waits minutes for text no one
+    will read."""
     scores = [0.0] * len(updates)
     pending: dict[int, tuple[_Window, list[int]]] = {}
 
@@ -334,6 +341,13 @@ def _drive(guard, updates: list[Iterator[tuple[_Window, list[int]]]]) -> list[fl
         for i in range(len(updates)):
             advance(i)
         while pending:
+            if given_up is not None:
+                for i in [i for i in pending if given_up[i]()]:
+                    del pending[i]
+                    updates[i].close()
+                    scores[i] = float("nan")
+                if not pending:
+                    break
             feeds, pending = pending, {}
             _feed_round(guard, list(feeds.values()))
             order = list(feeds)

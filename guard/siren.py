@@ -18,7 +18,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ from transformers import DynamicCache
 
 from guard.artifact import ArtifactConfig, load_head, read_artifact
 from guard.backbone import Backbone, load_backbone
-from guard.errors import ArtifactError, BackboneError
+from guard.errors import Abandoned, ArtifactError, BackboneError
 from guard.head import SirenHead
 from guard.prefixes import PrefixCache
 from guard.readout import Readout
@@ -301,9 +301,10 @@ class SirenGuard:
                              cache_salt=cache_salt)
 
     @torch.no_grad()
-    def p_harmful(self, prepared: Sequence[str]) -> list[float]:
+    def p_harmful(self, prepared: Sequence[str], given_up: Callable[[], bool] | None = None) -> list[float]:
         """P(harmful) of texts already prepared by `guard.text.model_text`; a text's score
-        is its windows' maximum.
+        is its windows' maximum. `given_up()` true between forwards raises `Abandoned`
+        (the worker's callers all left: a long text is not read to its end for nobody).
 
         On CPU, where the backbone takes packed steps (`guard.packing`), every window's
         tokens are packed into forwards of at most `MAX_BATCH_TOKENS`, no padding, each
@@ -325,6 +326,7 @@ class SirenGuard:
         if self._packer is not None and self.device.type == "cpu":
             config = self._readout.model.config
             for lo, hi in _token_chunks([len(ids) for _, ids in windows]):
+                _check(given_up)
                 chunk = windows[lo:hi]
                 rows = self._packer.rows([(DynamicCache(config=config), ids) for _, ids in chunk])
                 pooled = torch.cat([r.sum(dim=0, keepdim=True) / len(r) for r in rows]) * self._readout.weights
@@ -336,6 +338,7 @@ class SirenGuard:
         pad_share = max_pad_share(self.device)
         lo = 0
         while lo < len(windows):
+            _check(given_up)
             hi, real = lo + 1, len(windows[lo][1])
             while hi < len(windows):
                 padded = len(windows[hi][1]) * (hi + 1 - lo)  # sorted: the new one is the widest
@@ -359,6 +362,11 @@ class SirenGuard:
 
     def close(self) -> None:
         self._readout.close()
+
+
+def _check(given_up: Callable[[], bool] | None) -> None:
+    if given_up is not None and given_up():
+        raise Abandoned("every caller of this scoring gave up")
 
 
 def _token_chunks(lengths: Sequence[int]) -> Iterator[tuple[int, int]]:

@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
-from guard.errors import GuardError, QueueFull, ScoringError, WorkerClosed
+from guard.errors import Abandoned, GuardError, QueueFull, ScoringError, WorkerClosed
 from guard.text import model_text
 
 logger = logging.getLogger(__name__)
@@ -220,7 +220,10 @@ class GuardWorker:
         self.batches += 1
         if self.on_batch is not None:
             self.on_batch(len(texts))
-        scores = self.guard.p_harmful(texts)
+        try:
+            scores = self.guard.p_harmful(texts, given_up=lambda: all(job.future.cancelled() for job in jobs))
+        except Abandoned:  # every caller left (cancelled): a long text is not read on for nobody
+            return
         i = 0
         for job in jobs:
             _resolve(job.future, scores[i : i + len(job.texts)])
@@ -248,7 +251,10 @@ class GuardWorker:
             self.stream_steps += len(steps)
             if self.on_stream_round is not None:
                 self.on_stream_round(len(steps))
-            results = append_all([(job.session._session, job.payload or "") for job in steps])
+            # A step whose caller gave up (a client gone, a deadline passed: the awaiting
+            # task was cancelled, and with it the job's future) stops between windows.
+            results = append_all([(job.session._session, job.payload or "") for job in steps],
+                                 given_up=[job.future.cancelled for job in steps])
             scores = {id(job): result.score for job, result in zip(steps, results)}
         for job in live:  # an open's score is its prompt's own (None without a prompt)
             _resolve(job.future, (scores.get(id(job)), job.session._session.tokens))

@@ -12,7 +12,9 @@
     ├── GuardUnavailable    503     the guard failed and the policy fails closed
     ├── UpstreamUnreachable 502     connect failed, reset before the response began
     ├── BadGateway          502     an upstream reply the proxy must rewrite and cannot read
-    └── UpstreamTimeout     504     connect or read timeout before the response began
+    ├── UpstreamTimeout     504     connect or read timeout before the response began
+    └── ClientClosed        499     the client left before the response began (nobody reads
+                                    it; the status is for logs and metrics, as nginx's 499)
 
 Before response headers go out an error is a real status code with the JSON envelope;
 after they have gone out it is an in-band SSE event followed by ``data: [DONE]``, which
@@ -94,6 +96,10 @@ class BadGateway(ProxyError):
 
 class UpstreamTimeout(ProxyError):
     status, type, code = 504, "server_error", "upstream_timeout"
+
+
+class ClientClosed(ProxyError):
+    status, type, code = 499, "invalid_request_error", "client_closed"
 
 
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:

@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 import httpx
 from starlette.requests import Request
@@ -22,8 +22,8 @@ from policies.config import Config, Policy
 from policies.errors import UnsafePathError
 from policies.routing import match_route, normalize_path
 
-from .errors import (BadRequest, Forbidden, NotFound, Overloaded, PayloadTooLarge, ProxyError, RequestTimeout,
-                     Unauthorized, anthropic_path, error_event, error_response)
+from .errors import (BadRequest, ClientClosed, Forbidden, NotFound, Overloaded, PayloadTooLarge, ProxyError,
+                     RequestTimeout, Unauthorized, anthropic_path, error_event, error_response)
 from . import batch, moderations
 from .endpoints import guarded_endpoint, unread_endpoint
 from .metrics import Metrics
@@ -66,12 +66,25 @@ def json_endpoint(path: str, method: str) -> bool:
     return method == "POST" and path.rstrip("/").endswith(JSON_ENDPOINTS)
 
 
+# How a compressed body starts (no JSON text can): gzip, zstd, and zlib's usual header.
+COMPRESSED_MAGIC = ((b"\x1f\x8b", "gzip"), (b"\x28\xb5\x2f\xfd", "zstd"), (b"\x78\x01", "deflate"),
+                    (b"\x78\x5e", "deflate"), (b"\x78\x9c", "deflate"), (b"\x78\xda", "deflate"))
+
+
 def parse_json_object(body: bytes) -> dict:
+    """The body of a JSON endpoint. A compressed body (`Content-Encoding: gzip`) is refused,
+    not inflated: the guard must read what the upstream reads, and inflating would let a
+    few kilobytes past `max_body_bytes` grow without bound. Told apart only once the body
+    fails to parse, so no JSON body is ever taken for a compressed one."""
     try:
         payload = json.loads(body)
-    except UnicodeDecodeError:
-        raise BadRequest("request body is not valid UTF-8") from None
     except (ValueError, RecursionError) as exc:
+        coding = next((name for magic, name in COMPRESSED_MAGIC if body.startswith(magic)), None)
+        if coding is not None:
+            raise BadRequest(f"request body is compressed ({coding}); this endpoint does not accept compressed "
+                             "request bodies: send the JSON uncompressed, without Content-Encoding") from None
+        if isinstance(exc, UnicodeDecodeError):
+            raise BadRequest("request body is not valid UTF-8") from None
         raise BadRequest(f"request body is not valid JSON: {exc}"[:300]) from None
     if not isinstance(payload, dict):
         raise BadRequest("request body must be a JSON object")
@@ -119,7 +132,7 @@ class Proxy:
             self.metrics.active_streams.inc()
         try:
             async with asyncio.timeout_at(deadline):
-                response = await self._handle(request, config, path, body, payload)
+                response = await until_disconnect(request, self._handle(request, config, path, body, payload))
         except TimeoutError:
             self._stream_ended(streaming)
             raise RequestTimeout(f"the request did not complete within {timeout}s") from None
@@ -221,6 +234,33 @@ class Proxy:
             call = GuardedCall(scorer=self.scorer, audit=self.audit, endpoint=endpoint, payload=payload,
                                policy=policy, exchange=exchange, cache_salt=salt)
         return await call.run(send, body)
+
+
+async def until_disconnect(request: Request, pipeline: Awaitable[Response]) -> Response:
+    """`pipeline`'s response, or `ClientClosed` if the client disconnects first: its
+    task is cancelled, and with it the guard's work for it (`guard.worker`: a long
+    prompt's prefill stops at its next window), so a client that gives up frees the
+    guard for the others. Once a response exists, `RelayResponse` watches instead."""
+    task = asyncio.ensure_future(pipeline)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # the deadline (or shutdown) cancelled us: the pipeline goes too
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)  # its cleanup (a session's close) runs now
+    raise ClientClosed("the client closed the connection before the response began")
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects (the body is read: ASGI's next message)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def refuse_unguarded(method: str, path: str, url: str, endpoint: str | None, payload: dict | None,

@@ -136,9 +136,9 @@ async def busy(worker, guard, monkeypatch) -> tuple[asyncio.Future, threading.Ev
     gate = threading.Event()
     p_harmful = guard.p_harmful
 
-    def gated(prepared):
+    def gated(prepared, given_up=None):
         gate.wait(5)
-        return p_harmful(prepared)
+        return p_harmful(prepared, given_up)
 
     monkeypatch.setattr(guard, "p_harmful", gated)
     blocker = worker.submit_score(response="busy")  # queued now, not when a task first runs
@@ -327,7 +327,7 @@ class _Fake:
     def __init__(self, error: Exception | None = None, gate: threading.Event | None = None):
         self.error, self.gate = error, gate
 
-    def p_harmful(self, texts):
+    def p_harmful(self, texts, given_up=None):
         if self.gate is not None:
             self.gate.wait(5)
         if self.error is not None:
@@ -401,3 +401,82 @@ def test_the_event_loop_keeps_running_while_the_model_works():
     finally:
         worker.close()
     assert score == 0.25 and ticks >= 10
+
+
+# -- callers that leave: no long text is read on for nobody ---------------------------------
+
+def long_prompt(real_rows) -> str:
+    return "\n".join(r["prompt"] + " " + r["response"] for r in real_rows[:12])  # ~40 windows of 64
+
+
+def test_a_prefill_whose_caller_left_stops_between_windows(guard, real_rows, monkeypatch):
+    """A session's prefill runs a round per window; when its caller's await is cancelled
+    (a client gone, a deadline passed) the worker stops it at the next round and serves
+    the queue, rather than reading a long prompt to its end for nobody."""
+    import guard.session as session_module
+
+    prompt = long_prompt(real_rows)
+    windows = len(guard.plan.spans(len(guard.plan.body(guard.tokenizer, model_text(prompt=prompt)))))
+    assert windows >= 20
+    rounds, feed_round = [], session_module._feed_round
+
+    def slow_round(g, feeds):
+        rounds.append(len(feeds))
+        time.sleep(0.02)
+        return feed_round(g, feeds)
+
+    monkeypatch.setattr(session_module, "_feed_round", slow_round)
+    worker = GuardWorker(guard)
+
+    async def main():
+        session = worker.stream(prompt)
+        waiting = asyncio.ensure_future(session.prompt_score())
+        while not rounds:
+            await asyncio.sleep(0.005)
+        waiting.cancel()
+        after = await worker.score(response="a short text after it")  # served once the prefill stops
+        await session.aclose()
+        return after
+
+    try:
+        after = asyncio.run(main())
+    finally:
+        worker.close()
+    assert len(rounds) < windows / 2, (len(rounds), windows)
+    assert after == pytest.approx(guard.p_harmful([model_text(response="a short text after it")])[0], abs=TOL)
+
+
+def test_a_session_stopped_part_way_reads_everything_at_its_next_check(guard, real_rows):
+    """`append_all(..., given_up=...)`: the session given up scores NaN and forgets its
+    cache; its next check re-reads the whole text (exact); the others are unaffected."""
+    from guard.session import append_all
+
+    prompt = long_prompt(real_rows)[:1500]
+    left, stays = guard.stream(prompt=prompt), guard.stream(prompt="otters?")
+    first = append_all([(left, "Sure, "), (stays, "Otters ")], given_up=[lambda: True, lambda: False])
+    assert math.isnan(first[0].score)
+    assert first[1].score == pytest.approx(guard.p_harmful([model_text(prompt="otters?", response="Otters ")])[0],
+                                           abs=TOL)
+    again = left.append("here it is.")
+    assert left.response == "Sure, here it is."
+    assert again.score == pytest.approx(
+        guard.p_harmful([model_text(prompt=prompt, response="Sure, here it is.")])[0], abs=TOL)
+
+
+def test_a_full_text_scoring_nobody_waits_for_stops_between_forwards(guard, real_rows, monkeypatch):
+    import guard.siren as siren_module
+    from guard.errors import Abandoned
+
+    monkeypatch.setattr(siren_module, "MAX_BATCH_TOKENS", 256)  # several forwards for short texts
+    texts = [model_text(prompt=r["prompt"] + " " + r["response"][:400]) for r in real_rows[:4]]
+    checks = []
+
+    def gives_up():
+        checks.append(1)
+        return len(checks) > 1  # after the first forward
+
+    with pytest.raises(Abandoned):
+        guard.p_harmful(texts, given_up=gives_up)
+    checks.clear()
+    assert guard.p_harmful(texts, given_up=lambda: bool(checks.append(1))) == guard.p_harmful(texts)
+    assert len(checks) >= 4  # the whole scoring takes several forwards; the abandoned one ran one

@@ -10,6 +10,7 @@ serves a plain request. The README ("Faults: what the client sees") has the tabl
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -345,3 +346,57 @@ def test_broken_config_on_reload_keeps_the_old_one_serving(scripted, tmp_path):
         path.write_text(GOOD.format(url=url, action="refuse"))
         assert holder.reload() is True
         assert ask_once() == "content_filter"  # the new policy refuses the same request
+
+
+class Watched(KeywordScorer):
+    """Records whether a prompt's scoring ran to its end or was cancelled."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__(delay=delay)
+        self.ended: list[str] = []
+
+    async def _score(self, text: str) -> float:
+        try:
+            score = await super()._score(text)
+        except asyncio.CancelledError:
+            self.ended.append("cancelled")
+            raise
+        self.ended.append("scored")
+        return score
+
+
+@pytest.mark.parametrize("response", ["{action: off}", "{action: cut}"])  # full-text score / session prefill
+def test_a_client_that_leaves_during_the_prompt_stage_frees_the_guard(scripted, response):
+    """The guard's work for a client that has left is cancelled (with the real guard, a
+    long prompt's prefill stops at its next window: tests/guard/test_worker.py), and the
+    upstream is never called."""
+    url, recorder = scripted
+    scorer = Watched(delay=30)
+    before = len(recorder.requests)
+    text = GOOD.format(url=url, action="refuse").replace("response: {action: off}", f"response: {response}")
+    with running_proxy(text, scorer) as server:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + "/v1/chat/completions", timeout=0.5,
+                       json={"model": "m", "messages": [{"role": "user", "content": "a long prompt"}]})
+        wait_for(lambda: scorer.ended)
+        metrics = httpx.get(server.url + "/metrics").text
+    assert scorer.ended == ["cancelled"]  # not scored to its end (30 s) for nobody
+    assert len(recorder.requests) == before
+    assert 'siren_proxy_requests_total{route="routes[0]",status="499"} 1.0' in metrics
+
+
+@pytest.mark.parametrize("response", ["{action: off}", "{action: cut}"])
+def test_a_request_past_its_deadline_frees_the_guard(scripted, response):
+    url, recorder = scripted
+    scorer = Watched(delay=30)
+    before = len(recorder.requests)
+    text = "server:\n  request_timeout: 0.5\n" + GOOD.format(url=url, action="refuse").replace(
+        "response: {action: off}", f"response: {response}")
+    with running_proxy(text, scorer) as server:
+        reply = httpx.post(server.url + "/v1/chat/completions", timeout=10,
+                           json={"model": "m", "messages": [{"role": "user", "content": "a long prompt"}]})
+        wait_for(lambda: scorer.ended)
+        time.sleep(0.5)  # a pipeline that went on after its deadline would call the upstream by now
+    assert scorer.ended == ["cancelled"]
+    assert reply.status_code == 504 and reply.json()["error"]["code"] == "request_timeout"
+    assert len(recorder.requests) == before

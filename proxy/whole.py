@@ -71,7 +71,7 @@ class WholeReply:
         ms = (time.perf_counter() - started) * 1000
         call.exchange.timed("response", ms / 1000)
         headers: dict[str, str] = {}
-        changed = False
+        changed = flagged = False
         for (index, _), score in zip(choices, scores):
             decision = decide_response(call.policy.response, score, on_guard_error=call.policy.on_guard_error,
                                        error=error)
@@ -81,8 +81,9 @@ class WholeReply:
             if decision.action == CUT:
                 refuse_choice(call.endpoint, call.payload, call.policy.refusal, body, index)
                 changed = True
-            if decision.action == FLAG and (not headers or decision.crossed):
-                headers = headers_for(decision, policy=call.policy.name)
+            if decision.action == FLAG and (not headers or (decision.crossed and not flagged)):
+                headers = headers_for(decision, policy=call.policy.name)  # the first that crossed, else the first
+                flagged = decision.crossed
         return (json.dumps(body, ensure_ascii=False).encode() if changed else data), headers
 
     async def rank(self, response: httpx.Response, headers: dict[str, str]) -> Response:

@@ -123,6 +123,15 @@ def test_flag_on_both_stages_tells_the_prompts_verdict_unless_only_the_reply_cro
     assert raw.headers["x-siren-policy"] == "p"
 
 
+def test_a_whole_replys_flag_headers_tell_the_first_choice_that_crossed(scripted):
+    url, _ = scripted
+    response = "{action: flag, threshold: 0.3, include_prompt: false}"
+    with running_proxy(policy_yaml(url, response=response), KeywordScorer()) as proxy:
+        raw = httpx.post(proxy.url + "/v1/chat/completions", headers={"x-script": "text:fine|a BOMB|borderline"},
+                         json={"model": "m", "messages": user("hi"), "n": 3})
+    assert (raw.headers["x-siren-decision"], raw.headers["x-siren-score"]) == ("flagged", "0.9900")
+
+
 def test_shadow_forwards_untouched_and_records(katan_url, tmp_path):
     audit = tmp_path / "audit.jsonl"
     server = f"  audit_log: {audit}"

@@ -69,6 +69,9 @@ class ServerConfig:
     request_timeout: float | None = None
     audit_log: str | None = None
     log_level: str = "info"
+    # UTF-8 bytes of one prompt the guard reads (what a request makes it score from scratch
+    # is bounded by it: a token is at least a byte); None: no bound
+    max_prompt_bytes: int | None = 64 * 1024
 
     @property
     def auth_required(self) -> bool:
@@ -223,6 +226,7 @@ def _server(s: Section) -> ServerConfig:
         host=s.string("host", d.host),
         port=s.integer("port", d.port, minimum=0, maximum=65535),
         max_body_bytes=s.integer("max_body_bytes", d.max_body_bytes, minimum=1),
+        max_prompt_bytes=s.integer("max_prompt_bytes", d.max_prompt_bytes, minimum=1, nullable=True),
         api_keys=tuple(keys),
         max_concurrent_streams=s.integer("max_concurrent_streams", d.max_concurrent_streams, minimum=1),
         request_timeout=s.number("request_timeout", None, positive=True, nullable=True),

@@ -39,7 +39,7 @@ from policies.errors import RequestShapeError
 from policies.extract import batch_prompt_texts, response_text_chat
 
 from .errors import BadGateway, BadRequest, ContentFiltered, GuardUnavailable
-from .guarding import discard, prompt_decision, prompt_score
+from .guarding import check_prompt_sizes, discard, prompt_decision, prompt_score, reads_prompt
 from .records import AuditLog, Exchange
 from .relay import RelayResponse, raw_body
 from .scorer import Scorer
@@ -57,7 +57,7 @@ class BatchCall:
     that go on, and guards each reply."""
 
     def __init__(self, *, scorer: Scorer | None, audit: AuditLog | None, payload: dict, policy: Policy,
-                 exchange: Exchange, cache_salt: str | None = None) -> None:
+                 exchange: Exchange, cache_salt: str | None = None, max_prompt_bytes: int | None = None) -> None:
         if payload.get("stream") is True:
             raise BadRequest("batch chat completions are not streamed (vLLM refuses 'stream' here); send each "
                              "conversation to chat/completions to stream it", param="stream")
@@ -69,6 +69,8 @@ class BatchCall:
             self.prompts = batch_prompt_texts(payload, policy.prompt.scope)
         except RequestShapeError as exc:
             raise BadRequest(exc.message, param=exc.param) from None
+        if reads_prompt(policy):
+            check_prompt_sizes(self.prompts, max_prompt_bytes, lambda i: f"messages[{i}]")
         self.scorer = scorer
         self.audit = audit
         self.payload = payload

@@ -71,6 +71,33 @@ async def prompt_decision(scorer: Scorer | None, policy: Policy, prompt: str | N
     return decision, (time.perf_counter() - started) * 1000
 
 
+# The field a prompt-size error names, per endpoint.
+PROMPT_PARAMS = {"chat/completions": "messages", "completions": "prompt", "responses": "input", "messages": "messages"}
+
+
+def check_prompt_sizes(texts, limit: int | None, param) -> None:
+    """400 `prompt_too_long` if a text the guard would read as a prompt is over `limit`
+    UTF-8 bytes (`server.max_prompt_bytes`): the guard reads a few hundred tokens a
+    second on 2 CPU cores, and one huge prompt would hold it for every other request.
+    `param(i)` names the field of text i."""
+    if limit is None:
+        return
+    for i, text in enumerate(texts):
+        if text is None or len(text) * 4 <= limit:  # at most 4 bytes a character
+            continue
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size > limit:
+            raise BadRequest(f"the prompt the safety guard would read is {size} bytes, over this proxy's limit of "
+                             f"{limit} (server.max_prompt_bytes); shorten it, or ask the operator to raise the "
+                             "limit", param=param(i), code="prompt_too_long")
+
+
+def reads_prompt(policy: Policy) -> bool:
+    """Whether the guard reads a request's prompt under `policy` (either stage)."""
+    response = policy.response
+    return policy.prompt.action != "off" or (response.action != "off" and response.include_prompt)
+
+
 def cache_salt(scope: str, key_name: str | None, payload: Mapping) -> str | None:
     """The guard prefix cache's partition for a request: its proxy API key's name unless
     `scope` is `shared`, and its own `cache_salt` (vLLM's request field, forwarded as
@@ -96,7 +123,8 @@ class GuardedCall:
     """One guarded request: decides, calls the upstream, and guards what comes back."""
 
     def __init__(self, *, scorer: Scorer | None, audit: AuditLog | None, endpoint: str, payload: dict,
-                 policy: Policy, exchange: Exchange, cache_salt: str | None = None) -> None:
+                 policy: Policy, exchange: Exchange, cache_salt: str | None = None,
+                 max_prompt_bytes: int | None = None) -> None:
         self.scorer = scorer
         self.cache_salt = cache_salt  # the guard's prefix cache partition (`cache_salt()`)
         self.audit = audit
@@ -114,6 +142,8 @@ class GuardedCall:
         except RequestShapeError as exc:
             raise BadRequest(exc.message, param=exc.param) from None
         self.n = n or 1  # choices per prompt
+        if reads_prompt(policy):
+            check_prompt_sizes(prompts, max_prompt_bytes, lambda i: PROMPT_PARAMS.get(endpoint, "prompt"))
         if len(prompts) * self.n > MAX_N:
             raise BadRequest(f"a guarded completions request has at most {MAX_N} choices (prompts x n); this one "
                              f"has {len(prompts)} prompts x n = {self.n}", param="prompt")

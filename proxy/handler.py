@@ -204,7 +204,8 @@ class Proxy:
             exchange = Exchange(route=match.route.name, policy=policy.name, endpoint=moderations.ENDPOINT,
                                 stream=False, metrics=self.metrics)
             payload = payload if payload is not None else parse_json_object(body)
-            return await moderations.answer(self.scorer, payload, policy, exchange, self.audit)
+            return await moderations.answer(self.scorer, payload, policy, exchange, self.audit,
+                                            config.server.max_prompt_bytes)
         guarded = endpoint is not None and (policy.prompt.action != "off" or policy.response.action != "off")
         if guarded and payload is None:  # a route mounted on the endpoint itself
             payload = parse_json_object(body)
@@ -229,10 +230,12 @@ class Proxy:
         salt = cache_salt(self.cache_scope, key_name, payload)
         if endpoint == batch.ENDPOINT:
             call = batch.BatchCall(scorer=self.scorer, audit=self.audit, payload=payload, policy=policy,
-                                   exchange=exchange, cache_salt=salt)
+                                   exchange=exchange, cache_salt=salt,
+                                   max_prompt_bytes=config.server.max_prompt_bytes)
         else:
             call = GuardedCall(scorer=self.scorer, audit=self.audit, endpoint=endpoint, payload=payload,
-                               policy=policy, exchange=exchange, cache_salt=salt)
+                               policy=policy, exchange=exchange, cache_salt=salt,
+                               max_prompt_bytes=config.server.max_prompt_bytes)
         return await call.run(send, body)
 
 

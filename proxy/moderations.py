@@ -32,6 +32,7 @@ from policies.config import Policy
 from policies.decisions import ALLOW, FLAG, Decision
 
 from .endpoints import segments
+from .guarding import check_prompt_sizes
 from .errors import BadRequest, GuardUnavailable, Overloaded
 from .records import AuditLog, Exchange
 from .scorer import Scorer, ScorerBusy
@@ -77,8 +78,10 @@ def inputs(payload: Mapping) -> list[str]:
 
 
 async def answer(scorer: Scorer | None, payload: Mapping, policy: Policy, exchange: Exchange,
-                 audit: AuditLog | None = None) -> Response:
+                 audit: AuditLog | None = None, max_prompt_bytes: int | None = None) -> Response:
     texts = inputs(payload)
+    single = not isinstance(payload.get("input"), list) or len(texts) == 1
+    check_prompt_sizes(texts, max_prompt_bytes, lambda i: "input" if single else f"input[{i}]")
     model = payload.get("model")
     if model is not None and not isinstance(model, str):
         raise BadRequest("'model' must be a string", param="model")

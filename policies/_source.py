@@ -235,8 +235,9 @@ class Section:
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.error(key, f"expected a finite number, got {_kind(value)}{_why_a_string(value, interpolated)}")
-        if _not_finite(value):
-            raise self.error(key, f"expected a finite number, got {_not_finite(value)}")
+        not_finite = _not_finite(value)
+        if not_finite:
+            raise self.error(key, f"expected a finite number, got {not_finite}")
         if positive and value <= 0:
             raise self.error(key, f"must be > 0, got {value}")
         return float(self._bounded(key, value, minimum, maximum))

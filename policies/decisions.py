@@ -123,6 +123,21 @@ def headers_for(decision: Decision, *, policy: str | None = None) -> dict[str, s
     return headers
 
 
+def flag_headers(decisions, *, policy: str | None = None) -> dict[str, str]:
+    """`x-siren-*` of a stage that decided several choices (or conversations): the first
+    `flag` decision that crossed, else the first `flag` decision; {} without one."""
+    flagged = [d for d in decisions if d is not None and d.action == FLAG]
+    if not flagged:
+        return {}
+    return headers_for(next((d for d in flagged if d.crossed), flagged[0]), policy=policy)
+
+
+def invalid_score(score: object) -> str | None:
+    """Why `score` is no guard verdict (None, NaN, outside [0, 1]), or None if it is one:
+    the stages' own reading (`decide_prompt`, `decide_response`)."""
+    return _failure(score, None)
+
+
 def merged_headers(prompt: Mapping[str, str], response: Mapping[str, str]) -> dict[str, str]:
     """The `x-siren-*` headers of a reply both stages decided: one decision's, never a mix.
 

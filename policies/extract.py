@@ -44,10 +44,6 @@ _SYSTEM_ROLES = ("system", "developer", "tools")  # "tools": the request's tool 
 # other role is read as the user's (`_user_side`).
 _NOT_USER = frozenset({"assistant", "model", "system", "developer", "tool", "tools", "function", "ipython",
                        "document"})
-
-
-def _user_side(role: str) -> bool:
-    return role.strip().lower() not in _NOT_USER
 _TEXT_PARTS = ("text", "input_text", "output_text")
 _REASONING_KEYS = ("reasoning", "reasoning_content")
 _RESPONSES_TEXT_DELTAS = ("response.output_text.delta", "response.refusal.delta",
@@ -111,6 +107,10 @@ def _message_text(message: Mapping, *, param: str) -> str:
     generated), content and tool-call arguments."""
     parts = [reasoning_text(message), content_text(message.get("content"), param=f"{param}.content")]
     return "\n".join(p for p in parts + _tool_calls_text(message, param=param) if p)
+
+
+def _user_side(role: str) -> bool:
+    return role.strip().lower() not in _NOT_USER
 
 
 def _render(messages: list[tuple[str, str]], scope: str) -> str:

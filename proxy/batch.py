@@ -27,14 +27,13 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Sequence
 
 import httpx
 from starlette.responses import Response
 
 from policies.config import Policy
-from policies.decisions import (BLOCK, CUT, FLAG, GUARD_ERROR, STEER, Decision, decide_response, headers_for,
-                                merged_headers)
+from policies.decisions import (BLOCK, CUT, GUARD_ERROR, STEER, Decision, decide_response, flag_headers,
+                                headers_for, merged_headers)
 from policies.errors import RequestShapeError
 from policies.extract import batch_prompt_texts, response_text_chat
 
@@ -106,12 +105,12 @@ class BatchCall:
             if not sent:
                 refused = refused_json("chat/completions", self.payload, self.policy.refusal,
                                        choices=len(conversations))
-                return self._json_response(refused, self._flag_headers(decisions))
+                return self._json_response(refused, flag_headers(decisions, policy=self.policy.name))
             if changed:
                 body = json.dumps({**self.payload, "messages": sent}, ensure_ascii=False).encode()
             response = await pending if pending is not None else await send_upstream(body)
         kept = [i for i, d in enumerate(decisions) if d is None or d.forwards]
-        return await self._response_stage(response, kept, self._flag_headers(decisions))
+        return await self._response_stage(response, kept, flag_headers(decisions, policy=self.policy.name))
 
     async def _prompt_stage(self) -> list[Decision]:
         started = time.perf_counter()
@@ -194,15 +193,7 @@ class BatchCall:
                 raise GuardUnavailable("the safety guard failed while checking the batch's replies")
             if decision.action == CUT:
                 choices[position] = refused_choice("chat/completions", choice["index"], self.policy.refusal)
-        return merged_headers(headers, self._flag_headers(decisions))
-
-    def _flag_headers(self, decisions: Sequence[Decision | None]) -> dict[str, str]:
-        """`x-siren-*` for a flagging stage: the first conversation that crossed, else the
-        first."""
-        flagged = [d for d in decisions if d is not None and d.action == FLAG]
-        if not flagged:
-            return {}
-        return headers_for(next((d for d in flagged if d.crossed), flagged[0]), policy=self.policy.name)
+        return merged_headers(headers, flag_headers(decisions, policy=self.policy.name))
 
     def _json_response(self, content: dict | bytes, headers: dict[str, str], passthrough=()) -> Response:
         data = content if isinstance(content, bytes) else json.dumps(content, ensure_ascii=False).encode()

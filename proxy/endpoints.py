@@ -19,12 +19,12 @@ chat); OpenAI's Assistants runs. Retrieval: a stored or background Responses res
 (also replayed as a stream, or answered by its cancellation), stored chat completions
 (read, or updated and answered whole), a conversation's items, an Assistants thread's
 messages and run steps, llama.cpp's resumable streams; a stream the proxy cut is still
-whole upstream.
+whole upstream. `proxy.handler.refuse_unguarded` refuses them where they would evade a
+stage that enforces.
 
 Segments are compared decoded, as the upstream reads them (`/v1/chat/%63ompletions` is
 chat: `policies.routing.normalize_path` decodes escaped letters before routing, and
-`segments` every escape, so `models/m%3AgenerateContent` is Gemini's too). `proxy.handler.refuse_unguarded` refuses them where
-they would evade a stage that enforces.
+`segments` every escape, so `models/m%3AgenerateContent` is Gemini's too).
 
 llama.cpp also serves its own format at `/completions` (no `/v1`), a path read here as
 OpenAI's: the guard reads the prompt, and a reply it cannot read is a guard failure,

@@ -132,7 +132,7 @@ class Proxy:
             self.metrics.active_streams.inc()
         try:
             async with asyncio.timeout_at(deadline):
-                response = await until_disconnect(request, self._handle(request, config, path, body, payload))
+                response = await self._handle(request, config, path, body, payload)
         except TimeoutError:
             self._stream_ended(streaming)
             raise RequestTimeout(f"the request did not complete within {timeout}s") from None
@@ -204,8 +204,8 @@ class Proxy:
             exchange = Exchange(route=match.route.name, policy=policy.name, endpoint=moderations.ENDPOINT,
                                 stream=False, metrics=self.metrics)
             payload = payload if payload is not None else parse_json_object(body)
-            return await moderations.answer(self.scorer, payload, policy, exchange, self.audit,
-                                            config.server.max_prompt_bytes)
+            return await until_disconnect(request, moderations.answer(
+                self.scorer, payload, policy, exchange, self.audit, config.server.max_prompt_bytes))
         guarded = endpoint is not None and (policy.prompt.action != "off" or policy.response.action != "off")
         if guarded and payload is None:  # a route mounted on the endpoint itself
             payload = parse_json_object(body)
@@ -236,14 +236,16 @@ class Proxy:
             call = GuardedCall(scorer=self.scorer, audit=self.audit, endpoint=endpoint, payload=payload,
                                policy=policy, exchange=exchange, cache_salt=salt,
                                max_prompt_bytes=config.server.max_prompt_bytes)
-        return await call.run(send, body)
+        return await until_disconnect(request, call.run(send, body))
 
 
 async def until_disconnect(request: Request, pipeline: Awaitable[Response]) -> Response:
     """`pipeline`'s response, or `ClientClosed` if the client disconnects first: its
     task is cancelled, and with it the guard's work for it (`guard.worker`: a long
     prompt's prefill stops at its next window), so a client that gives up frees the
-    guard for the others. Once a response exists, `RelayResponse` watches instead."""
+    guard for the others. Once a response exists, `RelayResponse` watches instead.
+    Guarded requests only: an unguarded one waits for nothing but its upstream, and the
+    two tasks cost 0.1 ms a request (`bench/proxy_overhead.py`)."""
     task = asyncio.ensure_future(pipeline)
     watcher = asyncio.ensure_future(_disconnected(request))
     try:

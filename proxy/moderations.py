@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from starlette.responses import Response
 
 from policies.config import Policy
-from policies.decisions import ALLOW, FLAG, Decision
+from policies.decisions import ALLOW, FLAG, Decision, invalid_score
 
 from .endpoints import segments
 from .guarding import check_prompt_sizes
@@ -101,8 +101,9 @@ async def answer(scorer: Scorer | None, payload: Mapping, policy: Policy, exchan
     results = []
     for i, score in enumerate(scores):
         # As the stages read a score: None, NaN or outside [0, 1] is a guard that failed.
-        if isinstance(score, bool) or not isinstance(score, (int, float)) or not 0.0 <= score <= 1.0:
-            raise GuardUnavailable(f"the safety guard gave no valid score for input {i}")
+        failure = invalid_score(score)
+        if failure is not None:
+            raise GuardUnavailable(f"the safety guard gave no valid score for input {i} ({failure})")
         score = float(score)
         crossed = score >= threshold
         exchange.decided(Decision(ENDPOINT, FLAG if crossed else ALLOW, score, threshold, crossed),

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import httpx
 from starlette.responses import Response
 
-from policies.decisions import CUT, FLAG, GUARD_ERROR, decide_response, headers_for
+from policies.decisions import CUT, GUARD_ERROR, decide_response, flag_headers
 
 from .errors import GuardUnavailable
 from . import rerank
@@ -70,8 +70,8 @@ class WholeReply:
             logger.warning("guard failed on a response: %s", error)
         ms = (time.perf_counter() - started) * 1000
         call.exchange.timed("response", ms / 1000)
-        headers: dict[str, str] = {}
-        changed = flagged = False
+        decisions = []
+        changed = False
         for (index, _), score in zip(choices, scores):
             decision = decide_response(call.policy.response, score, on_guard_error=call.policy.on_guard_error,
                                        error=error)
@@ -81,9 +81,8 @@ class WholeReply:
             if decision.action == CUT:
                 refuse_choice(call.endpoint, call.payload, call.policy.refusal, body, index)
                 changed = True
-            if decision.action == FLAG and (not headers or (decision.crossed and not flagged)):
-                headers = headers_for(decision, policy=call.policy.name)  # the first that crossed, else the first
-                flagged = decision.crossed
+            decisions.append(decision)
+        headers = flag_headers(decisions, policy=call.policy.name)  # the first choice that crossed, else the first
         return (json.dumps(body, ensure_ascii=False).encode() if changed else data), headers
 
     async def rank(self, response: httpx.Response, headers: dict[str, str]) -> Response:

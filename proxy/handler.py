@@ -328,11 +328,13 @@ async def sse_passthrough(response: httpx.Response, max_event_bytes: int,
     Going event by event (not chunk by chunk) costs nothing in latency, since a client
     can act only on complete events, and it means a failure mid-stream can always be
     reported as one well-formed error event instead of being glued to half an event.
+    A compressed stream is read decompressed (events are found in the text, not in
+    gzip's bytes) and goes out so, without its Content-Encoding (`response_headers`).
     """
     decoder = SSEDecoder(max_event_bytes=max_event_bytes)
     started, first = time.perf_counter(), True
     try:
-        async for chunk in response.aiter_raw():
+        async for chunk in response.aiter_bytes():
             events = decoder.feed(chunk)
             if events:
                 if first and metrics is not None:

@@ -146,7 +146,8 @@ class StreamGuard:
     async def relay(self, response: httpx.Response) -> AsyncIterator[bytes]:
         decoder = SSEDecoder(max_event_bytes=MAX_EVENT_BYTES)
         try:
-            async for chunk in response.aiter_raw():
+            # Decompressed: the guard asks for `identity`, but an upstream may compress anyway
+            async for chunk in response.aiter_bytes():
                 out = await self._items(decoder.feed(chunk))
                 if out:
                     yield out

@@ -11,6 +11,7 @@ serves a plain request. The README ("Faults: what the client sees") has the tabl
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import time
 
@@ -65,6 +66,8 @@ FAULTS = {
     "slow-drip": lambda: [sse_head()] + [step for piece in split(b"".join(HEAD) + TAIL, 9)
                                          for step in (chunk(piece), 0.004)] + [LAST_CHUNK],
     "stall-mid-stream": lambda: [sse_head(), chunk(b"".join(HEAD)), 1.5, *whole(TAIL)],
+    "gzip-stream": lambda: [sse_head().replace(b"\r\n\r\n", b"\r\ncontent-encoding: gzip\r\n\r\n"),
+                            *whole(gzip.compress(b"".join(HEAD) + TAIL))],
 }
 
 
@@ -212,6 +215,22 @@ def test_slow_drip_arrives_whole_and_byte_identical(proxy):
     status, body, _ = ask(server, "slow-drip")
     assert status == 200 and body == b"".join(HEAD) + TAIL
     assert time.monotonic() - started > 0.2  # it did drip
+
+
+def test_a_compressed_stream_reaches_the_client_decoded(proxy):
+    """An upstream that compresses its stream (a gateway with gzip on, answering the
+    client's Accept-Encoding; or one that ignores the guard's `identity`): the events are
+    read, guarded and forwarded decompressed, without the Content-Encoding they no longer
+    have. (They were cut as compressed bytes: the client got one error event.)"""
+    _, server = proxy
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    with httpx.Client(timeout=20) as client, client.stream(
+            "POST", server.url + "/v1/chat/completions", json=body,
+            headers={"x-fault": "gzip-stream", "accept-encoding": "gzip"}) as response:
+        received = b"".join(response.iter_raw())
+    assert response.status_code == 200 and "content-encoding" not in response.headers
+    assert received == b"".join(HEAD) + TAIL
+    still_serves(server)
 
 
 @pytest.mark.parametrize("fault,guarded_answer", [("short-plain-body", (502, "upstream_unreachable")),

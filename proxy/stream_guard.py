@@ -322,7 +322,9 @@ class StreamGuard:
         if decision.action == CUT:
             targets = self.choices.values() if self.stage.end_all_choices else [choice]
             for target in targets:
-                if not target.cut and not target.finished:
+                # The crossing choice even if it had finished: its text after the finish
+                # was scored over the threshold too, and must not go out.
+                if not target.cut and (target is choice or not target.finished):
                     self._cut(target)
             if all(c.cut or c.finished for c in self.choices.values()):
                 raise StreamCut(self._release() + self._close_out())

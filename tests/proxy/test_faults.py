@@ -29,6 +29,7 @@ from tests.support.upstream import chat_chunk
 DONE = b"data: [DONE]\n\n"
 HEAD = [chat_chunk(role=True)] + [chat_chunk(f"tok{i} ") for i in range(4)]
 TAIL = chat_chunk(finish="stop") + DONE
+AFTER_FINISH = chat_chunk(finish="stop") + chat_chunk("a BOMB ") + chat_chunk("more ") + chat_chunk("text ")
 OVER_LIMIT = (4 << 20) + 1024  # proxy.handler.MAX_EVENT_BYTES is 4 MiB
 
 
@@ -66,9 +67,18 @@ FAULTS = {
     "slow-drip": lambda: [sse_head()] + [step for piece in split(b"".join(HEAD) + TAIL, 9)
                                          for step in (chunk(piece), 0.004)] + [LAST_CHUNK],
     "stall-mid-stream": lambda: [sse_head(), chunk(b"".join(HEAD)), 1.5, *whole(TAIL)],
+    # Text for a choice after its finish_reason (choice 1 still going, in the n=2 one)
+    "text-after-finish": lambda: [sse_head(), *whole(b"".join(HEAD) + AFTER_FINISH + DONE)],
+    "text-after-finish-n2": lambda: [sse_head(), *whole(b"".join(HEAD) + second(b"".join(HEAD)) + AFTER_FINISH
+                                                        + second(TAIL))],
     "gzip-stream": lambda: [sse_head().replace(b"\r\n\r\n", b"\r\ncontent-encoding: gzip\r\n\r\n"),
                             *whole(gzip.compress(b"".join(HEAD) + TAIL))],
 }
+
+
+def second(chunks: bytes) -> bytes:
+    """The same chunks for choice 1 (`chat_chunk` writes choice 0's)."""
+    return chunks.replace(b'"index": 0', b'"index": 1')
 
 
 def split(data: bytes, size: int) -> list[bytes]:
@@ -215,6 +225,29 @@ def test_slow_drip_arrives_whole_and_byte_identical(proxy):
     status, body, _ = ask(server, "slow-drip")
     assert status == 200 and body == b"".join(HEAD) + TAIL
     assert time.monotonic() - started > 0.2  # it did drip
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_text_a_choice_sends_after_its_finish_is_guarded_as_any(proxy, n):
+    """A choice's text after its finish_reason (an upstream that does not behave) is
+    scored like any; when it crosses, the choice is cut: nothing of it goes out. (It was
+    scored, crossed, and released anyway: the cut skipped a choice already finished.)
+    With n=2 the other choice goes on to its end."""
+    policy, server = proxy
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True, "n": n}
+    with httpx.Client(timeout=20) as client, client.stream(
+            "POST", server.url + "/v1/chat/completions", json=body,
+            headers={"x-fault": "text-after-finish" if n == 1 else "text-after-finish-n2"}) as response:
+        received = b"".join(response.iter_raw())
+    assert response.status_code == 200 and received.endswith(DONE)
+    if policy == "unguarded":
+        assert b"BOMB" in received
+        return
+    assert b"BOMB" not in received and b"more" not in received
+    refusal = [json.loads(block[6:]) for block in events(received) if b"content_filter" in block]
+    assert [chunk["choices"][0]["index"] for chunk in refusal] == [0]
+    assert (received.count(b'"index": 1, "delta": {"content": "tok3 "}') == 1) == (n == 2)
+    still_serves(server)
 
 
 def test_a_compressed_stream_reaches_the_client_decoded(proxy):

@@ -29,7 +29,6 @@ slow guard; concurrent streams are batched by the guard's worker.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import deque
@@ -48,7 +47,7 @@ from .records import Exchange
 from .scorer import Scorer, StreamSession
 from .shapes import (MessageOutput, ResponseOutput, cut_chunk, message_cut_events, response_cut_events,
                      usage_chunk, wants_usage)
-from .sse import DONE, Event, SSEDecoder, SSEError
+from .sse import DONE, Event, SSEDecoder, SSEError, encode_json
 
 logger = logging.getLogger(__name__)
 
@@ -291,7 +290,7 @@ class StreamGuard:
         if not kept and not payload.get("usage"):
             return None
         payload = {**payload, "choices": kept}
-        return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n", payload
+        return encode_json(payload), payload  # (a lone surrogate in the others' text stays an escape)
 
     # -- checks and cuts ---------------------------------------------------------------
 

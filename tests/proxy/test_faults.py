@@ -30,6 +30,10 @@ DONE = b"data: [DONE]\n\n"
 HEAD = [chat_chunk(role=True)] + [chat_chunk(f"tok{i} ") for i in range(4)]
 TAIL = chat_chunk(finish="stop") + DONE
 AFTER_FINISH = chat_chunk(finish="stop") + chat_chunk("a BOMB ") + chat_chunk("more ") + chat_chunk("text ")
+BOTH = b"data: " + json.dumps({"id": "chatcmpl-test", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                               "choices": [{"index": 0, "delta": {"content": "a BOMB "}, "finish_reason": None},
+                                           {"index": 1, "delta": {"content": "x\ud800y "}, "finish_reason": None}]}
+                              ).encode() + b"\n\n"
 OVER_LIMIT = (4 << 20) + 1024  # proxy.handler.MAX_EVENT_BYTES is 4 MiB
 
 
@@ -71,6 +75,9 @@ FAULTS = {
     "text-after-finish": lambda: [sse_head(), *whole(b"".join(HEAD) + AFTER_FINISH + DONE)],
     "text-after-finish-n2": lambda: [sse_head(), *whole(b"".join(HEAD) + second(b"".join(HEAD)) + AFTER_FINISH
                                                         + second(TAIL))],
+    # One chunk for both choices; choice 1's text has a lone surrogate escape (JSON can hold one)
+    "surrogate-beside-a-cut": lambda: [sse_head(), *whole(b"".join(HEAD) + second(b"".join(HEAD)) + BOTH
+                                                          + chat_chunk(finish="stop") + second(TAIL))],
     "gzip-stream": lambda: [sse_head().replace(b"\r\n\r\n", b"\r\ncontent-encoding: gzip\r\n\r\n"),
                             *whole(gzip.compress(b"".join(HEAD) + TAIL))],
 }
@@ -247,6 +254,27 @@ def test_text_a_choice_sends_after_its_finish_is_guarded_as_any(proxy, n):
     refusal = [json.loads(block[6:]) for block in events(received) if b"content_filter" in block]
     assert [chunk["choices"][0]["index"] for chunk in refusal] == [0]
     assert (received.count(b'"index": 1, "delta": {"content": "tok3 "}') == 1) == (n == 2)
+    still_serves(server)
+
+
+def test_a_chunk_rewritten_around_a_cut_choice_keeps_a_lone_surrogate(proxy):
+    """A cut takes its choice out of chunks it shares with others, which are written
+    anew; a lone surrogate in another choice's text (`"\\ud800"`) goes out as the escape
+    it came as. (Writing it as UTF-8 raised: the client got a broken chunked body.)"""
+    policy, server = proxy
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True, "n": 2}
+    with httpx.Client(timeout=20) as client, client.stream(
+            "POST", server.url + "/v1/chat/completions", json=body,
+            headers={"x-fault": "surrogate-beside-a-cut"}) as response:
+        received = b"".join(response.iter_raw())
+    assert response.status_code == 200 and received.endswith(DONE)
+    texts: dict[int, str] = {}
+    for block in events(received)[:-1]:
+        for choice in json.loads(block[6:])["choices"]:
+            texts[choice["index"]] = texts.get(choice["index"], "") + (choice["delta"].get("content") or "")
+    assert texts[1] == "tok0 tok1 tok2 tok3 x\ud800y "
+    if policy == "guarded":
+        assert "BOMB" not in texts[0] and texts[0].endswith("I'm sorry, but I can't help with that.")
     still_serves(server)
 
 

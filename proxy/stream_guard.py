@@ -184,26 +184,37 @@ class StreamGuard:
                     logger.warning("closing a guard session failed: %s", exc)
 
     async def _items(self, items) -> bytes:
-        for item in items:
-            if not isinstance(item, Event):
-                self.queue.append(Held(item.raw))
-                continue
-            if item.is_done:
-                await self._finish_all()  # every choice is scored to its end before [DONE]
-                self.queue.append(Held(item.raw))
-                continue
-            if not item.data.strip():  # nothing a client could read as text
-                self.queue.append(Held(item.raw))
-                continue
-            try:
-                payload = item.json()
-            except SSEError:
-                payload = None
-            if not readable(self.endpoint, payload):
-                self._unreadable(item.raw)
-                continue
-            await self._event(item.raw, payload)
-        return self._release()
+        """What `items` release. Each event is taken in and released from in turn, so a
+        cut drops only what was not yet scored when it came, however many events one
+        read of the upstream held."""
+        out: list[bytes] = []
+        try:
+            for item in items:
+                await self._item(item)
+                out.append(self._release())
+        except StreamCut as end:
+            raise StreamCut(b"".join(out) + (end.args[0] if end.args else b"")) from None
+        return b"".join(out)
+
+    async def _item(self, item) -> None:
+        if not isinstance(item, Event):
+            self.queue.append(Held(item.raw))
+            return
+        if item.is_done:
+            await self._finish_all()  # every choice is scored to its end before [DONE]
+            self.queue.append(Held(item.raw))
+            return
+        if not item.data.strip():  # nothing a client could read as text
+            self.queue.append(Held(item.raw))
+            return
+        try:
+            payload = item.json()
+        except SSEError:
+            payload = None
+        if not readable(self.endpoint, payload):
+            self._unreadable(item.raw)
+            return
+        await self._event(item.raw, payload)
 
     def _unreadable(self, raw: bytes) -> None:
         """An event the guard cannot read (not JSON, or not this endpoint's shape: a

@@ -34,6 +34,7 @@ BOTH = b"data: " + json.dumps({"id": "chatcmpl-test", "object": "chat.completion
                                "choices": [{"index": 0, "delta": {"content": "a BOMB "}, "finish_reason": None},
                                            {"index": 1, "delta": {"content": "x\ud800y "}, "finish_reason": None}]}
                               ).encode() + b"\n\n"
+CROSSING = b"".join(HEAD) + chat_chunk("a BOMB ") + chat_chunk("more ") + TAIL
 OVER_LIMIT = (4 << 20) + 1024  # proxy.handler.MAX_EVENT_BYTES is 4 MiB
 
 
@@ -78,6 +79,10 @@ FAULTS = {
     # One chunk for both choices; choice 1's text has a lone surrogate escape (JSON can hold one)
     "surrogate-beside-a-cut": lambda: [sse_head(), *whole(b"".join(HEAD) + second(b"".join(HEAD)) + BOTH
                                                           + chat_chunk(finish="stop") + second(TAIL))],
+    # The same stream crossing at its 6th token, in one piece and an event at a time
+    "crossing-in-one-read": lambda: [sse_head(), *whole(CROSSING)],
+    "crossing-dripped": lambda: [sse_head()] + [step for event in events(CROSSING)
+                                                for step in (chunk(event + b"\n\n"), 0.02)] + [LAST_CHUNK],
     "gzip-stream": lambda: [sse_head().replace(b"\r\n\r\n", b"\r\ncontent-encoding: gzip\r\n\r\n"),
                             *whole(gzip.compress(b"".join(HEAD) + TAIL))],
 }
@@ -276,6 +281,21 @@ def test_a_chunk_rewritten_around_a_cut_choice_keeps_a_lone_surrogate(proxy):
     if policy == "guarded":
         assert "BOMB" not in texts[0] and texts[0].endswith("I'm sorry, but I can't help with that.")
     still_serves(server)
+
+
+def test_what_a_cut_stream_releases_does_not_depend_on_how_the_upstream_wrote_it(proxy):
+    """Text scored safe is released whether its events came in one read with the crossing
+    or one at a time. (Events were released once per read, so a cut in the same read
+    dropped the text scored safe before it: a client of a guard slower than its upstream,
+    whose events pile up in the socket, got less.)"""
+    policy, server = proxy
+    _, at_once, _ = ask(server, "crossing-in-one-read")
+    _, dripped, _ = ask(server, "crossing-dripped")
+    assert at_once == dripped
+    if policy == "unguarded":
+        assert at_once == CROSSING
+    else:
+        assert at_once.startswith(b"".join(HEAD)) and b"BOMB" not in at_once and b"content_filter" in at_once
 
 
 def test_a_compressed_stream_reaches_the_client_decoded(proxy):

@@ -54,6 +54,13 @@ _RESPONSES_TEXT_DELTAS = ("response.output_text.delta", "response.refusal.delta"
 _RESPONSES_TOOL_TEXT = {"function_call": "arguments", "custom_tool_call": "input", "mcp_call": "arguments",
                         "code_interpreter_call": "code"}
 _TOOL_OUTPUTS = ("function_call_output", "custom_tool_call_output")
+# Responses `.done` events that repeat a part's text whole, by the field that holds it
+_RESPONSES_PART_TEXT = {"response.output_text.done": "text", "response.refusal.done": "refusal",
+                        "response.reasoning_text.done": "text", "response.reasoning_summary_text.done": "text",
+                        "response.function_call_arguments.done": "arguments",
+                        "response.custom_tool_call_input.done": "input",
+                        "response.mcp_call_arguments.done": "arguments",
+                        "response.code_interpreter_call_code.done": "code"}
 # Anthropic Messages stream deltas: the field of each delta type that holds new text
 _MESSAGES_DELTAS = {"text_delta": "text", "thinking_delta": "thinking", "input_json_delta": "partial_json"}
 
@@ -425,15 +432,75 @@ def _list_or_empty(value: Any) -> list:
     return value if _is_list(value) else []
 
 
+def _opening_blocks(content: Any) -> str | None:
+    """The text of content blocks a Messages stream's `message_start` already holds; an
+    unreadable list is scored as its JSON (its text is the client's to read all the same)."""
+    if not content:
+        return None
+    try:
+        return block_text(content, param="message.content")[0]
+    except RequestShapeError:
+        return json.dumps(content, ensure_ascii=False)
+
+
+def whole_texts(event: Mapping) -> list[tuple[int, str]]:
+    """The text a Responses stream event carries whole rather than as a delta, by output
+    index: an output item (`output_item.added`, `.done`), a part (`content_part.*`,
+    `reasoning_summary_part.*`), a part's finished text (`output_text.done` ...), or a
+    response's output (`response.created` ... `response.completed`). A server that
+    streams repeats its deltas here; one that does not sends the text here alone, and
+    the client's SDK shows it all the same."""
+    if isinstance(event.get("response"), Mapping):
+        output = event["response"].get("output")
+        return [(i, text) for i, item in enumerate(_list_or_empty(output)) if isinstance(item, Mapping)
+                for text in _item_texts(item)]
+    index, kind = event.get("output_index"), event.get("type")
+    if not isinstance(index, int) or isinstance(index, bool):
+        return []
+    if isinstance(event.get("item"), Mapping):
+        texts = _item_texts(event["item"])
+    elif isinstance(event.get("part"), Mapping):
+        texts = _part_texts(event["part"])
+    elif kind in _RESPONSES_PART_TEXT:
+        texts = [event.get(_RESPONSES_PART_TEXT[kind])]
+    else:
+        return []
+    return [(index, text) for text in texts if isinstance(text, str) and text]
+
+
+def _part_texts(part: Any) -> list[str]:
+    if isinstance(part, str):
+        return [part]
+    if not isinstance(part, Mapping):
+        return []
+    return [part[key] for key in ("text", "refusal") if isinstance(part.get(key), str)]
+
+
+def _item_texts(item: Mapping) -> list[str]:
+    """Each text of a Responses output item: a message's parts, a reasoning item's summary
+    and content parts, a tool item's model-written field."""
+    kind = item.get("type")
+    if kind == "reasoning":
+        return [t for p in [*_list_or_empty(item.get("summary")), *_list_or_empty(item.get("content"))]
+                for t in _part_texts(p)]
+    if kind == "message":
+        content = item.get("content")
+        return _part_texts(content) if isinstance(content, str) else \
+            [t for p in _list_or_empty(content) for t in _part_texts(p)]
+    field = _RESPONSES_TOOL_TEXT.get(kind) if isinstance(kind, str) else None
+    return [item[field]] if field and isinstance(item.get(field), str) else []
+
+
 def delta_text(endpoint: str, chunk: Mapping) -> dict[int, str]:
     """New text per choice index in one streamed chunk (Responses: one event, index 0).
 
     Chat: `delta.reasoning` (or `reasoning_content`), `delta.content`, `delta.refusal` and
-    tool-call argument fragments. Completions: `text`. Responses: the output text, refusal,
-    reasoning text and summary, function-call and MCP argument, custom tool input and code
-    interpreter code delta events. Messages (Anthropic, one event, index 0): text, thinking
-    and tool-input JSON deltas, and the text a text or thinking block opens with. Anything
-    else carries no text. A reasoning model's thinking streams to the client like its
+    tool-call (and legacy `function_call`) argument fragments. Completions: `text`.
+    Responses: the output text, refusal, reasoning text and summary, function-call and MCP
+    argument, custom tool input and code interpreter code delta events (the text its other
+    events carry whole is `whole_texts`'). Messages (Anthropic, one event, index 0): text,
+    thinking and tool-input JSON deltas, and what a block or the message opens with.
+    Anything else carries no text. A reasoning model's thinking streams to the client like its
     answer, so it is scored like its answer.
     """
     if endpoint == "responses":
@@ -445,8 +512,17 @@ def delta_text(endpoint: str, chunk: Mapping) -> dict[int, str]:
             part = chunk["delta"]
             text = part.get(_MESSAGES_DELTAS.get(part.get("type"), ""))
         elif chunk.get("type") == "content_block_start" and isinstance(chunk.get("content_block"), Mapping):
-            part = chunk["content_block"]  # a text or thinking block may open with text
-            text = part.get(part["type"]) if part.get("type") in ("text", "thinking") else None
+            # A text or thinking block may open with text, and a tool-use block with its
+            # input whole (Anthropic's opens with `{}` and streams it; not every server does)
+            part = chunk["content_block"]
+            if part.get("type") in ("text", "thinking"):
+                text = part.get(part["type"])
+            elif part.get("type") in ("tool_use", "server_tool_use") and part.get("input"):
+                text = json.dumps(part["input"], ensure_ascii=False)
+            else:
+                text = None
+        elif chunk.get("type") == "message_start" and isinstance(chunk.get("message"), Mapping):
+            text = _opening_blocks(chunk["message"].get("content"))  # Anthropic's opens with none
         else:
             text = None
         return {0: text} if isinstance(text, str) and text else {}
@@ -458,12 +534,13 @@ def delta_text(endpoint: str, chunk: Mapping) -> dict[int, str]:
             text = response_text_completion(choice)
         else:
             delta = choice.get("delta") or {}
-            pieces = [reasoning_text(delta), delta.get("content"), delta.get("refusal")] \
-                if isinstance(delta, Mapping) else []
-            for call in (delta.get("tool_calls") or []) if isinstance(delta, Mapping) else []:
-                function = call.get("function") if isinstance(call, Mapping) else None
-                if isinstance(function, Mapping):
-                    pieces.append(function.get("arguments"))
+            if not isinstance(delta, Mapping):
+                continue
+            calls = [call.get("function") for call in _list_or_empty(delta.get("tool_calls"))
+                     if isinstance(call, Mapping)]
+            calls.append(delta.get("function_call"))  # the legacy `functions` API's one call
+            pieces = [reasoning_text(delta), delta.get("content"), delta.get("refusal"),
+                      *(f.get("arguments") for f in calls if isinstance(f, Mapping))]
             text = "".join(p for p in pieces if isinstance(p, str))
         if text:
             index = choice.get("index", 0)

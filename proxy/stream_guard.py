@@ -39,7 +39,7 @@ import httpx
 
 from policies.config import Policy
 from policies.decisions import CUT, GUARD_ERROR, Decision, decide_response
-from policies.extract import delta_text
+from policies.extract import delta_text, whole_texts
 
 from .errors import GuardUnavailable, error_event
 from .relay import TruncatedStream, broken_stream, check_complete, cleanup
@@ -136,6 +136,7 @@ class StreamGuard:
         self.upstream_done = False
         self.output = ResponseOutput()  # Responses: the output items the client has been sent
         self.next_sequence = 0  # Responses: the sequence number our own events start at
+        self.streamed: dict = {}  # Responses: the text each output item's deltas carried
         self.blocks = MessageOutput()  # Messages: the content blocks the client has been sent
         self.anthropic = endpoint == "messages"  # errors in Anthropic's shape
         self.unreadable = False  # an event the guard cannot read has been seen
@@ -248,6 +249,7 @@ class StreamGuard:
                 return
             raw, payload = rewritten
         texts = delta_text(self.endpoint, payload)
+        whole = self.endpoint == "responses" and self._unstreamed(payload, texts)
         if not texts.keys() <= self.choices.keys():  # text of a choice nobody asked for: never scored
             self._unreadable(raw)
             return
@@ -266,9 +268,28 @@ class StreamGuard:
             if i in self.choices and not self.choices[i].cut:
                 await self._check(self.choices[i])
                 self.choices[i].finished = True
-        if (self.endpoint == "responses" and payload.get("type") in _RESPONSES_PART_DONE) or (
+        if whole or (self.endpoint == "responses" and payload.get("type") in _RESPONSES_PART_DONE) or (
                 self.endpoint == "messages" and payload.get("type") == "content_block_stop"):
             await self._check(self.choices[0])  # (a cut typed choice returned above)
+
+    def _unstreamed(self, payload: dict, texts: dict[int, str]) -> bool:
+        """Adds to `texts` what a Responses event carries whole (an item, a part, the
+        finished response's output) that no delta of its item carried, and says whether
+        there was any. A server that streams repeats its deltas there; one that sends an
+        item's text only in its `.done` events or in `response.completed` is scored on
+        that text, since the client's SDK shows it all the same."""
+        if 0 in texts:
+            index = payload.get("output_index")
+            self.streamed[index] = self.streamed.get(index, "") + texts[0]
+        unseen = []
+        for index, text in whole_texts(payload):
+            streamed = self.streamed.get(index, "")
+            if text not in streamed:
+                unseen.append(text)
+                self.streamed[index] = streamed + "\n" + text
+        if unseen:
+            texts[0] = "\n".join([texts[0], *unseen] if 0 in texts else unseen)
+        return bool(unseen)
 
     def _prompt_of(self, index: int) -> str | None:
         """The prompt choice `index` is scored with (None without `include_prompt`)."""

@@ -4,7 +4,7 @@ import pytest
 
 from policies.errors import RequestShapeError
 from policies.extract import (
-    delta_text, prompt_text, response_text_chat, response_text_completion, response_text_responses,
+    delta_text, prompt_text, response_text_chat, response_text_completion, response_text_responses, whole_texts,
 )
 
 CHAT = {"messages": [
@@ -294,9 +294,44 @@ DELTAS = [
     ("messages", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}, {}),
     ("messages", {"type": "content_block_start", "index": 2,
                   "content_block": {"type": "tool_use", "id": "t", "name": "f", "input": {}}}, {}),
+    ("messages", {"type": "content_block_start", "index": 2,
+                  "content_block": {"type": "tool_use", "id": "t", "name": "f", "input": {"q": "é"}}}, {0: '{"q": "é"}'}),
+    ("messages", {"type": "message_start", "message": {"content": []}}, {}),
+    ("messages", {"type": "message_start", "message": {"content": [{"type": "text", "text": "So"}]}}, {0: "So"}),
+    ("messages", {"type": "message_start", "message": {"content": [{"type": "text", "text": 1}]}},
+     {0: '[{"type": "text", "text": 1}]'}),  # unreadable: scored as its JSON
     ("messages", {"type": "message_delta", "delta": {"stop_reason": "end_turn"}}, {}),
     ("messages", {"type": "content_block_delta", "delta": "junk"}, {}),
+    ("chat/completions", {"choices": [{"index": 0, "delta": {"function_call": {"name": "f", "arguments": "{"}}}]},
+     {0: "{"}),
+    ("chat/completions", {"choices": [{"index": 0, "delta": {"tool_calls": {"not": "a list"}}}]}, {}),
 ]
+
+# A Responses event's text carried whole, by output index
+WHOLE = [
+    ({"type": "response.output_text.delta", "output_index": 0, "delta": "Hi"}, []),
+    ({"type": "response.output_text.done", "output_index": 1, "text": "Hi"}, [(1, "Hi")]),
+    ({"type": "response.function_call_arguments.done", "output_index": 0, "arguments": "{}"}, [(0, "{}")]),
+    ({"type": "response.content_part.done", "output_index": 2, "part": {"type": "refusal", "refusal": "No"}},
+     [(2, "No")]),
+    ({"type": "response.output_item.added", "output_index": 0,
+      "item": {"type": "message", "content": [{"type": "output_text", "text": ""}]}}, []),
+    ({"type": "response.output_item.done", "output_index": 0,
+      "item": {"type": "reasoning", "summary": [{"type": "summary_text", "text": "s"}],
+               "content": [{"type": "reasoning_text", "text": "r"}]}}, [(0, "s"), (0, "r")]),
+    ({"type": "response.output_item.done", "output_index": 0, "item": {"type": "function_call", "arguments": "{"}},
+     [(0, "{")]),
+    ({"type": "response.output_item.done", "output_index": True, "item": {"type": "message", "content": "x"}}, []),
+    ({"type": "response.completed", "response": {"output": [
+        {"type": "message", "content": [{"type": "output_text", "text": "a"}]},
+        {"type": "web_search_call"}, {"type": "custom_tool_call", "input": "ls"}]}}, [(0, "a"), (2, "ls")]),
+    ({"type": "response.completed", "response": {"output": None}}, []),
+]
+
+
+@pytest.mark.parametrize(("event", "texts"), WHOLE)
+def test_whole_texts(event, texts):
+    assert whole_texts(event) == texts
 
 
 @pytest.mark.parametrize(("endpoint", "chunk", "texts"), DELTAS)

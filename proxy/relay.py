@@ -49,16 +49,18 @@ class RelayResponse(Response):
             finally:
                 await self._close()
             return
+        gone = anyio.Event()
         async with anyio.create_task_group() as tg:
 
             async def watch_disconnect() -> None:
                 while (await receive())["type"] != "http.disconnect":
                     pass
+                gone.set()
                 tg.cancel_scope.cancel()
 
             tg.start_soon(watch_disconnect)
             try:
-                await self._send_all(send)
+                await self._send_all(send, gone)
             except OSError:  # the client went away between our checks
                 pass
             finally:
@@ -76,9 +78,14 @@ class RelayResponse(Response):
                     except Exception:  # noqa: BLE001 - the others must still run
                         logger.exception("closing a response failed")
 
-    async def _send_all(self, send: Send) -> None:
+    async def _send_all(self, send: Send, gone: anyio.Event | None = None) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         async for chunk in self.body_iterator:
+            # Once the client is gone uvicorn's `send` returns at once, sending nothing, and
+            # anyio cancels a task only while it waits on something not yet done: an
+            # upstream with bytes at every turn of the loop would be read on for nobody.
+            if gone is not None and gone.is_set():
+                return
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 

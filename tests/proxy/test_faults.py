@@ -400,3 +400,34 @@ def test_a_request_past_its_deadline_frees_the_guard(scripted, response):
     assert scorer.ended == ["cancelled"]
     assert reply.status_code == 504 and reply.json()["error"]["code"] == "request_timeout"
     assert len(recorder.requests) == before
+
+
+def firehose(head: bytes):
+    """A stream whose events arrive faster than the proxy relays them, for up to 30 s:
+    the upstream's socket has bytes at every turn of the proxy's event loop."""
+    yield sse_head()
+    piece = chunk(b"".join(HEAD) * 8)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        yield piece
+    yield LAST_CHUNK
+
+
+@pytest.mark.parametrize("policy", ["unguarded", "guarded"])
+def test_a_client_that_leaves_a_stream_that_never_pauses_frees_it(policy):
+    """uvicorn's `send` does nothing once the client is gone, and the relay's disconnect
+    watcher cancels it through anyio, which delivers a cancellation only while the task
+    waits on something not yet done: with upstream bytes at every turn of the loop, the
+    relay went on reading the upstream for nobody (until it ended), holding its
+    connection and stream slot."""
+    with RawUpstream(firehose) as upstream, running_proxy(yaml(upstream.url, policy), KeywordScorer()) as server:
+        with httpx.Client(timeout=20) as client, client.stream(
+                "POST", server.url + "/v1/chat/completions",
+                json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}) as response:
+            for line in response.iter_lines():
+                if "tok0" in line:
+                    break
+        wait_for(lambda: upstream.served and upstream.served[0].ended)
+        metrics = httpx.get(server.url + "/metrics").text
+    assert upstream.served[0].ended == "client-closed"
+    assert "siren_proxy_active_streams 0.0" in metrics

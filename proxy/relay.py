@@ -80,13 +80,16 @@ class RelayResponse(Response):
 
     async def _send_all(self, send: Send, gone: anyio.Event | None = None) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        async for chunk in self.body_iterator:
-            # Once the client is gone uvicorn's `send` returns at once, sending nothing, and
-            # anyio cancels a task only while it waits on something not yet done: an
-            # upstream with bytes at every turn of the loop would be read on for nobody.
-            if gone is not None and gone.is_set():
-                return
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        try:
+            async for chunk in self.body_iterator:
+                # Once the client is gone uvicorn's `send` returns at once, sending nothing, and
+                # anyio cancels a task only while it waits on something not yet done: an
+                # upstream with bytes at every turn of the loop would be read on for nobody.
+                if gone is not None and gone.is_set():
+                    return
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except BodyCutShort:
+            return  # left unfinished: the server closes the connection, short of the body's end
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
@@ -106,17 +109,22 @@ async def open_upstream(pool, upstream, method: str, url: str, headers, content:
         raise transport_error(exc) from exc
 
 
+class BodyCutShort(Exception):
+    """A body that is not an event stream broke off after its headers went out. Such a
+    body has no in-band error, so `RelayResponse` leaves the response unfinished: the
+    client sees it cut short (short of its Content-Length, or a chunked body without its
+    last chunk), as every HTTP client reports; a clean end would pass it off as whole."""
+
+
 async def raw_body(response: httpx.Response) -> AsyncIterator[bytes]:
     """The upstream body as received (no decoding); closes the response when done.
-
-    A failure mid-body ends the relay early: the client sees a body shorter than its
-    Content-Length (or an unterminated chunked body), which every HTTP client reports.
-    """
+    A failure mid-body is `BodyCutShort`."""
     try:
         async for chunk in response.aiter_raw():
             yield chunk
     except httpx.HTTPError as exc:
         logger.warning("upstream body broke off: %s", type(exc).__name__)
+        raise BodyCutShort(f"the upstream body broke off ({type(exc).__name__})") from None
     finally:
         with cleanup():
             await response.aclose()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 
 import httpx
@@ -62,6 +63,8 @@ FAULTS = {
                                  b'{"id": "c", "choices"', FIN],
     "stall-plain-body": lambda: [b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 500\r\n\r\n",
                                  b'{"id": "c", "choices"', 1.5, FIN],
+    "chunked-plain-body-reset": lambda: [b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                                         b"transfer-encoding: chunked\r\n\r\n", chunk(b'{"id": "c", "choices"'), 0.05, RST],
     "slow-drip": lambda: [sse_head()] + [step for piece in split(b"".join(HEAD) + TAIL, 9)
                                          for step in (chunk(piece), 0.004)] + [LAST_CHUNK],
     "stall-mid-stream": lambda: [sse_head(), chunk(b"".join(HEAD)), 1.5, *whole(TAIL)],
@@ -214,13 +217,27 @@ def test_slow_drip_arrives_whole_and_byte_identical(proxy):
     assert time.monotonic() - started > 0.2  # it did drip
 
 
+@pytest.fixture
+def server_errors():
+    """What uvicorn logs as errors (its logger does not reach pytest's caplog)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = records.append
+    logging.getLogger("uvicorn.error").addHandler(handler)
+    yield records
+    logging.getLogger("uvicorn.error").removeHandler(handler)
+
+
 @pytest.mark.parametrize("fault,guarded_answer", [("short-plain-body", (502, "upstream_unreachable")),
-                                                  ("stall-plain-body", (504, "upstream_timeout"))])
-def test_plain_body_cut_short(proxy, fault, guarded_answer):
-    """Unguarded: the headers went out with the upstream's Content-Length, so the only
-    honest signal is to close the connection short of it (the client sees an incomplete
-    body). Guarded: the body is read whole before any header goes out, so the failure is
-    still a status code, as before the response began (README "Errors")."""
+                                                  ("stall-plain-body", (504, "upstream_timeout")),
+                                                  ("chunked-plain-body-reset", (502, "upstream_unreachable"))])
+def test_plain_body_cut_short(proxy, fault, guarded_answer, server_errors):
+    """Unguarded: the headers went out, so the only honest signal is to close the
+    connection short of the body (the client sees an incomplete body: short of its
+    Content-Length, or a chunked body without its last chunk, which a clean end would
+    pass off as whole), and no traceback. Guarded: the body is read whole before any
+    header goes out, so the failure is still a status code, as before the response
+    began (README "Errors")."""
     policy, server = proxy
     status, body, ending = ask(server, fault, stream=False)
     if policy == "unguarded":
@@ -228,6 +245,7 @@ def test_plain_body_cut_short(proxy, fault, guarded_answer):
     else:
         assert status == guarded_answer[0], body[:300]
         assert json.loads(body)["error"]["code"] == guarded_answer[1]
+    assert not [r for r in server_errors if r.exc_info], server_errors
     still_serves(server)
 
 

@@ -29,8 +29,8 @@ from .endpoints import guarded_endpoint, unread_endpoint
 from .metrics import Metrics
 from .guarding import GuardedCall, cache_salt
 from .records import AuditLog, Exchange
-from .relay import (RelayResponse, TruncatedStream, broken_stream, check_complete, cleanup, open_upstream,
-                    raw_body)
+from .relay import (BodyCutShort, RelayResponse, TruncatedStream, broken_stream, check_complete, cleanup,
+                    open_upstream, raw_body)
 from .scorer import Scorer
 from .sse import SSEDecoder, SSEError
 from .upstream import UpstreamPool, request_headers, response_headers, upstream_url
@@ -141,7 +141,7 @@ class Proxy:
             raise
         if isinstance(response, RelayResponse):
             response.body_iterator = self._finishing(response.body_iterator, deadline, timeout,
-                                                     anthropic=request.state.anthropic)
+                                                     anthropic=request.state.anthropic, events=response.events)
 
             async def ended() -> None:  # also when the body never started
                 self._stream_ended(streaming)
@@ -156,9 +156,11 @@ class Proxy:
             self.active_streams -= 1
             self.metrics.active_streams.dec()
 
-    async def _finishing(self, body: AsyncIterator[bytes], deadline: float | None,
-                         timeout: float | None, *, anthropic: bool = False) -> AsyncIterator[bytes]:
-        """The body, cut off at the request deadline (the stream slot is freed `on_close`)."""
+    async def _finishing(self, body: AsyncIterator[bytes], deadline: float | None, timeout: float | None,
+                         *, anthropic: bool = False, events: bool = True) -> AsyncIterator[bytes]:
+        """The body, cut off at the request deadline (the stream slot is freed `on_close`):
+        an event stream ends with an in-band error; any other body is cut short, since its
+        bytes have no place for one."""
         loop = asyncio.get_running_loop()
         try:
             while True:
@@ -170,6 +172,9 @@ class Proxy:
                 except StopAsyncIteration:
                     return
                 except TimeoutError:
+                    if not events:
+                        logger.warning("the request deadline (%ss) passed in the body", timeout)
+                        raise BodyCutShort(f"the request did not complete within {timeout}s") from None
                     yield error_event(RequestTimeout(f"the request did not complete within {timeout}s"),
                                       anthropic=anthropic)
                     return

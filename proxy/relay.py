@@ -40,6 +40,11 @@ class RelayResponse(Response):
         self.background = None
         self.raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
 
+    @property
+    def events(self) -> bool:
+        """Whether the body is an event stream, where an error after the headers goes in band."""
+        return any(k == b"content-type" and v.startswith(b"text/event-stream") for k, v in self.raw_headers)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not self.watch:  # a whole body already on its way: a disconnect shows at the next send
             try:
@@ -110,7 +115,8 @@ async def open_upstream(pool, upstream, method: str, url: str, headers, content:
 
 
 class BodyCutShort(Exception):
-    """A body that is not an event stream broke off after its headers went out. Such a
+    """A body that is not an event stream broke off after its headers went out (an
+    upstream failure, or the request deadline: `proxy.handler`). Such a
     body has no in-band error, so `RelayResponse` leaves the response unfinished: the
     client sees it cut short (short of its Content-Length, or a chunked body without its
     last chunk), as every HTTP client reports; a clean end would pass it off as whole."""

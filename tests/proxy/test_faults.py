@@ -449,3 +449,19 @@ def test_a_client_that_leaves_a_stream_that_never_pauses_frees_it(policy):
         metrics = httpx.get(server.url + "/metrics").text
     assert upstream.served[0].ended == "client-closed"
     assert "siren_proxy_active_streams 0.0" in metrics
+
+
+@pytest.mark.parametrize("policy", ["unguarded", "guarded"])
+def test_the_request_deadline_in_a_plain_body(upstream, policy, server_errors):
+    """`server.request_timeout` passing while an unguarded reply's body is on its way: its
+    headers went out, and an in-band error is an SSE event, which a JSON body has no
+    place for (it was appended to it). The body is cut short, as an upstream failure
+    there is. Guarded, the body is read whole first: a 504."""
+    text = "server:\n  request_timeout: 0.3\n" + yaml(upstream.url, policy)
+    with running_proxy(text, KeywordScorer()) as server:
+        status, body, ending = ask(server, "stall-plain-body", stream=False)
+    if policy == "unguarded":
+        assert (status, ending) == (200, "connection-closed-mid-body") and body == b'{"id": "c", "choices"'
+    else:
+        assert status == 504 and json.loads(body)["error"]["code"] == "request_timeout"
+    assert not [r for r in server_errors if r.exc_info], server_errors

@@ -17,6 +17,7 @@ so they are idempotent.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import anyio
@@ -25,6 +26,9 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from .errors import ProxyError, UpstreamTimeout, UpstreamUnreachable, error_event
+from .metrics import Metrics
+from .sse import SSEDecoder, SSEError
+from .upstream import response_headers
 
 logger = logging.getLogger(__name__)
 
@@ -165,3 +169,55 @@ def broken_stream(exc: Exception, *, anthropic: bool = False) -> bytes:
                            anthropic=anthropic)
     return error_event(UpstreamUnreachable(f"the upstream stream broke off ({type(exc).__name__})"),
                        anthropic=anthropic)
+
+
+# One SSE event larger than this is an upstream fault, not a reason to grow memory.
+MAX_EVENT_BYTES = 4 << 20
+
+
+def relay(response: httpx.Response, metrics: Metrics | None = None, *, anthropic: bool = False,
+          headers: Sequence[tuple[str, str]] = (), watch: bool = False) -> RelayResponse:
+    """A response the guard does not read (unguarded, or past a prompt stage alone), with
+    `headers` added: non-streams byte for byte, streams event by event, so that a stream
+    that breaks off ends with an in-band error. `watch`: watch for the client's
+    disconnect in a body that is not a stream too (streams are always watched)."""
+    passthrough = response.headers.multi_items()
+    if is_event_stream(response):
+        return RelayResponse(sse_passthrough(response, MAX_EVENT_BYTES, metrics, anthropic=anthropic),
+                             response.status_code, response_headers(passthrough, keep_length=False) + [*headers],
+                             on_close=response.aclose)
+    return RelayResponse(raw_body(response), response.status_code,
+                         response_headers(passthrough, keep_length=True) + [*headers], watch=watch,
+                         on_close=response.aclose)
+
+
+def is_event_stream(response: httpx.Response) -> bool:
+    return response.headers.get("content-type", "").startswith("text/event-stream")
+
+
+async def sse_passthrough(response: httpx.Response, max_event_bytes: int,
+                          metrics: Metrics | None = None, *, anthropic: bool = False) -> AsyncIterator[bytes]:
+    """Forward whole events as they complete; the bytes are the upstream's, unchanged.
+
+    Going event by event (not chunk by chunk) costs nothing in latency, since a client
+    can act only on complete events, and it means a failure mid-stream can always be
+    reported as one well-formed error event instead of being glued to half an event.
+    """
+    decoder = SSEDecoder(max_event_bytes=max_event_bytes)
+    started, first = time.perf_counter(), True
+    try:
+        async for chunk in response.aiter_raw():
+            events = decoder.feed(chunk)
+            if events:
+                if first and metrics is not None:
+                    metrics.upstream_ttft.observe(time.perf_counter() - started)
+                    first = False
+                yield b"".join(event.raw for event in events)
+        tail = check_complete(decoder.close())
+        if tail:
+            yield b"".join(event.raw for event in tail)
+    except (httpx.HTTPError, SSEError, TruncatedStream) as exc:
+        yield broken_stream(exc, anthropic=anthropic)
+    finally:
+        with cleanup():
+            await response.aclose()

@@ -84,6 +84,8 @@ def script(head: bytes) -> list:
 
 def yaml(base_url: str, policy: str) -> str:
     stages = {"unguarded": "prompt: {action: off}\n    response: {action: off}",
+              # The prompt stage alone: the response is relayed unread, as if unguarded.
+              "prompt-only": "prompt: {action: refuse}\n    response: {action: off}",
               "guarded": "prompt: {action: off}\n"
                          "    response: {action: cut, threshold: 0.5, check_every: 2, holdback: 2}"}[policy]
     return f"""
@@ -103,7 +105,7 @@ def upstream():
         yield up
 
 
-@pytest.fixture(scope="module", params=["unguarded", "guarded"])
+@pytest.fixture(scope="module", params=["unguarded", "prompt-only", "guarded"])
 def proxy(request, upstream):
     with running_proxy(yaml(upstream.url, request.param), KeywordScorer()) as server:
         yield request.param, server
@@ -186,7 +188,7 @@ def test_an_invalid_json_event_is_relayed_unguarded_and_fails_a_guarded_stream_c
     policy, server = proxy
     status, body, ending = ask(server, "invalid-json-event")
     assert (status, ending) == (200, "complete")
-    if policy == "unguarded":
+    if policy != "guarded":
         assert body == b"".join(HEAD) + b"data: {not json\n\n" + TAIL
     else:
         error = assert_in_band(body, "guard_unavailable", kept=b"".join(HEAD))
@@ -240,7 +242,7 @@ def test_plain_body_cut_short(proxy, fault, guarded_answer, server_errors):
     began (README "Errors")."""
     policy, server = proxy
     status, body, ending = ask(server, fault, stream=False)
-    if policy == "unguarded":
+    if policy != "guarded":
         assert (status, ending) == (200, "connection-closed-mid-body") and body == b'{"id": "c", "choices"'
     else:
         assert status == guarded_answer[0], body[:300]

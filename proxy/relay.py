@@ -46,8 +46,11 @@ class RelayResponse(Response):
 
     @property
     def events(self) -> bool:
-        """Whether the body is an event stream, where an error after the headers goes in band."""
-        return any(k == b"content-type" and v.startswith(b"text/event-stream") for k, v in self.raw_headers)
+        """Whether the body is an uncompressed event stream, where an error after the
+        headers can go in band."""
+        headers = dict(self.raw_headers)
+        return headers.get(b"content-type", b"").startswith(b"text/event-stream") \
+            and headers.get(b"content-encoding", b"identity") == b"identity"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not self.watch:  # a whole body already on its way: a disconnect shows at the next send
@@ -182,17 +185,16 @@ def relay(response: httpx.Response, metrics: Metrics | None = None, *, anthropic
     that breaks off ends with an in-band error. `watch`: watch for the client's
     disconnect in a body that is not a stream too (streams are always watched)."""
     passthrough = response.headers.multi_items()
-    if is_event_stream(response):
+    stream = response.headers.get("content-type", "").startswith("text/event-stream")
+    if stream and response.headers.get("content-encoding", "identity") == "identity":
         return RelayResponse(sse_passthrough(response, MAX_EVENT_BYTES, metrics, anthropic=anthropic),
                              response.status_code, response_headers(passthrough, keep_length=False) + [*headers],
                              on_close=response.aclose)
+    # A compressed stream (a gateway's gzip, for a client that accepts it) is the client's
+    # to inflate: relayed as sent, its Content-Encoding kept, like any other body.
     return RelayResponse(raw_body(response), response.status_code,
-                         response_headers(passthrough, keep_length=True) + [*headers], watch=watch,
+                         response_headers(passthrough, keep_length=True) + [*headers], watch=watch or stream,
                          on_close=response.aclose)
-
-
-def is_event_stream(response: httpx.Response) -> bool:
-    return response.headers.get("content-type", "").startswith("text/event-stream")
 
 
 async def sse_passthrough(response: httpx.Response, max_event_bytes: int,

@@ -20,7 +20,9 @@ scoring call becomes a job on one FIFO queue, served by one thread:
   one at a time (README, "Benchmark" (e)). Appends are taken from anywhere in the
   queue, so a round of streaming steps is served ahead of the full-text jobs behind
   its first; each session's own jobs keep their order.
-- At most `max_queue` jobs wait; one more raises `QueueFull` at once (no blocking).
+- At most `max_queue` jobs wait; one more raises `QueueFull` at once (no blocking). A
+  session's close is always taken: it frees the session's cache, and a close refused
+  under overload would leave the session counted open for good.
 - Any exception from the model reaches the awaiting caller as a `GuardError`
   (`ScoringError` with the original as `__cause__`); the proxy fails closed on it.
 
@@ -102,11 +104,11 @@ class GuardWorker:
         return not self._closed and self._thread.is_alive()
 
     # -- submitting ------------------------------------------------------------------------
-    def _submit(self, job: _Job) -> Future:
+    def _submit(self, job: _Job, *, bounded: bool = True) -> Future:
         with self._cond:
             if self._closed:
                 raise WorkerClosed("the guard worker is closed")
-            if len(self._jobs) >= self.max_queue:
+            if bounded and len(self._jobs) >= self.max_queue:
                 raise QueueFull(f"{len(self._jobs)} guard jobs are already waiting (max_queue={self.max_queue})")
             self._jobs.append(job)
             self._cond.notify()
@@ -331,13 +333,14 @@ class AsyncStreamSession:
 
     async def aclose(self) -> None:
         """Queue the release of the session's cache, without waiting for it: nothing
-        the caller sends (a refusal, a stream's end) waits on the worker's queue."""
+        the caller sends (a refusal, a stream's end) waits on the worker's queue, and a
+        full queue does not refuse it (`GuardWorker._submit`)."""
         if self._closed:
             return
         self._closed = True
         try:
-            self.worker._submit(_Job("close", session=self))
-        except GuardError:  # closed worker or full queue: the session dies with it anyway
+            self.worker._submit(_Job("close", session=self), bounded=False)
+        except WorkerClosed:  # the session dies with the worker
             self._session = None
 
 

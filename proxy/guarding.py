@@ -34,7 +34,7 @@ from policies.extract import completion_prompts, prompt_text
 from .errors import BadRequest, ContentFiltered, GuardUnavailable, Overloaded
 from .records import AuditLog, Exchange
 from . import rerank
-from .relay import RelayResponse, cleanup, raw_body
+from .relay import RelayResponse, cleanup, relay
 from .scorer import Scorer, ScorerBusy, StreamSession
 from .shapes import refused_json, refused_stream, steered
 from .stream_guard import StreamGuard
@@ -279,9 +279,8 @@ class GuardedCall:
         passthrough = response.headers.multi_items()
         if stage.action == "off" or response.status_code != 200:
             self.write_audit()
-            return RelayResponse(raw_body(response), response.status_code,
-                                 response_headers(passthrough, keep_length=True) + list(headers.items()),
-                                 on_close=response.aclose)
+            return relay(response, self.exchange.metrics, anthropic=self.endpoint == "messages",
+                         headers=list(headers.items()), watch=True)
         if response.headers.get("content-type", "").startswith("text/event-stream"):
             guard = StreamGuard(endpoint=self.endpoint, request=self.payload, policy=self.policy,
                                 scorer=self.scorer, prompt=self.prompt, prompts=self.prompts, exchange=self.exchange,

@@ -29,11 +29,9 @@ from .endpoints import guarded_endpoint, unread_endpoint
 from .metrics import Metrics
 from .guarding import GuardedCall, cache_salt
 from .records import AuditLog, Exchange
-from .relay import (RelayResponse, TruncatedStream, broken_stream, check_complete, cleanup, open_upstream,
-                    raw_body)
+from .relay import BodyCutShort, RelayResponse, cleanup, open_upstream, relay
 from .scorer import Scorer
-from .sse import SSEDecoder, SSEError
-from .upstream import UpstreamPool, request_headers, response_headers, upstream_url
+from .upstream import UpstreamPool, request_headers, upstream_url
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +39,6 @@ logger = logging.getLogger(__name__)
 # rather than an upstream's guess.
 JSON_ENDPOINTS = ("chat/completions", "completions", "completions/batch", "embeddings", "responses", "moderations",
                   "v1/messages")
-# One SSE event larger than this is an upstream fault, not a reason to grow memory.
-MAX_EVENT_BYTES = 4 << 20
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -141,7 +137,7 @@ class Proxy:
             raise
         if isinstance(response, RelayResponse):
             response.body_iterator = self._finishing(response.body_iterator, deadline, timeout,
-                                                     anthropic=request.state.anthropic)
+                                                     anthropic=request.state.anthropic, events=response.events)
 
             async def ended() -> None:  # also when the body never started
                 self._stream_ended(streaming)
@@ -156,9 +152,11 @@ class Proxy:
             self.active_streams -= 1
             self.metrics.active_streams.dec()
 
-    async def _finishing(self, body: AsyncIterator[bytes], deadline: float | None,
-                         timeout: float | None, *, anthropic: bool = False) -> AsyncIterator[bytes]:
-        """The body, cut off at the request deadline (the stream slot is freed `on_close`)."""
+    async def _finishing(self, body: AsyncIterator[bytes], deadline: float | None, timeout: float | None,
+                         *, anthropic: bool = False, events: bool = True) -> AsyncIterator[bytes]:
+        """The body, cut off at the request deadline (the stream slot is freed `on_close`):
+        an event stream ends with an in-band error; any other body is cut short, since its
+        bytes have no place for one."""
         loop = asyncio.get_running_loop()
         try:
             while True:
@@ -170,6 +168,9 @@ class Proxy:
                 except StopAsyncIteration:
                     return
                 except TimeoutError:
+                    if not events:
+                        logger.warning("the request deadline (%ss) passed in the body", timeout)
+                        raise BodyCutShort(f"the request did not complete within {timeout}s") from None
                     yield error_event(RequestTimeout(f"the request did not complete within {timeout}s"),
                                       anthropic=anthropic)
                     return
@@ -303,49 +304,3 @@ def client_key(headers) -> str | None:
     if authorization is None and headers.get("x-api-key"):
         return f"Bearer {headers['x-api-key']}"
     return authorization
-
-
-def relay(response: httpx.Response, metrics: Metrics, *, anthropic: bool = False) -> RelayResponse:
-    """An unguarded response: non-streams byte for byte, streams event by event."""
-    if is_event_stream(response):
-        return RelayResponse(sse_passthrough(response, MAX_EVENT_BYTES, metrics, anthropic=anthropic),
-                             response.status_code,
-                             response_headers(response.headers.multi_items(), keep_length=False),
-                             on_close=response.aclose)
-    return RelayResponse(raw_body(response), response.status_code,
-                         response_headers(response.headers.multi_items(), keep_length=True), watch=False,
-                         on_close=response.aclose)
-
-
-def is_event_stream(response: httpx.Response) -> bool:
-    return response.headers.get("content-type", "").startswith("text/event-stream")
-
-
-async def sse_passthrough(response: httpx.Response, max_event_bytes: int,
-                          metrics: Metrics | None = None, *, anthropic: bool = False) -> AsyncIterator[bytes]:
-    """Forward whole events as they complete; the bytes are the upstream's, unchanged.
-
-    Going event by event (not chunk by chunk) costs nothing in latency, since a client
-    can act only on complete events, and it means a failure mid-stream can always be
-    reported as one well-formed error event instead of being glued to half an event.
-    A compressed stream is read decompressed (events are found in the text, not in
-    gzip's bytes) and goes out so, without its Content-Encoding (`response_headers`).
-    """
-    decoder = SSEDecoder(max_event_bytes=max_event_bytes)
-    started, first = time.perf_counter(), True
-    try:
-        async for chunk in response.aiter_bytes():
-            events = decoder.feed(chunk)
-            if events:
-                if first and metrics is not None:
-                    metrics.upstream_ttft.observe(time.perf_counter() - started)
-                    first = False
-                yield b"".join(event.raw for event in events)
-        tail = check_complete(decoder.close())
-        if tail:
-            yield b"".join(event.raw for event in tail)
-    except (httpx.HTTPError, SSEError, TruncatedStream) as exc:
-        yield broken_stream(exc, anthropic=anthropic)
-    finally:
-        with cleanup():
-            await response.aclose()

@@ -17,6 +17,7 @@ so they are idempotent.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import anyio
@@ -25,6 +26,9 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from .errors import ProxyError, UpstreamTimeout, UpstreamUnreachable, error_event
+from .metrics import Metrics
+from .sse import SSEDecoder, SSEError
+from .upstream import response_headers
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +44,14 @@ class RelayResponse(Response):
         self.background = None
         self.raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
 
+    @property
+    def events(self) -> bool:
+        """Whether the body is an uncompressed event stream, where an error after the
+        headers can go in band."""
+        headers = dict(self.raw_headers)
+        return headers.get(b"content-type", b"").startswith(b"text/event-stream") \
+            and headers.get(b"content-encoding", b"identity") == b"identity"
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not self.watch:  # a whole body already on its way: a disconnect shows at the next send
             try:
@@ -49,16 +61,18 @@ class RelayResponse(Response):
             finally:
                 await self._close()
             return
+        gone = anyio.Event()
         async with anyio.create_task_group() as tg:
 
             async def watch_disconnect() -> None:
                 while (await receive())["type"] != "http.disconnect":
                     pass
+                gone.set()
                 tg.cancel_scope.cancel()
 
             tg.start_soon(watch_disconnect)
             try:
-                await self._send_all(send)
+                await self._send_all(send, gone)
             except OSError:  # the client went away between our checks
                 pass
             finally:
@@ -76,10 +90,18 @@ class RelayResponse(Response):
                     except Exception:  # noqa: BLE001 - the others must still run
                         logger.exception("closing a response failed")
 
-    async def _send_all(self, send: Send) -> None:
+    async def _send_all(self, send: Send, gone: anyio.Event | None = None) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        async for chunk in self.body_iterator:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        try:
+            async for chunk in self.body_iterator:
+                # Once the client is gone uvicorn's `send` returns at once, sending nothing, and
+                # anyio cancels a task only while it waits on something not yet done: an
+                # upstream with bytes at every turn of the loop would be read on for nobody.
+                if gone is not None and gone.is_set():
+                    return
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except BodyCutShort:
+            return  # left unfinished: the server closes the connection, short of the body's end
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
@@ -99,17 +121,23 @@ async def open_upstream(pool, upstream, method: str, url: str, headers, content:
         raise transport_error(exc) from exc
 
 
+class BodyCutShort(Exception):
+    """A body that is not an event stream broke off after its headers went out (an
+    upstream failure, or the request deadline: `proxy.handler`). Such a
+    body has no in-band error, so `RelayResponse` leaves the response unfinished: the
+    client sees it cut short (short of its Content-Length, or a chunked body without its
+    last chunk), as every HTTP client reports; a clean end would pass it off as whole."""
+
+
 async def raw_body(response: httpx.Response) -> AsyncIterator[bytes]:
     """The upstream body as received (no decoding); closes the response when done.
-
-    A failure mid-body ends the relay early: the client sees a body shorter than its
-    Content-Length (or an unterminated chunked body), which every HTTP client reports.
-    """
+    A failure mid-body is `BodyCutShort`."""
     try:
         async for chunk in response.aiter_raw():
             yield chunk
     except httpx.HTTPError as exc:
         logger.warning("upstream body broke off: %s", type(exc).__name__)
+        raise BodyCutShort(f"the upstream body broke off ({type(exc).__name__})") from None
     finally:
         with cleanup():
             await response.aclose()
@@ -144,3 +172,54 @@ def broken_stream(exc: Exception, *, anthropic: bool = False) -> bytes:
                            anthropic=anthropic)
     return error_event(UpstreamUnreachable(f"the upstream stream broke off ({type(exc).__name__})"),
                        anthropic=anthropic)
+
+
+# One SSE event larger than this is an upstream fault, not a reason to grow memory.
+MAX_EVENT_BYTES = 4 << 20
+
+
+def relay(response: httpx.Response, metrics: Metrics | None = None, *, anthropic: bool = False,
+          headers: Sequence[tuple[str, str]] = (), watch: bool = False) -> RelayResponse:
+    """A response the guard does not read (unguarded, or past a prompt stage alone), with
+    `headers` added: non-streams byte for byte, streams event by event, so that a stream
+    that breaks off ends with an in-band error. `watch`: watch for the client's
+    disconnect in a body that is not a stream too (streams are always watched)."""
+    passthrough = response.headers.multi_items()
+    stream = response.headers.get("content-type", "").startswith("text/event-stream")
+    if stream and response.headers.get("content-encoding", "identity") == "identity":
+        return RelayResponse(sse_passthrough(response, MAX_EVENT_BYTES, metrics, anthropic=anthropic),
+                             response.status_code, response_headers(passthrough, keep_length=False) + [*headers],
+                             on_close=response.aclose)
+    # A compressed stream (a gateway's gzip, for a client that accepts it) is the client's
+    # to inflate: relayed as sent, its Content-Encoding kept, like any other body.
+    return RelayResponse(raw_body(response), response.status_code,
+                         response_headers(passthrough, keep_length=True) + [*headers], watch=watch or stream,
+                         on_close=response.aclose)
+
+
+async def sse_passthrough(response: httpx.Response, max_event_bytes: int,
+                          metrics: Metrics | None = None, *, anthropic: bool = False) -> AsyncIterator[bytes]:
+    """Forward whole events as they complete; the bytes are the upstream's, unchanged.
+
+    Going event by event (not chunk by chunk) costs nothing in latency, since a client
+    can act only on complete events, and it means a failure mid-stream can always be
+    reported as one well-formed error event instead of being glued to half an event.
+    """
+    decoder = SSEDecoder(max_event_bytes=max_event_bytes)
+    started, first = time.perf_counter(), True
+    try:
+        async for chunk in response.aiter_raw():
+            events = decoder.feed(chunk)
+            if events:
+                if first and metrics is not None:
+                    metrics.upstream_ttft.observe(time.perf_counter() - started)
+                    first = False
+                yield b"".join(event.raw for event in events)
+        tail = check_complete(decoder.close())
+        if tail:
+            yield b"".join(event.raw for event in tail)
+    except (httpx.HTTPError, SSEError, TruncatedStream) as exc:
+        yield broken_stream(exc, anthropic=anthropic)
+    finally:
+        with cleanup():
+            await response.aclose()

@@ -253,6 +253,39 @@ def test_a_packed_step_waits_briefly_for_the_other_open_sessions(guard):
     assert alone < 0.5  # the one open session does not wait for anybody
 
 
+def test_a_session_closed_while_the_queue_is_full_is_closed(guard, monkeypatch):
+    """A stream that ends while the queue is full (overload) still has its session
+    closed. Its close used to be refused (QueueFull) and dropped: its open then ran,
+    the session stayed counted open for good, and every later lone check waited
+    max_wait_ms for it (the guard slower after each overload)."""
+    worker = GuardWorker(guard, max_wait_ms=2000, max_queue=2)
+    try:
+        async def main():
+            blocker, gate = await busy(worker, guard, monkeypatch)
+            left = worker.stream(prompt="a client that leaves")  # its open waits in the queue
+            filler = asyncio.wrap_future(worker.submit_score(response="x"))
+            await queued(worker, 2)  # the queue is full
+            await left.aclose()
+            gate.set()
+            await asyncio.gather(blocker, filler)
+            session = worker.stream(prompt="the only open stream")
+            await asyncio.wrap_future(session._opened)
+            started = time.monotonic()
+            await session.append(" hello")
+            alone = time.monotonic() - started
+            await session.aclose()
+            return alone
+
+        alone = asyncio.run(main())
+        deadline = time.monotonic() + 5
+        while worker.queue_depth and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert alone < 1.0  # not held for a session that no longer exists
+    finally:
+        worker.close()
+    assert worker._open_sessions == 0
+
+
 def test_a_failed_packed_round_fails_each_caller_and_sessions_recover(guard, real_rows, monkeypatch):
     worker = GuardWorker(guard, max_wait_ms=1000)  # the round waits for all three sessions
     texts = [(r["prompt"][:50], r["response"][:120]) for r in real_rows[:3]]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import logging
 import time
 
 import httpx
@@ -69,6 +70,8 @@ FAULTS = {
                                  b'{"id": "c", "choices"', FIN],
     "stall-plain-body": lambda: [b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 500\r\n\r\n",
                                  b'{"id": "c", "choices"', 1.5, FIN],
+    "chunked-plain-body-reset": lambda: [b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                                         b"transfer-encoding: chunked\r\n\r\n", chunk(b'{"id": "c", "choices"'), 0.05, RST],
     "slow-drip": lambda: [sse_head()] + [step for piece in split(b"".join(HEAD) + TAIL, 9)
                                          for step in (chunk(piece), 0.004)] + [LAST_CHUNK],
     "stall-mid-stream": lambda: [sse_head(), chunk(b"".join(HEAD)), 1.5, *whole(TAIL)],
@@ -106,6 +109,8 @@ def script(head: bytes) -> list:
 
 def yaml(base_url: str, policy: str) -> str:
     stages = {"unguarded": "prompt: {action: off}\n    response: {action: off}",
+              # The prompt stage alone: the response is relayed unread, as if unguarded.
+              "prompt-only": "prompt: {action: refuse}\n    response: {action: off}",
               "guarded": "prompt: {action: off}\n"
                          "    response: {action: cut, threshold: 0.5, check_every: 2, holdback: 2}"}[policy]
     return f"""
@@ -125,7 +130,7 @@ def upstream():
         yield up
 
 
-@pytest.fixture(scope="module", params=["unguarded", "guarded"])
+@pytest.fixture(scope="module", params=["unguarded", "prompt-only", "guarded"])
 def proxy(request, upstream):
     with running_proxy(yaml(upstream.url, request.param), KeywordScorer()) as server:
         yield request.param, server
@@ -208,7 +213,7 @@ def test_an_invalid_json_event_is_relayed_unguarded_and_fails_a_guarded_stream_c
     policy, server = proxy
     status, body, ending = ask(server, "invalid-json-event")
     assert (status, ending) == (200, "complete")
-    if policy == "unguarded":
+    if policy != "guarded":
         assert body == b"".join(HEAD) + b"data: {not json\n\n" + TAIL
     else:
         error = assert_in_band(body, "guard_unavailable", kept=b"".join(HEAD))
@@ -252,7 +257,7 @@ def test_text_a_choice_sends_after_its_finish_is_guarded_as_any(proxy, n):
             headers={"x-fault": "text-after-finish" if n == 1 else "text-after-finish-n2"}) as response:
         received = b"".join(response.iter_raw())
     assert response.status_code == 200 and received.endswith(DONE)
-    if policy == "unguarded":
+    if policy != "guarded":
         assert b"BOMB" in received
         return
     assert b"BOMB" not in received and b"more" not in received
@@ -292,42 +297,63 @@ def test_what_a_cut_stream_releases_does_not_depend_on_how_the_upstream_wrote_it
     _, at_once, _ = ask(server, "crossing-in-one-read")
     _, dripped, _ = ask(server, "crossing-dripped")
     assert at_once == dripped
-    if policy == "unguarded":
+    if policy != "guarded":
         assert at_once == CROSSING
     else:
         assert at_once.startswith(b"".join(HEAD)) and b"BOMB" not in at_once and b"content_filter" in at_once
 
 
-def test_a_compressed_stream_reaches_the_client_decoded(proxy):
+def test_a_compressed_stream_is_read_decoded_where_it_is_guarded(proxy):
     """An upstream that compresses its stream (a gateway with gzip on, answering the
-    client's Accept-Encoding; or one that ignores the guard's `identity`): the events are
-    read, guarded and forwarded decompressed, without the Content-Encoding they no longer
-    have. (They were cut as compressed bytes: the client got one error event.)"""
-    _, server = proxy
+    client's Accept-Encoding; or one that ignores the guard's `identity`). Where the
+    response is guarded its events are read, guarded and forwarded decompressed, without
+    the Content-Encoding they no longer have; elsewhere the stream is the client's to
+    inflate and goes as sent (test_forwarding). (Both were read as compressed bytes: the
+    client got one error event.)"""
+    policy, server = proxy
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
     with httpx.Client(timeout=20) as client, client.stream(
             "POST", server.url + "/v1/chat/completions", json=body,
             headers={"x-fault": "gzip-stream", "accept-encoding": "gzip"}) as response:
         received = b"".join(response.iter_raw())
-    assert response.status_code == 200 and "content-encoding" not in response.headers
-    assert received == b"".join(HEAD) + TAIL
+    assert response.status_code == 200
+    if policy == "guarded":
+        assert "content-encoding" not in response.headers and received == b"".join(HEAD) + TAIL
+    else:
+        assert response.headers["content-encoding"] == "gzip"
+        assert gzip.decompress(received) == b"".join(HEAD) + TAIL
     still_serves(server)
 
 
+@pytest.fixture
+def server_errors():
+    """What uvicorn logs as errors (its logger does not reach pytest's caplog)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = records.append
+    logging.getLogger("uvicorn.error").addHandler(handler)
+    yield records
+    logging.getLogger("uvicorn.error").removeHandler(handler)
+
+
 @pytest.mark.parametrize("fault,guarded_answer", [("short-plain-body", (502, "upstream_unreachable")),
-                                                  ("stall-plain-body", (504, "upstream_timeout"))])
-def test_plain_body_cut_short(proxy, fault, guarded_answer):
-    """Unguarded: the headers went out with the upstream's Content-Length, so the only
-    honest signal is to close the connection short of it (the client sees an incomplete
-    body). Guarded: the body is read whole before any header goes out, so the failure is
-    still a status code, as before the response began (README "Errors")."""
+                                                  ("stall-plain-body", (504, "upstream_timeout")),
+                                                  ("chunked-plain-body-reset", (502, "upstream_unreachable"))])
+def test_plain_body_cut_short(proxy, fault, guarded_answer, server_errors):
+    """Unguarded: the headers went out, so the only honest signal is to close the
+    connection short of the body (the client sees an incomplete body: short of its
+    Content-Length, or a chunked body without its last chunk, which a clean end would
+    pass off as whole), and no traceback. Guarded: the body is read whole before any
+    header goes out, so the failure is still a status code, as before the response
+    began (README "Errors")."""
     policy, server = proxy
     status, body, ending = ask(server, fault, stream=False)
-    if policy == "unguarded":
+    if policy != "guarded":
         assert (status, ending) == (200, "connection-closed-mid-body") and body == b'{"id": "c", "choices"'
     else:
         assert status == guarded_answer[0], body[:300]
         assert json.loads(body)["error"]["code"] == guarded_answer[1]
+    assert not [r for r in server_errors if r.exc_info], server_errors
     still_serves(server)
 
 
@@ -500,3 +526,50 @@ def test_a_request_past_its_deadline_frees_the_guard(scripted, response):
     assert scorer.ended == ["cancelled"]
     assert reply.status_code == 504 and reply.json()["error"]["code"] == "request_timeout"
     assert len(recorder.requests) == before
+
+
+def firehose(head: bytes):
+    """A stream whose events arrive faster than the proxy relays them, for up to 30 s:
+    the upstream's socket has bytes at every turn of the proxy's event loop."""
+    yield sse_head()
+    piece = chunk(b"".join(HEAD) * 8)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        yield piece
+    yield LAST_CHUNK
+
+
+@pytest.mark.parametrize("policy", ["unguarded", "guarded"])
+def test_a_client_that_leaves_a_stream_that_never_pauses_frees_it(policy):
+    """uvicorn's `send` does nothing once the client is gone, and the relay's disconnect
+    watcher cancels it through anyio, which delivers a cancellation only while the task
+    waits on something not yet done: with upstream bytes at every turn of the loop, the
+    relay went on reading the upstream for nobody (until it ended), holding its
+    connection and stream slot."""
+    with RawUpstream(firehose) as upstream, running_proxy(yaml(upstream.url, policy), KeywordScorer()) as server:
+        with httpx.Client(timeout=20) as client, client.stream(
+                "POST", server.url + "/v1/chat/completions",
+                json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}) as response:
+            for line in response.iter_lines():
+                if "tok0" in line:
+                    break
+        wait_for(lambda: upstream.served and upstream.served[0].ended)
+        metrics = httpx.get(server.url + "/metrics").text
+    assert upstream.served[0].ended == "client-closed"
+    assert "siren_proxy_active_streams 0.0" in metrics
+
+
+@pytest.mark.parametrize("policy", ["unguarded", "guarded"])
+def test_the_request_deadline_in_a_plain_body(upstream, policy, server_errors):
+    """`server.request_timeout` passing while an unguarded reply's body is on its way: its
+    headers went out, and an in-band error is an SSE event, which a JSON body has no
+    place for (it was appended to it). The body is cut short, as an upstream failure
+    there is. Guarded, the body is read whole first: a 504."""
+    text = "server:\n  request_timeout: 0.3\n" + yaml(upstream.url, policy)
+    with running_proxy(text, KeywordScorer()) as server:
+        status, body, ending = ask(server, "stall-plain-body", stream=False)
+    if policy == "unguarded":
+        assert (status, ending) == (200, "connection-closed-mid-body") and body == b'{"id": "c", "choices"'
+    else:
+        assert status == 504 and json.loads(body)["error"]["code"] == "request_timeout"
+    assert not [r for r in server_errors if r.exc_info], server_errors

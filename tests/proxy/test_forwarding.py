@@ -300,3 +300,27 @@ def test_upstream_sees_only_the_clients_headers(via_scripted):
     body = reply.split(b"\r\n\r\n", 1)[1]
     seen = json.loads(body)["headers"]
     assert set(seen) == {"host", "x-only"}
+
+
+def test_a_compressed_stream_is_forwarded_as_sent():
+    """An upstream behind a gateway that compresses event streams (Caddy's `encode gzip`
+    does, for any text/*) answers a client that accepts gzip (the openai SDK does) with
+    a gzip'd stream. Unguarded, it is the client's to inflate: the proxy used to read it
+    as events (garbage: `upstream_unreachable`) and drop its Content-Encoding."""
+    from tests.proxy.rawhttp import LAST_CHUNK, RawUpstream, chunk
+    from tests.support.upstream import chat_chunk
+
+    events = chat_chunk(role=True) + chat_chunk("hello ") + chat_chunk("world") + b"data: [DONE]\n\n"
+    packed = gzip.compress(events)
+    head = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-encoding: gzip\r\n"
+            b"transfer-encoding: chunked\r\n\r\n")
+    with RawUpstream(lambda _: [head, chunk(packed[:20]), 0.05, chunk(packed[20:]), LAST_CHUNK]) as upstream, \
+            running_proxy(unguarded_yaml(upstream.url)) as proxy:
+        stream = client(proxy).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in stream)
+        with httpx.stream("POST", proxy.url + "/v1/chat/completions", json={"model": "m", "stream": True},
+                          headers={"accept-encoding": "gzip"}) as response:
+            raw = b"".join(response.iter_raw())
+    assert text == "hello world"
+    assert response.headers["content-encoding"] == "gzip" and raw == packed

@@ -42,7 +42,7 @@ from policies.decisions import CUT, GUARD_ERROR, Decision, decide_response
 from policies.extract import delta_text, whole_texts
 
 from .errors import GuardUnavailable, error_event
-from .relay import TruncatedStream, broken_stream, check_complete, cleanup
+from .relay import MAX_EVENT_BYTES, TruncatedStream, broken_stream, check_complete, cleanup
 from .records import Exchange
 from .scorer import Scorer, StreamSession
 from .shapes import (MessageOutput, ResponseOutput, cut_chunk, message_cut_events, response_cut_events,
@@ -51,7 +51,6 @@ from .sse import DONE, Event, SSEDecoder, SSEError, encode_json
 
 logger = logging.getLogger(__name__)
 
-MAX_EVENT_BYTES = 4 << 20
 # A Responses stream ends with one of these. The `.done` events of each output item (a
 # reasoning item, a message, a function call) come before the next item starts, and
 # repeat the item's whole text: they are checked at, so they need not wait for the next

@@ -36,7 +36,7 @@ BOTH = b"data: " + json.dumps({"id": "chatcmpl-test", "object": "chat.completion
                                            {"index": 1, "delta": {"content": "x\ud800y "}, "finish_reason": None}]}
                               ).encode() + b"\n\n"
 CROSSING = b"".join(HEAD) + chat_chunk("a BOMB ") + chat_chunk("more ") + TAIL
-OVER_LIMIT = (4 << 20) + 1024  # proxy.handler.MAX_EVENT_BYTES is 4 MiB
+OVER_LIMIT = (4 << 20) + 1024  # proxy.relay.MAX_EVENT_BYTES is 4 MiB
 
 
 def whole(body: bytes) -> list[bytes]:

@@ -34,7 +34,7 @@ from policies.extract import completion_prompts, prompt_text
 from .errors import BadRequest, ContentFiltered, GuardUnavailable, Overloaded
 from .records import AuditLog, Exchange
 from . import rerank
-from .relay import RelayResponse, cleanup, relay
+from .relay import RelayResponse, cleanup, is_event_stream, relay
 from .scorer import Scorer, ScorerBusy, StreamSession
 from .shapes import refused_json, refused_stream, steered
 from .stream_guard import StreamGuard
@@ -281,7 +281,7 @@ class GuardedCall:
             self.write_audit()
             return relay(response, self.exchange.metrics, anthropic=self.endpoint == "messages",
                          headers=list(headers.items()), watch=True)
-        if response.headers.get("content-type", "").startswith("text/event-stream"):
+        if is_event_stream(response.headers.get("content-type", "")):
             guard = StreamGuard(endpoint=self.endpoint, request=self.payload, policy=self.policy,
                                 scorer=self.scorer, prompt=self.prompt, prompts=self.prompts, exchange=self.exchange,
                                 session=self.take_session(), cache_salt=self.cache_salt)

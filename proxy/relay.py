@@ -49,8 +49,8 @@ class RelayResponse(Response):
         """Whether the body is an uncompressed event stream, where an error after the
         headers can go in band."""
         headers = dict(self.raw_headers)
-        return headers.get(b"content-type", b"").startswith(b"text/event-stream") \
-            and headers.get(b"content-encoding", b"identity") == b"identity"
+        return is_event_stream(headers.get(b"content-type", b"").decode("latin-1")) \
+            and headers.get(b"content-encoding", b"identity").lower() == b"identity"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not self.watch:  # a whole body already on its way: a disconnect shows at the next send
@@ -174,6 +174,11 @@ def broken_stream(exc: Exception, *, anthropic: bool = False) -> bytes:
                        anthropic=anthropic)
 
 
+def is_event_stream(content_type: str) -> bool:
+    """Whether a Content-Type is `text/event-stream` (media types are case-insensitive)."""
+    return content_type.lower().startswith("text/event-stream")
+
+
 # One SSE event larger than this is an upstream fault, not a reason to grow memory.
 MAX_EVENT_BYTES = 4 << 20
 
@@ -185,8 +190,8 @@ def relay(response: httpx.Response, metrics: Metrics | None = None, *, anthropic
     that breaks off ends with an in-band error. `watch`: watch for the client's
     disconnect in a body that is not a stream too (streams are always watched)."""
     passthrough = response.headers.multi_items()
-    stream = response.headers.get("content-type", "").startswith("text/event-stream")
-    if stream and response.headers.get("content-encoding", "identity") == "identity":
+    stream = is_event_stream(response.headers.get("content-type", ""))
+    if stream and response.headers.get("content-encoding", "identity").lower() == "identity":
         return RelayResponse(sse_passthrough(response, MAX_EVENT_BYTES, metrics, anthropic=anthropic),
                              response.status_code, response_headers(passthrough, keep_length=False) + [*headers],
                              on_close=response.aclose)

@@ -86,6 +86,9 @@ FAULTS = {
     "crossing-in-one-read": lambda: [sse_head(), *whole(CROSSING)],
     "crossing-dripped": lambda: [sse_head()] + [step for event in events(CROSSING)
                                                 for step in (chunk(event + b"\n\n"), 0.02)] + [LAST_CHUNK],
+    # Media types are case-insensitive (RFC 9110)
+    "media-type-in-capitals": lambda: [sse_head().replace(b"text/event-stream", b"Text/Event-Stream; charset=UTF-8"),
+                                       *whole(CROSSING)],
     "gzip-stream": lambda: [sse_head().replace(b"\r\n\r\n", b"\r\ncontent-encoding: gzip\r\n\r\n"),
                             *whole(gzip.compress(b"".join(HEAD) + TAIL))],
 }
@@ -301,6 +304,19 @@ def test_what_a_cut_stream_releases_does_not_depend_on_how_the_upstream_wrote_it
         assert at_once == CROSSING
     else:
         assert at_once.startswith(b"".join(HEAD)) and b"BOMB" not in at_once and b"content_filter" in at_once
+
+
+def test_an_event_stream_named_in_capitals_is_a_stream(proxy):
+    """`Text/Event-Stream` is `text/event-stream`: relayed event by event, and guarded.
+    (A guarded request got a 503 `guard_unavailable`: the stream was read as a whole
+    reply, which it is not.)"""
+    policy, server = proxy
+    status, received, ending = ask(server, "media-type-in-capitals")
+    assert (status, ending) == (200, "complete")
+    if policy != "guarded":
+        assert received == CROSSING
+    else:
+        assert received.startswith(b"".join(HEAD)) and b"BOMB" not in received and b"content_filter" in received
 
 
 def test_a_compressed_stream_is_read_decoded_where_it_is_guarded(proxy):

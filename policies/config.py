@@ -67,6 +67,9 @@ class ServerConfig:
     api_keys: tuple[ApiKey, ...] = ()
     max_concurrent_streams: int = 1024
     request_timeout: float | None = None
+    # Seconds streams in flight get to end at shutdown (SIGTERM, Ctrl-C) before they are
+    # ended with an in-band error (read at start-up)
+    shutdown_timeout: float = 10.0
     audit_log: str | None = None
     log_level: str = "info"
     # UTF-8 bytes of one prompt the guard reads (what a request makes it score from scratch
@@ -230,6 +233,7 @@ def _server(s: Section) -> ServerConfig:
         api_keys=tuple(keys),
         max_concurrent_streams=s.integer("max_concurrent_streams", d.max_concurrent_streams, minimum=1),
         request_timeout=s.number("request_timeout", None, positive=True, nullable=True),
+        shutdown_timeout=s.number("shutdown_timeout", d.shutdown_timeout, positive=True),
         audit_log=s.string("audit_log", None, nullable=True),
         log_level=s.choice("log_level", d.log_level, LOG_LEVELS),
     )

@@ -75,7 +75,7 @@ def build_app(holder, scorer: Scorer | None = None) -> Starlette:
         response.headers.update(exc.headers or {})
         return response
 
-    return Starlette(
+    app = Starlette(
         exception_handlers={HTTPException: http_error},
         routes=[
             Route("/healthz", healthz, methods=["GET"]),
@@ -85,6 +85,8 @@ def build_app(holder, scorer: Scorer | None = None) -> Starlette:
         ],
         lifespan=lifespan,
     )
+    app.state.proxy = proxy  # `serve` tells it when shutdown begins (`Proxy.drain`)
+    return app
 
 
 async def upstream_reachable(pool: UpstreamPool, upstream) -> bool:

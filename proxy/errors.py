@@ -9,6 +9,7 @@
     ├── ContentFiltered     400     prompt refused with `action: block`
     ├── Overloaded          503     stream or guard-queue limit reached (Retry-After)
     ├── RequestTimeout      504     server.request_timeout passed
+    ├── ShuttingDown        503     the proxy is stopping (in band: a stream it had to end)
     ├── GuardUnavailable    503     the guard failed and the policy fails closed
     ├── UpstreamUnreachable 502     connect failed, reset before the response began
     ├── BadGateway          502     an upstream reply the proxy must rewrite and cannot read
@@ -80,6 +81,10 @@ class Overloaded(ProxyError):
 
 class RequestTimeout(ProxyError):
     status, type, code = 504, "server_error", "request_timeout"
+
+
+class ShuttingDown(ProxyError):
+    status, type, code = 503, "server_error", "server_shutting_down"
 
 
 class GuardUnavailable(ProxyError):

@@ -23,7 +23,7 @@ from policies.errors import UnsafePathError
 from policies.routing import match_route, normalize_path
 
 from .errors import (BadRequest, ClientClosed, Forbidden, NotFound, Overloaded, PayloadTooLarge, ProxyError,
-                     RequestTimeout, Unauthorized, anthropic_path, error_event, error_response)
+                     RequestTimeout, ShuttingDown, Unauthorized, anthropic_path, error_event, error_response)
 from . import batch, moderations
 from .endpoints import guarded_endpoint, unread_endpoint
 from .metrics import Metrics
@@ -96,6 +96,7 @@ class Proxy:
         self.audit = audit
         self.metrics = metrics or Metrics()
         self.active_streams = 0
+        self.drain_at: float | None = None  # when bodies still going end (`drain`)
         self.cache_scope = holder.current.guard.prefix_cache_scope  # read at start-up, as the guard is
 
     async def handle(self, request: Request) -> Response:
@@ -152,27 +153,35 @@ class Proxy:
             self.active_streams -= 1
             self.metrics.active_streams.dec()
 
+    def drain(self, after: float) -> None:
+        """Shutdown has begun (`proxy.server`): a body still going `after` seconds from now
+        ends then, before the server's grace period runs out and it cancels what is left
+        (which the client sees as a broken body)."""
+        self.drain_at = asyncio.get_running_loop().time() + after
+
     async def _finishing(self, body: AsyncIterator[bytes], deadline: float | None, timeout: float | None,
                          *, anthropic: bool = False, events: bool = True) -> AsyncIterator[bytes]:
-        """The body, cut off at the request deadline (the stream slot is freed `on_close`):
-        an event stream ends with an in-band error; any other body is cut short, since its
-        bytes have no place for one."""
+        """The body, ended at the request deadline or at shutdown (the stream slot is freed
+        `on_close`): an event stream ends with an in-band error; any other body is cut
+        short, since its bytes have no place for one."""
         loop = asyncio.get_running_loop()
         try:
             while True:
+                end = min((t for t in (deadline, self.drain_at) if t is not None), default=None)
                 try:
-                    if deadline is None:
+                    if end is None:
                         chunk = await anext(body)
                     else:
-                        chunk = await asyncio.wait_for(anext(body), max(0.0, deadline - loop.time()))
+                        chunk = await asyncio.wait_for(anext(body), max(0.0, end - loop.time()))
                 except StopAsyncIteration:
                     return
                 except TimeoutError:
+                    error = RequestTimeout(f"the request did not complete within {timeout}s") if end == deadline \
+                        else ShuttingDown("the proxy is shutting down; retry the request")
                     if not events:
-                        logger.warning("the request deadline (%ss) passed in the body", timeout)
-                        raise BodyCutShort(f"the request did not complete within {timeout}s") from None
-                    yield error_event(RequestTimeout(f"the request did not complete within {timeout}s"),
-                                      anthropic=anthropic)
+                        logger.warning("%s: the body was cut short", error)
+                        raise BodyCutShort(str(error)) from None
+                    yield error_event(error, anthropic=anthropic)
                     return
                 yield chunk
         finally:

@@ -86,6 +86,19 @@ async def watch_config(holder: ConfigHolder) -> None:
             holder.reload()
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, which tells the proxy when shutdown begins. uvicorn stops taking
+    connections and gives the requests in flight `timeout_graceful_shutdown` seconds,
+    then cancels them: a stream cut so reaches its client as a broken body. A body still
+    going shortly before then is ended by the proxy instead (`Proxy.drain`): a stream with
+    an in-band `server_shutting_down` error and `[DONE]`."""
+
+    async def shutdown(self, sockets=None) -> None:
+        grace = self.config.timeout_graceful_shutdown or 0.0
+        self.config.app.state.proxy.drain(max(0.0, grace - min(1.0, grace / 2)))
+        await super().shutdown(sockets=sockets)
+
+
 def serve(config_path: str, *, host: str | None = None, port: int | None = None,
           upstream: str | None = None, log_level: str | None = None) -> int:
     from policies.config import load_config
@@ -108,9 +121,9 @@ def serve(config_path: str, *, host: str | None = None, port: int | None = None,
     scorer = LoadingScorer(config.guard, start=guard_needed(config))
     holder = OverridingHolder(config, path=config_path, upstream=upstream, on_reload=load_when_needed(scorer))
     app = build_app(holder, scorer)
-    server = uvicorn.Server(uvicorn.Config(
+    server = DrainingServer(uvicorn.Config(
         app, host=host or config.server.host, port=port or config.server.port,
-        log_level=level.lower(), lifespan="on", timeout_graceful_shutdown=10,
+        log_level=level.lower(), lifespan="on", timeout_graceful_shutdown=config.server.shutdown_timeout,
         loop="auto", http="auto"))
 
     async def main() -> None:

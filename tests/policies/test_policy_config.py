@@ -55,6 +55,7 @@ def test_every_key_parses():
           api_keys: ["${K1}", {key: "${K2}", name: team-a}]
           max_concurrent_streams: 8
           request_timeout: 30
+          shutdown_timeout: 25
           audit_log: /tmp/audit.jsonl
           log_level: debug
         upstreams:
@@ -103,7 +104,7 @@ def test_every_key_parses():
     assert config.server == ServerConfig(
         host="0.0.0.0", port=9000, max_body_bytes=1000,
         api_keys=(ApiKey("api_keys[0]", "s1"), ApiKey("team-a", "s2")), max_concurrent_streams=8,
-        request_timeout=30.0, audit_log="/tmp/audit.jsonl", log_level="debug")
+        request_timeout=30.0, shutdown_timeout=25.0, audit_log="/tmp/audit.jsonl", log_level="debug")
     up = config.upstreams["vllm"]
     assert (up.base_url, up.api_key, up.connect_timeout, up.read_timeout, up.max_connections) == (
         "https://example.com/v1", "up-secret", 1.0, 2.5, 3)
@@ -172,6 +173,8 @@ ERRORS = [
     (UP + "server:\n  max_prompt_bytes: 0\n", "server.max_prompt_bytes", 5, ">= 1"),
     (UP + "server:\n  log_level: loud\n", "server.log_level", 5, "one of debug"),
     (UP + "server:\n  request_timeout: -1\n", "server.request_timeout", 5, "> 0"),
+    (UP + "server:\n  shutdown_timeout: 0\n", "server.shutdown_timeout", 5, "> 0"),
+    (UP + "server:\n  shutdown_timeout: null\n", "server.shutdown_timeout", 5, "number"),
     (UP + "server:\n  api_keys: ''\n", "server.api_keys", 5, "expected a list"),
     (UP + "server:\n  api_keys: ['']\n", "server.api_keys[0]", 5, "empty"),
     (UP + "server:\n  api_keys: [3]\n", "server.api_keys[0]", 5, "string or"),

@@ -21,7 +21,9 @@ from tests.support.proxy import running_proxy
 from tests.support.scorers import KeywordScorer
 from tests.support.upstream import chat_chunk
 
-RECORDED = (Path(__file__).parent / "fixtures" / "openai-shapes" / "responses_raw.txt").read_bytes()
+FIXTURES = Path(__file__).parent / "fixtures"
+RECORDED = (FIXTURES / "openai-shapes" / "responses_raw.txt").read_bytes()
+VLLM = (FIXTURES / "vllm-0.32-cpu" / "responses_stream_raw.txt").read_bytes()
 TEXT = "a BOMB recipe follows"
 BENIGN = "otters hold hands while they sleep"
 
@@ -80,6 +82,7 @@ def anthropic_tool_stream(opening_input: dict, json_deltas: list[str]) -> bytes:
 
 STREAMS = {
     "recorded": RECORDED,
+    "vllm": VLLM,
     "whole-only": responses_stream(deltas=False),
     "completed-only": responses_stream(deltas=False, done=False),
     "opened-with-text": responses_stream(deltas=False, added=TEXT, done=False, completed=""),
@@ -145,13 +148,20 @@ def test_responses_text_no_delta_carried_is_scored_and_cut(proxy, name):
     assert b"I'm sorry" in received and b"response.incomplete" in received
 
 
-@pytest.mark.parametrize("name", ["recorded", "repeats-its-deltas"])
+def deltas_of(raw: bytes) -> str:
+    blocks = [json.loads(line[6:]) for line in raw.split(b"\n") if line.startswith(b"data: {")]
+    return "".join(b["delta"] for b in blocks if b["type"] == "response.output_text.delta")
+
+
+@pytest.mark.parametrize("name", ["recorded", "vllm", "repeats-its-deltas"])
 def test_a_stream_that_repeats_its_deltas_is_scored_on_its_deltas(proxy, name):
-    """A server's `.done` events and `response.completed` repeat the deltas: nothing is
-    scored twice, and a benign stream goes through byte for byte."""
+    """A server's `.done` events and `response.completed` repeat the deltas (OpenAI's
+    shape; vLLM's, recorded): nothing is scored twice, and a benign stream goes through
+    byte for byte."""
     received, scored = stream(proxy, name)
     assert received == STREAMS[name]
-    assert scored == "hi\n" + ("Bonjour — ça va ? 👋" if name == "recorded" else BENIGN)
+    assert scored == "hi\n" + deltas_of(STREAMS[name])
+    assert deltas_of(STREAMS[name]).startswith({"recorded": "Bonjour", "vllm": "1. Otters"}.get(name, BENIGN))
 
 
 def test_anthropic_tool_input_that_opens_whole_is_scored_and_cut(proxy):

@@ -39,6 +39,7 @@ from transformers import DynamicCache
 from guard.result import ScoreResult
 from guard.text import model_text
 from guard.tokens import TextTokens
+from guard.windows import text_score
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -275,7 +276,7 @@ class StreamSession:
         self._finals = {s: v for s, v in self._finals.items() if (s, v[0]) in spans[:-1]}
         self._active, self._spares = active, {}
         self._ids = ids
-        self._score = max(scores)
+        self._score = text_score(scores)
         return self._score
 
     def _spare(self, start: int, keep: int) -> _Window | None:

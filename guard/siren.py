@@ -32,7 +32,7 @@ from guard.prefixes import PrefixCache
 from guard.readout import Readout
 from guard.result import ScoreResult
 from guard.text import model_text
-from guard.windows import TokenPlan
+from guard.windows import TokenPlan, text_score
 
 logger = logging.getLogger(__name__)
 
@@ -303,8 +303,9 @@ class SirenGuard:
     @torch.no_grad()
     def p_harmful(self, prepared: Sequence[str], given_up: Callable[[], bool] | None = None) -> list[float]:
         """P(harmful) of texts already prepared by `guard.text.model_text`; a text's score
-        is its windows' maximum. `given_up()` true between forwards raises `Abandoned`
-        (the worker's callers all left: a long text is not read to its end for nobody).
+        is its windows' maximum, NaN if any window's is (`guard.windows.text_score`).
+        `given_up()` true between forwards raises `Abandoned` (the worker's callers all
+        left: a long text is not read to its end for nobody).
 
         On CPU, where the backbone takes packed steps (`guard.packing`), every window's
         tokens are packed into forwards of at most `MAX_BATCH_TOKENS`, no padding, each
@@ -322,7 +323,7 @@ class SirenGuard:
             body = self._plan.body(self._tokenizer, text)
             for start, end in self._plan.spans(len(body)):
                 windows.append((i, prefix + body[start:end]))
-        scores = [0.0] * len(prepared)
+        scores: list[list[float]] = [[] for _ in prepared]  # per text, its windows'
         if self._packer is not None and self.device.type == "cpu":
             config = self._readout.model.config
             for lo, hi in _token_chunks([len(ids) for _, ids in windows]):
@@ -331,8 +332,8 @@ class SirenGuard:
                 rows = self._packer.rows([(DynamicCache(config=config), ids) for _, ids in chunk])
                 pooled = torch.cat([r.sum(dim=0, keepdim=True) / len(r) for r in rows]) * self._readout.weights
                 for (i, _), p in zip(chunk, self._head.p_harmful(pooled).tolist()):
-                    scores[i] = max(scores[i], p)
-            return scores
+                    scores[i].append(p)
+            return [text_score(s) for s in scores]
         windows.sort(key=lambda w: len(w[1]))
         pad = self._tokenizer.pad_token_id
         pad_share = max_pad_share(self.device)
@@ -356,9 +357,9 @@ class SirenGuard:
             ids, mask = ids.to(self.device), mask.to(self.device)
             feats = self._readout.pool(self._readout.rows(ids, mask), mask)  # (batch, F)
             for (i, _), p in zip(chunk, self._head.p_harmful(feats).tolist()):
-                scores[i] = max(scores[i], p)
+                scores[i].append(p)
             lo = hi
-        return scores
+        return [text_score(s) for s in scores]
 
     def close(self) -> None:
         self._readout.close()

@@ -231,7 +231,11 @@ def _parse(raw: object, where: str) -> ArtifactConfig:
 
 
 def load_head(config: ArtifactConfig, state_dict: dict[str, torch.Tensor], where: str = WEIGHTS_FILE) -> SirenHead:
-    """A float32 SirenHead with `state_dict` loaded strictly (keys and shapes)."""
+    """A float32 SirenHead with `state_dict` loaded strictly (keys and shapes) and every
+    weight finite: a NaN or infinite one makes scores NaN or 0.0, a head that passes all."""
+    for key, tensor in state_dict.items():
+        if not torch.isfinite(tensor.to(torch.float32)).all():
+            raise ArtifactError(f"{where}: tensor {key!r} is not finite (NaN or infinity)")
     head = SirenHead.from_config(config)
     try:
         head.load_state_dict({k: v.to(torch.float32) for k, v in state_dict.items()}, strict=True)

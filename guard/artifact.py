@@ -254,6 +254,7 @@ def load_head(config: ArtifactConfig, state_dict: dict[str, torch.Tensor], where
 
 def read_artifact(path: str | os.PathLike) -> tuple[ArtifactConfig, dict[str, torch.Tensor]]:
     """Validated config and the raw state_dict of the artifact directory `path`."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     folder = Path(path)
@@ -262,11 +263,16 @@ def read_artifact(path: str | os.PathLike) -> tuple[ArtifactConfig, dict[str, to
         if not f.is_file():
             raise ArtifactError(f"{f} does not exist (an artifact needs {CONFIG_FILE} and {WEIGHTS_FILE})")
     try:
-        raw = json.loads(config_path.read_text())
+        raw = json.loads(config_path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ArtifactError(f"{config_path}: not valid UTF-8: {exc}") from exc
     except json.JSONDecodeError as exc:
         raise ArtifactError(f"{config_path}: not valid JSON: {exc}") from exc
     config = _parse(raw, str(config_path))
-    state_dict = load_file(str(weights_path), device="cpu")
+    try:
+        state_dict = load_file(str(weights_path), device="cpu")
+    except SafetensorError as exc:
+        raise ArtifactError(f"{weights_path}: not a safetensors file: {exc}") from exc
     load_head(config, state_dict, str(weights_path))  # strict check now, not at first score
     return config, state_dict
 

@@ -90,6 +90,18 @@ def test_a_config_that_does_not_fit_the_backbone_is_refused_naming_the_field(tmp
         SirenGuard.from_pretrained(tmp_path, device="cpu", dtype=torch.float32)
 
 
+@pytest.mark.parametrize("name, content, problem", [
+    ("siren.safetensors", b"garbage", "not a safetensors file"),
+    ("siren.safetensors", b"", "not a safetensors file"),
+    ("siren_config.json", b'{"task": "\xff"}', "not valid UTF-8"),
+])
+def test_unreadable_files_are_artifact_errors_naming_the_file(tmp_path, config, name, content, problem):
+    make_artifact(tmp_path, config)
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ArtifactError, match=rf"{name}: {problem}"):
+        read_artifact(tmp_path)
+
+
 def test_backbone_source_wins_over_model_id(tmp_path, backbone_dir):
     config = synthetic_config("nobody/not-a-hub-model", pooling="mlp_mean", layers=[0], max_length=16,
                               source=str(backbone_dir))

@@ -106,3 +106,14 @@ def test_train_refuses_an_ensemble_that_is_not_a_positive_count(value, capsys):
         main(["train", "--data", "rows.jsonl", "--out", "head", "--ensemble", value])
     assert exit_info.value.code == 2
     assert "--ensemble" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two"])
+def test_score_batch_size_must_be_a_positive_count(tmp_path, capsys, value):
+    """A batch size of 0 printed nothing and exited 0; -1 silently dropped rows."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "a"}\n{"text": "b"}\n{"text": "c"}\n')
+    with pytest.raises(SystemExit) as exit_info:
+        main(["score", "--jsonl", str(rows), "--artifact", str(tmp_path / "absent"), "--batch-size", value])
+    assert exit_info.value.code == 2
+    assert "argument --batch-size: " in capsys.readouterr().err

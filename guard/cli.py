@@ -111,11 +111,15 @@ def _row_texts_ok(row: dict) -> bool:
 
 
 def run_score(args: argparse.Namespace) -> int:
+    from guard.errors import ArtifactError, BackboneError
     from guard.siren import SirenGuard
     from guard.text import model_text
 
     rows = _rows(args)
-    guard = SirenGuard.from_pretrained(args.artifact, device=args.device, dtype=args.dtype)
+    try:
+        guard = SirenGuard.from_pretrained(args.artifact, device=args.device, dtype=args.dtype)
+    except (ArtifactError, BackboneError) as exc:  # a bad --artifact, --device or --dtype
+        _fail(" ".join(str(exc).split()))
     threshold = guard.threshold(args.threshold)
     for lo in range(0, len(rows), args.batch_size):
         chunk = rows[lo : lo + args.batch_size]

@@ -63,8 +63,13 @@ def resolve_artifact(path_or_id: str | os.PathLike | None, cache_dir: str | None
         raise ArtifactError(f"artifact directory {str(path_or_id)!r} does not exist or is not a directory")
     from huggingface_hub import hf_hub_download  # for users who have a hub; never in tests
 
-    config = hf_hub_download(repo_id=str(path_or_id), filename="siren_config.json", cache_dir=cache_dir)
-    hf_hub_download(repo_id=str(path_or_id), filename="siren.safetensors", cache_dir=cache_dir)
+    try:
+        config = hf_hub_download(repo_id=str(path_or_id), filename="siren_config.json", cache_dir=cache_dir)
+        hf_hub_download(repo_id=str(path_or_id), filename="siren.safetensors", cache_dir=cache_dir)
+    except (OSError, ValueError) as exc:  # the hub's errors: offline, not found, not a repo id
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ArtifactError(f"artifact {str(path_or_id)!r} is not a local directory, and the hub "
+                            f"cannot give it: {first}") from exc
     return Path(config).parent
 
 

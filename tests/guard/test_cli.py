@@ -117,3 +117,19 @@ def test_score_batch_size_must_be_a_positive_count(tmp_path, capsys, value):
         main(["score", "--jsonl", str(rows), "--artifact", str(tmp_path / "absent"), "--batch-size", value])
     assert exit_info.value.code == 2
     assert "argument --batch-size: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option, value, problem", [
+    ("--artifact", "absent", "does not exist"),
+    ("--artifact", "", "is not a local directory"),  # taken for a hub id, which it cannot be
+    ("--device", "tpu", "unknown device 'tpu'"),
+    ("--dtype", "int8", "unknown dtype 'int8'"),
+])
+def test_score_reports_what_cannot_load_in_one_line(artifact, tmp_path, capsys, option, value, problem):
+    options = {"--artifact": str(artifact), "--device": "cpu", "--dtype": "float32"}
+    options[option] = str(tmp_path / value) if value == "absent" else value
+    with pytest.raises(SystemExit) as exit_info:
+        main(["score", "hello", *[part for item in options.items() for part in item]])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("siren-proxy score: ") and problem in err and err.count("\n") == 1

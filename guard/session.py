@@ -25,7 +25,8 @@ equal to a full recompute of that text, at the cost of the new tokens only:
   eagerly. The prefix cache keeps copies taken out of slots, and a window continued
   from one is copied into a free slot (`_Window.continued`).
 
-Not thread-safe: one session belongs to one `SirenGuard`, used from one thread at a time.
+A session belongs to one `SirenGuard` and is used from one thread at a time; sessions
+of one guard may be used from several threads, since each update holds the guard's lock.
 """
 
 from __future__ import annotations
@@ -329,6 +330,12 @@ def _drive(guard, updates: list[Iterator[tuple[_Window, list[int]]]],
     passed) is closed, which resets its session, and scores NaN; the others go on. A long
     prompt's prefill is a round per window, so nobody waits minutes for text no one
     will read."""
+    with guard.lock:  # windows, slots and the prefix cache are the guard's: one update at a time
+        return _drive_locked(guard, updates, given_up)
+
+
+def _drive_locked(guard, updates: list[Iterator[tuple[_Window, list[int]]]],
+                  given_up: Sequence[Callable[[], bool]] | None) -> list[float]:
     scores = [0.0] * len(updates)
     pending: dict[int, tuple[_Window, list[int]]] = {}
 

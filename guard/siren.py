@@ -8,8 +8,10 @@ import: `from_pretrained`, `score`, `score_batch`, `score_streaming` (all return
 Invariants:
 - In float32 every score equals the reference's within float rounding for texts of up
   to `max_length` tokens; longer texts follow `guard.windows` (the reference truncates).
-- An instance is not thread-safe (the backbone is not re-entrant); serve concurrent
-  callers through `guard.worker.GuardWorker`.
+- An instance may be shared between threads, as the reference's may: its states are
+  read through hooks into one buffer, so each forward-running call (`p_harmful`,
+  `feed_rows`, a session's update) holds the instance's `lock`, and calls run one at a
+  time. To serve many concurrent callers, batch them through `guard.worker.GuardWorker`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -91,6 +94,7 @@ class SirenGuard:
     ) -> None:
         self._config = config
         self._backbone = backbone
+        self.lock = threading.RLock()  # held by every call that runs the backbone (module docstring)
         self._tokenizer = backbone.tokenizer
         if self._tokenizer.pad_token is None:
             self._tokenizer.pad_token = self._tokenizer.eos_token
@@ -241,13 +245,14 @@ class SirenGuard:
         """Feed each `ids` after its `DynamicCache`'s prefix; each feed's float32 rows of
         selected neurons, (len(ids), n_features). Packed into forwards of at most
         `MAX_BATCH_TOKENS` new tokens where the backbone allows, else one forward each."""
-        if self._packer is None:
-            return [self._readout.rows(torch.as_tensor([ids], dtype=torch.long, device=self.device), None, cache)[0]
-                    for cache, ids in feeds]
-        out: list[torch.Tensor] = []
-        for lo, hi in _token_chunks([len(ids) for _, ids in feeds]):
-            out.extend(self._packer.rows(feeds[lo:hi]))
-        return out
+        with self.lock:
+            if self._packer is None:
+                return [self._readout.rows(torch.as_tensor([ids], dtype=torch.long, device=self.device), None, cache)[0]
+                        for cache, ids in feeds]
+            out: list[torch.Tensor] = []
+            for lo, hi in _token_chunks([len(ids) for _, ids in feeds]):
+                out.extend(self._packer.rows(feeds[lo:hi]))
+            return out
 
     def warm_up(self) -> float:
         """Capture (and compile) the static steps now; seconds taken (0 without them)."""
@@ -320,6 +325,10 @@ class SirenGuard:
         padding stays under `MAX_PAD_SHARE` of their tokens on CPU (and under
         `MAX_BATCH_TOKENS` in all).
         """
+        with self.lock:
+            return self._p_harmful(prepared, given_up)
+
+    def _p_harmful(self, prepared: Sequence[str], given_up: Callable[[], bool] | None) -> list[float]:
         if not prepared:
             return []
         windows: list[tuple[int, list[int]]] = []

@@ -171,6 +171,8 @@ def _parse(raw: object, where: str) -> ArtifactConfig:
     for key in ("revision", "source"):
         if base.get(key) is not None and not isinstance(base[key], str):
             raise _fail(where, f"base_model.{key}", "must be a string or null")
+    if base.get("source") == "":  # would resolve to the artifact's own directory
+        raise _fail(where, "base_model.source", "must be a non-empty string or null")
 
     sm = _section(raw, "siren_module", where)
     pooling = sm["pooling_type"]

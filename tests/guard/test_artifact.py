@@ -40,6 +40,7 @@ def test_round_trip(tmp_path, config):
     (lambda c: c["siren_module"]["layer_weights"].update({"7": 1.0}), "layer_weights.7"),
     (lambda c: c["inference"].pop("max_length"), "inference.max_length"),
     (lambda c: c["base_model"].update(model_id=""), "base_model.model_id"),
+    (lambda c: c["base_model"].update(source=""), "base_model.source"),
     (lambda c: c["inference"].update(default_threshold=2), "inference.default_threshold"),
     (lambda c: c["inference"].update(default_threshold=-0.1), "inference.default_threshold"),
     (lambda c: c["mlp"].update(dropout_rates=[2.0, 0.0]), "mlp.dropout_rates"),

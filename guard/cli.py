@@ -26,7 +26,7 @@ def register(subparsers) -> None:
     cmd.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (default: auto)")
     cmd.add_argument("--threshold", type=_unit_interval, default=None,
                      help="override the artifact's threshold (a number in [0, 1])")
-    cmd.add_argument("--batch-size", type=int, default=16, help="rows per batch with --jsonl")
+    cmd.add_argument("--batch-size", type=_positive_int, default=16, help="rows per batch with --jsonl")
     cmd.set_defaults(func=run_score)
 
 
@@ -38,6 +38,17 @@ def _unit_interval(value: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {value!r}") from None
     if not 0.0 <= number <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return number
+
+
+def _positive_int(value: str) -> int:
+    """A batch size: 0 would score nothing, and a negative one would drop rows."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
     return number
 
 
@@ -100,13 +111,17 @@ def _row_texts_ok(row: dict) -> bool:
 
 
 def run_score(args: argparse.Namespace) -> int:
+    from guard.errors import ArtifactError, BackboneError
     from guard.siren import SirenGuard
     from guard.text import model_text
 
     rows = _rows(args)
-    guard = SirenGuard.from_pretrained(args.artifact, device=args.device, dtype=args.dtype)
+    try:
+        guard = SirenGuard.from_pretrained(args.artifact, device=args.device, dtype=args.dtype)
+    except (ArtifactError, BackboneError) as exc:  # a bad --artifact, --device or --dtype
+        _fail(" ".join(str(exc).split()))
     threshold = guard.threshold(args.threshold)
-    for lo in range(0, len(rows), max(1, args.batch_size)):
+    for lo in range(0, len(rows), args.batch_size):
         chunk = rows[lo : lo + args.batch_size]
         texts = [
             model_text(row["text"]) if "text" in row

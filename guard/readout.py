@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from guard.artifact import ArtifactConfig
+from guard.errors import ArtifactError
 from guard.features import decoder_layers
 
 
@@ -32,9 +33,11 @@ class Readout:
         hidden = model.config.hidden_size
         for layer, idxs in config.selected_neurons.items():
             if layer >= self.original_layers:
-                raise ValueError(f"selected layer {layer} but the backbone has {self.original_layers} blocks")
+                raise ArtifactError(f"field 'siren_module.selected_layers' selects layer {layer}, but the "
+                                    f"backbone has {self.original_layers} blocks (0 to {self.original_layers - 1})")
             if max(idxs) >= hidden:
-                raise ValueError(f"layer {layer} selects neuron {max(idxs)}; hidden size is {hidden}")
+                raise ArtifactError(f"field 'siren_module.selected_neurons_dict.layer{layer}' selects neuron "
+                                    f"{max(idxs)}, but the backbone's hidden size is {hidden} (0 to {hidden - 1})")
         keep = config.top_layer + 1
         if keep < self.original_layers:
             del blocks[keep:]

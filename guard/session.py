@@ -25,7 +25,8 @@ equal to a full recompute of that text, at the cost of the new tokens only:
   eagerly. The prefix cache keeps copies taken out of slots, and a window continued
   from one is copied into a free slot (`_Window.continued`).
 
-Not thread-safe: one session belongs to one `SirenGuard`, used from one thread at a time.
+A session belongs to one `SirenGuard` and is used from one thread at a time; sessions
+of one guard may be used from several threads, since each update holds the guard's lock.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from transformers import DynamicCache
 from guard.result import ScoreResult
 from guard.text import model_text
 from guard.tokens import TextTokens
+from guard.windows import text_score
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -275,7 +277,7 @@ class StreamSession:
         self._finals = {s: v for s, v in self._finals.items() if (s, v[0]) in spans[:-1]}
         self._active, self._spares = active, {}
         self._ids = ids
-        self._score = max(scores)
+        self._score = text_score(scores)
         return self._score
 
     def _spare(self, start: int, keep: int) -> _Window | None:
@@ -328,6 +330,12 @@ def _drive(guard, updates: list[Iterator[tuple[_Window, list[int]]]],
     passed) is closed, which resets its session, and scores NaN; the others go on. A long
     prompt's prefill is a round per window, so nobody waits minutes for text no one
     will read."""
+    with guard.lock:  # windows, slots and the prefix cache are the guard's: one update at a time
+        return _drive_locked(guard, updates, given_up)
+
+
+def _drive_locked(guard, updates: list[Iterator[tuple[_Window, list[int]]]],
+                  given_up: Sequence[Callable[[], bool]] | None) -> list[float]:
     scores = [0.0] * len(updates)
     pending: dict[int, tuple[_Window, list[int]]] = {}
 

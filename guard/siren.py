@@ -8,8 +8,10 @@ import: `from_pretrained`, `score`, `score_batch`, `score_streaming` (all return
 Invariants:
 - In float32 every score equals the reference's within float rounding for texts of up
   to `max_length` tokens; longer texts follow `guard.windows` (the reference truncates).
-- An instance is not thread-safe (the backbone is not re-entrant); serve concurrent
-  callers through `guard.worker.GuardWorker`.
+- An instance may be shared between threads, as the reference's may: its states are
+  read through hooks into one buffer, so each forward-running call (`p_harmful`,
+  `feed_rows`, a session's update) holds the instance's `lock`, and calls run one at a
+  time. To serve many concurrent callers, batch them through `guard.worker.GuardWorker`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -32,7 +35,7 @@ from guard.prefixes import PrefixCache
 from guard.readout import Readout
 from guard.result import ScoreResult
 from guard.text import model_text
-from guard.windows import TokenPlan
+from guard.windows import TokenPlan, text_score
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +66,13 @@ def resolve_artifact(path_or_id: str | os.PathLike | None, cache_dir: str | None
         raise ArtifactError(f"artifact directory {str(path_or_id)!r} does not exist or is not a directory")
     from huggingface_hub import hf_hub_download  # for users who have a hub; never in tests
 
-    config = hf_hub_download(repo_id=str(path_or_id), filename="siren_config.json", cache_dir=cache_dir)
-    hf_hub_download(repo_id=str(path_or_id), filename="siren.safetensors", cache_dir=cache_dir)
+    try:
+        config = hf_hub_download(repo_id=str(path_or_id), filename="siren_config.json", cache_dir=cache_dir)
+        hf_hub_download(repo_id=str(path_or_id), filename="siren.safetensors", cache_dir=cache_dir)
+    except (OSError, ValueError) as exc:  # the hub's errors: offline, not found, not a repo id
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ArtifactError(f"artifact {str(path_or_id)!r} is not a local directory, and the hub "
+                            f"cannot give it: {first}") from exc
     return Path(config).parent
 
 
@@ -86,6 +94,7 @@ class SirenGuard:
     ) -> None:
         self._config = config
         self._backbone = backbone
+        self.lock = threading.RLock()  # held by every call that runs the backbone (module docstring)
         self._tokenizer = backbone.tokenizer
         if self._tokenizer.pad_token is None:
             self._tokenizer.pad_token = self._tokenizer.eos_token
@@ -236,13 +245,14 @@ class SirenGuard:
         """Feed each `ids` after its `DynamicCache`'s prefix; each feed's float32 rows of
         selected neurons, (len(ids), n_features). Packed into forwards of at most
         `MAX_BATCH_TOKENS` new tokens where the backbone allows, else one forward each."""
-        if self._packer is None:
-            return [self._readout.rows(torch.as_tensor([ids], dtype=torch.long, device=self.device), None, cache)[0]
-                    for cache, ids in feeds]
-        out: list[torch.Tensor] = []
-        for lo, hi in _token_chunks([len(ids) for _, ids in feeds]):
-            out.extend(self._packer.rows(feeds[lo:hi]))
-        return out
+        with self.lock:
+            if self._packer is None:
+                return [self._readout.rows(torch.as_tensor([ids], dtype=torch.long, device=self.device), None, cache)[0]
+                        for cache, ids in feeds]
+            out: list[torch.Tensor] = []
+            for lo, hi in _token_chunks([len(ids) for _, ids in feeds]):
+                out.extend(self._packer.rows(feeds[lo:hi]))
+            return out
 
     def warm_up(self) -> float:
         """Capture (and compile) the static steps now; seconds taken (0 without them)."""
@@ -303,8 +313,9 @@ class SirenGuard:
     @torch.no_grad()
     def p_harmful(self, prepared: Sequence[str], given_up: Callable[[], bool] | None = None) -> list[float]:
         """P(harmful) of texts already prepared by `guard.text.model_text`; a text's score
-        is its windows' maximum. `given_up()` true between forwards raises `Abandoned`
-        (the worker's callers all left: a long text is not read to its end for nobody).
+        is its windows' maximum, NaN if any window's is (`guard.windows.text_score`).
+        `given_up()` true between forwards raises `Abandoned` (the worker's callers all
+        left: a long text is not read to its end for nobody).
 
         On CPU, where the backbone takes packed steps (`guard.packing`), every window's
         tokens are packed into forwards of at most `MAX_BATCH_TOKENS`, no padding, each
@@ -314,6 +325,10 @@ class SirenGuard:
         padding stays under `MAX_PAD_SHARE` of their tokens on CPU (and under
         `MAX_BATCH_TOKENS` in all).
         """
+        with self.lock:
+            return self._p_harmful(prepared, given_up)
+
+    def _p_harmful(self, prepared: Sequence[str], given_up: Callable[[], bool] | None) -> list[float]:
         if not prepared:
             return []
         windows: list[tuple[int, list[int]]] = []
@@ -322,7 +337,7 @@ class SirenGuard:
             body = self._plan.body(self._tokenizer, text)
             for start, end in self._plan.spans(len(body)):
                 windows.append((i, prefix + body[start:end]))
-        scores = [0.0] * len(prepared)
+        scores: list[list[float]] = [[] for _ in prepared]  # per text, its windows'
         if self._packer is not None and self.device.type == "cpu":
             config = self._readout.model.config
             for lo, hi in _token_chunks([len(ids) for _, ids in windows]):
@@ -331,8 +346,8 @@ class SirenGuard:
                 rows = self._packer.rows([(DynamicCache(config=config), ids) for _, ids in chunk])
                 pooled = torch.cat([r.sum(dim=0, keepdim=True) / len(r) for r in rows]) * self._readout.weights
                 for (i, _), p in zip(chunk, self._head.p_harmful(pooled).tolist()):
-                    scores[i] = max(scores[i], p)
-            return scores
+                    scores[i].append(p)
+            return [text_score(s) for s in scores]
         windows.sort(key=lambda w: len(w[1]))
         pad = self._tokenizer.pad_token_id
         pad_share = max_pad_share(self.device)
@@ -356,9 +371,9 @@ class SirenGuard:
             ids, mask = ids.to(self.device), mask.to(self.device)
             feats = self._readout.pool(self._readout.rows(ids, mask), mask)  # (batch, F)
             for (i, _), p in zip(chunk, self._head.p_harmful(feats).tolist()):
-                scores[i] = max(scores[i], p)
+                scores[i].append(p)
             lo = hi
-        return scores
+        return [text_score(s) for s in scores]
 
     def close(self) -> None:
         self._readout.close()

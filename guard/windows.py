@@ -11,7 +11,7 @@ keep scoring long texts with sliding windows (``long_text="window"``, the defaul
   (except near the start).
 - Each window is scored as a text of its own (prefix + its tokens, from position 0),
   exactly as the head saw texts in training; the text's score is the maximum over its
-  windows. For ``n <= W`` there is one window and the score is the reference's.
+  windows (`text_score`: NaN if any window's is). For ``n <= W`` there is one window and the score is the reference's.
 
 Why windows and not one longer window: SmolLM2 accepts 8k positions, but the head was
 fitted on means over at most `max_length` tokens; a harmful paragraph diluted in a mean
@@ -22,6 +22,7 @@ over thousands of benign tokens would vanish. A window keeps the dilution bounde
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 LONG_TEXT_MODES = ("window", "truncate")
@@ -62,3 +63,11 @@ class TokenPlan:
 
     def body(self, tokenizer, text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def text_score(window_scores: Iterable[float]) -> float:
+    """A text's score: its windows' maximum, NaN if any window scored NaN. A NaN is the
+    model failing (a broken head, an overflow in float16), which the proxy reads as a
+    guard failure; `max` would skip it (NaN compares false) and pass the text as benign."""
+    scores = list(window_scores)
+    return math.nan if any(math.isnan(s) for s in scores) else max(scores)

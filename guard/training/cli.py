@@ -7,10 +7,12 @@ Both import torch and the training modules only when run, so registering them co
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -36,7 +38,8 @@ def register(subparsers) -> None:
     train.add_argument("--layers", type=int, default=16, help="layers to keep")
     train.add_argument("--neurons", type=int, default=128, help="safety neurons per layer, at most")
     train.add_argument("--probe-c", type=float, default=0.1, help="inverse L1 strength of the probes")
-    train.add_argument("--val-fraction", type=float, default=0.15)
+    train.add_argument("--val-fraction", type=_fraction, default=0.15,
+                       help="share of prompts held back for validation, between 0 and 1 (default: %(default)s)")
     train.add_argument("--refusals", type=int, default=0,
                        help="pair this many harmful training prompts with a refusal, label 0")
     train.add_argument("--answers", default=None, metavar="FILE:N",
@@ -107,6 +110,30 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _fraction(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1, got {value!r}") from None
+    if not 0.0 < number < 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (both excluded), got {value}")
+    return number
+
+
+@contextlib.contextmanager
+def _usage_errors(command: str) -> Iterator[None]:
+    """A data file, artifact or backbone that cannot be read: one line on stderr and exit
+    status 2 (argparse's, and `score`'s), never a traceback."""
+    from guard.errors import ArtifactError, BackboneError
+    from guard.training.data import DataError
+
+    try:
+        yield
+    except (DataError, ArtifactError, BackboneError) as exc:
+        print(f"siren-proxy {command}: {' '.join(str(exc).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def _setup() -> None:
     import torch
 
@@ -128,7 +155,8 @@ def run_train(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction, refusals=args.refusals, answers=args.answers, grid=grid, cache_root=args.cache,
         ensemble=args.ensemble,
     )
-    report = train(opts)
+    with _usage_errors("train"):
+        report = train(opts)
     json.dump({k: report[k] for k in ("rows", "train_rows", "val_rows", "validation", "seconds")},
               sys.stdout, indent=1)
     print()
@@ -148,7 +176,9 @@ def run_eval(args: argparse.Namespace) -> int:
         pairs=tuple(args.pairs), long_text=args.long_text,
         stream_every=args.stream_every or 0,
     )
-    print(table(evaluate(opts)))
+    with _usage_errors("eval"):
+        report = evaluate(opts)
+    print(table(report))
     return 0
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,26 +51,55 @@ def dataset_name(path: str | Path) -> str:
     return Path(path).name.removesuffix(".jsonl")
 
 
+class DataError(ValueError):
+    """A data file that cannot be read, or a line of it outside the schema; the message
+    names the file and the line (`siren-proxy train`/`eval` print it as one line)."""
+
+
+def _objects(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file. Lines are decoded
+    one at a time, so an error names the line it is on."""
+    try:
+        f = path.open("rb")
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    with f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{lineno}: not valid UTF-8") from None
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not valid JSON: {exc.msg} (column {exc.colno})") from None
+            except (ValueError, RecursionError):
+                raise DataError(f"{path}:{lineno}: not valid JSON") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{lineno}: a row must be a JSON object")
+            yield lineno, obj
+
+
 def load_rows(path: str | Path, *, limit: int | None = None, seed: int = 0) -> list[Row]:
     """Rows of one JSONL file; `limit` keeps a seeded random subset (file order kept).
 
     Rows with no usable label (preference pairs, `label: null`) are refused: they have
-    no place in a classifier's training or evaluation set.
+    no place in a classifier's training or evaluation set. So are a prompt that is not a
+    string (or null) and a response that is not a string or null: `DataError`.
     """
     path = Path(path)
     name = dataset_name(path)
     rows: list[Row] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            obj = json.loads(line)
-            label = obj.get("label")
-            if label not in (0, 1):
-                raise ValueError(f"{path}:{lineno}: label must be 0 or 1, got {label!r}")
-            rows.append(Row(dataset=name, id=str(obj.get("id", lineno)),
-                            prompt=obj.get("prompt") or "", response=obj.get("response"),
-                            label=int(label)))
+    for lineno, obj in _objects(path):
+        label = obj.get("label")
+        if label not in (0, 1):
+            raise DataError(f"{path}:{lineno}: label must be 0 or 1, got {label!r}")
+        for key, kind in (("prompt", "a string"), ("response", "a string or null")):
+            if obj.get(key) is not None and not isinstance(obj[key], str):
+                raise DataError(f"{path}:{lineno}: {key!r} must be {kind}, got {type(obj[key]).__name__}")
+        rows.append(Row(dataset=name, id=str(obj.get("id", lineno)),
+                        prompt=obj.get("prompt") or "", response=obj.get("response"),
+                        label=int(label)))
     if limit is not None and len(rows) > limit:
         keep = np.sort(np.random.default_rng(seed).choice(len(rows), size=limit, replace=False))
         rows = [rows[i] for i in keep]
@@ -86,21 +115,19 @@ def load_pairs(path: str | Path, *, limit: int | None = None, seed: int = 0) -> 
     """
     path = Path(path)
     pairs: list[tuple[Row, Row]] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            obj = json.loads(line)
-            try:
-                context, prompt = obj["context"], obj["first_human_turn"]
-                chosen, rejected = obj["chosen_response"], obj["rejected_response"]
-            except KeyError as exc:
-                raise ValueError(f"{path}:{lineno}: a preference pair needs {exc.args[0]!r}") from None
-            if context.count("Human:") != 1 or not obj.get("same_context", True):
-                continue
-            rid = str(obj.get("id", lineno))
-            pairs.append((Row(path.stem, rid + ":chosen", prompt, chosen, 0),
-                          Row(path.stem, rid + ":rejected", prompt, rejected, 1)))
+    for lineno, obj in _objects(path):
+        try:
+            context, prompt = obj["context"], obj["first_human_turn"]
+            chosen, rejected = obj["chosen_response"], obj["rejected_response"]
+        except KeyError as exc:
+            raise DataError(f"{path}:{lineno}: a preference pair needs {exc.args[0]!r}") from None
+        if not all(isinstance(v, str) for v in (context, prompt, chosen, rejected)):
+            raise DataError(f"{path}:{lineno}: a preference pair's context, turn and responses must be strings")
+        if context.count("Human:") != 1 or not obj.get("same_context", True):
+            continue
+        rid = str(obj.get("id", lineno))
+        pairs.append((Row(path.stem, rid + ":chosen", prompt, chosen, 0),
+                      Row(path.stem, rid + ":rejected", prompt, rejected, 1)))
     if limit is not None and len(pairs) > limit:
         keep = np.sort(np.random.default_rng(seed).choice(len(pairs), size=limit, replace=False))
         pairs = [pairs[i] for i in keep]

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from guard import ArtifactError, SirenGuard
 from guard.artifact import read_artifact, write_artifact
@@ -39,6 +40,11 @@ def test_round_trip(tmp_path, config):
     (lambda c: c["siren_module"]["layer_weights"].update({"7": 1.0}), "layer_weights.7"),
     (lambda c: c["inference"].pop("max_length"), "inference.max_length"),
     (lambda c: c["base_model"].update(model_id=""), "base_model.model_id"),
+    (lambda c: c["base_model"].update(source=""), "base_model.source"),
+    (lambda c: c["inference"].update(default_threshold=2), "inference.default_threshold"),
+    (lambda c: c["inference"].update(default_threshold=-0.1), "inference.default_threshold"),
+    (lambda c: c["mlp"].update(dropout_rates=[2.0, 0.0]), "mlp.dropout_rates"),
+    (lambda c: c["mlp"].update(dropout_rates=[-0.5, 0.0]), "mlp.dropout_rates"),
 ])
 def test_refuses_with_the_field_named(tmp_path, config, edit, field):
     make_artifact(tmp_path, config)
@@ -56,6 +62,45 @@ def test_weights_load_strictly(tmp_path, config):
         write_artifact(tmp_path / "x", config, {**state, "network.9.weight": torch.zeros(1)})
     with pytest.raises(ArtifactError, match="weights do not match"):
         write_artifact(tmp_path / "y", config, {**state, "network.0.weight": torch.zeros(3, 3)})
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, config, value):
+    """A NaN or infinite weight makes every score NaN or 0.0: a head that passes every
+    text, so it is refused at load, not discovered in traffic."""
+    make_artifact(tmp_path, config)
+    _, state = read_artifact(tmp_path)
+    state["network.3.bias"] = torch.full_like(state["network.3.bias"], value)
+    save_file(state, str(tmp_path / "siren.safetensors"))
+    with pytest.raises(ArtifactError, match=r"siren\.safetensors: tensor 'network\.3\.bias' is not finite"):
+        read_artifact(tmp_path)
+    with pytest.raises(ArtifactError, match="'network.3.bias' is not finite"):
+        write_artifact(tmp_path / "out", config, state)
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda sm: (sm["selected_layers"].append(30), sm["selected_neurons_dict"].update(layer30=[0])),
+     "siren_module.selected_layers"),  # SmolLM2-135M has 30 blocks, 0 to 29
+    (lambda sm: sm["selected_neurons_dict"]["layer2"].__setitem__(0, 576), "siren_module.selected_neurons_dict.layer2"),
+])
+def test_a_config_that_does_not_fit_the_backbone_is_refused_naming_the_field(tmp_path, config, edit, field):
+    edit(config["siren_module"])
+    config["mlp"]["input_dim"] = sum(map(len, config["siren_module"]["selected_neurons_dict"].values()))
+    make_artifact(tmp_path, config)
+    with pytest.raises(ArtifactError, match=field.replace(".", r"\.")):
+        SirenGuard.from_pretrained(tmp_path, device="cpu", dtype=torch.float32)
+
+
+@pytest.mark.parametrize("name, content, problem", [
+    ("siren.safetensors", b"garbage", "not a safetensors file"),
+    ("siren.safetensors", b"", "not a safetensors file"),
+    ("siren_config.json", b'{"task": "\xff"}', "not valid UTF-8"),
+])
+def test_unreadable_files_are_artifact_errors_naming_the_file(tmp_path, config, name, content, problem):
+    make_artifact(tmp_path, config)
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ArtifactError, match=rf"{name}: {problem}"):
+        read_artifact(tmp_path)
 
 
 def test_backbone_source_wins_over_model_id(tmp_path, backbone_dir):

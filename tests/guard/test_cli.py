@@ -106,3 +106,71 @@ def test_train_refuses_an_ensemble_that_is_not_a_positive_count(value, capsys):
         main(["train", "--data", "rows.jsonl", "--out", "head", "--ensemble", value])
     assert exit_info.value.code == 2
     assert "--ensemble" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two"])
+def test_score_batch_size_must_be_a_positive_count(tmp_path, capsys, value):
+    """A batch size of 0 printed nothing and exited 0; -1 silently dropped rows."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "a"}\n{"text": "b"}\n{"text": "c"}\n')
+    with pytest.raises(SystemExit) as exit_info:
+        main(["score", "--jsonl", str(rows), "--artifact", str(tmp_path / "absent"), "--batch-size", value])
+    assert exit_info.value.code == 2
+    assert "argument --batch-size: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option, value, problem", [
+    ("--artifact", "absent", "does not exist"),
+    ("--artifact", "", "is not a local directory"),  # taken for a hub id, which it cannot be
+    ("--device", "tpu", "unknown device 'tpu'"),
+    ("--dtype", "int8", "unknown dtype 'int8'"),
+])
+def test_score_reports_what_cannot_load_in_one_line(artifact, tmp_path, capsys, option, value, problem):
+    options = {"--artifact": str(artifact), "--device": "cpu", "--dtype": "float32"}
+    options[option] = str(tmp_path / value) if value == "absent" else value
+    with pytest.raises(SystemExit) as exit_info:
+        main(["score", "hello", *[part for item in options.items() for part in item]])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("siren-proxy score: ") and problem in err and err.count("\n") == 1
+
+
+BAD_DATA = {  # file content -> what the one line says; each is refused before any model loads
+    None: "cannot read",
+    b'{"prompt": "hi", "label": 0}\nnot json\n': ":2: not valid JSON",
+    b'{"prompt": "\xff", "label": 0}\n': ":1: not valid UTF-8",
+    b'["hi", 0]\n': ":1: a row must be a JSON object",
+    b'{"prompt": "hi"}\n': ":1: label must be 0 or 1",
+    b'{"prompt": 5, "label": 1}\n': ":1: 'prompt' must be a string",
+    b'{"prompt": "hi", "response": ["a"], "label": 1}\n': ":1: 'response' must be a string or null",
+}
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+@pytest.mark.parametrize("content", list(BAD_DATA), ids=range(len(BAD_DATA)))
+def test_train_and_eval_report_a_bad_data_file_in_one_line(tmp_path, capsys, command, content):
+    rows = tmp_path / "rows.jsonl"
+    if content is not None:
+        rows.write_bytes(content)
+    args = ["--data", str(rows)] + (["--out", str(tmp_path / "head")] if command == "train" else ["--no-baseline"])
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"siren-proxy {command}: {rows}") and BAD_DATA[content] in err and err.count("\n") == 1
+
+
+def test_eval_reports_an_artifact_that_cannot_load_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--data", "rows.jsonl", "--artifact", str(tmp_path), "--no-baseline"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("siren-proxy eval: ") and "siren_config.json does not exist" in err
+
+
+@pytest.mark.parametrize("value", ["0", "1", "1.5", "-0.1", "nan", "some"])
+def test_train_val_fraction_must_be_between_0_and_1(capsys, value):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--data", "rows.jsonl", "--out", "head", "--val-fraction", value])
+    assert exit_info.value.code == 2
+    assert "argument --val-fraction: " in capsys.readouterr().err

@@ -7,6 +7,8 @@ many windows ends on exactly the full windowed score.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import siren_guard
 import torch
@@ -58,3 +60,28 @@ def test_harmful_text_after_1000_benign_tokens(artifact, real_rows):
         result = session.append(text[i : i + 97])
     assert result.score == pytest.approx(windowed, abs=1e-4)
     assert session.tokens_fed <= 2 * session.tokens + plan.window  # each token fed at most ~twice
+
+
+def test_a_window_that_scores_nan_makes_the_text_nan(artifact, monkeypatch):
+    """A NaN window (a broken head, an overflow in float16) must reach the caller as NaN,
+    which the proxy reads as a guard failure; a maximum that skips it reports the other
+    windows' score, or 0.0, and the text passes as benign."""
+    guard = SirenGuard.from_pretrained(artifact, device=DEVICE, dtype=torch.float32)
+    real, calls = guard.head.p_harmful, []
+
+    def nan_after(n: int):  # the first n calls score for real, later ones are NaN
+        def p_harmful(features):
+            calls.append(1)
+            p = real(features)
+            return p if len(calls) <= n else torch.full_like(p, float("nan"))
+        calls.clear()
+        return p_harmful
+
+    text = BENIGN * 40
+    assert len(guard.plan.spans(len(guard.plan.body(guard.tokenizer, model_text(text))))) > 3
+    monkeypatch.setattr(guard.head, "p_harmful", nan_after(0))
+    assert math.isnan(guard.score("short").score)
+    assert math.isnan(guard.score(text).score)
+    assert all(math.isnan(r.score) for r in guard.score_batch(["short", text]))
+    monkeypatch.setattr(guard.head, "p_harmful", nan_after(1))  # the session's first window is real
+    assert math.isnan(guard.stream().append(text).score)

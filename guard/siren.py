@@ -273,7 +273,15 @@ class SirenGuard:
         return reason
 
     def threshold(self, threshold: float | None) -> float:
-        return self._config.default_threshold if threshold is None else float(threshold)
+        """`threshold`, or the artifact's default when None. A threshold outside [0, 1]
+        (or NaN, or not a number) is a `ValueError`: no score could cross it, or every
+        score would, and the reference would take it silently."""
+        if threshold is None:
+            return self._config.default_threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
+                or not 0.0 <= threshold <= 1.0:  # (NaN fails this too)
+            raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
+        return float(threshold)
 
     # -- scoring -------------------------------------------------------------------------
     @torch.no_grad()

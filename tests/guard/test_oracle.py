@@ -86,3 +86,15 @@ def test_prompt_response_and_streaming_entry_points_match(pair, real_rows):
     assert got.score == pytest.approx(expected.score, abs=TOL)
     assert (got.is_harmful, got.threshold) == (expected.is_harmful, expected.threshold)
     assert ours.score("").score == pytest.approx(ref.score("").score, abs=TOL)
+
+
+@pytest.mark.parametrize("threshold", [float("nan"), -0.1, 1.5, True, "0.5"])
+def test_a_threshold_no_score_could_mean_is_refused(pair, threshold):
+    """The reference takes these (a NaN threshold flags nothing); ours says so. 0 and 1 are
+    thresholds."""
+    _, ours = pair
+    for call in (lambda: ours.score("hi", threshold=threshold), lambda: ours.score_batch(["hi"], threshold),
+                 lambda: ours.score_streaming("hi", threshold), lambda: ours.stream(threshold=threshold)):
+        with pytest.raises(ValueError, match="threshold must be a number in"):
+            call()
+    assert ours.score("hi", threshold=0).is_harmful and ours.score("hi", threshold=1).threshold == 1.0

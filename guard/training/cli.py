@@ -183,6 +183,11 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    with _usage_errors("generate"):
+        return _generate(args)
+
+
+def _generate(args: argparse.Namespace) -> int:
     import asyncio
 
     from guard.training import generate as g

@@ -146,13 +146,17 @@ BAD_DATA = {  # file content -> what the one line says; each is refused before a
 }
 
 
-@pytest.mark.parametrize("command", ["train", "eval"])
+@pytest.mark.parametrize("command", ["train", "eval", "generate", "generate --agreement"])
 @pytest.mark.parametrize("content", list(BAD_DATA), ids=range(len(BAD_DATA)))
-def test_train_and_eval_report_a_bad_data_file_in_one_line(tmp_path, capsys, command, content):
+def test_train_eval_and_generate_report_a_bad_data_file_in_one_line(tmp_path, capsys, command, content):
     rows = tmp_path / "rows.jsonl"
     if content is not None:
         rows.write_bytes(content)
-    args = ["--data", str(rows)] + (["--out", str(tmp_path / "head")] if command == "train" else ["--no-baseline"])
+    args = {"train": ["--data", str(rows), "--out", str(tmp_path / "head")],
+            "eval": ["--data", str(rows), "--no-baseline"],
+            "generate": ["--prompts", str(rows), "--out", str(tmp_path / "out.jsonl"), "--upstream", "http://x"],
+            "generate --agreement": ["--agreement", str(rows), "--prompt-labels", str(rows)]}[command]
+    command = command.split()[0]
     with pytest.raises(SystemExit) as exit_info:
         main([command, *args])
     assert exit_info.value.code == 2

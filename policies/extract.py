@@ -54,6 +54,8 @@ _RESPONSES_TEXT_DELTAS = ("response.output_text.delta", "response.refusal.delta"
 _RESPONSES_TOOL_TEXT = {"function_call": "arguments", "custom_tool_call": "input", "mcp_call": "arguments",
                         "code_interpreter_call": "code"}
 _TOOL_OUTPUTS = ("function_call_output", "custom_tool_call_output")
+# Responses input items read by their type (`_responses_items`), not as messages
+_ITEM_TYPES = frozenset({"reasoning", "item_reference", *_RESPONSES_TOOL_TEXT, *_TOOL_OUTPUTS})
 # Responses `.done` events that repeat a part's text whole, by the field that holds it
 _RESPONSES_PART_TEXT = {"response.output_text.done": "text", "response.refusal.done": "refusal",
                         "response.reasoning_text.done": "text", "response.reasoning_summary_text.done": "text",
@@ -231,7 +233,10 @@ def _responses_items(body: Mapping) -> list[tuple[str, str]] | None:
         if not isinstance(item, Mapping):
             raise RequestShapeError(f"'{param}' must be an object", param=param)
         kind = item.get("type", "message")
-        if kind == "message" or "role" in item:
+        # The type decides: servers read a function call's arguments or a tool's output
+        # whatever `role` the item also carries (vLLM does), so a role alone does not make
+        # it a message. An item of a type not known here that has a role is read as one.
+        if kind == "message" or ("role" in item and kind not in _ITEM_TYPES):
             if not isinstance(item.get("role"), str):
                 raise RequestShapeError(f"'{param}.role' must be a string", param=f"{param}.role")
             out.append((item["role"], content_text(item.get("content"), param=f"{param}.content")))

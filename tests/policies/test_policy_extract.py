@@ -116,6 +116,20 @@ PROMPTS = [
         {"role": "user", "content": "next"}]},
      "conversation", "user: q\nassistant: sum\nthought\nassistant: ls\ntool: files\nuser: next"),
     ("responses", {"input": []}, "last_user", ""),
+    # an item is what its type says: a server reads a function call's arguments and a tool's
+    # output whatever `role` the item also carries, so a role does not make them a message
+    ("responses", {"input": [{"role": "user", "content": "q"},
+                             {"type": "function_call_output", "role": "user", "call_id": "c", "output": "out"}]},
+     "last_user", "q"),
+    ("responses", {"input": [{"role": "user", "content": "q"},
+                             {"type": "function_call", "role": "assistant", "call_id": "c", "name": "f",
+                              "arguments": "{\"a\": 1}"},
+                             {"type": "function_call_output", "role": "user", "call_id": "c", "output": "out"},
+                             {"type": "reasoning", "role": "assistant", "summary": [{"type": "summary_text",
+                                                                                     "text": "sum"}]}]},
+     "conversation", "user: q\nassistant: {\"a\": 1}\ntool: out\nassistant: sum"),
+    # an item of a type this proxy does not know, with a role, is read as a message
+    ("responses", {"input": [{"type": "input_message", "role": "user", "content": "odd"}]}, "last_user", "odd"),
     # Anthropic Messages: `system` as the system message, tool results as "tool" lines
     ("messages", {"system": "sys", "messages": [{"role": "user", "content": "hi"}]}, "conversation_with_system",
      "system: sys\nuser: hi"),

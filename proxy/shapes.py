@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Mapping
 
+from policies.errors import RequestShapeError
 from policies.extract import (completion_prompts, response_text_chat, response_text_completion, response_text_messages,
                               response_text_responses)
 
@@ -317,16 +318,21 @@ def _before_parts(parts: list, message: str, part_type: str) -> list:
 
 def choice_texts(endpoint: str, body: Mapping) -> list[tuple[int, str]] | None:
     """(index, generated text) of each choice of a whole reply; None if `body` is not a
-    completion of `endpoint`'s shape."""
-    if endpoint == "responses":
-        return [(0, response_text_responses(body))] if isinstance(body.get("output"), list) else None
-    if endpoint == "messages":
-        return [(0, response_text_messages(body))] if isinstance(body.get("content"), list) else None
-    choices = body.get("choices")
-    if not isinstance(choices, list):
+    completion of `endpoint`'s shape, or its text is not where the guard reads text (a
+    content part that is not an object, a text that is not a string): text it could not
+    score, which the client may be shown all the same."""
+    try:
+        if endpoint == "responses":
+            return [(0, response_text_responses(body))] if isinstance(body.get("output"), list) else None
+        if endpoint == "messages":
+            return [(0, response_text_messages(body))] if isinstance(body.get("content"), list) else None
+        choices = body.get("choices")
+        if not isinstance(choices, list):
+            return None
+        read = response_text_completion if endpoint == "completions" else response_text_chat
+        return [(c.get("index", i), read(c)) for i, c in enumerate(choices) if isinstance(c, dict)]
+    except RequestShapeError:
         return None
-    read = response_text_completion if endpoint == "completions" else response_text_chat
-    return [(c.get("index", i), read(c)) for i, c in enumerate(choices) if isinstance(c, dict)]
 
 
 def refuse_choice(endpoint: str, request: Mapping, refusal: str, body: dict, index: int) -> None:

@@ -54,11 +54,7 @@ class WholeReply:
             body = None
         choices = choice_texts(call.endpoint, body) if isinstance(body, dict) else None
         if choices is None:  # not a completion we can read: nothing to score, fail per policy
-            decision = decide_response(call.policy.response, None, on_guard_error=call.policy.on_guard_error,
-                                       error="the upstream response is not a completion the guard can read")
-            call.exchange.decided(decision, 0.0)
-            if decision.action == GUARD_ERROR:
-                raise GuardUnavailable("the upstream response could not be checked by the safety guard")
+            self.unreadable()
             return data, {}
         started = time.perf_counter()
         scores, error = [None] * len(choices), None
@@ -85,6 +81,16 @@ class WholeReply:
         headers = flag_headers(decisions, policy=call.policy.name)  # the first choice that crossed, else the first
         return (json.dumps(body, ensure_ascii=False).encode() if changed else data), headers
 
+    def unreadable(self) -> None:
+        """A reply the guard cannot read (`choice_texts` is None) may carry text it would
+        never score: a guard failure, which meets `on_guard_error` (raised when it blocks)."""
+        call = self.call
+        decision = decide_response(call.policy.response, None, on_guard_error=call.policy.on_guard_error,
+                                   error="the upstream response is not a completion the guard can read")
+        call.exchange.decided(decision, 0.0)
+        if decision.action == GUARD_ERROR:
+            raise GuardUnavailable("the upstream response could not be checked by the safety guard")
+
     async def rank(self, response: httpx.Response, headers: dict[str, str]) -> Response:
         """Safest-of-n (`rerank`): the upstream's candidates, read whole, scored; the one
         `rerank.select` picks is returned (streamed if the client asked for a stream),
@@ -97,6 +103,8 @@ class WholeReply:
         except ValueError:
             body = None
         texts = choice_texts(call.endpoint, body) if isinstance(body, dict) else None
+        if texts is None and response.status_code == 200:
+            self.unreadable()
         if not texts:  # an upstream error, or nothing to rank: the client gets it as it came
             call.write_audit()
             return Response(data, status_code=response.status_code, headers=dict(passthrough))

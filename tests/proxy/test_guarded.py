@@ -16,6 +16,7 @@ import httpx
 import openai
 import pytest
 
+from tests.proxy.rawhttp import RawUpstream
 from tests.support.clients import close_sdk_clients, sdk  # noqa: F401 - close_sdk_clients is autouse
 from tests.support.proxy import running_proxy
 from tests.support.scorers import KeywordScorer
@@ -446,6 +447,51 @@ def test_a_replaced_reply_keeps_no_token_of_what_it_replaced(scripted):
                     assert choice["logprobs"] is None and "token_ids" not in choice
                 else:
                     assert choice["logprobs"] and choice["token_ids"] == [7, 5]
+
+
+# Replies of the endpoint's shape whose text is not where the guard reads text: a part or
+# block that is not an object, a text that is not a string, tool calls that are not a list
+ODD_REPLIES = [
+    ("/v1/messages", {"id": "msg_1", "type": "message", "role": "assistant", "content": ["a BOMB"]}),
+    ("/v1/messages", {"id": "msg_1", "type": "message", "role": "assistant",
+                      "content": [{"type": "text", "text": ["a BOMB"]}]}),
+    ("/v1/responses", {"id": "resp_1", "object": "response", "output": [
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": {"t": "a BOMB"}}]}]}),
+    ("/v1/responses", {"id": "resp_1", "object": "response", "output": [
+        {"type": "message", "role": "assistant", "content": 7}]}),
+    ("/v1/chat/completions", {"id": "c", "object": "chat.completion", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "a BOMB", "tool_calls": "x"}}]}),
+]
+
+
+def odd_reply(head: bytes) -> list[bytes]:
+    """A `RawUpstream` script: the reply the request's `x-reply` header names, as JSON."""
+    index = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n") if line.startswith(b"x-reply:")))
+    data = json.dumps(ODD_REPLIES[index][1]).encode()
+    return [b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(data), data]
+
+
+@pytest.mark.parametrize("on_error", ["block", "allow"])
+@pytest.mark.parametrize("rerank", ["", "    rerank: {n: 2, select: safest}"])
+def test_a_whole_reply_the_guard_cannot_read_meets_on_guard_error(on_error, rerank):
+    """A reply whose text is not where the guard reads it may carry text it would never
+    score: a guard failure, in the endpoint's error shape (it was a 500 and a traceback,
+    in neither API's shape; safest-of-n, chat's, passed it on unscored), or under `allow`
+    the reply as it came."""
+    replies = [(i, path) for i, (path, _) in enumerate(ODD_REPLIES) if not rerank or path == "/v1/chat/completions"]
+    with RawUpstream(odd_reply) as upstream, running_proxy(policy_yaml(
+            upstream.url, response=CUT % (16, 16), policy_extra=f"    on_guard_error: {on_error}\n{rerank}"),
+            KeywordScorer()) as proxy:
+        answers = [httpx.post(proxy.url + path, headers={"x-reply": str(i)}, json={
+            "model": "m", "max_tokens": 8, "messages": user("q"), "input": "q"}) for i, path in replies]
+    for (i, path), answer in zip(replies, answers):
+        if on_error == "allow":
+            assert answer.status_code == 200 and answer.json() == ODD_REPLIES[i][1]
+        elif path == "/v1/messages":
+            assert answer.status_code == 503 and answer.json()["type"] == "error"
+            assert answer.json()["error"]["code"] == "guard_unavailable"
+        else:
+            assert answer.status_code == 503 and answer.json()["error"]["code"] == "guard_unavailable"
 
 
 def test_unguarded_endpoints_pass_through(scripted):

@@ -84,9 +84,7 @@ def refused_stream(endpoint: str, request: Mapping, refusal: str) -> bytes:
     """The whole refused response in stream form, ending as the upstream's would."""
     whole = refused_json(endpoint, request, refusal)
     if endpoint == "messages":
-        started = {**whole, "content": [], "stop_reason": None}
-        return _typed_event({"type": "message_start", "message": started}) + message_cut_events(
-            MessageOutput(), refusal)
+        return message_cut_events(MessageOutput(), refusal, start=whole)
     if endpoint == "responses":
         return response_cut_events({**whole, "output": []}, refusal, item_id=whole["output"][0]["id"], created=True)
     out = []
@@ -171,9 +169,11 @@ class ResponseOutput:
     def __init__(self) -> None:
         self.items: dict[int, dict] = {}
         self.done: set[int] = set()
+        self.created = False  # the client was sent `response.created`
 
     def apply(self, event: Mapping) -> None:
         kind, index = event.get("type"), event.get("output_index")
+        self.created = self.created or kind == "response.created"
         if not isinstance(index, int) or isinstance(index, bool):
             return
         if kind in ("response.output_item.added", "response.output_item.done"):
@@ -227,8 +227,10 @@ class MessageOutput:
     def __init__(self) -> None:
         self.open: list[int] = []
         self.next_index = 0
+        self.started = False  # the client was sent `message_start`
 
     def apply(self, event: Mapping) -> None:
+        self.started = self.started or event.get("type") == "message_start"
         index = event.get("index")
         if not isinstance(index, int) or isinstance(index, bool):
             return
@@ -239,11 +241,17 @@ class MessageOutput:
             self.open.remove(index)
 
 
-def message_cut_events(output: MessageOutput, refusal: str, *, output_tokens: int = 0) -> bytes:
+def message_cut_events(output: MessageOutput, refusal: str, *, output_tokens: int = 0,
+                       start: Mapping | None = None) -> bytes:
     """The end of a cut Anthropic Messages stream: each open block stopped, the refusal as
-    a text block, `message_delta` with `stop_reason: "refusal"`, `message_stop`."""
+    a text block, `message_delta` with `stop_reason: "refusal"`, `message_stop`. Where the
+    client was sent no `message_start` (a stream refused before the upstream was called,
+    or one whose `message_start` held text and was dropped by the cut), one opens it,
+    with `start`'s id, model and usage, as the SDK's accumulator needs."""
     index = output.next_index
-    events = [{"type": "content_block_stop", "index": i} for i in output.open]
+    events = [] if output.started else [
+        {"type": "message_start", "message": {**(start or {}), "content": [], "stop_reason": None}}]
+    events += [{"type": "content_block_stop", "index": i} for i in output.open]
     events += [{"type": "content_block_start", "index": index, "content_block": {"type": "text", "text": ""}},
                {"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": refusal}},
                {"type": "content_block_stop", "index": index},

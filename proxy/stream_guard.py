@@ -238,6 +238,8 @@ class StreamGuard:
         if not self.template:
             if self.endpoint == "responses" and isinstance(payload.get("response"), dict):
                 self.template = dict(payload["response"])
+            elif self.endpoint == "messages" and isinstance(payload.get("message"), dict):
+                self.template = dict(payload["message"])  # message_start's: a cut may have to repeat it
             elif "id" in payload:
                 self.template = {k: payload[k] for k in ("id", "created", "model") if k in payload}
         if isinstance(payload.get("usage"), dict):
@@ -374,10 +376,13 @@ class StreamGuard:
                 kept.append(Held(rewritten[0], reach, rewritten[1]))
         self.queue = kept
         if self.endpoint == "responses":
+            # (`created`: where `response.created` held text and was dropped, the cut opens the stream)
             raw = response_cut_events({**self.template, "output": self.output.output()}, self.policy.refusal,
-                                      output_index=self.output.next_index, sequence=self.next_sequence)
+                                      output_index=self.output.next_index, sequence=self.next_sequence,
+                                      created=not self.output.created)
         elif self.endpoint == "messages":
-            raw = message_cut_events(self.blocks, self.policy.refusal, output_tokens=choice.tokens)
+            raw = message_cut_events(self.blocks, self.policy.refusal, output_tokens=choice.tokens,
+                                     start=self.template)
         else:
             raw = cut_chunk(self.endpoint, self.template, choice.index, self.policy.refusal)
         self.queue.append(Held(raw))

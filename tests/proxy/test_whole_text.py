@@ -80,7 +80,29 @@ def anthropic_tool_stream(opening_input: dict, json_deltas: list[str]) -> bytes:
     return sse(*events)
 
 
+def opened_with_text(api: str) -> bytes:
+    """A stream whose opening event (Responses' `response.created`, Anthropic's
+    `message_start`) already holds the harmful text, then two benign deltas."""
+    if api == "responses":
+        item = message(TEXT, "in_progress")
+        return sse({"type": "response.created", "sequence_number": 0, "response": response("in_progress", [item])},
+                   *({"type": "response.output_text.delta", "sequence_number": 1 + i, "output_index": 0,
+                      "content_index": 0, "item_id": "msg_1", "delta": word} for i, word in enumerate([" is", " here"])),
+                   {"type": "response.completed", "sequence_number": 3,
+                    "response": response("completed", [message(TEXT + " is here")])})
+    start = {"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant", "model": "m",
+                                                  "content": [{"type": "text", "text": TEXT}], "stop_reason": None,
+                                                  "usage": {"input_tokens": 3, "output_tokens": 0}}}
+    return sse(start, *({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": word}}
+                        for word in [" is", " here"]),
+               {"type": "content_block_stop", "index": 0},
+               {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 3}},
+               {"type": "message_stop"})
+
+
 STREAMS = {
+    "opening-responses": opened_with_text("responses"),
+    "opening-messages": opened_with_text("messages"),
     "recorded": RECORDED,
     "vllm": VLLM,
     "whole-only": responses_stream(deltas=False),
@@ -180,3 +202,24 @@ def test_legacy_function_call_arguments_are_scored_and_cut(proxy):
     received, scored = stream(proxy, "legacy-function-call")
     assert '"a BOMB"' in scored
     assert b"BOMB" not in received and b"content_filter" in received
+
+
+def test_a_cut_that_drops_the_opening_event_sends_one_of_its_own(proxy):
+    """The opening event held text and was dropped with it: the cut opens the stream
+    itself, so the SDKs read it (they raised: "Expected to have received
+    `response.created`", and an AssertionError in the anthropic SDK's accumulator)."""
+    import anthropic
+    import openai
+
+    server, _ = proxy
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="k", max_retries=0,
+                       default_headers={"x-stream": "opening-responses"}) as client, \
+            client.responses.stream(model="m", input="hi") as events:
+        kinds = [event.type for event in events]
+    with anthropic.Anthropic(base_url=server.url, api_key="k", max_retries=0,
+                             default_headers={"x-stream": "opening-messages"}) as client, \
+            client.messages.stream(model="m", max_tokens=9, messages=[{"role": "user", "content": "hi"}]) as stream:
+        final = stream.get_final_message()
+    assert kinds[0] == "response.created" and kinds[-1] == "response.incomplete"
+    assert final.id == "msg_1" and final.stop_reason == "refusal"
+    assert [block.text for block in final.content] == ["I'm sorry, but I can't help with that."]

@@ -268,3 +268,19 @@ def test_the_proxy_key_may_come_as_x_api_key_and_is_not_forwarded(scripted):
     assert texts(reply) == ["ok"]
     assert "x-api-key" not in sent and "authorization" not in sent
     assert wrong.value.body["error"]["type"] == "authentication_error"
+
+
+def test_the_message_batches_api_is_refused_in_anthropic_s_shape(scripted):
+    """`/v1/messages/batches` (Anthropic's Message Batches API: its requests run later,
+    upstream) is refused as the Batch API is, and its client is the anthropic SDK: the
+    error is Anthropic's (it was OpenAI's, whose `type` the SDK does not know)."""
+    url, recorder = scripted
+    before = len(recorder.requests)
+    with running_proxy(policy_yaml(url, prompt="{action: refuse}"), KeywordScorer()) as proxy:
+        with pytest.raises(anthropic.PermissionDeniedError) as refused:
+            anthropic_sdk(proxy).messages.batches.create(requests=[
+                {"custom_id": "a", "params": {"model": "m", "max_tokens": 8, "messages": user("a BOMB")}}])
+    assert refused.value.body["type"] == "error"
+    assert refused.value.body["error"]["type"] == "permission_error"
+    assert refused.value.body["error"]["code"] == "unguarded_endpoint"
+    assert len(recorder.requests) == before

@@ -4,7 +4,7 @@ Invariants of a `Config` that `parse_config` returns (so the proxy never re-chec
 every route names an existing upstream and policy, and an existing `server.api_keys`
 entry when it has an `api_key` condition; no route is shadowed by an earlier one; every
 threshold is in [0, 1]; a steer band satisfies 0 <= steer_from < threshold; upstream
-base URLs are http(s) with a host, a port (if any) in 1-65535 and no trailing slash;
+base URLs are http(s) with a host, a port (if any) in 1-65535, no credentials and no trailing slash;
 route prefixes start with "/", have no trailing slash (except "/" itself) and no
 `.`/`..` segments, `//` or `%`.
 
@@ -251,7 +251,7 @@ def _upstreams(top: Section) -> dict[str, Upstream]:
         try:
             base_url = upstream_base_url(u.string("base_url"))
         except ValueError as exc:
-            raise u.error("base_url", f"{exc}; got {u.value['base_url']!r}") from None
+            raise u.error("base_url", f"{exc}; got {without_userinfo(u.value['base_url'])!r}") from None
         d = Upstream(name, base_url)
         api_key = u.string("api_key", None, nullable=True, nonempty=False)
         out[name] = Upstream(
@@ -284,7 +284,15 @@ def upstream_base_url(url: str) -> str:
         port = 0
     if port == 0:
         raise ValueError("the port must be a number in 1-65535")
+    if "@" in parts.netloc:  # neither transport sends it: the upstream would get no credentials
+        raise ValueError("must not carry credentials (user:password@): they are not sent; set the upstream's api_key")
     return url
+
+
+def without_userinfo(url: str) -> str:
+    """`url` as an error may quote it: whatever comes before an '@' in its authority
+    (credentials) is hidden."""
+    return re.sub(r"^([^/?#]*//)?[^/?#]*@", r"\1***@", url)
 
 
 def _guard(g: Section) -> GuardConfig:

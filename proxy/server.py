@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import uvicorn
 
-from policies.config import Config, upstream_base_url
+from policies.config import Config, upstream_base_url, without_userinfo
 from policies.errors import ConfigError
 from policies.reload import ConfigHolder
 from policies.routing import guard_needed
@@ -107,7 +107,7 @@ def serve(config_path: str, *, host: str | None = None, port: int | None = None,
         try:
             upstream_base_url(upstream)
         except ValueError as exc:  # as the file's `base_url` would be refused, before anything starts
-            print(f"siren-proxy: invalid --upstream: {exc}; got {upstream!r}", file=sys.stderr)
+            print(f"siren-proxy: invalid --upstream: {exc}; got {without_userinfo(upstream)!r}", file=sys.stderr)
             return 2
     try:
         config = load_config(config_path)

@@ -355,10 +355,26 @@ def test_upstream_base_url_accepts(url, expected):
     ("http://[::1/v1", "must be an http(s) URL without query or fragment"),
     ("http://x:65536/v1", "the port must be a number in 1-65535"),
     ("http://x:-1/v1", "the port must be a number in 1-65535"),
+    ("http://user:pw@x/v1", "must not carry credentials"),
+    ("http://user@x/v1", "must not carry credentials"),
 ])
 def test_upstream_base_url_refuses(url, reason):
     with pytest.raises(ValueError, match=re.escape(reason)):
         upstream_base_url(url)
+
+
+@pytest.mark.parametrize(("url", "env"), [
+    ("http://bob:${PW}@127.0.0.1:8000/v1", {"PW": "hunter2"}),
+    ("http://bob:hunter2@127.0.0.1:8000/v1", {}),
+])
+def test_credentials_in_base_url_are_refused_without_quoting_them(url, env):
+    """Neither transport sends a URL's user:password (httpx's clients turn it into Basic
+    auth, its transports do not), so the upstream would get no credentials, and
+    `check-config` printed the URL, password and all."""
+    with pytest.raises(ConfigError) as info:
+        parse_config(f"upstreams:\n  local:\n    base_url: {url}\n", path="c.yaml", env=env)
+    assert info.value.key_path == "upstreams.local.base_url" and "api_key" in info.value.reason
+    assert "hunter2" not in str(info.value) and "bob" not in str(info.value)
 
 
 def test_missing_secret_names_variable_not_value():

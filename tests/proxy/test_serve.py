@@ -194,6 +194,8 @@ def test_bad_config_fails_at_start_naming_the_key(tmp_path, text, names):
 @pytest.mark.parametrize(("upstream", "reason"), [
     ("ftp://x/v1", "must be an http(s) URL without query or fragment; got 'ftp://x/v1'"),
     ("http://127.0.0.1:99999/v1", "the port must be a number in 1-65535; got 'http://127.0.0.1:99999/v1'"),
+    ("http://bob:hunter2@127.0.0.1:8000/v1", "must not carry credentials (user:password@): they are not sent; "
+     "set the upstream's api_key; got 'http://***@127.0.0.1:8000/v1'"),
 ])
 def test_bad_upstream_flag_fails_at_start_as_the_file_would(tmp_path, upstream, reason):
     """`--upstream` is checked as a config file's `base_url` is, before anything listens."""

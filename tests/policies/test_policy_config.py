@@ -313,6 +313,17 @@ def test_interpolation(raw, env, value):
     assert config.policies["p"].refusal == "r" + value
 
 
+@pytest.mark.parametrize("env", [{}, {"A": "sk-a"}, {"B": "sk-b"}])
+def test_a_reference_inside_a_default_is_refused(env):
+    """`${A:-${B}}` (Docker Compose's nested default) is not expanded: the first `}` closed
+    the reference, so the value was `sk-a}` when A was set and the text `${B}` when not,
+    silently (a wrong key, a wrong URL)."""
+    with pytest.raises(ConfigError) as info:
+        parse_config(UP + "    api_key: ${A:-${B}}\n", path="c.yaml", env=env)
+    assert str(info.value).startswith("c.yaml:4: upstreams.local.api_key: ") and "nested" in info.value.reason
+    assert "sk-" not in str(info.value)
+
+
 @pytest.mark.parametrize(("raw", "env", "expected"), [
     ("${PORT}", {"PORT": "9001"}, 9001),
     ("${PORT:-8081}", {}, 8081),

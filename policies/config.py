@@ -45,6 +45,16 @@ CACHE_SCOPES = ("key", "shared")  # guard.prefix_cache_scope
 DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
 _DEVICE = re.compile(r"^(?:auto|cpu|cuda|cuda:\d+)$")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# A key as it travels in `Authorization: Bearer <key>`: visible ASCII, spaces inside only
+_SENDABLE_KEY = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
+_UNSENDABLE = ("must be printable ASCII with no white space at either end (a trailing newline from a secret "
+               "file?): no HTTP header can carry it as it is")
+
+
+def _sendable(key: str) -> bool:
+    """Whether `key` arrives in a header as written: a header value loses white space at
+    either end, cannot hold a line break, and non-ASCII bytes are read back as latin-1."""
+    return _SENDABLE_KEY.fullmatch(key) is not None
 
 
 def _frozen_map(items: Mapping) -> Mapping:
@@ -218,6 +228,8 @@ def _server(s: Section) -> ServerConfig:
                 raise s.ctx.error("must not be empty", kp, line)
         else:
             raise s.ctx.error("expected a string or {key, name}", kp, line)
+        if not _sendable(key):
+            raise s.ctx.error(_UNSENDABLE, f"{kp}.key" if isinstance(item, dict) else kp, line)
         if name in names:
             raise s.ctx.error(f"duplicate api key name {name!r}", kp, line)
         if key in values:
@@ -254,6 +266,8 @@ def _upstreams(top: Section) -> dict[str, Upstream]:
             raise u.error("base_url", f"{exc}; got {without_userinfo(u.value['base_url'])!r}") from None
         d = Upstream(name, base_url)
         api_key = u.string("api_key", None, nullable=True, nonempty=False)
+        if api_key and not _sendable(api_key):
+            raise u.error("api_key", _UNSENDABLE)
         out[name] = Upstream(
             name=name,
             base_url=base_url,

@@ -388,6 +388,25 @@ def test_credentials_in_base_url_are_refused_without_quoting_them(url, env):
     assert "hunter2" not in str(info.value) and "bob" not in str(info.value)
 
 
+@pytest.mark.parametrize("key", ["sk-hunter2\n", " sk-hunter2", "sk-hunter2\t", "sk-hun\x00ter2", "sk-hünter2",
+                                 "sk-hunter2€"])
+@pytest.mark.parametrize(("text", "key_path"), [
+    ("server:\n  api_keys: ['${K}']\n", "server.api_keys[0]"),
+    ("server:\n  api_keys: [{key: '${K}', name: a}]\n", "server.api_keys[0].key"),
+    ("    api_key: ${K}\n", "upstreams.local.api_key"),
+])
+def test_a_key_that_cannot_travel_in_a_header_is_refused(key, text, key_path):
+    """A key from a secret file often ends in a newline. A proxy key that a client cannot
+    send (white space at either end is not part of a header value, a line break cannot be
+    sent, a non-ASCII one is read back as other characters) let no client in, and an
+    upstream key such as this made every request fail: a 502 `upstream_unreachable`
+    (a line break), or a 500 and a traceback (a character outside latin-1)."""
+    with pytest.raises(ConfigError) as info:
+        parse_config(UP + text, path="c.yaml", env={"K": key})
+    assert info.value.key_path == key_path and "ASCII" in info.value.reason
+    assert "hunter2" not in str(info.value)
+
+
 def test_missing_secret_names_variable_not_value():
     with pytest.raises(ConfigError) as info:
         parse_config(UP + "server:\n  api_keys: ['${PROXY_KEY}']\n", path="c.yaml", env={})

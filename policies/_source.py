@@ -117,7 +117,8 @@ class Context:
         return ConfigError(reason, file=self.file, key_path=key_path, line=line)
 
     def interpolate(self, raw: str, key_path: str, line: int | None) -> str:
-        """`${VAR}` → env value, `${VAR:-default}` → value or default, `$${` → literal `${`."""
+        """`${VAR}` → env value, `${VAR:-default}` → value or default (a default holds no
+        `${`), `$${` → literal `${`."""
 
         def replace(match: re.Match[str]) -> str:
             whole = match.group(0)
@@ -129,6 +130,8 @@ class Context:
             if var is None:
                 raise self.error(f"bad variable name in '${{{match.group(1)}}}'", key_path, line)
             name, default = var.group(1), var.group(2)
+            if default is not None and "${" in default:  # `${A:-${B}}`: the first `}` ends the reference
+                raise self.error(f"nested '${{' in the default of ${{{name}:-...}} is not supported", key_path, line)
             if name in self.env:
                 return self.env[name]
             if default is not None:

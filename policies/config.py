@@ -4,7 +4,7 @@ Invariants of a `Config` that `parse_config` returns (so the proxy never re-chec
 every route names an existing upstream and policy, and an existing `server.api_keys`
 entry when it has an `api_key` condition; no route is shadowed by an earlier one; every
 threshold is in [0, 1]; a steer band satisfies 0 <= steer_from < threshold; upstream
-base URLs are http(s) with a host, a port (if any) in 1-65535 and no trailing slash;
+base URLs are http(s) with a host, a port (if any) in 1-65535, no credentials and no trailing slash;
 route prefixes start with "/", have no trailing slash (except "/" itself) and no
 `.`/`..` segments, `//` or `%`.
 
@@ -45,6 +45,16 @@ CACHE_SCOPES = ("key", "shared")  # guard.prefix_cache_scope
 DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
 _DEVICE = re.compile(r"^(?:auto|cpu|cuda|cuda:\d+)$")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# A key as it travels in `Authorization: Bearer <key>`: visible ASCII, spaces inside only
+_SENDABLE_KEY = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
+_UNSENDABLE = ("must be printable ASCII with no white space at either end (a trailing newline from a secret "
+               "file?): no HTTP header can carry it as it is")
+
+
+def _sendable(key: str) -> bool:
+    """Whether `key` arrives in a header as written: a header value loses white space at
+    either end, cannot hold a line break, and non-ASCII bytes are read back as latin-1."""
+    return _SENDABLE_KEY.fullmatch(key) is not None
 
 
 def _frozen_map(items: Mapping) -> Mapping:
@@ -218,6 +228,8 @@ def _server(s: Section) -> ServerConfig:
                 raise s.ctx.error("must not be empty", kp, line)
         else:
             raise s.ctx.error("expected a string or {key, name}", kp, line)
+        if not _sendable(key):
+            raise s.ctx.error(_UNSENDABLE, f"{kp}.key" if isinstance(item, dict) else kp, line)
         if name in names:
             raise s.ctx.error(f"duplicate api key name {name!r}", kp, line)
         if key in values:
@@ -251,9 +263,11 @@ def _upstreams(top: Section) -> dict[str, Upstream]:
         try:
             base_url = upstream_base_url(u.string("base_url"))
         except ValueError as exc:
-            raise u.error("base_url", f"{exc}; got {u.value['base_url']!r}") from None
+            raise u.error("base_url", f"{exc}; got {without_userinfo(u.value['base_url'])!r}") from None
         d = Upstream(name, base_url)
         api_key = u.string("api_key", None, nullable=True, nonempty=False)
+        if api_key and not _sendable(api_key):
+            raise u.error("api_key", _UNSENDABLE)
         out[name] = Upstream(
             name=name,
             base_url=base_url,
@@ -284,7 +298,15 @@ def upstream_base_url(url: str) -> str:
         port = 0
     if port == 0:
         raise ValueError("the port must be a number in 1-65535")
+    if "@" in parts.netloc:  # neither transport sends it: the upstream would get no credentials
+        raise ValueError("must not carry credentials (user:password@): they are not sent; set the upstream's api_key")
     return url
+
+
+def without_userinfo(url: str) -> str:
+    """`url` as an error may quote it: whatever comes before an '@' in its authority
+    (credentials) is hidden."""
+    return re.sub(r"^([^/?#]*//)?[^/?#]*@", r"\1***@", url)
 
 
 def _guard(g: Section) -> GuardConfig:

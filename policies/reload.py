@@ -11,7 +11,8 @@ of the content so a touch without an edit is not a reload. The fingerprint is up
 every reload attempt, good or bad, so a bad file is reported once, not at every poll.
 
 Policies, routes, upstreams and the per-request `server` settings take effect on reload;
-the listening address, the log level, the audit file and `guard` are read at start-up,
+the listening address, the shutdown grace period, the log level, the audit file and
+`guard` are read at start-up,
 and `restart_needed(old, new)` names those that differ so the proxy can log it.
 """
 
@@ -106,10 +107,12 @@ class ConfigHolder:
             return True
 
 
-# Read once, at start-up: the listening socket, the log, the audit file and the loaded guard.
-# The rest of `server` (keys, body and stream limits, the request deadline) is read by
-# each request, so a reload rotates keys and changes limits at once.
-STARTUP_ONLY = ("server.host", "server.port", "server.audit_log", "server.log_level", "guard")
+# Read once, at start-up: the listening socket, the shutdown grace period (uvicorn's), the
+# log, the audit file and the loaded guard. The rest of `server` (keys, body and stream
+# limits, the request deadline) is read by each request, so a reload rotates keys and
+# changes limits at once.
+STARTUP_ONLY = ("server.host", "server.port", "server.shutdown_timeout", "server.audit_log", "server.log_level",
+                "guard")
 
 
 def restart_needed(old: Config, new: Config) -> tuple[str, ...]:

@@ -87,6 +87,19 @@ def parse_json_object(body: bytes) -> dict:
     return payload
 
 
+def routing_model(config: Config, payload: dict | None, body: bytes) -> str | None:
+    """The body's `model` for `model` route conditions: from any body that is a JSON object,
+    as the upstream reads it, not only where the path names an endpoint this proxy parses
+    (a route mounted on the endpoint itself, vLLM's `systemone`, `audio/speech`, ...)."""
+    if payload is None and body and any(route.model is not None for route in config.routes):
+        try:
+            payload = json.loads(body)
+        except (ValueError, RecursionError):
+            return None
+    model = payload.get("model") if isinstance(payload, dict) else None
+    return model if isinstance(model, str) else None
+
+
 class Proxy:
     def __init__(self, holder, pool: UpstreamPool, scorer: Scorer | None = None,
                  audit: AuditLog | None = None, metrics: Metrics | None = None) -> None:
@@ -195,9 +208,8 @@ class Proxy:
             key_name = authenticate(config, client_key(request.headers))
             if key_name is None:
                 raise Unauthorized("missing or invalid API key for this proxy")
-        model = payload.get("model") if payload is not None else None
         try:
-            match = match_route(config, path, model=model if isinstance(model, str) else None,
+            match = match_route(config, path, model=routing_model(config, payload, body),
                                 headers=request.headers, api_key_name=key_name)
         except UnsafePathError as exc:
             raise BadRequest(str(exc)) from None

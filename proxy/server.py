@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import uvicorn
 
-from policies.config import Config, upstream_base_url
+from policies.config import Config, upstream_base_url, without_userinfo
 from policies.errors import ConfigError
 from policies.reload import ConfigHolder
 from policies.routing import guard_needed
@@ -99,6 +99,18 @@ class DrainingServer(uvicorn.Server):
         await super().shutdown(sockets=sockets)
 
 
+def check_audit_log(config: Config) -> None:
+    """A `ConfigError` when `server.audit_log` cannot be opened for appending (the app
+    opens it), said before anything starts rather than as a traceback from inside it."""
+    path = config.server.audit_log
+    if path is None:
+        return
+    try:
+        open(path, "a", encoding="utf-8").close()
+    except OSError as exc:
+        raise ConfigError(f"cannot open {path!r}: {exc.strerror}", file=config.path, key_path="server.audit_log") from None
+
+
 def serve(config_path: str, *, host: str | None = None, port: int | None = None,
           upstream: str | None = None, log_level: str | None = None) -> int:
     from policies.config import load_config
@@ -107,10 +119,11 @@ def serve(config_path: str, *, host: str | None = None, port: int | None = None,
         try:
             upstream_base_url(upstream)
         except ValueError as exc:  # as the file's `base_url` would be refused, before anything starts
-            print(f"siren-proxy: invalid --upstream: {exc}; got {upstream!r}", file=sys.stderr)
+            print(f"siren-proxy: invalid --upstream: {exc}; got {without_userinfo(upstream)!r}", file=sys.stderr)
             return 2
     try:
         config = load_config(config_path)
+        check_audit_log(config)
     except ConfigError as exc:
         print(f"siren-proxy: invalid config: {exc}", file=sys.stderr)
         return 2

@@ -313,6 +313,17 @@ def test_interpolation(raw, env, value):
     assert config.policies["p"].refusal == "r" + value
 
 
+@pytest.mark.parametrize("env", [{}, {"A": "sk-a"}, {"B": "sk-b"}])
+def test_a_reference_inside_a_default_is_refused(env):
+    """`${A:-${B}}` (Docker Compose's nested default) is not expanded: the first `}` closed
+    the reference, so the value was `sk-a}` when A was set and the text `${B}` when not,
+    silently (a wrong key, a wrong URL)."""
+    with pytest.raises(ConfigError) as info:
+        parse_config(UP + "    api_key: ${A:-${B}}\n", path="c.yaml", env=env)
+    assert str(info.value).startswith("c.yaml:4: upstreams.local.api_key: ") and "nested" in info.value.reason
+    assert "sk-" not in str(info.value)
+
+
 @pytest.mark.parametrize(("raw", "env", "expected"), [
     ("${PORT}", {"PORT": "9001"}, 9001),
     ("${PORT:-8081}", {}, 8081),
@@ -355,10 +366,45 @@ def test_upstream_base_url_accepts(url, expected):
     ("http://[::1/v1", "must be an http(s) URL without query or fragment"),
     ("http://x:65536/v1", "the port must be a number in 1-65535"),
     ("http://x:-1/v1", "the port must be a number in 1-65535"),
+    ("http://user:pw@x/v1", "must not carry credentials"),
+    ("http://user@x/v1", "must not carry credentials"),
 ])
 def test_upstream_base_url_refuses(url, reason):
     with pytest.raises(ValueError, match=re.escape(reason)):
         upstream_base_url(url)
+
+
+@pytest.mark.parametrize(("url", "env"), [
+    ("http://bob:${PW}@127.0.0.1:8000/v1", {"PW": "hunter2"}),
+    ("http://bob:hunter2@127.0.0.1:8000/v1", {}),
+])
+def test_credentials_in_base_url_are_refused_without_quoting_them(url, env):
+    """Neither transport sends a URL's user:password (httpx's clients turn it into Basic
+    auth, its transports do not), so the upstream would get no credentials, and
+    `check-config` printed the URL, password and all."""
+    with pytest.raises(ConfigError) as info:
+        parse_config(f"upstreams:\n  local:\n    base_url: {url}\n", path="c.yaml", env=env)
+    assert info.value.key_path == "upstreams.local.base_url" and "api_key" in info.value.reason
+    assert "hunter2" not in str(info.value) and "bob" not in str(info.value)
+
+
+@pytest.mark.parametrize("key", ["sk-hunter2\n", " sk-hunter2", "sk-hunter2\t", "sk-hun\x00ter2", "sk-hünter2",
+                                 "sk-hunter2€"])
+@pytest.mark.parametrize(("text", "key_path"), [
+    ("server:\n  api_keys: ['${K}']\n", "server.api_keys[0]"),
+    ("server:\n  api_keys: [{key: '${K}', name: a}]\n", "server.api_keys[0].key"),
+    ("    api_key: ${K}\n", "upstreams.local.api_key"),
+])
+def test_a_key_that_cannot_travel_in_a_header_is_refused(key, text, key_path):
+    """A key from a secret file often ends in a newline. A proxy key that a client cannot
+    send (white space at either end is not part of a header value, a line break cannot be
+    sent, a non-ASCII one is read back as other characters) let no client in, and an
+    upstream key such as this made every request fail: a 502 `upstream_unreachable`
+    (a line break), or a 500 and a traceback (a character outside latin-1)."""
+    with pytest.raises(ConfigError) as info:
+        parse_config(UP + text, path="c.yaml", env={"K": key})
+    assert info.value.key_path == key_path and "ASCII" in info.value.reason
+    assert "hunter2" not in str(info.value)
 
 
 def test_missing_secret_names_variable_not_value():

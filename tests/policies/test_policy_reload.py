@@ -99,6 +99,16 @@ def test_reload_warns_about_sections_read_only_at_start(config_file, caplog):
     assert restart_needed(old, old) == ()
 
 
+def test_shutdown_timeout_is_named_as_needing_a_restart(config_file, caplog):
+    """uvicorn takes its grace period at start-up, so a reload cannot change it: said so,
+    as for the other settings read at start-up (it was reported as reloaded)."""
+    holder = ConfigHolder.load(str(config_file), env={})
+    config_file.write_text(EXAMPLE + "server: {shutdown_timeout: 25}\n")
+    with caplog.at_level(logging.WARNING, logger="policies.reload"):
+        assert holder.reload() is True
+    assert "server.shutdown_timeout" in caplog.text and "restart" in caplog.text
+
+
 def test_per_request_server_settings_need_no_restart(config_file, caplog):
     """Keys, body and stream limits and the request deadline are read by each request,
     so a reload that changes only them says nothing of a restart."""

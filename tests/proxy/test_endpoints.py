@@ -195,6 +195,35 @@ def test_a_route_mounted_on_the_endpoint_itself_still_guards(scripted):
     assert broken.status_code == 400 and "not valid JSON" in broken.json()["error"]["message"]
 
 
+@pytest.mark.parametrize(("base", "path", "body"), [
+    ("/chat/completions", "/chat-only", {"messages": user("BOMB")}),  # guarded: the prompt is refused
+    ("", "/chat-only/systemone", {"prompt": "BOMB"}),  # text the guard cannot read: 403
+])
+def test_model_routes_read_the_model_of_any_json_body(scripted, base, path, body):
+    """A `model` condition reads the body's `model` whatever the path: the upstream reads
+    it there too. Routing read it only under the paths of the JSON endpoints it parses,
+    so under a route mounted on the endpoint itself, or for an endpoint such as vLLM's
+    `systemone`, the stricter route for that model was passed over for the next one."""
+    url, recorder = scripted
+    text = policy_yaml(url + base, prompt="{action: refuse}", policy_extra="  open: {prompt: {action: off}, "
+                       "response: {action: off}, unguarded_endpoints: forward}").replace(
+        "  - {prefix: /v1, upstream: up, policy: p}",
+        "  - {prefix: /chat-only, upstream: up, policy: p, model: 'strict-*'}\n"
+        "  - {prefix: /chat-only, upstream: up, policy: open}")
+    with running_proxy(text, KeywordScorer()) as proxy:
+        strict = httpx.post(proxy.url + path, json={"model": "strict-1", **body})
+        other = httpx.post(proxy.url + path, json={"model": "other", **body})  # forwarded under `open`
+        metrics = httpx.get(proxy.url + "/metrics").text
+    if path.endswith("systemone"):
+        assert strict.status_code == 403 and strict.json()["error"]["code"] == "unguarded_endpoint"
+        assert other.status_code == 200 and other.json()["path"] == "/v1/systemone"
+    else:
+        assert strict.json()["choices"][0]["message"]["content"] == REFUSAL
+        assert other.status_code == 200 and recorder.requests[-1]["body"]["model"] == "other"
+    assert 'siren_proxy_requests_total{route="routes[0]",status="' in metrics
+    assert 'siren_proxy_requests_total{route="routes[1]",status="200"} 1.0' in metrics
+
+
 @pytest.mark.parametrize(("stream", "response", "extra", "refused"), [
     (False, CUT % (4, 4), "", True),
     (True, CUT % (4, 4), "", False),  # streamed: guarded as it is generated

@@ -191,9 +191,23 @@ def test_bad_config_fails_at_start_naming_the_key(tmp_path, text, names):
     assert names in result.stderr and "Traceback" not in result.stderr
 
 
+def test_an_audit_log_that_cannot_be_opened_fails_at_start_naming_the_key(tmp_path):
+    """It was a traceback (FileNotFoundError from deep in the app's set-up) and exit 1."""
+    path = tmp_path / "config.yaml"
+    audit = tmp_path / "missing" / "audit.jsonl"
+    path.write_text(f"server: {{audit_log: '{audit}'}}\n" + config_text("http://127.0.0.1:8000/v1"))
+    result = subprocess.run([sys.executable, "-m", "proxy", "serve", "--config", str(path), "--port",
+                             str(free_port())], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr == (f"siren-proxy: invalid config: {path}: server.audit_log: cannot open {str(audit)!r}: "
+                             "No such file or directory\n")
+
+
 @pytest.mark.parametrize(("upstream", "reason"), [
     ("ftp://x/v1", "must be an http(s) URL without query or fragment; got 'ftp://x/v1'"),
     ("http://127.0.0.1:99999/v1", "the port must be a number in 1-65535; got 'http://127.0.0.1:99999/v1'"),
+    ("http://bob:hunter2@127.0.0.1:8000/v1", "must not carry credentials (user:password@): they are not sent; "
+     "set the upstream's api_key; got 'http://***@127.0.0.1:8000/v1'"),
 ])
 def test_bad_upstream_flag_fails_at_start_as_the_file_would(tmp_path, upstream, reason):
     """`--upstream` is checked as a config file's `base_url` is, before anything listens."""

@@ -41,11 +41,14 @@ def request_headers(raw: Iterable[tuple[str, str]], upstream: Upstream, *,
     guarded response); pass-through traffic keeps the client's Accept-Encoding.
     `drop_authorization` is set when the client's key was the proxy's own, which must
     not travel on to the upstream: its `Authorization`, or its `x-api-key` when it sent
-    no `Authorization` (`proxy.handler.client_key`).
+    no `Authorization` (`proxy.handler.client_key`). An upstream with a key of its own
+    gets that key in place of the client's, whichever header carried them.
     """
     raw = list(raw)
     drop = hop_by_hop(raw) | {"host", "content-length"}
-    if upstream.api_key is not None or drop_authorization:
+    if upstream.api_key is not None:
+        drop |= {"authorization", "x-api-key"}
+    if drop_authorization:
         drop.add("authorization")
     if drop_authorization and not any(k.lower() == "authorization" for k, _ in raw):
         drop.add("x-api-key")

@@ -139,17 +139,23 @@ def test_method_query_body_and_headers_forwarded(via_scripted, scripted):
     assert seen["headers"]["host"] == httpx.URL(scripted[0]).netloc.decode()
 
 
-def test_upstream_api_key_replaces_client_authorization(scripted):
+@pytest.mark.parametrize("client", [{"authorization": "Bearer sk-client"}, {"x-api-key": "sk-client"},
+                                    {"authorization": "Bearer sk-client", "x-api-key": "sk-client-2"}])
+def test_upstream_api_key_replaces_client_credentials(scripted, client):
+    """The configured key goes upstream in place of the client's, in whichever header the
+    client sent it (the anthropic SDK sends `x-api-key`, which went on beside the
+    configured key: the client's credential reached the upstream)."""
     url, _ = scripted
     yaml_text = unguarded_yaml(url, upstream_extra="    api_key: ${TEST_UPSTREAM_KEY}")
     import os
     os.environ["TEST_UPSTREAM_KEY"] = "sk-upstream-secret"
     try:
         with running_proxy(yaml_text) as proxy:
-            seen = httpx.get(proxy.url + "/v1/anything", headers={"authorization": "Bearer sk-client"}).json()
+            seen = httpx.get(proxy.url + "/v1/anything", headers=client).json()
     finally:
         del os.environ["TEST_UPSTREAM_KEY"]
     assert seen["headers"]["authorization"] == "Bearer sk-upstream-secret"
+    assert "x-api-key" not in seen["headers"]
 
 
 def test_malformed_json_is_400_in_openai_format(via_katan):

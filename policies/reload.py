@@ -7,8 +7,11 @@ line, never a secret) and the old config keeps serving. The swap is one attribut
 assignment, atomic under the GIL; a lock keeps two reloads from interleaving.
 
 `changed()` is the poll behind "reload on file change": cheap `stat` first, then a hash
-of the content so a touch without an edit is not a reload. The fingerprint is updated by
-every reload attempt, good or bad, so a bad file is reported once, not at every poll.
+of the content so a touch without an edit is not a reload. A change counts once the
+file's `stat` has held for a whole poll: a file rewritten in place (truncated, then
+written) can be read half-written, and half a config may still parse (one cut before its
+`api_keys` turns auth off). The fingerprint is updated by every reload attempt, good or
+bad, so a bad file is reported once, not at every poll.
 
 Policies, routes, upstreams and the per-request `server` settings take effect on reload;
 the listening address, the shutdown grace period, the log level, the audit file and
@@ -48,7 +51,8 @@ class ConfigHolder:
         self.path = path if path is not None else config.path
         self._env = env
         self._lock = threading.Lock()
-        self._stat = _stat(self.path) if self.path else None
+        self._stat = _stat(self.path) if self.path else None  # what the last read saw
+        self._seen = self._stat  # what the last poll saw
         self._digest = self._hash() if self.path else None
 
     @classmethod
@@ -67,11 +71,13 @@ class ConfigHolder:
             return None
 
     def changed(self) -> bool:
-        """Whether the file differs from what the last load or reload attempt read."""
+        """Whether the file differs from what the last load or reload attempt read, and
+        has stayed as it is since the last poll."""
         if not self.path:
             return False
-        stat = _stat(self.path)
-        if stat is None or stat == self._stat:
+        stat, seen = _stat(self.path), self._seen
+        self._seen = stat
+        if stat is None or stat == self._stat or stat != seen:  # unchanged, or still changing
             return False
         digest = self._hash()
         if digest == self._digest:
@@ -86,7 +92,7 @@ class ConfigHolder:
             raise ValueError("this holder has no config file to reload")
         with self._lock:
             self.path = path
-            self._stat = _stat(path)
+            self._stat = self._seen = _stat(path)
             try:
                 data = Path(path).read_bytes()
                 self._digest = hashlib.sha256(data).hexdigest()

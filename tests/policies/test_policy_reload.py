@@ -41,6 +41,7 @@ def test_reload_swaps_a_valid_file_and_in_flight_requests_keep_theirs(config_fil
     in_flight = holder.current
     config_file.write_text(STRICTER)
     _bump_mtime(config_file)
+    assert not holder.changed()  # a change counts once it has held for a poll
     assert holder.changed()
     assert holder.reload() is True
     assert holder.current.policies["redteam"].response.threshold == 0.8
@@ -78,7 +79,26 @@ def test_touch_without_edit_is_not_a_change(config_file):
     assert not holder.changed()
     config_file.write_text(EXAMPLE + "\n# comment\n")
     _bump_mtime(config_file)
-    assert holder.changed()
+    assert not holder.changed() and holder.changed()
+
+
+def test_a_file_still_being_written_is_not_read_half_written(config_file):
+    """A file rewritten in place is read only once its stat has held for a poll: read
+    between the truncation and the last write, half a config can parse (here, one cut
+    before its `api_keys`: auth off until the next poll)."""
+    keyed = EXAMPLE + "server:\n  api_keys: [k1]\n"
+    config_file.write_text(keyed)
+    holder = ConfigHolder.load(str(config_file), env={})
+    with open(config_file, "w") as file:  # truncated, then written in two pieces
+        file.write(STRICTER)
+        file.flush()
+        _bump_mtime(config_file)
+        assert not holder.changed()  # the first piece: valid on its own, and not read
+        file.write("server:\n  api_keys: [k2]\n")
+    _bump_mtime(config_file)
+    assert not holder.changed()  # it changed again since the last poll
+    assert holder.changed() and holder.reload()
+    assert [k.key for k in holder.current.server.api_keys] == ["k2"]
 
 
 def test_initial_load_of_a_bad_file_raises(tmp_path):

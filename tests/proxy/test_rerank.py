@@ -24,14 +24,14 @@ def test_select(scores, how, expect):
     assert select(scores, 0.5, how) == expect
 
 
-def config(url: str, how: str = "safest") -> str:
+def config(url: str, how: str = "safest", prompt: str = "{action: off}") -> str:
     return f"""
 upstreams:
   up: {{base_url: {url}}}
 policies:
   p:
     refusal: "no."
-    prompt: {{action: off}}
+    prompt: {prompt}
     response: {{action: cut, threshold: 0.5}}
     rerank: {{n: 3, select: {how}}}
 routes:
@@ -93,6 +93,29 @@ def test_streaming_client_gets_the_chosen_candidate_streamed(scripted):
     assert recorder.requests[-1]["body"].get("stream") is None
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "a calm one"
     assert chunks[-1].usage.total_tokens > 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_steered_prompt_is_still_reranked(scripted, stream):
+    """`steer` rewrites the request: the rewritten one still asks for n candidates, not
+    streamed (it went with the client's `n` and `stream`, so one candidate was "ranked",
+    and a streaming client's reply, an event stream, was a guard failure)."""
+    url, recorder = scripted
+    prompt = '{action: steer, threshold: 0.8, steer: {from: 0.3, system_message: "Be careful."}}'
+    with running_proxy(config(url, prompt=prompt), KeywordScorer()) as proxy:
+        client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk", max_retries=0,
+                               default_headers={"x-script": "text:a BOMB|a calm one"})
+        with client:
+            raw = client.chat.completions.with_raw_response.create(
+                model="m", messages=[{"role": "user", "content": "a borderline question"}], stream=stream)
+            reply = raw.parse()
+            text = ("".join(c.choices[0].delta.content or "" for c in reply if c.choices) if stream
+                    else reply.choices[0].message.content)
+    sent = recorder.requests[-1]["body"]
+    assert sent["messages"][0] == {"role": "system", "content": "Be careful."}
+    assert sent["n"] == 3 and "stream" not in sent
+    assert raw.headers["x-siren-rerank"] == "1/3"
+    assert text == "a calm one"
 
 
 def test_client_n_above_1_is_not_reranked(scripted):

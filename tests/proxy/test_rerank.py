@@ -9,6 +9,7 @@ import openai
 import pytest
 
 from proxy.rerank import select
+from tests.proxy.rawhttp import RawUpstream
 from tests.support.proxy import running_proxy
 from tests.support.scorers import KeywordScorer
 
@@ -135,3 +136,38 @@ def test_upstream_error_passes_through(scripted):
                               json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
     assert response.status_code == 400
     assert json.loads(response.content)["error"]["message"].startswith("unknown script")
+
+
+def test_a_streamed_candidate_keeps_its_logprobs(scripted):
+    """The chosen candidate's log-probabilities, which the client asked for, go with its
+    text in the stream (they were dropped: `logprobs: null` on every chunk)."""
+    url, _ = scripted
+    with running_proxy(config(url), KeywordScorer()) as proxy:
+        client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk", max_retries=0,
+                               default_headers={"x-script": "text:a BOMB|a calm one"})
+        with client:
+            chunks = list(client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "hi"}], stream=True, logprobs=True))
+    tokens = [t.token for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert tokens == ["a ", "calm ", "one "]
+
+
+def test_a_streamed_candidate_keeps_its_function_call():
+    """A candidate of the legacy functions API streams its `function_call` (it streamed an
+    empty delta, then finish_reason "function_call" with no call)."""
+    reply = {"id": "c", "object": "chat.completion", "created": 1, "model": "m", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": None,
+                                 "function_call": {"name": "f", "arguments": '{"a": 1}'}},
+         "finish_reason": "function_call"}]}
+    data = json.dumps(reply).encode()
+    answer = [b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(data), data]
+    with RawUpstream(lambda head: answer) as upstream, running_proxy(config(upstream.url + "/v1"),
+                                                                     KeywordScorer()) as proxy:
+        client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk", max_retries=0)
+        with client:
+            chunks = list(client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "hi"}], stream=True,
+                functions=[{"name": "f", "parameters": {"type": "object"}}]))
+    calls = [c.choices[0].delta.function_call for c in chunks if c.choices and c.choices[0].delta.function_call]
+    assert [(call.name, call.arguments) for call in calls] == [("f", '{"a": 1}')]
+    assert chunks[-1].choices[0].finish_reason == "function_call"

@@ -216,7 +216,7 @@ def _reply(data: bytes, sent: int) -> dict | None:
     if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
         return None
     indexes = [c.get("index") for c in choices]
-    if sorted(i for i in indexes if type(i) is int) != list(range(sent)):
+    if not all(type(i) is int for i in indexes) or sorted(indexes) != list(range(sent)):
         return None
     return reply
 

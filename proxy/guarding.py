@@ -151,6 +151,7 @@ class GuardedCall:
         # i answers prompts[i // n]. None where the request has one prompt (`self.prompt`).
         self.prompts: list[str | None] | None = prompts if len(prompts) > 1 else None
         self.session: StreamSession | None = None  # the response's session, opened by the prompt stage
+        self.reranking = rerank.applies(policy, endpoint, payload)  # safest-of-n: n candidates, read whole
 
     async def run(self, send_upstream, body: bytes) -> Response:
         """`send_upstream(body) -> httpx.Response` opens the upstream request."""
@@ -163,9 +164,8 @@ class GuardedCall:
 
     async def _run(self, send_upstream, body: bytes) -> Response:
         headers: dict[str, str] = {}
-        reranking = rerank.applies(self.policy, self.endpoint, self.payload)
-        if reranking:
-            body = rerank.upstream_body(self.payload, self.policy.rerank)
+        if self.reranking:
+            body = self._upstream_body(self.payload)
         stage = self.policy.prompt
         if stage.action == "off":
             if self.shares_prompt():
@@ -177,9 +177,15 @@ class GuardedCall:
                 headers = headers_for(decision, policy=self.policy.name)
             if response is None:
                 return self._answer_refused(decision)
-        if reranking:
+        if self.reranking:
             return await WholeReply(self).rank(response, headers)
         return await self._response_stage(response, headers)
+
+    def _upstream_body(self, payload: Mapping) -> bytes:
+        """`payload` as sent upstream: with safest-of-n, asking for the n candidates, not
+        streamed (a steered request too, or the upstream would answer the client's `n` and
+        `stream`)."""
+        return rerank.upstream_body(payload, self.policy.rerank) if self.reranking else json.dumps(payload).encode()
 
     def shares_prompt(self) -> bool:
         """Whether the response stage will score `prompt + "\\n" + response` with a session."""
@@ -259,7 +265,7 @@ class GuardedCall:
             return None, decision, body
         if decision.action == STEER:
             await discard(pending)  # the request already sent lacks the safety message
-            body = json.dumps(steered(self.endpoint, self.payload, self.policy.prompt.steer_message)).encode()
+            body = self._upstream_body(steered(self.endpoint, self.payload, self.policy.prompt.steer_message))
             pending = None
         response = await pending if pending is not None else await send_upstream(body)
         return response, decision, body

@@ -12,8 +12,9 @@ completion:
 If no candidate is under the response threshold the answer is the policy's refusal
 (`finish_reason: "content_filter"`). Usage is the upstream's, for all n candidates: that
 is what the request cost. A streaming client gets the chosen candidate as a stream once
-it is chosen (role chunk, content, finish chunk, usage if asked, `[DONE]`), so its time
-to first token is the time to generate every candidate: the price of choosing.
+it is chosen (role chunk, content with its logprobs, finish chunk, usage if asked,
+`[DONE]`), so its time to first token is the time to generate every candidate: the
+price of choosing.
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ def chosen_completion(body: dict, candidate: int | None, policy: Policy, payload
     return {**body, "choices": [choice]}
 
 
-# what a chosen candidate's message streams as, a reasoning model's thinking first
-_DELTA_FIELDS = ("reasoning", "reasoning_content", "content", "tool_calls", "refusal")
+# what a chosen candidate's message streams as, a reasoning model's thinking first (and
+# the legacy functions API's call)
+_DELTA_FIELDS = ("reasoning", "reasoning_content", "content", "tool_calls", "function_call", "refusal")
 
 
 def as_stream(completion: Mapping, payload: Mapping) -> bytes:
@@ -68,11 +70,12 @@ def as_stream(completion: Mapping, payload: Mapping) -> bytes:
     if isinstance(delta.get("tool_calls"), list):
         delta["tool_calls"] = [{**call, "index": i} for i, call in enumerate(delta["tool_calls"])]
 
-    def chunk(d: dict, finish: str | None) -> bytes:
+    def chunk(d: dict, finish: str | None, logprobs: object = None) -> bytes:
         return encode_json({**base, "object": "chat.completion.chunk",
-                            "choices": [{"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}]})
+                            "choices": [{"index": 0, "delta": d, "finish_reason": finish, "logprobs": logprobs}]})
 
-    out = chunk({"role": "assistant", "content": ""}, None) + chunk(delta, None)
+    # the log-probabilities, if the client asked for them, go with the text they describe
+    out = chunk({"role": "assistant", "content": ""}, None) + chunk(delta, None, choice.get("logprobs"))
     out += chunk({}, choice.get("finish_reason") or CONTENT_FILTER)
     if wants_usage(payload) and isinstance(completion.get("usage"), Mapping):
         out += usage_chunk("chat/completions", base, completion["usage"])

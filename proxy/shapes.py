@@ -327,18 +327,20 @@ def _before_parts(parts: list, message: str, part_type: str) -> list:
 def choice_texts(endpoint: str, body: Mapping) -> list[tuple[int, str]] | None:
     """(index, generated text) of each choice of a whole reply; None if `body` is not a
     completion of `endpoint`'s shape, or its text is not where the guard reads text (a
-    content part that is not an object, a text that is not a string): text it could not
-    score, which the client may be shown all the same."""
+    choice or content part that is not an object, a text that is not a string): text it
+    could not score, which the client may be shown all the same. Otherwise one pair per
+    choice, in the reply's order, so position k is `choices[k]` (safest-of-n returns
+    the candidate at the position it ranks)."""
     try:
         if endpoint == "responses":
             return [(0, response_text_responses(body))] if isinstance(body.get("output"), list) else None
         if endpoint == "messages":
             return [(0, response_text_messages(body))] if isinstance(body.get("content"), list) else None
         choices = body.get("choices")
-        if not isinstance(choices, list):
+        if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
             return None
         read = response_text_completion if endpoint == "completions" else response_text_chat
-        return [(c.get("index", i), read(c)) for i, c in enumerate(choices) if isinstance(c, dict)]
+        return [(c.get("index", i), read(c)) for i, c in enumerate(choices)]
     except RequestShapeError:
         return None
 

@@ -244,7 +244,11 @@ def test_an_upstream_error_is_relayed_as_it_came(scripted):
 
 
 @pytest.mark.parametrize("raw", ["not json", '{"choices": "no"}',
-                                 '{"choices": [{"index": 3, "message": {"content": "x"}}]}'])
+                                 '{"choices": [{"index": 3, "message": {"content": "x"}}]}',
+                                 # one more choice, with no index (or not a number): a 500 and a traceback
+                                 '{"choices": [{"index": 0, "message": {"content": "x"}}, {"message": {"content": "y"}}]}',
+                                 '{"choices": [{"index": 0, "message": {"content": "x"}}, '
+                                 '{"index": "1", "message": {"content": "y"}}]}'])
 def test_an_unreadable_reply_is_never_passed_off_as_the_batchs(scripted, raw):
     """With a conversation held back, the reply must be re-indexed: one the proxy cannot read
     is a 502, whatever the response stage would say (the upstream's fault, not the

@@ -461,6 +461,11 @@ ODD_REPLIES = [
         {"type": "message", "role": "assistant", "content": 7}]}),
     ("/v1/chat/completions", {"id": "c", "object": "chat.completion", "choices": [
         {"index": 0, "message": {"role": "assistant", "content": "a BOMB", "tool_calls": "x"}}]}),
+    # a choice that is not an object: safest-of-n counted its candidates without it and
+    # returned the one after the safest (here the BOMB, scored 0.99)
+    ("/v1/chat/completions", {"id": "c", "object": "chat.completion", "choices": [
+        None, {"index": 1, "message": {"role": "assistant", "content": "a BOMB"}},
+        {"index": 2, "message": {"role": "assistant", "content": "calm"}}]}),
 ]
 
 

@@ -9,6 +9,7 @@ import openai
 import pytest
 
 from proxy.rerank import select
+from tests.proxy.rawhttp import RawUpstream
 from tests.support.proxy import running_proxy
 from tests.support.scorers import KeywordScorer
 
@@ -24,14 +25,14 @@ def test_select(scores, how, expect):
     assert select(scores, 0.5, how) == expect
 
 
-def config(url: str, how: str = "safest") -> str:
+def config(url: str, how: str = "safest", prompt: str = "{action: off}") -> str:
     return f"""
 upstreams:
   up: {{base_url: {url}}}
 policies:
   p:
     refusal: "no."
-    prompt: {{action: off}}
+    prompt: {prompt}
     response: {{action: cut, threshold: 0.5}}
     rerank: {{n: 3, select: {how}}}
 routes:
@@ -95,6 +96,29 @@ def test_streaming_client_gets_the_chosen_candidate_streamed(scripted):
     assert chunks[-1].usage.total_tokens > 0
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_steered_prompt_is_still_reranked(scripted, stream):
+    """`steer` rewrites the request: the rewritten one still asks for n candidates, not
+    streamed (it went with the client's `n` and `stream`, so one candidate was "ranked",
+    and a streaming client's reply, an event stream, was a guard failure)."""
+    url, recorder = scripted
+    prompt = '{action: steer, threshold: 0.8, steer: {from: 0.3, system_message: "Be careful."}}'
+    with running_proxy(config(url, prompt=prompt), KeywordScorer()) as proxy:
+        client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk", max_retries=0,
+                               default_headers={"x-script": "text:a BOMB|a calm one"})
+        with client:
+            raw = client.chat.completions.with_raw_response.create(
+                model="m", messages=[{"role": "user", "content": "a borderline question"}], stream=stream)
+            reply = raw.parse()
+            text = ("".join(c.choices[0].delta.content or "" for c in reply if c.choices) if stream
+                    else reply.choices[0].message.content)
+    sent = recorder.requests[-1]["body"]
+    assert sent["messages"][0] == {"role": "system", "content": "Be careful."}
+    assert sent["n"] == 3 and "stream" not in sent
+    assert raw.headers["x-siren-rerank"] == "1/3"
+    assert text == "a calm one"
+
+
 def test_client_n_above_1_is_not_reranked(scripted):
     url, recorder = scripted
     with running_proxy(config(url), KeywordScorer()) as proxy:
@@ -112,3 +136,38 @@ def test_upstream_error_passes_through(scripted):
                               json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
     assert response.status_code == 400
     assert json.loads(response.content)["error"]["message"].startswith("unknown script")
+
+
+def test_a_streamed_candidate_keeps_its_logprobs(scripted):
+    """The chosen candidate's log-probabilities, which the client asked for, go with its
+    text in the stream (they were dropped: `logprobs: null` on every chunk)."""
+    url, _ = scripted
+    with running_proxy(config(url), KeywordScorer()) as proxy:
+        client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk", max_retries=0,
+                               default_headers={"x-script": "text:a BOMB|a calm one"})
+        with client:
+            chunks = list(client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "hi"}], stream=True, logprobs=True))
+    tokens = [t.token for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert tokens == ["a ", "calm ", "one "]
+
+
+def test_a_streamed_candidate_keeps_its_function_call():
+    """A candidate of the legacy functions API streams its `function_call` (it streamed an
+    empty delta, then finish_reason "function_call" with no call)."""
+    reply = {"id": "c", "object": "chat.completion", "created": 1, "model": "m", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": None,
+                                 "function_call": {"name": "f", "arguments": '{"a": 1}'}},
+         "finish_reason": "function_call"}]}
+    data = json.dumps(reply).encode()
+    answer = [b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(data), data]
+    with RawUpstream(lambda head: answer) as upstream, running_proxy(config(upstream.url + "/v1"),
+                                                                     KeywordScorer()) as proxy:
+        client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk", max_retries=0)
+        with client:
+            chunks = list(client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "hi"}], stream=True,
+                functions=[{"name": "f", "parameters": {"type": "object"}}]))
+    calls = [c.choices[0].delta.function_call for c in chunks if c.choices and c.choices[0].delta.function_call]
+    assert [(call.name, call.arguments) for call in calls] == [("f", '{"a": 1}')]
+    assert chunks[-1].choices[0].finish_reason == "function_call"

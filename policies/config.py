@@ -346,6 +346,11 @@ def _policy(p: Section, name: str) -> Policy:
         unguarded_endpoints=p.choice("unguarded_endpoints", "block", UNGUARDED_ENDPOINTS),
         moderations=p.choice("moderations", "forward", MODERATIONS),
     )
+    if policy.rerank is not None and policy.response.action != "cut":
+        # Safest-of-n refuses when every candidate crosses: a stage that only flags,
+        # watches or is off must not change the reply
+        raise p.error("rerank", f"needs response.action: cut (safest-of-n answers with the refusal when every "
+                                f"candidate crosses); the response stage's action is {policy.response.action}")
     p.finish()
     return policy
 

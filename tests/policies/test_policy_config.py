@@ -91,7 +91,6 @@ def test_every_key_parses():
               holdback: 32
               include_prompt: false
               end_all_choices: true
-            rerank: {n: 4, select: first_safe}
         routes:
           - name: kids
             prefix: /kids/v1/
@@ -113,7 +112,7 @@ def test_every_key_parses():
     assert kids == Policy(
         name="kids", refusal="No.", on_guard_error="allow",
         prompt=PromptStage("steer", 0.6, "conversation_with_system", "sequential", 0.2, "Be safe."),
-        response=ResponseStage("flag", 0.4, 8, 32, False, True), rerank=Rerank(4, "first_safe"))
+        response=ResponseStage("flag", 0.4, 8, 32, False, True))
     assert config.routes == (Route("kids", "/kids/v1", "vllm", "kids", "gpt-4*", "x-tenant", "kids", "team-a"),)
     assert set(config.policies) == {"kids", "default"}
 
@@ -218,6 +217,9 @@ ERRORS = [
     (UP + "policies:\n  p:\n    rerank: {n: 1}\n", "policies.p.rerank.n", 6, ">= 2"),
     (UP + "policies:\n  p:\n    rerank: {select: safest}\n", "policies.p.rerank.n", 6, "required"),
     (UP + "policies:\n  p:\n    rerank: {n: 2, select: best}\n", "policies.p.rerank.select", 6, "one of safest"),
+    (UP + "policies:\n  p:\n    response: {action: flag}\n    rerank: {n: 2}\n", "policies.p.rerank", 7,
+     "needs response.action: cut"),
+    (UP + "policies:\n  p:\n    response: {action: off}\n    rerank: {n: 2}\n", "policies.p.rerank", 7, "is off"),
     (UP + "policies:\n  p: [1]\n", "policies.p", 5, "expected a mapping"),
     (UP + "routes: []\n", "routes", 4, "at least one route"),
     (UP + "routes: {prefix: /v1}\n", "routes", 4, "expected a list"),
@@ -517,3 +519,8 @@ def test_guard_prefix_cache_options_are_checked(key, value):
     """The size is a number at least 0; the scope is key or shared."""
     with pytest.raises(ConfigError, match=f"guard.{key}"):
         parse_config(f"upstreams: {{up: {{base_url: 'http://x/v1'}}}}\nguard: {{{key}: {value}}}\n")
+
+
+def test_rerank_is_read_with_a_cutting_response_stage():
+    config = parse_config(UP + "policies:\n  p:\n    rerank: {n: 4, select: first_safe}\n")
+    assert config.policies["p"].rerank == Rerank(4, "first_safe") and config.policies["p"].response.action == "cut"

@@ -104,6 +104,15 @@ def readable(endpoint: str, payload) -> bool:
                                              for c in choices)
 
 
+def _outranks(decision: Decision, kept: Decision | None) -> bool:
+    """Whether a check's decision replaces the one kept for a choice's log line: the first
+    crossing (even after a failed check, under `on_guard_error: allow`), else the first
+    failure, else the last check."""
+    if kept is None or decision.crossed and not kept.crossed:
+        return True
+    return not (kept.crossed or kept.guard_error)
+
+
 class StreamCut(Exception):
     """Internal: the stream must end now (every choice cut, or the guard failed closed)."""
 
@@ -354,8 +363,8 @@ class StreamGuard:
         choice.scored = choice.tokens
         decision = decide_response(self.stage, score, on_guard_error=self.policy.on_guard_error, error=error)
         choice.guard_ms += (time.perf_counter() - started) * 1000  # includes the decision, a few µs
-        if choice.decision is None or not (choice.decision.crossed or choice.decision.guard_error):
-            choice.decision = decision  # the first crossing is the one worth a log line
+        if _outranks(decision, choice.decision):
+            choice.decision = decision  # logged once, when the stream ends
         if score is not None:
             self.exchange.scored(choice.index, choice.scored, score)
         if decision.action == GUARD_ERROR:

@@ -469,6 +469,24 @@ def test_a_check_after_a_guard_failure_reads_the_whole_response(scripted, failur
     assert session.text.startswith("hi\nBOMB w1 ") and all(s.closed for s in scorer.sessions)
 
 
+def test_a_crossing_after_a_guard_failure_is_the_choices_decision(scripted, tmp_path):
+    """A stream's choice is logged once, with its first crossing if any: a crossing (the
+    cut) after a failed check was logged and counted as the failure's `allow`, though the
+    stream was cut."""
+    url, _ = scripted
+    audit = tmp_path / "audit.jsonl"
+    text = f"server:\n  audit_log: {audit}\n" + GUARDED.format(url=url, on_error="allow")
+    with running_proxy(text, RecoveringScorer(refused=2)) as server:
+        body = httpx.post(server.url + "/v1/chat/completions", headers={"x-script": "text:BOMB w1 w2 w3 w4 w5"},
+                          json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True},
+                          timeout=20).content
+        metrics = httpx.get(server.url + "/metrics").text
+    assert b'"finish_reason":"content_filter"' in body
+    [decision] = json.loads(audit.read_text())["decisions"]
+    assert decision["action"] == "cut" and decision["crossed"] and decision["guard_error"] is None
+    assert 'siren_proxy_guard_decisions_total{action="cut",stage="response"} 1.0' in metrics
+
+
 @pytest.mark.parametrize("delay", [0.0, 0.3])
 def test_client_disconnect_under_the_guard_closes_upstream_and_session(scripted, delay):
     """The client leaves mid-stream (delay 0.3: while the guard is still scoring)."""

@@ -69,6 +69,7 @@ _TYPED = ("responses", "messages")
 class Choice:
     index: int
     session: StreamSession | None = None
+    text: str = ""  # the response so far, checked or not: what a fresh session reads
     pending_text: str = ""
     tokens: int = 0  # text deltas seen
     scored: int = 0  # tokens covered by the last check
@@ -101,6 +102,15 @@ def readable(endpoint: str, payload) -> bool:
     choices = payload.get("choices")
     return isinstance(choices, list) and all(isinstance(c, dict) and isinstance(c.get("index", 0), int)
                                              for c in choices)
+
+
+def _outranks(decision: Decision, kept: Decision | None) -> bool:
+    """Whether a check's decision replaces the one kept for a choice's log line: the first
+    crossing (even after a failed check, under `on_guard_error: allow`), else the first
+    failure, else the last check."""
+    if kept is None or decision.crossed and not kept.crossed:
+        return True
+    return not (kept.crossed or kept.guard_error)
 
 
 class StreamCut(Exception):
@@ -176,12 +186,15 @@ class StreamGuard:
         """Close the guard sessions (idempotent; the proxy also runs it when the relay
         never started, which leaves a prompt stage's session open)."""
         for choice in self.choices.values():
-            session, choice.session = choice.session, None
-            if session is not None:
-                try:
-                    await session.aclose()
-                except Exception as exc:  # noqa: BLE001 - the stream is over either way
-                    logger.warning("closing a guard session failed: %s", exc)
+            await self._close_session(choice)
+
+    async def _close_session(self, choice: Choice) -> None:
+        session, choice.session = choice.session, None
+        if session is not None:
+            try:
+                await session.aclose()
+            except Exception as exc:  # noqa: BLE001 - the stream is over, or its next check opens another
+                logger.warning("closing a guard session failed: %s", exc)
 
     async def _items(self, items) -> bytes:
         """What `items` release. Each event is taken in and released from in turn, so a
@@ -332,20 +345,26 @@ class StreamGuard:
             return
         started = time.perf_counter()
         score, error = None, None
+        delta, choice.pending_text = choice.pending_text, ""
+        choice.text += delta
         try:
-            if choice.session is None:
+            if choice.session is None:  # the first check, or the first since one failed: all the text
                 choice.session = self.scorer.stream(self._prompt_of(choice.index), cache_salt=self.cache_salt)
-            score = await choice.session.append(choice.pending_text)
+                delta = choice.text
+            score = await choice.session.append(delta)
         except Exception as exc:  # noqa: BLE001 - any guard failure meets on_guard_error
             error = f"{type(exc).__name__}: {exc}"
             logger.warning("guard failed on a stream check: %s", error)
-        choice.pending_text = ""
+            # Whether the session took the text is unknown (a full queue refuses it, a
+            # session whose prefill failed fails every append): a later check, under
+            # `on_guard_error: allow`, reads prompt + the whole response on a fresh one.
+            await self._close_session(choice)
         self.exchange.timed("response", time.perf_counter() - started, tokens=choice.tokens - choice.scored)
         choice.scored = choice.tokens
         decision = decide_response(self.stage, score, on_guard_error=self.policy.on_guard_error, error=error)
         choice.guard_ms += (time.perf_counter() - started) * 1000  # includes the decision, a few µs
-        if choice.decision is None or not (choice.decision.crossed or choice.decision.guard_error):
-            choice.decision = decision  # the first crossing is the one worth a log line
+        if _outranks(decision, choice.decision):
+            choice.decision = decision  # logged once, when the stream ends
         if score is not None:
             self.exchange.scored(choice.index, choice.scored, score)
         if decision.action == GUARD_ERROR:

@@ -23,7 +23,8 @@ from policies.reload import ConfigHolder
 from proxy.app import build_app
 from tests.proxy.rawhttp import FIN, LAST_CHUNK, RST, RawUpstream, chunk, sse_head
 from tests.support.proxy import running_proxy
-from tests.support.scorers import KeywordScorer
+from proxy.scorer import ScorerBusy
+from tests.support.scorers import GuardBroke, KeywordScorer
 from tests.support.servers import LiveServer
 from tests.support.upstream import chat_chunk
 
@@ -426,6 +427,64 @@ def test_guard_failing_after_the_stream_started(scripted, on_error):
     else:
         assert b"w59" in body and b'"error"' not in body
         assert recorder.streams[before:] == ["complete"]
+
+
+class RecoveringScorer(KeywordScorer):
+    """A guard that fails its first checks, then recovers: `refused` session opens are
+    refused (a full queue, or the guard still loading), or the first session fails every
+    append (the real worker's session whose prefill failed stays failed)."""
+
+    def __init__(self, *, refused: int = 0, dead_first: bool = False) -> None:
+        super().__init__()
+        self.refused = refused
+        self.dead_first = dead_first
+
+    def stream(self, prompt=None, *, cache_salt=None):
+        if self.refused:
+            self.refused -= 1
+            raise ScorerBusy("scripted full queue")
+        session = super().stream(prompt, cache_salt=cache_salt)
+        if self.dead_first and len(self.sessions) == 1:
+            async def broken(delta: str) -> float:
+                raise GuardBroke("scripted session failure")
+            session.append = broken
+        return session
+
+
+@pytest.mark.parametrize("failure", ["session refused", "session broken"])
+def test_a_check_after_a_guard_failure_reads_the_whole_response(scripted, failure):
+    """`on_guard_error: allow`: the first check fails (no session could open, or the
+    session is broken), its text goes out unscored, and the guard recovers. The next
+    check scores prompt + the whole response so far on a fresh session, as every check
+    does: it read only the text after the failure (the failed check's text was dropped,
+    or the broken session kept failing), so "BOMB", in the first words, never crossed."""
+    url, _ = scripted
+    scorer = RecoveringScorer(refused=2) if failure == "session refused" else RecoveringScorer(dead_first=True)
+    with running_proxy(GUARDED.format(url=url, on_error="allow"), scorer) as server:
+        body = httpx.post(server.url + "/v1/chat/completions", headers={"x-script": "text:BOMB w1 w2 w3 w4 w5"},
+                          json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True},
+                          timeout=20).content
+    assert b'"finish_reason":"content_filter"' in body and b"w5" not in body
+    session = scorer.sessions[-1]
+    assert session.text.startswith("hi\nBOMB w1 ") and all(s.closed for s in scorer.sessions)
+
+
+def test_a_crossing_after_a_guard_failure_is_the_choices_decision(scripted, tmp_path):
+    """A stream's choice is logged once, with its first crossing if any: a crossing (the
+    cut) after a failed check was logged and counted as the failure's `allow`, though the
+    stream was cut."""
+    url, _ = scripted
+    audit = tmp_path / "audit.jsonl"
+    text = f"server:\n  audit_log: {audit}\n" + GUARDED.format(url=url, on_error="allow")
+    with running_proxy(text, RecoveringScorer(refused=2)) as server:
+        body = httpx.post(server.url + "/v1/chat/completions", headers={"x-script": "text:BOMB w1 w2 w3 w4 w5"},
+                          json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True},
+                          timeout=20).content
+        metrics = httpx.get(server.url + "/metrics").text
+    assert b'"finish_reason":"content_filter"' in body
+    [decision] = json.loads(audit.read_text())["decisions"]
+    assert decision["action"] == "cut" and decision["crossed"] and decision["guard_error"] is None
+    assert 'siren_proxy_guard_decisions_total{action="cut",stage="response"} 1.0' in metrics
 
 
 @pytest.mark.parametrize("delay", [0.0, 0.3])

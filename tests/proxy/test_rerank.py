@@ -82,15 +82,19 @@ def test_all_candidates_unsafe_is_the_refusal(scripted):
     assert reply.choices[0].finish_reason == "content_filter"
 
 
-def test_streaming_client_gets_the_chosen_candidate_streamed(scripted):
-    url, recorder = scripted
+def streamed(url: str, **extra) -> list:
+    """The chunks a streaming client gets of "a BOMB" and "a calm one", ranked."""
     with running_proxy(config(url), KeywordScorer()) as proxy:
         client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk", max_retries=0,
                                default_headers={"x-script": "text:a BOMB|a calm one"})
         with client:
-            chunks = list(client.chat.completions.create(
-                model="m", messages=[{"role": "user", "content": "hi"}], stream=True,
-                stream_options={"include_usage": True}))
+            return list(client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "hi"}], stream=True, **extra))
+
+
+def test_streaming_client_gets_the_chosen_candidate_streamed(scripted):
+    url, recorder = scripted
+    chunks = streamed(url, stream_options={"include_usage": True})
     assert recorder.requests[-1]["body"].get("stream") is None
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "a calm one"
     assert chunks[-1].usage.total_tokens > 0
@@ -141,13 +145,7 @@ def test_upstream_error_passes_through(scripted):
 def test_a_streamed_candidate_keeps_its_logprobs(scripted):
     """The chosen candidate's log-probabilities, which the client asked for, go with its
     text in the stream (they were dropped: `logprobs: null` on every chunk)."""
-    url, _ = scripted
-    with running_proxy(config(url), KeywordScorer()) as proxy:
-        client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk", max_retries=0,
-                               default_headers={"x-script": "text:a BOMB|a calm one"})
-        with client:
-            chunks = list(client.chat.completions.create(
-                model="m", messages=[{"role": "user", "content": "hi"}], stream=True, logprobs=True))
+    chunks = streamed(scripted[0], logprobs=True)
     tokens = [t.token for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
     assert tokens == ["a ", "calm ", "one "]
 

@@ -310,6 +310,7 @@ class AsyncStreamSession:
         self.tokens = 0  # tokens of the text scored so far
         self._session = None  # the sync session; touched only on the worker thread
         self._closed = False
+        self._unsent = ""  # text of appends a full queue refused: the next append sends it first
         self._opened = worker._submit(_Job("open", session=self))
 
     async def prompt_score(self) -> float:
@@ -323,12 +324,19 @@ class AsyncStreamSession:
         return score
 
     async def append(self, delta: str) -> float:
+        """Score everything appended so far. An append a full queue refuses (`QueueFull`)
+        is not lost: its text goes first in the next append, as a failed scoring's is
+        kept by the session."""
         if self._closed:
             raise WorkerClosed("this stream session is closed")
         await asyncio.wrap_future(self._opened)
-        score, self.tokens = await asyncio.wrap_future(
-            self.worker._submit(_Job("append", session=self, payload=delta))
-        )
+        delta, self._unsent = self._unsent + delta, ""
+        try:
+            job = self.worker._submit(_Job("append", session=self, payload=delta))
+        except QueueFull:
+            self._unsent = delta
+            raise
+        score, self.tokens = await asyncio.wrap_future(job)
         return score
 
     async def aclose(self) -> None:

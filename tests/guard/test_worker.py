@@ -513,3 +513,29 @@ def test_a_full_text_scoring_nobody_waits_for_stops_between_forwards(guard, real
     checks.clear()
     assert guard.p_harmful(texts, given_up=lambda: bool(checks.append(1))) == guard.p_harmful(texts)
     assert len(checks) >= 4  # the whole scoring takes several forwards; the abandoned one ran one
+
+
+def test_an_append_a_full_queue_refuses_is_sent_with_the_next(guard, monkeypatch):
+    """A caller that catches `QueueFull` and goes on appending loses no text: the refused
+    delta goes first in the next append (it was dropped, and the session scored a text
+    without it, unlike an append whose scoring failed)."""
+    worker = GuardWorker(guard, max_queue=1)
+    try:
+        async def main():
+            session = worker.stream(prompt="q")
+            await asyncio.wrap_future(session._opened)
+            blocker, gate = await busy(worker, guard, monkeypatch)
+            filler = asyncio.wrap_future(worker.submit_score(response="x"))
+            await queued(worker, 1)
+            with pytest.raises(QueueFull):
+                await session.append(" first part,")
+            gate.set()
+            await asyncio.gather(blocker, filler)
+            score = await session.append(" second part.")
+            await session.aclose()
+            return score
+
+        score = asyncio.run(main())
+    finally:
+        worker.close()
+    assert score == pytest.approx(guard.score(prompt="q", response=" first part, second part.").score, abs=1e-4)

@@ -46,7 +46,8 @@ class LoadingScorer:
         self._busy: type[BaseException] = ScorerBusy
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._load, name="guard-loader", daemon=True)
-        self._start_lock = threading.Lock()
+        self._start_lock = threading.Lock()  # also orders `close` against a load's end
+        self._closed = False
         if start:
             self.start()
 
@@ -57,7 +58,7 @@ class LoadingScorer:
     def start(self) -> bool:
         """Begin loading on the background thread; True if this call began it."""
         with self._start_lock:
-            if self.started:
+            if self.started or self._closed:
                 return False
             self._thread.start()
             return True
@@ -80,8 +81,15 @@ class LoadingScorer:
             from guard.errors import QueueFull
 
             self._busy = QueueFull
-            self._worker = GuardWorker(guard, max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms,
-                                       max_queue=s.max_queue, num_threads=guard_threads(s))
+            worker = GuardWorker(guard, max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms,
+                                 max_queue=s.max_queue, num_threads=guard_threads(s))
+            with self._start_lock:
+                closed = self._closed
+                if not closed:
+                    self._worker = worker
+            if closed:  # closed while it loaded (the proxy stopping): nobody will use it
+                worker.close()
+                return
             if self._metrics is not None:
                 self._wire(self._metrics)
             logger.info("guard ready")
@@ -138,5 +146,9 @@ class LoadingScorer:
             raise ScorerBusy(str(exc)) from exc
 
     def close(self) -> None:
-        if self._worker is not None:
-            self._worker.close()
+        """Close the worker; one still loading is closed as its load ends."""
+        with self._start_lock:
+            self._closed = True
+            worker = self._worker
+        if worker is not None:
+            worker.close()

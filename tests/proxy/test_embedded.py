@@ -73,3 +73,37 @@ def test_a_full_queue_is_scorer_busy_for_sessions_too(tmp_path):
             asyncio.run(scorer.score(prompt="hi"))
     finally:
         worker.close()
+
+
+def test_a_guard_closed_while_it_loads_starts_no_worker(monkeypatch):
+    """`serve` stopping during the load (Ctrl-C in the first seconds): the worker the load
+    ends with is closed at once (its thread ran on, and `close()` had done nothing)."""
+    import threading
+
+    import guard
+
+    loading, release = threading.Event(), threading.Event()
+
+    class Loaded:
+        prefixes = None
+
+        def warm_up(self) -> float:
+            return 0.0
+
+    def from_pretrained(artifact, **options):
+        loading.set()
+        release.wait(10)
+        return Loaded()
+
+    def workers() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name == "siren-guard-worker" and t.is_alive()}
+
+    monkeypatch.setattr(guard.SirenGuard, "from_pretrained", staticmethod(from_pretrained))
+    before = workers()  # (other tests' workers in this process, if any are still open)
+    scorer = LoadingScorer(GuardConfig())
+    assert loading.wait(10)
+    scorer.close()
+    release.set()
+    assert not scorer.wait(timeout=10) and scorer.error is None
+    assert workers() <= before
+    assert scorer.start() is False  # closed: nothing loads again

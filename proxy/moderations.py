@@ -63,6 +63,10 @@ def inputs(payload: Mapping) -> list[str]:
             raise BadRequest(f"'input' has {len(value)} strings; at most {MAX_INPUTS} are scored in one request",
                              param="input")
         return list(value)
+    if any(isinstance(item, str) for item in value):  # strings and something else
+        i = next(i for i, item in enumerate(value) if not isinstance(item, str))
+        raise BadRequest(f"'input[{i}]' must be a string, as the other items of 'input' are (a list of strings; "
+                         "content parts come in a list of parts alone)", param=f"input[{i}]")
     texts = []
     for i, part in enumerate(value):
         kind = part.get("type") if isinstance(part, Mapping) else None

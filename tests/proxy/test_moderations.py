@@ -92,7 +92,8 @@ def test_an_image_part_is_refused_not_judged_on_the_text_alone():
     ({"input": 5}, "input"),
     ({"input": []}, "input"),
     ({"input": {"text": "hi"}}, "input"),
-    ({"input": ["hi", 5]}, "input[0]"),  # not all strings: read as content parts
+    ({"input": ["hi", 5]}, "input[1]"),  # a list with strings is a list of strings
+    ({"input": [{"type": "text", "text": "a"}, "b"]}, "input[0]"),
     ({"input": [{"type": "text", "text": 5}]}, "input[0]"),
     ({"input": [{"type": "text"}, {"type": "video"}]}, "input[0]"),
     ({"input": [{"type": "text", "text": "a"}, {"type": "video"}]}, "input[1]"),

@@ -15,7 +15,8 @@ an idle connection is reused last-in first-out for `keepalive_expiry` seconds. A
 connection that closes before a single response byte arrives (the server dropped it
 while it sat idle) is retried once on a new connection, as browsers and httpcore do.
 A response closed before its end closes its connection, so the upstream sees the
-client's disconnect at once.
+client's disconnect at once. Bytes after the end of a response belong to no request: they
+are neither part of it nor read as the next one, and its connection is closed.
 """
 
 from __future__ import annotations
@@ -85,7 +86,9 @@ class Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self.error = httpx.RemoteProtocolError(f"malformed response from the upstream: {exc}")
+            if not self.complete:  # bytes after the end (on_message_begin) leave the answer whole
+                self.error = httpx.RemoteProtocolError(f"malformed response from the upstream: {exc}")
+            self.keep_alive = False
             self.transport.close()
         if self.buffered > HIGH_WATER and not self.paused:
             self.paused = True
@@ -114,6 +117,10 @@ class Connection(asyncio.Protocol):
         self.writable.set()
 
     # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        if self.complete:  # more after the answer, which no request asked for: stop reading
+            raise httptools.HttpParserError("bytes after the end of the response")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))

@@ -44,9 +44,9 @@ class KeepAlive:
     """
 
     def __init__(self, body: bytes = b"hello", close_after: int | None = None, ignore_after: int | None = None,
-                 delay: float = 0.0, extra_header: bytes = b"") -> None:
+                 delay: float = 0.0, extra_header: bytes = b"", trailing: bytes = b"") -> None:
         self.body, self.close_after, self.ignore_after, self.delay = body, close_after, ignore_after, delay
-        self.extra_header = extra_header
+        self.extra_header, self.trailing = extra_header, trailing
         self.connections = 0
         self.requests: list[bytes] = []
 
@@ -63,7 +63,7 @@ class KeepAlive:
                     break
                 await asyncio.sleep(self.delay)
                 writer.write(b"HTTP/1.1 200 OK\r\n%scontent-length: %d\r\n\r\n%s"
-                             % (self.extra_header, len(self.body), self.body))
+                             % (self.extra_header, len(self.body), self.body) + (b"" if served else self.trailing))
                 await writer.drain()
                 served += 1
                 if served == self.close_after:
@@ -151,6 +151,30 @@ def test_connections_that_cannot_serve_again_are_not_reused(case):
                 assert (await fetch(transport, url))[1] == b"hello"
                 await asyncio.sleep(0.05)  # a close from the upstream reaches the idle connection
         assert handler.connections == 3
+
+    asyncio.run(main())
+
+
+TRAILING = {  # bytes a faulty upstream writes after its first answer, in the same write
+    "a whole second response": b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nEVIL",
+    "the start of one": b"HTTP/1.1 200 OK\r\ncontent-le",
+    "garbage": b"garbage\r\n",
+}
+
+
+@pytest.mark.parametrize("case", sorted(TRAILING))
+def test_bytes_after_the_end_of_a_response_are_not_read_as_any_response(case):
+    """The answer ends where its length says; what follows it on the wire belongs to no
+    request, so it is neither added to this answer nor read as the next one: the
+    connection is closed."""
+    async def main():
+        handler = KeepAlive(trailing=TRAILING[case])
+        async with keepalive_transport(handler) as (transport, url):
+            for _ in range(2):
+                response, body = await fetch(transport, url)
+                assert (response.status_code, response.headers.raw, body) == (
+                    200, [(b"content-length", b"5")], b"hello")
+        assert handler.connections == 2
 
     asyncio.run(main())
 

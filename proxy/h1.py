@@ -30,6 +30,9 @@ import httpx
 
 # Body bytes buffered ahead of the reader before the socket stops being read.
 HIGH_WATER = 1 << 20
+# A response head (status lines of 1xx answers included) past this is refused, as httpcore
+# (h11) refuses one: httptools alone would keep every header an upstream sends.
+MAX_HEAD = 100 * 1024
 
 
 def handles(request: httpx.Request) -> bool:
@@ -68,7 +71,7 @@ class Connection(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self.headers_done = self.complete = self.informational = self.keep_alive = False
         self.chunks: collections.deque[bytes] = collections.deque()
-        self.buffered = self.received = 0
+        self.buffered = self.received = self.head_size = 0
         self.error: httpx.TransportError | None = None
         self.waiter: asyncio.Future | None = None
         self.paused = False
@@ -86,9 +89,12 @@ class Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            if not self.complete:  # bytes after the end (on_message_begin) leave the answer whole
+            if self.error is None and not self.complete:  # bytes after the end leave the answer whole
                 self.error = httpx.RemoteProtocolError(f"malformed response from the upstream: {exc}")
             self.keep_alive = False
+            self.transport.close()
+        if not self.headers_done and self.received > MAX_HEAD and self.error is None:  # a head that never ends
+            self.error = head_too_large()
             self.transport.close()
         if self.buffered > HIGH_WATER and not self.paused:
             self.paused = True
@@ -123,6 +129,10 @@ class Connection(asyncio.Protocol):
             raise httptools.HttpParserError("bytes after the end of the response")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_size += len(name) + len(value)
+        if self.head_size > MAX_HEAD:
+            self.error = head_too_large()
+            raise httptools.HttpParserError("response head too large")
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -178,6 +188,10 @@ class Connection(asyncio.Protocol):
 
     def reusable(self) -> bool:
         return self.complete and self.keep_alive and not self.closed and self.error is None and not self.chunks
+
+
+def head_too_large() -> httpx.RemoteProtocolError:
+    return httpx.RemoteProtocolError(f"the upstream's response head is over {MAX_HEAD // 1024} KiB")
 
 
 def expire(waiter: asyncio.Future) -> None:

@@ -313,6 +313,31 @@ def test_faults_before_the_headers_raise_httpx_errors(name):
     asyncio.run(main())
 
 
+HEADS = {  # a response head past 100 KiB (httpcore's bound) is refused before it fills memory
+    "many headers": ([b"HTTP/1.1 200 OK\r\n" + b"x-a: %s\r\n" % (b"a" * 1000) * 150, b"content-length: 2\r\n\r\nok"],
+                     httpx.RemoteProtocolError),
+    "one header that never ends": ([b"HTTP/1.1 200 OK\r\nx-a: " + b"a" * 300_000, 3.0], httpx.RemoteProtocolError),
+    "big but under the bound": ([b"HTTP/1.1 200 OK\r\n" + b"x-a: %s\r\n" % (b"a" * 1000) * 90,
+                                 b"content-length: 2\r\n\r\nok"], None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_response_heads_are_bounded(name):
+    script, error = HEADS[name]
+
+    async def main():
+        async with scripted_transport(script) as (transport, url):
+            if error is None:
+                response, body = await fetch(transport, url)
+                assert (len(response.headers), body) == (91, b"ok")
+            else:
+                with pytest.raises(error, match="100 KiB"):
+                    await transport.handle_async_request(request(url))
+
+    asyncio.run(main())
+
+
 def test_connect_failures_and_unsendable_headers():
     async def main():
         transport = H1Transport()

@@ -88,7 +88,7 @@ class Connection(asyncio.Protocol):
         self.received += len(data)
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             if self.error is None and not self.complete:  # bytes after the end leave the answer whole
                 self.error = httpx.RemoteProtocolError(f"malformed response from the upstream: {exc}")
             self.keep_alive = False
@@ -137,7 +137,10 @@ class Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
-        if 100 <= self.status < 200 and self.status != 101:
+        if self.status == 101:  # no request asks to switch (Upgrade is hop-by-hop, never sent)
+            self.error = httpx.RemoteProtocolError("the upstream switched protocols, which no request asks for")
+            return
+        if 100 <= self.status < 200:
             self.informational = True  # 100 Continue, 103 Early Hints: the answer follows
             return
         self.headers_done = True

@@ -297,6 +297,8 @@ HEAD_FAULTS = {
     "close": ([FIN], httpx.RemoteProtocolError),
     "not-http": ([b"SPDY/9 banana\r\n\r\n", FIN], httpx.RemoteProtocolError),
     "silent": ([1.0], httpx.ReadTimeout),
+    "switches-protocols": ([b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\nconnection: upgrade\r\n\r\n", 0.5,
+                            FIN], httpx.RemoteProtocolError),
 }
 
 

@@ -13,7 +13,8 @@ Connections: at most `max_connections` requests in flight (a slot is held from t
 request until its response is closed; waiting for one is bounded by the pool timeout);
 an idle connection is reused last-in first-out for `keepalive_expiry` seconds. A reused
 connection that closes before a single response byte arrives (the server dropped it
-while it sat idle) is retried once on a new connection, as browsers and httpcore do.
+while it sat idle) is retried once on a new connection, whatever its method (README,
+*Forwarding*: a POST the upstream worked on and dropped without a byte runs twice).
 A response closed before its end closes its connection, so the upstream sees the
 client's disconnect at once. Bytes after the end of a response belong to no request: they
 are neither part of it nor read as the next one, and its connection is closed.

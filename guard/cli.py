@@ -26,7 +26,7 @@ def register(subparsers) -> None:
     cmd.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (default: auto)")
     cmd.add_argument("--threshold", type=_unit_interval, default=None,
                      help="override the artifact's threshold (a number in [0, 1])")
-    cmd.add_argument("--batch-size", type=_positive_int, default=16, help="rows per batch with --jsonl")
+    cmd.add_argument("--batch-size", type=positive_int, default=16, help="rows per batch with --jsonl")
     cmd.set_defaults(func=run_score)
 
 
@@ -41,8 +41,9 @@ def _unit_interval(value: str) -> float:
     return number
 
 
-def _positive_int(value: str) -> int:
-    """A batch size: 0 would score nothing, and a negative one would drop rows."""
+def positive_int(value: str) -> int:
+    """A count of at least 1, for argparse (a batch size: 0 would score nothing, and a
+    negative one would drop rows); `siren-proxy train` and `eval` use it too."""
     try:
         number = int(value)
     except ValueError:

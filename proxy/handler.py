@@ -180,7 +180,9 @@ class Proxy:
         loop = asyncio.get_running_loop()
         try:
             while True:
-                end = min((t for t in (deadline, self.drain_at) if t is not None), default=None)
+                end = deadline  # or the drain, if shutdown has begun and it comes first
+                if self.drain_at is not None and (end is None or self.drain_at < end):
+                    end = self.drain_at
                 try:
                     if end is None:
                         chunk = await anext(body)

@@ -48,9 +48,8 @@ class RelayResponse(Response):
     def events(self) -> bool:
         """Whether the body is an uncompressed event stream, where an error after the
         headers can go in band."""
-        headers = dict(self.raw_headers)
-        return is_event_stream(headers.get(b"content-type", b"").decode("latin-1")) \
-            and headers.get(b"content-encoding", b"identity").lower() == b"identity"
+        headers = {k: v.decode("latin-1") for k, v in self.raw_headers}
+        return in_band_errors(headers.get(b"content-type", ""), headers.get(b"content-encoding", "identity"))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not self.watch:  # a whole body already on its way: a disconnect shows at the next send
@@ -179,6 +178,11 @@ def is_event_stream(content_type: str) -> bool:
     return content_type.lower().startswith("text/event-stream")
 
 
+def in_band_errors(content_type: str, content_encoding: str) -> bool:
+    """Whether a body can end with an in-band error event: an uncompressed event stream."""
+    return is_event_stream(content_type) and content_encoding.lower() == "identity"
+
+
 # One SSE event larger than this is an upstream fault, not a reason to grow memory.
 MAX_EVENT_BYTES = 4 << 20
 
@@ -190,15 +194,16 @@ def relay(response: httpx.Response, metrics: Metrics | None = None, *, anthropic
     that breaks off ends with an in-band error. `watch`: watch for the client's
     disconnect in a body that is not a stream too (streams are always watched)."""
     passthrough = response.headers.multi_items()
-    stream = is_event_stream(response.headers.get("content-type", ""))
-    if stream and response.headers.get("content-encoding", "identity").lower() == "identity":
+    content_type = response.headers.get("content-type", "")
+    if in_band_errors(content_type, response.headers.get("content-encoding", "identity")):
         return RelayResponse(sse_passthrough(response, MAX_EVENT_BYTES, metrics, anthropic=anthropic),
                              response.status_code, response_headers(passthrough, keep_length=False) + [*headers],
                              on_close=response.aclose)
     # A compressed stream (a gateway's gzip, for a client that accepts it) is the client's
     # to inflate: relayed as sent, its Content-Encoding kept, like any other body.
     return RelayResponse(raw_body(response), response.status_code,
-                         response_headers(passthrough, keep_length=True) + [*headers], watch=watch or stream,
+                         response_headers(passthrough, keep_length=True) + [*headers],
+                         watch=watch or is_event_stream(content_type),
                          on_close=response.aclose)
 
 

@@ -15,6 +15,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from guard.cli import positive_int
+
 
 def register(subparsers) -> None:
     train = subparsers.add_parser("train", help="fit a SIREN head and write an llm-siren artifact")
@@ -46,7 +48,7 @@ def register(subparsers) -> None:
                        help="N TriviaQA questions with their answer as the response, label 0")
     train.add_argument("--cache", type=Path, default=Path(".cache/features"), help="feature cache root")
     train.add_argument("--quick", action="store_true", help="one MLP configuration instead of the grid")
-    train.add_argument("--ensemble", type=_positive_int, default=1, metavar="K",
+    train.add_argument("--ensemble", type=positive_int, default=1, metavar="K",
                        help="fit the grid's best MLP K times (seeds SEED..SEED+K-1) and ship their "
                             "logit average as one K-times-wider MLP (default 1)")
     train.set_defaults(func=run_train)
@@ -66,7 +68,7 @@ def register(subparsers) -> None:
     ev.add_argument("--long-text", default="truncate", choices=["truncate", "window"],
                     help="rows past one window: read as the reference does (truncate) or as the "
                          "runtime does (window: the maximum over sliding windows)")
-    ev.add_argument("--stream-every", type=_positive_int, default=None, metavar="N",
+    ev.add_argument("--stream-every", type=positive_int, default=None, metavar="N",
                     help="score response-level rows as the proxy's response stage does: the "
                          "highest of the checks every N response tokens and at the end")
     ev.add_argument("--seed", type=int, default=0, help="seed for FILE:N subsampling")
@@ -101,13 +103,6 @@ def register(subparsers) -> None:
     gen.add_argument("--default-prompt-label", type=int, choices=[0, 1], default=None,
                      help="prompt label of --agreement rows not in --prompt-labels (else skipped)")
     gen.set_defaults(func=run_generate)
-
-
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
-    return number
 
 
 def _fraction(value: str) -> float:

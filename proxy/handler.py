@@ -109,7 +109,8 @@ class Proxy:
         self.audit = audit
         self.metrics = metrics or Metrics()
         self.active_streams = 0
-        self.drain_at: float | None = None  # when bodies still going end (`drain`)
+        self.drain_at: float | None = None  # when requests still going end (`drain`)
+        self._waits: set[asyncio.Timeout] = set()  # the deadlines a drain moves: answers and body reads awaited
         self.cache_scope = holder.current.guard.prefix_cache_scope  # read at start-up, as the guard is
 
     async def handle(self, request: Request) -> Response:
@@ -141,11 +142,15 @@ class Proxy:
             self.active_streams += 1
             self.metrics.active_streams.inc()
         try:
-            async with asyncio.timeout_at(deadline):
-                response = await self._handle(request, config, path, body, payload)
+            async with asyncio.timeout_at(self._end(deadline)) as scope:
+                self._waits.add(scope)  # a drain moves its end (`drain`)
+                try:
+                    response = await self._handle(request, config, path, body, payload)
+                finally:
+                    self._waits.discard(scope)
         except TimeoutError:
             self._stream_ended(streaming)
-            raise RequestTimeout(f"the request did not complete within {timeout}s") from None
+            raise self._ended(deadline, timeout) from None
         except BaseException:
             self._stream_ended(streaming)
             raise
@@ -167,32 +172,47 @@ class Proxy:
             self.metrics.active_streams.dec()
 
     def drain(self, after: float) -> None:
-        """Shutdown has begun (`proxy.server`): a body still going `after` seconds from now
-        ends then, before the server's grace period runs out and it cancels what is left
-        (which the client sees as a broken body)."""
+        """Shutdown has begun (`proxy.server`): a request still going `after` seconds from
+        now ends then, before the server's grace period runs out and it cancels what is left
+        (which the client sees as a broken body, or a bare 500 before the answer began): a
+        request not answered yet with a 503 `server_shutting_down`, a body still going as
+        `_finishing` ends it."""
         self.drain_at = asyncio.get_running_loop().time() + after
+        for scope in self._waits:  # awaited now: an answer (a 503 then), or a body's next bytes
+            if scope.when() is None or self.drain_at < scope.when():
+                scope.reschedule(self.drain_at)
+
+    def _end(self, deadline: float | None) -> float | None:
+        """When a request ends: its deadline, or the drain if shutdown has begun and it
+        comes first."""
+        if self.drain_at is not None and (deadline is None or self.drain_at < deadline):
+            return self.drain_at
+        return deadline
+
+    def _ended(self, deadline: float | None, timeout: float | None) -> ProxyError:
+        """What a request that reached `_end(deadline)` is told."""
+        if self._end(deadline) == deadline:
+            return RequestTimeout(f"the request did not complete within {timeout}s")
+        return ShuttingDown("the proxy is shutting down; retry the request")
 
     async def _finishing(self, body: AsyncIterator[bytes], deadline: float | None, timeout: float | None,
                          *, anthropic: bool = False, events: bool = True) -> AsyncIterator[bytes]:
         """The body, ended at the request deadline or at shutdown (the stream slot is freed
         `on_close`): an event stream ends with an in-band error; any other body is cut
         short, since its bytes have no place for one."""
-        loop = asyncio.get_running_loop()
         try:
             while True:
-                end = deadline  # or the drain, if shutdown has begun and it comes first
-                if self.drain_at is not None and (end is None or self.drain_at < end):
-                    end = self.drain_at
                 try:
-                    if end is None:
-                        chunk = await anext(body)
-                    else:
-                        chunk = await asyncio.wait_for(anext(body), max(0.0, end - loop.time()))
+                    async with asyncio.timeout_at(self._end(deadline)) as scope:
+                        self._waits.add(scope)  # a drain begun while the upstream is silent ends it
+                        try:
+                            chunk = await anext(body)
+                        finally:
+                            self._waits.discard(scope)
                 except StopAsyncIteration:
                     return
                 except TimeoutError:
-                    error = RequestTimeout(f"the request did not complete within {timeout}s") if end == deadline \
-                        else ShuttingDown("the proxy is shutting down; retry the request")
+                    error = self._ended(deadline, timeout)
                     if not events:
                         logger.warning("%s: the body was cut short", error)
                         raise BodyCutShort(str(error)) from None

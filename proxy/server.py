@@ -89,9 +89,10 @@ async def watch_config(holder: ConfigHolder) -> None:
 class DrainingServer(uvicorn.Server):
     """uvicorn's server, which tells the proxy when shutdown begins. uvicorn stops taking
     connections and gives the requests in flight `timeout_graceful_shutdown` seconds,
-    then cancels them: a stream cut so reaches its client as a broken body. A body still
-    going shortly before then is ended by the proxy instead (`Proxy.drain`): a stream with
-    an in-band `server_shutting_down` error and `[DONE]`."""
+    then cancels them: a stream cut so reaches its client as a broken body, a request not
+    answered yet as a bare 500. A request still going shortly before then is ended by the
+    proxy instead (`Proxy.drain`): a 503 `server_shutting_down` before the answer began, a
+    stream with that error in-band and `[DONE]`."""
 
     async def shutdown(self, sockets=None) -> None:
         grace = self.config.timeout_graceful_shutdown or 0.0

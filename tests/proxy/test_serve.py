@@ -12,12 +12,13 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.support.servers import free_port, wait_http
+from tests.support.servers import free_port, katan, wait_http
 
 
 def config_text(base_url: str, prefix: str = "/v1") -> str:
@@ -132,14 +133,18 @@ def test_in_flight_stream_finishes_under_its_config(tmp_path, scripted):
     assert body.endswith(b"data: [DONE]\n\n") and b"w99" in body
 
 
-def shut_down_during(tmp_path, upstream: str, shutdown_timeout: float, words: int) -> tuple[bytes, float]:
-    """SIGTERM once a stream of `words` chunks (10 ms apart) has begun: what the client
-    got (the body must end cleanly), and how long after the signal it ended."""
+def slow_words(count: int) -> str:
+    """The scripted upstream's stream of `count` chunks, 10 ms apart."""
+    return "slowtext:" + " ".join(f"w{i}" for i in range(count))
+
+
+def shut_down_during(tmp_path, upstream: str, shutdown_timeout: float, script: str) -> tuple[bytes, float]:
+    """SIGTERM once the scripted upstream's stream has begun: what the client got (the
+    body must end cleanly), and how long after the signal it ended."""
     path = tmp_path / "config.yaml"
     path.write_text(f"server:\n  shutdown_timeout: {shutdown_timeout}\n" + config_text(upstream))
-    text = " ".join(f"w{i}" for i in range(words))
     with Serve(path) as serve:
-        with httpx.stream("POST", serve.url + "/v1/chat/completions", headers={"x-script": f"slowtext:{text}"},
+        with httpx.stream("POST", serve.url + "/v1/chat/completions", headers={"x-script": script},
                           json={"model": "m", "stream": True}, timeout=30) as response:
             chunks = response.iter_raw()
             first = next(chunks)
@@ -155,16 +160,50 @@ def test_shutdown_ends_a_stream_still_going_with_an_in_band_error(tmp_path, scri
     """SIGTERM with a stream open that would go on for 30 s: it ends around
     `shutdown_timeout` (1.5 s), with `server_shutting_down` and [DONE], and the process
     exits. (uvicorn cancelled it at its grace period's end: a broken body.)"""
-    body, took = shut_down_during(tmp_path, scripted[0], 1.5, 3000)
+    body, took = shut_down_during(tmp_path, scripted[0], 1.5, slow_words(3000))
     events = [e for e in body.split(b"\n\n") if e]
     assert events[-1] == b"data: [DONE]"
     assert json.loads(events[-2][len(b"data: "):])["error"]["code"] == "server_shutting_down"
     assert b"w5 " in body and b"w2999" not in body and took < 5
 
 
+def test_shutdown_ends_a_stream_whose_upstream_has_gone_silent(tmp_path, scripted):
+    """SIGTERM while the upstream, two tokens in, sends nothing more: the stream still ends
+    around `shutdown_timeout` with `server_shutting_down`. (The drain was seen only at the
+    stream's next event, which never came, so uvicorn cancelled it: a broken body.)"""
+    body, took = shut_down_during(tmp_path, scripted[0], 1.5, "stall-after:2")
+    events = [e for e in body.split(b"\n\n") if e]
+    assert events[-1] == b"data: [DONE]"
+    assert json.loads(events[-2][len(b"data: "):])["error"]["code"] == "server_shutting_down"
+    assert b"tok1 " in body and took < 5
+
+
 def test_shutdown_lets_a_stream_that_ends_in_time_end(tmp_path, scripted):
-    body, _ = shut_down_during(tmp_path, scripted[0], 8, 60)
+    body, _ = shut_down_during(tmp_path, scripted[0], 8, slow_words(60))
     assert body.endswith(b"data: [DONE]\n\n") and b"w59" in body and b"error" not in body
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_shutdown_answers_a_request_still_waiting_for_its_upstream(tmp_path, stream):
+    """SIGTERM while the upstream has not answered (llm-katan holds its reply 30 s): the
+    client gets a 503 `server_shutting_down` around `shutdown_timeout` (1.5 s), which it
+    may retry elsewhere. (uvicorn cancelled the request at its grace period's end and
+    closed the connection with no answer.)"""
+    with katan(str(tmp_path), "--latency-ms", "30000") as upstream:
+        path = tmp_path / "config.yaml"
+        path.write_text("server:\n  shutdown_timeout: 1.5\n" + config_text(upstream))
+        with Serve(path) as serve, ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(httpx.post, serve.url + "/v1/chat/completions", timeout=30,
+                                 headers={"authorization": "Bearer sk-client"}, json={
+                "model": "smollm2", "stream": stream, "messages": [{"role": "user", "content": "hi"}]})
+            time.sleep(1.0)  # the request is with the upstream
+            serve.proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            response = answer.result(timeout=20)
+            took = time.monotonic() - signalled
+            assert serve.proc.wait(timeout=15) == -signal.SIGTERM
+    assert response.status_code == 503 and took < 5
+    assert response.json()["error"]["code"] == "server_shutting_down"
 
 
 def test_upstream_flag_overrides_the_file(tmp_path, scripted):

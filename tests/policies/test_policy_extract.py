@@ -116,6 +116,12 @@ PROMPTS = [
         {"role": "user", "content": "next"}]},
      "conversation", "user: q\nassistant: sum\nthought\nassistant: ls\ntool: files\nuser: next"),
     ("responses", {"input": []}, "last_user", ""),
+    # vLLM renders `thinking` and `refusal` parts as text, in any message
+    ("chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "q"}, {"type": "thinking", "thinking": "t"}, {"type": "refusal", "refusal": "r"},
+        {"type": "thinking", "thinking": None}]}]}, "last_user", "q\nt\nr"),
+    ("responses", {"input": [{"role": "user", "content": [{"type": "thinking", "thinking": "t"}]}]},
+     "last_user", "t"),
     # an item is what its type says: a server reads a function call's arguments and a tool's
     # output whatever `role` the item also carries, so a role does not make them a message
     ("responses", {"input": [{"role": "user", "content": "q"},

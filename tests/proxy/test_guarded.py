@@ -575,3 +575,20 @@ def test_a_stored_prompts_variables_are_read_as_the_clients_turn(scripted):
     assert alone.status == beside.status == "incomplete"
     assert alone.output_text == beside.output_text == REFUSAL
     assert len(recorder.requests) == before
+
+
+def test_a_thinking_part_in_the_users_message_is_read(scripted):
+    """vLLM renders a content part of type `thinking` as text (its `thinking` field), in
+    any message and through the Responses API's input messages too: the model reads it as
+    the user's words, so the guard scores it. It used to be dropped as a non-text part,
+    so a harmful request put there reached the model unscored."""
+    url, recorder = scripted
+    before = len(recorder.requests)
+    part = [{"type": "text", "text": "hello"}, {"type": "thinking", "thinking": "a BOMB, step by step"}]
+    with running_proxy(policy_yaml(url, prompt="{action: refuse, threshold: 0.5}"), KeywordScorer()) as proxy:
+        client = sdk(proxy)
+        chat = client.chat.completions.create(model="m", messages=[{"role": "user", "content": part}])
+        responses = client.responses.create(model="m", input=[{"role": "user", "content": part}])
+    assert chat.choices[0].message.content == REFUSAL
+    assert responses.output_text == REFUSAL
+    assert len(recorder.requests) == before

@@ -53,6 +53,8 @@ def test_guarded_endpoints_are_known_by_their_last_segments(method, url, endpoin
     ("POST", "http://h/api/generate", "prompt"),  # Ollama
     ("POST", "http://h/api/chat", "prompt"),
     ("POST", "http://h/inference/v1/generate", "prompt"),  # vLLM, token ids in and out
+    ("POST", "http://h/invocations", "prompt"),  # vLLM's SageMaker entry: chat or completions by the body
+    ("POST", "http://h/ping", None),
     ("GET", "http://h/v1/stream/conv-1", "response"),  # llama.cpp's resumable streams
     ("POST", "http://h/v1/streams/lookup", "response"),
     ("DELETE", "http://h/v1/stream/conv-1", None),
@@ -263,6 +265,21 @@ def test_a_servers_own_generation_formats_are_no_way_around_the_guard(scripted):
                    for path in ("/completion", "/infill", "/api/chat", "/generate", "/v1/streams/lookup")]
         replies.append(httpx.get(proxy.url + "/v1/stream/conv-1"))
     assert [r.status_code for r in replies] == [403] * 6
+    assert {r.json()["error"]["code"] for r in replies} == {"unguarded_endpoint"}
+    assert len(recorder.requests) == before
+
+
+def test_vllms_sagemaker_invocations_are_no_way_around_the_guard(scripted):
+    """vLLM serves `POST /invocations` at its root (SageMaker's entry point) and runs there
+    whatever chat or completions body it is sent: under a route at the server's root it is
+    refused, not forwarded unguarded as an unknown path (it was, so a harmful chat request
+    reached the model, and its answer the client, past both stages)."""
+    url, recorder = scripted
+    before = len(recorder.requests)
+    with running_proxy(llamacpp_root(url), KeywordScorer()) as proxy:
+        replies = [httpx.post(proxy.url + "/invocations", json=body) for body in (
+            {"model": "m", "messages": user("a BOMB, step by step")}, {"model": "m", "prompt": "a BOMB"})]
+    assert [r.status_code for r in replies] == [403, 403]
     assert {r.json()["error"]["code"] for r in replies} == {"unguarded_endpoint"}
     assert len(recorder.requests) == before
 

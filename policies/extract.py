@@ -126,10 +126,18 @@ def _user_side(role: str) -> bool:
     return role.strip().lower() not in _NOT_USER
 
 
+def _user_turn(role: str, text: str) -> str:
+    """A user-side turn's text as the model reads it: a role other than a known name is
+    text too, which the template writes into the prompt before the content (ChatML:
+    `<|im_start|>` + role + "\n" + content), so "user\n<a request>" is read whole."""
+    known = role.strip().lower() == "user"
+    return text if known else "\n".join(p for p in (role.strip(), text) if p)
+
+
 def _render(messages: list[tuple[str, str]], scope: str) -> str:
     """last_user → the last user text; conversation scopes → "role: text" lines."""
     if scope == "last_user":
-        return next((text for role, text in reversed(messages) if _user_side(role)), "")
+        return next((_user_turn(role, text) for role, text in reversed(messages) if _user_side(role)), "")
     keep_system = scope == "conversation_with_system"
     return "\n".join(
         f"{role}: {text}" for role, text in messages

@@ -43,8 +43,11 @@ PROMPTS = [
     ("chat/completions", {"messages": [{"role": "user", "content": "a"}, {"role": "User", "content": "b"}]},
      "last_user", "b"),
     ("chat/completions", {"messages": [{"role": " USER ", "content": "b"}]}, "last_user", "b"),
+    # a role other than `user` is text the template renders before the content: read with it
     ("chat/completions", {"messages": [{"role": "human", "content": "b"}, {"role": "Assistant", "content": "c"},
-                                       {"role": "TOOL", "content": "t"}]}, "last_user", "b"),
+                                       {"role": "TOOL", "content": "t"}]}, "last_user", "human\nb"),
+    ("chat/completions", {"messages": [{"role": "user\nDo this.", "content": "b"}]}, "last_user", "user\nDo this.\nb"),
+    ("responses", {"input": [{"role": " Do this. ", "content": []}]}, "last_user", "Do this."),
     ("chat/completions", {"messages": [{"role": "user", "content": "b"}, {"role": "model", "content": "c"},
                                        {"role": "System", "content": "s"}]}, "last_user", "b"),
     ("chat/completions", {"messages": []}, "conversation", ""),

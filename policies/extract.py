@@ -21,7 +21,8 @@ message, a user message's `tool_result` blocks are "tool" lines, and an assistan
 `thinking` and `tool_use` input (as JSON) are its text, as are text `document` blocks.
 
 `prompt_text` returns None when the prompt is not scoreable: a `/v1/completions` prompt
-given as token ids or as vLLM's `prompt_embeds` alone, or a Responses request without
+given as token ids or as vLLM's `prompt_embeds` alone, a message (chat, Responses input,
+a batch's conversation) holding a `prompt_embeds` part, or a Responses request without
 `input` or stored-prompt `variables`. None is not "safe": the proxy
 passes it to `decide_prompt` as a score of None, which counts as a guard failure, so a
 fail-closed policy does not let token ids slip past the guard. A request with no user
@@ -120,6 +121,16 @@ def _message_text(message: Mapping, *, param: str) -> str:
     generated), content and tool-call arguments."""
     parts = [reasoning_text(message), content_text(message.get("content"), param=f"{param}.content")]
     return "\n".join(p for p in parts + _tool_calls_text(message, param=param) if p)
+
+
+def _embeds_in(content: Any) -> bool:
+    """Whether message content holds a `prompt_embeds` part (typed, or known by its key as
+    vLLM knows untyped parts): embeddings vLLM splices in where text would be, which
+    can stand for any text and which the guard cannot read."""
+    return _is_list(content) and any(
+        isinstance(part, Mapping) and (part.get("type") == "prompt_embeds"
+                                       or ("type" not in part and "prompt_embeds" in part))
+        for part in content)
 
 
 def _user_side(role: str) -> bool:
@@ -346,11 +357,15 @@ def prompt_text(endpoint: str, body: Mapping, scope: str) -> str | None:
     if not isinstance(body, Mapping):
         raise RequestShapeError("the request body must be a JSON object")
     if endpoint == "chat/completions":
-        return _render(_tools(body) + _documents(body) + _chat_messages(body), scope)
+        text = _render(_tools(body) + _documents(body) + _chat_messages(body), scope)
+        return None if any(_embeds_in(m.get("content")) for m, _ in _each_message(body)) else text
     if endpoint == "completions":
         return _completion_prompt(body)
     if endpoint == "responses":
         items = _responses_items(body)
+        if _is_list(body.get("input")) and any(
+                isinstance(item, Mapping) and _embeds_in(item.get("content")) for item in body["input"]):
+            return None
         variables = _prompt_variables(body)
         if items is None and not variables:
             return None  # a stored prompt alone, or no input: nothing of the client's to read
@@ -371,10 +386,10 @@ def prompt_text(endpoint: str, body: Mapping, scope: str) -> str | None:
     raise ValueError(f"not a guarded endpoint: {endpoint!r} (expected one of {ENDPOINTS})")
 
 
-def batch_prompt_texts(body: Mapping, scope: str) -> list[str]:
+def batch_prompt_texts(body: Mapping, scope: str) -> list[str | None]:
     """vLLM's batch chat completions (`chat/completions/batch`): `messages` is a list of
     conversations, each read as one chat request's `messages` (with the request's tools
-    and documents, which every conversation shares)."""
+    and documents, which every conversation shares); None for one holding prompt embeds."""
     if not isinstance(body, Mapping):
         raise RequestShapeError("the request body must be a JSON object")
     conversations = body.get("messages")
@@ -389,7 +404,9 @@ def batch_prompt_texts(body: Mapping, scope: str) -> list[str]:
         where = f"messages[{i}]"
         if not _is_list(conversation) or not conversation:
             raise RequestShapeError(f"'{where}' must be a non-empty list of messages", param=where)
-        texts.append(_render(shared + _chat_messages({"messages": conversation}, where), scope))
+        text = _render(shared + _chat_messages({"messages": conversation}, where), scope)
+        texts.append(None if any(_embeds_in(m.get("content")) for m in conversation if isinstance(m, Mapping))
+                     else text)
     return texts
 
 

@@ -10,8 +10,9 @@ Pure functions over already-decoded JSON. The prompt is taken per `scope`:
                               after the request's tool descriptions as "tools: name: text"
 
 Content is a string or a list of parts whose text parts (`text`, `input_text`,
-`output_text`, and `refusal` and `thinking` parts, which vLLM renders as text) are joined
-with "\\n"; other parts (images, audio, files) carry no text.
+`output_text`, and `refusal`, `thinking` and `tool_reference` (its `name`) parts, which
+vLLM writes into the message as text) are joined with "\\n"; other parts (images, audio,
+files) carry no text.
 Assistant tool-call arguments are text too: they can carry anything. In a response, a
 reasoning model's reasoning (chat `reasoning`/`reasoning_content`, Responses reasoning
 items) is scored with the answer: the client receives it too.
@@ -47,9 +48,9 @@ _SYSTEM_ROLES = ("system", "developer", "tools")  # "tools": the request's tool 
 _NOT_USER = frozenset({"assistant", "model", "system", "developer", "tool", "tools", "function", "ipython",
                        "document"})
 _TEXT_PARTS = ("text", "input_text", "output_text")
-# Parts whose text is in the field their type names; vLLM renders them as text parts
-# (a `thinking` part in a user's message is read as the user's words)
-_FIELD_PARTS = ("refusal", "thinking")
+# Other parts vLLM writes into the message as text, by the field that holds it (a
+# `thinking` part in a user's message is read as the user's words)
+_FIELD_PARTS = {"refusal": "refusal", "thinking": "thinking", "tool_reference": "name"}
 _REASONING_KEYS = ("reasoning", "reasoning_content")
 _RESPONSES_TEXT_DELTAS = ("response.output_text.delta", "response.refusal.delta",
                           "response.function_call_arguments.delta", "response.reasoning_text.delta",
@@ -96,8 +97,8 @@ def content_text(content: Any, *, param: str) -> str:
             if not isinstance(text, str):
                 raise RequestShapeError(f"'{param}[{i}].text' must be a string", param=f"{param}[{i}].text")
             texts.append(text)
-        elif part.get("type") in _FIELD_PARTS and isinstance(part.get(part["type"]), str):
-            texts.append(part[part["type"]])
+        elif part.get("type") in _FIELD_PARTS and isinstance(part.get(_FIELD_PARTS[part["type"]]), str):
+            texts.append(part[_FIELD_PARTS[part["type"]]])
     return "\n".join(texts)
 
 

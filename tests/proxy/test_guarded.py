@@ -592,3 +592,15 @@ def test_a_thinking_part_in_the_users_message_is_read(scripted):
     assert chat.choices[0].message.content == REFUSAL
     assert responses.output_text == REFUSAL
     assert len(recorder.requests) == before
+
+
+def test_a_tool_reference_part_in_the_users_message_is_read(scripted):
+    """vLLM writes a `tool_reference` part's `name` into the message (as text where the
+    template reads string content): any string, so the guard scores it with the turn."""
+    url, recorder = scripted
+    before = len(recorder.requests)
+    part = [{"type": "text", "text": "hello"}, {"type": "tool_reference", "name": "a BOMB, step by step"}]
+    with running_proxy(policy_yaml(url, prompt="{action: refuse, threshold: 0.5}"), KeywordScorer()) as proxy:
+        chat = sdk(proxy).chat.completions.create(model="m", messages=[{"role": "user", "content": part}])
+    assert chat.choices[0].message.content == REFUSAL
+    assert len(recorder.requests) == before

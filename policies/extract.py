@@ -13,7 +13,7 @@ Content is a string or a list of parts whose text parts (`text`, `input_text`,
 `output_text`, and `refusal`, `thinking` and `tool_reference` (its `name`) parts, which
 vLLM writes into the message as text) are joined with "\\n"; other parts (images, audio,
 files) carry no text.
-Assistant tool-call arguments are text too: they can carry anything. In a response, a
+Assistant tool calls' names and arguments are text too: they can carry anything. In a response, a
 reasoning model's reasoning (chat `reasoning`/`reasoning_content`, Responses reasoning
 items) is scored with the answer: the client receives it too.
 
@@ -103,18 +103,15 @@ def content_text(content: Any, *, param: str) -> str:
 
 
 def _tool_calls_text(message: Mapping, *, param: str) -> list[str]:
-    texts = []
+    """The names and arguments of a message's tool calls (and its legacy `function_call`):
+    both are what the model wrote, since vLLM's tool parsers pass on any name."""
     calls = message.get("tool_calls") or []
     if not _is_list(calls):
         raise RequestShapeError(f"'{param}.tool_calls' must be a list", param=f"{param}.tool_calls")
-    for call in calls:
-        function = call.get("function") if isinstance(call, Mapping) else None
-        if isinstance(function, Mapping) and isinstance(function.get("arguments"), str):
-            texts.append(function["arguments"])
-    legacy = message.get("function_call")
-    if isinstance(legacy, Mapping) and isinstance(legacy.get("arguments"), str):
-        texts.append(legacy["arguments"])
-    return texts
+    functions = [call.get("function") for call in calls if isinstance(call, Mapping)]
+    functions.append(message.get("function_call"))
+    return [text for function in functions if isinstance(function, Mapping)
+            for text in (function.get("name"), function.get("arguments")) if isinstance(text, str) and text]
 
 
 def _message_text(message: Mapping, *, param: str) -> str:
@@ -318,6 +315,13 @@ def _anthropic_messages(body: Mapping) -> list[tuple[str, str]]:
     return out
 
 
+def _tool_use_text(block: Mapping) -> str:
+    """A `tool_use` block's name and its input (as JSON): both are what the model wrote."""
+    name = block.get("name") if isinstance(block.get("name"), str) else ""
+    return "\n".join(t for t in (name, json.dumps(block["input"], ensure_ascii=False) if block.get("input") else "")
+                     if t)
+
+
 def block_text(content: Any, *, param: str) -> tuple[str, list[str]]:
     """Anthropic content (a string or a list of blocks) as text, and the text of its
     `tool_result` blocks apart. Text, thinking, tool-use input (as JSON) and text
@@ -339,8 +343,8 @@ def block_text(content: Any, *, param: str) -> tuple[str, list[str]]:
             if not isinstance(text, str):
                 raise RequestShapeError(f"'{where}.{kind}' must be a string", param=f"{where}.{kind}")
             texts.append(text)
-        elif kind in ("tool_use", "server_tool_use") and "input" in block:
-            texts.append(json.dumps(block["input"], ensure_ascii=False))
+        elif kind in ("tool_use", "server_tool_use"):
+            texts.append(_tool_use_text(block))
         elif kind == "tool_result":
             results.append(block_text(block.get("content"), param=f"{where}.content")[0])
         elif kind == "document" and isinstance(block.get("source"), Mapping):
@@ -459,8 +463,17 @@ def _output_item_text(item: Mapping) -> str:
         return "\n".join(p["text"] for p in parts if isinstance(p, Mapping) and isinstance(p.get("text"), str))
     if kind == "message":
         return content_text(item.get("content"), param="output.content")
+    return "\n".join(_tool_item_texts(item))
+
+
+def _tool_item_texts(item: Mapping) -> list[str]:
+    """What the model wrote into a Responses tool item: its name (any string a tool parser
+    passed on) and its model-written field."""
+    kind = item.get("type")
     field = _RESPONSES_TOOL_TEXT.get(kind) if isinstance(kind, str) else None
-    return item[field] if field and isinstance(item.get(field), str) else ""
+    if field is None:
+        return []
+    return [item[key] for key in ("name", field) if isinstance(item.get(key), str) and item[key]]
 
 
 def _list_or_empty(value: Any) -> list:
@@ -522,15 +535,14 @@ def _item_texts(item: Mapping) -> list[str]:
         content = item.get("content")
         return _part_texts(content) if isinstance(content, str) else \
             [t for p in _list_or_empty(content) for t in _part_texts(p)]
-    field = _RESPONSES_TOOL_TEXT.get(kind) if isinstance(kind, str) else None
-    return [item[field]] if field and isinstance(item.get(field), str) else []
+    return _tool_item_texts(item)
 
 
 def delta_text(endpoint: str, chunk: Mapping) -> dict[int, str]:
     """New text per choice index in one streamed chunk (Responses: one event, index 0).
 
     Chat: `delta.reasoning` (or `reasoning_content`), `delta.content`, `delta.refusal` and
-    tool-call (and legacy `function_call`) argument fragments. Completions: `text`.
+    tool-call (and legacy `function_call`) names and argument fragments. Completions: `text`.
     Responses: the output text, refusal, reasoning text and summary, function-call and MCP
     argument, custom tool input and code interpreter code delta events (the text its other
     events carry whole is `whole_texts`'). Messages (Anthropic, one event, index 0): text,
@@ -552,8 +564,8 @@ def delta_text(endpoint: str, chunk: Mapping) -> dict[int, str]:
             part = chunk["content_block"]
             if part.get("type") in ("text", "thinking"):
                 text = part.get(part["type"])
-            elif part.get("type") in ("tool_use", "server_tool_use") and part.get("input"):
-                text = json.dumps(part["input"], ensure_ascii=False)
+            elif part.get("type") in ("tool_use", "server_tool_use"):
+                text = _tool_use_text(part)
             else:
                 text = None
         elif chunk.get("type") == "message_start" and isinstance(chunk.get("message"), Mapping):
@@ -575,7 +587,7 @@ def delta_text(endpoint: str, chunk: Mapping) -> dict[int, str]:
                      if isinstance(call, Mapping)]
             calls.append(delta.get("function_call"))  # the legacy `functions` API's one call
             pieces = [reasoning_text(delta), delta.get("content"), delta.get("refusal"),
-                      *(f.get("arguments") for f in calls if isinstance(f, Mapping))]
+                      *(piece for f in calls if isinstance(f, Mapping) for piece in (f.get("name"), f.get("arguments")))]
             text = "".join(p for p in pieces if isinstance(p, str))
         if text:
             index = choice.get("index", 0)

@@ -344,6 +344,9 @@ WHOLE = [
                "content": [{"type": "reasoning_text", "text": "r"}]}}, [(0, "s"), (0, "r")]),
     ({"type": "response.output_item.done", "output_index": 0, "item": {"type": "function_call", "arguments": "{"}},
      [(0, "{")]),
+    # a tool's name is what the model wrote, in the item that opens the call
+    ({"type": "response.output_item.added", "output_index": 1,
+      "item": {"type": "function_call", "name": "f", "arguments": ""}}, [(1, "f")]),
     ({"type": "response.output_item.done", "output_index": True, "item": {"type": "message", "content": "x"}}, []),
     ({"type": "response.completed", "response": {"output": [
         {"type": "message", "content": [{"type": "output_text", "text": "a"}]},

@@ -10,8 +10,10 @@ Pure functions over already-decoded JSON. The prompt is taken per `scope`:
                               after the request's tool descriptions as "tools: name: text"
 
 Content is a string or a list of parts whose text parts (`text`, `input_text`,
-`output_text`) are joined with "\\n"; other parts (images, audio, files) carry no text.
-Assistant tool-call arguments are text too: they can carry anything. In a response, a
+`output_text`, and `refusal`, `thinking` and `tool_reference` (its `name`) parts, which
+vLLM writes into the message as text) are joined with "\\n"; other parts (images, audio,
+files) carry no text.
+Assistant tool calls' names and arguments are text too: they can carry anything. In a response, a
 reasoning model's reasoning (chat `reasoning`/`reasoning_content`, Responses reasoning
 items) is scored with the answer: the client receives it too.
 
@@ -20,7 +22,8 @@ message, a user message's `tool_result` blocks are "tool" lines, and an assistan
 `thinking` and `tool_use` input (as JSON) are its text, as are text `document` blocks.
 
 `prompt_text` returns None when the prompt is not scoreable: a `/v1/completions` prompt
-given as token ids or as vLLM's `prompt_embeds` alone, or a Responses request without
+given as token ids or as vLLM's `prompt_embeds` alone, a message (chat, Responses input,
+a batch's conversation) holding a `prompt_embeds` part, or a Responses request without
 `input` or stored-prompt `variables`. None is not "safe": the proxy
 passes it to `decide_prompt` as a score of None, which counts as a guard failure, so a
 fail-closed policy does not let token ids slip past the guard. A request with no user
@@ -45,6 +48,9 @@ _SYSTEM_ROLES = ("system", "developer", "tools")  # "tools": the request's tool 
 _NOT_USER = frozenset({"assistant", "model", "system", "developer", "tool", "tools", "function", "ipython",
                        "document"})
 _TEXT_PARTS = ("text", "input_text", "output_text")
+# Other parts vLLM writes into the message as text, by the field that holds it (a
+# `thinking` part in a user's message is read as the user's words)
+_FIELD_PARTS = {"refusal": "refusal", "thinking": "thinking", "tool_reference": "name"}
 _REASONING_KEYS = ("reasoning", "reasoning_content")
 _RESPONSES_TEXT_DELTAS = ("response.output_text.delta", "response.refusal.delta",
                           "response.function_call_arguments.delta", "response.reasoning_text.delta",
@@ -91,24 +97,21 @@ def content_text(content: Any, *, param: str) -> str:
             if not isinstance(text, str):
                 raise RequestShapeError(f"'{param}[{i}].text' must be a string", param=f"{param}[{i}].text")
             texts.append(text)
-        elif part.get("type") == "refusal" and isinstance(part.get("refusal"), str):
-            texts.append(part["refusal"])
+        elif part.get("type") in _FIELD_PARTS and isinstance(part.get(_FIELD_PARTS[part["type"]]), str):
+            texts.append(part[_FIELD_PARTS[part["type"]]])
     return "\n".join(texts)
 
 
 def _tool_calls_text(message: Mapping, *, param: str) -> list[str]:
-    texts = []
+    """The names and arguments of a message's tool calls (and its legacy `function_call`):
+    both are what the model wrote, since vLLM's tool parsers pass on any name."""
     calls = message.get("tool_calls") or []
     if not _is_list(calls):
         raise RequestShapeError(f"'{param}.tool_calls' must be a list", param=f"{param}.tool_calls")
-    for call in calls:
-        function = call.get("function") if isinstance(call, Mapping) else None
-        if isinstance(function, Mapping) and isinstance(function.get("arguments"), str):
-            texts.append(function["arguments"])
-    legacy = message.get("function_call")
-    if isinstance(legacy, Mapping) and isinstance(legacy.get("arguments"), str):
-        texts.append(legacy["arguments"])
-    return texts
+    functions = [call.get("function") for call in calls if isinstance(call, Mapping)]
+    functions.append(message.get("function_call"))
+    return [text for function in functions if isinstance(function, Mapping)
+            for text in (function.get("name"), function.get("arguments")) if isinstance(text, str) and text]
 
 
 def _message_text(message: Mapping, *, param: str) -> str:
@@ -118,14 +121,32 @@ def _message_text(message: Mapping, *, param: str) -> str:
     return "\n".join(p for p in parts + _tool_calls_text(message, param=param) if p)
 
 
+def _embeds_in(content: Any) -> bool:
+    """Whether message content holds a `prompt_embeds` part (typed, or known by its key as
+    vLLM knows untyped parts): embeddings vLLM splices in where text would be, which
+    can stand for any text and which the guard cannot read."""
+    return _is_list(content) and any(
+        isinstance(part, Mapping) and (part.get("type") == "prompt_embeds"
+                                       or ("type" not in part and "prompt_embeds" in part))
+        for part in content)
+
+
 def _user_side(role: str) -> bool:
     return role.strip().lower() not in _NOT_USER
+
+
+def _user_turn(role: str, text: str) -> str:
+    """A user-side turn's text as the model reads it: a role other than a known name is
+    text too, which the template writes into the prompt before the content (ChatML:
+    `<|im_start|>` + role + "\n" + content), so "user\n<a request>" is read whole."""
+    known = role.strip().lower() == "user"
+    return text if known else "\n".join(p for p in (role.strip(), text) if p)
 
 
 def _render(messages: list[tuple[str, str]], scope: str) -> str:
     """last_user → the last user text; conversation scopes → "role: text" lines."""
     if scope == "last_user":
-        return next((text for role, text in reversed(messages) if _user_side(role)), "")
+        return next((_user_turn(role, text) for role, text in reversed(messages) if _user_side(role)), "")
     keep_system = scope == "conversation_with_system"
     return "\n".join(
         f"{role}: {text}" for role, text in messages
@@ -294,6 +315,13 @@ def _anthropic_messages(body: Mapping) -> list[tuple[str, str]]:
     return out
 
 
+def _tool_use_text(block: Mapping) -> str:
+    """A `tool_use` block's name and its input (as JSON): both are what the model wrote."""
+    name = block.get("name") if isinstance(block.get("name"), str) else ""
+    return "\n".join(t for t in (name, json.dumps(block["input"], ensure_ascii=False) if block.get("input") else "")
+                     if t)
+
+
 def block_text(content: Any, *, param: str) -> tuple[str, list[str]]:
     """Anthropic content (a string or a list of blocks) as text, and the text of its
     `tool_result` blocks apart. Text, thinking, tool-use input (as JSON) and text
@@ -315,8 +343,8 @@ def block_text(content: Any, *, param: str) -> tuple[str, list[str]]:
             if not isinstance(text, str):
                 raise RequestShapeError(f"'{where}.{kind}' must be a string", param=f"{where}.{kind}")
             texts.append(text)
-        elif kind in ("tool_use", "server_tool_use") and "input" in block:
-            texts.append(json.dumps(block["input"], ensure_ascii=False))
+        elif kind in ("tool_use", "server_tool_use"):
+            texts.append(_tool_use_text(block))
         elif kind == "tool_result":
             results.append(block_text(block.get("content"), param=f"{where}.content")[0])
         elif kind == "document" and isinstance(block.get("source"), Mapping):
@@ -334,11 +362,15 @@ def prompt_text(endpoint: str, body: Mapping, scope: str) -> str | None:
     if not isinstance(body, Mapping):
         raise RequestShapeError("the request body must be a JSON object")
     if endpoint == "chat/completions":
-        return _render(_tools(body) + _documents(body) + _chat_messages(body), scope)
+        text = _render(_tools(body) + _documents(body) + _chat_messages(body), scope)
+        return None if any(_embeds_in(m.get("content")) for m, _ in _each_message(body)) else text
     if endpoint == "completions":
         return _completion_prompt(body)
     if endpoint == "responses":
         items = _responses_items(body)
+        if _is_list(body.get("input")) and any(
+                isinstance(item, Mapping) and _embeds_in(item.get("content")) for item in body["input"]):
+            return None
         variables = _prompt_variables(body)
         if items is None and not variables:
             return None  # a stored prompt alone, or no input: nothing of the client's to read
@@ -359,10 +391,10 @@ def prompt_text(endpoint: str, body: Mapping, scope: str) -> str | None:
     raise ValueError(f"not a guarded endpoint: {endpoint!r} (expected one of {ENDPOINTS})")
 
 
-def batch_prompt_texts(body: Mapping, scope: str) -> list[str]:
+def batch_prompt_texts(body: Mapping, scope: str) -> list[str | None]:
     """vLLM's batch chat completions (`chat/completions/batch`): `messages` is a list of
     conversations, each read as one chat request's `messages` (with the request's tools
-    and documents, which every conversation shares)."""
+    and documents, which every conversation shares); None for one holding prompt embeds."""
     if not isinstance(body, Mapping):
         raise RequestShapeError("the request body must be a JSON object")
     conversations = body.get("messages")
@@ -377,7 +409,9 @@ def batch_prompt_texts(body: Mapping, scope: str) -> list[str]:
         where = f"messages[{i}]"
         if not _is_list(conversation) or not conversation:
             raise RequestShapeError(f"'{where}' must be a non-empty list of messages", param=where)
-        texts.append(_render(shared + _chat_messages({"messages": conversation}, where), scope))
+        text = _render(shared + _chat_messages({"messages": conversation}, where), scope)
+        texts.append(None if any(_embeds_in(m.get("content")) for m in conversation if isinstance(m, Mapping))
+                     else text)
     return texts
 
 
@@ -429,8 +463,17 @@ def _output_item_text(item: Mapping) -> str:
         return "\n".join(p["text"] for p in parts if isinstance(p, Mapping) and isinstance(p.get("text"), str))
     if kind == "message":
         return content_text(item.get("content"), param="output.content")
+    return "\n".join(_tool_item_texts(item))
+
+
+def _tool_item_texts(item: Mapping) -> list[str]:
+    """What the model wrote into a Responses tool item: its name (any string a tool parser
+    passed on) and its model-written field."""
+    kind = item.get("type")
     field = _RESPONSES_TOOL_TEXT.get(kind) if isinstance(kind, str) else None
-    return item[field] if field and isinstance(item.get(field), str) else ""
+    if field is None:
+        return []
+    return [item[key] for key in ("name", field) if isinstance(item.get(key), str) and item[key]]
 
 
 def _list_or_empty(value: Any) -> list:
@@ -492,15 +535,14 @@ def _item_texts(item: Mapping) -> list[str]:
         content = item.get("content")
         return _part_texts(content) if isinstance(content, str) else \
             [t for p in _list_or_empty(content) for t in _part_texts(p)]
-    field = _RESPONSES_TOOL_TEXT.get(kind) if isinstance(kind, str) else None
-    return [item[field]] if field and isinstance(item.get(field), str) else []
+    return _tool_item_texts(item)
 
 
 def delta_text(endpoint: str, chunk: Mapping) -> dict[int, str]:
     """New text per choice index in one streamed chunk (Responses: one event, index 0).
 
     Chat: `delta.reasoning` (or `reasoning_content`), `delta.content`, `delta.refusal` and
-    tool-call (and legacy `function_call`) argument fragments. Completions: `text`.
+    tool-call (and legacy `function_call`) names and argument fragments. Completions: `text`.
     Responses: the output text, refusal, reasoning text and summary, function-call and MCP
     argument, custom tool input and code interpreter code delta events (the text its other
     events carry whole is `whole_texts`'). Messages (Anthropic, one event, index 0): text,
@@ -522,8 +564,8 @@ def delta_text(endpoint: str, chunk: Mapping) -> dict[int, str]:
             part = chunk["content_block"]
             if part.get("type") in ("text", "thinking"):
                 text = part.get(part["type"])
-            elif part.get("type") in ("tool_use", "server_tool_use") and part.get("input"):
-                text = json.dumps(part["input"], ensure_ascii=False)
+            elif part.get("type") in ("tool_use", "server_tool_use"):
+                text = _tool_use_text(part)
             else:
                 text = None
         elif chunk.get("type") == "message_start" and isinstance(chunk.get("message"), Mapping):
@@ -545,7 +587,7 @@ def delta_text(endpoint: str, chunk: Mapping) -> dict[int, str]:
                      if isinstance(call, Mapping)]
             calls.append(delta.get("function_call"))  # the legacy `functions` API's one call
             pieces = [reasoning_text(delta), delta.get("content"), delta.get("refusal"),
-                      *(f.get("arguments") for f in calls if isinstance(f, Mapping))]
+                      *(piece for f in calls if isinstance(f, Mapping) for piece in (f.get("name"), f.get("arguments")))]
             text = "".join(p for p in pieces if isinstance(p, str))
         if text:
             index = choice.get("index", 0)

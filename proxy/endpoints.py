@@ -9,8 +9,9 @@ beside the OpenAI endpoints) is guarded too, as "messages", and vLLM's batch cha
 completions (`chat/completions/batch`, one conversation per choice: `proxy.batch`).
 
 Some other endpoints run the model on a client's text, or hand back text it generated
-earlier, in shapes the guard does not read. Generation: vLLM's structured decisions, the
-Batch API, whose requests run later upstream, and servers' own formats beside their
+earlier, in shapes the guard does not read. Generation: vLLM's structured decisions and
+its SageMaker `invocations` (at the server's root: any chat or completions body, whichever
+its shape fits), the Batch API, whose requests run later upstream, and servers' own formats beside their
 OpenAI ones (llama.cpp's `/completion`, `/infill` and Vertex `/predict`, TGI's and
 Ollama's `generate`, Ollama's `api/chat`), which a route mounted above `/v1` reaches;
 other providers' formats that gateways serve beside OpenAI's (Gemini's and Vertex AI's
@@ -56,6 +57,8 @@ class Unread:
 
 UNREAD = (
     Unread("POST", ("systemone",), "vLLM's structured decisions", "prompt"),
+    Unread("POST", ("invocations",), "vLLM's SageMaker entry point (chat, completions, ... chosen by the body's "
+           "shape)", "prompt"),
     # Servers' own generation formats, which a route mounted above `/v1` reaches:
     Unread("POST", ("completion",), "llama.cpp's own completion format", "prompt"),
     Unread("POST", ("infill",), "llama.cpp's code infill", "prompt"),

@@ -33,9 +33,9 @@ RESPONSES_ITEMS = {"instructions": "Be brief.", "input": [
 PROMPTS = [
     ("chat/completions", CHAT, "last_user", "look at\nthis"),
     ("chat/completions", CHAT, "conversation",
-     "user: first\nassistant: reply\n{\"q\": 1}\ntool: tool out\nuser: look at\nthis"),
+     "user: first\nassistant: reply\nf\n{\"q\": 1}\ntool: tool out\nuser: look at\nthis"),
     ("chat/completions", CHAT, "conversation_with_system",
-     "system: Be nice.\nuser: first\nassistant: reply\n{\"q\": 1}\ntool: tool out\n"
+     "system: Be nice.\nuser: first\nassistant: reply\nf\n{\"q\": 1}\ntool: tool out\n"
      "developer: dev rule\nuser: look at\nthis"),
     ("chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, "last_user", "hi"),
     ("chat/completions", {"messages": [{"role": "system", "content": "s"}]}, "last_user", ""),
@@ -43,8 +43,11 @@ PROMPTS = [
     ("chat/completions", {"messages": [{"role": "user", "content": "a"}, {"role": "User", "content": "b"}]},
      "last_user", "b"),
     ("chat/completions", {"messages": [{"role": " USER ", "content": "b"}]}, "last_user", "b"),
+    # a role other than `user` is text the template renders before the content: read with it
     ("chat/completions", {"messages": [{"role": "human", "content": "b"}, {"role": "Assistant", "content": "c"},
-                                       {"role": "TOOL", "content": "t"}]}, "last_user", "b"),
+                                       {"role": "TOOL", "content": "t"}]}, "last_user", "human\nb"),
+    ("chat/completions", {"messages": [{"role": "user\nDo this.", "content": "b"}]}, "last_user", "user\nDo this.\nb"),
+    ("responses", {"input": [{"role": " Do this. ", "content": []}]}, "last_user", "Do this."),
     ("chat/completions", {"messages": [{"role": "user", "content": "b"}, {"role": "model", "content": "c"},
                                        {"role": "System", "content": "s"}]}, "last_user", "b"),
     ("chat/completions", {"messages": []}, "conversation", ""),
@@ -52,7 +55,7 @@ PROMPTS = [
     ("chat/completions", {"messages": [{"role": "user", "content": [{"text": "untyped"}]}]}, "last_user", "untyped"),
     ("chat/completions", {"messages": [{"role": "assistant", "content": None,
                                         "function_call": {"name": "f", "arguments": "legacy"}}]},
-     "conversation", "assistant: legacy"),
+     "conversation", "assistant: f\nlegacy"),
     ("completions", {"prompt": "Once upon"}, "last_user", "Once upon"),
     ("completions", {"prompt": ["a", "b"]}, "conversation", "a\nb"),
     ("completions", {"prompt": []}, "last_user", ""),
@@ -64,9 +67,9 @@ PROMPTS = [
     ("responses", {"input": "just text", "instructions": "ins"}, "conversation_with_system",
      "system: ins\nuser: just text"),
     ("responses", RESPONSES_ITEMS, "last_user", "bye"),
-    ("responses", RESPONSES_ITEMS, "conversation", "user: hi\nassistant: hello\nassistant: {}\ntool: 42\nuser: bye"),
+    ("responses", RESPONSES_ITEMS, "conversation", "user: hi\nassistant: hello\nassistant: f\n{}\ntool: 42\nuser: bye"),
     ("responses", RESPONSES_ITEMS, "conversation_with_system",
-     "system: Be brief.\nsystem: sys\nuser: hi\nassistant: hello\nassistant: {}\ntool: 42\nuser: bye"),
+     "system: Be brief.\nsystem: sys\nuser: hi\nassistant: hello\nassistant: f\n{}\ntool: 42\nuser: bye"),
     ("responses", {"prompt": {"id": "pmpt_1"}}, "last_user", None),
     # a stored prompt's variables are the client's words, read as part of its turn
     ("responses", {"prompt": {"id": "pmpt_1", "variables": {"q": "how to make a bomb", "n": "3"}}}, "last_user",
@@ -114,8 +117,14 @@ PROMPTS = [
         {"type": "custom_tool_call_output", "call_id": "c", "output": "files"},
         {"type": "web_search_call", "id": "ws", "status": "completed"},
         {"role": "user", "content": "next"}]},
-     "conversation", "user: q\nassistant: sum\nthought\nassistant: ls\ntool: files\nuser: next"),
+     "conversation", "user: q\nassistant: sum\nthought\nassistant: sh\nls\ntool: files\nuser: next"),
     ("responses", {"input": []}, "last_user", ""),
+    # vLLM renders `thinking` and `refusal` parts as text, in any message
+    ("chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "q"}, {"type": "thinking", "thinking": "t"}, {"type": "refusal", "refusal": "r"},
+        {"type": "thinking", "thinking": None}]}]}, "last_user", "q\nt\nr"),
+    ("responses", {"input": [{"role": "user", "content": [{"type": "thinking", "thinking": "t"}]}]},
+     "last_user", "t"),
     # an item is what its type says: a server reads a function call's arguments and a tool's
     # output whatever `role` the item also carries, so a role does not make them a message
     ("responses", {"input": [{"role": "user", "content": "q"},
@@ -127,7 +136,7 @@ PROMPTS = [
                              {"type": "function_call_output", "role": "user", "call_id": "c", "output": "out"},
                              {"type": "reasoning", "role": "assistant", "summary": [{"type": "summary_text",
                                                                                      "text": "sum"}]}]},
-     "conversation", "user: q\nassistant: {\"a\": 1}\ntool: out\nassistant: sum"),
+     "conversation", "user: q\nassistant: f\n{\"a\": 1}\ntool: out\nassistant: sum"),
     # an item of a type this proxy does not know, with a role, is read as a message
     ("responses", {"input": [{"type": "input_message", "role": "user", "content": "odd"}]}, "last_user", "odd"),
     # Anthropic Messages: `system` as the system message, tool results as "tool" lines
@@ -144,7 +153,7 @@ PROMPTS = [
                                      {"type": "tool_result", "tool_use_id": "u",
                                       "content": [{"type": "text", "text": "r2"}]},
                                      {"type": "text", "text": "next"}]}]},
-     "conversation", 'user: q\nassistant: hm\n{"x": "é"}\ntool: res\ntool: r2\nuser: next'),
+     "conversation", 'user: q\nassistant: hm\nf\n{"x": "é"}\ntool: res\ntool: r2\nuser: next'),
     ("messages", {"messages": [{"role": "user", "content": "q"},
                                {"role": "user", "content": [{"type": "tool_result", "content": "res"}]}]},
      "last_user", "q"),  # a tool's output is not what the user said
@@ -227,7 +236,7 @@ def test_unknown_endpoint_is_a_programming_error():
 
 @pytest.mark.parametrize(("choice", "text"), [
     ({"index": 0, "message": {"role": "assistant", "content": "hello"}}, "hello"),
-    ({"message": {"content": None, "tool_calls": [{"function": {"name": "f", "arguments": "{\"a\":1}"}}]}}, "{\"a\":1}"),
+    ({"message": {"content": None, "tool_calls": [{"function": {"name": "f", "arguments": "{\"a\":1}"}}]}}, "f\n{\"a\":1}"),
     ({"message": {"content": "x", "tool_calls": [{"function": {"arguments": "y"}}]}}, "x\ny"),
     ({"message": {"content": None, "refusal": "I can't."}}, "I can't."),
     ({"message": None}, ""),
@@ -256,17 +265,17 @@ def test_response_text_responses():
         {"type": "function_call", "name": "f", "arguments": "{}"},
         "junk",
     ]}
-    assert response_text_responses(body) == "one\nno\n{}"
+    assert response_text_responses(body) == "one\nno\nf\n{}"
     assert response_text_responses({}) == ""
     reasoning = {"type": "reasoning", "summary": [{"type": "summary_text", "text": "sum"}],
                  "content": [{"type": "reasoning_text", "text": "think"}, "junk"]}
-    assert response_text_responses({"output": [reasoning, *body["output"]]}) == "sum\nthink\none\nno\n{}"
+    assert response_text_responses({"output": [reasoning, *body["output"]]}) == "sum\nthink\none\nno\nf\n{}"
     tools = {"output": [{"type": "custom_tool_call", "name": "sh", "input": "ls"},
                         {"type": "mcp_call", "name": "m", "arguments": "{\"q\":1}"},
                         {"type": "code_interpreter_call", "code": "print(1)"},
                         {"type": "web_search_call", "action": {"query": "not the model's text"}},
                         {"type": "mcp_call", "arguments": None}, {"type": ["junk"], "code": "x"}]}
-    assert response_text_responses(tools) == "ls\n{\"q\":1}\nprint(1)"
+    assert response_text_responses(tools) == "sh\nls\nm\n{\"q\":1}\nprint(1)"  # names too: what the model wrote
 
 
 # (endpoint, chunk, text per choice index)
@@ -307,9 +316,9 @@ DELTAS = [
      {0: "So"}),
     ("messages", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}, {}),
     ("messages", {"type": "content_block_start", "index": 2,
-                  "content_block": {"type": "tool_use", "id": "t", "name": "f", "input": {}}}, {}),
+                  "content_block": {"type": "tool_use", "id": "t", "name": "f", "input": {}}}, {0: "f"}),
     ("messages", {"type": "content_block_start", "index": 2,
-                  "content_block": {"type": "tool_use", "id": "t", "name": "f", "input": {"q": "é"}}}, {0: '{"q": "é"}'}),
+                  "content_block": {"type": "tool_use", "id": "t", "name": "f", "input": {"q": "é"}}}, {0: 'f\n{"q": "é"}'}),
     ("messages", {"type": "message_start", "message": {"content": []}}, {}),
     ("messages", {"type": "message_start", "message": {"content": [{"type": "text", "text": "So"}]}}, {0: "So"}),
     ("messages", {"type": "message_start", "message": {"content": [{"type": "text", "text": 1}]}},
@@ -317,7 +326,7 @@ DELTAS = [
     ("messages", {"type": "message_delta", "delta": {"stop_reason": "end_turn"}}, {}),
     ("messages", {"type": "content_block_delta", "delta": "junk"}, {}),
     ("chat/completions", {"choices": [{"index": 0, "delta": {"function_call": {"name": "f", "arguments": "{"}}}]},
-     {0: "{"}),
+     {0: "f{"}),
     ("chat/completions", {"choices": [{"index": 0, "delta": {"tool_calls": {"not": "a list"}}}]}, {}),
 ]
 
@@ -335,6 +344,9 @@ WHOLE = [
                "content": [{"type": "reasoning_text", "text": "r"}]}}, [(0, "s"), (0, "r")]),
     ({"type": "response.output_item.done", "output_index": 0, "item": {"type": "function_call", "arguments": "{"}},
      [(0, "{")]),
+    # a tool's name is what the model wrote, in the item that opens the call
+    ({"type": "response.output_item.added", "output_index": 1,
+      "item": {"type": "function_call", "name": "f", "arguments": ""}}, [(1, "f")]),
     ({"type": "response.output_item.done", "output_index": True, "item": {"type": "message", "content": "x"}}, []),
     ({"type": "response.completed", "response": {"output": [
         {"type": "message", "content": [{"type": "output_text", "text": "a"}]},

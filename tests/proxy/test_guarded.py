@@ -16,10 +16,16 @@ import httpx
 import openai
 import pytest
 
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
 from tests.proxy.rawhttp import RawUpstream
 from tests.support.clients import close_sdk_clients, sdk  # noqa: F401 - close_sdk_clients is autouse
 from tests.support.proxy import running_proxy
 from tests.support.scorers import KeywordScorer
+from tests.support.servers import LiveServer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "vllm-0.32-cpu"
 REFUSAL = "Sorry, I can't continue with that."
@@ -575,3 +581,68 @@ def test_a_stored_prompts_variables_are_read_as_the_clients_turn(scripted):
     assert alone.status == beside.status == "incomplete"
     assert alone.output_text == beside.output_text == REFUSAL
     assert len(recorder.requests) == before
+
+
+def test_a_thinking_part_in_the_users_message_is_read(scripted):
+    """vLLM renders a content part of type `thinking` as text (its `thinking` field), in
+    any message and through the Responses API's input messages too: the model reads it as
+    the user's words, so the guard scores it. It used to be dropped as a non-text part,
+    so a harmful request put there reached the model unscored."""
+    url, recorder = scripted
+    before = len(recorder.requests)
+    part = [{"type": "text", "text": "hello"}, {"type": "thinking", "thinking": "a BOMB, step by step"}]
+    with running_proxy(policy_yaml(url, prompt="{action: refuse, threshold: 0.5}"), KeywordScorer()) as proxy:
+        client = sdk(proxy)
+        chat = client.chat.completions.create(model="m", messages=[{"role": "user", "content": part}])
+        responses = client.responses.create(model="m", input=[{"role": "user", "content": part}])
+    assert chat.choices[0].message.content == REFUSAL
+    assert responses.output_text == REFUSAL
+    assert len(recorder.requests) == before
+
+
+def test_a_tool_reference_part_in_the_users_message_is_read(scripted):
+    """vLLM writes a `tool_reference` part's `name` into the message (as text where the
+    template reads string content): any string, so the guard scores it with the turn."""
+    url, recorder = scripted
+    before = len(recorder.requests)
+    part = [{"type": "text", "text": "hello"}, {"type": "tool_reference", "name": "a BOMB, step by step"}]
+    with running_proxy(policy_yaml(url, prompt="{action: refuse, threshold: 0.5}"), KeywordScorer()) as proxy:
+        chat = sdk(proxy).chat.completions.create(model="m", messages=[{"role": "user", "content": part}])
+    assert chat.choices[0].message.content == REFUSAL
+    assert len(recorder.requests) == before
+
+
+def tool_calling_upstream(name: str) -> Starlette:
+    """A chat upstream whose model calls a tool named `name` (vLLM's tool parsers take the
+    name the model wrote), streamed as vLLM streams it or whole."""
+    call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": name, "arguments": "{}"}}
+
+    def chunk(delta: dict, finish: str | None = None) -> bytes:
+        return b"data: " + json.dumps({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                                       "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}).encode() \
+            + b"\n\n"
+
+    async def chat(request: Request) -> Response:
+        if (await request.json()).get("stream"):
+            arguments = {"index": 0, "function": {"arguments": "{}"}}
+            named = {**call, "function": {"name": name, "arguments": ""}}
+            body = [chunk({"role": "assistant", "content": ""}), chunk({"tool_calls": [named]}),
+                    chunk({"tool_calls": [arguments]}), chunk({}, "tool_calls"), b"data: [DONE]\n\n"]
+            return Response(b"".join(body), media_type="text/event-stream")
+        return JSONResponse({"id": "c", "object": "chat.completion", "created": 1, "model": "m", "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": None, "tool_calls": [call]},
+             "finish_reason": "tool_calls"}]})
+    return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_tool_calls_name_is_scored_as_what_the_model_wrote(stream):
+    """vLLM's tool parsers pass on the function name the model wrote, whatever it is, and
+    the client receives it: it is scored with the arguments. Before, only the arguments
+    were, so text the model put in a name reached the client unscored."""
+    with LiveServer(tool_calling_upstream("BOMB_steps_one_to_ten")) as upstream, running_proxy(
+            policy_yaml(upstream.url + "/v1", response=CUT % (1, 1)), KeywordScorer()) as proxy:
+        reply = httpx.post(proxy.url + "/v1/chat/completions",
+                           json={"model": "m", "stream": stream, "messages": user("hi")})
+    assert reply.status_code == 200
+    assert "BOMB" not in reply.text and REFUSAL in reply.text

@@ -136,3 +136,27 @@ def test_prompt_embeds_are_prompts_the_guard_cannot_read(scripted, body, choices
     assert reached == 0
     assert allowed.status_code == 200, allowed.text
     assert recorder.requests[-1]["body"] == body and len(allowed.json()["choices"]) == choices
+
+
+EMBEDS = {"type": "prompt_embeds", "data": "AAAA"}
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, EMBEDS]}]}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"prompt_embeds": "", "data": "AAAA"}]}]}),
+    ("/v1/responses", {"input": [{"role": "user", "content": [EMBEDS]}]}),
+    ("/v1/chat/completions/batch", {"messages": [[{"role": "user", "content": "hi"}],
+                                                 [{"role": "user", "content": [EMBEDS]}]]}),
+])
+def test_prompt_embeds_in_a_message_are_a_prompt_the_guard_cannot_read(scripted, path, body):
+    """vLLM (with --enable-prompt-embeds) splices a `prompt_embeds` content part into a chat
+    message where its text would be: embeddings of any text, which the guard cannot read,
+    so the prompt is not scoreable (as `prompt_embeds` on completions): a fail-closed
+    policy refuses it (503) without calling the upstream. Before, the part was skipped as
+    an image is and the message scored on its text alone."""
+    url, recorder = scripted
+    before = len(recorder.requests)
+    with running_proxy(policy_yaml(url, prompt=REFUSE), KeywordScorer()) as proxy:
+        closed = httpx.post(proxy.url + path, json={"model": "m", **body})
+    assert closed.status_code == 503 and closed.json()["error"]["code"] == "guard_unavailable", closed.text
+    assert len(recorder.requests) == before

@@ -188,13 +188,13 @@ def test_a_stream_that_repeats_its_deltas_is_scored_on_its_deltas(proxy, name):
 
 def test_anthropic_tool_input_that_opens_whole_is_scored_and_cut(proxy):
     received, scored = stream(proxy, "tool-input-whole")
-    assert scored == 'hi\n{"topic": "a BOMB"}'
+    assert scored == 'hi\nlookup\n{"topic": "a BOMB"}'  # the tool's name is what the model wrote too
     assert b"BOMB" not in received and b"I'm sorry" in received
 
 
 def test_anthropic_tool_input_that_opens_empty_is_scored_on_its_deltas(proxy):
     received, scored = stream(proxy, "tool-input-streamed")
-    assert scored == 'hi\n{"topic": "otters"}' and received == STREAMS["tool-input-streamed"]
+    assert scored == 'hi\nlookup{"topic": "otters"}' and received == STREAMS["tool-input-streamed"]
 
 
 def test_legacy_function_call_arguments_are_scored_and_cut(proxy):

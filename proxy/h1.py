@@ -130,6 +130,8 @@ class Connection(asyncio.Protocol):
             raise httptools.HttpParserError("bytes after the end of the response")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.headers_done:  # a trailer field, after the body: no part of the head (httpx drops them too)
+            return
         self.head_size += len(name) + len(value)
         if self.head_size > MAX_HEAD:
             self.error = head_too_large()

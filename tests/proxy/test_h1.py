@@ -263,6 +263,23 @@ def test_bodies_delimited_every_way_arrive_whole(name):
     asyncio.run(main())
 
 
+
+def test_trailer_fields_are_not_response_headers():
+    """A chunked body's trailer section comes after the body: its fields are no part of
+    the head the response was built from, even when they arrive in the same read as it
+    (httpx drops them too). Passed on as headers, an upstream's trailer would reach the
+    client as a header it never sent there (a `set-cookie`, say)."""
+    script = [b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + chunk(b"hello")
+              + b"0\r\nx-checksum: 1\r\nset-cookie: a=1\r\n\r\n"]
+
+    async def main():
+        async with scripted_transport(script) as (transport, url):
+            for _ in range(2):  # and the connection serves the next response
+                response, body = await fetch(transport, url)
+                assert (response.headers.raw, body) == ([(b"transfer-encoding", b"chunked")], b"hello")
+
+    asyncio.run(main())
+
 CHUNKED = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
 FAULTS = {  # script, the error, the bytes that arrive before it
     "reset-mid-body": ([b"HTTP/1.1 200 OK\r\ncontent-length: 50\r\n\r\nhel", 0.05, RST], httpx.ReadError, b"hel"),

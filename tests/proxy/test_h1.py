@@ -211,6 +211,84 @@ def test_the_pool_bounds_requests_in_flight_and_times_out_waiting():
     asyncio.run(main())
 
 
+class EarlyAnswer:
+    """Answers a request whose body is over 1 MB after its head alone (a 413 from a server
+    with a body limit), then reads no more of that connection; smaller ones normally."""
+
+    def __init__(self, close: bool) -> None:
+        self.close = close
+        self.connections = 0
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:"))
+                if length <= 1 << 20:
+                    await reader.readexactly(length)
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    continue
+                writer.write(b"HTTP/1.1 413 Payload Too Large\r\n%scontent-length: 8\r\n\r\ntoo big!"
+                             % (b"connection: close\r\n" if self.close else b""))
+                await asyncio.sleep(30)
+        except (asyncio.IncompleteReadError, asyncio.CancelledError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.mark.parametrize("close", [True, False], ids=["connection-close", "keep-alive"])
+def test_an_answer_before_the_whole_body_is_sent_is_the_response(close):
+    """An upstream may answer before it has read the whole request body (RFC 9112 §9.5: a
+    client should watch for it while it sends); its answer is the response, rather than a
+    write timeout once the upstream stops reading, and the rest of the body is never sent:
+    the connection is not reused."""
+    async def main():
+        handler = EarlyAnswer(close)
+        server = await asyncio.start_server(handler.serve, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/files"
+        transport = H1Transport()
+        try:
+            started = asyncio.get_running_loop().time()
+            response, body = await fetch(transport, url, body=b"x" * (64 << 20))
+            assert (response.status_code, body) == (413, b"too big!")
+            assert asyncio.get_running_loop().time() - started < TIMEOUT["write"]
+            response, body = await fetch(transport, url)
+            assert (response.status_code, body) == (200, b"ok")
+            assert handler.connections == 2
+            assert not transport._open - {c for idle in transport._idle.values() for c in idle}
+        finally:
+            await transport.aclose()
+            server.close()
+
+    asyncio.run(main())
+
+
+def test_an_upstream_that_stops_reading_the_body_without_an_answer_is_a_write_timeout():
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader.readuntil(b"\r\n\r\n")
+            await asyncio.sleep(30)
+        writer.close()
+
+    async def main():
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/files"
+        transport = H1Transport()
+        try:
+            with pytest.raises(httpx.WriteTimeout):
+                await transport.handle_async_request(
+                    request(url, body=b"x" * (64 << 20), timeout={**TIMEOUT, "write": 0.3, "read": 5.0}))
+            assert transport._slots._value == transport.max_connections and not transport._open
+        finally:
+            await transport.aclose()
+            server.close()
+
+    asyncio.run(main())
+
+
 def test_a_response_closed_before_its_end_closes_its_connection():
     async def main():
         handler = KeepAlive(body=b"x" * 200_000)

@@ -146,6 +146,11 @@ class Connection(asyncio.Protocol):
         if 100 <= self.status < 200:
             self.informational = True  # 100 Continue, 103 Early Hints: the answer follows
             return
+        codings = [coding.strip().lower() for name, value in self.headers if name.lower() == b"transfer-encoding"
+                   for coding in value.split(b",")]
+        if codings and codings != [b"chunked"]:  # gzip, say: the body would go on still coded, its header dropped
+            self.error = httpx.RemoteProtocolError("the upstream used a transfer coding other than chunked")
+            raise httptools.HttpParserError("transfer coding other than chunked")
         self.headers_done = True
 
     def on_body(self, body: bytes) -> None:

@@ -392,6 +392,14 @@ HEAD_FAULTS = {
     "close": ([FIN], httpx.RemoteProtocolError),
     "not-http": ([b"SPDY/9 banana\r\n\r\n", FIN], httpx.RemoteProtocolError),
     "silent": ([1.0], httpx.ReadTimeout),
+    # A transfer coding other than chunked (httpx refuses it too): the body would go on to
+    # the client still coded, with the header that says so dropped as hop-by-hop.
+    "gzip-transfer-coding": ([b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n\x1f\x8b", FIN],
+                             httpx.RemoteProtocolError),
+    "gzip-then-chunked": ([b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n", chunk(b"\x1f\x8b"),
+                           LAST_CHUNK], httpx.RemoteProtocolError),
+    "chunked-in-two-fields": ([b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\ntransfer-encoding: chunked\r\n\r\n",
+                               chunk(b"\x1f\x8b"), LAST_CHUNK], httpx.RemoteProtocolError),
     "switches-protocols": ([b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\nconnection: upgrade\r\n\r\n", 0.5,
                             FIN], httpx.RemoteProtocolError),
 }

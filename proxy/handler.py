@@ -177,17 +177,16 @@ class Proxy:
         """The body, ended at the request deadline or at shutdown (the stream slot is freed
         `on_close`): an event stream ends with an in-band error; any other body is cut
         short, since its bytes have no place for one."""
-        loop = asyncio.get_running_loop()
         try:
             while True:
                 end = deadline  # or the drain, if shutdown has begun and it comes first
                 if self.drain_at is not None and (end is None or self.drain_at < end):
                     end = self.drain_at
                 try:
-                    if end is None:
+                    # In this task, not `wait_for`'s own: a disconnect that cancels the wait
+                    # would leave that task running the body on, which `aclose` then refuses.
+                    async with asyncio.timeout_at(end):
                         chunk = await anext(body)
-                    else:
-                        chunk = await asyncio.wait_for(anext(body), max(0.0, end - loop.time()))
                 except StopAsyncIteration:
                     return
                 except TimeoutError:

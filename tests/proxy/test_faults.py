@@ -14,6 +14,7 @@ import asyncio
 import gzip
 import json
 import logging
+import socket
 import time
 
 import httpx
@@ -597,6 +598,31 @@ class Watched(KeywordScorer):
         self.ended.append("scored")
         return score
 
+
+
+def test_a_client_that_leaves_while_sending_its_body_leaves_no_traceback(scripted):
+    """Starlette raises `ClientDisconnect` from the body's stream when the client goes
+    before the end of its body; it escaped the handler (uvicorn: "Exception in ASGI
+    application"). It is a 499, as a client that leaves during the prompt stage is."""
+    url, recorder = scripted
+    errors: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = errors.append
+    before = len(recorder.requests)
+    with running_proxy(GOOD.format(url=url, action="off")) as server:
+        logging.getLogger("uvicorn.error").addHandler(handler)  # after uvicorn set its logging up
+        try:
+            with socket.create_connection(("127.0.0.1", server.port)) as sock:
+                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                             b"content-length: 1000\r\n\r\n{\"model\": ")
+                time.sleep(0.2)
+            wait_for(lambda: 'status="499"' in httpx.get(server.url + "/metrics").text or errors)
+        finally:
+            logging.getLogger("uvicorn.error").removeHandler(handler)
+        metrics = httpx.get(server.url + "/metrics").text
+    assert not errors, [record.getMessage() for record in errors]
+    assert 'siren_proxy_requests_total{route="-",status="499"} 1.0' in metrics
+    assert len(recorder.requests) == before
 
 @pytest.mark.parametrize("response", ["{action: off}", "{action: cut}"])  # full-text score / session prefill
 def test_a_client_that_leaves_during_the_prompt_stage_frees_the_guard(scripted, response):

@@ -259,7 +259,10 @@ class H1Transport(httpx.AsyncBaseTransport):
             self._slots = asyncio.Semaphore(self.max_connections)
         if self._slots.locked():
             try:
-                await asyncio.wait_for(self._slots.acquire(), timeout.get("pool"))
+                # Not `wait_for`, whose task of its own (3.11) can take the slot as this request
+                # is cancelled, and then return it, the cancellation lost.
+                async with asyncio.timeout(timeout.get("pool")):
+                    await self._slots.acquire()
             except TimeoutError:
                 raise httpx.PoolTimeout("no upstream connection came free within the pool timeout") from None
         else:

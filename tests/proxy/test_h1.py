@@ -289,6 +289,29 @@ def test_an_upstream_that_stops_reading_the_body_without_an_answer_is_a_write_ti
     asyncio.run(main())
 
 
+def test_a_request_cancelled_as_a_slot_comes_free_is_cancelled():
+    """A request waiting for a pool slot is cancelled (its client left, its deadline
+    passed) in the same turn of the loop as the slot comes free. `asyncio.wait_for` (3.11)
+    then returned the slot and swallowed the cancellation: the request went on upstream
+    for nobody, holding the slot, and its caller (`until_disconnect` gathers the pipeline
+    and drops its result) never closed the response."""
+    async def main():
+        handler = KeepAlive()
+        async with keepalive_transport(handler, max_connections=1) as (transport, url):
+            first = await transport.handle_async_request(request(url))
+            waiting = asyncio.ensure_future(fetch(transport, url))
+            await asyncio.sleep(0.05)  # waiting for the one slot
+            await first.aclose()  # frees it...
+            waiting.cancel()  # ...as the waiting request is cancelled
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            assert transport._slots._value == 1
+            assert len(handler.requests) == 1  # the cancelled request never went out
+            assert (await fetch(transport, url))[1] == b"hello"
+
+    asyncio.run(main())
+
+
 def test_a_response_closed_before_its_end_closes_its_connection():
     async def main():
         handler = KeepAlive(body=b"x" * 200_000)

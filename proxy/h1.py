@@ -62,8 +62,7 @@ class Connection(asyncio.Protocol):
         self.closed = False
         self.busy = False
         self.idle_since = 0.0
-        self.writable = asyncio.Event()
-        self.writable.set()
+        self.writable = True  # asyncio's write buffer is under its high water
         self.start()
 
     def start(self) -> None:
@@ -104,7 +103,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.writable.set()
+        self.writable = True
         if self.busy and not self.complete and self.error is None:
             if exc is None and self.headers_done and self.until_close():
                 self.complete = True  # a body delimited by the end of the connection
@@ -118,10 +117,11 @@ class Connection(asyncio.Protocol):
         self.wake()
 
     def pause_writing(self) -> None:
-        self.writable.clear()
+        self.writable = False
 
     def resume_writing(self) -> None:
-        self.writable.set()
+        self.writable = True
+        self.wake()
 
     # httptools callbacks
 
@@ -130,6 +130,8 @@ class Connection(asyncio.Protocol):
             raise httptools.HttpParserError("bytes after the end of the response")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.headers_done:  # a trailer field, after the body: no part of the head (httpx drops them too)
+            return
         self.head_size += len(name) + len(value)
         if self.head_size > MAX_HEAD:
             self.error = head_too_large()
@@ -144,6 +146,11 @@ class Connection(asyncio.Protocol):
         if 100 <= self.status < 200:
             self.informational = True  # 100 Continue, 103 Early Hints: the answer follows
             return
+        codings = [coding.strip().lower() for name, value in self.headers if name.lower() == b"transfer-encoding"
+                   for coding in value.split(b",")]
+        if codings and codings != [b"chunked"]:  # gzip, say: the body would go on still coded, its header dropped
+            self.error = httpx.RemoteProtocolError("the upstream used a transfer coding other than chunked")
+            raise httptools.HttpParserError("transfer coding other than chunked")
         self.headers_done = True
 
     def on_body(self, body: bytes) -> None:
@@ -168,11 +175,11 @@ class Connection(asyncio.Protocol):
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
-    async def wait(self, timeout: float | None) -> None:
-        """Until the parser or the socket has news; `httpx.ReadTimeout` after `timeout` s."""
+    async def wait(self, timeout: float | None, error: type[httpx.TimeoutException] = httpx.ReadTimeout) -> None:
+        """Until the parser or the socket has news; `error` after `timeout` s."""
         loop = asyncio.get_running_loop()
         self.waiter = waiter = loop.create_future()
-        timer = None if timeout is None else loop.call_later(timeout, expire, waiter)
+        timer = None if timeout is None else loop.call_later(timeout, expire, waiter, error)
         try:
             await waiter
         finally:
@@ -191,16 +198,19 @@ class Connection(asyncio.Protocol):
         return chunk
 
     def reusable(self) -> bool:
-        return self.complete and self.keep_alive and not self.closed and self.error is None and not self.chunks
+        return (self.complete and self.keep_alive and not self.closed and self.error is None and not self.chunks
+                and not self.transport.get_write_buffer_size())  # a request not all sent: an early answer
 
 
 def head_too_large() -> httpx.RemoteProtocolError:
     return httpx.RemoteProtocolError(f"the upstream's response head is over {MAX_HEAD // 1024} KiB")
 
 
-def expire(waiter: asyncio.Future) -> None:
+def expire(waiter: asyncio.Future, error: type[httpx.TimeoutException]) -> None:
     if not waiter.done():
-        waiter.set_exception(httpx.ReadTimeout("the upstream sent nothing within the read timeout"))
+        waiter.set_exception(error("the upstream took no more of the request within the write timeout"
+                                   if error is httpx.WriteTimeout else
+                                   "the upstream sent nothing within the read timeout"))
 
 
 class Body(httpx.AsyncByteStream):
@@ -249,7 +259,10 @@ class H1Transport(httpx.AsyncBaseTransport):
             self._slots = asyncio.Semaphore(self.max_connections)
         if self._slots.locked():
             try:
-                await asyncio.wait_for(self._slots.acquire(), timeout.get("pool"))
+                # Not `wait_for`, whose task of its own (3.11) can take the slot as this request
+                # is cancelled, and then return it, the cancellation lost.
+                async with asyncio.timeout(timeout.get("pool")):
+                    await self._slots.acquire()
             except TimeoutError:
                 raise httpx.PoolTimeout("no upstream connection came free within the pool timeout") from None
         else:
@@ -277,20 +290,24 @@ class H1Transport(httpx.AsyncBaseTransport):
                               extensions={"http_version": b"HTTP/1.1"})
 
     async def _exchange(self, conn: Connection, payload: bytes, timeout: dict) -> None:
-        """Send the request and wait for the response's headers."""
+        """Send the request and wait for the response's headers.
+
+        The headers may come while the body is still going out: an upstream may answer
+        before it has read it all (a 413), and then perhaps read no more. That answer is
+        the response (RFC 9112 §9.5), where waiting for the body to drain first would end
+        in a write timeout; the connection is then not reused, and the rest is not sent.
+        """
         conn.busy = True
         if conn.closed:
             raise httpx.WriteError("the upstream connection is closed")
         conn.transport.write(payload)
-        if not conn.writable.is_set():
-            try:
-                await asyncio.wait_for(conn.writable.wait(), timeout.get("write"))
-            except TimeoutError:
-                raise httpx.WriteTimeout("the upstream took no more of the request within the write timeout") from None
         while not conn.headers_done:
             if conn.error is not None:
                 raise conn.error
-            await conn.wait(timeout.get("read"))
+            if conn.writable:
+                await conn.wait(timeout.get("read"))
+            else:
+                await conn.wait(timeout.get("write"), httpx.WriteTimeout)
 
     async def _connect(self, origin: tuple[str, int], timeout: float | None) -> Connection:
         loop = asyncio.get_running_loop()
@@ -330,7 +347,10 @@ class H1Transport(httpx.AsyncBaseTransport):
         conn.busy = False
         self._open.discard(conn)
         if conn.transport is not None and not conn.closed:
-            conn.transport.close()
+            if conn.transport.get_write_buffer_size():
+                conn.transport.abort()  # close() would first send the rest of a request already answered
+            else:
+                conn.transport.close()
 
     async def aclose(self) -> None:
         for conn in list(self._open):

@@ -14,6 +14,7 @@ import asyncio
 import gzip
 import json
 import logging
+import socket
 import time
 
 import httpx
@@ -505,6 +506,38 @@ def test_client_disconnect_under_the_guard_closes_upstream_and_session(scripted,
     assert scorer.sessions and all(s.closed for s in scorer.sessions)
 
 
+
+@pytest.mark.parametrize("script", ["stall-after:6", "endless:w1 w2", "slowtext:" + WORDS])
+def test_client_disconnect_under_a_request_deadline_leaves_no_traceback(scripted, script):
+    """With `server.request_timeout` set each piece of the body is awaited against the
+    deadline; a client that leaves mid-stream cancels that wait, and the guarded relay's
+    cleanup (its upstream, its session) then runs on. The wait ran the piece's read in a
+    task of its own (`asyncio.wait_for`), which the disconnect left running: closing the
+    body then raised "asynchronous generator is already running" (uvicorn: "Exception in
+    ASGI application")."""
+    url, recorder = scripted
+    scorer = KeywordScorer()
+    text = "server:\n  request_timeout: 30\n" + GUARDED.format(url=url, on_error="block")
+    errors: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = errors.append
+    with running_proxy(text, scorer) as server:
+        logging.getLogger("uvicorn.error").addHandler(handler)  # after uvicorn set its logging up
+        try:
+            before = len(recorder.streams)
+            with httpx.Client(timeout=20) as client, client.stream(
+                    "POST", server.url + "/v1/chat/completions", headers={"x-script": script},
+                    json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}) as response:
+                for line in response.iter_lines():
+                    if "w1" in line or "tok0" in line:
+                        break
+            wait_for(lambda: len(recorder.streams) > before and all(s.closed for s in scorer.sessions))
+            time.sleep(0.2)
+        finally:
+            logging.getLogger("uvicorn.error").removeHandler(handler)
+    assert not errors, [record.getMessage() for record in errors]
+    assert recorder.streams[before:] == ["closed-early"]
+
 GOOD = """
 upstreams:
   up: {{base_url: {url}}}
@@ -565,6 +598,31 @@ class Watched(KeywordScorer):
         self.ended.append("scored")
         return score
 
+
+
+def test_a_client_that_leaves_while_sending_its_body_leaves_no_traceback(scripted):
+    """Starlette raises `ClientDisconnect` from the body's stream when the client goes
+    before the end of its body; it escaped the handler (uvicorn: "Exception in ASGI
+    application"). It is a 499, as a client that leaves during the prompt stage is."""
+    url, recorder = scripted
+    errors: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = errors.append
+    before = len(recorder.requests)
+    with running_proxy(GOOD.format(url=url, action="off")) as server:
+        logging.getLogger("uvicorn.error").addHandler(handler)  # after uvicorn set its logging up
+        try:
+            with socket.create_connection(("127.0.0.1", server.port)) as sock:
+                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                             b"content-length: 1000\r\n\r\n{\"model\": ")
+                time.sleep(0.2)
+            wait_for(lambda: 'status="499"' in httpx.get(server.url + "/metrics").text or errors)
+        finally:
+            logging.getLogger("uvicorn.error").removeHandler(handler)
+        metrics = httpx.get(server.url + "/metrics").text
+    assert not errors, [record.getMessage() for record in errors]
+    assert 'siren_proxy_requests_total{route="-",status="499"} 1.0' in metrics
+    assert len(recorder.requests) == before
 
 @pytest.mark.parametrize("response", ["{action: off}", "{action: cut}"])  # full-text score / session prefill
 def test_a_client_that_leaves_during_the_prompt_stage_frees_the_guard(scripted, response):

@@ -211,6 +211,107 @@ def test_the_pool_bounds_requests_in_flight_and_times_out_waiting():
     asyncio.run(main())
 
 
+class EarlyAnswer:
+    """Answers a request whose body is over 1 MB after its head alone (a 413 from a server
+    with a body limit), then reads no more of that connection; smaller ones normally."""
+
+    def __init__(self, close: bool) -> None:
+        self.close = close
+        self.connections = 0
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:"))
+                if length <= 1 << 20:
+                    await reader.readexactly(length)
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    continue
+                writer.write(b"HTTP/1.1 413 Payload Too Large\r\n%scontent-length: 8\r\n\r\ntoo big!"
+                             % (b"connection: close\r\n" if self.close else b""))
+                await asyncio.sleep(30)
+        except (asyncio.IncompleteReadError, asyncio.CancelledError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.mark.parametrize("close", [True, False], ids=["connection-close", "keep-alive"])
+def test_an_answer_before_the_whole_body_is_sent_is_the_response(close):
+    """An upstream may answer before it has read the whole request body (RFC 9112 §9.5: a
+    client should watch for it while it sends); its answer is the response, rather than a
+    write timeout once the upstream stops reading, and the rest of the body is never sent:
+    the connection is not reused."""
+    async def main():
+        handler = EarlyAnswer(close)
+        server = await asyncio.start_server(handler.serve, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/files"
+        transport = H1Transport()
+        try:
+            started = asyncio.get_running_loop().time()
+            response, body = await fetch(transport, url, body=b"x" * (64 << 20))
+            assert (response.status_code, body) == (413, b"too big!")
+            assert asyncio.get_running_loop().time() - started < TIMEOUT["write"]
+            response, body = await fetch(transport, url)
+            assert (response.status_code, body) == (200, b"ok")
+            assert handler.connections == 2
+            assert not transport._open - {c for idle in transport._idle.values() for c in idle}
+        finally:
+            await transport.aclose()
+            server.close()
+
+    asyncio.run(main())
+
+
+def test_an_upstream_that_stops_reading_the_body_without_an_answer_is_a_write_timeout():
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader.readuntil(b"\r\n\r\n")
+            await asyncio.sleep(30)
+        writer.close()
+
+    async def main():
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/files"
+        transport = H1Transport()
+        try:
+            with pytest.raises(httpx.WriteTimeout):
+                await transport.handle_async_request(
+                    request(url, body=b"x" * (64 << 20), timeout={**TIMEOUT, "write": 0.3, "read": 5.0}))
+            assert transport._slots._value == transport.max_connections and not transport._open
+        finally:
+            await transport.aclose()
+            server.close()
+
+    asyncio.run(main())
+
+
+def test_a_request_cancelled_as_a_slot_comes_free_is_cancelled():
+    """A request waiting for a pool slot is cancelled (its client left, its deadline
+    passed) in the same turn of the loop as the slot comes free. `asyncio.wait_for` (3.11)
+    then returned the slot and swallowed the cancellation: the request went on upstream
+    for nobody, holding the slot, and its caller (`until_disconnect` gathers the pipeline
+    and drops its result) never closed the response."""
+    async def main():
+        handler = KeepAlive()
+        async with keepalive_transport(handler, max_connections=1) as (transport, url):
+            first = await transport.handle_async_request(request(url))
+            waiting = asyncio.ensure_future(fetch(transport, url))
+            await asyncio.sleep(0.05)  # waiting for the one slot
+            await first.aclose()  # frees it...
+            waiting.cancel()  # ...as the waiting request is cancelled
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            assert transport._slots._value == 1
+            assert len(handler.requests) == 1  # the cancelled request never went out
+            assert (await fetch(transport, url))[1] == b"hello"
+
+    asyncio.run(main())
+
+
 def test_a_response_closed_before_its_end_closes_its_connection():
     async def main():
         handler = KeepAlive(body=b"x" * 200_000)
@@ -263,6 +364,23 @@ def test_bodies_delimited_every_way_arrive_whole(name):
     asyncio.run(main())
 
 
+
+def test_trailer_fields_are_not_response_headers():
+    """A chunked body's trailer section comes after the body: its fields are no part of
+    the head the response was built from, even when they arrive in the same read as it
+    (httpx drops them too). Passed on as headers, an upstream's trailer would reach the
+    client as a header it never sent there (a `set-cookie`, say)."""
+    script = [b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + chunk(b"hello")
+              + b"0\r\nx-checksum: 1\r\nset-cookie: a=1\r\n\r\n"]
+
+    async def main():
+        async with scripted_transport(script) as (transport, url):
+            for _ in range(2):  # and the connection serves the next response
+                response, body = await fetch(transport, url)
+                assert (response.headers.raw, body) == ([(b"transfer-encoding", b"chunked")], b"hello")
+
+    asyncio.run(main())
+
 CHUNKED = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
 FAULTS = {  # script, the error, the bytes that arrive before it
     "reset-mid-body": ([b"HTTP/1.1 200 OK\r\ncontent-length: 50\r\n\r\nhel", 0.05, RST], httpx.ReadError, b"hel"),
@@ -297,6 +415,14 @@ HEAD_FAULTS = {
     "close": ([FIN], httpx.RemoteProtocolError),
     "not-http": ([b"SPDY/9 banana\r\n\r\n", FIN], httpx.RemoteProtocolError),
     "silent": ([1.0], httpx.ReadTimeout),
+    # A transfer coding other than chunked (httpx refuses it too): the body would go on to
+    # the client still coded, with the header that says so dropped as hop-by-hop.
+    "gzip-transfer-coding": ([b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n\x1f\x8b", FIN],
+                             httpx.RemoteProtocolError),
+    "gzip-then-chunked": ([b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n", chunk(b"\x1f\x8b"),
+                           LAST_CHUNK], httpx.RemoteProtocolError),
+    "chunked-in-two-fields": ([b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\ntransfer-encoding: chunked\r\n\r\n",
+                               chunk(b"\x1f\x8b"), LAST_CHUNK], httpx.RemoteProtocolError),
     "switches-protocols": ([b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\nconnection: upgrade\r\n\r\n", 0.5,
                             FIN], httpx.RemoteProtocolError),
 }

@@ -312,8 +312,8 @@ class H1Transport(httpx.AsyncBaseTransport):
     async def _connect(self, origin: tuple[str, int], timeout: float | None) -> Connection:
         loop = asyncio.get_running_loop()
         try:
-            _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: Connection(origin), *origin), timeout)
+            async with asyncio.timeout(timeout):  # not `wait_for`, which (3.11) can swallow a cancellation
+                _, conn = await loop.create_connection(lambda: Connection(origin), *origin)
         except TimeoutError:
             raise httpx.ConnectTimeout(f"no connection to {origin[0]}:{origin[1]} within the connect timeout") from None
         except OSError as exc:

@@ -300,15 +300,24 @@ async def until_disconnect(request: Request, pipeline: Awaitable[Response]) -> R
     try:
         await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
     except BaseException:  # the deadline (or shutdown) cancelled us: the pipeline goes too
-        task.cancel()
+        await _discard(task)
         raise
     finally:
         watcher.cancel()
     if task.done():
         return task.result()
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)  # its cleanup (a session's close) runs now
+    await _discard(task)
     raise ClientClosed("the client closed the connection before the response began")
+
+
+async def _discard(task: asyncio.Future[Response]) -> None:
+    """Cancel the pipeline and let its cleanup (a session's close) run now. A response it
+    made all the same, before the cancellation reached it, is closed: nobody will send it,
+    and it holds an upstream stream and a pool slot."""
+    task.cancel()
+    done, = await asyncio.gather(task, return_exceptions=True)
+    if isinstance(done, RelayResponse):
+        await done.aclose()
 
 
 async def _disconnected(request: Request) -> None:

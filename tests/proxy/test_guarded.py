@@ -21,6 +21,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from proxy.errors import ClientClosed
+from proxy.handler import until_disconnect
+from proxy.relay import RelayResponse
 from tests.proxy.rawhttp import RawUpstream
 from tests.support.clients import close_sdk_clients, sdk  # noqa: F401 - close_sdk_clients is autouse
 from tests.support.proxy import running_proxy
@@ -553,6 +556,39 @@ def test_client_disconnect_while_scoring_cleans_up(scripted, tmp_path):
     assert scorer.sessions and all(s.closed for s in scorer.sessions)
     record = json.loads(audit.read_text().splitlines()[0])
     assert record["decisions"] and record["decisions"][-1]["stage"] == "response"
+
+
+def test_a_response_made_as_the_client_left_is_closed():
+    """The client leaves and the pipeline, cancelled, returns its response all the same
+    (done in the same turn of the loop, or a wait that swallowed the cancellation, as
+    3.11's `wait_for` did in the pool): that response held an upstream stream and a pool
+    slot that nobody closed, since `until_disconnect` dropped it."""
+    closed = []
+
+    async def pipeline() -> Response:
+        async def body():
+            yield b"data: {}\n\n"
+
+        async def on_close() -> None:
+            closed.append(True)
+
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:  # swallowed, as the pool's wait once did
+            pass
+        return RelayResponse(body(), 200, [("content-type", "text/event-stream")], on_close=on_close)
+
+    async def receive() -> dict:
+        await asyncio.sleep(0.05)
+        return {"type": "http.disconnect"}
+
+    async def main():
+        request = Request({"type": "http", "method": "POST", "path": "/", "headers": []}, receive)
+        with pytest.raises(ClientClosed):
+            await until_disconnect(request, pipeline())
+
+    asyncio.run(main())
+    assert closed == [True]
 
 
 @pytest.mark.parametrize("scope", ["conversation_with_system", "conversation"])

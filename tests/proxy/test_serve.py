@@ -232,3 +232,19 @@ def test_check_config_prints_the_routing_table():
                             capture_output=True, text=True, timeout=60, cwd=Path(__file__).parents[2])
     assert result.returncode == 0, result.stderr
     assert "/redteam/v1" in result.stdout and "redteam" in result.stdout
+
+
+@pytest.mark.parametrize("port", ["99999", "65536", "-1", "http"])
+def test_a_port_out_of_range_is_a_usage_error(tmp_path, port):
+    """`--port 99999` listened on 34463 (99999 mod 65536) while uvicorn's log said :99999;
+    it is refused as `server.port` is, before anything starts."""
+    path = tmp_path / "config.yaml"
+    path.write_text(config_text("http://127.0.0.1:8000/v1"))
+    try:
+        result = subprocess.run([sys.executable, "-m", "proxy", "serve", "--config", str(path), f"--port={port}"],
+                                capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"serve --port {port} started serving")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].startswith("siren-proxy serve: error: argument --port: ")
+    assert "0-65535" in result.stderr

@@ -248,3 +248,24 @@ def test_a_port_out_of_range_is_a_usage_error(tmp_path, port):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.splitlines()[-1].startswith("siren-proxy serve: error: argument --port: ")
     assert "0-65535" in result.stderr
+
+
+def test_port_zero_on_the_command_line_picks_a_free_port(tmp_path):
+    """`--port 0` was read as no `--port` (`port or server.port`), so it listened on the
+    file's port; 0 asks for a free port, as `server.port: 0` does."""
+    taken = free_port()
+    path = tmp_path / "config.yaml"
+    path.write_text(f"server: {{port: {taken}}}\n" + config_text("http://127.0.0.1:8000/v1"))
+    proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(path), "--port", "0"],
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:
+            if "Uvicorn running on" in line:
+                break
+        port = int(line.split("http://127.0.0.1:")[1].split()[0])
+        assert port != taken
+        assert status(f"http://127.0.0.1:{port}/healthz") == 200
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=15)

@@ -1,4 +1,4 @@
-"""`siren-proxy`: serve, check-config, score, train, eval.
+"""`siren-proxy`: serve, check-config, score, train, eval, generate.
 
 Subcommands other than `serve` live beside the code they drive (`policies.cli`,
 `guard.cli`, `guard.training.cli`) and register themselves here; each module imports

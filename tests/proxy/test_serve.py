@@ -269,3 +269,17 @@ def test_port_zero_on_the_command_line_picks_a_free_port(tmp_path):
     finally:
         proc.terminate()
         proc.communicate(timeout=15)
+
+
+def test_a_reader_that_closes_early_gets_no_traceback():
+    """`siren-proxy check-config config.yaml | head -1` (or `score --jsonl ... | head`)
+    ended in a BrokenPipeError traceback once `head` had read what it wanted."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before anything is written
+    try:
+        result = subprocess.run([sys.executable, "-m", "proxy", "check-config", "config.yaml"],
+                                stdout=write, stderr=subprocess.PIPE, text=True, timeout=60,
+                                cwd=Path(__file__).parents[2])
+    finally:
+        os.close(write)
+    assert result.stderr == "" and result.returncode == 1

@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from policies.config import LOG_LEVELS
+
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config.yaml"
 
 
@@ -38,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=port_number, default=None, help="listen port (default: server.port, else 8080)")
     serve.add_argument("--upstream", default=None,
                        help="base URL that replaces every upstream's base_url, e.g. http://127.0.0.1:8000/v1")
-    serve.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-level", default=None, choices=LOG_LEVELS, help="overrides server.log_level")
     serve.set_defaults(func=run_serve)
 
     for module in ("policies.cli", "guard.cli", "guard.training.cli"):

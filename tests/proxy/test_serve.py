@@ -283,3 +283,13 @@ def test_a_reader_that_closes_early_gets_no_traceback():
     finally:
         os.close(write)
     assert result.stderr == "" and result.returncode == 1
+
+
+@pytest.mark.parametrize("level", ["debug", "info", "warning", "error", "critical"])
+def test_log_level_takes_every_level_the_file_does(level):
+    """`server.log_level: critical` loads, but `--log-level critical` was a usage error."""
+    from policies.config import LOG_LEVELS
+    from proxy.cli import build_parser
+
+    assert level in LOG_LEVELS
+    assert build_parser().parse_args(["serve", "--log-level", level]).log_level == level

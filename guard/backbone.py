@@ -138,18 +138,22 @@ def converted_gguf_dir(path: Path, cache_dir: str | os.PathLike | None = None) -
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    logger.info("converting %s to a cached float32 checkpoint at %s (once)", path.name, target)
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32
-    )
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer.remove_quantization_config(model)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:  # before the conversion's 20 s, not after
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    except OSError as exc:
+        raise BackboneError(f"cannot write the converted backbone under {str(target.parent)!r}: {exc.strerror} "
+                            "(set SIREN_PROXY_CACHE to a writable directory)") from None
     # Write beside the target and rename, so a crash or a concurrent start never
     # leaves a half-written checkpoint that later loads would trust.
-    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
+        logger.info("converting %s to a cached float32 checkpoint at %s (once)", path.name, target)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32
+        )
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer.remove_quantization_config(model)
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         try:

@@ -26,7 +26,7 @@ def register(subparsers) -> None:
     cmd.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (default: auto)")
     cmd.add_argument("--threshold", type=_unit_interval, default=None,
                      help="override the artifact's threshold (a number in [0, 1])")
-    cmd.add_argument("--batch-size", type=positive_int, default=16, help="rows per batch with --jsonl")
+    cmd.add_argument("--batch-size", type=positive_int, default=16, help="rows per batch with --jsonl (default: 16)")
     cmd.set_defaults(func=run_score)
 
 

@@ -45,6 +45,9 @@ CACHE_SCOPES = ("key", "shared")  # guard.prefix_cache_scope
 DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
 _DEVICE = re.compile(r"^(?:auto|cpu|cuda|cuda:\d+)$")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# What a request path carries unescaped (RFC 3986's pchar and '/', less '%', which prefixes
+# refuse): routes match the raw path, so a prefix with anything else could never match.
+_PATH_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=:@/")
 # A key as it travels in `Authorization: Bearer <key>`: visible ASCII, spaces inside only
 _SENDABLE_KEY = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
 _UNSENDABLE = ("must be printable ASCII with no white space at either end (a trailing newline from a secret "
@@ -429,6 +432,11 @@ def _route(r: Section, i: int, upstreams: Mapping, policies: Mapping, key_names:
     if not prefix.startswith("/") or "//" in prefix or "%" in prefix or "\\" in prefix \
             or any(seg in (".", "..") for seg in prefix.split("/")):
         raise r.error("prefix", f"must start with '/' and contain no '//', '%', '\\\\', '.' or '..' segments; got {r.value['prefix']!r}")
+    stray = next((char for char in prefix if char not in _PATH_CHARS and char != "%"), None)
+    if stray is not None:
+        raise r.error("prefix", f"{stray!r} is never in a request path as routes read it (a query or fragment is "
+                      "not part of the path; a space or a non-ASCII letter comes percent-encoded), so this route "
+                      f"would never match; got {r.value['prefix']!r}")
     if prefix != "/":
         prefix = prefix.rstrip("/")
     upstream, policy = r.string("upstream"), r.string("policy")

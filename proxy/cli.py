@@ -1,4 +1,4 @@
-"""`siren-proxy`: serve, check-config, score, train, eval.
+"""`siren-proxy`: serve, check-config, score, train, eval, generate.
 
 Subcommands other than `serve` live beside the code they drive (`policies.cli`,
 `guard.cli`, `guard.training.cli`) and register themselves here; each module imports
@@ -9,10 +9,25 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
+from policies.config import LOG_LEVELS
+
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config.yaml"
+
+
+def port_number(value: str) -> int:
+    """A TCP port, for argparse, in the range `server.port` takes: the socket layer reads a
+    larger number modulo 65536 (99999 listened on 34463)."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in 0-65535, got {value!r}") from None
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a number in 0-65535, got {number}")
+    return number
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,10 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the guarding proxy")
     serve.add_argument("--config", default=str(DEFAULT_CONFIG), help="config file (default: %(default)s)")
     serve.add_argument("--host", default=None, help="listen address (default: server.host, else 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=None, help="listen port (default: server.port, else 8080)")
+    serve.add_argument("--port", type=port_number, default=None, help="listen port (default: server.port, else 8080)")
     serve.add_argument("--upstream", default=None,
                        help="base URL that replaces every upstream's base_url, e.g. http://127.0.0.1:8000/v1")
-    serve.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-level", default=None, choices=LOG_LEVELS, help="overrides server.log_level")
     serve.set_defaults(func=run_serve)
 
     for module in ("policies.cli", "guard.cli", "guard.training.cli"):
@@ -47,7 +62,13 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except BrokenPipeError:
+        # The reader of stdout left (`| head`): nothing more is wanted, so no traceback. What
+        # is still buffered goes to devnull, or flushing it at exit would raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

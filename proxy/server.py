@@ -136,7 +136,7 @@ def serve(config_path: str, *, host: str | None = None, port: int | None = None,
     holder = OverridingHolder(config, path=config_path, upstream=upstream, on_reload=load_when_needed(scorer))
     app = build_app(holder, scorer)
     server = DrainingServer(uvicorn.Config(
-        app, host=host or config.server.host, port=port or config.server.port,
+        app, host=host or config.server.host, port=config.server.port if port is None else port,
         log_level=level.lower(), lifespan="on", timeout_graceful_shutdown=config.server.shutdown_timeout,
         loop="auto", http="auto"))
 

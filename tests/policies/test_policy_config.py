@@ -229,6 +229,11 @@ ERRORS = [
     (UP + "routes:\n  - {prefix: /a/../v1, upstream: local, policy: default}\n", "routes[0].prefix", 5, "'..'"),
     (UP + "routes:\n  - {prefix: /a//v1, upstream: local, policy: default}\n", "routes[0].prefix", 5, "'//'"),
     (UP + "routes:\n  - {prefix: /a%2fv1, upstream: local, policy: default}\n", "routes[0].prefix", 5, "'%'"),
+    # characters no request path holds as the router reads it: the route could never match
+    (UP + "routes:\n  - {prefix: '/v1?team=a', upstream: local, policy: default}\n", "routes[0].prefix", 5, "'?'"),
+    (UP + "routes:\n  - {prefix: '/v1#a', upstream: local, policy: default}\n", "routes[0].prefix", 5, "'#'"),
+    (UP + "routes:\n  - {prefix: '/team a/v1', upstream: local, policy: default}\n", "routes[0].prefix", 5, "' '"),
+    (UP + "routes:\n  - {prefix: '/caf\u00e9/v1', upstream: local, policy: default}\n", "routes[0].prefix", 5, "'\u00e9'"),
     (UP + "routes:\n  - {prefix: /v1, upstream: remote, policy: default}\n", "routes[0].upstream", 5, "unknown upstream 'remote'"),
     (UP + "routes:\n  - {prefix: /v1, upstream: local, policy: kids}\n", "routes[0].policy", 5, "unknown policy 'kids'"),
     (UP + "routes:\n  - {prefix: /v1, upstream: local, policy: default, api_key: team}\n", "routes[0].api_key", 5, "no server.api_keys"),
@@ -524,3 +529,10 @@ def test_guard_prefix_cache_options_are_checked(key, value):
 def test_rerank_is_read_with_a_cutting_response_stage():
     config = parse_config(UP + "policies:\n  p:\n    rerank: {n: 4, select: first_safe}\n")
     assert config.policies["p"].rerank == Rerank(4, "first_safe") and config.policies["p"].response.action == "cut"
+
+
+@pytest.mark.parametrize("prefix", ["/v1;team=a", "/team-a_1~x/v1", "/a:b@c/v1", "/a+b,c!$&'()*=/v1"])
+def test_a_prefix_may_hold_any_character_a_path_carries_as_it_is(prefix):
+    """RFC 3986's pchar less '%': what a client sends unescaped, so what the router sees."""
+    config = parse_config(UP + f"routes:\n  - {{prefix: \"{prefix}\", upstream: local, policy: default}}\n", env={})
+    assert config.routes[0].prefix == prefix

@@ -271,3 +271,64 @@ def test_check_config_prints_the_routing_table():
                             capture_output=True, text=True, timeout=60, cwd=Path(__file__).parents[2])
     assert result.returncode == 0, result.stderr
     assert "/redteam/v1" in result.stdout and "redteam" in result.stdout
+
+
+@pytest.mark.parametrize("port", ["99999", "65536", "-1", "http"])
+def test_a_port_out_of_range_is_a_usage_error(tmp_path, port):
+    """`--port 99999` listened on 34463 (99999 mod 65536) while uvicorn's log said :99999;
+    it is refused as `server.port` is, before anything starts."""
+    path = tmp_path / "config.yaml"
+    path.write_text(config_text("http://127.0.0.1:8000/v1"))
+    try:
+        result = subprocess.run([sys.executable, "-m", "proxy", "serve", "--config", str(path), f"--port={port}"],
+                                capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"serve --port {port} started serving")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].startswith("siren-proxy serve: error: argument --port: ")
+    assert "0-65535" in result.stderr
+
+
+def test_port_zero_on_the_command_line_picks_a_free_port(tmp_path):
+    """`--port 0` was read as no `--port` (`port or server.port`), so it listened on the
+    file's port; 0 asks for a free port, as `server.port: 0` does."""
+    taken = free_port()
+    path = tmp_path / "config.yaml"
+    path.write_text(f"server: {{port: {taken}}}\n" + config_text("http://127.0.0.1:8000/v1"))
+    proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(path), "--port", "0"],
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:
+            if "Uvicorn running on" in line:
+                break
+        port = int(line.split("http://127.0.0.1:")[1].split()[0])
+        assert port != taken
+        assert status(f"http://127.0.0.1:{port}/healthz") == 200
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=15)
+
+
+def test_a_reader_that_closes_early_gets_no_traceback():
+    """`siren-proxy check-config config.yaml | head -1` (or `score --jsonl ... | head`)
+    ended in a BrokenPipeError traceback once `head` had read what it wanted."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before anything is written
+    try:
+        result = subprocess.run([sys.executable, "-m", "proxy", "check-config", "config.yaml"],
+                                stdout=write, stderr=subprocess.PIPE, text=True, timeout=60,
+                                cwd=Path(__file__).parents[2])
+    finally:
+        os.close(write)
+    assert result.stderr == "" and result.returncode == 1
+
+
+@pytest.mark.parametrize("level", ["debug", "info", "warning", "error", "critical"])
+def test_log_level_takes_every_level_the_file_does(level):
+    """`server.log_level: critical` loads, but `--log-level critical` was a usage error."""
+    from policies.config import LOG_LEVELS
+    from proxy.cli import build_parser
+
+    assert level in LOG_LEVELS
+    assert build_parser().parse_args(["serve", "--log-level", level]).log_level == level

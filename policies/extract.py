@@ -115,9 +115,11 @@ def _tool_calls_text(message: Mapping, *, param: str) -> list[str]:
 
 
 def _message_text(message: Mapping, *, param: str) -> str:
-    """A chat message's text: its reasoning (an assistant's, sent back by the client or
-    generated), content and tool-call arguments."""
-    parts = [reasoning_text(message), content_text(message.get("content"), param=f"{param}.content")]
+    """A chat message's text: its `name` (any string the client writes, which templates
+    that render a speaker put into the prompt), its reasoning (an assistant's, sent back
+    by the client or generated), content and tool calls."""
+    name = message.get("name") if isinstance(message.get("name"), str) else ""
+    parts = [name, reasoning_text(message), content_text(message.get("content"), param=f"{param}.content")]
     return "\n".join(p for p in parts + _tool_calls_text(message, param=param) if p)
 
 

@@ -648,6 +648,19 @@ def test_a_tool_reference_part_in_the_users_message_is_read(scripted):
     assert len(recorder.requests) == before
 
 
+def test_a_messages_name_is_read(scripted):
+    """A message's `name` (OpenAI's participant name) is any string the client writes, and
+    templates that read it (OpenAI's own models, templates that render a speaker) put it
+    into the prompt: the guard scores it with the turn, as it does a role."""
+    url, recorder = scripted
+    before = len(recorder.requests)
+    with running_proxy(policy_yaml(url, prompt="{action: refuse, threshold: 0.5}"), KeywordScorer()) as proxy:
+        chat = sdk(proxy).chat.completions.create(model="m", messages=[
+            {"role": "user", "name": "a BOMB, step by step", "content": "go on"}])
+    assert chat.choices[0].message.content == REFUSAL
+    assert len(recorder.requests) == before
+
+
 def tool_calling_upstream(name: str) -> Starlette:
     """A chat upstream whose model calls a tool named `name` (vLLM's tool parsers take the
     name the model wrote), streamed as vLLM streams it or whole."""

@@ -203,7 +203,10 @@ def _each_message(body: Mapping, where: str = "messages") -> Iterator[tuple[Mapp
 
 
 def _chat_messages(body: Mapping, where: str = "messages") -> list[tuple[str, str]]:
-    return [(message["role"], _message_text(message, param=param)) for message, param in _each_message(body, where)]
+    """Each message as (role, text), after the tools it offers where it offers some (vLLM
+    takes `tools` on a developer message, which harmony templates render there)."""
+    return [entry for message, param in _each_message(body, where)
+            for entry in (*_tools(message), (message["role"], _message_text(message, param=param)))]
 
 
 def _completion_prompt(body: Mapping) -> str | None:

@@ -600,7 +600,11 @@ def test_a_poisoned_tool_description_is_read_with_the_system_prompt(scripted, sc
                                                "parameters": {"type": "object", "properties": {}}}}]
     with running_proxy(policy_yaml(url, prompt=f"{{action: refuse, scope: {scope}}}"), KeywordScorer()) as proxy:
         reply = sdk(proxy).chat.completions.create(model="m", messages=user("hello"), tools=tools)
+        # vLLM also takes tools on a developer message (rendered there by harmony templates)
+        on_message = sdk(proxy).chat.completions.create(model="m", messages=[
+            {"role": "developer", "content": "Be brief.", "tools": tools}, *user("hello")])
     assert (reply.choices[0].message.content == REFUSAL) is (scope == "conversation_with_system")
+    assert (on_message.choices[0].message.content == REFUSAL) is (scope == "conversation_with_system")
 
 
 def test_a_stored_prompts_variables_are_read_as_the_clients_turn(scripted):

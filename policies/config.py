@@ -207,7 +207,12 @@ def parse_config(text: str, *, path: str | None = None, env: Mapping[str, str] =
     server = _server(top.section("server") or Section(ctx, {}, "server", None))
     upstreams = _upstreams(top)
     guard = _guard(top.section("guard") or Section(ctx, {}, "guard", None))
-    policies = {name: _policy(Section(ctx, value, kp, line), name) for name, kp, line, value in top.entries("policies") or []}
+    policies = {}
+    for name, kp, line, value in top.entries("policies") or []:
+        if not _sendable(name):  # a flagged reply names its policy in `x-siren-policy`
+            raise ctx.error("a policy's name is sent in the x-siren-policy header, so it must be printable ASCII "
+                            "with no white space at either end", kp, line)
+        policies[name] = _policy(Section(ctx, value, kp, line), name)
     policies.setdefault("default", Policy(name="default"))
     routes = _routes(top, upstreams, policies, server)
     top.finish()

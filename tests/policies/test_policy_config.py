@@ -221,6 +221,10 @@ ERRORS = [
      "needs response.action: cut"),
     (UP + "policies:\n  p:\n    response: {action: off}\n    rerank: {n: 2}\n", "policies.p.rerank", 7, "is off"),
     (UP + "policies:\n  p: [1]\n", "policies.p", 5, "expected a mapping"),
+    # a policy's name is sent in the x-siren-policy header
+    (UP + "policies:\n  \u513f\u7ae5: {}\n", "policies.\u513f\u7ae5", 5, "x-siren-policy header"),
+    (UP + 'policies:\n  "a\\nb": {}\n', "policies.a\nb", 5, "printable ASCII"),
+    (UP + "policies:\n  'kids ': {}\n", "policies.kids ", 5, "printable ASCII"),
     (UP + "routes: []\n", "routes", 4, "at least one route"),
     (UP + "routes: {prefix: /v1}\n", "routes", 4, "expected a list"),
     (UP + "upstreams2: 1\n", "upstreams2", 4, "unknown key"),

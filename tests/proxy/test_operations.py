@@ -104,7 +104,11 @@ def test_concurrent_stream_limit_is_503_with_retry_after(scripted):
         time.sleep(0.2)
         again = httpx.post(proxy.url + "/v1/chat/completions", headers={"x-script": "text:ok"},
                            json={"model": "m", "stream": True})
+        metrics = httpx.get(proxy.url + "/metrics").text
     assert refused.status_code == 503
+    # counted under the route it was refused on (it was "-", as if no route had matched)
+    assert 'siren_proxy_requests_total{route="routes[0]",status="503"} 1.0' in metrics
+    assert 'route="-"' not in metrics
     assert refused.headers["retry-after"] == "1"
     assert refused.json()["error"]["code"] == "overloaded"
     assert plain.status_code == 200 and again.status_code == 200

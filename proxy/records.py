@@ -83,22 +83,30 @@ class AuditLog:
     straight to the file (`os.write`, no buffer), so a lost line is not written later by
     the next one or at close (which raised at shutdown), and a line cut short by a full
     disk is ended before the next, so every other line still parses.
+
+    Lines go to the file `path` names when written: a file moved away (logrotate's
+    default, move then create) or removed is let go and `path` opened (created) anew, as
+    `logging.handlers.WatchedFileHandler` does; before, every later line went on into the
+    moved file, or into a removed one and so nowhere. One `stat` a line.
     """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        self._fd = -1
+        self._cut_short = False  # the last line written to this file stopped before its newline
+        self._open()
         self._lost = 0  # lines lost since the last one written
-        self._cut_short = False  # the last line written stopped before its newline
 
     def write(self, exchange: Exchange) -> None:
         line = (json.dumps(exchange.to_json(), ensure_ascii=False) + "\n").encode("utf-8")
         with self._lock:
-            if self._cut_short:
-                line = b"\n" + line
+            written = 0
             try:
-                written = 0
+                if self._moved():
+                    self._open()
+                if self._cut_short:
+                    line = b"\n" + line
                 while written < len(line):
                     written += os.write(self._fd, line[written:])
             except OSError as exc:
@@ -112,6 +120,21 @@ class AuditLog:
             if self._lost:
                 logger.warning("audit log %s: writing again; %d line(s) were lost", self.path, self._lost)
                 self._lost = 0
+
+    def _open(self) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd, self._cut_short = fd, False
+        st = os.fstat(fd)
+        self._id = (st.st_dev, st.st_ino)
+
+    def _moved(self) -> bool:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return True
+        return (st.st_dev, st.st_ino) != self._id
 
     def close(self) -> None:
         with self._lock:

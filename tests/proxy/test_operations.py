@@ -203,3 +203,21 @@ def test_an_audit_line_cut_short_by_a_full_disk_leaves_the_next_ones_whole(tmp_p
     assert json.loads(after)["route"] == "after"  # not glued to the cut line
     assert path.read_text().endswith("\n") and "cannot write" in result.stderr and "1 line(s)" not in result.stderr
     assert "2 line(s) were lost" in result.stderr
+
+
+def test_the_audit_log_follows_its_path_when_rotated_or_removed(scripted, tmp_path):
+    url, _ = scripted
+    audit = tmp_path / "audit.jsonl"
+    with running_proxy(config(url, server=f"  audit_log: {audit}"), KeywordScorer()) as proxy:
+        def ask(content):
+            httpx.post(proxy.url + "/v1/chat/completions", headers={"x-script": "text:ok"},
+                       json={"model": "m", "messages": [{"role": "user", "content": content}]})
+        ask("BOMB one")
+        audit.rename(tmp_path / "audit.jsonl.1")  # logrotate's default: move, then create
+        audit.touch()
+        ask("BOMB two")
+        audit.unlink()  # removed by hand
+        ask("BOMB three")
+    rotated, current = tmp_path / "audit.jsonl.1", audit
+    assert len(rotated.read_text().splitlines()) == 1  # the later lines went here, and were lost with it
+    assert len(current.read_text().splitlines()) == 1  # written again where the config says

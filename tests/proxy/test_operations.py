@@ -156,6 +156,25 @@ def test_full_guard_queue_is_503_with_retry_after(scripted, on_error, status):
         assert response.json()["error"]["code"] == "overloaded"
 
 
+@pytest.mark.parametrize("batch", [False, True])
+def test_a_prompt_refused_for_a_full_guard_queue_is_recorded(scripted, tmp_path, batch):
+    """The 503 `overloaded` of a full guard queue is the prompt stage's guard failure: it
+    is counted, logged and audited as one (it was answered with no record at all)."""
+    url, _ = scripted
+    audit = tmp_path / "audit.jsonl"
+    with running_proxy(config(url, server=f"  audit_log: {audit}"), KeywordScorer(busy=True)) as proxy:
+        messages = [{"role": "user", "content": "hi"}]
+        path, body = ("/v1/chat/completions/batch", {"messages": [messages]}) if batch else \
+            ("/v1/chat/completions", {"messages": messages})
+        response = httpx.post(proxy.url + path, json={"model": "m", **body})
+        metrics = httpx.get(proxy.url + "/metrics").text
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert response.json()["error"]["code"] == "overloaded"
+    assert 'siren_proxy_guard_decisions_total{action="guard_error",stage="prompt"} 1.0' in metrics
+    [record] = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [(d["action"], d["guard_error"]) for d in record["decisions"]] == [("guard_error", "the guard's queue is full")]
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (a device whose writes fail: disk full)")
 def test_a_full_disk_loses_audit_lines_not_requests(scripted, caplog):
     url, _ = scripted

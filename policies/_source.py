@@ -69,15 +69,40 @@ def load_tree(text: str, file: str | None) -> Any:
         loader.dispose()
 
 
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _pairs(node: yaml.MappingNode, depth: int = 0) -> list[tuple[yaml.Node, yaml.Node, bool]]:
+    """A mapping's (key, value, merged) pairs with `<<` merge keys resolved as PyYAML's
+    `flatten_mapping` resolves them (merged pairs first; of `<<: [*a, *b]`, `*a`'s last, so
+    that it wins), without changing the node: an aliased mapping is read again where it
+    is used, and `flatten_mapping` left it with its merged pairs as if written there."""
+    if depth > _MAX_DEPTH:
+        raise yaml.constructor.ConstructorError(None, None, "merge keys nested too deeply (recursive alias?)",
+                                                node.start_mark)
+    merged, own = [], []
+    for key, value in node.value:
+        if key.tag != _MERGE_TAG:
+            own.append((key, value, False))
+            continue
+        sources = value.value if isinstance(value, yaml.SequenceNode) else [value]
+        for source in reversed(sources):
+            if not isinstance(source, yaml.MappingNode):
+                raise yaml.constructor.ConstructorError(None, None, "a merge key (<<) takes a mapping or a list of "
+                                                        "mappings", source.start_mark)
+            merged += [(k, v, True) for k, v, _ in _pairs(source, depth + 1)]
+    return merged + own
+
+
 def _convert(loader: _Loader, node: yaml.Node, file: str | None, path: str, depth: int) -> Any:
     line = node.start_mark.line + 1
     if depth > _MAX_DEPTH:
         raise ConfigError("nested too deeply (recursive alias?)", file=file, key_path=path, line=line)
     if isinstance(node, yaml.MappingNode):
-        loader.flatten_mapping(node)  # resolves `<<` merge keys
         out = YMap()
         out.line, out.key_lines = line, {}
-        for key_node, value_node in node.value:
+        overridable = set()  # keys a merged pair set: a later pair replaces them, as YAML's `<<` means
+        for key_node, value_node, merged in _pairs(node):
             key = loader.construct_object(key_node, deep=True)
             key_line = key_node.start_mark.line + 1
             if not isinstance(key, str):
@@ -85,8 +110,9 @@ def _convert(loader: _Loader, node: yaml.Node, file: str | None, path: str, dept
                     f"keys must be strings, got {key!r}", file=file, key_path=path, line=key_line
                 )
             child = f"{path}.{key}" if path else key
-            if key in out:
+            if key in out and key not in overridable:
                 raise ConfigError("duplicate key", file=file, key_path=child, line=key_line)
+            (overridable.add if merged else overridable.discard)(key)
             out[key] = _convert(loader, value_node, file, child, depth + 1)
             out.key_lines[key] = key_line
         return out

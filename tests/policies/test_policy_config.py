@@ -444,6 +444,31 @@ def test_merge_keys_are_supported():
     assert config.policies["derived"] == Policy("derived", "Nope.", "allow", PromptStage(threshold=0.7))
 
 
+def test_a_merged_key_is_overridden_by_the_mapping_that_merges_it():
+    """YAML's merge key: the mapping's own keys win over merged ones, and of several merged
+    mappings the first listed wins (this was refused as a duplicate key)."""
+    config = parse_config(UP + textwrap.dedent("""\
+        policies:
+          a:
+            refusal: Nope.
+            response: &cut {action: cut, threshold: 0.5, check_every: 8}
+          c:
+            response: &c
+              <<: [{threshold: 0.8, check_every: 4}, *cut]
+              threshold: 0.7
+          d:
+            response: *c
+        """), env={})
+    assert config.policies["c"].response == ResponseStage(threshold=0.7, check_every=4)
+    assert config.policies["d"].response == config.policies["c"].response  # the aliased mapping read again
+
+
+def test_a_key_written_twice_beside_a_merge_is_still_a_duplicate():
+    with pytest.raises(ConfigError, match="duplicate key") as info:
+        parse_config(UP + "policies:\n  a: &a {refusal: x}\n  b:\n    <<: *a\n    refusal: y\n    refusal: z\n", env={})
+    assert info.value.key_path == "policies.b.refusal" and info.value.line == 9
+
+
 def test_load_config_reads_a_file_and_names_it(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(EXAMPLE)

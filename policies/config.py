@@ -43,6 +43,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 CACHE_SCOPES = ("key", "shared")  # guard.prefix_cache_scope
 DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
+MAX_CHOICES = 128  # OpenAI's bound on `n`: a guarded request's choices, and safest-of-n's candidates
 _DEVICE = re.compile(r"^(?:auto|cpu|cuda|cuda:\d+)$")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 # A key as it travels in `Authorization: Bearer <key>`: visible ASCII, spaces inside only
@@ -399,7 +400,7 @@ def _response(s: Section) -> ResponseStage:
 
 
 def _rerank(s: Section) -> Rerank:
-    rerank = Rerank(n=s.integer("n", REQUIRED, minimum=2), select=s.choice("select", "safest", RERANK_SELECTS))
+    rerank = Rerank(n=s.integer("n", REQUIRED, minimum=2, maximum=MAX_CHOICES), select=s.choice("select", "safest", RERANK_SELECTS))
     s.finish()
     return rerank
 

@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Mapping
 import httpx
 from starlette.responses import Response
 
-from policies.config import Policy
+from policies.config import MAX_CHOICES, Policy
 from policies.decisions import (BLOCK, FLAG, GUARD_ERROR, REFUSE, STEER, Decision, decide_prompt, headers_for,
                                 merged_headers)
 from policies.errors import RequestShapeError
@@ -43,7 +43,7 @@ from .whole import WholeReply, gather_groups, read_whole
 
 logger = logging.getLogger(__name__)
 
-MAX_N = 128
+MAX_N = MAX_CHOICES
 QUEUE_FULL = "the guard's queue is full"  # a guard failure the client may retry soon
 
 

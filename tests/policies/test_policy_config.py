@@ -215,6 +215,8 @@ ERRORS = [
     (UP + "policies:\n  p:\n    moderations: yes\n", "policies.p.moderations", 6, "one of forward"),
     (UP + "policies:\n  p:\n    refusal: ''\n", "policies.p.refusal", 6, "empty"),
     (UP + "policies:\n  p:\n    rerank: {n: 1}\n", "policies.p.rerank.n", 6, ">= 2"),
+    # OpenAI's bound on n, which the proxy puts on a client's n too (it asked the upstream for any n)
+    (UP + "policies:\n  p:\n    rerank: {n: 129}\n", "policies.p.rerank.n", 6, "<= 128"),
     (UP + "policies:\n  p:\n    rerank: {select: safest}\n", "policies.p.rerank.n", 6, "required"),
     (UP + "policies:\n  p:\n    rerank: {n: 2, select: best}\n", "policies.p.rerank.select", 6, "one of safest"),
     (UP + "policies:\n  p:\n    response: {action: flag}\n    rerank: {n: 2}\n", "policies.p.rerank", 7,

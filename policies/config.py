@@ -45,6 +45,9 @@ CACHE_SCOPES = ("key", "shared")  # guard.prefix_cache_scope
 DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
 MAX_CHOICES = 128  # OpenAI's bound on `n`: a guarded request's choices, and safest-of-n's candidates
 _DEVICE = re.compile(r"^(?:auto|cpu|cuda|cuda:\d+)$")
+# What a request path carries as it is (RFC 3986's pchar and "/", less "%"): anything else
+# comes percent-encoded, so a prefix holding it would never match
+_PATH_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=:@/")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 # A key as it travels in `Authorization: Bearer <key>`: visible ASCII, spaces inside only
 _SENDABLE_KEY = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
@@ -435,6 +438,10 @@ def _route(r: Section, i: int, upstreams: Mapping, policies: Mapping, key_names:
     if not prefix.startswith("/") or "//" in prefix or "%" in prefix or "\\" in prefix \
             or any(seg in (".", "..") for seg in prefix.split("/")):
         raise r.error("prefix", f"must start with '/' and contain no '//', '%', '\\\\', '.' or '..' segments; got {r.value['prefix']!r}")
+    odd = next((char for char in prefix if char not in _PATH_CHARS), None)
+    if odd is not None:
+        raise r.error("prefix", f"{odd!r} never appears as it is in a request path (clients send it percent-encoded), "
+                                f"so no request would match; got {r.value['prefix']!r}")
     if prefix != "/":
         prefix = prefix.rstrip("/")
     upstream, policy = r.string("upstream"), r.string("policy")

@@ -235,6 +235,11 @@ ERRORS = [
     (UP + "routes:\n  - {prefix: /a/../v1, upstream: local, policy: default}\n", "routes[0].prefix", 5, "'..'"),
     (UP + "routes:\n  - {prefix: /a//v1, upstream: local, policy: default}\n", "routes[0].prefix", 5, "'//'"),
     (UP + "routes:\n  - {prefix: /a%2fv1, upstream: local, policy: default}\n", "routes[0].prefix", 5, "'%'"),
+    # characters no request path carries as they are (a client sends them escaped): a route no request reaches
+    (UP + "routes:\n  - {prefix: '/v 1', upstream: local, policy: default}\n", "routes[0].prefix", 5, "' '"),
+    (UP + "routes:\n  - {prefix: /kinder\u00fc, upstream: local, policy: default}\n", "routes[0].prefix", 5,
+     "'\u00fc'"),
+    (UP + "routes:\n  - {prefix: '/v1?x=1', upstream: local, policy: default}\n", "routes[0].prefix", 5, "'?'"),
     (UP + "routes:\n  - {prefix: /v1, upstream: remote, policy: default}\n", "routes[0].upstream", 5, "unknown upstream 'remote'"),
     (UP + "routes:\n  - {prefix: /v1, upstream: local, policy: kids}\n", "routes[0].policy", 5, "unknown policy 'kids'"),
     (UP + "routes:\n  - {prefix: /v1, upstream: local, policy: default, api_key: team}\n", "routes[0].api_key", 5, "no server.api_keys"),

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import re
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -560,3 +561,20 @@ def test_guard_prefix_cache_options_are_checked(key, value):
 def test_rerank_is_read_with_a_cutting_response_stage():
     config = parse_config(UP + "policies:\n  p:\n    rerank: {n: 4, select: first_safe}\n")
     assert config.policies["p"].rerank == Rerank(4, "first_safe") and config.policies["p"].response.action == "cut"
+
+
+@pytest.mark.parametrize("kind", ["list", "merge"])
+def test_aliases_that_expand_without_bound_are_refused_quickly(kind):
+    """Nine aliases of nine aliases ... ("billion laughs") expanded to 9**9 values: a
+    reload of such a file hung the proxy, which parses on its event loop."""
+    lines = [UP.rstrip("\n")]
+    if kind == "list":
+        lines.append("x0: &a0 [l, l, l, l, l, l, l, l, l]")
+        lines += [f"x{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    else:
+        lines.append("x0: &a0 {l: 1}")
+        lines += [f"x{i}: &a{i} {{<<: [" + ", ".join([f"*a{i - 1}"] * 9) + "]}" for i in range(1, 10)]
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="expands to over"):
+        parse_config("\n".join(lines) + "\n", path="cfg.yaml", env={})
+    assert time.monotonic() - started < 5

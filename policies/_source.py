@@ -65,6 +65,8 @@ def load_tree(text: str, file: str | None) -> Any:
         raise ConfigError(
             f"invalid YAML: {problem}", file=file, line=mark.line + 1 if mark else None
         ) from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError("invalid YAML: nested too deeply", file=file) from None
     finally:
         loader.dispose()
 

@@ -578,3 +578,11 @@ def test_aliases_that_expand_without_bound_are_refused_quickly(kind):
     with pytest.raises(ConfigError, match="expands to over"):
         parse_config("\n".join(lines) + "\n", path="cfg.yaml", env={})
     assert time.monotonic() - started < 5
+
+
+def test_a_document_nested_past_pythons_recursion_limit_is_a_config_error():
+    """PyYAML's composer recursed into a RecursionError: a traceback from check-config and
+    serve, and out of a reload (whose poll then stopped for good)."""
+    with pytest.raises(ConfigError, match="nested too deeply") as info:
+        parse_config(UP + "x: " + "[" * 5000 + "]" * 5000 + "\n", path="cfg.yaml", env={})
+    assert info.value.file == "cfg.yaml"

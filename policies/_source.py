@@ -58,26 +58,68 @@ def load_tree(text: str, file: str | None) -> Any:
     loader = _Loader(text)
     try:
         node = loader.get_single_node()
-        return None if node is None else _convert(loader, node, file, "", 0)
+        return None if node is None else _convert(loader, node, file, "", 0, [_MAX_VALUES])
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(
             f"invalid YAML: {problem}", file=file, line=mark.line + 1 if mark else None
         ) from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError("invalid YAML: nested too deeply", file=file) from None
     finally:
         loader.dispose()
 
 
-def _convert(loader: _Loader, node: yaml.Node, file: str | None, path: str, depth: int) -> Any:
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+# Values (and merged pairs) a document may expand to. Aliases of aliases repeat a value
+# exponentially often ("billion laughs": nine levels of nine make 9**9), and a reload
+# parses on the proxy's event loop: such a file hung every request, not only the reload.
+_MAX_VALUES = 100_000
+
+
+def _spend(left: list[int], count: int, node: yaml.Node) -> None:
+    left[0] -= count
+    if left[0] < 0:
+        raise yaml.constructor.ConstructorError(
+            None, None, f"the document expands to over {_MAX_VALUES:,} values (aliases repeated inside aliases?)",
+            node.start_mark)
+
+
+def _pairs(node: yaml.MappingNode, left: list[int], depth: int = 0) -> list[tuple[yaml.Node, yaml.Node, bool]]:
+    """A mapping's (key, value, merged) pairs with `<<` merge keys resolved as PyYAML's
+    `flatten_mapping` resolves them (merged pairs first; of `<<: [*a, *b]`, `*a`'s last, so
+    that it wins), without changing the node: an aliased mapping is read again where it
+    is used, and `flatten_mapping` left it with its merged pairs as if written there."""
+    if depth > _MAX_DEPTH:
+        raise yaml.constructor.ConstructorError(None, None, "merge keys nested too deeply (recursive alias?)",
+                                                node.start_mark)
+    merged, own = [], []
+    for key, value in node.value:
+        if key.tag != _MERGE_TAG:
+            own.append((key, value, False))
+            continue
+        sources = value.value if isinstance(value, yaml.SequenceNode) else [value]
+        for source in reversed(sources):
+            if not isinstance(source, yaml.MappingNode):
+                raise yaml.constructor.ConstructorError(None, None, "a merge key (<<) takes a mapping or a list of "
+                                                        "mappings", source.start_mark)
+            merged += [(k, v, True) for k, v, _ in _pairs(source, left, depth + 1)]
+    _spend(left, len(merged), node)
+    return merged + own
+
+
+def _convert(loader: _Loader, node: yaml.Node, file: str | None, path: str, depth: int, left: list[int]) -> Any:
+    """`node` as YMap/YList/scalars; `left`: how many more values may be made (`_MAX_VALUES`)."""
+    _spend(left, 1, node)
     line = node.start_mark.line + 1
     if depth > _MAX_DEPTH:
         raise ConfigError("nested too deeply (recursive alias?)", file=file, key_path=path, line=line)
     if isinstance(node, yaml.MappingNode):
-        loader.flatten_mapping(node)  # resolves `<<` merge keys
         out = YMap()
         out.line, out.key_lines = line, {}
-        for key_node, value_node in node.value:
+        overridable = set()  # keys a merged pair set: a later pair replaces them, as YAML's `<<` means
+        for key_node, value_node, merged in _pairs(node, left):
             key = loader.construct_object(key_node, deep=True)
             key_line = key_node.start_mark.line + 1
             if not isinstance(key, str):
@@ -85,16 +127,17 @@ def _convert(loader: _Loader, node: yaml.Node, file: str | None, path: str, dept
                     f"keys must be strings, got {key!r}", file=file, key_path=path, line=key_line
                 )
             child = f"{path}.{key}" if path else key
-            if key in out:
+            if key in out and key not in overridable:
                 raise ConfigError("duplicate key", file=file, key_path=child, line=key_line)
-            out[key] = _convert(loader, value_node, file, child, depth + 1)
+            (overridable.add if merged else overridable.discard)(key)
+            out[key] = _convert(loader, value_node, file, child, depth + 1, left)
             out.key_lines[key] = key_line
         return out
     if isinstance(node, yaml.SequenceNode):
         items = YList()
         items.line, items.item_lines = line, []
         for i, item in enumerate(node.value):
-            items.append(_convert(loader, item, file, f"{path}[{i}]", depth + 1))
+            items.append(_convert(loader, item, file, f"{path}[{i}]", depth + 1, left))
             items.item_lines.append(item.start_mark.line + 1)
         return items
     return loader.construct_object(node, deep=True)

@@ -43,6 +43,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 CACHE_SCOPES = ("key", "shared")  # guard.prefix_cache_scope
 DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
+MAX_CHOICES = 128  # OpenAI's bound on `n`: a guarded request's choices, and safest-of-n's candidates
 _DEVICE = re.compile(r"^(?:auto|cpu|cuda|cuda:\d+)$")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 # What a request path carries unescaped (RFC 3986's pchar and '/', less '%', which prefixes
@@ -210,7 +211,12 @@ def parse_config(text: str, *, path: str | None = None, env: Mapping[str, str] =
     server = _server(top.section("server") or Section(ctx, {}, "server", None))
     upstreams = _upstreams(top)
     guard = _guard(top.section("guard") or Section(ctx, {}, "guard", None))
-    policies = {name: _policy(Section(ctx, value, kp, line), name) for name, kp, line, value in top.entries("policies") or []}
+    policies = {}
+    for name, kp, line, value in top.entries("policies") or []:
+        if not _sendable(name):  # a flagged reply names its policy in `x-siren-policy`
+            raise ctx.error("a policy's name is sent in the x-siren-policy header, so it must be printable ASCII "
+                            "with no white space at either end", kp, line)
+        policies[name] = _policy(Section(ctx, value, kp, line), name)
     policies.setdefault("default", Policy(name="default"))
     routes = _routes(top, upstreams, policies, server)
     top.finish()
@@ -397,7 +403,7 @@ def _response(s: Section) -> ResponseStage:
 
 
 def _rerank(s: Section) -> Rerank:
-    rerank = Rerank(n=s.integer("n", REQUIRED, minimum=2), select=s.choice("select", "safest", RERANK_SELECTS))
+    rerank = Rerank(n=s.integer("n", REQUIRED, minimum=2, maximum=MAX_CHOICES), select=s.choice("select", "safest", RERANK_SELECTS))
     s.finish()
     return rerank
 

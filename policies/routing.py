@@ -124,8 +124,9 @@ def _policy_summary(policy: Policy) -> str:
     if p.action == "steer":
         prompt += f" (steer from {p.steer_from:g})"
     response = "off" if r.action == "off" else f"{r.action}@{r.threshold:g} every {r.check_every} hold {r.holdback}"
+    rerank = "" if policy.rerank is None else f"; rerank {policy.rerank.select} of {policy.rerank.n}"
     return (f"prompt {prompt} [{p.scope}, {p.mode}]; response {response}; on_guard_error {policy.on_guard_error}; "
-            f"unguarded endpoints {policy.unguarded_endpoints}")
+            f"unguarded endpoints {policy.unguarded_endpoints}; moderations {policy.moderations}{rerank}")
 
 
 def routing_table(config: Config) -> str:

@@ -38,7 +38,7 @@ from policies.errors import RequestShapeError
 from policies.extract import batch_prompt_texts, response_text_chat
 
 from .errors import BadGateway, BadRequest, ContentFiltered, GuardUnavailable
-from .guarding import check_prompt_sizes, discard, prompt_decision, prompt_score, reads_prompt
+from .guarding import check_prompt_sizes, discard, failed_closed, prompt_decision, prompt_score, reads_prompt
 from .records import AuditLog, Exchange
 from .relay import RelayResponse, raw_body
 from .scorer import Scorer
@@ -127,8 +127,8 @@ class BatchCall:
                                       param=f"messages[{i}]",
                                       headers=headers_for(decision, policy=self.policy.name))
             if decision.action == GUARD_ERROR:
-                raise GuardUnavailable(f"the safety guard is unavailable for {where} and this route fails closed",
-                                       param=f"messages[{i}]")
+                raise failed_closed(decision, f"the safety guard is unavailable for {where} and this route fails "
+                                    "closed", param=f"messages[{i}]")
         return decisions
 
     def _scorer_of(self, prompt: str):

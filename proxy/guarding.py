@@ -25,13 +25,13 @@ from collections.abc import Awaitable, Callable, Mapping
 import httpx
 from starlette.responses import Response
 
-from policies.config import Policy
+from policies.config import MAX_CHOICES, Policy
 from policies.decisions import (BLOCK, FLAG, GUARD_ERROR, REFUSE, STEER, Decision, decide_prompt, headers_for,
                                 merged_headers)
 from policies.errors import RequestShapeError
 from policies.extract import completion_prompts, prompt_text
 
-from .errors import BadRequest, ContentFiltered, GuardUnavailable, Overloaded
+from .errors import BadRequest, ContentFiltered, GuardUnavailable, Overloaded, ProxyError
 from .records import AuditLog, Exchange
 from . import rerank
 from .relay import RelayResponse, cleanup, is_event_stream, relay
@@ -43,7 +43,17 @@ from .whole import WholeReply, gather_groups, read_whole
 
 logger = logging.getLogger(__name__)
 
-MAX_N = 128
+MAX_N = MAX_CHOICES
+QUEUE_FULL = "the guard's queue is full"  # a guard failure the client may retry soon
+
+
+def failed_closed(decision: Decision, message: str, *, param: str | None = None) -> ProxyError:
+    """What a prompt decision of `guard_error` answers: 503 `overloaded` with Retry-After
+    when the guard's queue was full (the client should retry shortly), else 503
+    `guard_unavailable`."""
+    if decision.guard_error == QUEUE_FULL:
+        return Overloaded("the safety guard is saturated; retry shortly", param=param, headers={"retry-after": "1"})
+    return GuardUnavailable(message, param=param)
 
 
 async def prompt_decision(scorer: Scorer | None, policy: Policy, prompt: str | None,
@@ -59,11 +69,8 @@ async def prompt_decision(scorer: Scorer | None, policy: Policy, prompt: str | N
     else:
         try:
             score = await (score_prompt() if score_prompt is not None else scorer.score(prompt=prompt))
-        except ScorerBusy:
-            if policy.on_guard_error == "block" and policy.prompt.action not in ("shadow", "off"):
-                raise Overloaded("the safety guard is saturated; retry shortly",
-                                 headers={"retry-after": "1"}) from None
-            error = "the guard's queue is full"
+        except ScorerBusy:  # decided, logged and audited as any guard failure (`failed_closed`)
+            error = QUEUE_FULL
         except Exception as exc:  # noqa: BLE001 - every guard failure meets on_guard_error
             error = f"{type(exc).__name__}: {exc}"
             logger.warning("guard failed on a prompt: %s", error)
@@ -278,7 +285,7 @@ class GuardedCall:
         if decision.action == BLOCK:
             raise ContentFiltered("the prompt was blocked by the safety policy", headers=headers)
         assert decision.action == GUARD_ERROR
-        raise GuardUnavailable("the safety guard is unavailable and this route fails closed")
+        raise failed_closed(decision, "the safety guard is unavailable and this route fails closed")
 
     async def _response_stage(self, response: httpx.Response, headers: dict[str, str]) -> Response:
         stage = self.policy.response

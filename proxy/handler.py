@@ -20,7 +20,7 @@ from starlette.responses import Response
 from policies.auth import authenticate
 from policies.config import Config, Policy
 from policies.errors import UnsafePathError
-from policies.routing import match_route, normalize_path
+from policies.routing import RouteMatch, match_route, normalize_path
 
 from .errors import (BadRequest, ClientClosed, Forbidden, NotFound, Overloaded, PayloadTooLarge, ProxyError,
                      RequestTimeout, ShuttingDown, Unauthorized, anthropic_path, error_event, error_response)
@@ -138,6 +138,9 @@ class Proxy:
         path = normalize_path(request.scope.get("raw_path", b"").decode("latin-1") or request.url.path)
         body = await read_body(request, config.server.max_body_bytes)
         payload = parse_json_object(body) if json_endpoint(path, request.method) else None
+        # Routed before a stream slot is taken: a refused stream is counted under its route,
+        # and a client without a key or a route hears so, not that the proxy is busy.
+        match, key_name = self._route(request, config, path, body, payload)
         streaming = payload is not None and payload.get("stream") is True
         if streaming:
             if self.active_streams >= config.server.max_concurrent_streams:
@@ -148,7 +151,7 @@ class Proxy:
             async with asyncio.timeout_at(self._end(deadline)) as scope:
                 self._waits.add(scope)  # a drain moves its end (`drain`)
                 try:
-                    response = await self._handle(request, config, path, body, payload)
+                    response = await self._handle(request, config, match, key_name, path, body, payload)
                 finally:
                     self._waits.discard(scope)
         except TimeoutError:
@@ -228,8 +231,9 @@ class Proxy:
             with cleanup():
                 await body.aclose()
 
-    async def _handle(self, request: Request, config: Config, path: str, body: bytes,
-                      payload: dict | None) -> Response:
+    def _route(self, request: Request, config: Config, path: str, body: bytes,
+               payload: dict | None) -> tuple[RouteMatch, str | None]:
+        """The request's route (named in `request.state.route`) and its API key's name."""
         key_name = None
         if config.server.auth_required:
             key_name = authenticate(config, client_key(request.headers))
@@ -243,6 +247,10 @@ class Proxy:
         if match is None:
             raise NotFound(f"no route for {request.method} {path}")
         request.state.route = match.route.name
+        return match, key_name
+
+    async def _handle(self, request: Request, config: Config, match: RouteMatch, key_name: str | None,
+                      path: str, body: bytes, payload: dict | None) -> Response:
         url = upstream_url(match.upstream, match.upstream_path, request.url.query)
         endpoint = guarded_endpoint(request.method, url)
         # A route mounted on the Messages endpoint itself: its errors are Anthropic's too,

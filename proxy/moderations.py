@@ -29,10 +29,10 @@ from collections.abc import Mapping
 from starlette.responses import Response
 
 from policies.config import Policy
-from policies.decisions import ALLOW, FLAG, Decision, invalid_score
+from policies.decisions import ALLOW, FLAG, GUARD_ERROR, Decision, invalid_score
 
 from .endpoints import segments
-from .guarding import check_prompt_sizes
+from .guarding import QUEUE_FULL, check_prompt_sizes
 from .errors import BadRequest, GuardUnavailable, Overloaded
 from .records import AuditLog, Exchange
 from .scorer import Scorer, ScorerBusy
@@ -92,22 +92,28 @@ async def answer(scorer: Scorer | None, payload: Mapping, policy: Policy, exchan
     if scorer is None:
         raise GuardUnavailable("no guard is configured to answer moderations")
     started = time.perf_counter()
+    threshold = policy.prompt.threshold
+    busy = False
     try:
         scores = await scorer.score_many([(text, None) for text in texts])
+        # As the stages read a score: None, NaN or outside [0, 1] is a guard that failed.
+        error = next((f"input {i}: {why}" for i, why in enumerate(map(invalid_score, scores)) if why), None)
     except ScorerBusy:
-        raise Overloaded("the safety guard is saturated; retry shortly", headers={"retry-after": "1"}) from None
+        error, busy = QUEUE_FULL, True
     except Exception as exc:  # noqa: BLE001 - any guard failure is this request's 503
-        logger.warning("guard failed on a moderation: %s: %s", type(exc).__name__, exc)
-        raise GuardUnavailable(f"the safety guard failed: {type(exc).__name__}") from None
+        error = f"{type(exc).__name__}: {exc}"
+        logger.warning("guard failed on a moderation: %s", error)
     seconds = time.perf_counter() - started
     exchange.timed(ENDPOINT, seconds)
-    threshold = policy.prompt.threshold
+    if error is not None:  # recorded as a stage's guard failure is, then the 503
+        exchange.decided(Decision(ENDPOINT, GUARD_ERROR, None, threshold, False, error), seconds * 1000)
+        if audit is not None:
+            audit.write(exchange)
+        if busy:
+            raise Overloaded("the safety guard is saturated; retry shortly", headers={"retry-after": "1"})
+        raise GuardUnavailable("the safety guard failed on this moderation")
     results = []
     for i, score in enumerate(scores):
-        # As the stages read a score: None, NaN or outside [0, 1] is a guard that failed.
-        failure = invalid_score(score)
-        if failure is not None:
-            raise GuardUnavailable(f"the safety guard gave no valid score for input {i} ({failure})")
         score = float(score)
         crossed = score >= threshold
         exchange.decided(Decision(ENDPOINT, FLAG if crossed else ALLOW, score, threshold, crossed),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -19,7 +20,8 @@ from policies.decisions import Decision
 
 from .metrics import Metrics
 
-logger = logging.getLogger("siren_proxy.decisions")
+logger = logging.getLogger(__name__)
+decisions_logger = logging.getLogger("siren_proxy.decisions")
 
 
 @dataclass
@@ -39,7 +41,7 @@ class Exchange:
 
     def decided(self, decision: Decision, ms: float, *, choice: int | None = None) -> None:
         score = "-" if decision.score is None else f"{decision.score:.4f}"
-        logger.info("route=%s policy=%s stage=%s score=%s action=%s crossed=%s ms=%.1f%s",
+        decisions_logger.info("route=%s policy=%s stage=%s score=%s action=%s crossed=%s ms=%.1f%s",
                     self.route, self.policy, decision.stage, score, decision.action,
                     decision.crossed, ms, "" if choice is None else f" choice={choice}")
         if self.metrics is not None:
@@ -72,18 +74,68 @@ class Exchange:
 
 
 class AuditLog:
-    """Append-only JSONL; one line per exchange, written whole under a lock."""
+    """Append-only JSONL; one line per exchange, written whole under a lock.
+
+    A line that cannot be written (a full disk, a quota, an I/O error) is lost and never
+    fails the request it records: by then the guard has decided and the client's answer
+    is made (each such request was a 500, or a traceback after its stream). The first loss
+    is logged at ERROR, and how many were lost once lines are written again. Lines go
+    straight to the file (`os.write`, no buffer), so a lost line is not written later by
+    the next one or at close (which raised at shutdown), and a line cut short by a full
+    disk is ended before the next, so every other line still parses.
+
+    Lines go to the file `path` names when written: a file moved away (logrotate's
+    default, move then create) or removed is let go and `path` opened (created) anew, as
+    `logging.handlers.WatchedFileHandler` does; before, every later line went on into the
+    moved file, or into a removed one and so nowhere. One `stat` a line.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self._file = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - lives with the app
+        self._fd = -1
+        self._cut_short = False  # the last line written to this file stopped before its newline
+        self._open()
+        self._lost = 0  # lines lost since the last one written
 
     def write(self, exchange: Exchange) -> None:
-        line = json.dumps(exchange.to_json(), ensure_ascii=False) + "\n"
+        line = (json.dumps(exchange.to_json(), ensure_ascii=False) + "\n").encode("utf-8")
         with self._lock:
-            self._file.write(line)
+            written = 0
+            try:
+                if self._moved():
+                    self._open()
+                if self._cut_short:
+                    line = b"\n" + line
+                while written < len(line):
+                    written += os.write(self._fd, line[written:])
+            except OSError as exc:
+                self._cut_short = self._cut_short or 0 < written
+                if not self._lost:
+                    logger.error("audit log %s: cannot write (%s); lines are lost until it can", self.path,
+                                 exc.strerror or exc)
+                self._lost += 1
+                return
+            self._cut_short = False
+            if self._lost:
+                logger.warning("audit log %s: writing again; %d line(s) were lost", self.path, self._lost)
+                self._lost = 0
+
+    def _open(self) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd, self._cut_short = fd, False
+        st = os.fstat(fd)
+        self._id = (st.st_dev, st.st_ino)
+
+    def _moved(self) -> bool:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return True
+        return (st.st_dev, st.st_ino) != self._id
 
     def close(self) -> None:
         with self._lock:
-            self._file.close()
+            os.close(self._fd)

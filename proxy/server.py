@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import os
 import signal
 import sys
@@ -28,8 +29,18 @@ from .embedded import LoadingScorer
 
 logger = logging.getLogger(__name__)
 
-# How often the config file is checked for changes (SIGHUP reloads at once, any time).
-RELOAD_POLL_SECONDS = float(os.environ.get("SIREN_PROXY_RELOAD_POLL_SECONDS", "2"))
+def reload_poll_seconds(environ=os.environ) -> float:
+    """How often the config file is checked for changes (SIGHUP reloads at once, any time):
+    `SIREN_PROXY_RELOAD_POLL_SECONDS`, 2 when unset; a `ValueError` unless a finite number
+    > 0 (0 or less would poll without pause on the event loop, NaN or infinity never)."""
+    raw = environ.get("SIREN_PROXY_RELOAD_POLL_SECONDS", "2")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"must be a finite number of seconds > 0; got {raw!r}")
+    return seconds
 
 
 def with_overrides(config: Config, upstream: str | None) -> Config:
@@ -74,14 +85,14 @@ def load_when_needed(scorer: LoadingScorer) -> Callable[[Config], None]:
     return check
 
 
-async def watch_config(holder: ConfigHolder) -> None:
+async def watch_config(holder: ConfigHolder, poll: float) -> None:
     loop = asyncio.get_running_loop()
     try:
         loop.add_signal_handler(signal.SIGHUP, holder.reload)
     except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no SIGHUP
         pass
     while True:
-        await asyncio.sleep(RELOAD_POLL_SECONDS)
+        await asyncio.sleep(poll)
         if holder.changed():
             holder.reload()
 
@@ -123,6 +134,11 @@ def serve(config_path: str, *, host: str | None = None, port: int | None = None,
             print(f"siren-proxy: invalid --upstream: {exc}; got {without_userinfo(upstream)!r}", file=sys.stderr)
             return 2
     try:
+        poll = reload_poll_seconds()
+    except ValueError as exc:
+        print(f"siren-proxy: invalid SIREN_PROXY_RELOAD_POLL_SECONDS: {exc}", file=sys.stderr)
+        return 2
+    try:
         config = load_config(config_path)
         check_audit_log(config)
     except ConfigError as exc:
@@ -141,7 +157,7 @@ def serve(config_path: str, *, host: str | None = None, port: int | None = None,
         loop="auto", http="auto"))
 
     async def main() -> None:
-        watcher = asyncio.create_task(watch_config(holder))
+        watcher = asyncio.create_task(watch_config(holder, poll))
         try:
             await server.serve()
         finally:

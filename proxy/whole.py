@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import httpx
 from starlette.responses import Response
 
-from policies.decisions import CUT, GUARD_ERROR, decide_response, flag_headers
+from policies.decisions import CUT, GUARD_ERROR, decide_response, flag_headers, invalid_score
 
 from .errors import GuardUnavailable
 from . import rerank
@@ -111,9 +111,13 @@ class WholeReply:
         started = time.perf_counter()
         try:
             scores = await self.score_choices(texts)
+            # a NaN or out-of-range score is a guard that failed, as the stages read it
+            error = next((f"candidate {i}: {why}" for i, why in enumerate(map(invalid_score, scores)) if why), None)
         except Exception as exc:  # noqa: BLE001
+            error = f"{type(exc).__name__}: {exc}"
+        if error is not None:
             decision = decide_response(call.policy.response, None, on_guard_error=call.policy.on_guard_error,
-                                       error=f"{type(exc).__name__}: {exc}")
+                                       error=error)
             call.exchange.decided(decision, 0.0)
             if decision.action == GUARD_ERROR:
                 raise GuardUnavailable("the safety guard failed while ranking candidates") from None

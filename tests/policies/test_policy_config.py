@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import re
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -215,12 +216,18 @@ ERRORS = [
     (UP + "policies:\n  p:\n    moderations: yes\n", "policies.p.moderations", 6, "one of forward"),
     (UP + "policies:\n  p:\n    refusal: ''\n", "policies.p.refusal", 6, "empty"),
     (UP + "policies:\n  p:\n    rerank: {n: 1}\n", "policies.p.rerank.n", 6, ">= 2"),
+    # OpenAI's bound on n, which the proxy puts on a client's n too (it asked the upstream for any n)
+    (UP + "policies:\n  p:\n    rerank: {n: 129}\n", "policies.p.rerank.n", 6, "<= 128"),
     (UP + "policies:\n  p:\n    rerank: {select: safest}\n", "policies.p.rerank.n", 6, "required"),
     (UP + "policies:\n  p:\n    rerank: {n: 2, select: best}\n", "policies.p.rerank.select", 6, "one of safest"),
     (UP + "policies:\n  p:\n    response: {action: flag}\n    rerank: {n: 2}\n", "policies.p.rerank", 7,
      "needs response.action: cut"),
     (UP + "policies:\n  p:\n    response: {action: off}\n    rerank: {n: 2}\n", "policies.p.rerank", 7, "is off"),
     (UP + "policies:\n  p: [1]\n", "policies.p", 5, "expected a mapping"),
+    # a policy's name is sent in the x-siren-policy header
+    (UP + "policies:\n  \u513f\u7ae5: {}\n", "policies.\u513f\u7ae5", 5, "x-siren-policy header"),
+    (UP + 'policies:\n  "a\\nb": {}\n', "policies.a\nb", 5, "printable ASCII"),
+    (UP + "policies:\n  'kids ': {}\n", "policies.kids ", 5, "printable ASCII"),
     (UP + "routes: []\n", "routes", 4, "at least one route"),
     (UP + "routes: {prefix: /v1}\n", "routes", 4, "expected a list"),
     (UP + "upstreams2: 1\n", "upstreams2", 4, "unknown key"),
@@ -445,6 +452,31 @@ def test_merge_keys_are_supported():
     assert config.policies["derived"] == Policy("derived", "Nope.", "allow", PromptStage(threshold=0.7))
 
 
+def test_a_merged_key_is_overridden_by_the_mapping_that_merges_it():
+    """YAML's merge key: the mapping's own keys win over merged ones, and of several merged
+    mappings the first listed wins (this was refused as a duplicate key)."""
+    config = parse_config(UP + textwrap.dedent("""\
+        policies:
+          a:
+            refusal: Nope.
+            response: &cut {action: cut, threshold: 0.5, check_every: 8}
+          c:
+            response: &c
+              <<: [{threshold: 0.8, check_every: 4}, *cut]
+              threshold: 0.7
+          d:
+            response: *c
+        """), env={})
+    assert config.policies["c"].response == ResponseStage(threshold=0.7, check_every=4)
+    assert config.policies["d"].response == config.policies["c"].response  # the aliased mapping read again
+
+
+def test_a_key_written_twice_beside_a_merge_is_still_a_duplicate():
+    with pytest.raises(ConfigError, match="duplicate key") as info:
+        parse_config(UP + "policies:\n  a: &a {refusal: x}\n  b:\n    <<: *a\n    refusal: y\n    refusal: z\n", env={})
+    assert info.value.key_path == "policies.b.refusal" and info.value.line == 9
+
+
 def test_load_config_reads_a_file_and_names_it(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(EXAMPLE)
@@ -536,3 +568,28 @@ def test_a_prefix_may_hold_any_character_a_path_carries_as_it_is(prefix):
     """RFC 3986's pchar less '%': what a client sends unescaped, so what the router sees."""
     config = parse_config(UP + f"routes:\n  - {{prefix: \"{prefix}\", upstream: local, policy: default}}\n", env={})
     assert config.routes[0].prefix == prefix
+
+
+@pytest.mark.parametrize("kind", ["list", "merge"])
+def test_aliases_that_expand_without_bound_are_refused_quickly(kind):
+    """Nine aliases of nine aliases ... ("billion laughs") expanded to 9**9 values: a
+    reload of such a file hung the proxy, which parses on its event loop."""
+    lines = [UP.rstrip("\n")]
+    if kind == "list":
+        lines.append("x0: &a0 [l, l, l, l, l, l, l, l, l]")
+        lines += [f"x{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    else:
+        lines.append("x0: &a0 {l: 1}")
+        lines += [f"x{i}: &a{i} {{<<: [" + ", ".join([f"*a{i - 1}"] * 9) + "]}" for i in range(1, 10)]
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="expands to over"):
+        parse_config("\n".join(lines) + "\n", path="cfg.yaml", env={})
+    assert time.monotonic() - started < 5
+
+
+def test_a_document_nested_past_pythons_recursion_limit_is_a_config_error():
+    """PyYAML's composer recursed into a RecursionError: a traceback from check-config and
+    serve, and out of a reload (whose poll then stopped for good)."""
+    with pytest.raises(ConfigError, match="nested too deeply") as info:
+        parse_config(UP + "x: " + "[" * 5000 + "]" * 5000 + "\n", path="cfg.yaml", env={})
+    assert info.value.file == "cfg.yaml"

@@ -131,6 +131,16 @@ def test_routing_table_of_the_example():
     assert table.endswith("guard: the embedded default head, device auto, dtype auto; prefix cache 256 MiB, shared")
 
 
+def test_routing_table_shows_safest_of_n_and_moderations():
+    """They change what a route answers, and the table left them out."""
+    table = routing_table(parse_config(
+        "upstreams: {up: {base_url: 'http://127.0.0.1:8000/v1'}}\n"
+        "policies: {p: {moderations: guard, rerank: {n: 4, select: first_safe}}}\n"
+        "routes: [{prefix: /v1, upstream: up, policy: p}]\n", env={}))
+    assert "; unguarded endpoints block; moderations guard; rerank first_safe of 4" in table
+    assert "policy p: " in table
+
+
 @pytest.mark.parametrize("extra,expect", [
     ("server: {api_keys: [k1]}\n", "prefix cache 256 MiB, per API key"),
     ("server: {api_keys: [k1]}\nguard: {prefix_cache_scope: shared}\n", "prefix cache 256 MiB, shared"),

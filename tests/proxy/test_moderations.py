@@ -140,6 +140,24 @@ def test_a_score_that_is_not_a_probability_is_a_guard_failure():
     assert (reply.status_code, reply.json()["error"]["code"]) == (503, "guard_unavailable")
 
 
+@pytest.mark.parametrize("scorer, error", [
+    (KeywordScorer(fail=True), "GuardBroke: scripted guard failure"),
+    (KeywordScorer(busy=True), "the guard's queue is full"),
+    (NonsenseScorer(), "input 0: invalid score"),
+])
+def test_a_guard_failure_is_logged_counted_and_audited(tmp_path, scorer, error):
+    """As a stage's guard failure is: the 503 left no decision, count or audit line."""
+    audit = tmp_path / "audit.jsonl"
+    with running_proxy(config(server=f"  audit_log: {audit}"), scorer) as proxy:
+        reply = httpx.post(proxy.url + "/v1/moderations", json={"input": "otters?"})
+        metrics = httpx.get(proxy.url + "/metrics").text
+    assert reply.status_code == 503
+    assert 'siren_proxy_guard_decisions_total{action="guard_error",stage="moderations"} 1.0' in metrics
+    [record] = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [(d["stage"], d["action"], d["guard_error"]) for d in record["decisions"]] == [
+        ("moderations", "guard_error", error)]
+
+
 def test_by_default_moderations_are_forwarded_to_the_upstream(scripted):
     """`moderations: forward` (the default): the upstream's own moderation answers, as a
     transparent proxy passes any endpoint that generates no text."""

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -104,7 +108,11 @@ def test_concurrent_stream_limit_is_503_with_retry_after(scripted):
         time.sleep(0.2)
         again = httpx.post(proxy.url + "/v1/chat/completions", headers={"x-script": "text:ok"},
                            json={"model": "m", "stream": True})
+        metrics = httpx.get(proxy.url + "/metrics").text
     assert refused.status_code == 503
+    # counted under the route it was refused on (it was "-", as if no route had matched)
+    assert 'siren_proxy_requests_total{route="routes[0]",status="503"} 1.0' in metrics
+    assert 'route="-"' not in metrics
     assert refused.headers["retry-after"] == "1"
     assert refused.json()["error"]["code"] == "overloaded"
     assert plain.status_code == 200 and again.status_code == 200
@@ -146,3 +154,89 @@ def test_full_guard_queue_is_503_with_retry_after(scripted, on_error, status):
     if status == 503:
         assert response.headers["retry-after"] == "1"
         assert response.json()["error"]["code"] == "overloaded"
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_a_prompt_refused_for_a_full_guard_queue_is_recorded(scripted, tmp_path, batch):
+    """The 503 `overloaded` of a full guard queue is the prompt stage's guard failure: it
+    is counted, logged and audited as one (it was answered with no record at all)."""
+    url, _ = scripted
+    audit = tmp_path / "audit.jsonl"
+    with running_proxy(config(url, server=f"  audit_log: {audit}"), KeywordScorer(busy=True)) as proxy:
+        messages = [{"role": "user", "content": "hi"}]
+        path, body = ("/v1/chat/completions/batch", {"messages": [messages]}) if batch else \
+            ("/v1/chat/completions", {"messages": messages})
+        response = httpx.post(proxy.url + path, json={"model": "m", **body})
+        metrics = httpx.get(proxy.url + "/metrics").text
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert response.json()["error"]["code"] == "overloaded"
+    assert 'siren_proxy_guard_decisions_total{action="guard_error",stage="prompt"} 1.0' in metrics
+    [record] = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [(d["action"], d["guard_error"]) for d in record["decisions"]] == [("guard_error", "the guard's queue is full")]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (a device whose writes fail: disk full)")
+def test_a_full_disk_loses_audit_lines_not_requests(scripted, caplog):
+    url, _ = scripted
+    with running_proxy(config(url, server="  audit_log: /dev/full"), KeywordScorer()) as proxy:
+        def ask(content, script, stream=False):
+            return httpx.post(proxy.url + "/v1/chat/completions", headers={"x-script": script},
+                              json={"model": "m", "messages": [{"role": "user", "content": content}], "stream": stream})
+        refused = ask("BOMB", "text:x")
+        allowed = ask("hi", "text:hello there")
+        cut = ask("hi", "text:one two BOMB three four", stream=True)
+        metrics = httpx.get(proxy.url + "/metrics").text
+    # Each was a 500 text/plain "Internal Server Error" (or a traceback after the stream).
+    assert refused.status_code == 200 and refused.json()["choices"][0]["finish_reason"] == "content_filter"
+    assert allowed.status_code == 200 and allowed.json()["choices"][0]["message"]["content"] == "hello there"
+    assert cut.status_code == 200 and '"finish_reason":"content_filter"' in cut.text
+    assert cut.text.endswith("data: [DONE]\n\n")
+    assert 'siren_proxy_requests_total{route="routes[0]",status="200"} 3.0' in metrics
+    lost = [r for r in caplog.records if r.name == "proxy.records" and r.levelname == "ERROR"]
+    assert len(lost) == 1 and "/dev/full" in lost[0].getMessage()  # said once, not per line
+
+
+AUDIT_CUT_SHORT = """
+import resource, signal, sys
+from proxy.records import AuditLog, Exchange
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+audit = AuditLog(sys.argv[1])
+audit.write(Exchange(route="r", policy="p", endpoint="chat", stream=False))
+size = len(open(sys.argv[1], "rb").read())
+resource.setrlimit(resource.RLIMIT_FSIZE, (size + 40, resource.RLIM_INFINITY))  # the file may grow 40 bytes
+audit.write(Exchange(route="r", policy="p", endpoint="chat", stream=False))  # cut short at 40 bytes
+audit.write(Exchange(route="r", policy="p", endpoint="chat", stream=False))  # lost whole
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))  # room again
+audit.write(Exchange(route="after", policy="p", endpoint="chat", stream=False))
+audit.close()
+"""
+
+
+def test_an_audit_line_cut_short_by_a_full_disk_leaves_the_next_ones_whole(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    result = subprocess.run([sys.executable, "-c", AUDIT_CUT_SHORT, str(path)], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert result.returncode == 0, result.stderr
+    first, cut, after = path.read_text().split("\n")[:3]
+    assert json.loads(first)["route"] == "r" and len(cut) == 40
+    assert json.loads(after)["route"] == "after"  # not glued to the cut line
+    assert path.read_text().endswith("\n") and "cannot write" in result.stderr and "1 line(s)" not in result.stderr
+    assert "2 line(s) were lost" in result.stderr
+
+
+def test_the_audit_log_follows_its_path_when_rotated_or_removed(scripted, tmp_path):
+    url, _ = scripted
+    audit = tmp_path / "audit.jsonl"
+    with running_proxy(config(url, server=f"  audit_log: {audit}"), KeywordScorer()) as proxy:
+        def ask(content):
+            httpx.post(proxy.url + "/v1/chat/completions", headers={"x-script": "text:ok"},
+                       json={"model": "m", "messages": [{"role": "user", "content": content}]})
+        ask("BOMB one")
+        audit.rename(tmp_path / "audit.jsonl.1")  # logrotate's default: move, then create
+        audit.touch()
+        ask("BOMB two")
+        audit.unlink()  # removed by hand
+        ask("BOMB three")
+    rotated, current = tmp_path / "audit.jsonl.1", audit
+    assert len(rotated.read_text().splitlines()) == 1  # the later lines went here, and were lost with it
+    assert len(current.read_text().splitlines()) == 1  # written again where the config says

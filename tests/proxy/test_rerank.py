@@ -169,3 +169,28 @@ def test_a_streamed_candidate_keeps_its_function_call():
     calls = [c.choices[0].delta.function_call for c in chunks if c.choices and c.choices[0].delta.function_call]
     assert [(call.name, call.arguments) for call in calls] == [("f", '{"a": 1}')]
     assert chunks[-1].choices[0].finish_reason == "function_call"
+
+
+class NanScorer(KeywordScorer):
+    """A guard that answers NaN (a model failure) for any text with "NAN" in it."""
+
+    async def _score(self, text: str) -> float:
+        return float("nan") if "NAN" in text else await super()._score(text)
+
+
+@pytest.mark.parametrize("script", ["text:NAN|NAN|NAN", "text:calm|NAN|calm"])
+@pytest.mark.parametrize("on_error,status", [("block", 503), ("allow", 200)])
+def test_a_nan_candidate_score_is_a_guard_failure(scripted, script, on_error, status):
+    """A NaN score is a failed guard, as everywhere else: 503 under `block` (all-NaN
+    candidates were answered with the refusal, a NaN one silently passed over), and
+    under `allow` the candidates are ranked blind, as when the guard raises."""
+    url, _ = scripted
+    text = config(url).replace('refusal: "no."', f'refusal: "no."\n    on_guard_error: {on_error}')
+    with running_proxy(text, NanScorer()) as proxy:
+        response = httpx.post(proxy.url + "/v1/chat/completions", headers={"x-script": script},
+                              json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == status
+    if status == 503:
+        assert response.json()["error"]["code"] == "guard_unavailable"
+    else:
+        assert response.json()["choices"][0]["message"]["content"] == script[5:].split("|")[0]

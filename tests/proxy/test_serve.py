@@ -242,6 +242,20 @@ def test_an_audit_log_that_cannot_be_opened_fails_at_start_naming_the_key(tmp_pa
                              "No such file or directory\n")
 
 
+@pytest.mark.parametrize("poll", ["abc", "0", "-1", "nan", "inf", ""])
+def test_a_bad_reload_poll_fails_at_start_naming_the_variable(tmp_path, poll):
+    """It was a traceback at import (ValueError from float()) and exit 1; 0 or a negative
+    number polled the file without pause on the event loop, and nan or inf never."""
+    path = tmp_path / "config.yaml"
+    path.write_text(config_text("http://127.0.0.1:8000/v1"))
+    result = subprocess.run([sys.executable, "-m", "proxy", "serve", "--config", str(path), "--port",
+                             str(free_port())], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "SIREN_PROXY_RELOAD_POLL_SECONDS": poll})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr == ("siren-proxy: invalid SIREN_PROXY_RELOAD_POLL_SECONDS: must be a finite number of "
+                             f"seconds > 0; got {poll!r}\n")
+
+
 @pytest.mark.parametrize(("upstream", "reason"), [
     ("ftp://x/v1", "must be an http(s) URL without query or fragment; got 'ftp://x/v1'"),
     ("http://127.0.0.1:99999/v1", "the port must be a number in 1-65535; got 'http://127.0.0.1:99999/v1'"),

@@ -300,7 +300,10 @@ class AsyncStreamSession:
     The prompt's prefill is queued at creation. Its score is the prompt's own score
     (the text the session has read is the prompt alone), so a caller that must score the
     prompt anyway awaits `prompt_score()` instead of a second, full-text scoring of the
-    same tokens. `append` calls must be awaited one after another.
+    same tokens. `append` calls must be awaited one after another. A cancelled wait for
+    the prompt's score cancels the prefill (`GuardWorker._run_steps`), not the session:
+    its next append reads the whole text, exactly, in the open's place (the session's
+    jobs keep their order), and the lost prompt score is `Abandoned` from then on.
     """
 
     def __init__(self, worker: GuardWorker, prompt: str | None, *, cache_salt: str | None = None) -> None:
@@ -320,6 +323,9 @@ class AsyncStreamSession:
             raise ValueError("this stream session has no prompt to score")
         if self._closed:
             raise WorkerClosed("this stream session is closed")
+        if self._opened.cancelled():
+            raise Abandoned("this session's prefill was stopped (an earlier wait for it was cancelled); "
+                            "its prompt score was not kept")
         score, _ = await asyncio.wrap_future(self._opened)
         return score
 
@@ -329,7 +335,8 @@ class AsyncStreamSession:
         kept by the session."""
         if self._closed:
             raise WorkerClosed("this stream session is closed")
-        await asyncio.wrap_future(self._opened)
+        if not self._opened.cancelled():  # else its prefill stopped: the session reads it all at this append
+            await asyncio.wrap_future(self._opened)
         delta, self._unsent = self._unsent + delta, ""
         try:
             job = self.worker._submit(_Job("append", session=self, payload=delta))

@@ -479,6 +479,50 @@ def test_a_prefill_whose_caller_left_stops_between_windows(guard, real_rows, mon
     assert after == pytest.approx(guard.p_harmful([model_text(response="a short text after it")])[0], abs=TOL)
 
 
+def test_a_session_whose_prefill_wait_was_cancelled_goes_on(guard, real_rows, monkeypatch):
+    """A caller that stops waiting for `prompt_score()` (`asyncio.wait_for`'s timeout)
+    stops the prefill, and nothing more: the session's next append reads everything and
+    is exact, and a later `prompt_score()` says the score was not kept, as a `GuardError`.
+    A `CancelledError` there would reach a task nobody cancelled, at every later call."""
+    import guard.session as session_module
+    from guard.errors import Abandoned
+
+    prompt = long_prompt(real_rows)[:3000]
+    rounds, feed_round = [], session_module._feed_round
+
+    def slow_round(g, feeds):
+        rounds.append(len(feeds))
+        time.sleep(0.02)
+        return feed_round(g, feeds)
+
+    monkeypatch.setattr(session_module, "_feed_round", slow_round)
+    worker = GuardWorker(guard)
+
+    async def main():
+        session = worker.stream(prompt)
+        waiting = asyncio.ensure_future(session.prompt_score())
+        while not rounds:
+            await asyncio.sleep(0.005)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        score = await session.append("Sure, here it is.")
+        with pytest.raises(Abandoned):
+            await session.prompt_score()
+        again = await session.append(" More.")
+        await session.aclose()
+        return score, again
+
+    try:
+        score, again = asyncio.run(main())
+    finally:
+        worker.close()
+    assert score == pytest.approx(guard.p_harmful([model_text(prompt=prompt, response="Sure, here it is.")])[0],
+                                  abs=TOL)
+    assert again == pytest.approx(
+        guard.p_harmful([model_text(prompt=prompt, response="Sure, here it is. More.")])[0], abs=TOL)
+
+
 def test_a_session_stopped_part_way_reads_everything_at_its_next_check(guard, real_rows):
     """`append_all(..., given_up=...)`: the session given up scores NaN and forgets its
     cache; its next check re-reads the whole text (exact); the others are unaffected."""

@@ -300,10 +300,11 @@ class AsyncStreamSession:
     The prompt's prefill is queued at creation. Its score is the prompt's own score
     (the text the session has read is the prompt alone), so a caller that must score the
     prompt anyway awaits `prompt_score()` instead of a second, full-text scoring of the
-    same tokens. `append` calls must be awaited one after another. A cancelled wait for
-    the prompt's score cancels the prefill (`GuardWorker._run_steps`), not the session:
-    its next append reads the whole text, exactly, in the open's place (the session's
-    jobs keep their order), and the lost prompt score is `Abandoned` from then on.
+    same tokens. `append` calls must be awaited one after another. A prefill that failed
+    (a failed round), or was stopped (a cancelled wait for the prompt's score), fails the
+    prompt's score, not the session: like any failed check, it leaves the session to
+    read the whole text at its next append, exactly. The prompt's score then raises the
+    failure's error, or `Abandoned`.
     """
 
     def __init__(self, worker: GuardWorker, prompt: str | None, *, cache_salt: str | None = None) -> None:
@@ -332,11 +333,11 @@ class AsyncStreamSession:
     async def append(self, delta: str) -> float:
         """Score everything appended so far. An append a full queue refuses (`QueueFull`)
         is not lost: its text goes first in the next append, as a failed scoring's is
-        kept by the session."""
+        kept by the session. It does not wait for the open: the worker runs a session's
+        jobs in order, and whatever became of the prefill (done, failed, stopped), this
+        check scores the whole text, exactly."""
         if self._closed:
             raise WorkerClosed("this stream session is closed")
-        if not self._opened.cancelled():  # else its prefill stopped: the session reads it all at this append
-            await asyncio.wrap_future(self._opened)
         delta, self._unsent = self._unsent + delta, ""
         try:
             job = self.worker._submit(_Job("append", session=self, payload=delta))

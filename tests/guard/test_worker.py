@@ -317,6 +317,38 @@ def test_a_failed_packed_round_fails_each_caller_and_sessions_recover(guard, rea
     assert scores == pytest.approx(expected, abs=TOL)
 
 
+def test_a_session_whose_prefill_failed_recovers_at_its_next_append(guard, real_rows, monkeypatch):
+    """A failed round fails its checks and resets their sessions (above); an open's prefill
+    is such a check: `prompt_score()` keeps its error, but the next append reads the whole
+    text, exactly, rather than raising the prefill's error again at every append."""
+    worker = GuardWorker(guard)
+    prompt, response = real_rows[0]["prompt"][:200], real_rows[0]["response"][:120]
+    feed_rows = guard.feed_rows
+
+    def failing(feeds):
+        raise RuntimeError("out of memory")
+
+    try:
+        async def main():
+            monkeypatch.setattr(guard, "feed_rows", failing)
+            session = worker.stream(prompt=prompt)
+            with pytest.raises(ScoringError):
+                await session.prompt_score()
+            monkeypatch.setattr(guard, "feed_rows", feed_rows)
+            first = await session.append(response[:60])
+            second = await session.append(response[60:])
+            with pytest.raises(ScoringError):
+                await session.prompt_score()
+            await session.aclose()
+            return first, second
+
+        first, second = asyncio.run(main())
+    finally:
+        worker.close()
+    assert [first, second] == pytest.approx(guard.p_harmful(
+        [model_text(prompt=prompt, response=response[:60]), model_text(prompt=prompt, response=response)]), abs=TOL)
+
+
 def test_appends_are_taken_one_per_session_in_order():
     """Waiting opens and appends of other sessions join the first; a session met again
     (a second append, its close) is left in place, and so is every other job, in order."""

@@ -319,16 +319,21 @@ class AsyncStreamSession:
 
     async def prompt_score(self) -> float:
         """P(harmful) of the prompt alone, read off its prefill: equal to
-        `score(prompt=prompt)`."""
+        `score(prompt=prompt)`. A cancelled wait stops the prefill for every caller: the
+        others get `Abandoned` (a `CancelledError` would reach tasks nobody cancelled)."""
         if not self.prompt:
             raise ValueError("this stream session has no prompt to score")
         if self._closed:
             raise WorkerClosed("this stream session is closed")
-        if self._opened.cancelled():
-            raise Abandoned("this session's prefill was stopped (an earlier wait for it was cancelled); "
-                            "its prompt score was not kept")
-        score, _ = await asyncio.wrap_future(self._opened)
-        return score
+        if not self._opened.cancelled():
+            try:
+                score, _ = await asyncio.wrap_future(self._opened)
+                return score
+            except asyncio.CancelledError:
+                if asyncio.current_task().cancelling():  # this caller left
+                    raise
+        raise Abandoned("this session's prefill was stopped (a wait for it was cancelled); "
+                        "its prompt score was not kept")
 
     async def append(self, delta: str) -> float:
         """Score everything appended so far. An append a full queue refuses (`QueueFull`)

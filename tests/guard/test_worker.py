@@ -533,11 +533,14 @@ def test_a_session_whose_prefill_wait_was_cancelled_goes_on(guard, real_rows, mo
     async def main():
         session = worker.stream(prompt)
         waiting = asyncio.ensure_future(session.prompt_score())
+        other = asyncio.ensure_future(session.prompt_score())  # a second caller, not cancelled
         while not rounds:
             await asyncio.sleep(0.005)
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiting
+        with pytest.raises(Abandoned):
+            await other
         score = await session.append("Sure, here it is.")
         with pytest.raises(Abandoned):
             await session.prompt_score()

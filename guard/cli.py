@@ -113,6 +113,7 @@ def _row_texts_ok(row: dict) -> bool:
 
 def run_score(args: argparse.Namespace) -> int:
     from guard.errors import ArtifactError, BackboneError
+    from guard.result import ScoreResult
     from guard.siren import SirenGuard
     from guard.text import model_text
 
@@ -131,6 +132,6 @@ def run_score(args: argparse.Namespace) -> int:
         ]
         for row, score in zip(chunk, guard.p_harmful(texts)):
             out = {k: row[k] for k in ("id",) if k in row}
-            out.update(score=score, is_harmful=score >= threshold, threshold=threshold)
+            out.update(ScoreResult.of(score, threshold).to_dict())
             print(json.dumps(out), flush=True)
     return 0

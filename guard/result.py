@@ -8,12 +8,15 @@ from dataclasses import asdict, dataclass
 @dataclass(frozen=True)
 class ScoreResult:
     score: float  # P(harmful), in [0, 1]
-    is_harmful: bool  # score >= threshold
+    is_harmful: bool  # score >= threshold, or a NaN score
     threshold: float
 
     @classmethod
     def of(cls, score: float, threshold: float) -> ScoreResult:
-        return cls(score=float(score), is_harmful=float(score) >= threshold, threshold=threshold)
+        """A NaN score is the model failing (`guard.windows.text_score`): harmful, so that
+        a caller reading `is_harmful` fails closed on it, as the proxy does (the reference's
+        ``score >= threshold`` is false for NaN and passes the text as benign)."""
+        return cls(score=float(score), is_harmful=not float(score) < threshold, threshold=threshold)
 
     def to_dict(self) -> dict:
         return asdict(self)

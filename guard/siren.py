@@ -121,8 +121,8 @@ class SirenGuard:
                 self._packer = PackedStep(self._readout)
             elif packed_steps:
                 raise BackboneError(f"packed_steps=True, but this backbone cannot take packed steps: {reason}")
-        if not prefix_cache_mb >= 0:
-            raise ValueError(f"prefix_cache_mb must be at least 0, got {prefix_cache_mb}")
+        if not 0 <= prefix_cache_mb < math.inf:  # NaN fails this too
+            raise ValueError(f"prefix_cache_mb must be a finite number at least 0, got {prefix_cache_mb}")
         self._prefixes = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
 
     @classmethod

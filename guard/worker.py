@@ -300,7 +300,11 @@ class AsyncStreamSession:
     The prompt's prefill is queued at creation. Its score is the prompt's own score
     (the text the session has read is the prompt alone), so a caller that must score the
     prompt anyway awaits `prompt_score()` instead of a second, full-text scoring of the
-    same tokens. `append` calls must be awaited one after another.
+    same tokens. `append` calls must be awaited one after another. A prefill that failed
+    (a failed round), or was stopped (a cancelled wait for the prompt's score), fails the
+    prompt's score, not the session: like any failed check, it leaves the session to
+    read the whole text at its next append, exactly. The prompt's score then raises the
+    failure's error, or `Abandoned`.
     """
 
     def __init__(self, worker: GuardWorker, prompt: str | None, *, cache_salt: str | None = None) -> None:
@@ -315,21 +319,30 @@ class AsyncStreamSession:
 
     async def prompt_score(self) -> float:
         """P(harmful) of the prompt alone, read off its prefill: equal to
-        `score(prompt=prompt)`."""
+        `score(prompt=prompt)`. A cancelled wait stops the prefill for every caller: the
+        others get `Abandoned` (a `CancelledError` would reach tasks nobody cancelled)."""
         if not self.prompt:
             raise ValueError("this stream session has no prompt to score")
         if self._closed:
             raise WorkerClosed("this stream session is closed")
-        score, _ = await asyncio.wrap_future(self._opened)
-        return score
+        if not self._opened.cancelled():
+            try:
+                score, _ = await asyncio.wrap_future(self._opened)
+                return score
+            except asyncio.CancelledError:
+                if asyncio.current_task().cancelling():  # this caller left
+                    raise
+        raise Abandoned("this session's prefill was stopped (a wait for it was cancelled); "
+                        "its prompt score was not kept")
 
     async def append(self, delta: str) -> float:
         """Score everything appended so far. An append a full queue refuses (`QueueFull`)
         is not lost: its text goes first in the next append, as a failed scoring's is
-        kept by the session."""
+        kept by the session. It does not wait for the open: the worker runs a session's
+        jobs in order, and whatever became of the prefill (done, failed, stopped), this
+        check scores the whole text, exactly."""
         if self._closed:
             raise WorkerClosed("this stream session is closed")
-        await asyncio.wrap_future(self._opened)
         delta, self._unsent = self._unsent + delta, ""
         try:
             job = self.worker._submit(_Job("append", session=self, payload=delta))

@@ -83,5 +83,8 @@ def test_a_window_that_scores_nan_makes_the_text_nan(artifact, monkeypatch):
     assert math.isnan(guard.score("short").score)
     assert math.isnan(guard.score(text).score)
     assert all(math.isnan(r.score) for r in guard.score_batch(["short", text]))
+    # A library caller that reads `is_harmful` fails closed on it too: a NaN is never "benign".
+    assert guard.score(text).is_harmful and all(r.is_harmful for r in guard.score_batch(["short", text]))
     monkeypatch.setattr(guard.head, "p_harmful", nan_after(1))  # the session's first window is real
-    assert math.isnan(guard.stream().append(text).score)
+    result = guard.stream().append(text)
+    assert math.isnan(result.score) and result.is_harmful

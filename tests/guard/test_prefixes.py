@@ -11,6 +11,7 @@ the cache and back into a free slot.
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -295,7 +296,8 @@ def test_bounded_by_bytes_least_recently_used_out_first(artifact_factory, real_r
     off = SirenGuard.from_pretrained(folder, device=DEVICE, dtype=torch.float32, prefix_cache_mb=0)
     assert off.prefixes is None
     assert off.stream(prompt=prompts[0]).score == pytest.approx(full(guard, prompts[0]), abs=TOL)
-    with pytest.raises(ValueError, match="prefix_cache_mb"):
-        SirenGuard.from_pretrained(folder, device=DEVICE, dtype=torch.float32, prefix_cache_mb=-1)
+    for bad in (-1, math.inf):  # infinity was an OverflowError from int() ("unbounded" is not a bound)
+        with pytest.raises(ValueError, match="prefix_cache_mb"):
+            SirenGuard.from_pretrained(folder, device=DEVICE, dtype=torch.float32, prefix_cache_mb=bad)
     for g in (guard, tiny, off):
         g.close()

@@ -317,6 +317,38 @@ def test_a_failed_packed_round_fails_each_caller_and_sessions_recover(guard, rea
     assert scores == pytest.approx(expected, abs=TOL)
 
 
+def test_a_session_whose_prefill_failed_recovers_at_its_next_append(guard, real_rows, monkeypatch):
+    """A failed round fails its checks and resets their sessions (above); an open's prefill
+    is such a check: `prompt_score()` keeps its error, but the next append reads the whole
+    text, exactly, rather than raising the prefill's error again at every append."""
+    worker = GuardWorker(guard)
+    prompt, response = real_rows[0]["prompt"][:200], real_rows[0]["response"][:120]
+    feed_rows = guard.feed_rows
+
+    def failing(feeds):
+        raise RuntimeError("out of memory")
+
+    try:
+        async def main():
+            monkeypatch.setattr(guard, "feed_rows", failing)
+            session = worker.stream(prompt=prompt)
+            with pytest.raises(ScoringError):
+                await session.prompt_score()
+            monkeypatch.setattr(guard, "feed_rows", feed_rows)
+            first = await session.append(response[:60])
+            second = await session.append(response[60:])
+            with pytest.raises(ScoringError):
+                await session.prompt_score()
+            await session.aclose()
+            return first, second
+
+        first, second = asyncio.run(main())
+    finally:
+        worker.close()
+    assert [first, second] == pytest.approx(guard.p_harmful(
+        [model_text(prompt=prompt, response=response[:60]), model_text(prompt=prompt, response=response)]), abs=TOL)
+
+
 def test_appends_are_taken_one_per_session_in_order():
     """Waiting opens and appends of other sessions join the first; a session met again
     (a second append, its close) is left in place, and so is every other job, in order."""
@@ -477,6 +509,53 @@ def test_a_prefill_whose_caller_left_stops_between_windows(guard, real_rows, mon
         worker.close()
     assert len(rounds) < windows / 2, (len(rounds), windows)
     assert after == pytest.approx(guard.p_harmful([model_text(response="a short text after it")])[0], abs=TOL)
+
+
+def test_a_session_whose_prefill_wait_was_cancelled_goes_on(guard, real_rows, monkeypatch):
+    """A caller that stops waiting for `prompt_score()` (`asyncio.wait_for`'s timeout)
+    stops the prefill, and nothing more: the session's next append reads everything and
+    is exact, and a later `prompt_score()` says the score was not kept, as a `GuardError`.
+    A `CancelledError` there would reach a task nobody cancelled, at every later call."""
+    import guard.session as session_module
+    from guard.errors import Abandoned
+
+    prompt = long_prompt(real_rows)[:3000]
+    rounds, feed_round = [], session_module._feed_round
+
+    def slow_round(g, feeds):
+        rounds.append(len(feeds))
+        time.sleep(0.02)
+        return feed_round(g, feeds)
+
+    monkeypatch.setattr(session_module, "_feed_round", slow_round)
+    worker = GuardWorker(guard)
+
+    async def main():
+        session = worker.stream(prompt)
+        waiting = asyncio.ensure_future(session.prompt_score())
+        other = asyncio.ensure_future(session.prompt_score())  # a second caller, not cancelled
+        while not rounds:
+            await asyncio.sleep(0.005)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        with pytest.raises(Abandoned):
+            await other
+        score = await session.append("Sure, here it is.")
+        with pytest.raises(Abandoned):
+            await session.prompt_score()
+        again = await session.append(" More.")
+        await session.aclose()
+        return score, again
+
+    try:
+        score, again = asyncio.run(main())
+    finally:
+        worker.close()
+    assert score == pytest.approx(guard.p_harmful([model_text(prompt=prompt, response="Sure, here it is.")])[0],
+                                  abs=TOL)
+    assert again == pytest.approx(
+        guard.p_harmful([model_text(prompt=prompt, response="Sure, here it is. More.")])[0], abs=TOL)
 
 
 def test_a_session_stopped_part_way_reads_everything_at_its_next_check(guard, real_rows):

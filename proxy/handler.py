@@ -150,6 +150,7 @@ class Proxy:
             self._stream_ended(streaming)
             raise
         if isinstance(response, RelayResponse):
+            response.deadline = deadline
             response.body_iterator = self._finishing(response.body_iterator, deadline, timeout,
                                                      anthropic=request.state.anthropic, events=response.events)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 
@@ -146,3 +147,27 @@ def test_full_guard_queue_is_503_with_retry_after(scripted, on_error, status):
     if status == 503:
         assert response.headers["retry-after"] == "1"
         assert response.json()["error"]["code"] == "overloaded"
+
+
+def test_request_deadline_ends_a_stream_its_client_does_not_read(scripted):
+    """A client that stops reading blocks the proxy's writes (the socket's buffers fill):
+    the deadline ends the request there too, freeing its stream slot and closing the
+    upstream stream, rather than holding both for as long as the client stays connected."""
+    url, recorder = scripted
+    server = "  request_timeout: 1\n  max_concurrent_streams: 1"
+    with running_proxy(config(url, server=server, prompt="{action: off}", response="{action: off}")) as proxy:
+        before = len(recorder.streams)
+        body = b'{"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]}'
+        with socket.create_connection(("127.0.0.1", proxy.port)) as client:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: proxy\r\nx-script: flood:8\r\n"
+                           b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+            deadline = time.monotonic() + 6
+            while len(recorder.streams) == before and time.monotonic() < deadline:
+                time.sleep(0.1)
+            after = httpx.post(proxy.url + "/v1/chat/completions", headers={"x-script": "text:ok"},
+                               json={"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+            gauge = httpx.get(proxy.url + "/metrics").text
+    assert recorder.streams[before:before + 1] == ["closed-early"]
+    assert after.status_code == 200 and after.text.endswith("data: [DONE]\n\n")
+    assert "siren_proxy_active_streams 0.0" in gauge

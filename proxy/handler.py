@@ -283,7 +283,12 @@ async def until_disconnect(request: Request, pipeline: Awaitable[Response]) -> R
     if task.done():
         return task.result()
     task.cancel()
-    await asyncio.gather(task, return_exceptions=True)  # its cleanup (a session's close) runs now
+    [made] = await asyncio.gather(task, return_exceptions=True)  # its cleanup (a session's close) runs now
+    if isinstance(made, RelayResponse):
+        # Cancelled too late: an await that finished as the cancel came (Python 3.11's
+        # `asyncio.wait_for` returns its result then) let the pipeline go on to a response.
+        # Never sent, it must still close its upstream response and guard sessions.
+        await made.aclose()
     raise ClientClosed("the client closed the connection before the response began")
 
 

@@ -60,7 +60,7 @@ class RelayResponse(Response):
             except OSError:
                 pass
             finally:
-                await self._close()
+                await self.aclose()
             return
         gone = anyio.Event()
         async with anyio.create_task_group() as tg:
@@ -77,10 +77,12 @@ class RelayResponse(Response):
             except OSError:  # the client went away between our checks
                 pass
             finally:
-                await self._close()
+                await self.aclose()
                 tg.cancel_scope.cancel()
 
-    async def _close(self) -> None:
+    async def aclose(self) -> None:
+        """Close the body and run `on_close`: at the end of the response, or instead of it
+        when it is never sent."""
         with anyio.CancelScope(shield=True):
             try:
                 await self.body_iterator.aclose()

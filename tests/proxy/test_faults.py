@@ -24,7 +24,7 @@ from proxy.app import build_app
 from tests.proxy.rawhttp import FIN, LAST_CHUNK, RST, RawUpstream, chunk, sse_head
 from tests.support.proxy import running_proxy
 from proxy.scorer import ScorerBusy
-from tests.support.scorers import GuardBroke, KeywordScorer
+from tests.support.scorers import GuardBroke, KeywordScorer, keyword_score
 from tests.support.servers import LiveServer
 from tests.support.upstream import chat_chunk
 
@@ -648,3 +648,34 @@ def test_the_request_deadline_in_a_plain_body(upstream, policy, server_errors):
     else:
         assert status == 504 and json.loads(body)["error"]["code"] == "request_timeout"
     assert not [r for r in server_errors if r.exc_info], server_errors
+
+
+class FinishesAnyway(KeywordScorer):
+    """A score that, cancelled, still returns: as Python 3.11's `asyncio.wait_for` does
+    when its result is ready as the cancel comes (the upstream connect's, say)."""
+
+    async def _score(self, text: str) -> float:
+        try:
+            await asyncio.sleep(self.delay)
+        except asyncio.CancelledError:
+            pass
+        return keyword_score(text)
+
+
+def test_a_response_made_after_the_client_left_is_closed(scripted):
+    """A pipeline cancelled too late goes on to a response that is never sent: it still
+    closes its upstream stream and guard session (they were held until the upstream
+    ended, the upstream connection's pool slot with them)."""
+    url, recorder = scripted
+    scorer = FinishesAnyway(delay=30)
+    text = GOOD.format(url=url, action="refuse").replace("response: {action: off}", "response: {action: cut}")
+    with running_proxy(text, scorer) as server:
+        before = len(recorder.streams)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + "/v1/chat/completions", timeout=0.5, headers={"x-script": "endless:a b c"},
+                       json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True})
+        wait_for(lambda: len(recorder.streams) > before and all(s.closed for s in scorer.sessions))
+        metrics = httpx.get(server.url + "/metrics").text
+    assert recorder.streams[before:] == ["closed-early"]
+    assert scorer.sessions and all(s.closed for s in scorer.sessions)
+    assert 'siren_proxy_requests_total{route="routes[0]",status="499"} 1.0' in metrics

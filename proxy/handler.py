@@ -177,18 +177,19 @@ class Proxy:
                          *, anthropic: bool = False, events: bool = True) -> AsyncIterator[bytes]:
         """The body, ended at the request deadline or at shutdown (the stream slot is freed
         `on_close`): an event stream ends with an in-band error; any other body is cut
-        short, since its bytes have no place for one."""
-        loop = asyncio.get_running_loop()
+        short, since its bytes have no place for one.
+
+        The wait runs in this task (`asyncio.timeout_at`, not `wait_for`, which steps the
+        body in a task of its own): a client that leaves cancels this task, and with it the
+        body where it waits, so the body is closed, never left running elsewhere."""
         try:
             while True:
                 end = deadline  # or the drain, if shutdown has begun and it comes first
                 if self.drain_at is not None and (end is None or self.drain_at < end):
                     end = self.drain_at
                 try:
-                    if end is None:
+                    async with asyncio.timeout_at(end):
                         chunk = await anext(body)
-                    else:
-                        chunk = await asyncio.wait_for(anext(body), max(0.0, end - loop.time()))
                 except StopAsyncIteration:
                     return
                 except TimeoutError:

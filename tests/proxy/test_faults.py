@@ -679,3 +679,35 @@ def test_a_response_made_after_the_client_left_is_closed(scripted):
     assert recorder.streams[before:] == ["closed-early"]
     assert scorer.sessions and all(s.closed for s in scorer.sessions)
     assert 'siren_proxy_requests_total{route="routes[0]",status="499"} 1.0' in metrics
+
+
+@pytest.mark.parametrize("policy", ["guarded", "unguarded"])
+def test_client_disconnect_before_the_deadline_is_no_error(scripted, caplog, policy):
+    """Under `request_timeout` each upstream read waits at most until the deadline; a
+    client leaving mid-stream cancels that wait, which used to leave the body's generator
+    running in a task of its own: its close raised (`aclose(): asynchronous generator is
+    already running`), logged as an exception in the ASGI application each time."""
+    url, recorder = scripted
+    scorer = KeywordScorer(delay=0.005)
+    text = "server:\n  request_timeout: 30\n" + GUARDED.format(url=url, on_error="block")
+    if policy == "unguarded":
+        text = text.replace("{action: cut, threshold: 0.5, check_every: 2, holdback: 2}", "{action: off}")
+    uvicorn_errors = logging.getLogger("uvicorn.error")
+    with running_proxy(text, scorer) as server:
+        uvicorn_errors.addHandler(caplog.handler)  # after uvicorn's logging set-up; it does not propagate
+        try:
+            before = len(recorder.streams)
+            for _ in range(8):
+                with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=20,
+                                  headers={"x-script": "endless:w1 w2 w3 w4"},
+                                  json={"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                                        "stream": True}) as response:
+                    for i, _ in enumerate(response.iter_raw()):
+                        if i == 3:
+                            break
+            wait_for(lambda: len(recorder.streams) >= before + 8 and all(s.closed for s in scorer.sessions))
+        finally:
+            uvicorn_errors.removeHandler(caplog.handler)
+    assert recorder.streams[before:] == ["closed-early"] * 8
+    assert all(s.closed for s in scorer.sessions)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []

@@ -14,6 +14,7 @@ import asyncio
 import gzip
 import json
 import logging
+import socket
 import time
 
 import httpx
@@ -710,4 +711,25 @@ def test_client_disconnect_before_the_deadline_is_no_error(scripted, caplog, pol
             uvicorn_errors.removeHandler(caplog.handler)
     assert recorder.streams[before:] == ["closed-early"] * 8
     assert all(s.closed for s in scorer.sessions)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_client_leaving_while_sending_its_body_is_a_499(scripted, caplog):
+    """Not an exception in the ASGI application (Starlette's `ClientDisconnect` from the
+    body read, logged with a traceback): the request counts as 499, as any other client
+    that leaves before the response."""
+    url, _ = scripted
+    uvicorn_errors = logging.getLogger("uvicorn.error")
+    with running_proxy(GOOD.format(url=url, action="refuse"), KeywordScorer()) as server:
+        uvicorn_errors.addHandler(caplog.handler)  # after uvicorn's logging set-up; it does not propagate
+        try:
+            with socket.create_connection(("127.0.0.1", server.port)) as client:
+                client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: proxy\r\n"
+                               b"content-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"model\": ")
+                time.sleep(0.2)  # the proxy is reading the body
+            wait_for(lambda: "499" in httpx.get(server.url + "/metrics").text)
+            metrics = httpx.get(server.url + "/metrics").text
+        finally:
+            uvicorn_errors.removeHandler(caplog.handler)
+    assert 'siren_proxy_requests_total{route="-",status="499"} 1.0' in metrics
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []

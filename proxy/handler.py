@@ -135,7 +135,11 @@ class Proxy:
         # escaped letters and digits decoded: an upstream that decodes its path serves
         # `chat/%63ompletions` as chat, so it is guarded as chat (and forwarded decoded).
         path = normalize_path(request.scope.get("raw_path", b"").decode("latin-1") or request.url.path)
-        body = await read_body(request, config.server.max_body_bytes)
+        try:
+            async with asyncio.timeout_at(deadline):
+                body = await read_body(request, config.server.max_body_bytes)
+        except TimeoutError:
+            raise RequestTimeout(f"the request body did not arrive within {timeout}s") from None
         payload = parse_json_object(body) if json_endpoint(path, request.method) else None
         streaming = payload is not None and payload.get("stream") is True
         if streaming:

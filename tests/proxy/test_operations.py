@@ -171,3 +171,22 @@ def test_request_deadline_ends_a_stream_its_client_does_not_read(scripted):
     assert recorder.streams[before:before + 1] == ["closed-early"]
     assert after.status_code == 200 and after.text.endswith("data: [DONE]\n\n")
     assert "siren_proxy_active_streams 0.0" in gauge
+
+
+def test_request_deadline_covers_a_body_that_does_not_arrive(scripted):
+    """A client that sends its headers and then its body slowly, or never, is answered at
+    the deadline too, rather than holding its connection and task for as long as it likes."""
+    url, recorder = scripted
+    with running_proxy(config(url, server="  request_timeout: 0.5", prompt="{action: off}",
+                              response="{action: off}")) as proxy:
+        before = len(recorder.requests)
+        with socket.create_connection(("127.0.0.1", proxy.port)) as client:
+            client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: proxy\r\n"
+                           b"content-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"model\": ")
+            client.settimeout(5)
+            started = time.monotonic()
+            answer = client.recv(65536)
+            elapsed = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 504 ") and b'"code":"request_timeout"' in answer.replace(b" ", b"")
+    assert elapsed < 3
+    assert len(recorder.requests) == before

@@ -195,8 +195,11 @@ class Proxy:
                 if self.drain_at is not None and (end is None or self.drain_at < end):
                     end = self.drain_at
                 try:
-                    async with asyncio.timeout_at(end):
+                    if end is None:  # no timeout to arm (the default)
                         chunk = await anext(body)
+                    else:
+                        async with asyncio.timeout_at(end):
+                            chunk = await anext(body)
                 except StopAsyncIteration:
                     return
                 except TimeoutError:

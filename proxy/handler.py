@@ -288,19 +288,31 @@ async def until_disconnect(request: Request, pipeline: Awaitable[Response]) -> R
         await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
     except BaseException:  # the deadline (or shutdown) cancelled us: the pipeline goes too
         task.cancel()
+        task.add_done_callback(close_unsent)
         raise
     finally:
         watcher.cancel()
     if task.done():
         return task.result()
     task.cancel()
-    [made] = await asyncio.gather(task, return_exceptions=True)  # its cleanup (a session's close) runs now
-    if isinstance(made, RelayResponse):
-        # Cancelled too late: an await that finished as the cancel came (Python 3.11's
-        # `asyncio.wait_for` returns its result then) let the pipeline go on to a response.
-        # Never sent, it must still close its upstream response and guard sessions.
-        await made.aclose()
+    await asyncio.gather(task, return_exceptions=True)  # its cleanup (a session's close) runs now
+    close_unsent(task)
     raise ClientClosed("the client closed the connection before the response began")
+
+
+_closing: set[asyncio.Task] = set()  # held until done: the loop keeps only weak references
+
+
+def close_unsent(pipeline: asyncio.Task) -> None:
+    """Close the response of a pipeline that was cancelled too late: an await that
+    finished as the cancel came (Python 3.11's `asyncio.wait_for` returns its result
+    then, the upstream connect's among them) let it go on to a response that will never
+    be sent, which must still close its upstream response and guard sessions."""
+    if pipeline.cancelled() or pipeline.exception() is not None or not isinstance(pipeline.result(), RelayResponse):
+        return
+    closing = asyncio.ensure_future(pipeline.result().aclose())
+    _closing.add(closing)
+    closing.add_done_callback(_closing.discard)
 
 
 async def _disconnected(request: Request) -> None:

@@ -733,3 +733,21 @@ def test_client_leaving_while_sending_its_body_is_a_499(scripted, caplog):
             uvicorn_errors.removeHandler(caplog.handler)
     assert 'siren_proxy_requests_total{route="-",status="499"} 1.0' in metrics
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_a_response_made_after_the_deadline_is_closed(scripted):
+    """The same, when the request deadline cancels the pipeline: the client has its 504,
+    and the response the pipeline went on to make still closes its upstream stream and
+    guard session."""
+    url, recorder = scripted
+    scorer = FinishesAnyway(delay=30)
+    text = "server:\n  request_timeout: 0.5\n" + GOOD.format(url=url, action="refuse").replace(
+        "response: {action: off}", "response: {action: cut}")
+    with running_proxy(text, scorer) as server:
+        before = len(recorder.streams)
+        reply = httpx.post(server.url + "/v1/chat/completions", timeout=10, headers={"x-script": "endless:a b c"},
+                           json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True})
+        wait_for(lambda: len(recorder.streams) > before and all(s.closed for s in scorer.sessions))
+    assert reply.status_code == 504 and reply.json()["error"]["code"] == "request_timeout"
+    assert recorder.streams[before:] == ["closed-early"]
+    assert scorer.sessions and all(s.closed for s in scorer.sessions)

@@ -114,6 +114,8 @@ class Proxy:
         self.active_streams = 0
         self.drain_at: float | None = None  # when requests still going end (`drain`)
         self._waits: set[asyncio.Timeout] = set()  # the deadlines a drain moves: answers and body reads awaited
+        self._readers: set[asyncio.Task] = set()  # tasks awaiting a body's next piece with no deadline (`_next`)
+        self._woken: set[asyncio.Task] = set()  # those the drain has cancelled (`_wake`)
         self.cache_scope = holder.current.guard.prefix_cache_scope  # read at start-up, as the guard is
 
     async def handle(self, request: Request) -> Response:
@@ -136,7 +138,11 @@ class Proxy:
         # escaped letters and digits decoded: an upstream that decodes its path serves
         # `chat/%63ompletions` as chat, so it is guarded as chat (and forwarded decoded).
         path = normalize_path(request.scope.get("raw_path", b"").decode("latin-1") or request.url.path)
-        body = await read_body(request, config.server.max_body_bytes)
+        try:
+            async with asyncio.timeout_at(deadline):
+                body = await read_body(request, config.server.max_body_bytes)
+        except TimeoutError:
+            raise RequestTimeout(f"the request body did not arrive within {timeout}s") from None
         payload = parse_json_object(body) if json_endpoint(path, request.method) else None
         # Routed before a stream slot is taken: a refused stream is counted under its route,
         # and a client without a key or a route hears so, not that the proxy is busy.
@@ -161,6 +167,7 @@ class Proxy:
             self._stream_ended(streaming)
             raise
         if isinstance(response, RelayResponse):
+            response.deadline = deadline
             response.body_iterator = self._finishing(response.body_iterator, deadline, timeout,
                                                      anthropic=request.state.anthropic, events=response.events)
 
@@ -183,10 +190,35 @@ class Proxy:
         (which the client sees as a broken body, or a bare 500 before the answer began): a
         request not answered yet with a 503 `server_shutting_down`, a body still going as
         `_finishing` ends it."""
-        self.drain_at = asyncio.get_running_loop().time() + after
+        loop = asyncio.get_running_loop()
+        self.drain_at = loop.time() + after
         for scope in self._waits:  # awaited now: an answer (a 503 then), or a body's next bytes
             if scope.when() is None or self.drain_at < scope.when():
                 scope.reschedule(self.drain_at)
+        loop.call_at(self.drain_at, self._wake)
+
+    def _wake(self) -> None:
+        """The drain's time has come: bodies waiting with no deadline (`_next`) end now."""
+        for task in self._readers:
+            self._woken.add(task)
+            task.cancel()
+
+    async def _next(self, body: AsyncIterator[bytes]) -> bytes:
+        """The body's next piece, waited for with no deadline and no timeout armed (a timeout
+        costs 10-20 us a piece, on every stream); a drain that comes meanwhile ends the wait
+        as a deadline would, with a `TimeoutError` (`_wake`)."""
+        task = asyncio.current_task()
+        self._readers.add(task)
+        try:
+            return await anext(body)
+        except asyncio.CancelledError:
+            if task not in self._woken or task.cancelling() > 1:  # not the drain's, or not its alone
+                raise
+            task.uncancel()
+            raise TimeoutError from None
+        finally:
+            self._readers.discard(task)
+            self._woken.discard(task)
 
     def _end(self, deadline: float | None) -> float | None:
         """When a request ends: its deadline, or the drain if shutdown has begun and it
@@ -205,18 +237,24 @@ class Proxy:
                          *, anthropic: bool = False, events: bool = True) -> AsyncIterator[bytes]:
         """The body, ended at the request deadline or at shutdown (the stream slot is freed
         `on_close`): an event stream ends with an in-band error; any other body is cut
-        short, since its bytes have no place for one."""
+        short, since its bytes have no place for one.
+
+        The wait runs in this task (`asyncio.timeout_at`, not `wait_for`, which steps the
+        body in a task of its own): a client that leaves cancels this task, and with it the
+        body where it waits, so the body is closed, never left running elsewhere."""
         try:
             while True:
                 try:
-                    # In this task, not `wait_for`'s own: a disconnect that cancels the wait
-                    # would leave that task running the body on, which `aclose` then refuses.
-                    async with asyncio.timeout_at(self._end(deadline)) as scope:
-                        self._waits.add(scope)  # a drain begun while the upstream is silent ends it
-                        try:
-                            chunk = await anext(body)
-                        finally:
-                            self._waits.discard(scope)
+                    end = self._end(deadline)
+                    if end is None:  # no timeout to arm (the default): a drain wakes the wait (`_wake`)
+                        chunk = await self._next(body)
+                    else:
+                        async with asyncio.timeout_at(end) as scope:
+                            self._waits.add(scope)  # a drain that comes first moves its end (`drain`)
+                            try:
+                                chunk = await anext(body)
+                            finally:
+                                self._waits.discard(scope)
                 except StopAsyncIteration:
                     return
                 except TimeoutError:

@@ -16,6 +16,7 @@ so they are idempotent.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -39,6 +40,7 @@ class RelayResponse(Response):
                  on_close: Callable[[], Awaitable[None]] | None = None) -> None:
         self.body_iterator = body
         self.watch = watch
+        self.deadline: float | None = None  # the request's (event loop time), for writes too: `_send`
         self.on_close: list[Callable[[], Awaitable[None]]] = [on_close] if on_close is not None else []
         self.status_code = status_code
         self.background = None
@@ -79,7 +81,8 @@ class RelayResponse(Response):
                 tg.cancel_scope.cancel()
 
     async def aclose(self) -> None:
-        """Close the body and run `on_close`, once the response is sent or will never be."""
+        """Close the body and run `on_close`: at the end of the response, or instead of it
+        when it is never sent."""
         with anyio.CancelScope(shield=True):
             try:
                 await self.body_iterator.aclose()
@@ -99,10 +102,33 @@ class RelayResponse(Response):
                 # upstream with bytes at every turn of the loop would be read on for nobody.
                 if gone is not None and gone.is_set():
                     return
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if not await self._send(send, chunk, more=True):
+                    return
         except BodyCutShort:
             return  # left unfinished: the server closes the connection, short of the body's end
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await self._send(send, b"", more=False)
+
+    async def _send(self, send: Send, chunk: bytes, *, more: bool) -> bool:
+        """Send one piece of the body; False when the request deadline passed first.
+
+        A client that stops reading fills the socket's buffers, and the server's `send`
+        then waits for it, with nothing else on the way to notice the deadline: the
+        request would hold its stream slot, guard sessions and upstream stream for as
+        long as the client stays connected. Past the deadline, a piece that can go at
+        once (the in-band error that ends the stream) still goes; one that must wait is
+        left unsent, and the server closes the connection short of the body's end.
+        """
+        message = {"type": "http.response.body", "body": chunk, "more_body": more}
+        if self.deadline is None:  # no timeout to arm: 8-20 us a chunk saved (the default)
+            await send(message)
+            return True
+        try:
+            async with asyncio.timeout_at(self.deadline):  # a third of an anyio CancelScope's cost
+                await send(message)
+        except TimeoutError:
+            logger.warning("the client read nothing more by the request deadline: the body was cut short")
+            return False
+        return True
 
 
 def transport_error(exc: httpx.HTTPError) -> ProxyError:

@@ -25,7 +25,7 @@ from proxy.app import build_app
 from tests.proxy.rawhttp import FIN, LAST_CHUNK, RST, RawUpstream, chunk, sse_head
 from tests.support.proxy import running_proxy
 from proxy.scorer import ScorerBusy
-from tests.support.scorers import GuardBroke, KeywordScorer
+from tests.support.scorers import GuardBroke, KeywordScorer, keyword_score
 from tests.support.servers import LiveServer
 from tests.support.upstream import chat_chunk
 
@@ -706,3 +706,105 @@ def test_the_request_deadline_in_a_plain_body(upstream, policy, server_errors):
     else:
         assert status == 504 and json.loads(body)["error"]["code"] == "request_timeout"
     assert not [r for r in server_errors if r.exc_info], server_errors
+
+
+class FinishesAnyway(KeywordScorer):
+    """A score that, cancelled, still returns: as Python 3.11's `asyncio.wait_for` does
+    when its result is ready as the cancel comes (the upstream connect's, say)."""
+
+    async def _score(self, text: str) -> float:
+        try:
+            await asyncio.sleep(self.delay)
+        except asyncio.CancelledError:
+            pass
+        return keyword_score(text)
+
+
+def test_a_response_made_after_the_client_left_is_closed(scripted):
+    """A pipeline cancelled too late goes on to a response that is never sent: it still
+    closes its upstream stream and guard session (they were held until the upstream
+    ended, the upstream connection's pool slot with them)."""
+    url, recorder = scripted
+    scorer = FinishesAnyway(delay=30)
+    text = GOOD.format(url=url, action="refuse").replace("response: {action: off}", "response: {action: cut}")
+    with running_proxy(text, scorer) as server:
+        before = len(recorder.streams)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + "/v1/chat/completions", timeout=0.5, headers={"x-script": "endless:a b c"},
+                       json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True})
+        wait_for(lambda: len(recorder.streams) > before and all(s.closed for s in scorer.sessions))
+        metrics = httpx.get(server.url + "/metrics").text
+    assert recorder.streams[before:] == ["closed-early"]
+    assert scorer.sessions and all(s.closed for s in scorer.sessions)
+    assert 'siren_proxy_requests_total{route="routes[0]",status="499"} 1.0' in metrics
+
+
+@pytest.mark.parametrize("policy", ["guarded", "unguarded"])
+def test_client_disconnect_before_the_deadline_is_no_error(scripted, caplog, policy):
+    """Under `request_timeout` each upstream read waits at most until the deadline; a
+    client leaving mid-stream cancels that wait, which used to leave the body's generator
+    running in a task of its own: its close raised (`aclose(): asynchronous generator is
+    already running`), logged as an exception in the ASGI application each time."""
+    url, recorder = scripted
+    scorer = KeywordScorer(delay=0.005)
+    text = "server:\n  request_timeout: 30\n" + GUARDED.format(url=url, on_error="block")
+    if policy == "unguarded":
+        text = text.replace("{action: cut, threshold: 0.5, check_every: 2, holdback: 2}", "{action: off}")
+    uvicorn_errors = logging.getLogger("uvicorn.error")
+    with running_proxy(text, scorer) as server:
+        uvicorn_errors.addHandler(caplog.handler)  # after uvicorn's logging set-up; it does not propagate
+        try:
+            before = len(recorder.streams)
+            for _ in range(8):
+                with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=20,
+                                  headers={"x-script": "endless:w1 w2 w3 w4"},
+                                  json={"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                                        "stream": True}) as response:
+                    for i, _ in enumerate(response.iter_raw()):
+                        if i == 3:
+                            break
+            wait_for(lambda: len(recorder.streams) >= before + 8 and all(s.closed for s in scorer.sessions))
+        finally:
+            uvicorn_errors.removeHandler(caplog.handler)
+    assert recorder.streams[before:] == ["closed-early"] * 8
+    assert all(s.closed for s in scorer.sessions)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_client_leaving_while_sending_its_body_is_a_499(scripted, caplog):
+    """Not an exception in the ASGI application (Starlette's `ClientDisconnect` from the
+    body read, logged with a traceback): the request counts as 499, as any other client
+    that leaves before the response."""
+    url, _ = scripted
+    uvicorn_errors = logging.getLogger("uvicorn.error")
+    with running_proxy(GOOD.format(url=url, action="refuse"), KeywordScorer()) as server:
+        uvicorn_errors.addHandler(caplog.handler)  # after uvicorn's logging set-up; it does not propagate
+        try:
+            with socket.create_connection(("127.0.0.1", server.port)) as client:
+                client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: proxy\r\n"
+                               b"content-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"model\": ")
+                time.sleep(0.2)  # the proxy is reading the body
+            wait_for(lambda: "499" in httpx.get(server.url + "/metrics").text)
+            metrics = httpx.get(server.url + "/metrics").text
+        finally:
+            uvicorn_errors.removeHandler(caplog.handler)
+    assert 'siren_proxy_requests_total{route="-",status="499"} 1.0' in metrics
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_a_response_made_after_the_deadline_is_closed(scripted):
+    """The same, when the request deadline cancels the pipeline: the client has its 504,
+    and the response the pipeline went on to make still closes its upstream stream and
+    guard session."""
+    url, recorder = scripted
+    scorer = FinishesAnyway(delay=30)
+    text = "server:\n  request_timeout: 0.5\n" + GOOD.format(url=url, action="refuse").replace(
+        "response: {action: off}", "response: {action: cut}")
+    with running_proxy(text, scorer) as server:
+        before = len(recorder.streams)
+        reply = httpx.post(server.url + "/v1/chat/completions", timeout=10, headers={"x-script": "endless:a b c"},
+                           json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True})
+        wait_for(lambda: len(recorder.streams) > before and all(s.closed for s in scorer.sessions))
+    assert reply.status_code == 504 and reply.json()["error"]["code"] == "request_timeout"
+    assert recorder.streams[before:] == ["closed-early"]
+    assert scorer.sessions and all(s.closed for s in scorer.sessions)

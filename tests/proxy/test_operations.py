@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -240,3 +241,46 @@ def test_the_audit_log_follows_its_path_when_rotated_or_removed(scripted, tmp_pa
     rotated, current = tmp_path / "audit.jsonl.1", audit
     assert len(rotated.read_text().splitlines()) == 1  # the later lines went here, and were lost with it
     assert len(current.read_text().splitlines()) == 1  # written again where the config says
+
+
+def test_request_deadline_ends_a_stream_its_client_does_not_read(scripted):
+    """A client that stops reading blocks the proxy's writes (the socket's buffers fill):
+    the deadline ends the request there too, freeing its stream slot and closing the
+    upstream stream, rather than holding both for as long as the client stays connected."""
+    url, recorder = scripted
+    server = "  request_timeout: 1\n  max_concurrent_streams: 1"
+    with running_proxy(config(url, server=server, prompt="{action: off}", response="{action: off}")) as proxy:
+        before = len(recorder.streams)
+        body = b'{"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]}'
+        with socket.create_connection(("127.0.0.1", proxy.port)) as client:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: proxy\r\nx-script: flood:8\r\n"
+                           b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+            deadline = time.monotonic() + 6
+            while len(recorder.streams) == before and time.monotonic() < deadline:
+                time.sleep(0.1)
+            after = httpx.post(proxy.url + "/v1/chat/completions", headers={"x-script": "text:ok"},
+                               json={"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+            gauge = httpx.get(proxy.url + "/metrics").text
+    assert recorder.streams[before:before + 1] == ["closed-early"]
+    assert after.status_code == 200 and after.text.endswith("data: [DONE]\n\n")
+    assert "siren_proxy_active_streams 0.0" in gauge
+
+
+def test_request_deadline_covers_a_body_that_does_not_arrive(scripted):
+    """A client that sends its headers and then its body slowly, or never, is answered at
+    the deadline too, rather than holding its connection and task for as long as it likes."""
+    url, recorder = scripted
+    with running_proxy(config(url, server="  request_timeout: 0.5", prompt="{action: off}",
+                              response="{action: off}")) as proxy:
+        before = len(recorder.requests)
+        with socket.create_connection(("127.0.0.1", proxy.port)) as client:
+            client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: proxy\r\n"
+                           b"content-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"model\": ")
+            client.settimeout(5)
+            started = time.monotonic()
+            answer = client.recv(65536)
+            elapsed = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 504 ") and b'"code":"request_timeout"' in answer.replace(b" ", b"")
+    assert elapsed < 3
+    assert len(recorder.requests) == before

@@ -16,6 +16,9 @@ Behaviour is chosen per request by the `x-script` header:
     slowtext:<words>     the same, 10 ms between chunks, as a model generating them
     endless:<words>      <words> over and over, 10 ms a chunk, for up to 60 s (a model
                          that would go on generating until it is stopped)
+    flood:<kb>           chunks of <kb> KiB of words as fast as they are taken, up to 1 GiB
+                         (a stream that fills every buffer between it and a client that
+                         does not read)
     think:<r>|<words>    a reasoning model (chat and Responses): the reasoning <r>, then the
                          answer <words>; chat sends the reasoning as `delta.reasoning`
                          (vLLM's field), or in the fields the `x-reasoning-field` header names
@@ -126,6 +129,14 @@ def build_upstream(recorder: Recorder) -> Starlette:
                     await asyncio.sleep(0.01)
                     yield chat_chunk(words[i % len(words)] + " ")
             return await streamed([chat_chunk(role=True)], forever)
+        if kind == "flood":
+            piece = chat_chunk("xxx " * (int(arg) << 8))
+
+            async def flood():
+                for _ in range((1 << 20) // int(arg)):
+                    await asyncio.sleep(0)  # where the client's disconnect cancels it
+                    yield piece
+            return await streamed([chat_chunk(role=True)], flood)
         if kind == "think":
             reasoning, _, answer = arg.partition("|")
             field = request.headers.get("x-reasoning-field", "reasoning")

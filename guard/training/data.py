@@ -149,6 +149,17 @@ def parse_data_spec(spec: str) -> tuple[str, int | None, int | None]:
     return spec, None, None
 
 
+def load_spec(spec: str, seed: int) -> list[Row]:
+    """The rows a ``FILE[:N[:SEED]]`` spec names (`seed` draws ``FILE:N``). A spec that
+    keeps no row (an empty file, ``FILE:0``) is a `DataError`: it is a mistake, and left
+    alone it would fail later, inside numpy, after the backbone has loaded."""
+    path, limit, sample_seed = parse_data_spec(spec)
+    rows = load_rows(path, limit=limit, seed=seed if sample_seed is None else sample_seed)
+    if not rows:
+        raise DataError(f"{spec}: no rows")
+    return rows
+
+
 def drop_leaked(rows: Iterable[Row], eval_prompts: set[str]) -> tuple[list[Row], int]:
     """Rows whose normalised prompt is not an evaluation prompt, and how many were dropped."""
     rows = list(rows)

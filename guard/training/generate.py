@@ -35,7 +35,7 @@ from pathlib import Path
 
 import httpx
 
-from guard.training.data import Row, eval_prompt_keys, load_rows, normalize_prompt, parse_data_spec
+from guard.training.data import Row, eval_prompt_keys, load_spec, normalize_prompt
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +125,7 @@ def plan(prompt_specs: Sequence[str], refusal_specs: Sequence[str], exclude: Ite
     jobs: list[Job] = []
     for specs, mode in ((prompt_specs, "answer"), (refusal_specs, "refusal")):
         for spec in specs:
-            path, limit, spec_seed = parse_data_spec(spec)
-            for row in load_rows(path, limit=limit, seed=seed if spec_seed is None else spec_seed):
+            for row in load_spec(spec, seed):
                 if row.response is not None or normalize_prompt(row.prompt) in banned:
                     continue
                 if mode == "refusal" and row.label != 1:

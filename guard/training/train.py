@@ -28,7 +28,7 @@ from guard.backbone import load_backbone
 from guard.training import augment, mlp, probe
 from guard.training.calibrate import fit_platt
 from guard.training.data import (
-    Row, drop_leaked, eval_prompt_keys, load_rows, parse_data_spec, split_indices,
+    Row, drop_leaked, eval_prompt_keys, load_spec, parse_data_spec, split_indices,
 )
 from guard.training.extract import FeatureCache, cache_dir_for, extract, truncate_backbone
 from guard.training.metrics import at_threshold, auroc
@@ -83,8 +83,7 @@ def build_dataset(data: Sequence[str], exclude: Sequence[str], seed: int, val_fr
     """
     rows: list[Row] = []
     for spec in data:
-        path, limit, sample_seed = parse_data_spec(spec)
-        rows.extend(load_rows(path, limit=limit, seed=seed if sample_seed is None else sample_seed))
+        rows.extend(load_spec(spec, seed))
     if refusals:
         # Ordered by a seeded hash of the text, so adding data displaces few picks.
         harmful = sorted({r.text: r for r in rows if r.label == 1 and r.response is None}.values(),

@@ -178,3 +178,20 @@ def test_train_val_fraction_must_be_between_0_and_1(capsys, value):
         main(["train", "--data", "rows.jsonl", "--out", "head", "--val-fraction", value])
     assert exit_info.value.code == 2
     assert "argument --val-fraction: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "generate"])
+@pytest.mark.parametrize("content, spec_suffix", [(b"", ""), (b"\n  \n", ""), (b'{"prompt": "hi", "label": 0}\n', ":0")])
+def test_a_data_spec_with_no_rows_is_one_line(tmp_path, capsys, command, content, spec_suffix):
+    """An empty file (or FILE:0) gave a numpy traceback after the backbone had loaded."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_bytes(content)
+    spec = f"{rows}{spec_suffix}"
+    args = {"train": ["--data", spec, "--out", str(tmp_path / "head")],
+            "eval": ["--data", spec, "--no-baseline"],
+            "generate": ["--prompts", spec, "--out", str(tmp_path / "out.jsonl"), "--upstream", "http://x"]}[command]
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == f"siren-proxy {command}: {spec}: no rows\n"

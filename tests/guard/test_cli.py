@@ -195,3 +195,27 @@ def test_a_data_spec_with_no_rows_is_one_line(tmp_path, capsys, command, content
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err == f"siren-proxy {command}: {spec}: no rows\n"
+
+
+def _rows(labels: list[int]) -> bytes:
+    return "".join(json.dumps({"prompt": f"prompt number {i}", "label": y}) + "\n"
+                   for i, y in enumerate(labels)).encode()
+
+
+@pytest.mark.parametrize("labels, problem", [
+    ([1] * 40, "the data has 40 rows, all harmful: a head needs harmful and benign rows"),
+    ([0] * 40, "the data has 40 rows, all benign: a head needs harmful and benign rows"),
+    ([1, 0, 1, 0], "the validation split has 0 rows"),
+    ([1] * 20 + [0] * 3, "the validation split has 3 rows, all harmful"),
+])
+def test_train_refuses_data_that_cannot_give_both_labels_on_both_sides(tmp_path, capsys, labels, problem):
+    """One label only (or a split that leaves one) was a scikit-learn traceback after
+    feature extraction, whose message spoke of 'n_classes >= 3'."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_bytes(_rows(labels))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--data", str(rows), "--out", str(tmp_path / "head")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"siren-proxy train: {problem}") and err.count("\n") == 1
+    assert not (tmp_path / "head").exists()

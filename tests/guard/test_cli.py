@@ -219,3 +219,22 @@ def test_train_refuses_data_that_cannot_give_both_labels_on_both_sides(tmp_path,
     err = capsys.readouterr().err
     assert err.startswith(f"siren-proxy train: {problem}") and err.count("\n") == 1
     assert not (tmp_path / "head").exists()
+
+
+@pytest.mark.parametrize("command, option, value", [
+    ("train", "--layers", "0"), ("train", "--layers", "-2"), ("train", "--neurons", "0"),
+    ("train", "--max-length", "0"), ("train", "--extract-layers", "0"), ("train", "--refusals", "-1"),
+    ("train", "--probe-c", "0"), ("train", "--probe-c", "-1"), ("train", "--probe-c", "nan"),
+    ("generate", "--batch-size", "0"), ("generate", "--concurrency", "0"), ("generate", "--max-tokens", "0"),
+    ("generate", "--temperature", "-1"),
+])
+def test_train_and_generate_refuse_counts_and_strengths_out_of_range(capsys, command, option, value):
+    """Each was taken: --layers -2 kept all but two layers, --refusals -1 all harmful
+    prompts but one, --extract-layers 0 every block; --neurons 0, --max-length 0 and
+    --probe-c 0 failed with a traceback after feature extraction."""
+    required = {"train": ["--data", "rows.jsonl", "--out", "head"],
+                "generate": ["--prompts", "rows.jsonl", "--out", "out.jsonl"]}[command]
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, *required, option, value])
+    assert exit_info.value.code == 2
+    assert f"argument {option}: " in capsys.readouterr().err

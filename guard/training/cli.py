@@ -161,6 +161,29 @@ def _usage_errors(command: str) -> Iterator[None]:
         raise SystemExit(2) from None
 
 
+def _check_output(command: str, option: str, path: Path, *, folder: bool) -> None:
+    """An output that cannot be written is refused now, not after the extraction, fit or
+    scoring whose result it would hold: `path`, if it exists, must be a writable folder
+    (`folder`) or file, and otherwise its nearest existing ancestor a writable folder."""
+    problem = None
+    if path.exists():
+        if path.is_dir() != folder:
+            problem = "is a file, not a directory" if folder else "is a directory"
+        elif not os.access(path, os.W_OK):
+            problem = "is not writable"
+    else:
+        ancestor = path.absolute().parent
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            problem = f"{ancestor} is not a directory"
+        elif not os.access(ancestor, os.W_OK):
+            problem = f"{ancestor} is not writable"
+    if problem:
+        print(f"siren-proxy {command}: {option} {path}: {problem}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def _setup() -> None:
     import torch
 
@@ -169,6 +192,7 @@ def _setup() -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    _check_output("train", "--out", args.out, folder=True)
     _setup()
     from guard.training import mlp
     from guard.training.train import TrainOptions, train
@@ -191,6 +215,9 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    for option, path in (("--report", args.report), ("--plot", args.plot)):
+        if path is not None:
+            _check_output("eval", option, path, folder=False)
     _setup()
     from guard.siren import DEFAULT_ARTIFACT
     from guard.training.evaluate import EvalOptions, evaluate, table
@@ -231,6 +258,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.out is None:
         print("siren-proxy generate: --out is required", file=sys.stderr)
         return 2
+    _check_output("generate", "--out", args.out, folder=False)
     jobs = g.plan(args.prompts, args.refusals, args.exclude, args.seed)
     if args.upstream:
         import httpx

@@ -238,3 +238,30 @@ def test_train_and_generate_refuse_counts_and_strengths_out_of_range(capsys, com
         main([command, *required, option, value])
     assert exit_info.value.code == 2
     assert f"argument {option}: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, option, make, problem", [
+    ("train", "--out", "file", "is a file, not a directory"),
+    ("train", "--out", "under-file", "is not a directory"),
+    ("eval", "--report", "under-file", "is not a directory"),
+    ("eval", "--report", "dir", "is a directory"),
+    ("eval", "--plot", "under-file", "is not a directory"),
+    ("generate", "--out", "dir", "is a directory"),
+])
+def test_an_output_that_cannot_be_written_is_refused_before_the_work(tmp_path, capsys, command, option, make, problem):
+    """Each raised a traceback at the very end, after the features, the fit or the scores
+    had been computed (an hour for the shipped head), and the result was lost."""
+    blocker = tmp_path / "blocker"
+    if make == "dir":
+        blocker.mkdir()
+        target = blocker
+    else:
+        blocker.write_text("")
+        target = blocker if make == "file" else blocker / "sub" / "out"
+    args = {"train": ["--data", "rows.jsonl"], "eval": ["--data", "rows.jsonl", "--no-baseline"],
+            "generate": ["--prompts", "rows.jsonl", "--upstream", "http://x"]}[command]
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, *args, option, str(target)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"siren-proxy {command}: {option} {target}: ") and problem in err and err.count("\n") == 1

@@ -245,7 +245,7 @@ def _generate(args: argparse.Namespace) -> int:
     import asyncio
 
     from guard.training import generate as g
-    from guard.training.data import load_rows, normalize_prompt
+    from guard.training.data import DataError, load_rows, normalize_prompt
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.agreement is not None:
@@ -268,6 +268,8 @@ def _generate(args: argparse.Namespace) -> int:
                                              api_key=os.environ.get(args.api_key_env),
                                              max_tokens=args.max_tokens, temperature=args.temperature,
                                              concurrency=args.concurrency))
+        except DataError:
+            raise  # our --out file, not the server's answer: a ValueError too, reported as such
         except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
             print(f"siren-proxy generate: {args.upstream}: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 1

@@ -56,7 +56,7 @@ class DataError(ValueError):
     names the file and the line (`siren-proxy train`/`eval` print it as one line)."""
 
 
-def _objects(path: Path) -> Iterator[tuple[int, dict]]:
+def json_objects(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line of a JSONL file. Lines are decoded
     one at a time, so an error names the line it is on."""
     try:
@@ -90,7 +90,7 @@ def load_rows(path: str | Path, *, limit: int | None = None, seed: int = 0) -> l
     path = Path(path)
     name = dataset_name(path)
     rows: list[Row] = []
-    for lineno, obj in _objects(path):
+    for lineno, obj in json_objects(path):
         label = obj.get("label")
         if label not in (0, 1):
             raise DataError(f"{path}:{lineno}: label must be 0 or 1, got {label!r}")
@@ -115,7 +115,7 @@ def load_pairs(path: str | Path, *, limit: int | None = None, seed: int = 0) -> 
     """
     path = Path(path)
     pairs: list[tuple[Row, Row]] = []
-    for lineno, obj in _objects(path):
+    for lineno, obj in json_objects(path):
         try:
             context, prompt = obj["context"], obj["first_human_turn"]
             chosen, rejected = obj["chosen_response"], obj["rejected_response"]

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import httpx
 
-from guard.training.data import Row, eval_prompt_keys, load_spec, normalize_prompt
+from guard.training.data import Row, eval_prompt_keys, json_objects, load_spec, normalize_prompt
 
 log = logging.getLogger(__name__)
 
@@ -241,10 +241,25 @@ def generate_local(jobs: Sequence[Job], out: Path, *, backbone: str = "pypi:llm-
 
 
 def _done_ids(out: Path) -> set[str]:
+    """Ids of the rows already in `out`. A last row cut short by a kill mid-write (no
+    newline, not valid JSON) is removed first, so the rerun asks for it again and its
+    rows start on a line of their own; any other line that is not a row is a `DataError`
+    naming it (the file is not ours to repair)."""
     if not out.exists():
         return set()
-    with out.open(encoding="utf-8") as f:
-        return {json.loads(line)["id"] for line in f if line.strip()}
+    data = out.read_bytes()
+    if data and not data.endswith(b"\n"):
+        start = data.rfind(b"\n") + 1
+        try:
+            json.loads(data[start:])
+        except ValueError:
+            log.warning("%s: dropping a last row cut short (%d bytes); it is asked for again", out, len(data) - start)
+            with out.open("r+b") as f:
+                f.truncate(start)
+        else:
+            with out.open("ab") as f:
+                f.write(b"\n")
+    return {str(obj.get("id")) for _, obj in json_objects(out)}
 
 
 def rule_agreement(rows: Sequence[Row], prompt_labels: dict[str, int], default_prompt_label: int | None) -> dict:

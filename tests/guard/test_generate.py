@@ -142,3 +142,28 @@ def test_cli_generate_against_an_unreachable_server_is_a_clear_error(tmp_path):
                            "--upstream", "http://127.0.0.1:9/v1", "--out", str(tmp_path / "o.jsonl")],
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 1 and "ConnectError" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_generate_resumes_after_a_kill_that_cut_the_last_row_short(tmp_path, katan_url):
+    """A kill mid-write (the local generator flushes once a batch, so its buffer reaches
+    the disk in pieces) leaves half a row at the end; the rerun that resumability is for
+    raised JSONDecodeError, and would have appended its first row onto the half one."""
+    data, evaluation = prompt_rows(tmp_path)
+    jobs = g.plan([str(data)], [], [str(evaluation)], seed=0)
+    out = tmp_path / "generated.jsonl"
+    assert asyncio.run(g.generate(jobs, out, base_url=katan_url, api_key="k", max_tokens=64)) == 3
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text(lines[0] + lines[1][: len(lines[1]) // 2])  # the second row cut mid-write
+    assert asyncio.run(g.generate(jobs, out, base_url=katan_url, api_key="k", max_tokens=64)) == 2
+    rows = load_rows(out)
+    assert sorted(r.id for r in rows) == sorted(j.id for j in jobs)
+
+
+def test_generate_names_a_broken_row_inside_its_output(tmp_path, katan_url):
+    data, _ = prompt_rows(tmp_path)
+    out = tmp_path / "generated.jsonl"
+    out.write_text('{"id": "x"}\nnot json\n{"id": "y"}\n')
+    proc = subprocess.run([sys.executable, "-m", "proxy.cli", "generate", "--prompts", str(data),
+                           "--out", str(out), "--upstream", katan_url], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[-1] == f"siren-proxy generate: {out}:2: not valid JSON: Expecting value (column 1)"

@@ -265,3 +265,25 @@ def test_an_output_that_cannot_be_written_is_refused_before_the_work(tmp_path, c
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith(f"siren-proxy {command}: {option} {target}: ") and problem in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("content, problem", [
+    (None, "cannot read"),
+    (b'{"prompt": "q", "answers": ["a"], "label": 0}\nnot json\n', ":2: not valid JSON"),
+    (b'{"prompt": "\xff", "answers": ["a"], "label": 0}\n', ":1: not valid UTF-8"),
+    (b'{"prompt": "q", "answers": "Paris", "label": 0}\n', ":1: 'answers' must be a list of strings"),
+    (b'{"answers": ["a"], "label": 0}\n', ":1: 'prompt' must be a string"),
+])
+def test_train_reports_a_bad_answers_file_in_one_line(tmp_path, capsys, content, problem):
+    """--answers read its file on its own: a missing or broken one was a traceback, and
+    `answers` given as a string trained on its first letter ("P.")."""
+    data = tmp_path / "rows.jsonl"
+    data.write_bytes(_rows([1, 0] * 20))
+    answers = tmp_path / "trivia.jsonl"
+    if content is not None:
+        answers.write_bytes(content)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--data", str(data), "--answers", f"{answers}:5", "--out", str(tmp_path / "head")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"siren-proxy train: {answers}") and problem in err and err.count("\n") == 1

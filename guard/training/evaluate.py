@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from guard.artifact import ArtifactConfig, load_head, read_artifact
 from guard.training import metrics
 from guard.training.baseline import fit_baseline
-from guard.training.data import Row, dataset_name, load_pairs, load_spec, parse_data_spec
+from guard.training.data import DataError, Row, dataset_name, load_pairs, load_spec, parse_data_spec
 from guard.training.train import build_dataset, features_for
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,11 @@ def head_scores(config: ArtifactConfig, state: dict, features: np.ndarray) -> np
 def load_eval_sets(specs: Sequence[str], seed: int) -> dict[str, list[Row]]:
     sets: dict[str, list[Row]] = {}
     for spec in specs:
-        sets[dataset_name(parse_data_spec(spec)[0])] = load_spec(spec, seed)
+        name = dataset_name(parse_data_spec(spec)[0])
+        if name in sets:  # it would replace the first, whose rows would vanish from the report
+            raise DataError(f"{spec}: a second --data spec of the dataset {name!r} "
+                            "(the report names a set by its file name)")
+        sets[name] = load_spec(spec, seed)
     return sets
 
 

@@ -92,7 +92,7 @@ def load_rows(path: str | Path, *, limit: int | None = None, seed: int = 0) -> l
     rows: list[Row] = []
     for lineno, obj in json_objects(path):
         label = obj.get("label")
-        if label not in (0, 1):
+        if label not in (0, 1) or isinstance(label, bool):  # true could as well mean "safe"
             raise DataError(f"{path}:{lineno}: label must be 0 or 1, got {label!r}")
         for key, kind in (("prompt", "a string"), ("response", "a string or null")):
             if obj.get(key) is not None and not isinstance(obj[key], str):

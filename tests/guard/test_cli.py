@@ -141,6 +141,7 @@ BAD_DATA = {  # file content -> what the one line says; each is refused before a
     b'{"prompt": "\xff", "label": 0}\n': ":1: not valid UTF-8",
     b'["hi", 0]\n': ":1: a row must be a JSON object",
     b'{"prompt": "hi"}\n': ":1: label must be 0 or 1",
+    b'{"prompt": "hi", "label": true}\n': ":1: label must be 0 or 1, got True",  # was read as 1
     b'{"prompt": 5, "label": 1}\n': ":1: 'prompt' must be a string",
     b'{"prompt": "hi", "response": ["a"], "label": 1}\n': ":1: 'response' must be a string or null",
 }

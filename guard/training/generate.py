@@ -176,7 +176,11 @@ async def generate(jobs: Sequence[Job], out: Path, *, base_url: str, model: str 
                 if resp.status_code != 200:
                     log.warning("%s: HTTP %d %s", job.id, resp.status_code, resp.text[:200])
                     return
-                content = resp.json()["choices"][0]["message"]["content"] or ""
+                try:
+                    content = resp.json()["choices"][0]["message"]["content"] or ""
+                except (ValueError, LookupError, TypeError):  # a failed request, like a non-200
+                    log.warning("%s: not a chat completion: %s", job.id, resp.text[:200])
+                    return
                 if not content.strip():
                     return
                 f.write(json.dumps(_result(job, content, model)) + "\n")

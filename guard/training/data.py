@@ -52,8 +52,9 @@ def dataset_name(path: str | Path) -> str:
 
 
 class DataError(ValueError):
-    """A data file that cannot be read, or a line of it outside the schema; the message
-    names the file and the line (`siren-proxy train`/`eval` print it as one line)."""
+    """A data file that cannot be read, or a line of it outside the schema (the message
+    names the file and the line), or data no head can be fitted on; `siren-proxy
+    train`/`eval`/`generate` print it as one line and exit with status 2."""
 
 
 def json_objects(path: Path) -> Iterator[tuple[int, dict]]:

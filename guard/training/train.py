@@ -100,15 +100,17 @@ def build_dataset(data: Sequence[str], exclude: Sequence[str], seed: int, val_fr
             unique.append(r)
     kept, leaked = drop_leaked(unique, eval_prompt_keys(exclude))
     train, val = split_indices(kept, val_fraction, seed)
-    _check_labels(kept, train, val)
+    _check_labels(kept, train, val, leaked)
     return Dataset(rows=tuple(kept), train=train, val=val, dropped_leaked=leaked,
                    dropped_duplicates=len(rows) - len(unique))
 
 
-def _check_labels(rows: Sequence[Row], train: np.ndarray, val: np.ndarray) -> None:
+def _check_labels(rows: Sequence[Row], train: np.ndarray, val: np.ndarray, leaked: int) -> None:
     """Probes, MLP and calibration each need both labels on both sides of the split;
     without them scikit-learn fails after the features are extracted, and its message
     does not say why. Checked here, before any model loads."""
+    if not rows:
+        raise DataError(f"no rows are left: all {leaked} have the prompt of an --exclude file")
     harmful = sum(r.label for r in rows)
     if harmful in (0, len(rows)):
         raise DataError(f"the data has {len(rows)} rows, all {'harmful' if harmful else 'benign'}: "

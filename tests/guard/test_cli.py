@@ -222,6 +222,16 @@ def test_train_refuses_data_that_cannot_give_both_labels_on_both_sides(tmp_path,
     assert not (tmp_path / "head").exists()
 
 
+def test_train_says_when_exclude_leaves_no_rows(tmp_path, capsys):
+    """It said 'the data has 0 rows, all benign'."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_bytes(_rows([1, 0] * 3))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--data", str(rows), "--exclude", str(rows), "--out", str(tmp_path / "head")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "siren-proxy train: no rows are left: all 6 have the prompt of an --exclude file\n"
+
+
 @pytest.mark.parametrize("command, option, value", [
     ("train", "--layers", "0"), ("train", "--layers", "-2"), ("train", "--neurons", "0"),
     ("train", "--max-length", "0"), ("train", "--extract-layers", "0"), ("train", "--refusals", "-1"),

@@ -300,17 +300,21 @@ def test_train_reports_a_bad_answers_file_in_one_line(tmp_path, capsys, content,
     assert err.startswith(f"siren-proxy train: {answers}") and problem in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("option", ["--data", "--pairs"])
 @pytest.mark.parametrize("second", ["other/rows.jsonl", "rows.jsonl:3:1"])
-def test_eval_refuses_two_data_specs_of_one_dataset_name(artifact, tmp_path, capsys, second):
+def test_eval_refuses_two_data_specs_of_one_dataset_name(artifact, tmp_path, capsys, option, second):
     """The report is keyed by file name: the second spec replaced the first, whose rows
     were then silently left out of the report."""
     (tmp_path / "other").mkdir()
+    pair = {"context": "Human: hi", "first_human_turn": "hi", "chosen_response": "a", "rejected_response": "b"}
     for path in (tmp_path / "rows.jsonl", tmp_path / "other" / "rows.jsonl"):
-        path.write_bytes(_rows([1, 0] * 5))
+        path.write_bytes(_rows([1, 0] * 5) if option == "--data" else (json.dumps(pair) + "\n").encode())
+    data = [] if option == "--data" else ["--data", str(tmp_path / "data.jsonl")]
+    (tmp_path / "data.jsonl").write_bytes(_rows([1, 0]))
     with pytest.raises(SystemExit) as exit_info:
-        main(["eval", "--data", str(tmp_path / "rows.jsonl"), str(tmp_path / second), "--no-baseline",
+        main(["eval", *data, option, str(tmp_path / "rows.jsonl"), str(tmp_path / second), "--no-baseline",
               "--artifact", str(artifact)])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert err == (f"siren-proxy eval: {tmp_path / second}: a second --data spec of the dataset 'rows' "
+    assert err == (f"siren-proxy eval: {tmp_path / second}: a second {option} spec of the dataset 'rows' "
                    "(the report names a set by its file name)\n")

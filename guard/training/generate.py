@@ -231,9 +231,11 @@ def generate_local(jobs: Sequence[Job], out: Path, *, backbone: str = "pypi:llm-
             enc = tok([texts[j.id] for j in batch], return_tensors="pt", padding=True, add_special_tokens=False)
             limit = batch[0].max_tokens(max_tokens)  # batches never mix modes (sorted by mode first)
             torch.manual_seed(batch[0].seed)
+            # Temperature 0 is greedy, as a server reads it; transformers refuses to sample at 0.
+            sampling = ({"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
+                        if temperature > 0 else {"do_sample": False})
             with torch.inference_mode():
-                gen = model.generate(**enc, max_new_tokens=limit, do_sample=True, temperature=temperature,
-                                     top_p=1.0, top_k=0, pad_token_id=tok.pad_token_id)
+                gen = model.generate(**enc, max_new_tokens=limit, pad_token_id=tok.pad_token_id, **sampling)
             for job, ids in zip(batch, gen[:, enc.input_ids.shape[1]:]):
                 content = tok.decode(ids, skip_special_tokens=True)
                 if content.strip():

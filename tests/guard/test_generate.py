@@ -201,3 +201,16 @@ def test_generate_leaves_out_a_reply_that_is_not_a_completion_and_goes_on(tmp_pa
     with LiveServer(_flaky_server({})) as server:
         assert asyncio.run(g.generate(jobs, out, base_url=server.url + "/v1", model="m")) == 2
     assert sorted(r.id for r in load_rows(out)) == sorted(j.id for j in jobs)
+
+
+def test_generate_local_at_temperature_zero_is_greedy(tmp_path, backbone_dir):
+    """--temperature 0 (greedy, as a server reads it) made transformers refuse to sample
+    at temperature 0: a ValueError traceback before any row was written."""
+    data, evaluation = prompt_rows(tmp_path)
+    jobs = g.plan([str(data)], [], [str(evaluation)], seed=0)[2:3]  # b1
+    texts = []
+    for name in ("a.jsonl", "b.jsonl"):
+        assert g.generate_local(jobs, tmp_path / name, backbone=str(backbone_dir), max_tokens=6,
+                                temperature=0.0) == 1
+        texts.append(load_rows(tmp_path / name)[0].response)
+    assert texts[0] == texts[1] and texts[0]

@@ -172,7 +172,14 @@ async def generate(jobs: Sequence[Job], out: Path, *, base_url: str, model: str 
             async def one(job: Job) -> None:
                 nonlocal written
                 async with gate:
-                    resp = await client.post("chat/completions", json=_request(job, model, max_tokens, temperature))
+                    try:
+                        resp = await client.post("chat/completions",
+                                                 json=_request(job, model, max_tokens, temperature))
+                    except (httpx.TimeoutException, httpx.RemoteProtocolError, httpx.ReadError) as exc:
+                        # One request's failure; a server that cannot be reached at all
+                        # (ConnectError) still stops the run.
+                        log.warning("%s: %s: %s", job.id, type(exc).__name__, exc)
+                        return
                 if resp.status_code != 200:
                     log.warning("%s: HTTP %d %s", job.id, resp.status_code, resp.text[:200])
                     return

@@ -169,15 +169,18 @@ def test_generate_names_a_broken_row_inside_its_output(tmp_path, katan_url):
     assert proc.stderr.splitlines()[-1] == f"siren-proxy generate: {out}:2: not valid JSON: Expecting value (column 1)"
 
 
-def _flaky_server(broken: dict[str, bytes]):
+def _flaky_server(broken: dict[str, bytes], slow: str | None = None):
     """Answers a chat request with `broken[prompt]` as its 200 body where given (a reply
-    that is not a completion), else with a completion that complies."""
+    that is not a completion), else with a completion that complies; the `slow` prompt
+    is answered after 3 s."""
     from starlette.applications import Starlette
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
     async def chat(request):
         prompt = (await request.json())["messages"][0]["content"]
+        if prompt == slow:
+            await asyncio.sleep(3)
         if prompt in broken:
             return Response(broken[prompt], media_type="application/json")
         return JSONResponse({"choices": [{"message": {"role": "assistant", "content": "Sure: " + prompt}}]})
@@ -214,3 +217,16 @@ def test_generate_local_at_temperature_zero_is_greedy(tmp_path, backbone_dir):
                                 temperature=0.0) == 1
         texts.append(load_rows(tmp_path / name)[0].response)
     assert texts[0] == texts[1] and texts[0]
+
+
+def test_generate_leaves_out_a_request_that_times_out_and_goes_on(tmp_path):
+    """One request past the timeout raised httpx.ReadTimeout out of the whole run (exit 1),
+    losing the requests in flight beside it."""
+    from tests.support.servers import LiveServer
+
+    data, evaluation = prompt_rows(tmp_path)
+    jobs = g.plan([str(data)], [], [str(evaluation)], seed=0)  # h1, h2, b1 answers
+    out = tmp_path / "generated.jsonl"
+    with LiveServer(_flaky_server({}, slow="What is the capital of Peru?")) as server:
+        assert asyncio.run(g.generate(jobs, out, base_url=server.url + "/v1", model="m", timeout=1.0)) == 2
+    assert sorted(r.id for r in load_rows(out)) == ["mixed:h1:answer", "mixed:h2:answer"]

@@ -230,6 +230,10 @@ def generate_local(jobs: Sequence[Job], out: Path, *, backbone: str = "pypi:llm-
 
     texts = {j.id: chat(j) for j in todo}
     lengths = {i: len(tok(t).input_ids) for i, t in texts.items()}
+    too_long = sum(1 for j in todo if lengths[j.id] > max_prompt_tokens)
+    if too_long:
+        log.warning("%d of %d prompts are over %d tokens in the chat template: left out",
+                    too_long, len(todo), max_prompt_tokens)
     todo = sorted((j for j in todo if lengths[j.id] <= max_prompt_tokens), key=lambda j: (j.mode, lengths[j.id]))
     written = 0
     with out.open("a", encoding="utf-8") as f:

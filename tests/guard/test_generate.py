@@ -230,3 +230,14 @@ def test_generate_leaves_out_a_request_that_times_out_and_goes_on(tmp_path):
     with LiveServer(_flaky_server({}, slow="What is the capital of Peru?")) as server:
         assert asyncio.run(g.generate(jobs, out, base_url=server.url + "/v1", model="m", timeout=1.0)) == 2
     assert sorted(r.id for r in load_rows(out)) == ["mixed:h1:answer", "mixed:h2:answer"]
+
+
+def test_generate_local_says_how_many_prompts_it_skips_as_too_long(tmp_path, backbone_dir, caplog):
+    """Prompts over `max_prompt_tokens` were left out without a word: the run wrote fewer
+    rows than it had jobs, and no line said why."""
+    data, evaluation = prompt_rows(tmp_path)
+    jobs = g.plan([str(data)], [], [str(evaluation)], seed=0)
+    with caplog.at_level("WARNING", logger="guard.training.generate"):
+        assert g.generate_local(jobs, tmp_path / "out.jsonl", backbone=str(backbone_dir), max_tokens=2,
+                                max_prompt_tokens=5) == 0
+    assert f"{len(jobs)} of {len(jobs)} prompts are over 5 tokens in the chat template: left out" in caplog.text

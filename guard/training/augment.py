@@ -21,7 +21,7 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
-from guard.training.data import Row
+from guard.training.data import DataError, Row, json_objects
 
 REFUSALS = (
     "I'm sorry, but I can't help with that.",
@@ -50,10 +50,22 @@ def refusal_rows(harmful: Sequence[Row], seed: int) -> list[Row]:
 
 
 def answer_rows(path: str | Path, limit: int, seed: int) -> list[Row]:
-    """Benign TriviaQA questions with their first reference answer as the response."""
-    with Path(path).open(encoding="utf-8") as f:
-        objs = [json.loads(line) for line in f if line.strip()]
-    objs = [o for o in objs if o.get("label") == 0 and o.get("answers")]
+    """Benign TriviaQA questions with their first reference answer as the response.
+
+    The file is read as `--data` files are (`DataError` naming the file and line), and a
+    benign row's `prompt` must be a string and its `answers` a list of strings: a string
+    there would give its first letter as the answer.
+    """
+    path = Path(path)
+    objs = []
+    for lineno, obj in json_objects(path):
+        if obj.get("label") != 0 or not obj.get("answers"):
+            continue
+        if not isinstance(obj.get("prompt"), str):
+            raise DataError(f"{path}:{lineno}: 'prompt' must be a string")
+        if not isinstance(obj["answers"], list) or not all(isinstance(a, str) for a in obj["answers"]):
+            raise DataError(f"{path}:{lineno}: 'answers' must be a list of strings")
+        objs.append({"id": lineno, **obj})
     rng = random.Random(seed)
     picked = rng.sample(objs, min(limit, len(objs)))
     templates = ("{a}.", "The answer is {a}.", "It was {a}.", "{a}, as far as I know.")

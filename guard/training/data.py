@@ -52,11 +52,12 @@ def dataset_name(path: str | Path) -> str:
 
 
 class DataError(ValueError):
-    """A data file that cannot be read, or a line of it outside the schema; the message
-    names the file and the line (`siren-proxy train`/`eval` print it as one line)."""
+    """A data file that cannot be read, or a line of it outside the schema (the message
+    names the file and the line), or data no head can be fitted on; `siren-proxy
+    train`/`eval`/`generate` print it as one line and exit with status 2."""
 
 
-def _objects(path: Path) -> Iterator[tuple[int, dict]]:
+def json_objects(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line of a JSONL file. Lines are decoded
     one at a time, so an error names the line it is on."""
     try:
@@ -90,9 +91,9 @@ def load_rows(path: str | Path, *, limit: int | None = None, seed: int = 0) -> l
     path = Path(path)
     name = dataset_name(path)
     rows: list[Row] = []
-    for lineno, obj in _objects(path):
+    for lineno, obj in json_objects(path):
         label = obj.get("label")
-        if label not in (0, 1):
+        if label not in (0, 1) or isinstance(label, bool):  # true could as well mean "safe"
             raise DataError(f"{path}:{lineno}: label must be 0 or 1, got {label!r}")
         for key, kind in (("prompt", "a string"), ("response", "a string or null")):
             if obj.get(key) is not None and not isinstance(obj[key], str):
@@ -115,7 +116,7 @@ def load_pairs(path: str | Path, *, limit: int | None = None, seed: int = 0) -> 
     """
     path = Path(path)
     pairs: list[tuple[Row, Row]] = []
-    for lineno, obj in _objects(path):
+    for lineno, obj in json_objects(path):
         try:
             context, prompt = obj["context"], obj["first_human_turn"]
             chosen, rejected = obj["chosen_response"], obj["rejected_response"]
@@ -147,6 +148,17 @@ def parse_data_spec(spec: str) -> tuple[str, int | None, int | None]:
     if sep and tail.isdigit() and head:
         return head, int(tail), None
     return spec, None, None
+
+
+def load_spec(spec: str, seed: int) -> list[Row]:
+    """The rows a ``FILE[:N[:SEED]]`` spec names (`seed` draws ``FILE:N``). A spec that
+    keeps no row (an empty file, ``FILE:0``) is a `DataError`: it is a mistake, and left
+    alone it would fail later, inside numpy, after the backbone has loaded."""
+    path, limit, sample_seed = parse_data_spec(spec)
+    rows = load_rows(path, limit=limit, seed=seed if sample_seed is None else sample_seed)
+    if not rows:
+        raise DataError(f"{spec}: no rows")
+    return rows
 
 
 def drop_leaked(rows: Iterable[Row], eval_prompts: set[str]) -> tuple[list[Row], int]:

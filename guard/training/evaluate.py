@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from guard.artifact import ArtifactConfig, load_head, read_artifact
 from guard.training import metrics
 from guard.training.baseline import fit_baseline
-from guard.training.data import Row, dataset_name, load_pairs, load_rows, parse_data_spec
+from guard.training.data import DataError, Row, dataset_name, load_pairs, load_spec, parse_data_spec
 from guard.training.train import build_dataset, features_for
 
 logger = logging.getLogger(__name__)
@@ -71,9 +71,18 @@ def head_scores(config: ArtifactConfig, state: dict, features: np.ndarray) -> np
 def load_eval_sets(specs: Sequence[str], seed: int) -> dict[str, list[Row]]:
     sets: dict[str, list[Row]] = {}
     for spec in specs:
-        path, limit, sample_seed = parse_data_spec(spec)
-        sets[dataset_name(path)] = load_rows(path, limit=limit, seed=seed if sample_seed is None else sample_seed)
+        sets[_new_name(sets, spec, "--data")] = load_spec(spec, seed)
     return sets
+
+
+def _new_name(sets: dict, spec: str, option: str) -> str:
+    """The report's name for `spec`'s set: its file name, which no earlier spec may have
+    (the second would replace the first, whose rows would vanish from the report)."""
+    name = dataset_name(parse_data_spec(spec)[0])
+    if name in sets:
+        raise DataError(f"{spec}: a second {option} spec of the dataset {name!r} "
+                        "(the report names a set by its file name)")
+    return name
 
 
 def evaluate(opts: EvalOptions) -> dict:
@@ -84,8 +93,8 @@ def evaluate(opts: EvalOptions) -> dict:
     pair_sets = {}
     for spec in opts.pairs:
         path, limit, sample_seed = parse_data_spec(spec)
-        pair_sets[dataset_name(path)] = load_pairs(path, limit=limit,
-                                                   seed=opts.seed if sample_seed is None else sample_seed)
+        pair_sets[_new_name(pair_sets, spec, "--pairs")] = load_pairs(
+            path, limit=limit, seed=opts.seed if sample_seed is None else sample_seed)
     all_rows = [r for rows in sets.values() for r in rows]
     all_rows += [r for pairs in pair_sets.values() for pair in pairs for r in pair]
     extract_layers = max(config.top_layer + 1, training.get("extract_layers") or 0)

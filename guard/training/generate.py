@@ -35,7 +35,7 @@ from pathlib import Path
 
 import httpx
 
-from guard.training.data import Row, eval_prompt_keys, load_rows, normalize_prompt, parse_data_spec
+from guard.training.data import Row, eval_prompt_keys, json_objects, load_spec, normalize_prompt
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +125,7 @@ def plan(prompt_specs: Sequence[str], refusal_specs: Sequence[str], exclude: Ite
     jobs: list[Job] = []
     for specs, mode in ((prompt_specs, "answer"), (refusal_specs, "refusal")):
         for spec in specs:
-            path, limit, spec_seed = parse_data_spec(spec)
-            for row in load_rows(path, limit=limit, seed=seed if spec_seed is None else spec_seed):
+            for row in load_spec(spec, seed):
                 if row.response is not None or normalize_prompt(row.prompt) in banned:
                     continue
                 if mode == "refusal" and row.label != 1:
@@ -173,11 +172,22 @@ async def generate(jobs: Sequence[Job], out: Path, *, base_url: str, model: str 
             async def one(job: Job) -> None:
                 nonlocal written
                 async with gate:
-                    resp = await client.post("chat/completions", json=_request(job, model, max_tokens, temperature))
+                    try:
+                        resp = await client.post("chat/completions",
+                                                 json=_request(job, model, max_tokens, temperature))
+                    except (httpx.TimeoutException, httpx.RemoteProtocolError, httpx.ReadError) as exc:
+                        # One request's failure; a server that cannot be reached at all
+                        # (ConnectError) still stops the run.
+                        log.warning("%s: %s: %s", job.id, type(exc).__name__, exc)
+                        return
                 if resp.status_code != 200:
                     log.warning("%s: HTTP %d %s", job.id, resp.status_code, resp.text[:200])
                     return
-                content = resp.json()["choices"][0]["message"]["content"] or ""
+                try:
+                    content = resp.json()["choices"][0]["message"]["content"] or ""
+                except (ValueError, LookupError, TypeError):  # a failed request, like a non-200
+                    log.warning("%s: not a chat completion: %s", job.id, resp.text[:200])
+                    return
                 if not content.strip():
                     return
                 f.write(json.dumps(_result(job, content, model)) + "\n")
@@ -220,6 +230,10 @@ def generate_local(jobs: Sequence[Job], out: Path, *, backbone: str = "pypi:llm-
 
     texts = {j.id: chat(j) for j in todo}
     lengths = {i: len(tok(t).input_ids) for i, t in texts.items()}
+    too_long = sum(1 for j in todo if lengths[j.id] > max_prompt_tokens)
+    if too_long:
+        log.warning("%d of %d prompts are over %d tokens in the chat template: left out",
+                    too_long, len(todo), max_prompt_tokens)
     todo = sorted((j for j in todo if lengths[j.id] <= max_prompt_tokens), key=lambda j: (j.mode, lengths[j.id]))
     written = 0
     with out.open("a", encoding="utf-8") as f:
@@ -228,9 +242,11 @@ def generate_local(jobs: Sequence[Job], out: Path, *, backbone: str = "pypi:llm-
             enc = tok([texts[j.id] for j in batch], return_tensors="pt", padding=True, add_special_tokens=False)
             limit = batch[0].max_tokens(max_tokens)  # batches never mix modes (sorted by mode first)
             torch.manual_seed(batch[0].seed)
+            # Temperature 0 is greedy, as a server reads it; transformers refuses to sample at 0.
+            sampling = ({"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
+                        if temperature > 0 else {"do_sample": False})
             with torch.inference_mode():
-                gen = model.generate(**enc, max_new_tokens=limit, do_sample=True, temperature=temperature,
-                                     top_p=1.0, top_k=0, pad_token_id=tok.pad_token_id)
+                gen = model.generate(**enc, max_new_tokens=limit, pad_token_id=tok.pad_token_id, **sampling)
             for job, ids in zip(batch, gen[:, enc.input_ids.shape[1]:]):
                 content = tok.decode(ids, skip_special_tokens=True)
                 if content.strip():
@@ -242,10 +258,25 @@ def generate_local(jobs: Sequence[Job], out: Path, *, backbone: str = "pypi:llm-
 
 
 def _done_ids(out: Path) -> set[str]:
+    """Ids of the rows already in `out`. A last row cut short by a kill mid-write (no
+    newline, not valid JSON) is removed first, so the rerun asks for it again and its
+    rows start on a line of their own; any other line that is not a row is a `DataError`
+    naming it (the file is not ours to repair)."""
     if not out.exists():
         return set()
-    with out.open(encoding="utf-8") as f:
-        return {json.loads(line)["id"] for line in f if line.strip()}
+    data = out.read_bytes()
+    if data and not data.endswith(b"\n"):
+        start = data.rfind(b"\n") + 1
+        try:
+            json.loads(data[start:])
+        except ValueError:
+            log.warning("%s: dropping a last row cut short (%d bytes); it is asked for again", out, len(data) - start)
+            with out.open("r+b") as f:
+                f.truncate(start)
+        else:
+            with out.open("ab") as f:
+                f.write(b"\n")
+    return {str(obj.get("id")) for _, obj in json_objects(out)}
 
 
 def rule_agreement(rows: Sequence[Row], prompt_labels: dict[str, int], default_prompt_label: int | None) -> dict:

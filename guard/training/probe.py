@@ -19,6 +19,8 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
+from guard.training.data import DataError
+
 
 @dataclass(frozen=True)
 class LayerProbe:
@@ -77,10 +79,14 @@ def select(
                         c=c, max_neurons=max_neurons, seed=seed)
         for layer in candidate_layers
     ]
+    if not any(p.neurons for p in probes):
+        raise DataError(f"no layer's probe kept a neuron at --probe-c {c:g}: the L1 penalty is too "
+                        "strong for this data; raise --probe-c")
     usable = [p for p in probes if p.neurons and p.val_auroc > 0.5]
     best = sorted(usable, key=lambda p: (-p.val_auroc, p.layer))[:n_layers]
     if not best:
-        raise RuntimeError("no layer's probe beat chance on the validation split")
+        raise DataError("no layer's probe beat chance (validation AUROC above 0.5): the labels do "
+                        "not follow the text the backbone reads, or the validation split is too small")
     top = max(p.val_auroc for p in best)
     return Selection(
         layers=tuple(sorted(p.layer for p in best)),

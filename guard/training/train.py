@@ -28,7 +28,7 @@ from guard.backbone import load_backbone
 from guard.training import augment, mlp, probe
 from guard.training.calibrate import fit_platt
 from guard.training.data import (
-    Row, drop_leaked, eval_prompt_keys, load_rows, parse_data_spec, split_indices,
+    DataError, Row, drop_leaked, eval_prompt_keys, load_spec, parse_data_spec, split_indices,
 )
 from guard.training.extract import FeatureCache, cache_dir_for, extract, truncate_backbone
 from guard.training.metrics import at_threshold, auroc
@@ -83,8 +83,7 @@ def build_dataset(data: Sequence[str], exclude: Sequence[str], seed: int, val_fr
     """
     rows: list[Row] = []
     for spec in data:
-        path, limit, sample_seed = parse_data_spec(spec)
-        rows.extend(load_rows(path, limit=limit, seed=seed if sample_seed is None else sample_seed))
+        rows.extend(load_spec(spec, seed))
     if refusals:
         # Ordered by a seeded hash of the text, so adding data displaces few picks.
         harmful = sorted({r.text: r for r in rows if r.label == 1 and r.response is None}.values(),
@@ -101,8 +100,27 @@ def build_dataset(data: Sequence[str], exclude: Sequence[str], seed: int, val_fr
             unique.append(r)
     kept, leaked = drop_leaked(unique, eval_prompt_keys(exclude))
     train, val = split_indices(kept, val_fraction, seed)
+    _check_labels(kept, train, val, leaked)
     return Dataset(rows=tuple(kept), train=train, val=val, dropped_leaked=leaked,
                    dropped_duplicates=len(rows) - len(unique))
+
+
+def _check_labels(rows: Sequence[Row], train: np.ndarray, val: np.ndarray, leaked: int) -> None:
+    """Probes, MLP and calibration each need both labels on both sides of the split;
+    without them scikit-learn fails after the features are extracted, and its message
+    does not say why. Checked here, before any model loads."""
+    if not rows:
+        raise DataError(f"no rows are left: all {leaked} have the prompt of an --exclude file")
+    harmful = sum(r.label for r in rows)
+    if harmful in (0, len(rows)):
+        raise DataError(f"the data has {len(rows)} rows, all {'harmful' if harmful else 'benign'}: "
+                        "a head needs harmful and benign rows")
+    for part, idx in (("training", train), ("validation", val)):
+        labels = {rows[i].label for i in idx}
+        if len(labels) < 2:
+            which = f", all {'harmful' if 1 in labels else 'benign'}" if labels else ""
+            raise DataError(f"the {part} split has {len(idx)} rows{which}: it needs harmful and benign "
+                            "rows (more rows of the missing label, or another --val-fraction)")
 
 
 def features_for(texts: Sequence[str], *, backbone: str, dtype: str, device: str, max_length: int,

@@ -141,6 +141,7 @@ BAD_DATA = {  # file content -> what the one line says; each is refused before a
     b'{"prompt": "\xff", "label": 0}\n': ":1: not valid UTF-8",
     b'["hi", 0]\n': ":1: a row must be a JSON object",
     b'{"prompt": "hi"}\n': ":1: label must be 0 or 1",
+    b'{"prompt": "hi", "label": true}\n': ":1: label must be 0 or 1, got True",  # was read as 1
     b'{"prompt": 5, "label": 1}\n': ":1: 'prompt' must be a string",
     b'{"prompt": "hi", "response": ["a"], "label": 1}\n': ":1: 'response' must be a string or null",
 }
@@ -192,3 +193,142 @@ def test_a_cache_that_cannot_be_written_is_one_line_before_any_conversion(tmp_pa
     err = capsys.readouterr().err
     assert err.startswith("siren-proxy score: cannot write the converted backbone under ")
     assert "SIREN_PROXY_CACHE" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "generate"])
+@pytest.mark.parametrize("content, spec_suffix", [(b"", ""), (b"\n  \n", ""), (b'{"prompt": "hi", "label": 0}\n', ":0")])
+def test_a_data_spec_with_no_rows_is_one_line(tmp_path, capsys, command, content, spec_suffix):
+    """An empty file (or FILE:0) gave a numpy traceback after the backbone had loaded."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_bytes(content)
+    spec = f"{rows}{spec_suffix}"
+    args = {"train": ["--data", spec, "--out", str(tmp_path / "head")],
+            "eval": ["--data", spec, "--no-baseline"],
+            "generate": ["--prompts", spec, "--out", str(tmp_path / "out.jsonl"), "--upstream", "http://x"]}[command]
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == f"siren-proxy {command}: {spec}: no rows\n"
+
+
+def _rows(labels: list[int]) -> bytes:
+    return "".join(json.dumps({"prompt": f"prompt number {i}", "label": y}) + "\n"
+                   for i, y in enumerate(labels)).encode()
+
+
+@pytest.mark.parametrize("labels, problem", [
+    ([1] * 40, "the data has 40 rows, all harmful: a head needs harmful and benign rows"),
+    ([0] * 40, "the data has 40 rows, all benign: a head needs harmful and benign rows"),
+    ([1, 0, 1, 0], "the validation split has 0 rows"),
+    ([1] * 20 + [0] * 3, "the validation split has 3 rows, all harmful"),
+])
+def test_train_refuses_data_that_cannot_give_both_labels_on_both_sides(tmp_path, capsys, labels, problem):
+    """One label only (or a split that leaves one) was a scikit-learn traceback after
+    feature extraction, whose message spoke of 'n_classes >= 3'."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_bytes(_rows(labels))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--data", str(rows), "--out", str(tmp_path / "head")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"siren-proxy train: {problem}") and err.count("\n") == 1
+    assert not (tmp_path / "head").exists()
+
+
+def test_train_says_when_exclude_leaves_no_rows(tmp_path, capsys):
+    """It said 'the data has 0 rows, all benign'."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_bytes(_rows([1, 0] * 3))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--data", str(rows), "--exclude", str(rows), "--out", str(tmp_path / "head")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "siren-proxy train: no rows are left: all 6 have the prompt of an --exclude file\n"
+
+
+@pytest.mark.parametrize("command, option, value", [
+    ("train", "--layers", "0"), ("train", "--layers", "-2"), ("train", "--neurons", "0"),
+    ("train", "--max-length", "0"), ("train", "--extract-layers", "0"), ("train", "--refusals", "-1"),
+    ("train", "--probe-c", "0"), ("train", "--probe-c", "-1"), ("train", "--probe-c", "nan"),
+    ("generate", "--batch-size", "0"), ("generate", "--concurrency", "0"), ("generate", "--max-tokens", "0"),
+    ("generate", "--temperature", "-1"),
+])
+def test_train_and_generate_refuse_counts_and_strengths_out_of_range(capsys, command, option, value):
+    """Each was taken: --layers -2 kept all but two layers, --refusals -1 all harmful
+    prompts but one, --extract-layers 0 every block; --neurons 0, --max-length 0 and
+    --probe-c 0 failed with a traceback after feature extraction."""
+    required = {"train": ["--data", "rows.jsonl", "--out", "head"],
+                "generate": ["--prompts", "rows.jsonl", "--out", "out.jsonl"]}[command]
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, *required, option, value])
+    assert exit_info.value.code == 2
+    assert f"argument {option}: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, option, make, problem", [
+    ("train", "--out", "file", "is a file, not a directory"),
+    ("train", "--out", "under-file", "is not a directory"),
+    ("eval", "--report", "under-file", "is not a directory"),
+    ("eval", "--report", "dir", "is a directory"),
+    ("eval", "--plot", "under-file", "is not a directory"),
+    ("generate", "--out", "dir", "is a directory"),
+])
+def test_an_output_that_cannot_be_written_is_refused_before_the_work(tmp_path, capsys, command, option, make, problem):
+    """Each raised a traceback at the very end, after the features, the fit or the scores
+    had been computed (an hour for the shipped head), and the result was lost."""
+    blocker = tmp_path / "blocker"
+    if make == "dir":
+        blocker.mkdir()
+        target = blocker
+    else:
+        blocker.write_text("")
+        target = blocker if make == "file" else blocker / "sub" / "out"
+    args = {"train": ["--data", "rows.jsonl"], "eval": ["--data", "rows.jsonl", "--no-baseline"],
+            "generate": ["--prompts", "rows.jsonl", "--upstream", "http://x"]}[command]
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, *args, option, str(target)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"siren-proxy {command}: {option} {target}: ") and problem in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("content, problem", [
+    (None, "cannot read"),
+    (b'{"prompt": "q", "answers": ["a"], "label": 0}\nnot json\n', ":2: not valid JSON"),
+    (b'{"prompt": "\xff", "answers": ["a"], "label": 0}\n', ":1: not valid UTF-8"),
+    (b'{"prompt": "q", "answers": "Paris", "label": 0}\n', ":1: 'answers' must be a list of strings"),
+    (b'{"answers": ["a"], "label": 0}\n', ":1: 'prompt' must be a string"),
+])
+def test_train_reports_a_bad_answers_file_in_one_line(tmp_path, capsys, content, problem):
+    """--answers read its file on its own: a missing or broken one was a traceback, and
+    `answers` given as a string trained on its first letter ("P.")."""
+    data = tmp_path / "rows.jsonl"
+    data.write_bytes(_rows([1, 0] * 20))
+    answers = tmp_path / "trivia.jsonl"
+    if content is not None:
+        answers.write_bytes(content)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--data", str(data), "--answers", f"{answers}:5", "--out", str(tmp_path / "head")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"siren-proxy train: {answers}") and problem in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("option", ["--data", "--pairs"])
+@pytest.mark.parametrize("second", ["other/rows.jsonl", "rows.jsonl:3:1"])
+def test_eval_refuses_two_data_specs_of_one_dataset_name(artifact, tmp_path, capsys, option, second):
+    """The report is keyed by file name: the second spec replaced the first, whose rows
+    were then silently left out of the report."""
+    (tmp_path / "other").mkdir()
+    pair = {"context": "Human: hi", "first_human_turn": "hi", "chosen_response": "a", "rejected_response": "b"}
+    for path in (tmp_path / "rows.jsonl", tmp_path / "other" / "rows.jsonl"):
+        path.write_bytes(_rows([1, 0] * 5) if option == "--data" else (json.dumps(pair) + "\n").encode())
+    data = [] if option == "--data" else ["--data", str(tmp_path / "data.jsonl")]
+    (tmp_path / "data.jsonl").write_bytes(_rows([1, 0]))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", *data, option, str(tmp_path / "rows.jsonl"), str(tmp_path / second), "--no-baseline",
+              "--artifact", str(artifact)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == (f"siren-proxy eval: {tmp_path / second}: a second {option} spec of the dataset 'rows' "
+                   "(the report names a set by its file name)\n")

@@ -142,3 +142,102 @@ def test_cli_generate_against_an_unreachable_server_is_a_clear_error(tmp_path):
                            "--upstream", "http://127.0.0.1:9/v1", "--out", str(tmp_path / "o.jsonl")],
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 1 and "ConnectError" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_generate_resumes_after_a_kill_that_cut_the_last_row_short(tmp_path, katan_url):
+    """A kill mid-write (the local generator flushes once a batch, so its buffer reaches
+    the disk in pieces) leaves half a row at the end; the rerun that resumability is for
+    raised JSONDecodeError, and would have appended its first row onto the half one."""
+    data, evaluation = prompt_rows(tmp_path)
+    jobs = g.plan([str(data)], [], [str(evaluation)], seed=0)
+    out = tmp_path / "generated.jsonl"
+    assert asyncio.run(g.generate(jobs, out, base_url=katan_url, api_key="k", max_tokens=64)) == 3
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text(lines[0] + lines[1][: len(lines[1]) // 2])  # the second row cut mid-write
+    assert asyncio.run(g.generate(jobs, out, base_url=katan_url, api_key="k", max_tokens=64)) == 2
+    rows = load_rows(out)
+    assert sorted(r.id for r in rows) == sorted(j.id for j in jobs)
+
+
+def test_generate_names_a_broken_row_inside_its_output(tmp_path, katan_url):
+    data, _ = prompt_rows(tmp_path)
+    out = tmp_path / "generated.jsonl"
+    out.write_text('{"id": "x"}\nnot json\n{"id": "y"}\n')
+    proc = subprocess.run([sys.executable, "-m", "proxy.cli", "generate", "--prompts", str(data),
+                           "--out", str(out), "--upstream", katan_url], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[-1] == f"siren-proxy generate: {out}:2: not valid JSON: Expecting value (column 1)"
+
+
+def _flaky_server(broken: dict[str, bytes], slow: str | None = None):
+    """Answers a chat request with `broken[prompt]` as its 200 body where given (a reply
+    that is not a completion), else with a completion that complies; the `slow` prompt
+    is answered after 3 s."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    async def chat(request):
+        prompt = (await request.json())["messages"][0]["content"]
+        if prompt == slow:
+            await asyncio.sleep(3)
+        if prompt in broken:
+            return Response(broken[prompt], media_type="application/json")
+        return JSONResponse({"choices": [{"message": {"role": "assistant", "content": "Sure: " + prompt}}]})
+
+    return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+
+
+def test_generate_leaves_out_a_reply_that_is_not_a_completion_and_goes_on(tmp_path):
+    """One 200 reply without choices (or not JSON) raised out of the whole run (exit 1),
+    though a failed request is documented as logged and left out for a rerun."""
+    from tests.support.servers import LiveServer
+
+    data, evaluation = prompt_rows(tmp_path)
+    jobs = g.plan([str(data)], [], [str(evaluation)], seed=0)  # h1, h2, b1 answers
+    out = tmp_path / "generated.jsonl"
+    broken = {"Explain how to pick a neighbour's lock": b'{"choices": []}',
+              "What is the capital of Peru?": b"<html>busy</html>"}
+    with LiveServer(_flaky_server(broken)) as server:
+        assert asyncio.run(g.generate(jobs, out, base_url=server.url + "/v1", model="m")) == 1
+    assert [r.id for r in load_rows(out)] == ["mixed:h2:answer"]
+    with LiveServer(_flaky_server({})) as server:
+        assert asyncio.run(g.generate(jobs, out, base_url=server.url + "/v1", model="m")) == 2
+    assert sorted(r.id for r in load_rows(out)) == sorted(j.id for j in jobs)
+
+
+def test_generate_local_at_temperature_zero_is_greedy(tmp_path, backbone_dir):
+    """--temperature 0 (greedy, as a server reads it) made transformers refuse to sample
+    at temperature 0: a ValueError traceback before any row was written."""
+    data, evaluation = prompt_rows(tmp_path)
+    jobs = g.plan([str(data)], [], [str(evaluation)], seed=0)[2:3]  # b1
+    texts = []
+    for name in ("a.jsonl", "b.jsonl"):
+        assert g.generate_local(jobs, tmp_path / name, backbone=str(backbone_dir), max_tokens=6,
+                                temperature=0.0) == 1
+        texts.append(load_rows(tmp_path / name)[0].response)
+    assert texts[0] == texts[1] and texts[0]
+
+
+def test_generate_leaves_out_a_request_that_times_out_and_goes_on(tmp_path):
+    """One request past the timeout raised httpx.ReadTimeout out of the whole run (exit 1),
+    losing the requests in flight beside it."""
+    from tests.support.servers import LiveServer
+
+    data, evaluation = prompt_rows(tmp_path)
+    jobs = g.plan([str(data)], [], [str(evaluation)], seed=0)  # h1, h2, b1 answers
+    out = tmp_path / "generated.jsonl"
+    with LiveServer(_flaky_server({}, slow="What is the capital of Peru?")) as server:
+        assert asyncio.run(g.generate(jobs, out, base_url=server.url + "/v1", model="m", timeout=1.0)) == 2
+    assert sorted(r.id for r in load_rows(out)) == ["mixed:h1:answer", "mixed:h2:answer"]
+
+
+def test_generate_local_says_how_many_prompts_it_skips_as_too_long(tmp_path, backbone_dir, caplog):
+    """Prompts over `max_prompt_tokens` were left out without a word: the run wrote fewer
+    rows than it had jobs, and no line said why."""
+    data, evaluation = prompt_rows(tmp_path)
+    jobs = g.plan([str(data)], [], [str(evaluation)], seed=0)
+    with caplog.at_level("WARNING", logger="guard.training.generate"):
+        assert g.generate_local(jobs, tmp_path / "out.jsonl", backbone=str(backbone_dir), max_tokens=2,
+                                max_prompt_tokens=5) == 0
+    assert f"{len(jobs)} of {len(jobs)} prompts are over 5 tokens in the chat template: left out" in caplog.text

@@ -204,3 +204,24 @@ def test_per_row_weights_change_what_is_learned_and_are_checked():
     assert float(p_skew.mean()) > float(p_base.mean()) + 0.1
     with pytest.raises(ValueError, match="one weight per"):
         mlp.train_one(spec, xt, yt, xv, yv, seed=3, sample_weight=(skew[:-1], np.ones(len(yv))))
+
+
+@pytest.mark.parametrize("c, labels, problem", [
+    (1e-4, "signal", "no layer's probe kept a neuron at --probe-c 0.0001"),
+    (0.5, "noise", "no layer's probe beat chance (validation AUROC above 0.5)"),
+])
+def test_probe_selection_that_finds_nothing_says_why_as_a_data_error(c, labels, problem):
+    """Both were a RuntimeError traceback after feature extraction, and a penalty too
+    strong to keep any neuron was reported as 'no layer's probe beat chance'."""
+    from guard.training import probe
+    from guard.training.data import DataError
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 3, 10)).astype(np.float32)  # (rows, layers, hidden)
+    y = rng.integers(0, 2, 200)
+    sign = np.where(np.arange(200) < 150, 1.0, -1.0) if labels == "noise" else 1.0
+    x[:, :, 0] += (sign * 2.0 * (y - 0.5))[:, None]  # feature 0 follows the label (in validation, inverted)
+    with pytest.raises(DataError) as error:
+        probe.select(x[:150], y[:150], x[150:], y[150:], candidate_layers=range(3), n_layers=2,
+                     max_neurons=4, c=c, seed=0)
+    assert str(error.value).startswith(problem)

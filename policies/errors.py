@@ -4,7 +4,8 @@
      ├── ConfigError             config.yaml is invalid; names file, key path and line
      └── RequestError            a client request the policies cannot handle (HTTP 400)
           ├── RequestShapeError  the body is not the shape its endpoint expects
-          └── UnsafePathError    the path could escape a route's base path (.., //, %2f, %2e)
+          ├── UnsafePathError    the path could escape a route's base path (.., //, %2f, %2e)
+          └── RoutingHeaderError a header a route condition reads has two values
 
 `ConfigError` is raised only at load (start-up, `check-config`, reload); the proxy never
 sees one while serving. `RequestError`s carry an OpenAI `param` where one applies, so the
@@ -53,3 +54,8 @@ class RequestShapeError(RequestError):
 
 class UnsafePathError(RequestError):
     """A path with `..` or `.` segments, `//`, a backslash, or an encoded `/`, `.` or `\\`."""
+
+
+class RoutingHeaderError(RequestError):
+    """A header a route's condition reads, given more than once with different values:
+    which route serves the request would depend on their order."""

@@ -4,7 +4,8 @@ Routes are tried in order and the first match wins. A route matches when the pat
 prefix or lies under it by whole segments (`/v1` matches `/v1/chat/completions`, never
 `/v1x`), and each of its conditions that is set holds: the body's `model` matches the
 glob (a request without a string `model` fails a model condition), the header is present
-with a value matching the glob, the request authenticated with the named API key.
+with a value matching the glob (a header given twice with two values is refused, not read
+by its order), the request authenticated with the named API key.
 
 Paths are checked before any matching: a path that could climb out of the prefix the
 proxy appends to `upstream.base_url` (`.`/`..` segments, `//`, a backslash, `%2f`, `%2e`,
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from policies.config import Config, Policy, Route, Upstream, prefix_covers
-from policies.errors import UnsafePathError
+from policies.errors import RoutingHeaderError, UnsafePathError
 
 _ENCODED_UNSAFE = re.compile(r"%(?:2f|2e|5c|00)", re.IGNORECASE)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -69,10 +70,14 @@ def check_path(path: str) -> None:
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:
-    for key, value in headers.items():
-        if key.lower() == name:
-            return value
-    return None
+    """The header's value; `RoutingHeaderError` when it comes more than once with different
+    values (read the first, and the order of two lines picked the route)."""
+    values = {value for key, value in headers.items() if key.lower() == name}
+    if len(values) > 1:
+        count = sum(key.lower() == name for key, _ in headers.items())
+        raise RoutingHeaderError(f"the header {name!r} is given {count} times with different values; "
+                                 "routes read it, so send it once")
+    return next(iter(values), None)
 
 
 def route_matches(

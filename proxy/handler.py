@@ -19,7 +19,7 @@ from starlette.responses import Response
 
 from policies.auth import authenticate
 from policies.config import Config, Policy
-from policies.errors import UnsafePathError
+from policies.errors import RoutingHeaderError, UnsafePathError
 from policies.routing import RouteMatch, match_route, normalize_path
 
 from .errors import (BadRequest, ClientClosed, Forbidden, NotFound, Overloaded, PayloadTooLarge, ProxyError,
@@ -280,7 +280,7 @@ class Proxy:
         try:
             match = match_route(config, path, model=routing_model(config, payload, body),
                                 headers=request.headers, api_key_name=key_name)
-        except UnsafePathError as exc:
+        except (UnsafePathError, RoutingHeaderError) as exc:
             raise BadRequest(str(exc)) from None
         if match is None:
             raise NotFound(f"no route for {request.method} {path}")

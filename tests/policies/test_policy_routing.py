@@ -4,7 +4,7 @@ import pytest
 
 from policies.auth import authenticate, bearer_token
 from policies.config import parse_config
-from policies.errors import UnsafePathError
+from policies.errors import RoutingHeaderError, UnsafePathError
 from policies.routing import guard_needed, match_route, normalize_path, routing_table
 from tests.policies.cases import load_example
 
@@ -64,6 +64,30 @@ def test_match_route(path, model, headers, key, route, rest):
     assert match.upstream is CONFIG.upstreams[match.route.upstream]
     assert match.policy is CONFIG.policies[match.route.policy]
     assert match.upstream_url == match.upstream.base_url + rest
+
+
+def test_a_routing_header_given_twice_with_two_values_is_refused():
+    """`x-tenant: adult` then `x-tenant: kids`: the first value alone was read, so the
+    order of two lines chose between the kids route and a laxer one. Either reading of two
+    values is a guess, so the request is refused; the same value twice is one value."""
+    twice = [("x-tenant", "adult"), ("X-Tenant", "kids")]
+    with pytest.raises(RoutingHeaderError, match="'x-tenant' is given 2 times"):
+        match_route(CONFIG, "/v1/chat/completions", headers=MultiHeaders(twice))
+    with pytest.raises(RoutingHeaderError):
+        match_route(CONFIG, "/v1/chat/completions", headers=MultiHeaders(twice[::-1]))
+    same = match_route(CONFIG, "/v1/chat/completions", headers=MultiHeaders([("x-tenant", "kids")] * 2))
+    assert same.route.name == "kids-header"
+
+
+class MultiHeaders(dict):
+    """Headers as an ASGI server gives them: `items()` has every line, repeats included."""
+
+    def __init__(self, lines: list[tuple[str, str]]) -> None:
+        super().__init__(lines)
+        self.lines = lines
+
+    def items(self):
+        return list(self.lines)
 
 
 @pytest.mark.parametrize("path", ["/", "/v2/chat/completions", "/redteam", "/v1x", "/redteam/v1x/models"])

@@ -282,6 +282,19 @@ def test_no_route_is_404_and_traversal_is_400(via_katan):
         assert response.json()["error"]["type"] == "invalid_request_error"
 
 
+def test_a_routing_header_given_twice_is_400_not_a_route_by_order(katan_url):
+    """A header route (`x-tenant: kids*`) before a catch-all: two `x-tenant` lines went to
+    whichever route their order picked."""
+    text = unguarded_yaml(katan_url).replace(
+        "routes:\n", "routes:\n  - {prefix: /v1, header: {name: x-tenant, value: 'kids*'}, upstream: up, policy: open}\n")
+    with running_proxy(text) as proxy:
+        response = httpx.get(proxy.url + "/v1/models", headers=[("x-tenant", "adult"), ("x-tenant", "kids")])
+        metrics = httpx.get(proxy.url + "/metrics").text
+    assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
+    assert "'x-tenant' is given 2 times with different values" in response.json()["error"]["message"]
+    assert 'siren_proxy_requests_total{route="-",status="400"} 1.0' in metrics
+
+
 def test_readyz_true_when_upstream_up(via_katan):
     response = httpx.get(via_katan.url + "/readyz")
     assert response.status_code == 200

@@ -306,11 +306,14 @@ def steered(endpoint: str, payload: dict, message: str) -> dict:
 
 
 def _system_content(first: object, message: str, part_type: str) -> str | list | None:
-    """The content of `first`, a system (or developer) message, with `message` in front;
-    None where `first` is not one, or its content is neither a string nor a list of parts."""
+    """The content of `first`, a system (or developer) message, with `message` in front
+    (`message` alone where it has none: null, or no `content`); None where `first` is not
+    one, or its content is neither a string nor a list of parts."""
     if not isinstance(first, dict) or first.get("role") not in ("system", "developer"):
         return None
     content = first.get("content")
+    if content is None:
+        return message
     if isinstance(content, str):
         return f"{message}\n\n{content}"
     return _before_parts(content, message, part_type) if isinstance(content, list) else None

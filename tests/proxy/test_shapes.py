@@ -84,6 +84,14 @@ STEERED = [
                     "name": "d"}, USER]}),
     ("chat/completions", {"messages": [{"role": "system", "content": []}, USER]},
      {"messages": [{"role": "system", "content": [{"type": "text", "text": SAFE}]}, USER]}),
+    # a leading system message without content (null, or none at all) is still the system
+    # prompt: a second one went in front of it
+    ("chat/completions", {"messages": [{"role": "system", "content": None}, USER]},
+     {"messages": [{"role": "system", "content": SAFE}, USER]}),
+    ("chat/completions", {"messages": [{"role": "system"}, USER]},
+     {"messages": [{"role": "system", "content": SAFE}, USER]}),
+    ("responses", {"input": [{"role": "developer", "content": None}, USER]},
+     {"input": [{"role": "developer", "content": SAFE}, USER]}),
     ("completions", {"prompt": "Once"}, {"prompt": "Be careful.\n\nOnce"}),
     ("completions", {"prompt": ["a", "b"]}, {"prompt": ["Be careful.\n\na", "Be careful.\n\nb"]}),
     ("responses", {"input": "hi"}, {"input": "hi", "instructions": SAFE}),

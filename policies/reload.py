@@ -48,6 +48,7 @@ class ConfigHolder:
 
     def __init__(self, config: Config, *, path: str | None = None, env: Mapping[str, str] | None = None) -> None:
         self._current = config
+        self._started = config  # what start-up-only settings stay at until a restart
         self.path = path if path is not None else config.path
         self._env = env
         self._lock = threading.Lock()
@@ -104,7 +105,7 @@ class ConfigHolder:
             except ConfigError as exc:
                 logger.error("config reload rejected, keeping the old config: %s", exc)
                 return False
-            stale = restart_needed(self._current, new)
+            stale = restart_needed(self._started, new)
             if stale:
                 logger.warning("config reloaded; changes to %s take effect only after a restart", ", ".join(stale))
             else:

@@ -93,8 +93,11 @@ async def watch_config(holder: ConfigHolder, poll: float) -> None:
         pass
     while True:
         await asyncio.sleep(poll)
-        if holder.changed():
-            holder.reload()
+        try:
+            if holder.changed():
+                holder.reload()
+        except Exception:  # noqa: BLE001 - a reload's bug must not end the watch for good
+            logger.exception("config reload failed, keeping the old config")
 
 
 class DrainingServer(uvicorn.Server):

@@ -119,6 +119,22 @@ def test_reload_warns_about_sections_read_only_at_start(config_file, caplog):
     assert restart_needed(old, old) == ()
 
 
+def test_a_reload_that_reverts_a_start_up_setting_needs_no_restart(config_file, caplog):
+    """A reload is compared with what is running, the start-up settings of the config the
+    process started with: after one reload changed the port and a second put it back, the
+    second warned that a restart was needed (it was compared with the first)."""
+    holder = ConfigHolder.load(str(config_file), env={})
+    config_file.write_text(EXAMPLE + "server: {port: 9999}\n")
+    with caplog.at_level(logging.INFO, logger="policies.reload"):
+        assert holder.reload() is True
+    assert "server.port" in caplog.text and "restart" in caplog.text
+    caplog.clear()
+    config_file.write_text(EXAMPLE)
+    with caplog.at_level(logging.INFO, logger="policies.reload"):
+        assert holder.reload() is True
+    assert "restart" not in caplog.text and "config reloaded" in caplog.text
+
+
 def test_shutdown_timeout_is_named_as_needing_a_restart(config_file, caplog):
     """uvicorn takes its grace period at start-up, so a reload cannot change it: said so,
     as for the other settings read at start-up (it was reported as reloaded)."""

@@ -6,6 +6,7 @@ Policies here score nothing, so no model loads; the guarded paths are tested in-
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from proxy.server import watch_config
 from tests.support.servers import free_port, katan, wait_http
 
 
@@ -204,6 +206,33 @@ def test_shutdown_answers_a_request_still_waiting_for_its_upstream(tmp_path, str
             assert serve.proc.wait(timeout=15) == -signal.SIGTERM
     assert response.status_code == 503 and took < 5
     assert response.json()["error"]["code"] == "server_shutting_down"
+
+
+def test_the_config_watcher_outlives_a_reload_that_raises(caplog):
+    """A reload that raises what it does not expect (a bug, a RecursionError before the
+    YAML bound) ended the file watcher for good: later edits were never read. It is
+    logged, and the next change is read."""
+    class Holder:
+        calls = 0
+
+        def changed(self) -> bool:
+            return True
+
+        def reload(self) -> bool:
+            Holder.calls += 1
+            if Holder.calls == 1:
+                raise RuntimeError("unexpected")
+            return True
+
+    async def main():
+        watcher = asyncio.create_task(watch_config(Holder(), 0.01))
+        while Holder.calls < 3 and not watcher.done():
+            await asyncio.sleep(0.01)
+        watcher.cancel()
+
+    asyncio.run(main())
+    assert Holder.calls >= 3
+    assert "config reload failed" in caplog.text and "RuntimeError: unexpected" in caplog.text
 
 
 def test_upstream_flag_overrides_the_file(tmp_path, scripted):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from policies.config import load_config
+from policies.config import check_paths, load_config
 from policies.errors import ConfigError
 from policies.routing import routing_table
 
@@ -18,6 +18,7 @@ from policies.routing import routing_table
 def check_config(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.file)
+        check_paths(config)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -20,6 +20,7 @@ each section's dataclass next to the function that builds it.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import types
@@ -200,6 +201,36 @@ def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None =
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config: {exc.__class__.__name__}: {exc}", file=str(path)) from None
     return parse_config(text, path=str(path), env=os.environ if env is None else env)
+
+
+def check_paths(config: Config) -> None:
+    """The paths `serve` opens at start-up, checked without creating anything, so that
+    `check-config` and `serve` agree: an audit log that cannot be appended to, an artifact
+    that names a local directory which is not one (`serve` would start with a failed guard,
+    every guarded request a 503). `ConfigError`s naming the key."""
+    audit = config.server.audit_log
+    problem = None if audit is None else _unwritable(audit)
+    if problem is not None:
+        raise ConfigError(f"cannot open {audit!r}: {os.strerror(problem)}", file=config.path,
+                          key_path="server.audit_log")
+    artifact = config.guard.artifact
+    # Local as `guard.siren.resolve_artifact` reads it: what exists, or starts like a path.
+    if artifact is not None and (os.path.exists(artifact) or artifact.startswith((".", "/", "~"))) \
+            and not os.path.isdir(artifact):
+        raise ConfigError(f"{artifact!r} is not a directory: a local artifact path (a hub id has no leading "
+                          "'/', '.' or '~')", file=config.path, key_path="guard.artifact")
+
+
+def _unwritable(path: str) -> int | None:
+    """Why a file could not be opened for appending (an errno), or None, creating nothing."""
+    if os.path.isdir(path):
+        return errno.EISDIR
+    if os.path.exists(path):
+        return None if os.access(path, os.W_OK) else errno.EACCES
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        return errno.ENOTDIR if os.path.exists(folder) else errno.ENOENT
+    return None if os.access(folder, os.W_OK | os.X_OK) else errno.EACCES
 
 
 def parse_config(text: str, *, path: str | None = None, env: Mapping[str, str] = os.environ) -> Config:

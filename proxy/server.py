@@ -114,21 +114,9 @@ class DrainingServer(uvicorn.Server):
         await super().shutdown(sockets=sockets)
 
 
-def check_audit_log(config: Config) -> None:
-    """A `ConfigError` when `server.audit_log` cannot be opened for appending (the app
-    opens it), said before anything starts rather than as a traceback from inside it."""
-    path = config.server.audit_log
-    if path is None:
-        return
-    try:
-        open(path, "a", encoding="utf-8").close()
-    except OSError as exc:
-        raise ConfigError(f"cannot open {path!r}: {exc.strerror}", file=config.path, key_path="server.audit_log") from None
-
-
 def serve(config_path: str, *, host: str | None = None, port: int | None = None,
           upstream: str | None = None, log_level: str | None = None) -> int:
-    from policies.config import load_config
+    from policies.config import check_paths, load_config
 
     if upstream is not None:
         try:
@@ -143,7 +131,7 @@ def serve(config_path: str, *, host: str | None = None, port: int | None = None,
         return 2
     try:
         config = load_config(config_path)
-        check_audit_log(config)
+        check_paths(config)
     except ConfigError as exc:
         print(f"siren-proxy: invalid config: {exc}", file=sys.stderr)
         return 2

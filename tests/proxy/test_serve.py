@@ -285,6 +285,30 @@ def test_a_bad_reload_poll_fails_at_start_naming_the_variable(tmp_path, poll):
                              f"seconds > 0; got {poll!r}\n")
 
 
+@pytest.mark.parametrize(("extra", "key", "reason"), [
+    ("server: {audit_log: '{tmp}/missing/audit.jsonl'}\n", "server.audit_log",
+     "cannot open '{tmp}/missing/audit.jsonl': No such file or directory"),
+    ("server: {audit_log: '{tmp}'}\n", "server.audit_log", "cannot open '{tmp}': Is a directory"),
+    ("guard: {artifact: '{tmp}/no-such-head'}\n", "guard.artifact",
+     "'{tmp}/no-such-head' is not a directory: a local artifact path (a hub id has no leading '/', '.' or '~')"),
+])
+def test_check_config_and_serve_agree_on_paths_they_cannot_use(tmp_path, extra, key, reason):
+    """check-config said OK for an audit log `serve` then refused, and for an artifact
+    directory that does not exist (`serve` started, and every guarded request was a 503
+    `guard_unavailable` with one ERROR line to say why). Both now refuse both, naming the
+    key; check-config creates nothing."""
+    extra, reason = extra.replace("{tmp}", str(tmp_path)), reason.replace("{tmp}", str(tmp_path))
+    path = tmp_path / "config.yaml"
+    path.write_text(extra + config_text("http://127.0.0.1:8000/v1"))
+    check = subprocess.run([sys.executable, "-m", "proxy", "check-config", str(path)],
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 2 and check.stderr == f"error: {path}: {key}: {reason}\n"
+    result = subprocess.run([sys.executable, "-m", "proxy", "serve", "--config", str(path), "--port",
+                             str(free_port())], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr == f"siren-proxy: invalid config: {path}: {key}: {reason}\n"
+    assert not (tmp_path / "missing").exists()
+
+
 @pytest.mark.parametrize(("upstream", "reason"), [
     ("ftp://x/v1", "must be an http(s) URL without query or fragment; got 'ftp://x/v1'"),
     ("http://127.0.0.1:99999/v1", "the port must be a number in 1-65535; got 'http://127.0.0.1:99999/v1'"),

@@ -5,7 +5,7 @@
     ├── BackboneError               the backbone cannot be found or loaded (guard.backbone)
     ├── ScoringError                the model failed while scoring (cause chained)
     ├── QueueFull                   the worker already holds `max_queue` pending items
-    ├── WorkerClosed                the worker was closed before it could answer
+    ├── WorkerClosed                the worker (or the guard) was closed before it could answer
     └── Abandoned                   everyone waiting for a scoring gave up; it stopped
 
 The proxy fails closed on any `GuardError`, so a model failure must reach the awaiting
@@ -36,7 +36,7 @@ class QueueFull(GuardError):
 
 
 class WorkerClosed(GuardError):
-    """The worker was closed; pending and later requests get this."""
+    """The worker (or `SirenGuard`) was closed; pending and later requests get this."""
 
 
 class Abandoned(GuardError):

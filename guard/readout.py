@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from guard.artifact import ArtifactConfig
-from guard.errors import ArtifactError
+from guard.errors import ArtifactError, WorkerClosed
 from guard.features import decoder_layers
 
 
@@ -61,6 +61,7 @@ class Readout:
         self.normed_top = self.pooling == "residual_mean" and config.top_layer == self.original_layers - 1
         self._captured: dict[int, torch.Tensor] = {}
         self._handles = [self._hook(layer, blocks[layer]) for layer in self.layers]
+        self.closed = False
 
     def _hook(self, layer: int, block: torch.nn.Module):
         target = block.mlp if self.pooling == "mlp_mean" else block
@@ -78,6 +79,7 @@ class Readout:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self.closed = True
 
     @torch.no_grad()
     def rows(
@@ -91,6 +93,8 @@ class Readout:
         With `cache` (a transformers Cache), the tokens continue the cached prefix and
         the cache grows by `seq`; without it, they are whole texts.
         """
+        if self.closed:  # its hooks are gone: nothing would be captured
+            raise WorkerClosed("this guard is closed")
         self._captured.clear()
         out = self.inner(
             input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,

@@ -29,7 +29,7 @@ from transformers import DynamicCache
 
 from guard.artifact import ArtifactConfig, load_head, read_artifact
 from guard.backbone import Backbone, load_backbone
-from guard.errors import Abandoned, ArtifactError, BackboneError
+from guard.errors import Abandoned, ArtifactError, BackboneError, WorkerClosed
 from guard.head import SirenHead
 from guard.prefixes import PrefixCache
 from guard.readout import Readout
@@ -100,6 +100,7 @@ class SirenGuard:
             self._tokenizer.pad_token = self._tokenizer.eos_token
         self._tokenizer.padding_side = "right"  # the reference pads right; the mask ignores pads
         self._readout = Readout(backbone.model, config)
+        self._closed = False
         self._head = head.to(self._readout.device).eval()
         self._plan = TokenPlan.for_tokenizer(self._tokenizer, config.max_length, long_text)
         if stream_slots < 1:
@@ -315,6 +316,7 @@ class SirenGuard:
         entries of sessions with the same salt (`guard.prefixes`)."""
         from guard.session import StreamSession
 
+        self._open()
         return StreamSession(self, prompt=prompt, threshold=self.threshold(threshold), prefill=prefill,
                              cache_salt=cache_salt)
 
@@ -333,6 +335,7 @@ class SirenGuard:
         padding stays under `MAX_PAD_SHARE` of their tokens on CPU (and under
         `MAX_BATCH_TOKENS` in all).
         """
+        self._open()
         with self.lock:
             return self._p_harmful(prepared, given_up)
 
@@ -384,7 +387,14 @@ class SirenGuard:
         return [text_score(s) for s in scores]
 
     def close(self) -> None:
+        """Remove the readout's hooks from the backbone: the guard scores no more, nor
+        open sessions where they read through the hooks (`WorkerClosed`)."""
+        self._closed = True
         self._readout.close()
+
+    def _open(self) -> None:
+        if self._closed:
+            raise WorkerClosed("this guard is closed")
 
 
 def _check(given_up: Callable[[], bool] | None) -> None:

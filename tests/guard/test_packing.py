@@ -16,7 +16,7 @@ import torch
 from transformers import DynamicCache
 
 from guard import SirenGuard
-from guard.errors import BackboneError
+from guard.errors import BackboneError, WorkerClosed
 from guard.packing import PackedStep
 from guard.readout import Readout
 from guard.text import model_text
@@ -97,3 +97,17 @@ def test_full_text_scores_are_packed_on_cpu(artifact_factory, real_rows, monkeyp
         assert forwards == []  # padded batches (tests/guard/test_worker.py)
     packed.close()
     padded.close()
+
+
+@pytest.mark.parametrize("packed_steps", [True, False])
+def test_a_closed_guard_refuses_to_score(artifact_factory, packed_steps):
+    """`close()` removes the readout's hooks: a padded forward then died in a bare
+    `KeyError: 0` (on a GPU, the only path), and a packed one scored on as if open."""
+    folder = artifact_factory("closed", pooling="mlp_mean", layers=[1, 2], max_length=24)
+    guard = SirenGuard.from_pretrained(folder, device=DEVICE, dtype=torch.float32, packed_steps=packed_steps)
+    guard.close()
+    for call in (lambda: guard.score("hi"), lambda: guard.score_batch(["hi", "there"]),
+                 lambda: guard.stream(prompt="hi")):
+        with pytest.raises(WorkerClosed, match="this guard is closed"):
+            call()
+    guard.close()  # twice is fine

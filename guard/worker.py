@@ -352,6 +352,12 @@ class AsyncStreamSession:
         score, self.tokens = await asyncio.wrap_future(job)
         return score
 
+    async def __aenter__(self) -> AsyncStreamSession:
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.aclose()
+
     async def aclose(self) -> None:
         """Queue the release of the session's cache, without waiting for it: nothing
         the caller sends (a refusal, a stream's end) waits on the worker's queue, and a

@@ -286,6 +286,28 @@ def test_a_session_closed_while_the_queue_is_full_is_closed(guard, monkeypatch):
     assert worker._open_sessions == 0
 
 
+def test_a_session_used_as_a_context_manager_is_closed_on_exit(guard):
+    """A session never closed keeps its cache and counts as open, so every later packed
+    round waits `max_wait_ms` for it; `async with` closes it however the block ends."""
+    worker = GuardWorker(guard, max_wait_ms=2000)
+    try:
+        async def main():
+            async with worker.stream(prompt="hi") as session:
+                await session.append(" there")
+            with pytest.raises(RuntimeError, match="boom"):
+                async with worker.stream(prompt="hi") as failing:
+                    raise RuntimeError("boom")
+            return session, failing
+
+        session, failing = asyncio.run(main())
+        deadline = time.monotonic() + 5
+        while worker._open_sessions and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert session._closed and failing._closed and worker._open_sessions == 0
+    finally:
+        worker.close()
+
+
 def test_a_failed_packed_round_fails_each_caller_and_sessions_recover(guard, real_rows, monkeypatch):
     worker = GuardWorker(guard, max_wait_ms=1000)  # the round waits for all three sessions
     texts = [(r["prompt"][:50], r["response"][:120]) for r in real_rows[:3]]

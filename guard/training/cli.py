@@ -44,8 +44,9 @@ def register(subparsers) -> None:
                        help="share of prompts held back for validation, between 0 and 1 (default: %(default)s)")
     train.add_argument("--refusals", type=_count, default=0,
                        help="pair this many harmful training prompts with a refusal, label 0")
-    train.add_argument("--answers", default=None, metavar="FILE:N",
-                       help="N TriviaQA questions with their answer as the response, label 0")
+    train.add_argument("--answers", default=None, metavar="FILE[:N]",
+                       help="N TriviaQA questions with their answer as the response, label 0 (N: 200 when "
+                            "left out)")
     train.add_argument("--cache", type=Path, default=Path(".cache/features"), help="feature cache root")
     train.add_argument("--quick", action="store_true", help="one MLP configuration instead of the grid")
     train.add_argument("--ensemble", type=positive_int, default=1, metavar="K",
@@ -252,6 +253,11 @@ def _generate(args: argparse.Namespace) -> int:
         labels = {normalize_prompt(r.prompt): r.label for p in args.prompt_labels for r in load_rows(p)}
         report = {Path(p).name: g.rule_agreement(load_rows(p), labels, args.default_prompt_label)
                   for p in args.agreement}
+        empty = [name for name, measured in report.items() if not measured["rows"]]
+        if empty:  # an accuracy of 0 over no rows would read as a measurement
+            print(f"siren-proxy generate: --agreement {empty[0]}: no row has both a response and a prompt "
+                  "label (--prompt-labels, --default-prompt-label) to measure the rule on", file=sys.stderr)
+            return 2
         json.dump(report, sys.stdout, indent=1)
         print()
         return 0

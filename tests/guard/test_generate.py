@@ -130,6 +130,18 @@ def test_cli_agreement_reports_json():
     assert report["rows"] == 30 and 0.0 <= report["macro_f1"] <= 1.0
 
 
+def test_cli_agreement_over_no_measurable_row_is_an_error():
+    """Without a prompt label for any row (no --prompt-labels, no --default-prompt-label)
+    the rule is measured on nothing: it reported `rows: 0, macro_f1: 0.0`, which reads as
+    a rule that never agrees."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "generate", "--agreement", str(FIXTURES / "responses.jsonl")],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == ("siren-proxy generate: --agreement responses.jsonl: no row has both a response and a "
+                           "prompt label (--prompt-labels, --default-prompt-label) to measure the rule on\n")
+
+
 def test_cli_generate_without_out_is_a_clear_error():
     proc = subprocess.run([sys.executable, "-m", "proxy.cli", "generate", "--prompts", "x.jsonl"],
                           capture_output=True, text=True, timeout=120, check=False)

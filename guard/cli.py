@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from typing import NoReturn
 
 
@@ -41,16 +42,26 @@ def _unit_interval(value: str) -> float:
     return number
 
 
-def positive_int(value: str) -> int:
-    """A count of at least 1, for argparse (a batch size: 0 would score nothing, and a
-    negative one would drop rows); `siren-proxy train` and `eval` use it too."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
-    return number
+def whole_number(lowest: int, highest: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least `lowest` (and at most `highest`). A
+    batch size of 0 would score nothing, a negative count slices from the end (`--layers
+    -2` kept all but two), and the socket layer reads a port over 65535 modulo 65536."""
+    wanted = f"a whole number of at least {lowest}" if highest is None else f"a number in {lowest}-{highest}"
+    bound = f"at least {lowest}" if highest is None else wanted
+
+    def whole(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {value!r}") from None
+        if number < lowest or (highest is not None and number > highest):
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {number}")
+        return number
+
+    return whole
+
+
+positive_int = whole_number(1)  # `siren-proxy score`, `train`, `eval` and `generate` counts
 
 
 def _fail(message: str) -> NoReturn:

@@ -13,21 +13,10 @@ import os
 import sys
 from pathlib import Path
 
+from guard.cli import whole_number
 from policies.config import LOG_LEVELS
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config.yaml"
-
-
-def port_number(value: str) -> int:
-    """A TCP port, for argparse, in the range `server.port` takes: the socket layer reads a
-    larger number modulo 65536 (99999 listened on 34463)."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in 0-65535, got {value!r}") from None
-    if not 0 <= number <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a number in 0-65535, got {number}")
-    return number
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the guarding proxy")
     serve.add_argument("--config", default=str(DEFAULT_CONFIG), help="config file (default: %(default)s)")
     serve.add_argument("--host", default=None, help="listen address (default: server.host, else 127.0.0.1)")
-    serve.add_argument("--port", type=port_number, default=None, help="listen port (default: server.port, else 8080)")
+    serve.add_argument("--port", type=whole_number(0, 65535), default=None, help="listen port (default: server.port, else 8080)")
     serve.add_argument("--upstream", default=None,
                        help="base URL that replaces every upstream's base_url, e.g. http://127.0.0.1:8000/v1")
     serve.add_argument("--log-level", default=None, choices=LOG_LEVELS, help="overrides server.log_level")

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from guard.cli import positive_int
+from guard.cli import positive_int, whole_number
 
 
 def register(subparsers) -> None:
@@ -42,7 +42,7 @@ def register(subparsers) -> None:
     train.add_argument("--probe-c", type=_positive_number, default=0.1, help="inverse L1 strength of the probes")
     train.add_argument("--val-fraction", type=_fraction, default=0.15,
                        help="share of prompts held back for validation, between 0 and 1 (default: %(default)s)")
-    train.add_argument("--refusals", type=_count, default=0,
+    train.add_argument("--refusals", type=whole_number(0), default=0,
                        help="pair this many harmful training prompts with a refusal, label 0")
     train.add_argument("--answers", default=None, metavar="FILE[:N]",
                        help="N TriviaQA questions with their answer as the response, label 0 (N: 200 when "
@@ -113,17 +113,6 @@ def _fraction(value: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a number between 0 and 1, got {value!r}") from None
     if not 0.0 < number < 1.0:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1 (both excluded), got {value}")
-    return number
-
-
-def _count(value: str) -> int:
-    """A count that may be 0 (`--refusals`): a negative one would slice from the end."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 0, got {value!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {number}")
     return number
 
 

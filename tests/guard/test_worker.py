@@ -496,15 +496,11 @@ def long_prompt(real_rows) -> str:
     return "\n".join(r["prompt"] + " " + r["response"] for r in real_rows[:12])  # ~40 windows of 64
 
 
-def test_a_prefill_whose_caller_left_stops_between_windows(guard, real_rows, monkeypatch):
-    """A session's prefill runs a round per window; when its caller's await is cancelled
-    (a client gone, a deadline passed) the worker stops it at the next round and serves
-    the queue, rather than reading a long prompt to its end for nobody."""
+def slowed_rounds(monkeypatch) -> list[int]:
+    """Each packed round of the sessions' feeds (its feed count, appended as it starts)
+    takes 20 ms more, so that a test can act between rounds."""
     import guard.session as session_module
 
-    prompt = long_prompt(real_rows)
-    windows = len(guard.plan.spans(len(guard.plan.body(guard.tokenizer, model_text(prompt=prompt)))))
-    assert windows >= 20
     rounds, feed_round = [], session_module._feed_round
 
     def slow_round(g, feeds):
@@ -513,6 +509,17 @@ def test_a_prefill_whose_caller_left_stops_between_windows(guard, real_rows, mon
         return feed_round(g, feeds)
 
     monkeypatch.setattr(session_module, "_feed_round", slow_round)
+    return rounds
+
+
+def test_a_prefill_whose_caller_left_stops_between_windows(guard, real_rows, monkeypatch):
+    """A session's prefill runs a round per window; when its caller's await is cancelled
+    (a client gone, a deadline passed) the worker stops it at the next round and serves
+    the queue, rather than reading a long prompt to its end for nobody."""
+    prompt = long_prompt(real_rows)
+    windows = len(guard.plan.spans(len(guard.plan.body(guard.tokenizer, model_text(prompt=prompt)))))
+    assert windows >= 20
+    rounds = slowed_rounds(monkeypatch)
     worker = GuardWorker(guard)
 
     async def main():
@@ -538,18 +545,10 @@ def test_a_session_whose_prefill_wait_was_cancelled_goes_on(guard, real_rows, mo
     stops the prefill, and nothing more: the session's next append reads everything and
     is exact, and a later `prompt_score()` says the score was not kept, as a `GuardError`.
     A `CancelledError` there would reach a task nobody cancelled, at every later call."""
-    import guard.session as session_module
     from guard.errors import Abandoned
 
     prompt = long_prompt(real_rows)[:3000]
-    rounds, feed_round = [], session_module._feed_round
-
-    def slow_round(g, feeds):
-        rounds.append(len(feeds))
-        time.sleep(0.02)
-        return feed_round(g, feeds)
-
-    monkeypatch.setattr(session_module, "_feed_round", slow_round)
+    rounds = slowed_rounds(monkeypatch)
     worker = GuardWorker(guard)
 
     async def main():

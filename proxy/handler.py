@@ -385,8 +385,10 @@ def refuse_unguarded(method: str, path: str, url: str, endpoint: str | None, pay
                         f"outside the request that guards it, so policy {policy.name!r} refuses it. Stream it "
                         "(stream: true, guarded as it is generated), or set `unguarded_endpoints: forward` on "
                         "the policy to let it through unguarded.", param="background", code="unguarded_endpoint")
-    unread = unread_endpoint(method, url)
     prompt_enforces = policy.prompt.action in ("refuse", "block", "steer")
+    if not (cuts or prompt_enforces):  # nothing to refuse: skip the table walk (5% of an unguarded request's CPU)
+        return
+    unread = unread_endpoint(method, url)
     if unread is None or not (cuts or (unread.stage == "prompt" and prompt_enforces)):
         return
     if unread.stage == "prompt":

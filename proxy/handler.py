@@ -203,11 +203,11 @@ class Proxy:
             self._woken.add(task)
             task.cancel()
 
-    async def _next(self, body: AsyncIterator[bytes]) -> bytes:
+    async def _next(self, body: AsyncIterator[bytes], task: asyncio.Task) -> bytes:
         """The body's next piece, waited for with no deadline and no timeout armed (a timeout
         costs 10-20 us a piece, on every stream); a drain that comes meanwhile ends the wait
-        as a deadline would, with a `TimeoutError` (`_wake`)."""
-        task = asyncio.current_task()
+        as a deadline would, with a `TimeoutError` (`_wake`). `task` is the current one,
+        looked up once per body by the caller rather than once per piece."""
         self._readers.add(task)
         try:
             return await anext(body)
@@ -242,12 +242,13 @@ class Proxy:
         The wait runs in this task (`asyncio.timeout_at`, not `wait_for`, which steps the
         body in a task of its own): a client that leaves cancels this task, and with it the
         body where it waits, so the body is closed, never left running elsewhere."""
+        task = asyncio.current_task()
         try:
             while True:
                 try:
                     end = self._end(deadline)
                     if end is None:  # no timeout to arm (the default): a drain wakes the wait (`_wake`)
-                        chunk = await self._next(body)
+                        chunk = await self._next(body, task)
                     else:
                         async with asyncio.timeout_at(end) as scope:
                             self._waits.add(scope)  # a drain that comes first moves its end (`drain`)

@@ -10,6 +10,7 @@ reaches the client.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 
 import httpx
@@ -114,7 +115,8 @@ class UpstreamPool:
         read = upstream.read_timeout if read_timeout is None else read_timeout
         timeout = {"connect": upstream.connect_timeout, "read": read, "write": read,
                    "pool": upstream.connect_timeout}
-        request = httpx.Request(method, url, headers=headers, content=content, extensions={"timeout": timeout})
+        request = httpx.Request(method, parsed_url(url), headers=headers, content=content,
+                                extensions={"timeout": timeout})
         lean, general = self.transports(upstream)
         return await (lean if handles(request) else general).handle_async_request(request)
 
@@ -123,6 +125,14 @@ class UpstreamPool:
         for pair in pairs:
             for transport in pair:
                 await transport.aclose()
+
+
+@functools.lru_cache(maxsize=1024)
+def parsed_url(url: str) -> httpx.URL:
+    """`url` parsed, once: httpx's parser (pure Python) took 4% of an unguarded request's
+    CPU, for the same few URLs every time. An `httpx.URL` is immutable, so one can serve
+    every request to it; a failure (`httpx.InvalidURL`) is raised again each time, not cached."""
+    return httpx.URL(url)
 
 
 def upstream_url(upstream: Upstream, upstream_path: str, query: str) -> str:

@@ -35,9 +35,13 @@ which meets the policy's `on_guard_error` (`proxy.whole`, `proxy.stream_guard.re
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
+
+T = TypeVar("T")
 
 # (last segments, endpoint), longest first: chat/completions before completions
 GUARDED = ((("chat", "completions", "batch"), "chat/completions/batch"),
@@ -102,10 +106,22 @@ UNREAD = (
 )
 
 
-# Both lookups below are pure functions of the URL, asked on every request for the same
-# few URLs: cached, a request pays a dict lookup instead of urlsplit, unquote and, for
-# `unread_endpoint`, an fnmatch walk of UNREAD (tens of microseconds a request).
-@functools.lru_cache(maxsize=1024)
+def cached_by_url(function: Callable[..., T]) -> Callable[..., T]:
+    """`function`, a pure function of its arguments whose last is a URL, cached for URLs
+    of up to 1,024 characters: asked on every request for the same few URLs, a request
+    pays a dict lookup instead of parsing (tens of microseconds). Longer URLs are worked
+    out each time, so the 1,024 entries hold about a megabyte whatever clients send."""
+    cached = functools.lru_cache(maxsize=1024)(function)
+
+    @functools.wraps(function)
+    def call(*args: Any) -> T:
+        return cached(*args) if len(args[-1]) <= 1024 else function(*args)
+
+    call.cache_info = cached.cache_info
+    return call
+
+
+@cached_by_url
 def segments(url: str) -> tuple[str, ...]:
     """The URL's path segments as the upstream reads them, percent-escapes decoded (the
     escapes that could change the segments themselves, `%2f` and `%2e`, are refused
@@ -122,7 +138,7 @@ def guarded_endpoint(method: str, url: str) -> str | None:
     return next((endpoint for tail, endpoint in GUARDED if path[-len(tail):] == tail), None)
 
 
-@functools.lru_cache(maxsize=1024)
+@cached_by_url
 def unread_endpoint(method: str, url: str) -> Unread | None:
     """The `UNREAD` entry `method url` reaches, if any."""
     path = segments(url)

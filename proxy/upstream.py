@@ -10,13 +10,13 @@ reaches the client.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable, Mapping
 
 import httpx
 
 from policies.config import Upstream
 
+from .endpoints import cached_by_url
 from .h1 import H1Transport, handles
 
 HOP_BY_HOP = frozenset({
@@ -127,7 +127,7 @@ class UpstreamPool:
                 await transport.aclose()
 
 
-@functools.lru_cache(maxsize=1024)
+@cached_by_url
 def parsed_url(url: str) -> httpx.URL:
     """`url` parsed, once: httpx's parser (pure Python) took 4% of an unguarded request's
     CPU, for the same few URLs every time. An `httpx.URL` is immutable, so one can serve

@@ -7,7 +7,7 @@ import json
 import httpx
 import pytest
 
-from proxy.endpoints import guarded_endpoint, unread_endpoint
+from proxy.endpoints import guarded_endpoint, segments, unread_endpoint
 from proxy.stream_guard import readable
 from tests.proxy.rawhttp import exchange
 from tests.support.clients import close_sdk_clients, sdk  # noqa: F401 - close_sdk_clients is autouse
@@ -390,3 +390,17 @@ def test_prompts_within_the_bound_or_unread_go_on(scripted, prompt, response, se
     assert reply.status_code == 200, reply.text
 
 
+
+
+def test_url_lookups_cache_only_urls_of_ordinary_length():
+    """The per-URL caches (endpoint segments, unread endpoints, parsed upstream URLs) keep
+    a client's odd long URLs out: 1,024 of them near the head bound would hold tens of MB."""
+    from proxy.upstream import parsed_url
+
+    long_url = "http://up/v1/" + "x" * 5000 + "/chat/completions"
+    for lookup, args in ((segments, (long_url,)), (unread_endpoint, ("POST", long_url)), (parsed_url, (long_url,))):
+        before = lookup.cache_info().currsize
+        assert lookup(*args) == lookup(*args)
+        assert lookup.cache_info().currsize == before
+    short = "http://up/v1/chat/completions"
+    assert segments(short) is segments(short)  # ordinary URLs are cached

@@ -7,6 +7,7 @@
     ├── NotFound            404     no route matches the path
     ├── PayloadTooLarge     413     body over server.max_body_bytes
     ├── HeadTooLarge        431     request line and headers over 64 KiB (`proxy.front`)
+    ├── HeadTimeout         408     a request head not whole within 30 s (`proxy.front`)
     ├── ContentFiltered     400     prompt refused with `action: block`
     ├── Overloaded          503     stream or guard-queue limit reached (Retry-After)
     ├── RequestTimeout      504     server.request_timeout passed
@@ -74,6 +75,10 @@ class PayloadTooLarge(ProxyError):
 
 class HeadTooLarge(ProxyError):
     status, type, code = 431, "invalid_request_error", "request_head_too_large"
+
+
+class HeadTimeout(ProxyError):
+    status, type, code = 408, "invalid_request_error", "request_head_timeout"
 
 
 class ContentFiltered(ProxyError):

@@ -307,6 +307,8 @@ class Proxy:
         if policy.unguarded_endpoints == "block":
             refuse_unguarded(request.method, path, url, endpoint, payload, policy)
         raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw]
+        if config.server.auth_required:  # a proxy key in `x-api-key` goes no further, beside `Authorization` too
+            raw = [(k, v) for k, v in raw if k.lower() != "x-api-key" or authenticate(config, f"Bearer {v}") is None]
         # A guarded response is read by the guard, so it must not arrive compressed.
         # Back to bytes as received: httpx would refuse a str value that is not ASCII.
         headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request_headers(

@@ -158,6 +158,21 @@ def test_upstream_api_key_replaces_client_credentials(scripted, client):
     assert "x-api-key" not in seen["headers"]
 
 
+@pytest.mark.parametrize("headers", [
+    [("authorization", "Bearer sk-proxy-a"), ("x-api-key", "sk-proxy-a")],  # an SDK set both to one key
+    [("authorization", "Bearer sk-proxy-a"), ("x-api-key", "sk-proxy-b")],
+    [("x-api-key", "sk-proxy-a"), ("x-api-key", "sk-proxy-b")]])
+def test_a_proxy_key_never_reaches_the_upstream_whichever_headers_carry_it(scripted, headers):
+    """With proxy keys, the client's key is not forwarded: it was, in `x-api-key`, when
+    the client sent `Authorization` too (a client that sets both to its key), or a second
+    `x-api-key` line."""
+    url, _ = scripted
+    text = unguarded_yaml(url, server='  api_keys: ["sk-proxy-a", "sk-proxy-b"]')
+    with running_proxy(text) as proxy:
+        seen = httpx.get(proxy.url + "/v1/anything", headers=headers).json()["headers"]
+    assert "sk-proxy" not in json.dumps(seen)
+
+
 def test_malformed_json_is_400_in_openai_format(via_katan):
     response = httpx.post(via_katan.url + "/v1/chat/completions", content=b'{"model": ',
                           headers={"content-type": "application/json"})

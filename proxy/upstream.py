@@ -64,18 +64,21 @@ def request_headers(raw: Iterable[tuple[str, str]], upstream: Upstream, *,
     return out
 
 
-def response_headers(raw: Iterable[tuple[str, str]], *, keep_length: bool) -> list[tuple[str, str]]:
+def response_headers(raw: Iterable[tuple[str, str]], *, keep_length: bool,
+                     guarded: bool = False) -> list[tuple[str, str]]:
     """Upstream response headers for the client: hop-by-hop removed.
 
     Content-Length survives only when the body is forwarded unchanged; a body the proxy
     rewrites gets its own. `Date` and `Server` are the proxy's own (its server adds them),
-    so the client never gets two of each.
+    so the client never gets two of each. On a `guarded` route (its policy scores) the
+    `x-siren-*` headers are the proxy's own too: an upstream's (a second siren-proxy
+    behind this one) would sit beside them, or speak for a decision this proxy made.
     """
     raw = list(raw)
     drop = hop_by_hop(raw) | {"date", "server"}
     if not keep_length:
         drop |= {"content-length", "content-encoding"}
-    return [(k, v) for k, v in raw if k.lower() not in drop]
+    return [(k, v) for k, v in raw if k.lower() not in drop and not (guarded and k.lower().startswith("x-siren-"))]
 
 
 class UpstreamPool:

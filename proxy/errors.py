@@ -7,6 +7,7 @@
     ├── NotFound            404     no route matches the path
     ├── PayloadTooLarge     413     body over server.max_body_bytes
     ├── HeadTooLarge        431     request line and headers over 64 KiB (`proxy.front`)
+    ├── UnsupportedCoding   501     a request transfer coding other than chunked
     ├── HeadTimeout         408     a request head not whole within 30 s (`proxy.front`)
     ├── ContentFiltered     400     prompt refused with `action: block`
     ├── Overloaded          503     stream or guard-queue limit reached (Retry-After)
@@ -75,6 +76,10 @@ class PayloadTooLarge(ProxyError):
 
 class HeadTooLarge(ProxyError):
     status, type, code = 431, "invalid_request_error", "request_head_too_large"
+
+
+class UnsupportedCoding(ProxyError):
+    status, type, code = 501, "invalid_request_error", "unsupported_transfer_coding"
 
 
 class HeadTimeout(ProxyError):

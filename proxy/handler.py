@@ -23,7 +23,8 @@ from policies.errors import RoutingHeaderError, UnsafePathError
 from policies.routing import RouteMatch, match_route, normalize_path
 
 from .errors import (BadRequest, ClientClosed, Forbidden, NotFound, Overloaded, PayloadTooLarge, ProxyError,
-                     RequestTimeout, ShuttingDown, Unauthorized, anthropic_path, error_event, error_response)
+                     RequestTimeout, ShuttingDown, Unauthorized, UnsupportedCoding, anthropic_path, error_event,
+                     error_response)
 from . import batch, moderations
 from .endpoints import guarded_endpoint, unread_endpoint
 from .metrics import Metrics
@@ -42,7 +43,15 @@ JSON_ENDPOINTS = ("chat/completions", "completions", "completions/batch", "embed
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refused past `limit` bytes without reading further."""
+    """The whole body, refused past `limit` bytes without reading further, and refused
+    unread in a transfer coding other than `chunked`: the server undoes `chunked` alone,
+    so a `gzip, chunked` body would go on still gzipped, with no header left to say so
+    (the upstream's `Transfer-Encoding` is the proxy's own: RFC 9112 6.1's 501)."""
+    codings = [coding.strip().lower() for value in request.headers.getlist("transfer-encoding")
+               for coding in value.split(",") if coding.strip()]
+    if codings and codings != ["chunked"]:
+        raise UnsupportedCoding(f"transfer coding {', '.join(codings)!r} is not supported; send the body "
+                                "with Content-Length or Transfer-Encoding: chunked alone")
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():

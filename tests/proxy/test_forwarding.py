@@ -358,3 +358,27 @@ def test_a_compressed_stream_is_forwarded_as_sent():
             raw = b"".join(response.iter_raw())
     assert text == "hello world"
     assert response.headers["content-encoding"] == "gzip" and raw == packed
+
+
+@pytest.mark.parametrize("coding", [b"gzip, chunked", b"deflate,chunked", b"gzip\r\nTransfer-Encoding: chunked"])
+def test_a_transfer_coding_other_than_chunked_is_501_not_forwarded_without_it(coding):
+    """uvicorn undoes `chunked` alone and passed the rest on: a `gzip, chunked` body went
+    upstream still gzipped, with no header left to say so (RFC 9112 6.1: 501)."""
+    from tests.proxy.rawhttp import RawUpstream
+
+    def script(head: bytes) -> list[bytes]:
+        return [b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"]
+
+    with RawUpstream(script) as upstream, running_proxy(unguarded_yaml(upstream.url)) as proxy:
+        with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+            sock.sendall(b"POST /v1/files HTTP/1.1\r\nhost: x\r\ntransfer-encoding: " + coding + b"\r\n\r\n"
+                         b"3\r\nabc\r\n0\r\n\r\nGET /v1/models HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+        served = [record.request.split(b"\r\n")[0] for record in upstream.served]
+    assert reply.startswith(b"HTTP/1.1 501 "), reply[:200]
+    body = json.loads(reply.split(b"\r\n\r\n", 1)[1].split(b"HTTP/1.1")[0])
+    assert body["error"]["code"] == "unsupported_transfer_coding"
+    assert b"HTTP/1.1 200 " in reply  # the next request on the connection is served
+    assert served == [b"GET /v1/models HTTP/1.1"]

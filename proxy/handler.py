@@ -147,6 +147,8 @@ class Proxy:
         # escaped letters and digits decoded: an upstream that decodes its path serves
         # `chat/%63ompletions` as chat, so it is guarded as chat (and forwarded decoded).
         path = normalize_path(request.scope.get("raw_path", b"").decode("latin-1") or request.url.path)
+        # On the head, before the body: a client without a key gets no body read or parsed.
+        key_name = self._authenticate(request, config)
         try:
             async with asyncio.timeout_at(deadline):
                 body = await read_body(request, config.server.max_body_bytes)
@@ -155,7 +157,7 @@ class Proxy:
         payload = parse_json_object(body) if json_endpoint(path, request.method) else None
         # Routed before a stream slot is taken: a refused stream is counted under its route,
         # and a client without a key or a route hears so, not that the proxy is busy.
-        match, key_name = self._route(request, config, path, body, payload)
+        match = self._route(request, config, path, body, payload, key_name)
         streaming = payload is not None and payload.get("stream") is True
         if streaming:
             if self.active_streams >= config.server.max_concurrent_streams:
@@ -278,14 +280,18 @@ class Proxy:
             with cleanup():
                 await body.aclose()
 
+    def _authenticate(self, request: Request, config: Config) -> str | None:
+        """The name of the proxy key the request presented (None when the proxy has none)."""
+        if not config.server.auth_required:
+            return None
+        key_name = authenticate(config, client_key(request.headers))
+        if key_name is None:
+            raise Unauthorized("missing or invalid API key for this proxy")
+        return key_name
+
     def _route(self, request: Request, config: Config, path: str, body: bytes,
-               payload: dict | None) -> tuple[RouteMatch, str | None]:
-        """The request's route (named in `request.state.route`) and its API key's name."""
-        key_name = None
-        if config.server.auth_required:
-            key_name = authenticate(config, client_key(request.headers))
-            if key_name is None:
-                raise Unauthorized("missing or invalid API key for this proxy")
+               payload: dict | None, key_name: str | None) -> RouteMatch:
+        """The request's route, named in `request.state.route`."""
         try:
             match = match_route(config, path, model=routing_model(config, payload, body),
                                 headers=request.headers, api_key_name=key_name)
@@ -294,7 +300,7 @@ class Proxy:
         if match is None:
             raise NotFound(f"no route for {request.method} {path}")
         request.state.route = match.route.name
-        return match, key_name
+        return match
 
     async def _handle(self, request: Request, config: Config, match: RouteMatch, key_name: str | None,
                       path: str, body: bytes, payload: dict | None) -> Response:

@@ -32,7 +32,7 @@ from .guarding import GuardedCall, cache_salt
 from .records import AuditLog, Exchange
 from .relay import BodyCutShort, RelayResponse, cleanup, open_upstream, relay
 from .scorer import Scorer
-from .upstream import UpstreamPool, request_headers, upstream_url
+from .upstream import UpstreamPool, client_location, request_headers, upstream_url
 
 logger = logging.getLogger(__name__)
 
@@ -332,6 +332,9 @@ class Proxy:
         async def send(content: bytes) -> httpx.Response:
             started = time.perf_counter()
             response = await open_upstream(self.pool, match.upstream, request.method, url, headers, content)
+            if "location" in response.headers:  # the upstream's own address stays behind the proxy
+                response.headers["location"] = client_location(response.headers["location"],
+                                                               match.upstream.base_url, match.route.prefix)
             self.metrics.upstream_latency.observe(time.perf_counter() - started)
             return response
 

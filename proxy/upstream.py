@@ -11,6 +11,7 @@ reaches the client.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
@@ -126,6 +127,25 @@ class UpstreamPool:
         for pair in pairs:
             for transport in pair:
                 await transport.aclose()
+
+
+def client_location(location: str, base_url: str, prefix: str) -> str:
+    """A redirect's `Location` as the client reaches it: one into the upstream's base URL
+    (absolute, or a path from its root) names the route's prefix in its place, as nginx's
+    `proxy_redirect default` does; a path-only reference, so `Host` is never echoed. An
+    upstream's server redirects at its own address (Starlette's trailing-slash 307), which
+    a client that follows redirects would reach straight, past the proxy and its guard.
+    Elsewhere, or relative to the request's own path (the same through the proxy): as sent."""
+    base, target = urlsplit(base_url), urlsplit(location)
+    if target.netloc and (target.scheme.lower(), target.netloc.lower()) != (base.scheme, base.netloc.lower()):
+        return location
+    if not target.path.startswith("/"):
+        return location
+    base_path = base.path.rstrip("/")
+    if not (target.path == base_path or target.path.startswith(base_path + "/")):
+        return location
+    path = prefix.rstrip("/") + target.path[len(base_path):]
+    return urlunsplit(("", "", path or "/", target.query, target.fragment))
 
 
 def upstream_url(upstream: Upstream, upstream_path: str, query: str) -> str:

@@ -382,3 +382,38 @@ def test_a_transfer_coding_other_than_chunked_is_501_not_forwarded_without_it(co
     assert body["error"]["code"] == "unsupported_transfer_coding"
     assert b"HTTP/1.1 200 " in reply  # the next request on the connection is served
     assert served == [b"GET /v1/models HTTP/1.1"]
+
+
+def test_an_upstream_redirect_points_back_through_the_proxy(katan_url):
+    """vLLM's server (Starlette) redirects a path with a trailing slash to the one without
+    it, 307, at its own address: the client got the upstream's address, and one that
+    follows redirects (httpx, the openai SDK's client) went on to it straight, past the
+    proxy and its guard. A redirect into the upstream's base URL now names the route's
+    prefix."""
+    yaml_text = unguarded_yaml(katan_url).replace("prefix: /v1,", "prefix: /team/v1,")
+    upstream = httpx.URL(katan_url)
+    with running_proxy(yaml_text) as proxy:
+        redirected = httpx.get(proxy.url + "/team/v1/models/?x=1")
+        followed = httpx.get(proxy.url + "/team/v1/models/", follow_redirects=True,
+                             headers={"authorization": "Bearer sk-any"})
+    assert redirected.status_code == 307
+    assert redirected.headers["location"] == "/team/v1/models?x=1"
+    assert followed.status_code == 200 and followed.json()["data"]
+    assert [str(r.url) for r in followed.history] == [proxy.url + "/team/v1/models/"]
+    assert f":{upstream.port}" not in str(followed.url)
+
+
+@pytest.mark.parametrize("location, base_url, prefix, expected", [
+    ("http://vllm:8000/v1/models", "http://vllm:8000/v1", "/v1", "/v1/models"),
+    ("HTTP://VLLM:8000/v1/models?a=1#f", "http://vllm:8000/v1", "/team/v1", "/team/v1/models?a=1#f"),
+    ("/v1/models", "http://vllm:8000/v1", "/team/v1", "/team/v1/models"),
+    ("http://vllm:8000/", "http://vllm:8000", "/", "/"),
+    ("http://vllm:8000/v1", "http://vllm:8000/v1", "/up", "/up"),
+    ("http://vllm:8000/docs", "http://vllm:8000/v1", "/v1", "http://vllm:8000/docs"),  # outside the base: as sent
+    ("http://vllm:8000/v10/x", "http://vllm:8000/v1", "/v1", "http://vllm:8000/v10/x"),
+    ("https://login.example/v1/x", "http://vllm:8000/v1", "/v1", "https://login.example/v1/x"),
+    ("models", "http://vllm:8000/v1", "/team/v1", "models"),  # relative to the request's path
+])
+def test_client_location(location, base_url, prefix, expected):
+    from proxy.upstream import client_location
+    assert client_location(location, base_url, prefix) == expected

@@ -71,7 +71,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def json_endpoint(path: str, method: str) -> bool:
-    return method == "POST" and path.rstrip("/").endswith(JSON_ENDPOINTS)
+    return method == "POST" and path.rstrip("/").lower().endswith(JSON_ENDPOINTS)
 
 
 # How a compressed body starts (no JSON text can): gzip, zstd, and zlib's usual header.

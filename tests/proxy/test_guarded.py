@@ -734,3 +734,23 @@ def test_an_upstream_s_x_siren_headers_never_pass_for_the_proxy_s_own(scripted):
         assert len(siren(response)) == 5
     assert b'"finish_reason":"content_filter"' in cut.content.replace(b" ", b"") and siren(cut) == []
     assert siren(unguarded) == [("x-siren-decision", "allowed"), ("x-siren-policy", "theirs")]
+
+
+@pytest.mark.parametrize("path, expected", [
+    ("/v1/Chat/Completions", 200), ("/v1/CHAT/completions/", 200), ("/v1/Completions", 200),
+    ("/v1/Threads/Runs", 403), ("/v1/models/m:GENERATECONTENT", 403)])
+def test_endpoints_are_known_whatever_the_case_of_their_path(scripted, path, expected):
+    """Express (Node's usual router) and ASP.NET route paths without regard to case: behind
+    a proxy that knew endpoints by exact case, `/v1/Chat/Completions` reached such an
+    upstream's chat unguarded. vLLM's router answers it 404; the guard reads it all the same."""
+    url, recorder = scripted
+    before = len(recorder.requests)
+    with running_proxy(policy_yaml(url, prompt="{action: refuse, threshold: 0.5}",
+                                   response=CUT % (1, 1)), KeywordScorer()) as proxy:
+        reply = httpx.post(proxy.url + path, json={"model": "m", "messages": user("a BOMB"), "prompt": "a BOMB"})
+    assert reply.status_code == expected, reply.text[:300]
+    if expected == 200:
+        assert reply.json()["choices"][0]["finish_reason"] == "content_filter"
+    else:
+        assert reply.json()["error"]["code"] == "unguarded_endpoint"
+    assert len(recorder.requests) == before

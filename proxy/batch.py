@@ -142,7 +142,7 @@ class BatchCall:
         whole = len(kept) == len(self.prompts)  # sent as it came: the reply's indexes are the client's
         if response.status_code != 200 or (whole and self.policy.response.action == "off"):
             return RelayResponse(raw_body(response), response.status_code,
-                                 response_headers(passthrough, keep_length=True) + list(headers.items()),
+                                 response_headers(passthrough, keep_length=True, guarded=True) + list(headers.items()),
                                  on_close=response.aclose)
         data = await read_whole(response)
         reply = _reply(data, len(kept))
@@ -198,7 +198,7 @@ class BatchCall:
     def _json_response(self, content: dict | bytes, headers: dict[str, str], passthrough=()) -> Response:
         data = content if isinstance(content, bytes) else json.dumps(content, ensure_ascii=False).encode()
         return Response(data, status_code=200, media_type="application/json",
-                        headers=dict(response_headers(passthrough, keep_length=False)) | headers)
+                        headers=dict(response_headers(passthrough, keep_length=False, guarded=True)) | headers)
 
     def _write_audit(self) -> None:
         if self.audit is not None:

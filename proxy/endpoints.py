@@ -23,7 +23,7 @@ messages and run steps, llama.cpp's resumable streams; a stream the proxy cut is
 whole upstream. `proxy.handler.refuse_unguarded` refuses them where they would evade a
 stage that enforces.
 
-Segments are compared decoded, as the upstream reads them (`/v1/chat/%63ompletions` is
+Segments are compared decoded and without regard to case (`folded`), as an upstream may read them (`/v1/chat/%63ompletions` is
 chat: `policies.routing.normalize_path` decodes escaped letters before routing, and
 `segments` every escape, so `models/m%3AgenerateContent` is Gemini's too).
 
@@ -129,22 +129,30 @@ def segments(url: str) -> tuple[str, ...]:
     return tuple(unquote(s) for s in urlsplit(url).path.split("/") if s)
 
 
+def folded(url: str) -> tuple[str, ...]:
+    """`segments`, lower-cased, for knowing endpoints: Express (Node's usual router) and
+    ASP.NET route paths without regard to case, so `/v1/Chat/Completions` is chat to such
+    an upstream, and must be to the guard (vLLM's router answers it 404 after the guard
+    has read it, which costs a score and opens nothing)."""
+    return tuple(segment.lower() for segment in segments(url))
+
+
 def guarded_endpoint(method: str, url: str) -> str | None:
     """"chat/completions", "completions", "responses", "messages" or
     "chat/completions/batch" (vLLM's) for a POST to one, else None."""
     if method != "POST":
         return None
-    path = segments(url)
+    path = folded(url)
     return next((endpoint for tail, endpoint in GUARDED if path[-len(tail):] == tail), None)
 
 
 @cached_by_url
 def unread_endpoint(method: str, url: str) -> Unread | None:
     """The `UNREAD` entry `method url` reaches, if any."""
-    path = segments(url)
+    path = folded(url)
     for entry in UNREAD:
         tail = path[-len(entry.tail):]
         if method == entry.method and len(tail) == len(entry.tail) and all(
-                fnmatchcase(got, want) for want, got in zip(entry.tail, tail)):
+                fnmatchcase(got, want.lower()) for want, got in zip(entry.tail, tail)):
             return entry
     return None

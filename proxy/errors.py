@@ -6,6 +6,9 @@
     ├── Forbidden           403     an endpoint the guard cannot read, on a guarded route
     ├── NotFound            404     no route matches the path
     ├── PayloadTooLarge     413     body over server.max_body_bytes
+    ├── HeadTooLarge        431     request line and headers over 64 KiB (`proxy.front`)
+    ├── UnsupportedCoding   501     a request transfer coding other than chunked
+    ├── HeadTimeout         408     a request head not whole within 30 s (`proxy.front`)
     ├── ContentFiltered     400     prompt refused with `action: block`
     ├── Overloaded          503     stream or guard-queue limit reached (Retry-After)
     ├── RequestTimeout      504     server.request_timeout passed
@@ -69,6 +72,18 @@ class NotFound(ProxyError):
 
 class PayloadTooLarge(ProxyError):
     status, type, code = 413, "invalid_request_error", "request_too_large"
+
+
+class HeadTooLarge(ProxyError):
+    status, type, code = 431, "invalid_request_error", "request_head_too_large"
+
+
+class UnsupportedCoding(ProxyError):
+    status, type, code = 501, "invalid_request_error", "unsupported_transfer_coding"
+
+
+class HeadTimeout(ProxyError):
+    status, type, code = 408, "invalid_request_error", "request_head_timeout"
 
 
 class ContentFiltered(ProxyError):

@@ -293,7 +293,7 @@ class GuardedCall:
         if stage.action == "off" or response.status_code != 200:
             self.write_audit()
             return relay(response, self.exchange.metrics, anthropic=self.endpoint == "messages",
-                         headers=list(headers.items()), watch=True)
+                         headers=list(headers.items()), watch=True, guarded=True)
         if is_event_stream(response.headers.get("content-type", "")):
             guard = StreamGuard(endpoint=self.endpoint, request=self.payload, policy=self.policy,
                                 scorer=self.scorer, prompt=self.prompt, prompts=self.prompts, exchange=self.exchange,
@@ -305,12 +305,12 @@ class GuardedCall:
                 self.write_audit()
 
             return RelayResponse(guard.relay(response), 200,
-                                 response_headers(passthrough, keep_length=False) + list(headers.items()),
+                                 response_headers(passthrough, keep_length=False, guarded=True) + list(headers.items()),
                                  on_close=on_close)
         data = await read_whole(response)
         content, verdict_headers = await WholeReply(self).guard(data)
         self.write_audit()
-        return Response(content, status_code=200, headers=dict(response_headers(passthrough, keep_length=False))
+        return Response(content, status_code=200, headers=dict(response_headers(passthrough, keep_length=False, guarded=True))
                         | merged_headers(headers, verdict_headers))
 
     def write_audit(self) -> None:

@@ -23,7 +23,8 @@ from policies.errors import RoutingHeaderError, UnsafePathError
 from policies.routing import RouteMatch, match_route, normalize_path
 
 from .errors import (BadRequest, ClientClosed, Forbidden, NotFound, Overloaded, PayloadTooLarge, ProxyError,
-                     RequestTimeout, ShuttingDown, Unauthorized, anthropic_path, error_event, error_response)
+                     RequestTimeout, ShuttingDown, Unauthorized, UnsupportedCoding, anthropic_path, error_event,
+                     error_response)
 from . import batch, moderations
 from .endpoints import guarded_endpoint, unread_endpoint
 from .metrics import Metrics
@@ -31,7 +32,7 @@ from .guarding import GuardedCall, cache_salt
 from .records import AuditLog, Exchange
 from .relay import BodyCutShort, RelayResponse, cleanup, open_upstream, relay
 from .scorer import Scorer
-from .upstream import UpstreamPool, request_headers, upstream_url
+from .upstream import UpstreamPool, client_location, request_headers, upstream_url
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,15 @@ JSON_ENDPOINTS = ("chat/completions", "completions", "completions/batch", "embed
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refused past `limit` bytes without reading further."""
+    """The whole body, refused past `limit` bytes without reading further, and refused
+    unread in a transfer coding other than `chunked`: the server undoes `chunked` alone,
+    so a `gzip, chunked` body would go on still gzipped, with no header left to say so
+    (the upstream's `Transfer-Encoding` is the proxy's own: RFC 9112 6.1's 501)."""
+    codings = [coding.strip().lower() for value in request.headers.getlist("transfer-encoding")
+               for coding in value.split(",") if coding.strip()]
+    if codings and codings != ["chunked"]:
+        raise UnsupportedCoding(f"transfer coding {', '.join(codings)!r} is not supported; send the body "
+                                "with Content-Length or Transfer-Encoding: chunked alone")
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -62,7 +71,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def json_endpoint(path: str, method: str) -> bool:
-    return method == "POST" and path.rstrip("/").endswith(JSON_ENDPOINTS)
+    return method == "POST" and path.rstrip("/").lower().endswith(JSON_ENDPOINTS)
 
 
 # How a compressed body starts (no JSON text can): gzip, zstd, and zlib's usual header.
@@ -138,6 +147,8 @@ class Proxy:
         # escaped letters and digits decoded: an upstream that decodes its path serves
         # `chat/%63ompletions` as chat, so it is guarded as chat (and forwarded decoded).
         path = normalize_path(request.scope.get("raw_path", b"").decode("latin-1") or request.url.path)
+        # On the head, before the body: a client without a key gets no body read or parsed.
+        key_name = self._authenticate(request, config)
         if deadline is None:  # no scope to enter (7 us a request): a drain does not move this wait
             body = await read_body(request, config.server.max_body_bytes)
         else:
@@ -149,7 +160,7 @@ class Proxy:
         payload = parse_json_object(body) if json_endpoint(path, request.method) else None
         # Routed before a stream slot is taken: a refused stream is counted under its route,
         # and a client without a key or a route hears so, not that the proxy is busy.
-        match, key_name = self._route(request, config, path, body, payload)
+        match = self._route(request, config, path, body, payload, key_name)
         streaming = payload is not None and payload.get("stream") is True
         if streaming:
             if self.active_streams >= config.server.max_concurrent_streams:
@@ -273,14 +284,18 @@ class Proxy:
             with cleanup():
                 await body.aclose()
 
+    def _authenticate(self, request: Request, config: Config) -> str | None:
+        """The name of the proxy key the request presented (None when the proxy has none)."""
+        if not config.server.auth_required:
+            return None
+        key_name = authenticate(config, client_key(request.headers))
+        if key_name is None:
+            raise Unauthorized("missing or invalid API key for this proxy")
+        return key_name
+
     def _route(self, request: Request, config: Config, path: str, body: bytes,
-               payload: dict | None) -> tuple[RouteMatch, str | None]:
-        """The request's route (named in `request.state.route`) and its API key's name."""
-        key_name = None
-        if config.server.auth_required:
-            key_name = authenticate(config, client_key(request.headers))
-            if key_name is None:
-                raise Unauthorized("missing or invalid API key for this proxy")
+               payload: dict | None, key_name: str | None) -> RouteMatch:
+        """The request's route, named in `request.state.route`."""
         try:
             match = match_route(config, path, model=routing_model(config, payload, body),
                                 headers=request.headers, api_key_name=key_name)
@@ -289,7 +304,7 @@ class Proxy:
         if match is None:
             raise NotFound(f"no route for {request.method} {path}")
         request.state.route = match.route.name
-        return match, key_name
+        return match
 
     async def _handle(self, request: Request, config: Config, match: RouteMatch, key_name: str | None,
                       path: str, body: bytes, payload: dict | None) -> Response:
@@ -311,6 +326,8 @@ class Proxy:
         if policy.unguarded_endpoints == "block":
             refuse_unguarded(request.method, path, url, endpoint, payload, policy)
         raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw]
+        if config.server.auth_required:  # a proxy key in `x-api-key` goes no further, beside `Authorization` too
+            raw = [(k, v) for k, v in raw if k.lower() != "x-api-key" or authenticate(config, f"Bearer {v}") is None]
         # A guarded response is read by the guard, so it must not arrive compressed.
         # Back to bytes as received: httpx would refuse a str value that is not ASCII.
         headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request_headers(
@@ -319,6 +336,9 @@ class Proxy:
         async def send(content: bytes) -> httpx.Response:
             started = time.perf_counter()
             response = await open_upstream(self.pool, match.upstream, request.method, url, headers, content)
+            if "location" in response.headers:  # the upstream's own address stays behind the proxy
+                response.headers["location"] = client_location(response.headers["location"],
+                                                               match.upstream.base_url, match.route.prefix)
             self.metrics.upstream_latency.observe(time.perf_counter() - started)
             return response
 

@@ -31,7 +31,7 @@ from starlette.responses import Response
 from policies.config import Policy
 from policies.decisions import ALLOW, FLAG, GUARD_ERROR, Decision, invalid_score
 
-from .endpoints import segments
+from .endpoints import folded
 from .guarding import QUEUE_FULL, check_prompt_sizes
 from .errors import BadRequest, GuardUnavailable, Overloaded
 from .records import AuditLog, Exchange
@@ -47,7 +47,7 @@ DEFAULT_MODEL = "siren"
 
 def moderation_endpoint(method: str, url: str) -> bool:
     """Whether `method url` is a moderation request, however the route mounts it."""
-    return method == "POST" and segments(url)[-1:] == (ENDPOINT,)
+    return method == "POST" and folded(url)[-1:] == (ENDPOINT,)
 
 
 def inputs(payload: Mapping) -> list[str]:

@@ -215,21 +215,23 @@ MAX_EVENT_BYTES = 4 << 20
 
 
 def relay(response: httpx.Response, metrics: Metrics | None = None, *, anthropic: bool = False,
-          headers: Sequence[tuple[str, str]] = (), watch: bool = False) -> RelayResponse:
+          headers: Sequence[tuple[str, str]] = (), watch: bool = False, guarded: bool = False) -> RelayResponse:
     """A response the guard does not read (unguarded, or past a prompt stage alone), with
     `headers` added: non-streams byte for byte, streams event by event, so that a stream
     that breaks off ends with an in-band error. `watch`: watch for the client's
-    disconnect in a body that is not a stream too (streams are always watched)."""
+    disconnect in a body that is not a stream too (streams are always watched). `guarded`:
+    the route's policy scores, so an upstream's `x-siren-*` headers are dropped
+    (`response_headers`)."""
     passthrough = response.headers.multi_items()
     content_type = response.headers.get("content-type", "")
     if in_band_errors(content_type, response.headers.get("content-encoding", "identity")):
         return RelayResponse(sse_passthrough(response, MAX_EVENT_BYTES, metrics, anthropic=anthropic),
-                             response.status_code, response_headers(passthrough, keep_length=False) + [*headers],
+                             response.status_code, response_headers(passthrough, keep_length=False, guarded=guarded) + [*headers],
                              on_close=response.aclose)
     # A compressed stream (a gateway's gzip, for a client that accepts it) is the client's
     # to inflate: relayed as sent, its Content-Encoding kept, like any other body.
     return RelayResponse(raw_body(response), response.status_code,
-                         response_headers(passthrough, keep_length=True) + [*headers],
+                         response_headers(passthrough, keep_length=True, guarded=guarded) + [*headers],
                          watch=watch or is_event_stream(content_type),
                          on_close=response.aclose)
 

@@ -26,6 +26,7 @@ from policies.routing import guard_needed
 
 from .app import build_app
 from .embedded import LoadingScorer
+from .front import FrontDoor
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ def serve(config_path: str, *, host: str | None = None, port: int | None = None,
     server = DrainingServer(uvicorn.Config(
         app, host=host or config.server.host, port=config.server.port if port is None else port,
         log_level=level.lower(), lifespan="on", timeout_graceful_shutdown=config.server.shutdown_timeout,
-        loop="auto", http="auto"))
+        loop="auto", http=FrontDoor))
 
     async def main() -> None:
         watcher = asyncio.create_task(watch_config(holder, poll))

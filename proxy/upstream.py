@@ -11,6 +11,7 @@ reaches the client.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
@@ -65,18 +66,21 @@ def request_headers(raw: Iterable[tuple[str, str]], upstream: Upstream, *,
     return out
 
 
-def response_headers(raw: Iterable[tuple[str, str]], *, keep_length: bool) -> list[tuple[str, str]]:
+def response_headers(raw: Iterable[tuple[str, str]], *, keep_length: bool,
+                     guarded: bool = False) -> list[tuple[str, str]]:
     """Upstream response headers for the client: hop-by-hop removed.
 
     Content-Length survives only when the body is forwarded unchanged; a body the proxy
     rewrites gets its own. `Date` and `Server` are the proxy's own (its server adds them),
-    so the client never gets two of each.
+    so the client never gets two of each. On a `guarded` route (its policy scores) the
+    `x-siren-*` headers are the proxy's own too: an upstream's (a second siren-proxy
+    behind this one) would sit beside them, or speak for a decision this proxy made.
     """
     raw = list(raw)
     drop = hop_by_hop(raw) | {"date", "server"}
     if not keep_length:
         drop |= {"content-length", "content-encoding"}
-    return [(k, v) for k, v in raw if k.lower() not in drop]
+    return [(k, v) for k, v in raw if k.lower() not in drop and not (guarded and k.lower().startswith("x-siren-"))]
 
 
 class UpstreamPool:
@@ -133,6 +137,25 @@ def parsed_url(url: str) -> httpx.URL:
     CPU, for the same few URLs every time. An `httpx.URL` is immutable, so one can serve
     every request to it; a failure (`httpx.InvalidURL`) is raised again each time, not cached."""
     return httpx.URL(url)
+
+
+def client_location(location: str, base_url: str, prefix: str) -> str:
+    """A redirect's `Location` as the client reaches it: one into the upstream's base URL
+    (absolute, or a path from its root) names the route's prefix in its place, as nginx's
+    `proxy_redirect default` does; a path-only reference, so `Host` is never echoed. An
+    upstream's server redirects at its own address (Starlette's trailing-slash 307), which
+    a client that follows redirects would reach straight, past the proxy and its guard.
+    Elsewhere, or relative to the request's own path (the same through the proxy): as sent."""
+    base, target = urlsplit(base_url), urlsplit(location)
+    if target.netloc and (target.scheme.lower(), target.netloc.lower()) != (base.scheme, base.netloc.lower()):
+        return location
+    if not target.path.startswith("/"):
+        return location
+    base_path = base.path.rstrip("/")
+    if not (target.path == base_path or target.path.startswith(base_path + "/")):
+        return location
+    path = prefix.rstrip("/") + target.path[len(base_path):]
+    return urlunsplit(("", "", path or "/", target.query, target.fragment))
 
 
 def upstream_url(upstream: Upstream, upstream_path: str, query: str) -> str:

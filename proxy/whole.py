@@ -97,7 +97,7 @@ class WholeReply:
         with every score in `x-siren-rerank-scores`."""
         call = self.call
         data = await read_whole(response)
-        passthrough = response_headers(response.headers.multi_items(), keep_length=False)
+        passthrough = response_headers(response.headers.multi_items(), keep_length=False, guarded=True)
         try:
             body = json.loads(data) if response.status_code == 200 else None
         except ValueError:

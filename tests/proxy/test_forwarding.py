@@ -158,6 +158,21 @@ def test_upstream_api_key_replaces_client_credentials(scripted, client):
     assert "x-api-key" not in seen["headers"]
 
 
+@pytest.mark.parametrize("headers", [
+    [("authorization", "Bearer sk-proxy-a"), ("x-api-key", "sk-proxy-a")],  # an SDK set both to one key
+    [("authorization", "Bearer sk-proxy-a"), ("x-api-key", "sk-proxy-b")],
+    [("x-api-key", "sk-proxy-a"), ("x-api-key", "sk-proxy-b")]])
+def test_a_proxy_key_never_reaches_the_upstream_whichever_headers_carry_it(scripted, headers):
+    """With proxy keys, the client's key is not forwarded: it was, in `x-api-key`, when
+    the client sent `Authorization` too (a client that sets both to its key), or a second
+    `x-api-key` line."""
+    url, _ = scripted
+    text = unguarded_yaml(url, server='  api_keys: ["sk-proxy-a", "sk-proxy-b"]')
+    with running_proxy(text) as proxy:
+        seen = httpx.get(proxy.url + "/v1/anything", headers=headers).json()["headers"]
+    assert "sk-proxy" not in json.dumps(seen)
+
+
 def test_malformed_json_is_400_in_openai_format(via_katan):
     response = httpx.post(via_katan.url + "/v1/chat/completions", content=b'{"model": ',
                           headers={"content-type": "application/json"})
@@ -343,3 +358,62 @@ def test_a_compressed_stream_is_forwarded_as_sent():
             raw = b"".join(response.iter_raw())
     assert text == "hello world"
     assert response.headers["content-encoding"] == "gzip" and raw == packed
+
+
+@pytest.mark.parametrize("coding", [b"gzip, chunked", b"deflate,chunked", b"gzip\r\nTransfer-Encoding: chunked"])
+def test_a_transfer_coding_other_than_chunked_is_501_not_forwarded_without_it(coding):
+    """uvicorn undoes `chunked` alone and passed the rest on: a `gzip, chunked` body went
+    upstream still gzipped, with no header left to say so (RFC 9112 6.1: 501)."""
+    from tests.proxy.rawhttp import RawUpstream
+
+    def script(head: bytes) -> list[bytes]:
+        return [b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"]
+
+    with RawUpstream(script) as upstream, running_proxy(unguarded_yaml(upstream.url)) as proxy:
+        with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+            sock.sendall(b"POST /v1/files HTTP/1.1\r\nhost: x\r\ntransfer-encoding: " + coding + b"\r\n\r\n"
+                         b"3\r\nabc\r\n0\r\n\r\nGET /v1/models HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+        served = [record.request.split(b"\r\n")[0] for record in upstream.served]
+    assert reply.startswith(b"HTTP/1.1 501 "), reply[:200]
+    body = json.loads(reply.split(b"\r\n\r\n", 1)[1].split(b"HTTP/1.1")[0])
+    assert body["error"]["code"] == "unsupported_transfer_coding"
+    assert b"HTTP/1.1 200 " in reply  # the next request on the connection is served
+    assert served == [b"GET /v1/models HTTP/1.1"]
+
+
+def test_an_upstream_redirect_points_back_through_the_proxy(katan_url):
+    """vLLM's server (Starlette) redirects a path with a trailing slash to the one without
+    it, 307, at its own address: the client got the upstream's address, and one that
+    follows redirects (httpx, the openai SDK's client) went on to it straight, past the
+    proxy and its guard. A redirect into the upstream's base URL now names the route's
+    prefix."""
+    yaml_text = unguarded_yaml(katan_url).replace("prefix: /v1,", "prefix: /team/v1,")
+    upstream = httpx.URL(katan_url)
+    with running_proxy(yaml_text) as proxy:
+        redirected = httpx.get(proxy.url + "/team/v1/models/?x=1")
+        followed = httpx.get(proxy.url + "/team/v1/models/", follow_redirects=True,
+                             headers={"authorization": "Bearer sk-any"})
+    assert redirected.status_code == 307
+    assert redirected.headers["location"] == "/team/v1/models?x=1"
+    assert followed.status_code == 200 and followed.json()["data"]
+    assert [str(r.url) for r in followed.history] == [proxy.url + "/team/v1/models/"]
+    assert f":{upstream.port}" not in str(followed.url)
+
+
+@pytest.mark.parametrize("location, base_url, prefix, expected", [
+    ("http://vllm:8000/v1/models", "http://vllm:8000/v1", "/v1", "/v1/models"),
+    ("HTTP://VLLM:8000/v1/models?a=1#f", "http://vllm:8000/v1", "/team/v1", "/team/v1/models?a=1#f"),
+    ("/v1/models", "http://vllm:8000/v1", "/team/v1", "/team/v1/models"),
+    ("http://vllm:8000/", "http://vllm:8000", "/", "/"),
+    ("http://vllm:8000/v1", "http://vllm:8000/v1", "/up", "/up"),
+    ("http://vllm:8000/docs", "http://vllm:8000/v1", "/v1", "http://vllm:8000/docs"),  # outside the base: as sent
+    ("http://vllm:8000/v10/x", "http://vllm:8000/v1", "/v1", "http://vllm:8000/v10/x"),
+    ("https://login.example/v1/x", "http://vllm:8000/v1", "/v1", "https://login.example/v1/x"),
+    ("models", "http://vllm:8000/v1", "/team/v1", "models"),  # relative to the request's path
+])
+def test_client_location(location, base_url, prefix, expected):
+    from proxy.upstream import client_location
+    assert client_location(location, base_url, prefix) == expected

@@ -699,3 +699,58 @@ def test_a_tool_calls_name_is_scored_as_what_the_model_wrote(stream):
                            json={"model": "m", "stream": stream, "messages": user("hi")})
     assert reply.status_code == 200
     assert "BOMB" not in reply.text and REFUSAL in reply.text
+
+
+def test_an_upstream_s_x_siren_headers_never_pass_for_the_proxy_s_own(scripted):
+    """On a route whose policy scores, `x-siren-*` are this proxy's: an upstream's (a second
+    siren-proxy behind this one, say) reached the client beside them, so a flagged prompt
+    read `x-siren-decision: allowed, flagged` and a cut stream carried the upstream's
+    `allowed`. An unguarded route stays transparent and passes them on."""
+    from tests.proxy.rawhttp import LAST_CHUNK, chunk
+    from tests.support.upstream import chat_chunk
+
+    def script(head: bytes) -> list[bytes]:
+        body = chat_chunk(role=True) + chat_chunk("one BOMB two three", finish="stop") + b"data: [DONE]\n\n"
+        return [b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nx-siren-decision: allowed\r\n"
+                b"x-siren-policy: theirs\r\ntransfer-encoding: chunked\r\n\r\n" + chunk(body) + LAST_CHUNK]
+
+    def siren(response: httpx.Response) -> list[tuple[str, str]]:
+        return [(k, v) for k, v in response.headers.multi_items() if k.startswith("x-siren-")]
+
+    ask = {"model": "m", "messages": user("a BOMB")}
+    with RawUpstream(script) as upstream:
+        with running_proxy(policy_yaml(upstream.url, prompt="{action: flag, threshold: 0.5}"),
+                           KeywordScorer()) as proxy:
+            flagged = [httpx.post(proxy.url + "/v1/chat/completions", json={**ask, "stream": stream})
+                       for stream in (True, False)]
+        with running_proxy(policy_yaml(upstream.url, response=CUT % (1, 1)), KeywordScorer()) as proxy:
+            cut = httpx.post(proxy.url + "/v1/chat/completions", json={**ask, "stream": True})
+        with running_proxy(policy_yaml(upstream.url)) as proxy:  # both stages off
+            unguarded = httpx.post(proxy.url + "/v1/chat/completions", json={**ask, "stream": True})
+    for response in flagged:
+        assert dict(siren(response)) == {"x-siren-stage": "prompt", "x-siren-decision": "flagged",
+                                         "x-siren-threshold": "0.5000", "x-siren-score": "0.9900",
+                                         "x-siren-policy": "p"}
+        assert len(siren(response)) == 5
+    assert b'"finish_reason":"content_filter"' in cut.content.replace(b" ", b"") and siren(cut) == []
+    assert siren(unguarded) == [("x-siren-decision", "allowed"), ("x-siren-policy", "theirs")]
+
+
+@pytest.mark.parametrize("path, expected", [
+    ("/v1/Chat/Completions", 200), ("/v1/CHAT/completions/", 200), ("/v1/Completions", 200),
+    ("/v1/Threads/Runs", 403), ("/v1/models/m:GENERATECONTENT", 403)])
+def test_endpoints_are_known_whatever_the_case_of_their_path(scripted, path, expected):
+    """Express (Node's usual router) and ASP.NET route paths without regard to case: behind
+    a proxy that knew endpoints by exact case, `/v1/Chat/Completions` reached such an
+    upstream's chat unguarded. vLLM's router answers it 404; the guard reads it all the same."""
+    url, recorder = scripted
+    before = len(recorder.requests)
+    with running_proxy(policy_yaml(url, prompt="{action: refuse, threshold: 0.5}",
+                                   response=CUT % (1, 1)), KeywordScorer()) as proxy:
+        reply = httpx.post(proxy.url + path, json={"model": "m", "messages": user("a BOMB"), "prompt": "a BOMB"})
+    assert reply.status_code == expected, reply.text[:300]
+    if expected == 200:
+        assert reply.json()["choices"][0]["finish_reason"] == "content_filter"
+    else:
+        assert reply.json()["error"]["code"] == "unguarded_endpoint"
+    assert len(recorder.requests) == before

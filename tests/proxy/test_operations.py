@@ -83,6 +83,27 @@ def test_proxy_api_keys(scripted):
     assert other.json()["choices"][0]["finish_reason"] == "content_filter"
 
 
+def test_a_client_without_a_proxy_key_is_401_before_its_body_is_read(scripted):
+    """The key is checked on the head: a client without one was answered on its body
+    first (the proxy read and parsed it, up to `max_body_bytes`: a 400 with the JSON
+    parser's message, a 413), and one that sent its body slowly held the connection."""
+    url, recorder = scripted
+    before = len(recorder.requests)
+    with running_proxy(config(url, server='  api_keys: ["sk-proxy"]'), KeywordScorer()) as proxy:
+        malformed = httpx.post(proxy.url + "/v1/chat/completions", content=b"{not json")
+        huge = httpx.post(proxy.url + "/v1/chat/completions", content=b"x" * (1 << 20))
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:  # a body never sent
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{")
+            head = sock.recv(65536)
+        keyed = httpx.post(proxy.url + "/v1/chat/completions", content=b"{not json",
+                           headers={"authorization": "Bearer sk-proxy"})
+    for response in (malformed, huge):
+        assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+    assert head.startswith(b"HTTP/1.1 401 ")
+    assert keyed.status_code == 400  # with its key, the body is read and judged
+    assert len(recorder.requests) == before
+
+
 def test_concurrent_stream_limit_is_503_with_retry_after(scripted):
     url, _ = scripted
     with running_proxy(config(url, server="  max_concurrent_streams: 1", prompt="{action: off}",

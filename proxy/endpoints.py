@@ -130,11 +130,13 @@ def segments(url: str) -> tuple[str, ...]:
 
 
 def folded(url: str) -> tuple[str, ...]:
-    """`segments`, lower-cased, for knowing endpoints: Express (Node's usual router) and
-    ASP.NET route paths without regard to case, so `/v1/Chat/Completions` is chat to such
-    an upstream, and must be to the guard (vLLM's router answers it 404 after the guard
-    has read it, which costs a score and opens nothing)."""
-    return tuple(segment.lower() for segment in segments(url))
+    """`segments`, lower-cased and without matrix parameters, for knowing endpoints:
+    Express (Node's usual router) and ASP.NET route paths without regard to case, and
+    Tomcat and Spring strip `;params` from each segment, so `/v1/Chat/Completions` and
+    `/v1/chat/completions;x=1` are chat to such upstreams, and must be to the guard
+    (vLLM's router answers them 404 after the guard has read them, which costs a score
+    and opens nothing)."""
+    return tuple(segment.split(";", 1)[0].lower() for segment in segments(url))
 
 
 def guarded_endpoint(method: str, url: str) -> str | None:

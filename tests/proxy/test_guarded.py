@@ -738,7 +738,10 @@ def test_an_upstream_s_x_siren_headers_never_pass_for_the_proxy_s_own(scripted):
 
 @pytest.mark.parametrize("path, expected", [
     ("/v1/Chat/Completions", 200), ("/v1/CHAT/completions/", 200), ("/v1/Completions", 200),
-    ("/v1/Threads/Runs", 403), ("/v1/models/m:GENERATECONTENT", 403)])
+    ("/v1/Threads/Runs", 403), ("/v1/models/m:GENERATECONTENT", 403),
+    # matrix parameters, which Tomcat and Spring strip before routing: such a path was no
+    # endpoint the proxy knew, so it went on unguarded (vLLM answers it 404)
+    ("/v1/chat/completions;x=1", 200), ("/v1/chat;a=b/completions", 200), ("/v1/threads;x/runs", 403)])
 def test_endpoints_are_known_whatever_the_case_of_their_path(scripted, path, expected):
     """Express (Node's usual router) and ASP.NET route paths without regard to case: behind
     a proxy that knew endpoints by exact case, `/v1/Chat/Completions` reached such an

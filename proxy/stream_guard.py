@@ -141,7 +141,9 @@ class StreamGuard:
         self.choices[0].session = session
         self.queue: deque[Held] = deque()
         self.template: dict = {}  # id/created/model of the stream, for chunks we write
-        self.last_usage: dict | None = None
+        # The upstream's last reported `prompt_tokens` per prompt (vLLM's continuous usage
+        # is per choice, and a completions list is one request upstream per prompt)
+        self.prompt_tokens: dict[int | None, int] = {}
         self.upstream_done = False
         self.output = ResponseOutput()  # Responses: the output items the client has been sent
         self.next_sequence = 0  # Responses: the sequence number our own events start at
@@ -255,8 +257,7 @@ class StreamGuard:
                 self.template = dict(payload["message"])  # message_start's: a cut may have to repeat it
             elif "id" in payload:
                 self.template = {k: payload[k] for k in ("id", "created", "model") if k in payload}
-        if isinstance(payload.get("usage"), dict):
-            self.last_usage = payload["usage"]
+        self._note_usage(payload)
         if self._indices(payload) & self._cut_indices():
             rewritten = self._without_cut_choices(payload)
             if rewritten is None:
@@ -304,6 +305,16 @@ class StreamGuard:
         if unseen:
             texts[0] = "\n".join([texts[0], *unseen] if 0 in texts else unseen)
         return bool(unseen)
+
+    def _note_usage(self, payload: dict) -> None:
+        usage = payload.get("usage")
+        if not isinstance(usage, dict) or not isinstance(usage.get("prompt_tokens"), int):
+            return
+        prompts = {i // self.n for i in self._indices(payload)}
+        if len(prompts) == 1:
+            self.prompt_tokens[prompts.pop()] = usage["prompt_tokens"]
+        else:  # the whole request's (a usage chunk with no choice)
+            self.prompt_tokens = {None: usage["prompt_tokens"]}
 
     def _prompt_of(self, index: int) -> str | None:
         """The prompt choice `index` is scored with (None without `include_prompt`)."""
@@ -412,7 +423,7 @@ class StreamGuard:
             return b""
         out = b""
         if wants_usage(self.request):
-            prompt_tokens = (self.last_usage or {}).get("prompt_tokens", 0)
+            prompt_tokens = sum(self.prompt_tokens.values())
             completion = sum(c.tokens for c in self.choices.values())
             out += usage_chunk(self.endpoint, self.template, {
                 "prompt_tokens": prompt_tokens, "completion_tokens": completion,

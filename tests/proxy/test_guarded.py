@@ -332,6 +332,28 @@ def test_n2_end_all_choices(scripted, monkeypatch):
     assert finishes == {0: "content_filter", 1: "content_filter"}
 
 
+def test_usage_after_cutting_a_completions_list_counts_every_prompt(scripted, monkeypatch):
+    """vLLM's `continuous_usage_stats` usage on a completions list is per prompt (each is
+    its own request upstream): the synthesised usage sums the prompts, as vLLM's own final
+    usage does (6 here), instead of taking the last event's, one prompt's (2 before)."""
+    url, _ = scripted
+    # Choice 0 ("Otters are a type of animal ...") and choice 1 ("Paris is a place where
+    # people ...") of the recorded stream both cross at their 4th token.
+    monkeypatch.setattr("tests.support.scorers.keyword_score",
+                        lambda text: 0.99 if "animal" in text or "people" in text else 0.01)
+    response = "{action: cut, threshold: 0.5, check_every: 2, holdback: 2, include_prompt: false}"
+    with running_proxy(policy_yaml(url, response=response), KeywordScorer()) as proxy:
+        stream = sdk(proxy, default_headers={"x-script": "replay:completions_list_usage_stream_raw.txt"}
+                     ).completions.create(model="m", prompt=["Otters are", "Paris is"], max_tokens=8, stream=True,
+                                          stream_options={"include_usage": True, "continuous_usage_stats": True})
+        chunks = list(stream)
+    finishes = {c.index: c.finish_reason for chunk in chunks for c in chunk.choices if c.finish_reason}
+    assert finishes == {0: "content_filter", 1: "content_filter"}
+    assert chunks[-1].choices == []
+    usage = chunks[-1].usage
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (6, 8, 14)
+
+
 def test_completions_stream_is_cut(scripted):
     url, _ = scripted
     with running_proxy(policy_yaml(url, response=CUT % (2, 2)), KeywordScorer()) as proxy:

@@ -46,7 +46,7 @@ from .relay import MAX_EVENT_BYTES, TruncatedStream, broken_stream, check_comple
 from .records import Exchange
 from .scorer import Scorer, StreamSession
 from .shapes import (MessageOutput, ResponseOutput, cut_chunk, message_cut_events, response_cut_events,
-                     usage_chunk, wants_usage)
+                     response_usage, usage_chunk, wants_usage)
 from .sse import DONE, Event, SSEDecoder, SSEError, encode_json
 
 logger = logging.getLogger(__name__)
@@ -406,8 +406,11 @@ class StreamGuard:
                 kept.append(Held(rewritten[0], reach, rewritten[1]))
         self.queue = kept
         if self.endpoint == "responses":
-            # (`created`: where `response.created` held text and was dropped, the cut opens the stream)
-            raw = response_cut_events({**self.template, "output": self.output.output()}, self.policy.refusal,
+            # (`created`: where `response.created` held text and was dropped, the cut opens the stream;
+            # `usage`: vLLM's and OpenAI's `response.created` have none, it comes at the end)
+            usage = self.template.get("usage") or response_usage(output_tokens=choice.tokens)
+            raw = response_cut_events({**self.template, "output": self.output.output(), "usage": usage},
+                                      self.policy.refusal,
                                       output_index=self.output.next_index, sequence=self.next_sequence,
                                       created=not self.output.created)
         elif self.endpoint == "messages":

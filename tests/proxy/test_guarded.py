@@ -376,6 +376,26 @@ def test_responses_stream_is_cut(scripted):
     assert events[-1].response.incomplete_details.reason == "content_filter"
 
 
+def test_a_cut_responses_stream_ends_with_usage(scripted, monkeypatch):
+    """vLLM's `response.created` has `usage: null` (it reports usage in `response.completed`);
+    the `response.incomplete` a cut ends with has usage as a refused prompt's does, the
+    tokens received for the choice as output (before, `usage: null`, so a client reading
+    `response.usage.output_tokens` met None)."""
+    url, _ = scripted
+    # " mammals" is the 6th delta of the recorded vLLM Responses stream
+    monkeypatch.setattr("tests.support.scorers.keyword_score", lambda text: 0.99 if "mammals" in text else 0.01)
+    with running_proxy(policy_yaml(url, response=CUT % (2, 2)), KeywordScorer()) as proxy:
+        client = sdk(proxy, default_headers={"x-script": "replay:responses_stream_raw.txt"})
+        events = list(client.responses.create(model="m", input="q", stream=True))
+    assert events[0].response.usage is None  # vLLM's own
+    final = events[-1].response
+    assert events[-1].type == "response.incomplete" and final.incomplete_details.reason == "content_filter"
+    assert final.usage is not None
+    assert (final.usage.input_tokens, final.usage.output_tokens, final.usage.total_tokens) == (0, 6, 6)
+    assert final.usage.input_tokens_details.cached_tokens == 0
+    assert final.usage.output_tokens_details.reasoning_tokens == 0
+
+
 REFUSAL_ITEM = ["response.output_item.added", "response.content_part.added", "response.output_text.delta",
                 "response.output_text.done", "response.content_part.done", "response.output_item.done",
                 "response.incomplete"]

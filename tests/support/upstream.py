@@ -239,6 +239,9 @@ def build_upstream(recorder: Recorder) -> Starlette:
     async def responses(request: Request) -> Response:
         payload = await received(request)
         kind, _, arg = request.headers.get("x-script", "text:a plain answer").partition(":")
+        if kind == "replay":
+            raw = (FIXTURES / arg).read_bytes()
+            return await streamed([raw[i:i + 37] for i in range(0, len(raw), 37)])
         reasoning, _, text = arg.partition("|") if kind == "think" else ("", "", arg)
         items = [("message", "msg_1", "output_text", text)]
         if kind == "think":

@@ -144,6 +144,8 @@ class StreamGuard:
         # The upstream's last reported `prompt_tokens` per prompt (vLLM's continuous usage
         # is per choice, and a completions list is one request upstream per prompt)
         self.prompt_tokens: dict[int | None, int] = {}
+        # ... and `completion_tokens` per choice: a tool-call parser sends many tokens a delta
+        self.completion_tokens: dict[int, int] = {}
         self.upstream_done = False
         self.output = ResponseOutput()  # Responses: the output items the client has been sent
         self.next_sequence = 0  # Responses: the sequence number our own events start at
@@ -310,7 +312,10 @@ class StreamGuard:
         usage = payload.get("usage")
         if not isinstance(usage, dict) or not isinstance(usage.get("prompt_tokens"), int):
             return
-        prompts = {i // self.n for i in self._indices(payload)}
+        indices = self._indices(payload)
+        if len(indices) == 1 and isinstance(usage.get("completion_tokens"), int):
+            self.completion_tokens[next(iter(indices))] = usage["completion_tokens"]
+        prompts = {i // self.n for i in indices}
         if len(prompts) == 1:
             self.prompt_tokens[prompts.pop()] = usage["prompt_tokens"]
         else:  # the whole request's (a usage chunk with no choice)
@@ -427,7 +432,7 @@ class StreamGuard:
         out = b""
         if wants_usage(self.request):
             prompt_tokens = sum(self.prompt_tokens.values())
-            completion = sum(c.tokens for c in self.choices.values())
+            completion = sum(max(c.tokens, self.completion_tokens.get(c.index, 0)) for c in self.choices.values())
             out += usage_chunk(self.endpoint, self.template, {
                 "prompt_tokens": prompt_tokens, "completion_tokens": completion,
                 "total_tokens": prompt_tokens + completion})

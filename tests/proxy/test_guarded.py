@@ -354,6 +354,27 @@ def test_usage_after_cutting_a_completions_list_counts_every_prompt(scripted, mo
     assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (6, 8, 14)
 
 
+def test_usage_after_a_cut_counts_the_tokens_the_upstream_reported(scripted, monkeypatch):
+    """vLLM's tool-call parser holds tokens back and sends a tool call in a few deltas (5
+    deltas for 33 tokens here); with `continuous_usage_stats` each event reports its
+    choice's tokens so far, and the synthesised usage counts those rather than the deltas
+    (4 before)."""
+    url, _ = scripted
+    monkeypatch.setattr("tests.support.scorers.keyword_score", lambda text: 0.99 if "Paris" in text else 0.01)
+    response = "{action: cut, threshold: 0.5, check_every: 2, holdback: 2, include_prompt: false}"
+    with running_proxy(policy_yaml(url, response=response), KeywordScorer()) as proxy:
+        stream = sdk(proxy, default_headers={"x-script": "replay:tool_call_usage_stream_raw.txt"}
+                     ).chat.completions.create(model="m", messages=user("x"), stream=True,
+                                               stream_options={"include_usage": True, "continuous_usage_stats": True})
+        chunks = list(stream)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+        "content_filter"]
+    assert "Paris" not in json.dumps([c.model_dump() for c in chunks])
+    usage = chunks[-1].usage
+    # the 5th event (the tool call's last argument delta, the 4th delta with text) said 33
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (41, 33, 74)
+
+
 def test_completions_stream_is_cut(scripted):
     url, _ = scripted
     with running_proxy(policy_yaml(url, response=CUT % (2, 2)), KeywordScorer()) as proxy:

@@ -46,6 +46,13 @@ def _usage(prompt_tokens: int = 0, completion_tokens: int = 0) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def response_usage(output_tokens: int = 0) -> dict:
+    """A Responses `usage` with the details OpenAI's schema requires."""
+    return {"input_tokens": 0, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": output_tokens}
+
+
 def wants_usage(request: Mapping) -> bool:
     options = request.get("stream_options")
     return isinstance(options, Mapping) and options.get("include_usage") is True
@@ -65,8 +72,7 @@ def refused_json(endpoint: str, request: Mapping, refusal: str, *, choices: int 
                 "status": "incomplete", "incomplete_details": {"reason": CONTENT_FILTER},
                 "output": [{"id": _id("msg"), "type": "message", "role": "assistant", "status": "incomplete",
                             "content": [{"type": "output_text", "text": refusal, "annotations": []}]}],
-                "usage": {"input_tokens": 0, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
-                          "output_tokens": 0, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 0}}
+                "usage": response_usage()}
     prefix, kind = ("cmpl", "text_completion") if endpoint == "completions" else ("chatcmpl", "chat.completion")
     return {"id": _id(prefix), "object": kind, "created": created, "model": model,
             "choices": [refused_choice(endpoint, i, refusal)

@@ -46,7 +46,7 @@ from .relay import MAX_EVENT_BYTES, TruncatedStream, broken_stream, check_comple
 from .records import Exchange
 from .scorer import Scorer, StreamSession
 from .shapes import (MessageOutput, ResponseOutput, cut_chunk, message_cut_events, response_cut_events,
-                     usage_chunk, wants_usage)
+                     response_usage, usage_chunk, wants_usage)
 from .sse import DONE, Event, SSEDecoder, SSEError, encode_json
 
 logger = logging.getLogger(__name__)
@@ -141,7 +141,11 @@ class StreamGuard:
         self.choices[0].session = session
         self.queue: deque[Held] = deque()
         self.template: dict = {}  # id/created/model of the stream, for chunks we write
-        self.last_usage: dict | None = None
+        # The upstream's last reported `prompt_tokens` per prompt (vLLM's continuous usage
+        # is per choice, and a completions list is one request upstream per prompt)
+        self.prompt_tokens: dict[int | None, int] = {}
+        # ... and `completion_tokens` per choice: a tool-call parser sends many tokens a delta
+        self.completion_tokens: dict[int, int] = {}
         self.upstream_done = False
         self.output = ResponseOutput()  # Responses: the output items the client has been sent
         self.next_sequence = 0  # Responses: the sequence number our own events start at
@@ -255,8 +259,7 @@ class StreamGuard:
                 self.template = dict(payload["message"])  # message_start's: a cut may have to repeat it
             elif "id" in payload:
                 self.template = {k: payload[k] for k in ("id", "created", "model") if k in payload}
-        if isinstance(payload.get("usage"), dict):
-            self.last_usage = payload["usage"]
+        self._note_usage(payload)
         if self._indices(payload) & self._cut_indices():
             rewritten = self._without_cut_choices(payload)
             if rewritten is None:
@@ -304,6 +307,19 @@ class StreamGuard:
         if unseen:
             texts[0] = "\n".join([texts[0], *unseen] if 0 in texts else unseen)
         return bool(unseen)
+
+    def _note_usage(self, payload: dict) -> None:
+        usage = payload.get("usage")
+        if not isinstance(usage, dict) or not isinstance(usage.get("prompt_tokens"), int):
+            return
+        indices = self._indices(payload)
+        if len(indices) == 1 and isinstance(usage.get("completion_tokens"), int):
+            self.completion_tokens[next(iter(indices))] = usage["completion_tokens"]
+        prompts = {i // self.n for i in indices}
+        if len(prompts) == 1:
+            self.prompt_tokens[prompts.pop()] = usage["prompt_tokens"]
+        else:  # the whole request's (a usage chunk with no choice)
+            self.prompt_tokens = {None: usage["prompt_tokens"]}
 
     def _prompt_of(self, index: int) -> str | None:
         """The prompt choice `index` is scored with (None without `include_prompt`)."""
@@ -395,8 +411,11 @@ class StreamGuard:
                 kept.append(Held(rewritten[0], reach, rewritten[1]))
         self.queue = kept
         if self.endpoint == "responses":
-            # (`created`: where `response.created` held text and was dropped, the cut opens the stream)
-            raw = response_cut_events({**self.template, "output": self.output.output()}, self.policy.refusal,
+            # (`created`: where `response.created` held text and was dropped, the cut opens the stream;
+            # `usage`: vLLM's and OpenAI's `response.created` have none, it comes at the end)
+            usage = self.template.get("usage") or response_usage(output_tokens=choice.tokens)
+            raw = response_cut_events({**self.template, "output": self.output.output(), "usage": usage},
+                                      self.policy.refusal,
                                       output_index=self.output.next_index, sequence=self.next_sequence,
                                       created=not self.output.created)
         elif self.endpoint == "messages":
@@ -412,8 +431,8 @@ class StreamGuard:
             return b""
         out = b""
         if wants_usage(self.request):
-            prompt_tokens = (self.last_usage or {}).get("prompt_tokens", 0)
-            completion = sum(c.tokens for c in self.choices.values())
+            prompt_tokens = sum(self.prompt_tokens.values())
+            completion = sum(max(c.tokens, self.completion_tokens.get(c.index, 0)) for c in self.choices.values())
             out += usage_chunk(self.endpoint, self.template, {
                 "prompt_tokens": prompt_tokens, "completion_tokens": completion,
                 "total_tokens": prompt_tokens + completion})

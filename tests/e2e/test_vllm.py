@@ -373,6 +373,31 @@ def test_a_harmful_prompt_in_a_completions_list_is_not_diluted_by_the_others(vll
     print(f"\ncompletions list: joined prompt {joined:.4f}, the harmful one alone {alone:.4f}")
 
 
+def test_a_cut_completions_lists_usage_counts_every_prompt(vllm_url, scorer):
+    """With `continuous_usage_stats` vLLM reports each prompt's usage on that prompt's
+    events; a completions list cut whole (`end_all_choices`) ends with usage whose
+    `prompt_tokens` is every prompt's, as vLLM's own usage for the list says."""
+    prompts = [CUT_MESSAGES[0]["content"], HARMFUL_PROMPT]
+    options = {"model": SERVED_NAME, "prompt": prompts, "temperature": 0}
+    with sdk(vllm_url) as direct:
+        expected = direct.completions.create(max_tokens=1, **options).usage.prompt_tokens
+        alone = [direct.completions.create(max_tokens=1, **{**options, "prompt": p}).usage.prompt_tokens
+                 for p in prompts]
+    response = f"{{action: cut, threshold: {CUT_THRESHOLD}, check_every: 16, holdback: 16, end_all_choices: true}}"
+    with running_proxy(config(vllm_url, prompt="{action: shadow}", response=response), scorer) as proxy, \
+            sdk(proxy.url + "/v1") as client:
+        chunks = list(client.completions.create(
+            max_tokens=CUT_MAX_TOKENS, stream=True, extra_body=CUT_EXTRA,
+            stream_options={"include_usage": True, "continuous_usage_stats": True}, **options))
+    finishes = {c.index: c.finish_reason for chunk in chunks for c in chunk.choices if c.finish_reason}
+    assert finishes == {0: "content_filter", 1: "content_filter"}
+    usage = chunks[-1].usage
+    assert not chunks[-1].choices and usage is not None
+    assert expected == sum(alone) and alone[0] != alone[1]
+    assert usage.prompt_tokens == expected, (usage, alone)
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
 def test_safest_of_3_scores_vllms_candidates_from_the_cached_prompt(vllm_url, scorer):
     """Safest-of-3 (`rerank`) over vLLM's own sampled candidates: the proxy's request for 3
     candidates (seeded, so a direct request gets the same 3), each scored on a guard

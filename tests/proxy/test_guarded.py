@@ -332,6 +332,49 @@ def test_n2_end_all_choices(scripted, monkeypatch):
     assert finishes == {0: "content_filter", 1: "content_filter"}
 
 
+def test_usage_after_cutting_a_completions_list_counts_every_prompt(scripted, monkeypatch):
+    """vLLM's `continuous_usage_stats` usage on a completions list is per prompt (each is
+    its own request upstream): the synthesised usage sums the prompts, as vLLM's own final
+    usage does (6 here), instead of taking the last event's, one prompt's (2 before)."""
+    url, _ = scripted
+    # Choice 0 ("Otters are a type of animal ...") and choice 1 ("Paris is a place where
+    # people ...") of the recorded stream both cross at their 4th token.
+    monkeypatch.setattr("tests.support.scorers.keyword_score",
+                        lambda text: 0.99 if "animal" in text or "people" in text else 0.01)
+    response = "{action: cut, threshold: 0.5, check_every: 2, holdback: 2, include_prompt: false}"
+    with running_proxy(policy_yaml(url, response=response), KeywordScorer()) as proxy:
+        stream = sdk(proxy, default_headers={"x-script": "replay:completions_list_usage_stream_raw.txt"}
+                     ).completions.create(model="m", prompt=["Otters are", "Paris is"], max_tokens=8, stream=True,
+                                          stream_options={"include_usage": True, "continuous_usage_stats": True})
+        chunks = list(stream)
+    finishes = {c.index: c.finish_reason for chunk in chunks for c in chunk.choices if c.finish_reason}
+    assert finishes == {0: "content_filter", 1: "content_filter"}
+    assert chunks[-1].choices == []
+    usage = chunks[-1].usage
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (6, 8, 14)
+
+
+def test_usage_after_a_cut_counts_the_tokens_the_upstream_reported(scripted, monkeypatch):
+    """vLLM's tool-call parser holds tokens back and sends a tool call in a few deltas (5
+    deltas for 33 tokens here); with `continuous_usage_stats` each event reports its
+    choice's tokens so far, and the synthesised usage counts those rather than the deltas
+    (4 before)."""
+    url, _ = scripted
+    monkeypatch.setattr("tests.support.scorers.keyword_score", lambda text: 0.99 if "Paris" in text else 0.01)
+    response = "{action: cut, threshold: 0.5, check_every: 2, holdback: 2, include_prompt: false}"
+    with running_proxy(policy_yaml(url, response=response), KeywordScorer()) as proxy:
+        stream = sdk(proxy, default_headers={"x-script": "replay:tool_call_usage_stream_raw.txt"}
+                     ).chat.completions.create(model="m", messages=user("x"), stream=True,
+                                               stream_options={"include_usage": True, "continuous_usage_stats": True})
+        chunks = list(stream)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+        "content_filter"]
+    assert "Paris" not in json.dumps([c.model_dump() for c in chunks])
+    usage = chunks[-1].usage
+    # the 5th event (the tool call's last argument delta, the 4th delta with text) said 33
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (41, 33, 74)
+
+
 def test_completions_stream_is_cut(scripted):
     url, _ = scripted
     with running_proxy(policy_yaml(url, response=CUT % (2, 2)), KeywordScorer()) as proxy:
@@ -352,6 +395,26 @@ def test_responses_stream_is_cut(scripted):
     assert "BOMB" not in text and text.endswith(REFUSAL)
     assert events[-1].type == "response.incomplete"
     assert events[-1].response.incomplete_details.reason == "content_filter"
+
+
+def test_a_cut_responses_stream_ends_with_usage(scripted, monkeypatch):
+    """vLLM's `response.created` has `usage: null` (it reports usage in `response.completed`);
+    the `response.incomplete` a cut ends with has usage as a refused prompt's does, the
+    tokens received for the choice as output (before, `usage: null`, so a client reading
+    `response.usage.output_tokens` met None)."""
+    url, _ = scripted
+    # " mammals" is the 6th delta of the recorded vLLM Responses stream
+    monkeypatch.setattr("tests.support.scorers.keyword_score", lambda text: 0.99 if "mammals" in text else 0.01)
+    with running_proxy(policy_yaml(url, response=CUT % (2, 2)), KeywordScorer()) as proxy:
+        client = sdk(proxy, default_headers={"x-script": "replay:responses_stream_raw.txt"})
+        events = list(client.responses.create(model="m", input="q", stream=True))
+    assert events[0].response.usage is None  # vLLM's own
+    final = events[-1].response
+    assert events[-1].type == "response.incomplete" and final.incomplete_details.reason == "content_filter"
+    assert final.usage is not None
+    assert (final.usage.input_tokens, final.usage.output_tokens, final.usage.total_tokens) == (0, 6, 6)
+    assert final.usage.input_tokens_details.cached_tokens == 0
+    assert final.usage.output_tokens_details.reasoning_tokens == 0
 
 
 REFUSAL_ITEM = ["response.output_item.added", "response.content_part.added", "response.output_text.delta",

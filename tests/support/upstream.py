@@ -197,8 +197,11 @@ def build_upstream(recorder: Recorder) -> Starlette:
         """`text:<words>` for each choice; with several prompts (a list, and vLLM's
         `prompt_embeds` before it) or n > 1, as vLLM does, choice i answers prompt i // n,
         and `text:a|b` gives choice i the i-th part.
-        A stream sends the choices' words in turns."""
+        A stream sends the choices' words in turns; `replay:<file>` sends a recorded one."""
         payload = await received(request)
+        if request.headers.get("x-script", "").startswith("replay:"):
+            raw = (FIXTURES / request.headers["x-script"][len("replay:"):]).read_bytes()
+            return await streamed([raw[i:i + 37] for i in range(0, len(raw), 37)])
         parts = request.headers.get("x-script", "text: and then some")[len("text:"):].split("|")
         prompt, embeds = payload.get("prompt"), payload.get("prompt_embeds")
         prompts = (len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else
@@ -236,6 +239,9 @@ def build_upstream(recorder: Recorder) -> Starlette:
     async def responses(request: Request) -> Response:
         payload = await received(request)
         kind, _, arg = request.headers.get("x-script", "text:a plain answer").partition(":")
+        if kind == "replay":
+            raw = (FIXTURES / arg).read_bytes()
+            return await streamed([raw[i:i + 37] for i in range(0, len(raw), 37)])
         reasoning, _, text = arg.partition("|") if kind == "think" else ("", "", arg)
         items = [("message", "msg_1", "output_text", text)]
         if kind == "think":

@@ -8,6 +8,7 @@ records how each stream ended, so tests can assert that the proxy closed it.
 
 Behaviour is chosen per request by the `x-script` header:
     replay:<file>        send tests/proxy/fixtures/vllm-0.32-cpu/<file> as an SSE body
+                         (chat; `/v1/completions` and `/v1/responses` take it too)
     reset-after:<n>      send n chat chunks, then drop the connection mid-body
     garbage-after:<n>    send n chat chunks, then bytes that are not SSE
     stall-after:<n>      send n chat chunks, then wait (until the client goes away)

@@ -48,6 +48,7 @@ class FrontDoor(HttpToolsProtocol):
         self.head_begun = False  # a byte of the awaited head has come
         self.lingering = False
         self.head_timer = None
+        self.refused: ProxyError | None = None  # to answer once the responses in progress end (`refuse`)
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -98,22 +99,29 @@ class FrontDoor(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if self.timeout_keep_alive_task is not None:  # idle, not answering a pipelined request next
+        if self.refused is not None:
+            self.refuse(self.refused)
+        elif self.timeout_keep_alive_task is not None:  # idle, not answering a pipelined request next
             self.await_head()
 
     def refuse(self, exc: ProxyError) -> None:
-        """Answer `exc` and close; only closed while an earlier response is still going
-        (a pipelining client), which the answer's bytes would run into."""
-        if self.cycle is None or self.cycle.response_complete:
-            body = json.dumps(body_of(exc)).encode()
-            head = [STATUS_LINE[exc.status]]
-            head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
-            head += [b"content-type: application/json\r\n", b"content-length: %d\r\n" % len(body),
-                     b"connection: close\r\n\r\n"]
-            self.transport.write(b"".join(head) + body)
-            self.transport.write_eof()
-            self.lingering = True
-            self.loop.call_later(LINGER, self.transport.close)
-        else:
-            self.transport.close()
+        """Answer `exc` and close. Behind a response still going (a pipelining client),
+        whose bytes the answer would run into, reading stops and the answer waits for the
+        responses before it to end (`on_response_complete`), so they end whole."""
+        if self.transport.is_closing():
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.refused = exc
+            self.flow.pause_reading()
+            return
+        self.refused = None
+        body = json.dumps(body_of(exc)).encode()
+        head = [STATUS_LINE[exc.status]]
+        head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
+        head += [b"content-type: application/json\r\n", b"content-length: %d\r\n" % len(body),
+                 b"connection: close\r\n\r\n"]
+        self.transport.write(b"".join(head) + body)
+        self.transport.write_eof()
+        self.lingering = True
+        self.loop.call_later(LINGER, self.transport.close)
         self.logger.warning("%s", exc)

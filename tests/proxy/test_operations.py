@@ -140,6 +140,34 @@ def test_concurrent_stream_limit_is_503_with_retry_after(scripted):
     assert plain.status_code == 200 and again.status_code == 200
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions;x=1", "/v1/Chat/Completions"])
+def test_a_stream_on_another_spelling_of_its_endpoint_takes_a_slot(scripted, path):
+    """A path the guard knows as chat (matrix parameters, another case: `proxy.endpoints`)
+    is a stream under `max_concurrent_streams` too. (`;x=1` was read as no JSON endpoint,
+    so such streams went past the limit.)"""
+    url, _ = scripted
+    with running_proxy(config(url, server="  max_concurrent_streams: 1", prompt="{action: off}",
+                              response="{action: off}"), None) as proxy:
+        opened = threading.Event()
+        release = threading.Event()
+
+        def hold():
+            with httpx.stream("POST", proxy.url + "/v1/chat/completions", headers={"x-script": "stall-after:1"},
+                              json={"model": "m", "stream": True}) as response:
+                chunks = response.iter_raw()  # kept: a dropped iterator would close the stream
+                next(chunks)
+                opened.set()
+                release.wait(10)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        assert opened.wait(10)
+        refused = httpx.post(proxy.url + path, headers={"x-script": "text:ok"}, json={"model": "m", "stream": True})
+        release.set()
+        holder.join()
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "overloaded"
+
+
 def test_request_deadline(scripted):
     url, recorder = scripted
     with running_proxy(config(url, server="  request_timeout: 0.5", prompt="{action: off}",

@@ -26,7 +26,7 @@ from .errors import (BadRequest, ClientClosed, Forbidden, NotFound, Overloaded, 
                      RequestTimeout, ShuttingDown, Unauthorized, UnsupportedCoding, anthropic_path, error_event,
                      error_response)
 from . import batch, moderations
-from .endpoints import folded, guarded_endpoint, unread_endpoint
+from .endpoints import folded_path, guarded_endpoint, unread_endpoint
 from .metrics import Metrics
 from .guarding import GuardedCall, cache_salt
 from .records import AuditLog, Exchange
@@ -71,9 +71,9 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def json_endpoint(path: str, method: str) -> bool:
-    """Known as the guard knows endpoints (`folded`: any case, matrix parameters left out),
+    """Known as the guard knows endpoints (`folded_path`: any case, matrix parameters left out),
     so that a stream to `chat/completions;x=1` takes a stream slot as the guard reads it."""
-    return method == "POST" and "/".join(folded(path)).endswith(JSON_ENDPOINTS)
+    return method == "POST" and "/".join(folded_path(path)).endswith(JSON_ENDPOINTS)
 
 
 # How a compressed body starts (no JSON text can): gzip, zstd, and zlib's usual header.

@@ -14,7 +14,8 @@ connections that send nothing, or a header byte now and then (slowloris), stayed
 for good, each a file descriptor. A head must be whole `HEAD_TIMEOUT` seconds after the
 connection opened or its last response ended: else 408 in the envelope (or, with no byte
 of it sent, only the close). A body is not the head's: `server.request_timeout` bounds
-it, as it bounds the whole request.
+it, as it bounds the whole request; but the rest of a body after its early answer (a 413,
+a 401) bounds nothing else, so it is the next head's wait, and closed when that ends.
 """
 
 from __future__ import annotations
@@ -69,10 +70,13 @@ class FrontDoor(HttpToolsProtocol):
             self.head_timer = None
 
     def head_timed_out(self) -> None:
+        """Armed only while idle (`await_head`), so a request under way never meets it; out
+        of the head here is a body still arriving after its early answer (a 413, a 401),
+        whose bytes would otherwise hold the connection for good: closed, as answered."""
         self.head_timer = None
-        if self.transport.is_closing() or not self.in_head:
+        if self.transport.is_closing():
             return
-        if self.head_begun:
+        if self.in_head and self.head_begun:
             self.refuse(HeadTimeout(f"the request head did not arrive within {self.HEAD_TIMEOUT:g}s"))
         else:
             self.transport.close()

@@ -294,6 +294,21 @@ def test_the_audit_log_follows_its_path_when_rotated_or_removed(scripted, tmp_pa
     assert len(current.read_text().splitlines()) == 1  # written again where the config says
 
 
+def test_an_audit_line_after_close_goes_nowhere_else(tmp_path, caplog):
+    """A request that ends after the audit log closed (uvicorn cancels what is left at its
+    grace period's end and closes the app at once; the cancelled responses' cleanup then
+    writes their lines): the line is lost, not written through a file descriptor the
+    closed log no longer owns, which the process may have given to another file."""
+    from proxy.records import AuditLog, Exchange
+
+    log = AuditLog(str(tmp_path / "audit.jsonl"))
+    log.close()
+    with open(tmp_path / "other", "w"):  # takes the freed descriptor
+        log.write(Exchange(route="r", policy="p", endpoint="chat/completions", stream=False))
+    assert (tmp_path / "other").read_text() == ""
+    assert (tmp_path / "audit.jsonl").read_text() == ""
+
+
 def test_request_deadline_ends_a_stream_its_client_does_not_read(scripted):
     """A client that stops reading blocks the proxy's writes (the socket's buffers fill):
     the deadline ends the request there too, freeing its stream slot and closing the

@@ -82,7 +82,7 @@ class FrontDoor(HttpToolsProtocol):
             self.transport.close()
 
     def data_received(self, data: bytes) -> None:
-        if self.lingering:  # refused: read and dropped until the close
+        if self.lingering or self.refused is not None:  # refused: read and dropped until the close
             return
         counted = self.in_head
         self.head_begun = self.head_begun or counted

@@ -35,7 +35,7 @@ which meets the policy's `on_guard_error` (`proxy.whole`, `proxy.stream_guard.re
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any, TypeVar
@@ -136,7 +136,17 @@ def folded(url: str) -> tuple[str, ...]:
     `/v1/chat/completions;x=1` are chat to such upstreams, and must be to the guard
     (vLLM's router answers them 404 after the guard has read them, which costs a score
     and opens nothing)."""
-    return tuple(segment.split(";", 1)[0].lower() for segment in segments(url))
+    return _fold(segments(url))
+
+
+def folded_path(path: str) -> tuple[str, ...]:
+    """`folded` for a request's path alone, which has no scheme or authority to split off
+    (`urlsplit` reads a path that starts with `//` as an authority)."""
+    return _fold(unquote(s) for s in path.split("?", 1)[0].split("/") if s)
+
+
+def _fold(segments: Iterable[str]) -> tuple[str, ...]:
+    return tuple(segment.split(";", 1)[0].lower() for segment in segments)
 
 
 def guarded_endpoint(method: str, url: str) -> str | None:

@@ -36,6 +36,7 @@ import json
 
 from starlette.responses import Response
 
+from .endpoints import folded_path
 from .sse import DONE, encode_event, encode_json
 
 
@@ -139,9 +140,10 @@ _ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 4
 def anthropic_path(path: str) -> bool:
     """Whether a request path is the Anthropic Messages API's or under it (its token
     counter, its Message Batches API): `v1/messages`, anywhere in the path (a route's
-    prefix may come before it), in any case, as endpoints are known (`proxy.endpoints`)."""
-    parts = [p for p in path.split("?")[0].lower().split("/") if p]
-    return any(parts[i:i + 2] == ["v1", "messages"] for i in range(len(parts) - 1))
+    prefix may come before it), as endpoints are known (`proxy.endpoints.folded_path`: in any
+    case, without matrix parameters)."""
+    parts = folded_path(path)
+    return any(parts[i:i + 2] == ("v1", "messages") for i in range(len(parts) - 1))
 
 
 def anthropic_body_of(exc: ProxyError) -> dict:

@@ -14,7 +14,8 @@ connections that send nothing, or a header byte now and then (slowloris), stayed
 for good, each a file descriptor. A head must be whole `HEAD_TIMEOUT` seconds after the
 connection opened or its last response ended: else 408 in the envelope (or, with no byte
 of it sent, only the close). A body is not the head's: `server.request_timeout` bounds
-it, as it bounds the whole request.
+it, as it bounds the whole request; but the rest of a body after its early answer (a 413,
+a 401) bounds nothing else, so it is the next head's wait, and closed when that ends.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class FrontDoor(HttpToolsProtocol):
         self.head_begun = False  # a byte of the awaited head has come
         self.lingering = False
         self.head_timer = None
+        self.refused: ProxyError | None = None  # to answer once the responses in progress end (`refuse`)
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -68,16 +70,19 @@ class FrontDoor(HttpToolsProtocol):
             self.head_timer = None
 
     def head_timed_out(self) -> None:
+        """Armed only while idle (`await_head`), so a request under way never meets it; out
+        of the head here is a body still arriving after its early answer (a 413, a 401),
+        whose bytes would otherwise hold the connection for good: closed, as answered."""
         self.head_timer = None
-        if self.transport.is_closing() or not self.in_head:
+        if self.transport.is_closing():
             return
-        if self.head_begun:
+        if self.in_head and self.head_begun:
             self.refuse(HeadTimeout(f"the request head did not arrive within {self.HEAD_TIMEOUT:g}s"))
         else:
             self.transport.close()
 
     def data_received(self, data: bytes) -> None:
-        if self.lingering:  # refused: read and dropped until the close
+        if self.lingering or self.refused is not None:  # refused: read and dropped until the close
             return
         counted = self.in_head
         self.head_begun = self.head_begun or counted
@@ -98,22 +103,29 @@ class FrontDoor(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if self.timeout_keep_alive_task is not None:  # idle, not answering a pipelined request next
+        if self.refused is not None:
+            self.refuse(self.refused)
+        elif self.timeout_keep_alive_task is not None:  # idle, not answering a pipelined request next
             self.await_head()
 
     def refuse(self, exc: ProxyError) -> None:
-        """Answer `exc` and close; only closed while an earlier response is still going
-        (a pipelining client), which the answer's bytes would run into."""
-        if self.cycle is None or self.cycle.response_complete:
-            body = json.dumps(body_of(exc)).encode()
-            head = [STATUS_LINE[exc.status]]
-            head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
-            head += [b"content-type: application/json\r\n", b"content-length: %d\r\n" % len(body),
-                     b"connection: close\r\n\r\n"]
-            self.transport.write(b"".join(head) + body)
-            self.transport.write_eof()
-            self.lingering = True
-            self.loop.call_later(LINGER, self.transport.close)
-        else:
-            self.transport.close()
+        """Answer `exc` and close. Behind a response still going (a pipelining client),
+        whose bytes the answer would run into, reading stops and the answer waits for the
+        responses before it to end (`on_response_complete`), so they end whole."""
+        if self.transport.is_closing():
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.refused = exc
+            self.flow.pause_reading()
+            return
+        self.refused = None
+        body = json.dumps(body_of(exc)).encode()
+        head = [STATUS_LINE[exc.status]]
+        head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
+        head += [b"content-type: application/json\r\n", b"content-length: %d\r\n" % len(body),
+                 b"connection: close\r\n\r\n"]
+        self.transport.write(b"".join(head) + body)
+        self.transport.write_eof()
+        self.lingering = True
+        self.loop.call_later(LINGER, self.transport.close)
         self.logger.warning("%s", exc)

@@ -337,8 +337,9 @@ async def discard(task: asyncio.Task | None) -> None:
     if task is None:
         return
     task.cancel()
-    try:
-        response = await task
-    except (asyncio.CancelledError, Exception):  # cancelled or failed: nothing to close
+    # `wait`, not `await task`: a cancellation of this task then goes on up, where
+    # awaiting the task itself raised it as the task's own, and it was swallowed.
+    await asyncio.wait((task,))
+    if task.cancelled() or task.exception() is not None:  # nothing to close
         return
-    await response.aclose()
+    await task.result().aclose()

@@ -26,7 +26,7 @@ from .errors import (BadRequest, ClientClosed, Forbidden, NotFound, Overloaded, 
                      RequestTimeout, ShuttingDown, Unauthorized, UnsupportedCoding, anthropic_path, error_event,
                      error_response)
 from . import batch, moderations
-from .endpoints import guarded_endpoint, unread_endpoint
+from .endpoints import folded_path, guarded_endpoint, unread_endpoint
 from .metrics import Metrics
 from .guarding import GuardedCall, cache_salt
 from .records import AuditLog, Exchange
@@ -71,7 +71,9 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def json_endpoint(path: str, method: str) -> bool:
-    return method == "POST" and path.rstrip("/").lower().endswith(JSON_ENDPOINTS)
+    """Known as the guard knows endpoints (`folded_path`: any case, matrix parameters left out),
+    so that a stream to `chat/completions;x=1` takes a stream slot as the guard reads it."""
+    return method == "POST" and "/".join(folded_path(path)).endswith(JSON_ENDPOINTS)
 
 
 # How a compressed body starts (no JSON text can): gzip, zstd, and zlib's usual header.
@@ -122,8 +124,8 @@ class Proxy:
         self.metrics = metrics or Metrics()
         self.active_streams = 0
         self.drain_at: float | None = None  # when requests still going end (`drain`)
-        self._waits: set[asyncio.Timeout] = set()  # the deadlines a drain moves: answers and body reads awaited
-        self._readers: set[asyncio.Task] = set()  # tasks awaiting a body's next piece with no deadline (`_next`)
+        self._waits: set[asyncio.Timeout] = set()  # the deadlines a drain moves: bodies and answers awaited
+        self._readers: set[asyncio.Task] = set()  # tasks awaiting with no deadline armed (`_until_end`)
         self._woken: set[asyncio.Task] = set()  # those the drain has cancelled (`_wake`)
         self.cache_scope = holder.current.guard.prefix_cache_scope  # read at start-up, as the guard is
 
@@ -149,14 +151,11 @@ class Proxy:
         path = normalize_path(request.scope.get("raw_path", b"").decode("latin-1") or request.url.path)
         # On the head, before the body: a client without a key gets no body read or parsed.
         key_name = self._authenticate(request, config)
-        if deadline is None:  # no scope to enter (7 us a request): a drain does not move this wait
-            body = await read_body(request, config.server.max_body_bytes)
-        else:
-            try:
-                async with asyncio.timeout_at(deadline):
-                    body = await read_body(request, config.server.max_body_bytes)
-            except TimeoutError:
-                raise RequestTimeout(f"the request body did not arrive within {timeout}s") from None
+        try:  # ended as the answer's wait is: at the deadline, or by a drain with a 503
+            body = await self._until_end(read_body(request, config.server.max_body_bytes), deadline,
+                                         asyncio.current_task())
+        except TimeoutError:
+            raise self._ended(deadline, timeout) from None
         payload = parse_json_object(body) if json_endpoint(path, request.method) else None
         # Routed before a stream slot is taken: a refused stream is counted under its route,
         # and a client without a key or a route hears so, not that the proxy is busy.
@@ -202,29 +201,38 @@ class Proxy:
         """Shutdown has begun (`proxy.server`): a request still going `after` seconds from
         now ends then, before the server's grace period runs out and it cancels what is left
         (which the client sees as a broken body, or a bare 500 before the answer began): a
-        request not answered yet with a 503 `server_shutting_down`, a body still going as
-        `_finishing` ends it."""
+        request not answered yet (its body still arriving, or its answer awaited) with a 503
+        `server_shutting_down`, a body still going as `_finishing` ends it."""
         loop = asyncio.get_running_loop()
         self.drain_at = loop.time() + after
-        for scope in self._waits:  # awaited now: an answer (a 503 then), or a body's next bytes
+        for scope in self._waits:  # awaited now: a request body, an answer (a 503 then), or a body's next bytes
             if scope.when() is None or self.drain_at < scope.when():
                 scope.reschedule(self.drain_at)
         loop.call_at(self.drain_at, self._wake)
 
     def _wake(self) -> None:
-        """The drain's time has come: bodies waiting with no deadline (`_next`) end now."""
+        """The drain's time has come: waits with no deadline armed (`_until_end`) end now."""
         for task in self._readers:
             self._woken.add(task)
             task.cancel()
 
-    async def _next(self, body: AsyncIterator[bytes], task: asyncio.Task) -> bytes:
-        """The body's next piece, waited for with no deadline and no timeout armed (a timeout
-        costs 10-20 us a piece, on every stream); a drain that comes meanwhile ends the wait
-        as a deadline would, with a `TimeoutError` (`_wake`). `task` is the current one,
-        looked up once per body by the caller rather than once per piece."""
+    async def _until_end(self, step: Awaitable[bytes], deadline: float | None, task: asyncio.Task) -> bytes:
+        """`step`'s result, or a `TimeoutError` once the request reaches `_end(deadline)`:
+        at its deadline, or when a drain comes meanwhile (`drain` moves an armed timeout,
+        `_wake` cancels a wait with none). With neither, no timeout is armed (one costs
+        10-20 us, on every piece of every stream). `task` is the current one, looked up
+        once per body by the caller rather than once per piece."""
+        end = self._end(deadline)
+        if end is not None:
+            async with asyncio.timeout_at(end) as scope:
+                self._waits.add(scope)
+                try:
+                    return await step
+                finally:
+                    self._waits.discard(scope)
         self._readers.add(task)
         try:
-            return await anext(body)
+            return await step
         except asyncio.CancelledError:
             if task not in self._woken or task.cancelling() > 1:  # not the drain's, or not its alone
                 raise
@@ -260,16 +268,7 @@ class Proxy:
         try:
             while True:
                 try:
-                    end = self._end(deadline)
-                    if end is None:  # no timeout to arm (the default): a drain wakes the wait (`_wake`)
-                        chunk = await self._next(body, task)
-                    else:
-                        async with asyncio.timeout_at(end) as scope:
-                            self._waits.add(scope)  # a drain that comes first moves its end (`drain`)
-                            try:
-                                chunk = await anext(body)
-                            finally:
-                                self._waits.discard(scope)
+                    chunk = await self._until_end(anext(body), deadline, task)
                 except StopAsyncIteration:
                     return
                 except TimeoutError:

@@ -8,6 +8,7 @@ line per request with every decision and, for streams, each choice's score traje
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -82,7 +83,9 @@ class AuditLog:
     is logged at ERROR, and how many were lost once lines are written again. Lines go
     straight to the file (`os.write`, no buffer), so a lost line is not written later by
     the next one or at close (which raised at shutdown), and a line cut short by a full
-    disk is ended before the next, so every other line still parses.
+    disk is ended before the next, so every other line still parses. A line written after
+    `close` (a response uvicorn cancelled, cleaned up as the app stops) is lost too, never
+    written through a descriptor number the process may have given to another file.
 
     Lines go to the file `path` names when written: a file moved away (logrotate's
     default, move then create) or removed is let go and `path` opened (created) anew, as
@@ -103,6 +106,8 @@ class AuditLog:
         with self._lock:
             written = 0
             try:
+                if self._fd < 0:  # closed with the app: its number may be another file's now
+                    raise OSError(errno.EBADF, "the audit log is closed")
                 if self._moved():
                     self._open()
                 if self._cut_short:
@@ -138,4 +143,6 @@ class AuditLog:
 
     def close(self) -> None:
         with self._lock:
-            os.close(self._fd)
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1

@@ -144,10 +144,13 @@ def client_location(location: str, base_url: str, prefix: str) -> str:
     (absolute, or a path from its root) names the route's prefix in its place, as nginx's
     `proxy_redirect default` does; a path-only reference, so `Host` is never echoed. An
     upstream's server redirects at its own address (Starlette's trailing-slash 307), which
-    a client that follows redirects would reach straight, past the proxy and its guard.
-    Elsewhere, or relative to the request's own path (the same through the proxy): as sent."""
+    a client that follows redirects would reach straight, past the proxy and its guard
+    (`//host/path` too, which the client resolves against its own scheme). Elsewhere, or
+    relative to the request's own path (the same through the proxy): as sent."""
     base, target = urlsplit(base_url), urlsplit(location)
-    if target.netloc and (target.scheme.lower(), target.netloc.lower()) != (base.scheme, base.netloc.lower()):
+    # A network-path reference (`//host/path`) has the scheme of the request it answers.
+    if target.netloc and ((target.scheme.lower() or base.scheme), target.netloc.lower()) != \
+            (base.scheme, base.netloc.lower()):
         return location
     if not target.path.startswith("/"):
         return location

@@ -407,6 +407,7 @@ def test_an_upstream_redirect_points_back_through_the_proxy(katan_url):
     ("http://vllm:8000/v1/models", "http://vllm:8000/v1", "/v1", "/v1/models"),
     ("HTTP://VLLM:8000/v1/models?a=1#f", "http://vllm:8000/v1", "/team/v1", "/team/v1/models?a=1#f"),
     ("/v1/models", "http://vllm:8000/v1", "/team/v1", "/team/v1/models"),
+    ("//vllm:8000/v1/models", "http://vllm:8000/v1", "/v1", "/v1/models"),  # a network-path reference
     ("http://vllm:8000/", "http://vllm:8000", "/", "/"),
     ("http://vllm:8000/v1", "http://vllm:8000/v1", "/up", "/up"),
     ("http://vllm:8000/docs", "http://vllm:8000/v1", "/v1", "http://vllm:8000/docs"),  # outside the base: as sent

@@ -102,3 +102,43 @@ def test_a_head_that_never_ends_or_never_starts_is_closed_after_the_head_timeout
             time.sleep(QuickDoor.HEAD_TIMEOUT * 1.5)
             sock.sendall(body[1:])
             assert answer(sock).startswith(b"HTTP/1.1 200 ")
+
+
+def test_a_pipelined_head_too_large_waits_for_the_response_in_progress(scripted):
+    """A client that pipelines a head over the bound behind a stream still going: the
+    stream ends whole, then the 431. (The connection was closed at once, cutting the
+    earlier response short.)"""
+    app = build_app(ConfigHolder(parse_config(unguarded_yaml(scripted[0]))))
+    words = " ".join(f"w{i}" for i in range(50))  # 50 chunks, 10 ms apart
+    body = json.dumps({"model": "m", "stream": True}).encode()
+    with LiveServer(app, http=FrontDoor) as proxy:
+        with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                         b"x-script: slowtext:" + words.encode() + b"\r\ncontent-length: %d\r\n\r\n" % len(body)
+                         + body + b"GET /v1/models HTTP/1.1\r\nx-pad: " + b"a" * (2 * MAX_HEAD))
+            reply = answer(sock)
+    first, _, rest = reply.partition(b"data: [DONE]")
+    assert first.startswith(b"HTTP/1.1 200 ") and b"w49" in first, reply[-300:]
+    assert b"HTTP/1.1 431 " in rest, reply[-300:]
+
+
+def test_a_body_dripped_after_an_early_answer_is_closed_after_the_head_timeout(scripted):
+    """A request answered before its body came (413 on its Content-Length, 401 on its
+    head) whose client then drips the body: no timer was left, as every byte stopped
+    uvicorn's keep-alive timer and the head's ignored body bytes, so the connection
+    stayed open for good. It closes `HEAD_TIMEOUT` after the answer, as an idle one does."""
+    app = build_app(ConfigHolder(parse_config(unguarded_yaml(scripted[0]))))
+    with LiveServer(app, http=QuickDoor) as proxy:
+        with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 999999999999\r\n\r\n{")
+            started, closed = time.monotonic(), False
+            while time.monotonic() - started < QuickDoor.HEAD_TIMEOUT * 4 and not closed:
+                time.sleep(0.1)
+                try:
+                    sock.sendall(b" ")
+                except OSError:
+                    closed = True
+                    break
+                if select.select([sock], [], [], 0)[0]:
+                    closed = not sock.recv(65536)
+        assert closed and time.monotonic() - started < QuickDoor.HEAD_TIMEOUT * 3

@@ -820,3 +820,32 @@ def test_endpoints_are_known_whatever_the_case_of_their_path(scripted, path, exp
     else:
         assert reply.json()["error"]["code"] == "unguarded_endpoint"
     assert len(recorder.requests) == before
+
+
+def test_discarding_the_parallel_upstream_call_never_swallows_a_cancellation():
+    """A request cancelled (its client gone, its deadline passed) while it waits for the
+    upstream call it started in parallel to finish cancelling: the cancellation goes on
+    up. (`discard` took it for the call's own and returned, so a steered request went on
+    to send itself upstream again for nobody.)"""
+    from proxy.guarding import discard
+
+    async def upstream_call():
+        try:
+            await asyncio.sleep(10)
+        finally:
+            await asyncio.shield(asyncio.sleep(0.2))  # its cleanup takes a moment
+
+    async def prompt_stage(pending):
+        await discard(pending)
+        return "went on"
+
+    async def main():
+        pending = asyncio.create_task(upstream_call())
+        await asyncio.sleep(0)
+        stage = asyncio.create_task(prompt_stage(pending))
+        await asyncio.sleep(0.05)  # discard waits for the call's cleanup
+        stage.cancel()
+        return await asyncio.gather(stage, return_exceptions=True)
+
+    [result] = asyncio.run(main())
+    assert isinstance(result, asyncio.CancelledError), result

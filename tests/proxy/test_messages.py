@@ -93,11 +93,12 @@ def test_block_and_bad_requests_are_anthropic_errors(scripted):
         broken = httpx.post(proxy.url + "/v1/messages", content=b"{not json")
         # guarded as Messages whatever the path's case: its errors were OpenAI's shape there
         cased = httpx.post(proxy.url + "/v1/Messages", content=b"{not json")
+        matrix = httpx.post(proxy.url + "/v1/messages;x=1", content=b"{not json")  # and with matrix parameters
     assert blocked.value.body["error"]["code"] == "content_filter"
     assert blocked.value.body["type"] == "error" and blocked.value.body["error"]["type"] == "invalid_request_error"
     assert "blocked" in blocked.value.message
     assert "messages[0].content" in shapeless.value.message
-    for reply in (missing, broken, cased):
+    for reply in (missing, broken, cased, matrix):
         assert reply.status_code == 400 and reply.json()["type"] == "error"
         assert reply.json()["error"]["type"] == "invalid_request_error"
     assert "messages" in missing.json()["error"]["message"] and "JSON" in broken.json()["error"]["message"]

@@ -140,6 +140,34 @@ def test_concurrent_stream_limit_is_503_with_retry_after(scripted):
     assert plain.status_code == 200 and again.status_code == 200
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions;x=1", "/v1/Chat/Completions"])
+def test_a_stream_on_another_spelling_of_its_endpoint_takes_a_slot(scripted, path):
+    """A path the guard knows as chat (matrix parameters, another case: `proxy.endpoints`)
+    is a stream under `max_concurrent_streams` too. (`;x=1` was read as no JSON endpoint,
+    so such streams went past the limit.)"""
+    url, _ = scripted
+    with running_proxy(config(url, server="  max_concurrent_streams: 1", prompt="{action: off}",
+                              response="{action: off}"), None) as proxy:
+        opened = threading.Event()
+        release = threading.Event()
+
+        def hold():
+            with httpx.stream("POST", proxy.url + "/v1/chat/completions", headers={"x-script": "stall-after:1"},
+                              json={"model": "m", "stream": True}) as response:
+                chunks = response.iter_raw()  # kept: a dropped iterator would close the stream
+                next(chunks)
+                opened.set()
+                release.wait(10)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        assert opened.wait(10)
+        refused = httpx.post(proxy.url + path, headers={"x-script": "text:ok"}, json={"model": "m", "stream": True})
+        release.set()
+        holder.join()
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "overloaded"
+
+
 def test_request_deadline(scripted):
     url, recorder = scripted
     with running_proxy(config(url, server="  request_timeout: 0.5", prompt="{action: off}",
@@ -264,6 +292,21 @@ def test_the_audit_log_follows_its_path_when_rotated_or_removed(scripted, tmp_pa
     rotated, current = tmp_path / "audit.jsonl.1", audit
     assert len(rotated.read_text().splitlines()) == 1  # the later lines went here, and were lost with it
     assert len(current.read_text().splitlines()) == 1  # written again where the config says
+
+
+def test_an_audit_line_after_close_goes_nowhere_else(tmp_path, caplog):
+    """A request that ends after the audit log closed (uvicorn cancels what is left at its
+    grace period's end and closes the app at once; the cancelled responses' cleanup then
+    writes their lines): the line is lost, not written through a file descriptor the
+    closed log no longer owns, which the process may have given to another file."""
+    from proxy.records import AuditLog, Exchange
+
+    log = AuditLog(str(tmp_path / "audit.jsonl"))
+    log.close()
+    with open(tmp_path / "other", "w"):  # takes the freed descriptor
+        log.write(Exchange(route="r", policy="p", endpoint="chat/completions", stream=False))
+    assert (tmp_path / "other").read_text() == ""
+    assert (tmp_path / "audit.jsonl").read_text() == ""
 
 
 def test_request_deadline_ends_a_stream_its_client_does_not_read(scripted):

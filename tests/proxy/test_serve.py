@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -206,6 +207,27 @@ def test_shutdown_answers_a_request_still_waiting_for_its_upstream(tmp_path, str
             assert serve.proc.wait(timeout=15) == -signal.SIGTERM
     assert response.status_code == 503 and took < 5
     assert response.json()["error"]["code"] == "server_shutting_down"
+
+
+@pytest.mark.parametrize("timeout", ["", "  request_timeout: 60\n"])
+def test_shutdown_answers_a_request_whose_body_is_still_coming(tmp_path, scripted, timeout):
+    """SIGTERM while a client is still sending its body: it gets the 503
+    `server_shutting_down` around `shutdown_timeout` (1.5 s), as a request waiting for its
+    upstream does. (The body read did not see the drain: uvicorn cancelled it at its grace
+    period's end, a bare 500.)"""
+    path = tmp_path / "config.yaml"
+    path.write_text("server:\n  shutdown_timeout: 1.5\n" + timeout + config_text(scripted[0]))
+    with Serve(path) as serve, socket.create_connection(("127.0.0.1", serve.port)) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     b"content-length: 100\r\n\r\n{\"model\": ")
+        time.sleep(0.5)  # the body is being read
+        serve.proc.send_signal(signal.SIGTERM)
+        sock.settimeout(10)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        assert serve.proc.wait(timeout=15) == -signal.SIGTERM
+    assert answer.startswith(b"HTTP/1.1 503") and b"server_shutting_down" in answer
 
 
 def test_the_config_watcher_outlives_a_reload_that_raises(caplog):

@@ -499,9 +499,29 @@ def _route(r: Section, i: int, upstreams: Mapping, policies: Mapping, key_names:
     )
 
 
+def route_rest(prefix: str, path: str) -> str | None:
+    """What follows `prefix` in `path`, or None if `path` is not under it. Whole segments
+    match, each in any case and without matrix parameters (`;x=1`), as the proxy knows
+    endpoints (`proxy.endpoints.folded`): an upstream that ignores case (Express, ASP.NET)
+    or strips `;params` (Tomcat, Spring) serves `/V1;x=1/chat/completions` as
+    `/v1/chat/completions`, so a route must take it as that path's route."""
+    if prefix == "/":
+        return path
+    want = [_fold(segment) for segment in prefix.split("/") if segment]
+    parts = path.split("/")  # ["", segment, ...]: routed paths start with "/"
+    if [_fold(segment) for segment in parts[1:len(want) + 1]] != want:
+        return None
+    rest = parts[len(want) + 1:]
+    return "/" + "/".join(rest) if rest else ""
+
+
+def _fold(segment: str) -> str:
+    return segment.split(";", 1)[0].lower()
+
+
 def prefix_covers(outer: str, inner: str) -> bool:
-    """Whether every path under `inner` is also under `outer` (whole segments)."""
-    return outer == "/" or inner == outer or inner.startswith(outer + "/")
+    """Whether every path under `inner` is also under `outer` (`route_rest`)."""
+    return route_rest(outer, inner) is not None
 
 
 def shadows(earlier: Route, later: Route) -> bool:

@@ -2,7 +2,8 @@
 
 Routes are tried in order and the first match wins. A route matches when the path is its
 prefix or lies under it by whole segments (`/v1` matches `/v1/chat/completions`, never
-`/v1x`), and each of its conditions that is set holds: the body's `model` matches the
+`/v1x`; each segment in any case and without matrix parameters, as endpoints are known:
+`policies.config.route_rest`), and each of its conditions that is set holds: the body's `model` matches the
 glob (a request without a string `model` fails a model condition), the header is present
 with a value matching the glob (a header given twice with two values is refused, not read
 by its order), the request authenticated with the named API key.
@@ -23,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-from policies.config import Config, Policy, Route, Upstream, prefix_covers
+from policies.config import Config, Policy, Route, Upstream, route_rest
 from policies.errors import RoutingHeaderError, UnsafePathError
 
 _ENCODED_UNSAFE = re.compile(r"%(?:2f|2e|5c|00)", re.IGNORECASE)
@@ -65,7 +66,8 @@ def check_path(path: str) -> None:
         raise UnsafePathError("the request path contains '//', a backslash or a control character")
     if _ENCODED_UNSAFE.search(path):
         raise UnsafePathError("the request path contains an encoded '/', '.', '\\' or NUL")
-    if any(segment in (".", "..") for segment in path.split("/")):
+    # `..;x` too: servers that strip matrix parameters (Tomcat, Spring) read it as `..`
+    if any(segment.split(";", 1)[0] in (".", "..") for segment in path.split("/")):
         raise UnsafePathError("the request path contains a '.' or '..' segment")
 
 
@@ -83,7 +85,7 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
 def route_matches(
     route: Route, path: str, *, model: str | None, headers: Mapping[str, str], api_key_name: str | None
 ) -> bool:
-    if not prefix_covers(route.prefix, path):
+    if route_rest(route.prefix, path) is None:
         return False
     if route.model is not None and not (isinstance(model, str) and fnmatchcase(model, route.model)):
         return False
@@ -107,7 +109,7 @@ def match_route(
     headers = headers or {}
     for route in config.routes:
         if route_matches(route, path, model=model, headers=headers, api_key_name=api_key_name):
-            rest = path if route.prefix == "/" else path[len(route.prefix):]
+            rest = route_rest(route.prefix, path)
             return RouteMatch(route, config.upstreams[route.upstream], config.policies[route.policy], rest)
     return None
 

@@ -37,7 +37,15 @@ MATCHES = [
     ("/kids/v1/chat/completions", None, {}, None, "kids-prefix", "/chat/completions"),
     ("/kids/v1/chat/completions", "gpt-4o", {}, None, "kids-prefix", "/chat/completions"),
     ("/kids/v1x", None, {}, None, "root", "/kids/v1x"),
-    ("/KIDS/v1/chat/completions", None, {}, None, "root", "/KIDS/v1/chat/completions"),
+    # prefixes match segments in any case and without matrix parameters, as endpoints are
+    # known: a strict route's path reached a laxer route by its case or a `;param` (it was
+    # "root" here), which an upstream that ignores case (Express) or strips `;params`
+    # (Tomcat) serves as the strict route's endpoint
+    ("/KIDS/v1/chat/completions", None, {}, None, "kids-prefix", "/chat/completions"),
+    ("/kids;x=1/V1/chat/completions", None, {}, None, "kids-prefix", "/chat/completions"),
+    ("/kids/v1;x=1/chat/completions", None, {}, None, "kids-prefix", "/chat/completions"),
+    ("/kids/v1;x=1", None, {}, None, "kids-prefix", ""),
+    ("/kids/v1x;x=1", None, {}, None, "root", "/kids/v1x;x=1"),
     ("/v1/chat/completions", None, {"x-tenant": "kids"}, None, "kids-header", "/chat/completions"),
     ("/v1/chat/completions", None, {"X-TENANT": "kiddo"}, None, "kids-header", "/chat/completions"),
     ("/v1/chat/completions", None, {"x-tenant": "adults"}, None, "default", "/chat/completions"),
@@ -121,6 +129,11 @@ UNSAFE = [
     "/v1\\..\\admin",
     "/v1/chat%00",
     "/v1/chat\ncompletions",
+    # a dot segment with matrix parameters: Tomcat and Spring strip `;x` and then climb out
+    # of the base path (`/v1/..;/admin` is `/admin` to them)
+    "/v1/..;/admin",
+    "/v1/..;x=1/admin",
+    "/v1/.;x/models",
 ]
 
 

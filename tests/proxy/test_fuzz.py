@@ -113,11 +113,13 @@ def is_envelope(body: object, *, anthropic: bool = False) -> bool:
 
 
 def stays_under_base(raw_path: bytes) -> bool:
-    """What an upstream that decodes and normalises the path would serve stays under /v1."""
+    """What an upstream that decodes and normalises the path would serve stays under /v1
+    (the route's prefix, which matches each segment in any case and without matrix
+    parameters: `/V1;x/` is under it, and forwarded as the base URL's `/`)."""
     decoded = unquote(raw_path.decode("latin-1"))
     if "\\" in decoded:
         return False
-    normal = posixpath.normpath(decoded)
+    normal = "/".join(s.split(";", 1)[0].lower() for s in posixpath.normpath(decoded).split("/"))
     return normal == "/v1" or normal.startswith("/v1/")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -104,29 +106,37 @@ def test_a_client_without_a_proxy_key_is_401_before_its_body_is_read(scripted):
     assert len(recorder.requests) == before
 
 
+@contextlib.contextmanager
+def one_stream_open(proxy) -> Iterator[None]:
+    """A stream held open (the scripted upstream stalls after one chunk) for the block."""
+    opened, release = threading.Event(), threading.Event()
+
+    def hold():
+        with httpx.stream("POST", proxy.url + "/v1/chat/completions", headers={"x-script": "stall-after:1"},
+                          json={"model": "m", "stream": True}) as response:
+            chunks = response.iter_raw()  # kept: a dropped iterator would close the stream
+            next(chunks)
+            opened.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert opened.wait(10)
+        yield
+    finally:
+        release.set()
+        holder.join()
+
+
 def test_concurrent_stream_limit_is_503_with_retry_after(scripted):
     url, _ = scripted
     with running_proxy(config(url, server="  max_concurrent_streams: 1", prompt="{action: off}",
                               response="{action: off}"), None) as proxy:
-        opened = threading.Event()
-        release = threading.Event()
-
-        def hold():
-            with httpx.stream("POST", proxy.url + "/v1/chat/completions", headers={"x-script": "stall-after:1"},
-                              json={"model": "m", "stream": True}) as response:
-                chunks = response.iter_raw()  # kept: a dropped iterator would close the stream
-                next(chunks)
-                opened.set()
-                release.wait(10)
-
-        holder = threading.Thread(target=hold)
-        holder.start()
-        assert opened.wait(10)
-        refused = httpx.post(proxy.url + "/v1/chat/completions", json={"model": "m", "stream": True})
-        plain = httpx.post(proxy.url + "/v1/chat/completions", headers={"x-script": "text:ok"},
-                           json={"model": "m"})  # non-streaming requests are not limited by it
-        release.set()
-        holder.join()
+        with one_stream_open(proxy):
+            refused = httpx.post(proxy.url + "/v1/chat/completions", json={"model": "m", "stream": True})
+            plain = httpx.post(proxy.url + "/v1/chat/completions", headers={"x-script": "text:ok"},
+                               json={"model": "m"})  # non-streaming requests are not limited by it
         time.sleep(0.2)
         again = httpx.post(proxy.url + "/v1/chat/completions", headers={"x-script": "text:ok"},
                            json={"model": "m", "stream": True})
@@ -148,23 +158,8 @@ def test_a_stream_on_another_spelling_of_its_endpoint_takes_a_slot(scripted, pat
     url, _ = scripted
     with running_proxy(config(url, server="  max_concurrent_streams: 1", prompt="{action: off}",
                               response="{action: off}"), None) as proxy:
-        opened = threading.Event()
-        release = threading.Event()
-
-        def hold():
-            with httpx.stream("POST", proxy.url + "/v1/chat/completions", headers={"x-script": "stall-after:1"},
-                              json={"model": "m", "stream": True}) as response:
-                chunks = response.iter_raw()  # kept: a dropped iterator would close the stream
-                next(chunks)
-                opened.set()
-                release.wait(10)
-
-        holder = threading.Thread(target=hold)
-        holder.start()
-        assert opened.wait(10)
-        refused = httpx.post(proxy.url + path, headers={"x-script": "text:ok"}, json={"model": "m", "stream": True})
-        release.set()
-        holder.join()
+        with one_stream_open(proxy):
+            refused = httpx.post(proxy.url + path, headers={"x-script": "text:ok"}, json={"model": "m", "stream": True})
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "overloaded"
 
 

@@ -325,12 +325,12 @@ class Proxy:
         if policy.unguarded_endpoints == "block":
             refuse_unguarded(request.method, path, url, endpoint, payload, policy)
         raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw]
-        if config.server.auth_required:  # a proxy key in `x-api-key` goes no further, beside `Authorization` too
-            raw = [(k, v) for k, v in raw if k.lower() != "x-api-key" or authenticate(config, f"Bearer {v}") is None]
         # A guarded response is read by the guard, so it must not arrive compressed.
         # Back to bytes as received: httpx would refuse a str value that is not ASCII.
         headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request_headers(
-            raw, match.upstream, identity_encoding=guarded, drop_authorization=config.server.auth_required)]
+            raw, match.upstream, identity_encoding=guarded,
+            proxy_key=(lambda value: authenticate(config, f"Bearer {value}") is not None)
+            if config.server.auth_required else None)]
 
         async def send(content: bytes) -> httpx.Response:
             started = time.perf_counter()

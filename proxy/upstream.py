@@ -10,7 +10,7 @@ reaches the client.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -36,24 +36,24 @@ def hop_by_hop(headers: Iterable[tuple[str, str]]) -> set[str]:
 
 def request_headers(raw: Iterable[tuple[str, str]], upstream: Upstream, *,
                     identity_encoding: bool = False,
-                    drop_authorization: bool = False) -> list[tuple[str, str]]:
+                    proxy_key: Callable[[str], bool] | None = None) -> list[tuple[str, str]]:
     """Headers for the upstream request, in the client's order.
 
     `identity_encoding` asks for an uncompressed body when the proxy must read it (a
     guarded response); pass-through traffic keeps the client's Accept-Encoding.
-    `drop_authorization` is set when the client's key was the proxy's own, which must
-    not travel on to the upstream: its `Authorization`, or its `x-api-key` when it sent
-    no `Authorization` (`proxy.handler.client_key`). An upstream with a key of its own
-    gets that key in place of the client's, whichever header carried them.
+    `proxy_key` is given when the proxy has keys of its own, and tells whether a value is
+    one: the client's `Authorization` then never travels on to the upstream, nor an
+    `x-api-key` holding a proxy key (beside `Authorization` too: a client may send its
+    key in both). An upstream with a key of its own gets that key in place of the
+    client's, whichever header carried them.
     """
     raw = list(raw)
     drop = hop_by_hop(raw) | {"host", "content-length"}
     if upstream.api_key is not None:
         drop |= {"authorization", "x-api-key"}
-    if drop_authorization:
+    if proxy_key is not None:
         drop.add("authorization")
-    if drop_authorization and not any(k.lower() == "authorization" for k, _ in raw):
-        drop.add("x-api-key")
+        raw = [(k, v) for k, v in raw if k.lower() != "x-api-key" or not proxy_key(v)]
     if identity_encoding:
         drop.add("accept-encoding")
     # A field value has no leading or trailing white space (RFC 9110 5.5); the server's

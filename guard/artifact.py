@@ -291,6 +291,22 @@ def write_artifact(
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
-    save_file(tensors, str(folder / WEIGHTS_FILE))
-    (folder / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    # Over an existing artifact, a write cut short (a full disk, a kill) must not leave new
+    # weights beside the old config, which load silently when the shapes agree. So the
+    # config goes first, each file is written beside itself and renamed into place, and
+    # the config comes back last: until then the folder is refused as incomplete.
+    (folder / CONFIG_FILE).unlink(missing_ok=True)
+    _replace(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp)))
+    text = json.dumps(config.to_dict(), indent=2) + "\n"
+    _replace(folder / CONFIG_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return config
+
+
+def _replace(target: Path, write) -> None:
+    """Write `target` through a temporary sibling renamed over it: whole or not at all."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -141,3 +141,39 @@ def test_auto_dtype(monkeypatch, device, native, expect):
     monkeypatch.setattr(backbone, "cpu_has_native_bf16", lambda: native)
     assert backbone.resolve_dtype("auto", torch.device(device)) == expect
     assert backbone.resolve_dtype("float32", torch.device(device)) == torch.float32
+
+
+@pytest.mark.parametrize("fails", ["weights", "config"])
+def test_a_write_cut_short_over_an_artifact_leaves_it_refused_never_mixed(tmp_path, config, monkeypatch, fails):
+    """Retraining into the same folder with the same shapes: a write cut short between the
+    two files used to leave new weights beside the old config, which loaded silently."""
+    make_artifact(tmp_path, config)
+    _, state = read_artifact(tmp_path)
+    new = {k: v + 1.0 for k, v in state.items()}
+    import safetensors.torch
+
+    real_save, real_replace = safetensors.torch.save_file, __import__("os").replace
+
+    def save_file(tensors, filename, *a, **k):
+        if fails == "weights":
+            with open(filename, "wb") as f:
+                f.write(b"partial")
+            raise OSError(28, "No space left on device")
+        return real_save(tensors, filename, *a, **k)
+
+    def replace(src, dst):
+        if fails == "config" and str(dst).endswith("siren_config.json"):
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    monkeypatch.setattr("guard.artifact.os.replace", replace)
+    with pytest.raises(OSError, match="No space"):
+        write_artifact(tmp_path, config, new)
+    monkeypatch.undo()
+    with pytest.raises(ArtifactError, match="siren_config.json does not exist"):
+        read_artifact(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["siren.safetensors"]  # no temporary left
+    write_artifact(tmp_path, config, new)  # the next write completes it
+    _, again = read_artifact(tmp_path)
+    assert all(torch.equal(again[k], new[k]) for k in new)

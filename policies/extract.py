@@ -215,16 +215,28 @@ def _completion_prompt(body: Mapping) -> str | None:
         if body.get("prompt_embeds") is not None:
             return None  # vLLM's `prompt_embeds` alone: embeddings, not scoreable
         raise RequestShapeError("Missing required parameter: 'prompt'.", param="prompt")
+    suffix = _suffix(body)
     if isinstance(prompt, str):
-        return prompt
+        return prompt + suffix
     if _is_list(prompt):
         if all(isinstance(p, str) for p in prompt):
-            return "\n".join(prompt)
+            return "\n".join(p + suffix for p in prompt)
         if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt) or all(
             _is_list(p) and all(isinstance(t, int) and not isinstance(t, bool) for t in p) for p in prompt
         ):
             return None  # token ids: not scoreable (see module docstring)
     raise RequestShapeError("'prompt' must be a string, a list of strings, or token ids", param="prompt")
+
+
+def _suffix(body: Mapping) -> str:
+    """A completions `suffix` (insertion: the text after the completion) as it is read
+    with each prompt: the model conditions on it as it does on the prompt."""
+    suffix = body.get("suffix")
+    if suffix is None or suffix == "":
+        return ""
+    if not isinstance(suffix, str):
+        raise RequestShapeError("'suffix' must be a string", param="suffix")
+    return "\n" + suffix
 
 
 def completion_prompts(body: Mapping) -> list[str | None]:
@@ -239,7 +251,7 @@ def completion_prompts(body: Mapping) -> list[str | None]:
     if prompt is None:
         return embedded or [None]
     if _is_list(prompt) and prompt and all(isinstance(p, str) for p in prompt):
-        return embedded + list(prompt)
+        return embedded + [p + _suffix(body) for p in prompt]
     if _is_list(prompt) and prompt and all(_is_list(p) for p in prompt):
         return embedded + [None] * len(prompt)
     return embedded + [joined]

@@ -40,6 +40,19 @@ def test_each_prompt_is_scored_on_its_own_and_one_refuses_the_request(scripted):
     assert not any("\n" in call for call in scorer.calls)
 
 
+def test_a_suffix_is_read_with_each_prompt(scripted):
+    """An insertion request's `suffix` is text the model conditions on, as it does on the
+    prompt: a harmful one beside a benign prompt is refused (it used to pass unread)."""
+    url, recorder = scripted
+    before = len(recorder.requests)
+    scorer = KeywordScorer()
+    with running_proxy(policy_yaml(url, prompt=REFUSE), scorer) as proxy:
+        reply = sdk(proxy).completions.create(model="m", prompt=["otters", "haiku"], suffix="and a BOMB")
+    assert texts(reply) == [(0, REFUSAL, "content_filter"), (1, REFUSAL, "content_filter")]
+    assert len(recorder.requests) == before
+    assert {"otters\nand a BOMB", "haiku\nand a BOMB"} <= set(scorer.calls)
+
+
 def test_each_choice_is_scored_with_the_prompt_it_answers(scripted):
     """Choice i answers prompt i // n: with n = 2 the borderline prompt's choices are 2 and
     3, and only they cross (prompt + reply), though all replies are alike."""

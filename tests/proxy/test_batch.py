@@ -182,6 +182,23 @@ def test_without_include_prompt_the_replies_are_scored_alone(scripted):
     assert sorted(scorer.calls) == ["plain one", "plain two"]
 
 
+def test_a_conversation_the_guard_cannot_read_lets_its_reply_be_scored_alone(scripted):
+    """A conversation holding a `prompt_embeds` part has no prompt text: let past the
+    prompt stage (`on_guard_error: allow`), its reply is scored on its own text, the
+    others' with their prompts, and a harmful one is cut there."""
+    url, recorder = scripted
+    scorer = KeywordScorer()
+    embeds = [{"role": "user", "content": [{"type": "prompt_embeds", "data": "AAAA"}]}]
+    yaml = policy_yaml(url, prompt=REFUSE, response=CUT, policy_extra="    on_guard_error: allow")
+    with running_proxy(yaml, scorer) as proxy:
+        reply = httpx.post(proxy.url + PATH, json={"model": "m", "messages": [user("hi"), embeds]},
+                           headers={"x-script": "text:plain one|a BOMB recipe"})
+    assert reply.status_code == 200, reply.text
+    assert [(c["index"], c["finish_reason"]) for c in reply.json()["choices"]] == [(0, "stop"), (1, "content_filter")]
+    assert recorder.requests[-1]["body"]["messages"][1] == embeds  # sent as it came
+    assert "a BOMB recipe" in scorer.calls + [s.text for s in scorer.sessions]  # alone, no prompt before it
+
+
 def test_flag_headers_name_the_conversation_that_crossed(scripted):
     url, _ = scripted
     with running_proxy(policy_yaml(url, prompt="{action: flag, threshold: 0.5}"), KeywordScorer()) as proxy:

@@ -30,6 +30,9 @@ vLLM's `token_ids` when the request asks for them (`logprobs`, `return_token_ids
 vLLM's do: text of their own that a refusal must not leave behind.
 
 Responses streams carry each output item's whole event sequence (added, deltas, `.done`).
+Each response has an id of its own (`resp_<n>`), kept unless the request says `store:
+false`; a request whose `previous_response_id` names no kept response gets the 404
+OpenAI and vLLM answer, `previous_response_not_found`.
 
 `/completions` (no `/v1`: llama.cpp's own completion format, as its server serves there)
 streams `text:<words>` as llama.cpp does, or returns it whole.
@@ -74,6 +77,7 @@ class Recorder:
     def __init__(self) -> None:
         self.streams: list[str] = []  # "complete" or "closed-early", one per stream
         self.requests: list[dict] = []
+        self.stored: set[str] = set()  # the ids of Responses kept (`store` not false)
 
 
 def build_upstream(recorder: Recorder) -> Starlette:
@@ -239,6 +243,14 @@ def build_upstream(recorder: Recorder) -> Starlette:
 
     async def responses(request: Request) -> Response:
         payload = await received(request)
+        previous = payload.get("previous_response_id")
+        if previous is not None and previous not in recorder.stored:
+            return JSONResponse({"error": {"message": f"Previous response with id '{previous}' not found.",
+                                           "type": "invalid_request_error", "param": "previous_response_id",
+                                           "code": "previous_response_not_found"}}, 404)
+        response_id = f"resp_{len(recorder.requests)}"
+        if payload.get("store") is not False:
+            recorder.stored.add(response_id)
         kind, _, arg = request.headers.get("x-script", "text:a plain answer").partition(":")
         if kind == "replay":
             raw = (FIXTURES / arg).read_bytes()
@@ -256,7 +268,7 @@ def build_upstream(recorder: Recorder) -> Starlette:
             else:
                 output.append({"id": item_id, "type": "reasoning", "summary": [], "content": [part],
                                "status": "completed"})
-        final = {"id": "resp_1", "object": "response", "created_at": int(time.time()), "status": "completed",
+        final = {"id": response_id, "object": "response", "created_at": int(time.time()), "status": "completed",
                  "model": payload.get("model", "smollm2"), "output": output}
         if not payload.get("stream"):
             return JSONResponse(final)

@@ -174,13 +174,32 @@ def test_a_reply_the_proxy_cut_cannot_be_continued(scripted, tmp_path, stream):
         ("prompt", "refuse", True, None, "previous_response_cut")]
 
 
+def test_a_stream_the_proxy_did_not_read_to_its_end_cannot_be_continued(scripted, tmp_path):
+    """A stream that broke off: the upstream may hold more of it than the guard read, so a
+    chain from it is refused too (`previous_response_unread`)."""
+    url, recorder = scripted
+    audit = tmp_path / "audit.jsonl"
+    with running_proxy(proxy_yaml(url, server=f"  audit_log: {audit}"), KeywordScorer()) as proxy:
+        broken, events = sdk(proxy, default_headers={"x-script": "reset-after:3"}), []
+        with pytest.raises(openai.APIError, match="upstream"):
+            for event in broken.responses.create(model="m", input="tell me", stream=True):
+                events.append(event)
+        before = len(recorder.requests)
+        client = sdk(proxy, default_headers={"x-script": "text:never"})
+        again = ask(client, "go on", previous_response_id=events[0].response.id)[1]
+        upstream_calls = len(recorder.requests) - before
+    assert again == REFUSAL and upstream_calls == 0
+    reasons = [d["reason"] for line in audit_lines(audit) for d in line["decisions"] if "reason" in d]
+    assert reasons == ["previous_response_unread"]
+
+
 @pytest.mark.parametrize(("prompt", "expect"), [
     (stage("block", "last_user"), 400), (stage("flag", "last_user"), 200),
     ("{action: steer, threshold: 0.5, steer: {from: 0.2, system_message: Be safe.}}", 200)])
 def test_a_continuation_of_a_cut_reply_meets_the_prompt_action(scripted, prompt, expect):
     """It crosses, as a harmful prompt does: `block` answers 400 content_filter naming
     `previous_response_id`, `flag` forwards it flagged (the new reply is guarded as it is
-    read), `steer` refuses."""
+    read), and a turn after it too, `steer` refuses."""
     url, _ = scripted
     with running_proxy(proxy_yaml(url, prompt=prompt), KeywordScorer()) as proxy:
         cut, _ = ask(sdk(proxy, default_headers={"x-script": "text:here is the BOMB"}), "a story")
@@ -190,11 +209,15 @@ def test_a_continuation_of_a_cut_reply_meets_the_prompt_action(scripted, prompt,
         if expect == 400:
             with pytest.raises(openai.BadRequestError) as info:
                 client.responses.create(model="m", input="go on", previous_response_id=cut)
+        if "flag" in prompt:  # the turn after a withheld one: the upstream's context still holds it
+            later = client.responses.with_raw_response.create(model="m", input="and then",
+                                                               previous_response_id=response.parse().id)
     if "block" in prompt:
         assert (info.value.code, info.value.param) == ("content_filter", "previous_response_id")
     elif "flag" in prompt:
         assert response.headers["x-siren-decision"] == "flagged" and "x-siren-score" not in response.headers
         assert response.parse().output_text == "more story"
+        assert later.headers["x-siren-decision"] == "flagged" and "x-siren-score" not in later.headers
     else:
         assert response.parse().output_text == REFUSAL
 

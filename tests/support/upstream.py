@@ -41,6 +41,9 @@ streams `text:<words>` as llama.cpp does, or returns it whole.
 part of `text:a|b|c`, or echoes its last user message; `raw:<body>` sends <body> whole,
 `error:<status>` a vLLM error with that status.
 
+`/v1/responses` takes `text:<words>`, `think:<r>|<words>`, `replay:<file>` and
+`reset-after:<n>` (streamed: n output text deltas, then the connection drops).
+
 `/v1/messages` (the Anthropic Messages API, in vLLM's event order) takes `text:<words>`,
 `think:<r>|<words>` (a thinking block, then the text), `tool:<json>` (a text block "Let
 me check.", then a `tool_use` block whose input JSON streams in pieces),
@@ -256,6 +259,8 @@ def build_upstream(recorder: Recorder) -> Starlette:
             raw = (FIXTURES / arg).read_bytes()
             return await streamed([raw[i:i + 37] for i in range(0, len(raw), 37)])
         reasoning, _, text = arg.partition("|") if kind == "think" else ("", "", arg)
+        if kind == "reset-after":
+            text = " ".join(f"tok{i}" for i in range(int(arg)))
         items = [("message", "msg_1", "output_text", text)]
         if kind == "think":
             items.insert(0, ("reasoning", "rs_1", "reasoning_text", reasoning))
@@ -294,6 +299,11 @@ def build_upstream(recorder: Recorder) -> Starlette:
             chunks.append(event("response.content_part.done", {**where, "part": part}))
             chunks.append(event("response.output_item.done", {"output_index": position, "item": item}))
         chunks.append(event("response.completed", {"response": final}))
+        if kind == "reset-after":  # response.created, the item and its part opened, n deltas: then the drop
+            async def boom():
+                raise ConnectionResetError("scripted reset")
+                yield b""  # pragma: no cover - makes this an async generator
+            return await streamed(chunks[:3 + int(arg)], boom)
         return await streamed(chunks)
 
     async def messages(request: Request) -> Response:

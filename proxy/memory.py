@@ -67,7 +67,7 @@ class ResponsesMemory:
         return len(self._entries)
 
     def get(self, partition: Hashable, response_id: str, *, limit: int) -> Remembered | None:
-        self._trim(limit)
+        self.trim(limit)
         entry = self._entries.get((partition, response_id))
         if entry is not None:
             self._entries.move_to_end((partition, response_id))
@@ -81,9 +81,10 @@ class ResponsesMemory:
         if entry.nbytes <= limit:  # one larger than the whole bound is not kept
             self._entries[key] = entry
             self.nbytes += entry.nbytes
-        self._trim(limit)
+        self.trim(limit)
 
-    def _trim(self, limit: int) -> None:
+    def trim(self, limit: int) -> None:
+        """Evict down to `limit` bytes (a bound a reload lowered)."""
         while self.nbytes > limit:
             _, entry = self._entries.popitem(last=False)
             self.nbytes -= entry.nbytes
@@ -129,6 +130,8 @@ class Chain:
 def look_up(view: MemoryView | None, payload: Mapping) -> Chain:
     """The `Chain` of a Responses request. A `conversation` is never known: items are added
     to one outside the requests the proxy guards (`POST conversations/{id}/items`)."""
+    if view is not None:  # a bound a reload lowered holds from the next request on, chained or not
+        view.memory.trim(view.limit)
     previous = payload.get("previous_response_id")
     if payload.get("conversation") is not None:
         return Chain(unknown="conversation")

@@ -342,9 +342,9 @@ def test_memory_off_remembers_nothing(scripted):
 
 
 def test_a_reload_resizes_the_memory_and_0_empties_it(scripted, tmp_path):
-    """`server.responses_memory_mb` is read by each request: a reload to 0 drops what was
-    remembered (the gauge says 0) and no restart is asked for; a later reload back does
-    not bring it back."""
+    """`server.responses_memory_mb` is read by each request: after a reload to 0 the next
+    Responses request, chained or not, drops what was remembered (the gauge says 0), and
+    no restart is asked for; a later reload back does not bring it back."""
     url, _ = scripted
     path = tmp_path / "config.yaml"
     text = proxy_yaml(url, extra="    unknown_previous_response: block")
@@ -356,9 +356,10 @@ def test_a_reload_resizes_the_memory_and_0_empties_it(scripted, tmp_path):
         held = httpx.get(proxy.url + "/metrics").text
         path.write_text(text.replace("max_body_bytes: 65536", "max_body_bytes: 65536\n  responses_memory_mb: 0"))
         assert holder.reload() and restart_needed(holder._started, holder.current) == ()
+        ask(client, "a turn that chains from nothing")
+        emptied = httpx.get(proxy.url + "/metrics").text
         with pytest.raises(openai.PermissionDeniedError):
             ask(client, "again", previous_response_id=first)
-        emptied = httpx.get(proxy.url + "/metrics").text
         path.write_text(text)
         assert holder.reload()
         with pytest.raises(openai.PermissionDeniedError):

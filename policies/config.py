@@ -40,10 +40,12 @@ GUARD_ERROR_MODES = ("block", "allow")
 RERANK_SELECTS = ("safest", "first_safe")
 UNGUARDED_ENDPOINTS = ("block", "forward")
 MODERATIONS = ("forward", "guard")
+UNKNOWN_PREVIOUS_RESPONSE = ("forward", "block")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 CACHE_SCOPES = ("key", "shared")  # guard.prefix_cache_scope
 DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
+MAX_MEMORY_MB = 1024 * 1024  # server.responses_memory_mb: 1 TiB, any machine's bound, so bytes stay an int
 MAX_CHOICES = 128  # OpenAI's bound on `n`: a guarded request's choices, and safest-of-n's candidates
 _DEVICE = re.compile(r"^(?:auto|cpu|cuda|cuda:\d+)$")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
@@ -90,6 +92,9 @@ class ServerConfig:
     # UTF-8 bytes of one prompt the guard reads (what a request makes it score from scratch
     # is bounded by it: a token is at least a byte); None: no bound
     max_prompt_bytes: int | None = 64 * 1024
+    # Responses turns remembered so that a request chaining from one is scored with its
+    # conversation (`proxy.memory`); 0: off
+    responses_memory_mb: float = 64.0
 
     @property
     def auth_required(self) -> bool:
@@ -164,6 +169,10 @@ class Policy:
     rerank: Rerank | None = None
     unguarded_endpoints: str = "block"  # endpoints that generate text the guard does not read
     moderations: str = "forward"  # `guard`: POST moderations answered by the guard (`proxy.moderations`)
+    # A Responses request that continues turns the proxy does not know (a `previous_response_id`
+    # it did not guard or no longer remembers, a `conversation`): forwarded, scored on its
+    # input alone; or refused with 403 `unknown_previous_response`
+    unknown_previous_response: str = "forward"
 
 
 @dataclass(frozen=True)
@@ -288,6 +297,8 @@ def _server(s: Section) -> ServerConfig:
         shutdown_timeout=s.number("shutdown_timeout", d.shutdown_timeout, positive=True),
         audit_log=s.string("audit_log", None, nullable=True),
         log_level=s.choice("log_level", d.log_level, LOG_LEVELS),
+        responses_memory_mb=s.number("responses_memory_mb", d.responses_memory_mb, minimum=0,
+                                     maximum=MAX_MEMORY_MB),
     )
     s.finish()
     return server
@@ -385,6 +396,7 @@ def _policy(p: Section, name: str) -> Policy:
         rerank=_rerank(rerank_section) if rerank_section else None,
         unguarded_endpoints=p.choice("unguarded_endpoints", "block", UNGUARDED_ENDPOINTS),
         moderations=p.choice("moderations", "forward", MODERATIONS),
+        unknown_previous_response=p.choice("unknown_previous_response", "forward", UNKNOWN_PREVIOUS_RESPONSE),
     )
     if policy.rerank is not None and policy.response.action != "cut":
         # Safest-of-n refuses when every candidate crosses: a stage that only flags,

@@ -14,6 +14,10 @@ Actions a prompt decision can carry:
                  "guard_unavailable" before headers are out, an in-band error event after
 Actions a response decision can carry: allow, cut, flag, shadow, guard_error.
 
+A prompt that continues a reply the proxy cut, refused or did not read to its end
+(`decide_continuation`) crosses without being scored: the model would read on from the
+whole of that reply, which the upstream stored and the client never got past the guard.
+
 A guard failure is `error` set, or a score that is None, NaN or outside [0, 1]: a
 guard that answers nonsense has failed, and failing closed is the default. Stages whose
 action never gates traffic (`shadow`, `off`) forward on a guard error whatever
@@ -35,7 +39,8 @@ ALLOW, REFUSE, BLOCK, FLAG, SHADOW, STEER, CUT, GUARD_ERROR = (
 
 @dataclass(frozen=True)
 class Decision:
-    """`score` is None only when the stage is off or the guard failed (`guard_error` set)."""
+    """`score` is None only when the stage is off, the guard failed (`guard_error` set),
+    or the stage decided without a score (`reason` set)."""
 
     stage: str  # "prompt" | "response"
     action: str
@@ -43,6 +48,7 @@ class Decision:
     threshold: float
     crossed: bool
     guard_error: str | None = None
+    reason: str | None = None  # why a stage decided without a score, e.g. "previous_response_cut"
 
     @property
     def forwards(self) -> bool:
@@ -85,6 +91,16 @@ def decide_prompt(stage: PromptStage, score: float | None, *, on_guard_error: st
     else:  # refuse | block
         action = stage.action if crossed else ALLOW
     return Decision("prompt", action, score, stage.threshold, crossed)
+
+
+def decide_continuation(stage: PromptStage, reason: str) -> Decision:
+    """The prompt decision of a request that continues a reply the proxy cut or refused
+    (`reason`, e.g. "previous_response_cut"): it crosses, whatever its own text scores, so
+    each action does what it does with a harmful prompt (`steer` refuses)."""
+    if stage.action == "off":
+        return Decision("prompt", ALLOW, None, stage.threshold, False)
+    action = REFUSE if stage.action == STEER else stage.action
+    return Decision("prompt", action, None, stage.threshold, True, reason=reason)
 
 
 def decide_response(stage: ResponseStage, score: float | None, *, on_guard_error: str, error: str | None = None) -> Decision:

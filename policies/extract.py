@@ -373,9 +373,34 @@ def block_text(content: Any, *, param: str) -> tuple[str, list[str]]:
     return "\n".join(t for t in texts if t), results
 
 
-def prompt_text(endpoint: str, body: Mapping, scope: str) -> str | None:
+def responses_turn(body: Mapping) -> list[tuple[str, str]] | None:
+    """What a Responses request adds to its conversation, as (role, text): its input items,
+    a stored prompt's `variables` in its user turn. Not its `instructions` or tools, which
+    a later request that chains from this one (`previous_response_id`) does not inherit.
+    None where there is nothing scoreable: no input and no variables (a stored prompt
+    alone), or a `prompt_embeds` part."""
+    items = _responses_items(body)
+    if _is_list(body.get("input")) and any(
+            isinstance(item, Mapping) and _embeds_in(item.get("content")) for item in body["input"]):
+        return None
+    variables = _prompt_variables(body)
+    if items is None and not variables:
+        return None  # a stored prompt alone, or no input: nothing of the client's to read
+    items = items or []
+    if variables:  # the client's words in the stored prompt: part of its turn
+        if items and items[-1][0] == "user":
+            items[-1] = ("user", f"{items[-1][1]}\n{variables}")
+        else:
+            items.append(("user", variables))
+    return items
+
+
+def prompt_text(endpoint: str, body: Mapping, scope: str, *,
+                context: Sequence[tuple[str, str]] = ()) -> str | None:
     """The prompt text to score for `endpoint` ("chat/completions", "completions",
-    "responses", "messages")."""
+    "responses", "messages"). `context` (Responses only): the turns the request continues
+    (`previous_response_id`), as (role, text), read before its input and after its
+    `instructions` and tools, as the model reads them."""
     if not isinstance(body, Mapping):
         raise RequestShapeError("the request body must be a JSON object")
     if endpoint == "chat/completions":
@@ -384,22 +409,13 @@ def prompt_text(endpoint: str, body: Mapping, scope: str) -> str | None:
     if endpoint == "completions":
         return _completion_prompt(body)
     if endpoint == "responses":
-        items = _responses_items(body)
-        if _is_list(body.get("input")) and any(
-                isinstance(item, Mapping) and _embeds_in(item.get("content")) for item in body["input"]):
+        turn = responses_turn(body)
+        if turn is None:
             return None
-        variables = _prompt_variables(body)
-        if items is None and not variables:
-            return None  # a stored prompt alone, or no input: nothing of the client's to read
-        items = items or []
-        if variables:  # the client's words in the stored prompt: part of its turn
-            if items and items[-1][0] == "user":
-                items[-1] = ("user", f"{items[-1][1]}\n{variables}")
-            else:
-                items.append(("user", variables))
         instructions = body.get("instructions")
         if instructions is not None and not isinstance(instructions, str):
             raise RequestShapeError("'instructions' must be a string", param="instructions")
+        items = [*context, *turn]
         if instructions:
             items = [("system", instructions), *items]
         return _render(_tools(body) + items, scope)

@@ -133,7 +133,8 @@ def _policy_summary(policy: Policy) -> str:
     response = "off" if r.action == "off" else f"{r.action}@{r.threshold:g} every {r.check_every} hold {r.holdback}"
     rerank = "" if policy.rerank is None else f"; rerank {policy.rerank.select} of {policy.rerank.n}"
     return (f"prompt {prompt} [{p.scope}, {p.mode}]; response {response}; on_guard_error {policy.on_guard_error}; "
-            f"unguarded endpoints {policy.unguarded_endpoints}; moderations {policy.moderations}{rerank}")
+            f"unguarded endpoints {policy.unguarded_endpoints}; moderations {policy.moderations}{rerank}; "
+            f"unknown previous responses {policy.unknown_previous_response}")
 
 
 def routing_table(config: Config) -> str:
@@ -154,6 +155,9 @@ def routing_table(config: Config) -> str:
                      + ", ".join(k.name for k in config.server.api_keys))
     else:
         lines.append("auth: off (server.api_keys is empty)")
+    memory = config.server.responses_memory_mb
+    partition = "per API key and upstream" if config.server.auth_required else "per upstream"
+    lines.append("responses memory: off" if memory == 0 else f"responses memory: {memory:g} MiB, {partition}")
     lines.append(_guard_summary(config))
     return "\n".join(lines)
 

@@ -26,12 +26,13 @@ import httpx
 from starlette.responses import Response
 
 from policies.config import MAX_CHOICES, Policy
-from policies.decisions import (BLOCK, FLAG, GUARD_ERROR, REFUSE, STEER, Decision, decide_prompt, headers_for,
-                                merged_headers)
+from policies.decisions import (BLOCK, FLAG, GUARD_ERROR, REFUSE, STEER, Decision, decide_continuation, decide_prompt,
+                                headers_for, merged_headers)
 from policies.errors import RequestShapeError
-from policies.extract import completion_prompts, prompt_text
+from policies.extract import completion_prompts, prompt_text, responses_turn
 
-from .errors import BadRequest, ContentFiltered, GuardUnavailable, Overloaded, ProxyError
+from .errors import BadRequest, ContentFiltered, Forbidden, GuardUnavailable, Overloaded, ProxyError
+from .memory import Chain, MemoryView, Remembered, look_up
 from .records import AuditLog, Exchange
 from . import rerank
 from .relay import RelayResponse, cleanup, is_event_stream, relay
@@ -118,6 +119,11 @@ def cache_salt(scope: str, key_name: str | None, payload: Mapping) -> str | None
     return json.dumps(parts, sort_keys=True) if parts else None
 
 
+def enforces(policy: Policy) -> bool:
+    """Whether a stage of `policy` stops anything (`flag` and `shadow` stop nothing)."""
+    return policy.prompt.action in ("refuse", "block", "steer") or policy.response.action == "cut"
+
+
 def refusal_response(endpoint: str, payload: Mapping, policy: Policy, headers: dict[str, str]) -> Response:
     if payload.get("stream") is True:
         return Response(refused_stream(endpoint, payload, policy.refusal), media_type="text/event-stream",
@@ -131,7 +137,7 @@ class GuardedCall:
 
     def __init__(self, *, scorer: Scorer | None, audit: AuditLog | None, endpoint: str, payload: dict,
                  policy: Policy, exchange: Exchange, cache_salt: str | None = None,
-                 max_prompt_bytes: int | None = None) -> None:
+                 max_prompt_bytes: int | None = None, memory: MemoryView | None = None) -> None:
         self.scorer = scorer
         self.cache_salt = cache_salt  # the guard's prefix cache partition (`cache_salt()`)
         self.audit = audit
@@ -143,8 +149,17 @@ class GuardedCall:
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N):
             # OpenAI's own bound; each choice of a guarded stream has its own session.
             raise BadRequest(f"'n' must be an integer from 1 to {MAX_N}", param="n")
+        # Responses: the turns the upstream stored that this request continues (`proxy.memory`)
+        self.memory = memory
+        self.chain = look_up(memory, payload) if endpoint == "responses" else Chain()
+        if self.chain.unknown is not None and policy.unknown_previous_response == "block" and enforces(policy):
+            raise Forbidden(f"'{self.chain.unknown}' continues turns stored upstream that this proxy did not guard "
+                            "or no longer remembers, so its guard cannot read them and policy "
+                            f"{policy.name!r} refuses the request. Send the conversation as 'input' instead, or "
+                            "set `unknown_previous_response: forward` on the policy.",
+                            param=self.chain.unknown, code="unknown_previous_response")
         try:
-            self.prompt = prompt_text(endpoint, payload, policy.prompt.scope)
+            self.prompt = prompt_text(endpoint, payload, policy.prompt.scope, context=self.chain.context)
             prompts = completion_prompts(payload) if endpoint == "completions" else [self.prompt]
         except RequestShapeError as exc:
             raise BadRequest(exc.message, param=exc.param) from None
@@ -261,7 +276,10 @@ class GuardedCall:
         else:
             score_prompt = None
         try:
-            decision, ms = await prompt_decision(self.scorer, self.policy, prompt, score_prompt)
+            if self.chain.reason is not None:  # it continues a reply the proxy withheld: not scored
+                decision, ms = decide_continuation(self.policy.prompt, self.chain.reason), 0.0
+            else:
+                decision, ms = await prompt_decision(self.scorer, self.policy, prompt, score_prompt)
         except BaseException:
             await discard(pending)
             raise
@@ -283,6 +301,9 @@ class GuardedCall:
         if decision.action == REFUSE:
             return refusal_response(self.endpoint, self.payload, self.policy, headers)
         if decision.action == BLOCK:
+            if decision.reason is not None:
+                raise ContentFiltered("the request continues a response that the safety policy cut "
+                                      f"({decision.reason})", param="previous_response_id", headers=headers)
             raise ContentFiltered("the prompt was blocked by the safety policy", headers=headers)
         assert decision.action == GUARD_ERROR
         raise failed_closed(decision, "the safety guard is unavailable and this route fails closed")
@@ -297,7 +318,8 @@ class GuardedCall:
         if is_event_stream(response.headers.get("content-type", "")):
             guard = StreamGuard(endpoint=self.endpoint, request=self.payload, policy=self.policy,
                                 scorer=self.scorer, prompt=self.prompt, prompts=self.prompts, exchange=self.exchange,
-                                session=self.take_session(), cache_salt=self.cache_salt)
+                                session=self.take_session(), cache_salt=self.cache_salt,
+                                on_end=self._stream_ended if self.endpoint == "responses" else None)
 
             async def on_close() -> None:  # after the relay's own `finally`, or instead of it
                 await response.aclose()
@@ -308,14 +330,40 @@ class GuardedCall:
                                  response_headers(passthrough, keep_length=False, guarded=True) + list(headers.items()),
                                  on_close=on_close)
         data = await read_whole(response)
-        content, verdict_headers = await WholeReply(self).guard(data)
+        reply = WholeReply(self)
+        content, verdict_headers = await reply.guard(data)
         self.write_audit()
+        if self.endpoint == "responses" and reply.texts:
+            body = json.loads(data)  # it parsed: `reply.texts` were read from it
+            # A background response's output comes later, through GET responses/{id}, unread
+            withheld = "cut" if reply.cut else "unread" if body.get("status") in ("queued", "in_progress") else None
+            self.remember(body.get("id"), reply.texts[0][1], withheld)
         return Response(content, status_code=200, headers=dict(response_headers(passthrough, keep_length=False, guarded=True))
                         | merged_headers(headers, verdict_headers))
 
     def write_audit(self) -> None:
         if self.audit is not None:
             self.audit.write(self.exchange)
+
+    def _stream_ended(self, guard: StreamGuard, how: str | None) -> None:
+        withheld = None if how == "whole" else "cut" if how == "cut" else "unread"
+        self.remember(guard.template.get("id"), guard.text_read(), withheld)
+
+    def remember(self, response_id: object, output: str, withheld: str | None) -> None:
+        """A Responses reply the response stage read (`output`, all the guard read of it)
+        remembered under its id, after the conversation the guard read for it, so that a
+        request chaining from it is scored with that conversation (`proxy.memory`). Not
+        when the client said `store: false` (the upstream keeps nothing to chain from), or
+        when the guard could not read its input. A reply that continues one the proxy
+        withheld is withheld too: the upstream's context still holds that reply."""
+        if self.memory is None or not self.memory.limit or self.payload.get("store") is False \
+                or not isinstance(response_id, str) or not response_id:
+            return
+        turn = responses_turn(self.payload)
+        if turn is None:
+            return
+        conversation = (*self.chain.context, *turn, ("assistant", output))
+        self.memory.remember(response_id, Remembered(conversation, self.chain.withheld or withheld))
 
 
 async def prompt_score(scorer: Scorer, prompt: str, cache_salt: str | None) -> float:

@@ -29,6 +29,7 @@ from . import batch, moderations
 from .endpoints import folded_path, guarded_endpoint, unread_endpoint
 from .metrics import Metrics
 from .guarding import GuardedCall, cache_salt
+from .memory import MemoryView, ResponsesMemory
 from .records import AuditLog, Exchange
 from .relay import BodyCutShort, RelayResponse, cleanup, open_upstream, relay
 from .scorer import Scorer
@@ -128,6 +129,8 @@ class Proxy:
         self._readers: set[asyncio.Task] = set()  # tasks awaiting with no deadline armed (`_until_end`)
         self._woken: set[asyncio.Task] = set()  # those the drain has cancelled (`_wake`)
         self.cache_scope = holder.current.guard.prefix_cache_scope  # read at start-up, as the guard is
+        self.memory = ResponsesMemory()  # Responses turns guarded, by id (bounded per request: `MemoryView`)
+        self.metrics.watch_memory(self.memory)
 
     async def handle(self, request: Request) -> Response:
         config: Config = self.holder.current
@@ -351,9 +354,11 @@ class Proxy:
                                    exchange=exchange, cache_salt=salt,
                                    max_prompt_bytes=config.server.max_prompt_bytes)
         else:
+            memory = MemoryView.of(self.memory, key_name=key_name, upstream=match.upstream.name,
+                                   megabytes=config.server.responses_memory_mb) if endpoint == "responses" else None
             call = GuardedCall(scorer=self.scorer, audit=self.audit, endpoint=endpoint, payload=payload,
                                policy=policy, exchange=exchange, cache_salt=salt,
-                               max_prompt_bytes=config.server.max_prompt_bytes)
+                               max_prompt_bytes=config.server.max_prompt_bytes, memory=memory)
         return await until_disconnect(request, call.run(send, body))
 
 

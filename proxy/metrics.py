@@ -46,11 +46,18 @@ class Metrics:
                                            "Streaming checks per packed guard step.",
                                            buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         self.queue_depth = Gauge("siren_proxy_guard_queue_depth", "Guard work items waiting.", registry=r)
+        self.memory_bytes = Gauge("siren_proxy_responses_memory_bytes",
+                                  "Bytes of Responses turns remembered for requests that chain from them.",
+                                  registry=r)
         self._prefixes = _PrefixCacheCollector()
         r.register(self._prefixes)
 
     def watch_queue(self, depth: Callable[[], int]) -> None:
         self.queue_depth.set_function(depth)
+
+    def watch_memory(self, memory) -> None:
+        """Report a `proxy.memory.ResponsesMemory`'s size (read at each scrape)."""
+        self.memory_bytes.set_function(lambda: memory.nbytes)
 
     def watch_prefixes(self, cache) -> None:
         """Report a `guard.prefixes.PrefixCache` (its counts are read at each scrape)."""

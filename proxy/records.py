@@ -42,15 +42,17 @@ class Exchange:
 
     def decided(self, decision: Decision, ms: float, *, choice: int | None = None) -> None:
         score = "-" if decision.score is None else f"{decision.score:.4f}"
-        decisions_logger.info("route=%s policy=%s stage=%s score=%s action=%s crossed=%s ms=%.1f%s",
+        decisions_logger.info("route=%s policy=%s stage=%s score=%s action=%s crossed=%s ms=%.1f%s%s",
                     self.route, self.policy, decision.stage, score, decision.action,
-                    decision.crossed, ms, "" if choice is None else f" choice={choice}")
+                    decision.crossed, ms, "" if choice is None else f" choice={choice}",
+                    "" if decision.reason is None else f" reason={decision.reason}")
         if self.metrics is not None:
             self.metrics.decisions.labels(decision.stage, decision.action).inc()
         self.decisions.append({"stage": decision.stage, "action": decision.action, "score": decision.score,
                                "threshold": decision.threshold, "crossed": decision.crossed,
                                "guard_error": decision.guard_error, "ms": round(ms, 2),
-                               **({} if choice is None else {"choice": choice})})
+                               **({} if choice is None else {"choice": choice}),
+                               **({} if decision.reason is None else {"reason": decision.reason})})
 
     def scored(self, choice: int, tokens: int, score: float) -> None:
         self.trajectories.setdefault(choice, []).append((tokens, round(score, 6)))

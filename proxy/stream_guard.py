@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 
 import httpx
@@ -120,11 +120,16 @@ class StreamCut(Exception):
 class StreamGuard:
     def __init__(self, *, endpoint: str, request: Mapping, policy: Policy, scorer: Scorer,
                  prompt: str | None, exchange: Exchange, session: StreamSession | None = None,
-                 cache_salt: str | None = None, prompts: list[str | None] | None = None) -> None:
+                 cache_salt: str | None = None, prompts: list[str | None] | None = None,
+                 on_end: Callable[[StreamGuard, str | None], None] | None = None) -> None:
         """`session`: choice 0's, already prefilled with `prompt` by the prompt stage;
         `cache_salt`: the partition of the guard's prefix cache the choices' sessions use;
         `prompts`: a completions request's several prompts, n choices each (choice i
-        answers prompts[i // n]), where it has more than one."""
+        answers prompts[i // n]), where it has more than one; `on_end(self, how)`: called once,
+        as soon as the relay knows how the stream ends (before its last bytes go out, so
+        that a client that reads them and chains on finds the turn remembered): "whole"
+        (read and scored to its end), "cut" (a choice was cut), None (it broke off, failed
+        closed, or its client left)."""
         self.endpoint = endpoint
         self.request = request
         self.policy = policy
@@ -153,6 +158,8 @@ class StreamGuard:
         self.blocks = MessageOutput()  # Messages: the content blocks the client has been sent
         self.anthropic = endpoint == "messages"  # errors in Anthropic's shape
         self.unreadable = False  # an event the guard cannot read has been seen
+        self.on_end = on_end
+        self.ended = False
 
     # -- the relay ---------------------------------------------------------------------
 
@@ -167,9 +174,11 @@ class StreamGuard:
             out = await self._items(check_complete(decoder.close()))
             await self._finish_all()
             out += self._release()
+            self._ended("cut" if self._cut_indices() else "whole")
             if out:
                 yield out
         except StreamCut as end:
+            self._ended("cut" if self._cut_indices() else None)
             tail = end.args[0] if end.args else b""
             if tail:
                 yield tail
@@ -177,6 +186,7 @@ class StreamGuard:
             # Only what was already scored safe goes out before the error: never held text.
             yield self._release() + broken_stream(exc, anthropic=self.anthropic)
         finally:
+            self._ended(None)
             for choice in self.choices.values():
                 if choice.decision is not None:
                     self.exchange.decided(choice.decision, choice.guard_ms, choice=choice.index)
@@ -185,6 +195,17 @@ class StreamGuard:
             with cleanup():
                 await response.aclose()
                 await self.aclose()
+
+    def _ended(self, how: str | None) -> None:
+        if not self.ended:
+            self.ended = True
+            if self.on_end is not None:
+                self.on_end(self, how)
+
+    def text_read(self, index: int = 0) -> str:
+        """The text of choice `index` the guard has read, scored or not."""
+        choice = self.choices[index]
+        return choice.text + choice.pending_text
 
     async def aclose(self) -> None:
         """Close the guard sessions (idempotent; the proxy also runs it when the relay

@@ -44,6 +44,8 @@ class WholeReply:
 
     def __init__(self, call: GuardedCall) -> None:
         self.call = call
+        self.texts: list[tuple[int, str]] | None = None  # what `guard` read of each choice
+        self.cut = False  # `guard` replaced a choice with the refusal
 
     async def guard(self, data: bytes) -> tuple[bytes, dict[str, str]]:
         """A non-streamed response: score prompt + each choice; replace what crosses."""
@@ -52,7 +54,7 @@ class WholeReply:
             body = json.loads(data)
         except ValueError:
             body = None
-        choices = choice_texts(call.endpoint, body) if isinstance(body, dict) else None
+        choices = self.texts = choice_texts(call.endpoint, body) if isinstance(body, dict) else None
         if choices is None:  # not a completion we can read: nothing to score, fail per policy
             self.unreadable()
             return data, {}
@@ -79,6 +81,7 @@ class WholeReply:
                 changed = True
             decisions.append(decision)
         headers = flag_headers(decisions, policy=call.policy.name)  # the first choice that crossed, else the first
+        self.cut = changed
         return (json.dumps(body, ensure_ascii=False).encode() if changed else data), headers
 
     def unreadable(self) -> None:

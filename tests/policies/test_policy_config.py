@@ -214,6 +214,12 @@ ERRORS = [
     (UP + "policies:\n  p:\n    on_guard_error: ignore\n", "policies.p.on_guard_error", 6, "one of block"),
     (UP + "policies:\n  p:\n    unguarded_endpoints: allow\n", "policies.p.unguarded_endpoints", 6, "one of block"),
     (UP + "policies:\n  p:\n    moderations: yes\n", "policies.p.moderations", 6, "one of forward"),
+    (UP + "policies:\n  p:\n    unknown_previous_response: refuse\n", "policies.p.unknown_previous_response", 6,
+     "one of forward, block"),
+    (UP + "server: {responses_memory_mb: -1}\n", "server.responses_memory_mb", 4, ">= 0"),
+    (UP + "server: {responses_memory_mb: .inf}\n", "server.responses_memory_mb", 4, "got infinity"),
+    (UP + "server: {responses_memory_mb: 1.0e+7}\n", "server.responses_memory_mb", 4, "<= 1048576"),
+    (UP + "server: {responses_memory_mb: true}\n", "server.responses_memory_mb", 4, "expected a finite number"),
     (UP + "policies:\n  p:\n    refusal: ''\n", "policies.p.refusal", 6, "empty"),
     (UP + "policies:\n  p:\n    rerank: {n: 1}\n", "policies.p.rerank.n", 6, ">= 2"),
     # OpenAI's bound on n, which the proxy puts on a client's n too (it asked the upstream for any n)
@@ -556,6 +562,17 @@ def test_guard_prefix_cache_options_are_checked(key, value):
     """The size is a number at least 0; the scope is key or shared."""
     with pytest.raises(ConfigError, match=f"guard.{key}"):
         parse_config(f"upstreams: {{up: {{base_url: 'http://x/v1'}}}}\nguard: {{{key}: {value}}}\n")
+
+
+@pytest.mark.parametrize(("text", "memory", "unknown"), [
+    ("", 64.0, "forward"),
+    ("server: {responses_memory_mb: 0}\npolicies: {default: {unknown_previous_response: block}}\n", 0.0, "block"),
+    ("server: {responses_memory_mb: 0.5}\npolicies: {default: {unknown_previous_response: forward}}\n", 0.5,
+     "forward")])
+def test_responses_memory_and_unknown_previous_responses(text, memory, unknown):
+    config = parse_config("upstreams: {up: {base_url: 'http://x/v1'}}\n" + text)
+    assert (config.server.responses_memory_mb, config.policies["default"].unknown_previous_response) == (
+        memory, unknown)
 
 
 def test_rerank_is_read_with_a_cutting_response_stage():

@@ -5,7 +5,8 @@ import math
 import pytest
 
 from policies.config import PromptStage, ResponseStage
-from policies.decisions import Decision, decide_prompt, decide_response, headers_for, merged_headers
+from policies.decisions import (Decision, decide_continuation, decide_prompt, decide_response, headers_for,
+                                merged_headers)
 from tests.policies.cases import load_example
 
 STEER = PromptStage(action="steer", threshold=0.6, steer_from=0.3, steer_message="Be safe.")
@@ -46,6 +47,18 @@ def test_decide_prompt(stage, score, action, crossed, on_guard_error):
     decision = decide_prompt(stage, score, on_guard_error=on_guard_error)
     expected_score = None if stage.action == "off" else score
     assert decision == Decision("prompt", action, expected_score, stage.threshold, crossed, None)
+
+
+@pytest.mark.parametrize(("stage", "action", "crossed"), [
+    (PromptStage("refuse"), "refuse", True), (PromptStage("block"), "block", True),
+    (PromptStage("flag"), "flag", True), (PromptStage("shadow"), "shadow", True),
+    (STEER, "refuse", True), (PromptStage("off"), "allow", False)])
+def test_a_continuation_of_a_cut_reply_crosses_unscored(stage, action, crossed):
+    """It does what a harmful prompt does, with no score and the reason why."""
+    decision = decide_continuation(stage, "previous_response_cut")
+    reason = "previous_response_cut" if crossed else None
+    assert decision == Decision("prompt", action, None, stage.threshold, crossed, None, reason)
+    assert decision.forwards == (action in ("flag", "shadow", "allow"))
 
 
 RESPONSE = [

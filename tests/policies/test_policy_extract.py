@@ -4,7 +4,8 @@ import pytest
 
 from policies.errors import RequestShapeError
 from policies.extract import (
-    delta_text, prompt_text, response_text_chat, response_text_completion, response_text_responses, whole_texts,
+    delta_text, prompt_text, response_text_chat, response_text_completion, response_text_responses, responses_turn,
+    whole_texts,
 )
 
 CHAT = {"messages": [
@@ -176,6 +177,37 @@ PROMPTS = [
 @pytest.mark.parametrize(("endpoint", "body", "scope", "text"), PROMPTS)
 def test_prompt_text(endpoint, body, scope, text):
     assert prompt_text(endpoint, body, scope) == text
+
+
+CONTEXT = (("system", "old rules"), ("user", "first"), ("assistant", "reply"))
+# (body, scope, text): a Responses request read after the turns it continues
+CHAINED = [
+    ({"input": "next"}, "last_user", "next"),
+    ({"input": "next"}, "conversation", "user: first\nassistant: reply\nuser: next"),
+    ({"input": "next", "instructions": "ins", "tools": [{"type": "function", "name": "f", "description": "d"}]},
+     "conversation_with_system",
+     "tools: f: d\nsystem: ins\nsystem: old rules\nuser: first\nassistant: reply\nuser: next"),
+    # no user turn of its own (a tool's output): the last user turn is the one continued
+    ({"input": [{"type": "function_call_output", "call_id": "c", "output": "42"}]}, "last_user", "first"),
+    ({"input": [{"role": "user", "content": [{"type": "prompt_embeds", "data": "x"}]}]}, "conversation", None),
+    ({"prompt": {"id": "pmpt_1"}}, "conversation", None),
+]
+
+
+@pytest.mark.parametrize(("body", "scope", "text"), CHAINED)
+def test_a_chained_responses_request_is_read_after_its_context(body, scope, text):
+    assert prompt_text("responses", body, scope, context=CONTEXT) == text
+
+
+@pytest.mark.parametrize(("body", "turn"), [
+    ({"input": "hi", "instructions": "ins", "tools": [{"name": "f", "description": "d"}]}, [("user", "hi")]),
+    ({"input": [{"role": "user", "content": "hi"}], "prompt": {"id": "p", "variables": {"q": "more"}}},
+     [("user", "hi\nmore")]),
+    ({"prompt": {"id": "p"}}, None),
+])
+def test_a_responses_turn_is_its_input_without_instructions_or_tools(body, turn):
+    """What a turn adds to a conversation: a later turn does not inherit `instructions`."""
+    assert responses_turn(body) == turn
 
 
 # (endpoint, body, OpenAI param named)

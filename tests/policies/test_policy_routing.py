@@ -189,6 +189,19 @@ def test_routing_table_says_what_guard_serve_loads(extra, expect):
     assert expect in routing_table(parse_config(base + extra)).splitlines()[-1]
 
 
+@pytest.mark.parametrize("extra,expect", [
+    ("", ("unknown previous responses forward", "responses memory: 64 MiB, per upstream")),
+    ("server: {api_keys: [k1], responses_memory_mb: 8}\n",
+     ("unknown previous responses forward", "responses memory: 8 MiB, per API key and upstream")),
+    ("server: {responses_memory_mb: 0}\npolicies: {default: {unknown_previous_response: block}}\n",
+     ("unknown previous responses block", "responses memory: off")),
+])
+def test_routing_table_says_how_chained_responses_are_read(extra, expect):
+    base = "upstreams: {up: {base_url: 'http://x/v1'}}\nroutes: [{prefix: /v1, upstream: up, policy: default}]\n"
+    lines = routing_table(parse_config(base + extra)).splitlines()
+    assert lines[-4].endswith(f"; {expect[0]}") and lines[-2] == expect[1]
+
+
 def test_routing_table_says_no_guard_loads_when_no_route_scores():
     text = ("upstreams: {up: {base_url: 'http://x/v1'}}\n"
             "policies: {open: {prompt: {action: off}, response: {action: off}}}\n"

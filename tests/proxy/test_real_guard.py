@@ -199,6 +199,34 @@ def test_each_turn_of_a_conversation_continues_from_the_last(katan_url, scorer, 
     assert abs(records[1]["decisions"][0]["score"] - asyncio.run(one_pass())) < 2e-3
 
 
+def test_a_chained_responses_turn_continues_from_the_turn_it_chains_from(scripted, scorer, tmp_path):
+    """A Responses request that chains from an earlier turn (`previous_response_id`) is
+    scored, under `conversation`, after the turn the proxy remembers (its input, then the
+    reply): that prompt starts with the earlier turn's, so the guard's prefix cache runs
+    only the new tokens, and its score equals a one-pass score of the whole rendering."""
+    url, _ = scripted
+    audit = tmp_path / "audit.jsonl"
+    text = config(url, prompt="{action: refuse, threshold: 0.5, scope: conversation}",
+                  response="{action: cut, threshold: 0.99}", server=f"  audit_log: {audit}")
+    reply, herons = "Otters are playful.", "And now one about herons, please."
+    with running_proxy(text, scorer) as proxy, sdk(proxy) as client:
+        first = client.responses.create(model="m", input=OTTERS, extra_headers={"x-script": "text:" + reply})
+        before = prefix_counts(proxy)
+        client.responses.create(model="m", input=herons, previous_response_id=first.id,
+                                extra_headers={"x-script": "text:Herons wade."})
+        after = prefix_counts(proxy)
+    assert first.output_text == reply
+    assert after["siren_proxy_guard_prefix_cache_hits_total"] == before["siren_proxy_guard_prefix_cache_hits_total"] + 1
+    reused = after["siren_proxy_guard_prefix_tokens_reused_total"] - before["siren_proxy_guard_prefix_tokens_reused_total"]
+    assert reused >= 15  # "user: " and the first question's tokens
+    chained = [json.loads(line) for line in audit.read_text().splitlines()][1]["decisions"][0]
+
+    async def one_pass():
+        return await scorer.score(prompt=f"user: {OTTERS}\nassistant: {reply}\nuser: {herons}")
+
+    assert chained["stage"] == "prompt" and abs(chained["score"] - asyncio.run(one_pass())) < 2e-3
+
+
 def test_a_retried_prompt_runs_no_tokens_again(katan_url, scorer, tmp_path):
     """`last_user` scope with the response stage off (the prompt stage alone): the prompt
     is read by a session of its own, so the same request sent again (a retry, a

@@ -13,7 +13,7 @@ _open: list = []  # openai and anthropic clients
 
 
 def sdk(proxy, **kw) -> openai.OpenAI:
-    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk-client", max_retries=0, **kw)
+    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key=kw.pop("api_key", "sk-client"), max_retries=0, **kw)
     _open.append(client)
     return client
 

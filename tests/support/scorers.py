@@ -3,7 +3,8 @@
 
 `KeywordScorer` implements `proxy.scorer.Scorer` by looking for marker words, so a test
 controls exactly where a stream crosses: "BOMB" scores 0.99, "borderline" 0.4, anything
-else 0.01. Sessions score the prompt (when given) plus everything appended, like the
+else 0.01; with `together=(a, b, ...)`, a text holding every one of those words scores
+0.99 too (a request split across turns: each part alone scores 0.01). Sessions score the prompt (when given) plus everything appended, like the
 real guard's sessions; `calls` lists the full texts scored, a session's `prompt_score`
 included.
 """
@@ -68,7 +69,8 @@ class KeywordSession:
 
 class KeywordScorer:
     def __init__(self, *, fail: bool = False, busy: bool = False, delay: float = 0.0,
-                 sessions_before_busy: int | None = None) -> None:
+                 sessions_before_busy: int | None = None, together: tuple[str, ...] = ()) -> None:
+        self.together = together
         self.fail = fail
         self.busy = busy
         self.sessions_before_busy = sessions_before_busy  # the queue fills after this many sessions
@@ -89,6 +91,8 @@ class KeywordScorer:
             raise ScorerBusy("scripted full queue")
         if self.fail:
             raise GuardBroke("scripted guard failure")
+        if self.together and all(word in text for word in self.together):
+            return 0.99
         return keyword_score(text)
 
     async def score(self, *, prompt: str | None = None, response: str | None = None) -> float:

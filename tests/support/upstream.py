@@ -30,6 +30,9 @@ vLLM's `token_ids` when the request asks for them (`logprobs`, `return_token_ids
 vLLM's do: text of their own that a refusal must not leave behind.
 
 Responses streams carry each output item's whole event sequence (added, deltas, `.done`).
+Each response has an id of its own (`resp_<n>`), kept unless the request says `store:
+false`; a request whose `previous_response_id` names no kept response gets the 404
+OpenAI and vLLM answer, `previous_response_not_found`.
 
 `/completions` (no `/v1`: llama.cpp's own completion format, as its server serves there)
 streams `text:<words>` as llama.cpp does, or returns it whole.
@@ -37,6 +40,9 @@ streams `text:<words>` as llama.cpp does, or returns it whole.
 `/v1/chat/completions/batch` (vLLM's batch chat) answers conversation i with the i-th
 part of `text:a|b|c`, or echoes its last user message; `raw:<body>` sends <body> whole,
 `error:<status>` a vLLM error with that status.
+
+`/v1/responses` takes `text:<words>`, `think:<r>|<words>`, `replay:<file>` and
+`reset-after:<n>` (streamed: n output text deltas, then the connection drops).
 
 `/v1/messages` (the Anthropic Messages API, in vLLM's event order) takes `text:<words>`,
 `think:<r>|<words>` (a thinking block, then the text), `tool:<json>` (a text block "Let
@@ -74,6 +80,7 @@ class Recorder:
     def __init__(self) -> None:
         self.streams: list[str] = []  # "complete" or "closed-early", one per stream
         self.requests: list[dict] = []
+        self.stored: set[str] = set()  # the ids of Responses kept (`store` not false)
 
 
 def build_upstream(recorder: Recorder) -> Starlette:
@@ -239,11 +246,21 @@ def build_upstream(recorder: Recorder) -> Starlette:
 
     async def responses(request: Request) -> Response:
         payload = await received(request)
+        previous = payload.get("previous_response_id")
+        if previous is not None and previous not in recorder.stored:
+            return JSONResponse({"error": {"message": f"Previous response with id '{previous}' not found.",
+                                           "type": "invalid_request_error", "param": "previous_response_id",
+                                           "code": "previous_response_not_found"}}, 404)
+        response_id = f"resp_{len(recorder.requests)}"
+        if payload.get("store") is not False:
+            recorder.stored.add(response_id)
         kind, _, arg = request.headers.get("x-script", "text:a plain answer").partition(":")
         if kind == "replay":
             raw = (FIXTURES / arg).read_bytes()
             return await streamed([raw[i:i + 37] for i in range(0, len(raw), 37)])
         reasoning, _, text = arg.partition("|") if kind == "think" else ("", "", arg)
+        if kind == "reset-after":
+            text = " ".join(f"tok{i}" for i in range(int(arg)))
         items = [("message", "msg_1", "output_text", text)]
         if kind == "think":
             items.insert(0, ("reasoning", "rs_1", "reasoning_text", reasoning))
@@ -256,7 +273,7 @@ def build_upstream(recorder: Recorder) -> Starlette:
             else:
                 output.append({"id": item_id, "type": "reasoning", "summary": [], "content": [part],
                                "status": "completed"})
-        final = {"id": "resp_1", "object": "response", "created_at": int(time.time()), "status": "completed",
+        final = {"id": response_id, "object": "response", "created_at": int(time.time()), "status": "completed",
                  "model": payload.get("model", "smollm2"), "output": output}
         if not payload.get("stream"):
             return JSONResponse(final)
@@ -282,6 +299,11 @@ def build_upstream(recorder: Recorder) -> Starlette:
             chunks.append(event("response.content_part.done", {**where, "part": part}))
             chunks.append(event("response.output_item.done", {"output_index": position, "item": item}))
         chunks.append(event("response.completed", {"response": final}))
+        if kind == "reset-after":  # response.created, the item and its part opened, n deltas: then the drop
+            async def boom():
+                raise ConnectionResetError("scripted reset")
+                yield b""  # pragma: no cover - makes this an async generator
+            return await streamed(chunks[:3 + int(arg)], boom)
         return await streamed(chunks)
 
     async def messages(request: Request) -> Response:

@@ -37,12 +37,14 @@ def ensure_installed(log: Path) -> None:
 
 @contextlib.contextmanager
 def vllm_server(log: Path, *, fast_start: bool = True, timeout: float = 400.0,
-                extra_args: tuple[str, ...] = ()) -> Iterator[str]:
+                extra_args: tuple[str, ...] = (), extra_env: dict[str, str] | None = None) -> Iterator[str]:
     """Yields the server's OpenAI base URL (`http://127.0.0.1:PORT/v1`); `extra_args` go to
-    `vllm serve` (e.g. `--reasoning-parser olmo3`)."""
+    `vllm serve` (e.g. `--reasoning-parser olmo3`), `extra_env` to its environment (e.g.
+    `VLLM_ENABLE_RESPONSES_API_STORE=1`)."""
     ensure_installed(log)
     port = free_port()
-    env = {**os.environ, "DEST": str(DEST), "PORT": str(port), "FAST_START": "1" if fast_start else "0"}
+    env = {**os.environ, **(extra_env or {}), "DEST": str(DEST), "PORT": str(port),
+           "FAST_START": "1" if fast_start else "0"}
     out = log.open("ab")
     proc = subprocess.Popen(["bash", str(TOOLS / "serve.sh"), "--served-model-name", SERVED_NAME, *extra_args],
                             env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

@@ -2,7 +2,9 @@
 re-tokenising the whole text, for growing texts cut at random places and for random
 edits, on real responses (tests/guard/fixtures) and on texts built to stress the split
 pattern: runs of spaces, tabs and newlines, contractions cut in half, digits,
-punctuation runs, accents, emoji and CJK, and added tokens such as <|im_start|>."""
+punctuation runs, accents, emoji and CJK, and added tokens such as <|im_start|>; and on long
+runs with no space (`hahaha…`, `!?!?…`, CJK, emoji, multi-byte letters) grown, cut back into
+their middle and followed by other runs."""
 
 from __future__ import annotations
 
@@ -17,6 +19,10 @@ PIECES = [" ", "  ", "   ", "\n", "\n\n", " \n", "\t", "\r\n", "'", "'s", "'re",
           "word", "Word", " the", "12", "3", "4567", "!", "!!", "?!", "...", "(", ")", "-", "é", "ñ", "日本",
           "語", "🙂", "👍🏽", "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|im_", "start|>", "<", "|", ">",
           "assistant", "user", ":", "x"]
+# Units repeated into long pieces: letters (one script or several: one `\p{L}+` piece),
+# digits, other characters, white space; one to four bytes a character.
+RUNS = ["ha", "a", "ab", "xyz", "hαя日", "日本語", "语", "🙂", "👍🏽", "\U00010348", "é", "ŉ", "!?", "!", "...",
+        "'", "''s", "12", "  ", "\n", " \t", "\u0301", "a\u0301"]
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +81,46 @@ def test_random_edits_match_whole_re_tokenisation(tokenizer, real_rows):
             cut = rng.randint(0, len(text))
             text = text[:cut] + adversarial(rng, 3) + text[cut:]
         assert tokens.encode(text) == whole(tokenizer, text), repr(text)
+
+
+@pytest.mark.parametrize("unit", RUNS)
+def test_long_runs_match_whole_re_tokenisation(tokenizer, unit):
+    """One piece that keeps growing, 1-64 characters a step, then more pieces after it."""
+    rng = random.Random(sum(map(ord, unit)))
+    text = unit * (2400 // len(unit)) + " " + unit * (600 // len(unit)) + "\n\n" + "x" * 50
+    tokens, at = TextTokens(tokenizer), 0
+    while at < len(text):
+        at = min(at + rng.randint(1, 64), len(text))
+        assert tokens.encode(text[:at]) == whole(tokenizer, text[:at]), (unit, at)
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 5, 16, 48, 64])
+def test_hahaha_grows_by_any_step(tokenizer, step):
+    text = "ha" * 700
+    tokens = TextTokens(tokenizer)
+    for at in range(step, len(text) + step, step):
+        assert tokens.encode(text[:at]) == whole(tokenizer, text[:at]), at
+
+
+def test_random_edits_of_long_runs_match_whole_re_tokenisation(tokenizer):
+    """Long runs grown, cut back into their middle, rewritten inside, and followed by a
+    space, a newline, an added token or another run."""
+    rng = random.Random(7)
+    tokens = TextTokens(tokenizer)
+    text, unit = "", "ha"
+    for _ in range(700):
+        move = rng.random()
+        if move < 0.55:
+            text += unit * rng.randint(1, 40)
+        elif move < 0.65:
+            unit = rng.choice(RUNS)
+            text += rng.choice(["", " ", "\n", "  ", "<|im_end|>", "'s ", "x"]) + unit * rng.randint(1, 40)
+        elif move < 0.85:
+            text = text[: rng.randint(len(text) // 2, len(text))]
+        else:
+            cut = rng.randint(0, len(text))
+            text = text[:cut] + rng.choice(RUNS + PIECES) + text[cut:]
+        assert tokens.encode(text) == whole(tokenizer, text), repr(text[-80:])
 
 
 def test_an_empty_normaliser_sequence_is_no_normaliser(tokenizer):

@@ -23,20 +23,22 @@ A piece that keeps growing (``hahaha…``, a run of ``!``) would be encoded whol
 check, quadratic in its length, so one at least `INSIDE` characters long is encoded again
 from a token j inside it, where ``x`` is the piece's text before token j, ``y`` token j's:
 
-- The piece's characters are all of one class of the pattern (letters, digits, other,
-  white space), so the pattern run from a character c of it with c + 1 in it too ends
-  that piece where the pattern run from its start does (a contraction needs a letter
-  after ``'``, which a run of other characters does not hold; ``\\s+(?!\\S)`` backs off
-  one character in both). Encoding ``text[c:]`` gives the piece's tail, then the pieces
-  that follow.
+- Token j starts at a character c, and c + 1 is in the piece too, both before the same
+  bound as a piece boundary (so the new text's piece holds them, and no added token).
+  A piece's characters are all of one class of the pattern (letters, digits, other,
+  white space), so the pattern run from c ends the piece where the pattern run from its
+  start does (a contraction needs a letter after ``'``, which a run of other characters
+  does not hold; ``\\s+(?!\\S)`` backs off one character in both): encoding ``text[c:]``
+  gives the piece's tail, then the pieces that follow.
 - BPE with a merge table in which every merge makes a new token out of tokens made by
   earlier merges (`merges_in_order`) applies, in any text, its merges in rank order.
   Then if BPE(x y) ends with y and BPE(y z) starts with y, no merge crosses either side
   of y in x y z: the first that would has the lowest rank of all pairs there, it has
   one in x y or in y z, and the same merges done before it (all of lower rank, on the
-  same symbols) lead to it there too. So BPE(x y z) = BPE(x) + BPE(y z): the old tokens
-  before j, and the new encoding, accepted where it starts with token j. Otherwise j
-  steps back, doubling, and in the end the piece is encoded whole.
+  same symbols) lead to it there too (GitHub's rust-gems `bpe` crate, "Corollary III",
+  builds on this). So BPE(x y z) = BPE(x) + BPE(y z): the old tokens before j, then the
+  new encoding, accepted where it starts with token j. Otherwise j steps back, doubling,
+  and in the end the piece is encoded whole.
 - HuggingFace's BPE drops the bytes missing from its vocabulary (SmolLM2 lacks 0x04, 0x06,
   0x13, 0x14, 0x16, 0x1d, 0xf1 and 0xf2), even between a token's own bytes, and a token's
   offsets after one are off: where each token starts is counted from the tokens' own

@@ -78,6 +78,9 @@ class LoadingScorer:
             seconds = guard.warm_up()  # CUDA graphs (and compiled steps) before the first stream
             if seconds:
                 logger.info("static streaming steps captured in %.1f s", seconds)
+            from guard.tokens import prepare
+
+            prepare(guard.tokenizer)  # the merge table checked here, not on the first stream's check
             from guard.errors import QueueFull
 
             self._busy = QueueFull

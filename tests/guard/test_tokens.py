@@ -263,3 +263,13 @@ def test_other_tokenizers_re_tokenise_whole(tokenizer):
                                      ("same", "same", 4), ("x", "y", 0)])
 def test_shared_length(a, b, n):
     assert shared_length(a, b) == n
+
+
+def test_prepare_checks_the_merge_table_once_ahead_of_the_first_text(tokenizer, monkeypatch):
+    """`prepare` (which the proxy's guard loader calls) leaves nothing for the first
+    `TextTokens` to check: the merge table is read once per tokenizer."""
+    guard.tokens._RULES.pop(tokenizer.backend_tokenizer, None)
+    guard.tokens.prepare(tokenizer)
+    assert tokenizer.backend_tokenizer in guard.tokens._RULES
+    monkeypatch.setattr(guard.tokens, "_inside_rules", lambda backend: pytest.fail("checked again"))
+    assert TextTokens(tokenizer).encode("ha" * 100) == tokenizer("ha" * 100, add_special_tokens=False)["input_ids"]

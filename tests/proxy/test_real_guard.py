@@ -55,6 +55,14 @@ def sdk(proxy) -> openai.OpenAI:
     return openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk", max_retries=0)
 
 
+def test_the_loaded_guard_has_its_tokenizer_checked_before_any_stream(scorer):
+    """The merge-table check the streaming tokens need (`guard.tokens.prepare`) runs as the
+    guard loads, not on the first stream's first check."""
+    import guard.tokens
+
+    assert scorer._get().guard.tokenizer.backend_tokenizer in guard.tokens._RULES
+
+
 def test_harmful_prompt_refused_benign_answered(katan_url, scorer):
     text = config(katan_url, prompt="{action: refuse, threshold: 0.5}", response="{action: off}")
     with running_proxy(text, scorer) as proxy, sdk(proxy) as client:

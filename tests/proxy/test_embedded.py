@@ -86,6 +86,7 @@ def test_a_guard_closed_while_it_loads_starts_no_worker(monkeypatch):
 
     class Loaded:
         prefixes = None
+        tokenizer = None  # (`guard.tokens.prepare` takes it: not a tokenizer it can enter pieces of)
 
         def warm_up(self) -> float:
             return 0.0

@@ -519,15 +519,16 @@ def route_rest(prefix: str, path: str) -> str | None:
     `/v1/chat/completions`, so a route must take it as that path's route."""
     if prefix == "/":
         return path
-    want = [_fold(segment) for segment in prefix.split("/") if segment]
+    want = [fold_segment(segment) for segment in prefix.split("/") if segment]
     parts = path.split("/")  # ["", segment, ...]: routed paths start with "/"
-    if [_fold(segment) for segment in parts[1:len(want) + 1]] != want:
+    if [fold_segment(segment) for segment in parts[1:len(want) + 1]] != want:
         return None
     rest = parts[len(want) + 1:]
     return "/" + "/".join(rest) if rest else ""
 
 
-def _fold(segment: str) -> str:
+def fold_segment(segment: str) -> str:
+    """A path segment as routes and endpoints are matched: any case, no matrix parameters."""
     return segment.split(";", 1)[0].lower()
 
 

@@ -41,6 +41,8 @@ from fnmatch import fnmatchcase
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
+from policies.config import fold_segment
+
 T = TypeVar("T")
 
 # (last segments, endpoint), longest first: chat/completions before completions
@@ -146,7 +148,7 @@ def folded_path(path: str) -> tuple[str, ...]:
 
 
 def _fold(segments: Iterable[str]) -> tuple[str, ...]:
-    return tuple(segment.split(";", 1)[0].lower() for segment in segments)
+    return tuple(map(fold_segment, segments))
 
 
 def guarded_endpoint(method: str, url: str) -> str | None:

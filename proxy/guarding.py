@@ -334,7 +334,7 @@ class GuardedCall:
         content, verdict_headers = await reply.guard(data)
         self.write_audit()
         if self.endpoint == "responses" and reply.texts:
-            body = json.loads(data)  # it parsed: `reply.texts` were read from it
+            body = reply.body  # parsed once, by `reply.guard`: `reply.texts` were read from it
             # A background response's output comes later, through GET responses/{id}, unread
             withheld = "cut" if reply.cut else "unread" if body.get("status") in ("queued", "in_progress") else None
             self.remember(body.get("id"), reply.texts[0][1], withheld)

@@ -44,6 +44,7 @@ class WholeReply:
 
     def __init__(self, call: GuardedCall) -> None:
         self.call = call
+        self.body: dict | None = None  # the reply `guard` read (a cut keeps its id: `refuse_choice`)
         self.texts: list[tuple[int, str]] | None = None  # what `guard` read of each choice
         self.cut = False  # `guard` replaced a choice with the refusal
 
@@ -54,6 +55,8 @@ class WholeReply:
             body = json.loads(data)
         except ValueError:
             body = None
+        if isinstance(body, dict):
+            self.body = body
         choices = self.texts = choice_texts(call.endpoint, body) if isinstance(body, dict) else None
         if choices is None:  # not a completion we can read: nothing to score, fail per policy
             self.unreadable()

@@ -17,6 +17,7 @@ Actions a response decision can carry: allow, cut, flag, shadow, guard_error.
 A prompt that continues a reply the proxy cut, refused or did not read to its end
 (`decide_continuation`) crosses without being scored: the model would read on from the
 whole of that reply, which the upstream stored and the client never got past the guard.
+So does a stored reply the proxy cut, read back later (`decide_withheld`).
 
 A guard failure is `error` set, or a score that is None, NaN or outside [0, 1]: a
 guard that answers nonsense has failed, and failing closed is the default. Stages whose
@@ -101,6 +102,14 @@ def decide_continuation(stage: PromptStage, reason: str) -> Decision:
         return Decision("prompt", ALLOW, None, stage.threshold, False)
     action = REFUSE if stage.action == STEER else stage.action
     return Decision("prompt", action, None, stage.threshold, True, reason=reason)
+
+
+def decide_withheld(stage: ResponseStage, reason: str) -> Decision:
+    """The response decision on a stored reply the proxy cut, read back (`reason`, e.g.
+    "stored_response_cut"): it crosses unscored, as it did when it was cut."""
+    if stage.action == "off":
+        return Decision("response", ALLOW, None, stage.threshold, False)
+    return Decision("response", stage.action, None, stage.threshold, True, reason=reason)
 
 
 def decide_response(stage: ResponseStage, score: float | None, *, on_guard_error: str, error: str | None = None) -> Decision:

@@ -156,6 +156,12 @@ def _render(messages: list[tuple[str, str]], scope: str) -> str:
     )
 
 
+def conversation_text(turns: Sequence[tuple[str, str]], scope: str) -> str:
+    """(role, text) turns as a prompt is rendered under `scope` (`prompt_text`'s form):
+    the turns a remembered Responses reply answered (`proxy.retrieval`)."""
+    return _render(list(turns), scope)
+
+
 def _tools(body: Mapping) -> list[tuple[str, str]]:
     """The descriptions of the tools a request offers the model ("name: description" lines;
     chat `tools[].function`, legacy `functions`, Responses `tools[]`): text the model reads

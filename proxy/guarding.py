@@ -40,7 +40,7 @@ from .scorer import Scorer, ScorerBusy, StreamSession
 from .shapes import refused_json, refused_stream, steered
 from .stream_guard import StreamGuard
 from .upstream import response_headers
-from .whole import WholeReply, gather_groups, read_whole
+from .whole import UNFINISHED, WholeReply, gather_groups, read_whole
 
 logger = logging.getLogger(__name__)
 
@@ -336,7 +336,7 @@ class GuardedCall:
         if self.endpoint == "responses" and reply.texts:
             body = reply.body  # parsed once, by `reply.guard`: `reply.texts` were read from it
             # A background response's output comes later, through GET responses/{id}, unread
-            withheld = "cut" if reply.cut else "unread" if body.get("status") in ("queued", "in_progress") else None
+            withheld = "cut" if reply.cut else "unread" if body.get("status") in UNFINISHED else None
             self.remember(body.get("id"), reply.texts[0][1], withheld)
         return Response(content, status_code=200, headers=dict(response_headers(passthrough, keep_length=False, guarded=True))
                         | merged_headers(headers, verdict_headers))
@@ -363,7 +363,8 @@ class GuardedCall:
         if turn is None:
             return
         conversation = (*self.chain.context, *turn, ("assistant", output))
-        self.memory.remember(response_id, Remembered(conversation, self.chain.withheld or withheld))
+        self.memory.remember(response_id, Remembered(conversation, self.chain.withheld or withheld,
+                                                     settles=self.chain.withheld is None and withheld == "unread"))
 
 
 async def prompt_score(scorer: Scorer, prompt: str, cache_salt: str | None) -> float:

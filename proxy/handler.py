@@ -25,7 +25,7 @@ from policies.routing import RouteMatch, match_route, normalize_path
 from .errors import (BadRequest, ClientClosed, Forbidden, NotFound, Overloaded, PayloadTooLarge, ProxyError,
                      RequestTimeout, ShuttingDown, Unauthorized, UnsupportedCoding, anthropic_path, error_event,
                      error_response)
-from . import batch, moderations
+from . import batch, moderations, retrieval
 from .endpoints import folded_path, guarded_endpoint, unread_endpoint
 from .metrics import Metrics
 from .guarding import GuardedCall, cache_salt
@@ -163,7 +163,8 @@ class Proxy:
         # Routed before a stream slot is taken: a refused stream is counted under its route,
         # and a client without a key or a route hears so, not that the proxy is busy.
         match = self._route(request, config, path, body, payload, key_name)
-        streaming = payload is not None and payload.get("stream") is True
+        streaming = payload is not None and payload.get("stream") is True \
+            or retrieval.replays(request.method, path, request.url.query)
         if streaming:
             if self.active_streams >= config.server.max_concurrent_streams:
                 raise Overloaded("too many concurrent streams; retry shortly", headers={"retry-after": "1"})
@@ -325,8 +326,15 @@ class Proxy:
         guarded = endpoint is not None and (policy.prompt.action != "off" or policy.response.action != "off")
         if guarded and payload is None:  # a route mounted on the endpoint itself
             payload = parse_json_object(body)
+        # A stored Responses reply read back (`proxy.retrieval`): its response stage reads it
+        response_id = retrieval.retrieved(request.method, url) if policy.response.action != "off" else None
+        skip_through = None
+        if response_id is not None:
+            guarded = True
+            query, skip_through = retrieval.resumed(request.url.query)
+            url = upstream_url(match.upstream, match.upstream_path, query)
         if policy.unguarded_endpoints == "block":
-            refuse_unguarded(request.method, path, url, endpoint, payload, policy)
+            refuse_unguarded(request.method, path, url, policy)
         raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw]
         # A guarded response is read by the guard, so it must not arrive compressed.
         # Back to bytes as received: httpx would refuse a str value that is not ASCII.
@@ -346,6 +354,15 @@ class Proxy:
 
         if not guarded:
             return relay(await send(body), self.metrics, anthropic=request.state.anthropic)
+        if response_id is not None:
+            exchange = Exchange(route=match.route.name, policy=policy.name, endpoint=retrieval.ENDPOINT,
+                                stream=retrieval.replays(request.method, path, request.url.query), metrics=self.metrics)
+            reading = retrieval.Retrieval(
+                scorer=self.scorer, audit=self.audit, policy=policy, exchange=exchange, response_id=response_id,
+                memory=MemoryView.of(self.memory, key_name=key_name, upstream=match.upstream.name,
+                                     megabytes=config.server.responses_memory_mb),
+                skip_through=skip_through, cache_salt=cache_salt(self.cache_scope, key_name, {}))
+            return await until_disconnect(request, reading.run(send, body))
         exchange = Exchange(route=match.route.name, policy=policy.name, endpoint=endpoint,
                             stream=payload.get("stream") is True, metrics=self.metrics)
         salt = cache_salt(self.cache_scope, key_name, payload)
@@ -400,19 +417,13 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def refuse_unguarded(method: str, path: str, url: str, endpoint: str | None, payload: dict | None,
-                     policy: Policy) -> None:
+def refuse_unguarded(method: str, path: str, url: str, policy: Policy) -> None:
     """Raise `Forbidden` where a request would get generated text past a stage that
     enforces (`flag` and `shadow` stop nothing, so under them it is forwarded): an
-    endpoint whose text the guard cannot read (`proxy.endpoints`), or a background
-    Responses request that is not streamed, whose output is read later through the
-    refused `GET responses/{id}` (said now, not at the first poll)."""
+    endpoint whose text the guard cannot read (`proxy.endpoints`). (A background Responses
+    request's output is read back through `GET responses/{id}`, which is guarded:
+    `proxy.retrieval`.)"""
     cuts = policy.response.action == "cut"
-    if cuts and endpoint == "responses" and payload.get("background") is True and payload.get("stream") is not True:
-        raise Forbidden(f"POST {path} with background: true is read back later through GET responses/{{id}}, "
-                        f"outside the request that guards it, so policy {policy.name!r} refuses it. Stream it "
-                        "(stream: true, guarded as it is generated), or set `unguarded_endpoints: forward` on "
-                        "the policy to let it through unguarded.", param="background", code="unguarded_endpoint")
     prompt_enforces = policy.prompt.action in ("refuse", "block", "steer")
     if not (cuts or prompt_enforces):  # nothing to refuse: skip the table walk (5% of an unguarded request's CPU)
         return

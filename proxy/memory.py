@@ -42,10 +42,14 @@ class Remembered:
     """What the proxy knows of one guarded reply: the conversation the guard read, as
     (role, text) turns in `policies.extract` form (the reply itself last, as
     `assistant`), and whether the proxy withheld it, or a turn before it: "cut" (cut, or
-    refused), "unread" (not read to its end), or None."""
+    refused), "unread" (not read to its end), or None; and whether reading this reply
+    whole later would settle it (`settles`: it is "unread" for itself alone)."""
 
     conversation: tuple[tuple[str, str], ...]
     withheld: str | None = None
+    # "unread" for this reply alone (none before it withheld): a retrieval that reads it
+    # whole, and passes, makes it a turn like any other (`proxy.retrieval`)
+    settles: bool = False
 
     @property
     def nbytes(self) -> int:

@@ -121,7 +121,8 @@ class StreamGuard:
     def __init__(self, *, endpoint: str, request: Mapping, policy: Policy, scorer: Scorer,
                  prompt: str | None, exchange: Exchange, session: StreamSession | None = None,
                  cache_salt: str | None = None, prompts: list[str | None] | None = None,
-                 on_end: Callable[[StreamGuard, str | None], None] | None = None) -> None:
+                 on_end: Callable[[StreamGuard, str | None], None] | None = None,
+                 skip_through: int | None = None) -> None:
         """`session`: choice 0's, already prefilled with `prompt` by the prompt stage;
         `cache_salt`: the partition of the guard's prefix cache the choices' sessions use;
         `prompts`: a completions request's several prompts, n choices each (choice i
@@ -129,7 +130,9 @@ class StreamGuard:
         as soon as the relay knows how the stream ends (before its last bytes go out, so
         that a client that reads them and chains on finds the turn remembered): "whole"
         (read and scored to its end), "cut" (a choice was cut), None (it broke off, failed
-        closed, or its client left)."""
+        closed, or its client left); `skip_through` (Responses): events up to this sequence
+        number are read and scored but not sent (a replay the client resumes:
+        `proxy.retrieval`)."""
         self.endpoint = endpoint
         self.request = request
         self.policy = policy
@@ -153,12 +156,14 @@ class StreamGuard:
         self.completion_tokens: dict[int, int] = {}
         self.upstream_done = False
         self.output = ResponseOutput()  # Responses: the output items the client has been sent
-        self.next_sequence = 0  # Responses: the sequence number our own events start at
+        # Responses: the sequence number our own events start at (after those a resumed replay skips)
+        self.next_sequence = 0 if skip_through is None else max(0, skip_through + 1)
         self.streamed: dict = {}  # Responses: the text each output item's deltas carried
         self.blocks = MessageOutput()  # Messages: the content blocks the client has been sent
         self.anthropic = endpoint == "messages"  # errors in Anthropic's shape
         self.unreadable = False  # an event the guard cannot read has been seen
         self.on_end = on_end
+        self.skip_through = skip_through
         self.ended = False
 
     # -- the relay ---------------------------------------------------------------------
@@ -478,6 +483,8 @@ class StreamGuard:
                 number = held.payload.get("sequence_number")
                 if isinstance(number, int) and not isinstance(number, bool):
                     self.next_sequence = max(self.next_sequence, number + 1)
+                    if self.skip_through is not None and number <= self.skip_through:
+                        continue  # the client was sent it before: applied to `output`, not sent again
             elif self.endpoint == "messages" and held.payload is not None:
                 self.blocks.apply(held.payload)
             out.append(held.raw)

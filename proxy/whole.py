@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# A Responses reply still being generated has one of these statuses (a background one)
+UNFINISHED = ("queued", "in_progress")
 # A whole reply's choices (or safest-of-n's candidates) are scored on at most this many
 # guard sessions at once: as many as the worker packs into one round by default
 # (`guard.max_batch_size`), and a bound on the prompt cache copies held for one reply.
@@ -61,6 +63,8 @@ class WholeReply:
         if choices is None:  # not a completion we can read: nothing to score, fail per policy
             self.unreadable()
             return data, {}
+        if call.endpoint == "responses" and body.get("status") in UNFINISHED and not any(t for _, t in choices):
+            return data, {}  # nothing generated yet (a background response, "queued"): read when read back
         started = time.perf_counter()
         scores, error = [None] * len(choices), None
         try:

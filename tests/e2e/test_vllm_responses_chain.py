@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 import httpx
 import pytest
@@ -45,6 +46,27 @@ def storing_vllm(tmp_path_factory):
         yield url
 
 
+def two_routes(url: str, audit) -> str:
+    """/open/v1, whose prompt stage only shadows (a harmful request is answered, and its
+    reply cut), and /v1, which refuses, on the same vLLM."""
+    return f"""
+server:
+  audit_log: {audit}
+upstreams:
+  vllm: {{base_url: {url}, read_timeout: 300}}
+policies:
+  open:
+    prompt: {{action: shadow}}
+    response: {{action: cut, threshold: {CUT_THRESHOLD}}}
+  strict:
+    prompt: {{action: refuse, threshold: 0.5}}
+    response: {{action: cut, threshold: {CUT_THRESHOLD}}}
+routes:
+  - {{prefix: /open/v1, upstream: vllm, policy: open}}
+  - {{prefix: /v1, upstream: vllm, policy: strict}}
+"""
+
+
 def test_a_chained_turn_reaches_vllm_scored_after_the_turn_it_continues(storing_vllm, scorer, tmp_path):
     audit = tmp_path / "audit.jsonl"
     text = config(storing_vllm, prompt=CONVERSATION, response="{action: cut, threshold: 0.9}",
@@ -72,22 +94,7 @@ def test_a_chain_from_a_reply_the_proxy_cut_is_refused_without_calling_vllm(stor
     reply is generated and cut; the chain from it goes through a route that refuses, on
     the same upstream (the memory is per proxy key and upstream, not per route)."""
     audit = tmp_path / "audit.jsonl"
-    text = f"""
-server:
-  audit_log: {audit}
-upstreams:
-  vllm: {{base_url: {storing_vllm}, read_timeout: 300}}
-policies:
-  open:
-    prompt: {{action: shadow}}
-    response: {{action: cut, threshold: {CUT_THRESHOLD}}}
-  strict:
-    prompt: {{action: refuse, threshold: 0.5}}
-    response: {{action: cut, threshold: {CUT_THRESHOLD}}}
-routes:
-  - {{prefix: /open/v1, upstream: vllm, policy: open}}
-  - {{prefix: /v1, upstream: vllm, policy: strict}}
-"""
+    text = two_routes(storing_vllm, audit)
     with running_proxy(text, scorer) as proxy, sdk(proxy.url + "/open/v1") as opened, \
             sdk(proxy.url + "/v1") as strict:
         cut = opened.responses.create(model=SERVED_NAME, input=CUT_MESSAGES[0]["content"], temperature=0,
@@ -108,3 +115,67 @@ routes:
     assert after.get("vllm:prompt_tokens_total") == before.get("vllm:prompt_tokens_total")
     decision = [d for d in audit_records(audit, 2)[1]["decisions"] if d["stage"] == "prompt"][0]
     assert decision["action"] == "refuse" and decision.get("reason") == "previous_response_cut", decision
+
+
+def done(client, response_id: str, **kw):
+    """A background response read back through the proxy until vLLM has finished it."""
+    for _ in range(600):
+        read = client.responses.retrieve(response_id, **kw)
+        if read.status not in ("queued", "in_progress"):
+            return read
+        time.sleep(0.2)
+    raise AssertionError(f"{response_id} still {read.status}")
+
+
+def test_a_background_reply_is_guarded_when_it_is_read_back(storing_vllm, scorer, tmp_path):
+    """`background: true`, not streamed: vLLM answers "queued" and generates on; the
+    client polls `GET responses/{id}` through the proxy. The harmful reply is the refusal
+    when read back, while vLLM holds its text, and a chain from it is refused; the benign
+    one reads back as vLLM wrote it, and may then be continued (until it was read back,
+    the proxy had not read it: a chain from it was refused)."""
+    audit = tmp_path / "audit.jsonl"
+    text = two_routes(storing_vllm, audit)
+    with running_proxy(text, scorer) as proxy, sdk(proxy.url + "/open/v1") as opened, \
+            sdk(proxy.url + "/v1") as strict:
+        harmful = opened.responses.create(model=SERVED_NAME, input=CUT_MESSAGES[0]["content"], temperature=0,
+                                          max_output_tokens=64, background=True)
+        benign = opened.responses.create(model=SERVED_NAME, input=BENIGN, temperature=0, max_output_tokens=32,
+                                         background=True)
+        assert harmful.status == benign.status == "queued"
+        cut, fine = done(opened, harmful.id), done(opened, benign.id)
+        kept = httpx.get(f"{storing_vllm}/responses/{harmful.id}", timeout=30).json()
+        wrote = httpx.get(f"{storing_vllm}/responses/{benign.id}", timeout=30).json()
+        again = strict.responses.create(model=SERVED_NAME, input="Repeat your last answer word for word.",
+                                        previous_response_id=harmful.id, max_output_tokens=16)
+        more = strict.responses.create(model=SERVED_NAME, input="Now name one more.", temperature=0,
+                                       max_output_tokens=16, previous_response_id=benign.id)
+    kept_text = kept["output"][-1]["content"][0]["text"]
+    print(f"\nvLLM kept the background reply: {kept_text[:80]!r}; the client read {cut.output_text!r}")
+    assert cut.id == harmful.id and cut.output_text == REFUSAL and kept_text and REFUSAL not in kept_text
+    assert fine.output_text == wrote["output"][-1]["content"][0]["text"] and fine.output_text
+    assert again.output_text == REFUSAL
+    assert more.output_text and more.output_text != REFUSAL
+    reads = [d for line in audit_records(audit, 4) if line["endpoint"] == "responses/retrieve"
+             for d in line["decisions"]]
+    assert any(d["action"] == "cut" and d["score"] >= CUT_THRESHOLD for d in reads), reads
+
+
+def test_a_resumed_replay_of_a_background_stream(storing_vllm, scorer):
+    """`background: true, stream: true`, then `GET responses/{id}?stream=true&starting_after=n`
+    (a client resuming): the proxy asks vLLM for the whole replay, scores it from the
+    start, and sends only the events after n, as vLLM would."""
+    text = config(storing_vllm, prompt="{action: shadow}", response=f"{{action: cut, threshold: {CUT_THRESHOLD}}}")
+    with running_proxy(text, scorer) as proxy, sdk(proxy.url + "/v1") as client:
+        first = list(client.responses.create(model=SERVED_NAME, input=BENIGN, temperature=0,
+                                             max_output_tokens=32, background=True, stream=True))
+        response_id = first[0].response.id
+        resumed = list(client.responses.retrieve(response_id, stream=True, starting_after=5))
+        direct = httpx.get(f"{storing_vllm}/responses/{response_id}",
+                           params={"stream": "true", "starting_after": 5}, timeout=60).text
+    numbers = [e.sequence_number for e in resumed]
+    direct_numbers = [int(line.split('"sequence_number":')[1].split(",")[0].split("}")[0])
+                      for line in direct.splitlines() if line.startswith("data: ")]
+    deltas = "".join(e.delta for e in resumed if e.type == "response.output_text.delta")
+    print(f"\nresumed after 5: {len(resumed)} events, {deltas[:60]!r}")
+    assert numbers == direct_numbers and numbers[0] == 6
+    assert deltas and "".join(e.delta for e in first if e.type == "response.output_text.delta").endswith(deltas)

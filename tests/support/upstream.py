@@ -80,7 +80,8 @@ class Recorder:
     def __init__(self) -> None:
         self.streams: list[str] = []  # "complete" or "closed-early", one per stream
         self.requests: list[dict] = []
-        self.stored: set[str] = set()  # the ids of Responses kept (`store` not false)
+        # The Responses kept (`store` not false), by id: the finished response and its stream's events
+        self.stored: dict[str, tuple[dict, list[bytes]]] = {}
 
 
 def build_upstream(recorder: Recorder) -> Starlette:
@@ -252,8 +253,6 @@ def build_upstream(recorder: Recorder) -> Starlette:
                                            "type": "invalid_request_error", "param": "previous_response_id",
                                            "code": "previous_response_not_found"}}, 404)
         response_id = f"resp_{len(recorder.requests)}"
-        if payload.get("store") is not False:
-            recorder.stored.add(response_id)
         kind, _, arg = request.headers.get("x-script", "text:a plain answer").partition(":")
         if kind == "replay":
             raw = (FIXTURES / arg).read_bytes()
@@ -275,9 +274,23 @@ def build_upstream(recorder: Recorder) -> Starlette:
                                "status": "completed"})
         final = {"id": response_id, "object": "response", "created_at": int(time.time()), "status": "completed",
                  "model": payload.get("model", "smollm2"), "output": output}
+        chunks = response_events(final, items)
+        if payload.get("store") is not False:
+            recorder.stored[response_id] = (final, chunks)
+        if payload.get("background") is True and not payload.get("stream"):  # done at once, read back later
+            return JSONResponse({**final, "status": "queued", "output": []})
         if not payload.get("stream"):
             return JSONResponse(final)
+        if kind == "reset-after":  # response.created, the item and its part opened, n deltas: then the drop
+            async def boom():
+                raise ConnectionResetError("scripted reset")
+                yield b""  # pragma: no cover - makes this an async generator
+            return await streamed(chunks[:3 + int(arg)], boom)
+        return await streamed(chunks)
 
+    def response_events(final: dict, items: list) -> list[bytes]:
+        """A Responses stream of `final`, whose output items are `items`."""
+        output = final["output"]
         sequence = iter(range(10_000))
 
         def event(name: str, data: dict) -> bytes:
@@ -299,12 +312,30 @@ def build_upstream(recorder: Recorder) -> Starlette:
             chunks.append(event("response.content_part.done", {**where, "part": part}))
             chunks.append(event("response.output_item.done", {"output_index": position, "item": item}))
         chunks.append(event("response.completed", {"response": final}))
-        if kind == "reset-after":  # response.created, the item and its part opened, n deltas: then the drop
-            async def boom():
-                raise ConnectionResetError("scripted reset")
-                yield b""  # pragma: no cover - makes this an async generator
-            return await streamed(chunks[:3 + int(arg)], boom)
-        return await streamed(chunks)
+        return chunks
+
+    async def stored_response(request: Request) -> Response:
+        """`GET /v1/responses/{id}` (`?stream=true`: its events again, after `starting_after`)
+        and `POST /v1/responses/{id}/cancel`, as vLLM serves them."""
+        recorder.requests.append({"headers": dict(request.headers), "body": None, "path": request.url.path,
+                                  "query": request.url.query})
+        response_id = request.path_params["response_id"]
+        if response_id not in recorder.stored:
+            return JSONResponse({"error": {"message": f"Response with id '{response_id}' not found.",
+                                           "type": "invalid_request_error", "param": "response_id"}}, 404)
+        final, chunks = recorder.stored[response_id]
+        if request.method == "POST":
+            return JSONResponse({**final, "status": "cancelled"})
+        kind, _, arg = request.headers.get("x-script", "").partition(":")
+        if kind == "status":  # still being generated: `status:in_progress|<words so far>`
+            status, _, text = arg.partition("|")
+            part = {"type": "output_text", "text": text, "annotations": []}
+            return JSONResponse({**final, "status": status, "output": [{
+                "id": "msg_1", "type": "message", "role": "assistant", "status": status, "content": [part]}]})
+        if request.query_params.get("stream") == "true":
+            after = int(request.query_params.get("starting_after", -1))
+            return await streamed(chunks[after + 1:])
+        return JSONResponse(final)
 
     async def messages(request: Request) -> Response:
         payload = await received(request)
@@ -403,6 +434,8 @@ def build_upstream(recorder: Recorder) -> Starlette:
         Route("/v1/embeddings", embeddings, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/responses", responses, methods=["POST"]),
+        Route("/v1/responses/{response_id}", stored_response, methods=["GET"]),
+        Route("/v1/responses/{response_id}/cancel", stored_response, methods=["POST"]),
         Route("/v1/messages", messages, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/completions", llamacpp_completion, methods=["POST"]),

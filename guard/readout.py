@@ -17,6 +17,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from guard.artifact import ArtifactConfig
@@ -28,6 +30,10 @@ class Readout:
     def __init__(self, model: torch.nn.Module, config: ArtifactConfig) -> None:
         self.model = model
         self.inner = getattr(model, "model", model)
+        # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name
+        # warns, and goes in 5.40); earlier 5.x know only the old one
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(self.inner.forward).parameters \
+            else "past_key_values"
         blocks = decoder_layers(model)
         self.original_layers = len(blocks)
         hidden = model.config.hidden_size
@@ -97,7 +103,7 @@ class Readout:
             raise WorkerClosed("this guard is closed")
         self._captured.clear()
         out = self.inner(
-            input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
+            input_ids=input_ids, attention_mask=attention_mask, **{self._cache_kwarg: cache},
             use_cache=cache is not None, return_dict=True,
         )
         parts = []

@@ -268,3 +268,19 @@ def test_cut_still_covers_the_stream_of_a_background_request(scripted):
         events = list(client.responses.create(model="m", input="q", background=True, stream=True))
     text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert "BOMB" not in text and text.endswith(REFUSAL)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_guard_that_fails_on_a_read_fails_closed(scripted, stream):
+    """`on_guard_error: block` (the default): a read the guard cannot score is a 503
+    `guard_unavailable` whole, an in-band error replayed; never the unscored text."""
+    url, _ = scripted
+    with running_proxy(proxy_yaml(url, prompt="{action: off}"), KeywordScorer()) as proxy:
+        response_id = background(sdk(proxy, default_headers={"x-script": HARMFUL}))
+    with running_proxy(proxy_yaml(url, prompt="{action: off}"), KeywordScorer(fail=True)) as proxy:
+        reply = httpx.get(f"{proxy.url}/v1/responses/{response_id}", params={"stream": "true"} if stream else {})
+    assert "BOMB" not in reply.text
+    if stream:
+        assert reply.status_code == 200 and '"code":"guard_unavailable"' in reply.text.replace(" ", "")
+    else:
+        assert reply.status_code == 503 and reply.json()["error"]["code"] == "guard_unavailable"

@@ -30,9 +30,14 @@ vLLM's `token_ids` when the request asks for them (`logprobs`, `return_token_ids
 vLLM's do: text of their own that a refusal must not leave behind.
 
 Responses streams carry each output item's whole event sequence (added, deltas, `.done`).
-Each response has an id of its own (`resp_<n>`), kept unless the request says `store:
-false`; a request whose `previous_response_id` names no kept response gets the 404
-OpenAI and vLLM answer, `previous_response_not_found`.
+Each response has an id of its own (`resp_<n>`), kept with its stream's events unless the
+request says `store: false`; a request whose `previous_response_id` names no kept response
+gets the 404 OpenAI and vLLM answer, `previous_response_not_found`. `background: true`
+(not streamed) is answered "queued" (the response is done at once, and kept). A kept
+response is served back as vLLM serves it: `GET /v1/responses/{id}` whole, or its events
+again with `?stream=true` (after `starting_after`, if given); `POST .../cancel` whole, as
+"cancelled"; `x-script: status:<status>|<words>` on a GET answers it still being
+generated, with <words> so far; an id never kept is a 404.
 
 `/completions` (no `/v1`: llama.cpp's own completion format, as its server serves there)
 streams `text:<words>` as llama.cpp does, or returns it whole.

@@ -102,11 +102,14 @@ class Retrieval:
         self.memory = memory
         self.skip_through = skip_through
         self.cache_salt = cache_salt
-        # Remembered under the id as sent, or as an upstream that strips matrix parameters reads it
-        ids = dict.fromkeys((response_id, response_id.split(";", 1)[0]))
-        found = [(i, entry) for i in ids if (entry := memory.get(i) if memory is not None else None) is not None]
-        self.remembered_as, self.entry = next((f for f in found if f[1].withheld == "cut"), found[0]) \
-            if found else (response_id, None)
+        # Remembered under the id as sent, or as an upstream that strips matrix parameters
+        # (Tomcat, Spring) reads it; a cut wins
+        self.remembered_as: str = response_id
+        self.entry: Remembered | None = None
+        for candidate in dict.fromkeys((response_id, response_id.split(";", 1)[0])) if memory is not None else ():
+            entry = memory.get(candidate)
+            if entry is not None and (self.entry is None or entry.withheld == "cut"):
+                self.remembered_as, self.entry = candidate, entry
         # What the response stage reads before the reply: the turns that led to it
         self.prompt = conversation_text(self.entry.conversation[:-1], policy.prompt.scope) \
             if self.entry is not None and self.entry.conversation else None

@@ -14,6 +14,10 @@ import httpx
 import openai
 import pytest
 
+from policies.config import parse_config
+from proxy.memory import MemoryView, Remembered, ResponsesMemory
+from proxy.records import Exchange
+from proxy.retrieval import Retrieval, resumed, retrieved
 from tests.support.clients import close_sdk_clients, sdk  # noqa: F401 - close_sdk_clients is autouse
 from tests.support.proxy import running_proxy
 from tests.support.scorers import KeywordScorer
@@ -284,3 +288,23 @@ def test_a_guard_that_fails_on_a_read_fails_closed(scripted, stream):
         assert reply.status_code == 200 and '"code":"guard_unavailable"' in reply.text.replace(" ", "")
     else:
         assert reply.status_code == 503 and reply.json()["error"]["code"] == "guard_unavailable"
+
+
+def test_a_read_is_known_by_its_path_and_its_id_as_the_upstream_reads_it(scripted):
+    """`GET responses/{id}` and `POST responses/{id}/cancel`, in any case and with matrix
+    parameters, as endpoints are known; the id as sent, and also without its matrix
+    parameters (as Tomcat or Spring would read it) when the memory holds that one cut."""
+    assert retrieved("GET", "http://h/v1/Responses/resp_A") == "resp_A"
+    assert retrieved("POST", "http://h/v1/responses/resp_A/Cancel;x=1") == "resp_A"
+    assert [retrieved("GET", "http://h/v1/responses/resp_A/input_items"), retrieved("POST", "http://h/v1/responses"),
+            retrieved("DELETE", "http://h/v1/responses/resp_A")] == [None, None, None]
+    assert resumed("stream=true&starting_after=7&include=x") == ("stream=true&include=x", 7)
+    assert resumed("stream=true") == ("stream=true", None)
+    memory = ResponsesMemory()
+    view = MemoryView.of(memory, key_name=None, upstream="up", megabytes=1)
+    view.remember("resp_A", Remembered((("user", "q"), ("assistant", "a BOMB")), "cut"))
+    view.remember("resp_A;v=1", Remembered((("user", "q"), ("assistant", "fine")), None))
+    policy = parse_config(proxy_yaml(scripted[0])).policies["p"]
+    read = Retrieval(scorer=None, audit=None, policy=policy, exchange=Exchange("r", "p", "x", False),
+                     response_id="resp_A;v=1", memory=view)
+    assert (read.remembered_as, read.entry.withheld, read.prompt) == ("resp_A", "cut", "user: q")

@@ -32,7 +32,7 @@ import httpx
 from starlette.responses import Response
 
 from policies.config import Policy
-from policies.decisions import CUT, Decision, decide_withheld, headers_for
+from policies.decisions import CUT, FLAG, Decision, decide_withheld, headers_for
 from policies.extract import conversation_text
 
 from .endpoints import folded, segments
@@ -137,6 +137,9 @@ class Retrieval:
             self.exchange.decided(decision, 0.0)
             if decision.action == CUT:
                 return await self._refused(response, decision)
+            self.write_audit()  # flag, shadow: it goes on as it came, the decision said (unscored)
+            headers = headers_for(decision, policy=self.policy.name) if decision.action == FLAG else {}
+            return relay(response, self.exchange.metrics, headers=list(headers.items()), watch=True, guarded=True)
         if is_event_stream(response.headers.get("content-type", "")):
             return self._stream(response)
         return await self._whole(response)

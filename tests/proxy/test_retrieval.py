@@ -308,3 +308,21 @@ def test_a_read_is_known_by_its_path_and_its_id_as_the_upstream_reads_it(scripte
     read = Retrieval(scorer=None, audit=None, policy=policy, exchange=Exchange("r", "p", "x", False),
                      response_id="resp_A;v=1", memory=view)
     assert (read.remembered_as, read.entry.withheld, read.prompt) == ("resp_A", "cut", "user: q")
+
+
+def test_a_cut_reply_read_through_a_route_that_only_flags_goes_on_flagged(scripted):
+    """The memory is per key and upstream, not per route: a reply cut through one route,
+    read back through a route on the same upstream whose response stage flags, goes on
+    as the upstream kept it, flagged as crossing (unscored: the memory decided)."""
+    url, _ = scripted
+    text = proxy_yaml(url, extra="  loose: {prompt: {action: off}, response: {action: flag, threshold: 0.5}}")
+    text = text.replace("  - {prefix: /v1, upstream: up, policy: p}",
+                        "  - {prefix: /loose/v1, upstream: up, policy: loose}\n  - {prefix: /v1, upstream: up, policy: p}")
+    scorer = KeywordScorer()
+    with running_proxy(text, scorer) as proxy:
+        cut, _ = ask(sdk(proxy, default_headers={"x-script": HARMFUL}), "tell me", stream=True)
+        scored = len(scorer.checks) + len(scorer.calls)
+        read = httpx.get(f"{proxy.url}/loose/v1/responses/{cut}")
+    assert "BOMB" in read.json()["output"][0]["content"][0]["text"]
+    assert read.headers["x-siren-decision"] == "flagged" and "x-siren-score" not in read.headers
+    assert len(scorer.checks) + len(scorer.calls) == scored

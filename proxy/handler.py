@@ -163,7 +163,7 @@ class Proxy:
         # Routed before a stream slot is taken: a refused stream is counted under its route,
         # and a client without a key or a route hears so, not that the proxy is busy.
         match = self._route(request, config, path, body, payload, key_name)
-        streaming = payload is not None and payload.get("stream") is True \
+        streaming = request.state.streaming = payload is not None and payload.get("stream") is True \
             or retrieval.replays(request.method, path, request.url.query)
         if streaming:
             if self.active_streams >= config.server.max_concurrent_streams:
@@ -356,7 +356,7 @@ class Proxy:
             return relay(await send(body), self.metrics, anthropic=request.state.anthropic)
         if response_id is not None:
             exchange = Exchange(route=match.route.name, policy=policy.name, endpoint=retrieval.ENDPOINT,
-                                stream=retrieval.replays(request.method, path, request.url.query), metrics=self.metrics)
+                                stream=request.state.streaming, metrics=self.metrics)
             reading = retrieval.Retrieval(
                 scorer=self.scorer, audit=self.audit, policy=policy, exchange=exchange, response_id=response_id,
                 memory=MemoryView.of(self.memory, key_name=key_name, upstream=match.upstream.name,

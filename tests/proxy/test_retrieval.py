@@ -326,3 +326,19 @@ def test_a_cut_reply_read_through_a_route_that_only_flags_goes_on_flagged(script
     assert "BOMB" in read.json()["output"][0]["content"][0]["text"]
     assert read.headers["x-siren-decision"] == "flagged" and "x-siren-score" not in read.headers
     assert len(scorer.checks) + len(scorer.calls) == scored
+
+
+@pytest.mark.parametrize(("on_error", "status"), [("block", 503), ("allow", 200)])
+def test_a_read_back_that_is_no_response_meets_on_guard_error(scripted, on_error, status):
+    """A 200 at `responses/{id}` that is not a Responses reply (here the scripted
+    upstream's echo, under a route mounted below its `/v1`) may carry text the guard
+    never scores: a guard failure, refused under `on_guard_error: block`."""
+    url, _ = scripted
+    text = proxy_yaml(url + "/odd", extra=f"    on_guard_error: {on_error}")
+    with running_proxy(text, KeywordScorer()) as proxy:
+        reply = httpx.get(f"{proxy.url}/v1/responses/resp_x")
+    assert reply.status_code == status
+    if status == 503:
+        assert reply.json()["error"]["code"] == "guard_unavailable"
+    else:
+        assert reply.json()["path"] == "/v1/odd/responses/resp_x"

@@ -46,6 +46,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 CACHE_SCOPES = ("key", "shared")  # guard.prefix_cache_scope
 DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
 MAX_MEMORY_MB = 1024 * 1024  # server.responses_memory_mb: 1 TiB, any machine's bound, so bytes stay an int
+MAX_HEAD_BYTES = 1024 * 1024  # server.max_head_bytes: a head is held whole in memory, per connection
 MAX_CHOICES = 128  # OpenAI's bound on `n`: a guarded request's choices, and safest-of-n's candidates
 _DEVICE = re.compile(r"^(?:auto|cpu|cuda|cuda:\d+)$")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
@@ -95,6 +96,16 @@ class ServerConfig:
     # Responses turns remembered so that a request chaining from one is scored with its
     # conversation (`proxy.memory`); 0: off
     responses_memory_mb: float = 64.0
+    # The front door (`proxy.front`), read for each new connection: a request head's bound
+    # in bytes and in seconds, how long an idle connection stays open, and how many
+    # connections may be open at once, in all and from one client address (None: no bound)
+    max_head_bytes: int = 64 * 1024
+    head_timeout: float = 30.0
+    keep_alive_timeout: float = 5.0
+    max_connections: int | None = None
+    max_connections_per_client: int | None = None
+    # Seconds a request body may go without a byte before it is refused (408); None: no bound
+    body_timeout: float | None = 60.0
 
     @property
     def auth_required(self) -> bool:
@@ -299,6 +310,12 @@ def _server(s: Section) -> ServerConfig:
         log_level=s.choice("log_level", d.log_level, LOG_LEVELS),
         responses_memory_mb=s.number("responses_memory_mb", d.responses_memory_mb, minimum=0,
                                      maximum=MAX_MEMORY_MB),
+        max_head_bytes=s.integer("max_head_bytes", d.max_head_bytes, minimum=1024, maximum=MAX_HEAD_BYTES),
+        head_timeout=s.number("head_timeout", d.head_timeout, positive=True),
+        keep_alive_timeout=s.number("keep_alive_timeout", d.keep_alive_timeout, positive=True),
+        max_connections=s.integer("max_connections", None, minimum=1, nullable=True),
+        max_connections_per_client=s.integer("max_connections_per_client", None, minimum=1, nullable=True),
+        body_timeout=s.number("body_timeout", d.body_timeout, positive=True, nullable=True),
     )
     s.finish()
     return server

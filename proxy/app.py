@@ -86,6 +86,7 @@ def build_app(holder, scorer: Scorer | None = None) -> Starlette:
         lifespan=lifespan,
     )
     app.state.proxy = proxy  # `serve` tells it when shutdown begins (`Proxy.drain`)
+    app.state.server = lambda: holder.current.server  # the front door's bounds (`proxy.front`)
     return app
 
 

@@ -6,11 +6,13 @@
     ├── Forbidden           403     an endpoint the guard cannot read, on a guarded route
     ├── NotFound            404     no route matches the path
     ├── PayloadTooLarge     413     body over server.max_body_bytes
-    ├── HeadTooLarge        431     request line and headers over 64 KiB (`proxy.front`)
+    ├── HeadTooLarge        431     request line and headers over server.max_head_bytes (`proxy.front`)
     ├── UnsupportedCoding   501     a request transfer coding other than chunked
-    ├── HeadTimeout         408     a request head not whole within 30 s (`proxy.front`)
+    ├── HeadTimeout         408     a request head not whole within server.head_timeout (`proxy.front`)
+    ├── BodyTimeout         408     a request body silent for server.body_timeout
+    ├── TooManyConnections  429     a client's connections over server.max_connections_per_client
     ├── ContentFiltered     400     prompt refused with `action: block`
-    ├── Overloaded          503     stream or guard-queue limit reached (Retry-After)
+    ├── Overloaded          503     stream, connection or guard-queue limit reached (Retry-After)
     ├── RequestTimeout      504     server.request_timeout passed
     ├── ShuttingDown        503     the proxy is stopping (in band: a stream it had to end)
     ├── GuardUnavailable    503     the guard failed and the policy fails closed
@@ -87,6 +89,14 @@ class HeadTimeout(ProxyError):
     status, type, code = 408, "invalid_request_error", "request_head_timeout"
 
 
+class BodyTimeout(ProxyError):
+    status, type, code = 408, "invalid_request_error", "request_body_timeout"
+
+
+class TooManyConnections(ProxyError):
+    status, type, code = 429, "requests", "too_many_connections"
+
+
 class ContentFiltered(ProxyError):
     status, type, code = 400, "invalid_request_error", "content_filter"
 
@@ -134,7 +144,8 @@ def body_of(exc: ProxyError) -> dict:
 
 # Anthropic's error types (its API reference, "Errors") for the statuses the proxy answers
 _ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                    404: "not_found_error", 413: "request_too_large", 504: "timeout_error"}
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                    504: "timeout_error"}
 
 
 def anthropic_path(path: str) -> bool:

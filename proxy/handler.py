@@ -22,7 +22,7 @@ from policies.config import Config, Policy
 from policies.errors import RoutingHeaderError, UnsafePathError
 from policies.routing import RouteMatch, match_route, normalize_path
 
-from .errors import (BadRequest, ClientClosed, Forbidden, NotFound, Overloaded, PayloadTooLarge, ProxyError,
+from .errors import (BadRequest, BodyTimeout, ClientClosed, Forbidden, NotFound, Overloaded, PayloadTooLarge, ProxyError,
                      RequestTimeout, ShuttingDown, Unauthorized, UnsupportedCoding, anthropic_path, error_event,
                      error_response)
 from . import batch, moderations, retrieval
@@ -43,8 +43,10 @@ JSON_ENDPOINTS = ("chat/completions", "completions", "completions/batch", "embed
                   "v1/messages")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refused past `limit` bytes without reading further, and refused
+async def read_body(request: Request, limit: int, stall: float | None = None) -> bytes:
+    """The whole body, refused past `limit` bytes without reading further, refused when no
+    byte of it came for `stall` seconds (nginx's `client_body_timeout`: a client that
+    sends a byte now and then held its connection and its task for good), and refused
     unread in a transfer coding other than `chunked`: the server undoes `chunked` alone,
     so a `gzip, chunked` body would go on still gzipped, with no header left to say so
     (the upstream's `Transfer-Encoding` is the proxy's own: RFC 9112 6.1's 501)."""
@@ -60,8 +62,17 @@ async def read_body(request: Request, limit: int) -> bytes:
         if int(declared) > limit:
             raise PayloadTooLarge(f"request body of {declared} bytes is over the {limit}-byte limit")
     chunks, size = [], 0
+    pieces = request.stream()
     try:
-        async for chunk in request.stream():
+        while True:
+            try:
+                async with asyncio.timeout(stall):  # the deadline's and a drain's are the caller's
+                    chunk = await anext(pieces)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                raise BodyTimeout(f"no byte of the request body came for {stall:g}s",
+                                  headers={"connection": "close"}) from None
             size += len(chunk)
             if size > limit:
                 raise PayloadTooLarge(f"request body is over the {limit}-byte limit")
@@ -155,7 +166,8 @@ class Proxy:
         # On the head, before the body: a client without a key gets no body read or parsed.
         key_name = self._authenticate(request, config)
         try:  # ended as the answer's wait is: at the deadline, or by a drain with a 503
-            body = await self._until_end(read_body(request, config.server.max_body_bytes), deadline,
+            body = await self._until_end(read_body(request, config.server.max_body_bytes,
+                                                   config.server.body_timeout), deadline,
                                          asyncio.current_task())
         except TimeoutError:
             raise self._ended(deadline, timeout) from None

@@ -59,6 +59,12 @@ def test_every_key_parses():
           shutdown_timeout: 25
           audit_log: /tmp/audit.jsonl
           log_level: debug
+          max_head_bytes: 16384
+          head_timeout: 10
+          keep_alive_timeout: 2.5
+          max_connections: 500
+          max_connections_per_client: 20
+          body_timeout: null
         upstreams:
           vllm:
             base_url: https://example.com/v1/
@@ -104,7 +110,9 @@ def test_every_key_parses():
     assert config.server == ServerConfig(
         host="0.0.0.0", port=9000, max_body_bytes=1000,
         api_keys=(ApiKey("api_keys[0]", "s1"), ApiKey("team-a", "s2")), max_concurrent_streams=8,
-        request_timeout=30.0, shutdown_timeout=25.0, audit_log="/tmp/audit.jsonl", log_level="debug")
+        request_timeout=30.0, shutdown_timeout=25.0, audit_log="/tmp/audit.jsonl", log_level="debug",
+        max_head_bytes=16384, head_timeout=10.0, keep_alive_timeout=2.5, max_connections=500,
+        max_connections_per_client=20, body_timeout=None)
     up = config.upstreams["vllm"]
     assert (up.base_url, up.api_key, up.connect_timeout, up.read_timeout, up.max_connections) == (
         "https://example.com/v1", "up-secret", 1.0, 2.5, 3)
@@ -175,6 +183,16 @@ ERRORS = [
     (UP + "server:\n  request_timeout: -1\n", "server.request_timeout", 5, "> 0"),
     (UP + "server:\n  shutdown_timeout: 0\n", "server.shutdown_timeout", 5, "> 0"),
     (UP + "server:\n  shutdown_timeout: null\n", "server.shutdown_timeout", 5, "number"),
+    (UP + "server:\n  max_head_bytes: 1000\n", "server.max_head_bytes", 5, ">= 1024"),
+    (UP + "server:\n  max_head_bytes: 2000000\n", "server.max_head_bytes", 5, "<= 1048576"),
+    (UP + "server:\n  max_head_bytes: null\n", "server.max_head_bytes", 5, "integer"),
+    (UP + "server:\n  head_timeout: 0\n", "server.head_timeout", 5, "> 0"),
+    (UP + "server:\n  head_timeout: null\n", "server.head_timeout", 5, "number"),
+    (UP + "server:\n  keep_alive_timeout: -1\n", "server.keep_alive_timeout", 5, "> 0"),
+    (UP + "server:\n  max_connections: 0\n", "server.max_connections", 5, ">= 1"),
+    (UP + "server:\n  max_connections_per_client: 1.5\n", "server.max_connections_per_client", 5, "integer"),
+    (UP + "server:\n  body_timeout: 0\n", "server.body_timeout", 5, "> 0"),
+    (UP + "server:\n  body_timeout: .inf\n", "server.body_timeout", 5, "finite"),
     (UP + "server:\n  api_keys: ''\n", "server.api_keys", 5, "expected a list"),
     (UP + "server:\n  api_keys: ['']\n", "server.api_keys[0]", 5, "empty"),
     (UP + "server:\n  api_keys: [3]\n", "server.api_keys[0]", 5, "string or"),

@@ -106,6 +106,9 @@ class ServerConfig:
     max_connections_per_client: int | None = None
     # Seconds a request body may go without a byte before it is refused (408); None: no bound
     body_timeout: float | None = 60.0
+    # Origins whose browser pages may call the proxy (`proxy.cors`), lower case, or "*";
+    # empty: the proxy does no CORS (preflights are forwarded)
+    cors_origins: tuple[str, ...] = ()
 
     @property
     def auth_required(self) -> bool:
@@ -274,6 +277,24 @@ def parse_config(text: str, *, path: str | None = None, env: Mapping[str, str] =
     return Config(server, _frozen_map(upstreams), guard, _frozen_map(policies), routes, path)
 
 
+# What a browser sends as `Origin`: scheme://host[:port], nothing after it (no path, not
+# even "/"), no user info. A listed origin with a path could never match.
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#@\s]+")
+
+
+def _origins(s: Section) -> tuple[str, ...]:
+    origins = []
+    for kp, line, item in s.items("cors_origins") or []:
+        if not isinstance(item, str):
+            raise s.ctx.error("expected a string", kp, line)
+        origin = (s.ctx.interpolate(item, kp, line) if "${" in item else item).lower()
+        if origin != "*" and not _ORIGIN.fullmatch(origin):
+            raise s.ctx.error(f"expected '*' or an origin as a browser sends it, scheme://host[:port] with no path "
+                              f"or trailing '/'; got {item!r}", kp, line)
+        origins.append(origin)
+    return tuple(origins)
+
+
 def _server(s: Section) -> ServerConfig:
     keys, names, values = [], set(), set()
     for i, (kp, line, item) in enumerate(s.items("api_keys") or []):
@@ -316,6 +337,7 @@ def _server(s: Section) -> ServerConfig:
         max_connections=s.integer("max_connections", None, minimum=1, nullable=True),
         max_connections_per_client=s.integer("max_connections_per_client", None, minimum=1, nullable=True),
         body_timeout=s.number("body_timeout", d.body_timeout, positive=True, nullable=True),
+        cors_origins=_origins(s),
     )
     s.finish()
     return server

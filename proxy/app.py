@@ -9,10 +9,12 @@ import logging
 import httpx
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from .cors import Cors
 from .errors import BadRequest, NotFound, anthropic_path, error_response
 from .handler import Proxy
 from .metrics import Metrics
@@ -77,6 +79,7 @@ def build_app(holder, scorer: Scorer | None = None) -> Starlette:
 
     app = Starlette(
         exception_handlers={HTTPException: http_error},
+        middleware=[Middleware(Cors, origins=lambda: holder.current.server.cors_origins)],
         routes=[
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),

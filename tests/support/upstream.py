@@ -65,6 +65,8 @@ import time
 from pathlib import Path
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -433,7 +435,10 @@ def build_upstream(recorder: Recorder) -> Starlette:
                              "query": request.url.query, "headers": dict(request.headers),
                              "body": body.decode("latin-1")})
 
-    return Starlette(routes=[
+    # vLLM's server answers CORS for any origin by default (`--allowed-origins` "*", through
+    # Starlette's CORSMiddleware): preflights itself, and `Access-Control-Allow-Origin: *`
+    return Starlette(middleware=[Middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"],
+                                            allow_headers=["*"])], routes=[
         Route("/v1/chat/completions", chat, methods=["POST"]),
         Route("/v1/chat/completions/batch", batch_chat, methods=["POST"]),
         Route("/v1/embeddings", embeddings, methods=["POST"]),

@@ -90,6 +90,7 @@ def build_app(holder, scorer: Scorer | None = None) -> Starlette:
     )
     app.state.proxy = proxy  # `serve` tells it when shutdown begins (`Proxy.drain`)
     app.state.server = lambda: holder.current.server  # the front door's bounds (`proxy.front`)
+    app.state.metrics = metrics  # and what it counts
     return app
 
 

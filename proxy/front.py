@@ -50,6 +50,11 @@ def server_config(protocol: HttpToolsProtocol) -> ServerConfig:
     return current() if current is not None else ServerConfig()
 
 
+def app_metrics(protocol: HttpToolsProtocol):
+    """The app's `proxy.metrics.Metrics`, or None for an app without them."""
+    return getattr(getattr(protocol.config.app, "state", None), "metrics", None)
+
+
 def open_by_client(server_state) -> Counter:
     """Connections open, by peer address, over the whole server (uvicorn's `ServerState`
     keeps the connections themselves, not their addresses)."""
@@ -70,6 +75,7 @@ class FrontDoor(HttpToolsProtocol):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.limits = server_config(self)
+        self.metrics = app_metrics(self)
         self.timeout_keep_alive = self.limits.keep_alive_timeout
         self.counted: str | None = None  # the peer address this connection is counted under
         self.in_head = True  # waiting for (the rest of) a request head
@@ -82,11 +88,15 @@ class FrontDoor(HttpToolsProtocol):
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        if self.metrics is not None:
+            self.metrics.open_connections.inc()
         self.await_head()
         self.admit()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.stop_head_timer()
+        if self.metrics is not None:
+            self.metrics.open_connections.dec()
         if self.counted is not None:
             counts = open_by_client(self.server_state)
             counts[self.counted] -= 1
@@ -175,6 +185,8 @@ class FrontDoor(HttpToolsProtocol):
             self.flow.pause_reading()
             return
         self.refused = None
+        if self.metrics is not None:
+            self.metrics.front_refusals.labels(exc.code).inc()
         body = json.dumps(body_of(exc)).encode()
         head = [STATUS_LINE[exc.status]]
         head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]

@@ -40,6 +40,11 @@ class Metrics:
                                        "Upstream time to the first streamed event carrying text.",
                                        buckets=LATENCY_BUCKETS, registry=r)
         self.active_streams = Gauge("siren_proxy_active_streams", "Responses being streamed now.", registry=r)
+        self.open_connections = Gauge("siren_proxy_open_connections", "Client connections open now (`serve`).",
+                                      registry=r)
+        self.front_refusals = Counter("siren_proxy_front_door_refusals_total",
+                                      "Connections answered and closed by the front door, by error code "
+                                      "(a head too large or too slow, too many connections).", ["code"], registry=r)
         self.batch_size = Histogram("siren_proxy_guard_batch_size", "Items per guard forward pass.",
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         self.stream_batch_size = Histogram("siren_proxy_guard_stream_batch_size",

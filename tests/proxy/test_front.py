@@ -10,6 +10,7 @@ import select
 import socket
 import time
 
+import httpx
 import openai
 
 from policies.config import ServerConfig, parse_config
@@ -255,6 +256,13 @@ def test_connections_over_the_per_client_bound_get_429(scripted):
         assert client.models.list().data
         held[1].close()
         client.close()
+        # Counted in /metrics: the two refusals, and the connections open now (this one, the
+        # client's until it is closed).
+        time.sleep(0.2)
+        metrics = httpx.get(proxy.url + "/metrics").text
+        assert 'siren_proxy_front_door_refusals_total{code="too_many_connections"} 2.0' in metrics
+        assert "siren_proxy_open_connections 1.0" in metrics, [
+            line for line in metrics.splitlines() if "open_connections" in line]
 
 
 def test_connections_over_the_total_bound_get_503(scripted):

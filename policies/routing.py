@@ -155,11 +155,24 @@ def routing_table(config: Config) -> str:
                      + ", ".join(k.name for k in config.server.api_keys))
     else:
         lines.append("auth: off (server.api_keys is empty)")
+    lines.append(_front_summary(config.server))
+    lines.append("cors: off (preflights forwarded; the upstream's policy applies)" if not config.server.cors_origins
+                 else "cors: " + ", ".join(config.server.cors_origins))
     memory = config.server.responses_memory_mb
     partition = "per API key and upstream" if config.server.auth_required else "per upstream"
     lines.append("responses memory: off" if memory == 0 else f"responses memory: {memory:g} MiB, {partition}")
     lines.append(_guard_summary(config))
     return "\n".join(lines)
+
+
+def _front_summary(server) -> str:
+    """The front door's bounds (`proxy.front`) and a body's."""
+    def bound(value) -> str:
+        return "unbounded" if value is None else f"{value:g}"
+    body = "unbounded" if server.body_timeout is None else f"{server.body_timeout:g} s"
+    return (f"front door: heads {server.max_head_bytes} bytes within {server.head_timeout:g} s, body silences "
+            f"{body}, keep-alive {server.keep_alive_timeout:g} s, connections {bound(server.max_connections)} "
+            f"({bound(server.max_connections_per_client)} per client)")
 
 
 def guard_needed(config: Config) -> bool:

@@ -425,3 +425,30 @@ def test_safest_of_3_scores_vllms_candidates_from_the_cached_prompt(vllm_url, sc
     assert chosen == min(range(3), key=scores.__getitem__)
     assert raw.parse().choices[0].message.content == candidates[chosen]
     print(f"\nsafest-of-3 over vLLM: scores {scores}, one-pass {[round(x, 4) for x in expected]}, chose {chosen}")
+
+
+def test_cors_at_the_proxy_replaces_vllms_allow_all(vllm_url, scorer):
+    """vLLM answers CORS for any origin by default (`--allowed-origins` "*"). With
+    `server.cors_origins` the proxy is the policy: a listed origin's answer, a stream
+    included, carries that origin alone; an unlisted one's carries no CORS header (vLLM's
+    `*` would have let its page read the answer); preflights never reach vLLM."""
+    app, evil = "https://app.example.com", "https://evil.example"
+    body = {"model": SERVED_NAME, "messages": [{"role": "user", "content": BENIGN}], "max_tokens": 8}
+    direct = httpx.post(vllm_url + "/chat/completions", json=body, headers={"origin": evil}, timeout=300)
+    assert direct.headers.get("access-control-allow-origin") == "*"  # what vLLM itself says
+    text = config(vllm_url, **GUARDED, server=f"  api_keys: [sk]\n  cors_origins: ['{app}']")
+    key = {"authorization": "Bearer sk"}
+    with running_proxy(text, scorer) as proxy, httpx.Client(base_url=proxy.url + "/v1", timeout=300) as client:
+        reply = client.post("/chat/completions", json=body, headers={**key, "origin": app})
+        assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"]
+        assert reply.headers.get_list("access-control-allow-origin") == [app]
+        with client.stream("POST", "/chat/completions", json={**body, "stream": True},
+                           headers={**key, "origin": app}) as stream:
+            assert stream.headers.get_list("access-control-allow-origin") == [app]
+            assert b"[DONE]" in stream.read()
+        reply = client.post("/chat/completions", json=body, headers={**key, "origin": evil})
+        assert reply.status_code == 200
+        assert not [name for name in reply.headers if name.startswith("access-control-")]
+        preflight = {"access-control-request-method": "POST", "access-control-request-headers": "authorization"}
+        assert client.options("/chat/completions", headers={**preflight, "origin": app}).status_code == 204
+        assert client.options("/chat/completions", headers={**preflight, "origin": evil}).status_code == 403

@@ -199,7 +199,21 @@ def test_routing_table_says_what_guard_serve_loads(extra, expect):
 def test_routing_table_says_how_chained_responses_are_read(extra, expect):
     base = "upstreams: {up: {base_url: 'http://x/v1'}}\nroutes: [{prefix: /v1, upstream: up, policy: default}]\n"
     lines = routing_table(parse_config(base + extra)).splitlines()
-    assert lines[-4].endswith(f"; {expect[0]}") and lines[-2] == expect[1]
+    assert lines[-6].endswith(f"; {expect[0]}") and lines[-2] == expect[1]
+
+
+def test_routing_table_says_the_front_doors_bounds_and_cors():
+    base = "upstreams: {up: {base_url: 'http://x/v1'}}\nroutes: [{prefix: /v1, upstream: up, policy: default}]\n"
+    lines = routing_table(parse_config(base)).splitlines()
+    assert lines[-4:-2] == [
+        "front door: heads 65536 bytes within 30 s, body silences 60 s, keep-alive 5 s, connections unbounded "
+        "(unbounded per client)", "cors: off (preflights forwarded; the upstream's policy applies)"]
+    lines = routing_table(parse_config(base + (
+        "server: {max_connections: 900, max_connections_per_client: 40, body_timeout: null, "
+        "cors_origins: ['https://A.example', '*']}\n"))).splitlines()
+    assert lines[-4:-2] == [
+        "front door: heads 65536 bytes within 30 s, body silences unbounded, keep-alive 5 s, connections 900 "
+        "(40 per client)", "cors: https://a.example, *"]
 
 
 def test_routing_table_says_no_guard_loads_when_no_route_scores():

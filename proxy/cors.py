@@ -14,9 +14,9 @@ servers are their own, through Starlette's `CORSMiddleware`):
 - any other request from a listed origin is answered with `Access-Control-Allow-Origin`
   (the origin, or `*` where the list has `*`) and `Access-Control-Expose-Headers: *`, so
   the page can read the proxy's `x-siren-*` decision headers, errors included;
-- the upstream's own `Access-Control-*` headers are dropped from every answer: vLLM sends
-  `Access-Control-Allow-Origin: *` by default, which would let any page read what the
-  list is meant to keep from it.
+- the upstream's own `Access-Control-*` headers are dropped from every answer: a vLLM
+  started with `--allowed-origins '["*"]'` sends `Access-Control-Allow-Origin: *`, which
+  would let any page read what the list is meant to keep from it.
 
 A request without `Origin` (every non-browser client) is served as before. The list is
 read from the live config on every request, so a reload changes it.

@@ -427,15 +427,19 @@ def test_safest_of_3_scores_vllms_candidates_from_the_cached_prompt(vllm_url, sc
     print(f"\nsafest-of-3 over vLLM: scores {scores}, one-pass {[round(x, 4) for x in expected]}, chose {chosen}")
 
 
-def test_cors_at_the_proxy_replaces_vllms_allow_all(vllm_url, scorer):
-    """vLLM answers CORS for any origin by default (`--allowed-origins` "*"). With
-    `server.cors_origins` the proxy is the policy: a listed origin's answer, a stream
-    included, carries that origin alone; an unlisted one's carries no CORS header (vLLM's
-    `*` would have let its page read the answer); preflights never reach vLLM."""
+def test_cors_at_the_proxy_in_front_of_vllm(vllm_url, scorer):
+    """vLLM 0.32 allows no origin by default (`--allowed-origins` is empty): a browser page
+    cannot call it, and its preflight is refused. With `server.cors_origins` the proxy is
+    the policy: a listed origin's preflight is answered (204, never reaching vLLM), and
+    its answers, a stream included, carry that origin alone; an unlisted origin's carry no
+    CORS header. (vLLM started with `--allowed-origins '["*"]'` adds `*` to every answer:
+    the scripted upstream does, and `tests/proxy/test_cors.py` shows the proxy drops it.)"""
     app, evil = "https://app.example.com", "https://evil.example"
     body = {"model": SERVED_NAME, "messages": [{"role": "user", "content": BENIGN}], "max_tokens": 8}
-    direct = httpx.post(vllm_url + "/chat/completions", json=body, headers={"origin": evil}, timeout=300)
-    assert direct.headers.get("access-control-allow-origin") == "*"  # what vLLM itself says
+    preflight = {"access-control-request-method": "POST", "access-control-request-headers": "authorization"}
+    direct = httpx.post(vllm_url + "/chat/completions", json=body, headers={"origin": app}, timeout=300)
+    assert direct.status_code == 200 and "access-control-allow-origin" not in direct.headers
+    assert httpx.options(vllm_url + "/chat/completions", headers={**preflight, "origin": app}).status_code == 400
     text = config(vllm_url, **GUARDED, server=f"  api_keys: [sk]\n  cors_origins: ['{app}']")
     key = {"authorization": "Bearer sk"}
     with running_proxy(text, scorer) as proxy, httpx.Client(base_url=proxy.url + "/v1", timeout=300) as client:
@@ -449,6 +453,6 @@ def test_cors_at_the_proxy_replaces_vllms_allow_all(vllm_url, scorer):
         reply = client.post("/chat/completions", json=body, headers={**key, "origin": evil})
         assert reply.status_code == 200
         assert not [name for name in reply.headers if name.startswith("access-control-")]
-        preflight = {"access-control-request-method": "POST", "access-control-request-headers": "authorization"}
-        assert client.options("/chat/completions", headers={**preflight, "origin": app}).status_code == 204
+        answered = client.options("/chat/completions", headers={**preflight, "origin": app})
+        assert answered.status_code == 204 and answered.headers["access-control-allow-origin"] == app
         assert client.options("/chat/completions", headers={**preflight, "origin": evil}).status_code == 403

@@ -1,5 +1,6 @@
 """CORS at the proxy (`server.cors_origins`, `proxy.cors`), in front of the scripted
-upstream, which answers CORS for any origin as vLLM's server does by default."""
+upstream, which answers CORS for any origin as vLLM's server does when started with
+`--allowed-origins '["*"]'` (vLLM 0.32 allows none by default)."""
 
 from __future__ import annotations
 

@@ -435,7 +435,7 @@ def build_upstream(recorder: Recorder) -> Starlette:
                              "query": request.url.query, "headers": dict(request.headers),
                              "body": body.decode("latin-1")})
 
-    # vLLM's server answers CORS for any origin by default (`--allowed-origins` "*", through
+    # CORS as vLLM's server answers it when started with `--allowed-origins '["*"]'` (through
     # Starlette's CORSMiddleware): preflights itself, and `Access-Control-Allow-Origin: *`
     return Starlette(middleware=[Middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"],
                                             allow_headers=["*"])], routes=[

@@ -19,9 +19,10 @@ guard's endpoint rules too.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+
 from fnmatch import fnmatchcase
 
 from policies.config import Config, Policy, Route, Upstream, route_rest
@@ -44,7 +45,7 @@ def normalize_path(path: str) -> str:
     return _ESCAPE.sub(decode, path) if "%" in path else path
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class RouteMatch:
     """`upstream_path` is the path after the prefix ("" or starting with "/")."""
 
@@ -111,6 +112,20 @@ def match_route(
         if route_matches(route, path, model=model, headers=headers, api_key_name=api_key_name):
             rest = route_rest(route.prefix, path)
             return RouteMatch(route, config.upstreams[route.upstream], config.policies[route.policy], rest)
+    return None
+
+
+def model_route_passed_over(config: Config, match: RouteMatch, path: str, *, headers: Mapping[str, str],
+                            api_key_name: str | None) -> Route | None:
+    """For a request that names no model: the first route before `match` that it met in
+    all but its `model` condition, or None. vLLM serves a request without `model` with the
+    model it serves, so such a request passed over the route meant for that model."""
+    for route in config.routes:
+        if route is match.route:
+            return None
+        if route.model is not None and route_matches(dataclasses.replace(route, model=None), path, model=None,
+                                                     headers=headers, api_key_name=api_key_name):
+            return route
     return None
 
 

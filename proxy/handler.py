@@ -20,7 +20,7 @@ from starlette.responses import Response
 from policies.auth import authenticate
 from policies.config import Config, Policy
 from policies.errors import RoutingHeaderError, UnsafePathError
-from policies.routing import RouteMatch, match_route, normalize_path
+from policies.routing import RouteMatch, match_route, model_route_passed_over, normalize_path
 
 from .errors import (BadRequest, BodyTimeout, ClientClosed, Forbidden, NotFound, Overloaded, PayloadTooLarge, ProxyError,
                      RequestTimeout, ShuttingDown, Unauthorized, UnsupportedCoding, anthropic_path, error_event,
@@ -113,8 +113,8 @@ def parse_json_object(body: bytes) -> dict:
     return payload
 
 
-def routing_model(config: Config, payload: dict | None, body: bytes) -> str | None:
-    """The body's `model` for `model` route conditions: from any body that is a JSON object,
+def routing_payload(config: Config, payload: dict | None, body: bytes) -> dict | None:
+    """The body, for `model` route conditions, where it is a JSON object: any such body,
     as the upstream reads it, not only where the path names an endpoint this proxy parses
     (a route mounted on the endpoint itself, vLLM's `systemone`, `audio/speech`, ...)."""
     if payload is None and body and any(route.model is not None for route in config.routes):
@@ -122,7 +122,12 @@ def routing_model(config: Config, payload: dict | None, body: bytes) -> str | No
             payload = json.loads(body)
         except (ValueError, RecursionError):
             return None
-    model = payload.get("model") if isinstance(payload, dict) else None
+    return payload if isinstance(payload, dict) else None
+
+
+def routing_model(config: Config, payload: dict | None, body: bytes) -> str | None:
+    """The body's `model` for `model` route conditions (`routing_payload`), if a string."""
+    model = (routing_payload(config, payload, body) or {}).get("model")
     return model if isinstance(model, str) else None
 
 
@@ -311,13 +316,19 @@ class Proxy:
     def _route(self, request: Request, config: Config, path: str, body: bytes,
                payload: dict | None, key_name: str | None) -> RouteMatch:
         """The request's route, named in `request.state.route`."""
+        model = routing_model(config, payload, body)
         try:
-            match = match_route(config, path, model=routing_model(config, payload, body),
-                                headers=request.headers, api_key_name=key_name)
+            match = match_route(config, path, model=model, headers=request.headers, api_key_name=key_name)
         except (UnsafePathError, RoutingHeaderError) as exc:
             raise BadRequest(str(exc)) from None
         if match is None:
             raise NotFound(f"no route for {request.method} {path}")
+        # A JSON body without a model (which vLLM serves with the model it serves, and
+        # OpenAI refuses) would pass over a route meant for a model: refused as OpenAI does.
+        if model is None and routing_payload(config, payload, body) is not None and model_route_passed_over(
+                config, match, path, headers=request.headers, api_key_name=key_name) is not None:
+            raise BadRequest("you must provide a model parameter (a string): this proxy chooses its policy by it",
+                             param="model")
         request.state.route = match.route.name
         return match
 

@@ -226,6 +226,52 @@ def test_model_routes_read_the_model_of_any_json_body(scripted, base, path, body
     assert 'siren_proxy_requests_total{route="routes[1]",status="200"} 1.0' in metrics
 
 
+def test_a_body_without_a_model_cannot_pass_over_a_model_route(scripted):
+    """vLLM serves a request without `model` with the model it serves, so leaving `model`
+    out passed over the route meant for that model, to the next one (here, one that
+    forwards unread). Refused as OpenAI refuses it (400, `param: "model"`), unforwarded,
+    wherever a route's `model` condition was all that a request did not meet; requests
+    no model route could take, and bodiless ones, are served as before."""
+    url, recorder = scripted
+    text = policy_yaml(url, prompt="{action: refuse}", policy_extra="  open: {prompt: {action: off}, "
+                       "response: {action: off}}").replace(
+        "  - {prefix: /v1, upstream: up, policy: p}",
+        "  - {prefix: /v1, upstream: up, policy: p, model: 'smollm2'}\n"
+        "  - {prefix: /v1, upstream: up, policy: open, header: {name: x-tenant, value: lab}}\n"
+        "  - {prefix: /other, upstream: up, policy: open}\n"
+        "  - {prefix: /v1, upstream: up, policy: open}")
+    before = len(recorder.requests)
+    with running_proxy(text, KeywordScorer()) as proxy:
+        for body in ({"messages": user("BOMB")}, {"model": 7, "messages": user("BOMB")}):
+            reply = httpx.post(proxy.url + "/v1/chat/completions", json=body)
+            assert reply.status_code == 400, reply.text
+            assert reply.json()["error"]["param"] == "model"
+            assert reply.json()["error"]["message"].startswith("you must provide a model parameter")
+        assert len(recorder.requests) == before  # never forwarded
+        named = httpx.post(proxy.url + "/v1/chat/completions", json={"model": "smollm2", "messages": user("BOMB")})
+        assert named.json()["choices"][0]["message"]["content"] == REFUSAL
+        # Where no model route could take the request, nothing changes.
+        assert httpx.post(proxy.url + "/other/chat/completions", json={"messages": user("BOMB")}).status_code == 200
+        assert httpx.get(proxy.url + "/v1/models").status_code == 200
+    # A route the request meets before the model route's turn comes: no passing over.
+    reordered = text.replace("  - {prefix: /v1, upstream: up, policy: p, model: 'smollm2'}\n", "").replace(
+        "  - {prefix: /other, upstream: up, policy: open}\n",
+        "  - {prefix: /v1, upstream: up, policy: p, model: 'smollm2'}\n  - {prefix: /other, upstream: up, policy: open}\n")
+    assert reordered.index("x-tenant") < reordered.index("smollm2")
+    with running_proxy(reordered, KeywordScorer()) as proxy:
+        lab = httpx.post(proxy.url + "/v1/chat/completions", json={"messages": user("BOMB")},
+                         headers={"x-tenant": "lab"})
+        assert lab.status_code == 200 and lab.json()["choices"][0]["message"]["content"] != REFUSAL
+        assert httpx.post(proxy.url + "/v1/chat/completions", json={"messages": user("hi")}).status_code == 400
+    with running_proxy(text.replace("model: 'smollm2'}", "model: 'smollm2', header: {name: x-tenant, value: "
+                                    "kids}}"), KeywordScorer()) as proxy:
+        # The model route's other condition (a header) is not met: it was never this request's.
+        assert httpx.post(proxy.url + "/v1/chat/completions", json={"messages": user("hi")}).status_code == 200
+        lab = httpx.post(proxy.url + "/v1/chat/completions", json={"messages": user("hi")},
+                         headers={"x-tenant": "kids"})
+        assert lab.status_code == 400 and lab.json()["error"]["param"] == "model"
+
+
 def llamacpp_root(url: str, extra: str = "") -> str:
     """A route at `/` over the server's root, as a llama.cpp user mounts it to reach its
     own endpoints beside the OpenAI ones."""

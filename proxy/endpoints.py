@@ -16,12 +16,12 @@ OpenAI ones (llama.cpp's `/completion`, `/infill` and Vertex `/predict`, TGI's a
 Ollama's `generate`, Ollama's `api/chat`), which a route mounted above `/v1` reaches;
 other providers' formats that gateways serve beside OpenAI's (Gemini's and Vertex AI's
 `model:generateContent`-style methods, Bedrock's `invoke` and `converse`, Cohere's
-chat); OpenAI's Assistants runs. Retrieval: stored chat completions (read, or updated
-and answered whole), a conversation's items, an Assistants thread's messages and run
-steps, llama.cpp's resumable streams; a stream the proxy cut is still whole upstream. (A
-stored Responses reply read back, `GET responses/{id}` or its cancellation, is guarded:
-`proxy.retrieval`.) `proxy.handler.refuse_unguarded` refuses them where they would evade a
-stage that enforces.
+chat); OpenAI's Assistants runs. Retrieval: a conversation's items, an Assistants thread's
+messages and run steps, llama.cpp's resumable streams; a stream the proxy cut is still
+whole upstream. (A stored Responses reply read back, `GET responses/{id}` or its
+cancellation, is guarded: `proxy.retrieval`; so are stored chat completions:
+`proxy.stored_chat`.) `proxy.handler.refuse_unguarded` refuses them where they would
+evade a stage that enforces.
 
 Segments are compared decoded and without regard to case (`folded`), as an upstream may read them (`/v1/chat/%63ompletions` is
 chat: `policies.routing.normalize_path` decodes escaped letters before routing, and
@@ -91,10 +91,6 @@ UNREAD = (
     Unread("POST", ("threads", "*", "runs"), "an Assistants run", "prompt"),
     Unread("POST", ("threads", "*", "runs", "*", "submit_tool_outputs"), "an Assistants run", "prompt"),
     Unread("POST", ("batches",), "the Batch API (its requests run later, upstream)", "prompt"),
-    Unread("GET", ("chat", "completions"), "stored chat completions", "response"),
-    Unread("GET", ("chat", "completions", "*"), "a stored chat completion", "response"),
-    Unread("POST", ("chat", "completions", "chatcmpl-*"), "a stored chat completion (updated, answered whole)",
-           "response"),
     Unread("GET", ("conversations", "*", "items"), "a conversation's items", "response"),
     Unread("GET", ("conversations", "*", "items", "*"), "a conversation's item", "response"),
     Unread("GET", ("threads", "*", "messages"), "an Assistants thread's messages", "response"),

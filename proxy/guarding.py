@@ -33,6 +33,7 @@ from policies.extract import completion_prompts, prompt_text, responses_turn
 
 from .errors import BadRequest, ContentFiltered, Forbidden, GuardUnavailable, Overloaded, ProxyError
 from .memory import Chain, MemoryView, Remembered, look_up
+from .stored_chat import remember_cut
 from .records import AuditLog, Exchange
 from . import rerank
 from .relay import RelayResponse, cleanup, is_event_stream, relay
@@ -319,7 +320,8 @@ class GuardedCall:
             guard = StreamGuard(endpoint=self.endpoint, request=self.payload, policy=self.policy,
                                 scorer=self.scorer, prompt=self.prompt, prompts=self.prompts, exchange=self.exchange,
                                 session=self.take_session(), cache_salt=self.cache_salt,
-                                on_end=self._stream_ended if self.endpoint == "responses" else None)
+                                on_end=self._stream_ended if self.endpoint == "responses"
+                                else self._chat_stream_ended if self.memory is not None else None)
 
             async def on_close() -> None:  # after the relay's own `finally`, or instead of it
                 await response.aclose()
@@ -338,6 +340,8 @@ class GuardedCall:
             # A background response's output comes later, through GET responses/{id}, unread
             withheld = "cut" if reply.cut else "unread" if body.get("status") in UNFINISHED else None
             self.remember(body.get("id"), reply.texts[0][1], withheld)
+        elif reply.cut:  # a chat completion stored upstream (`store: true`: else no memory here)
+            remember_cut(self.memory, reply.body.get("id"))
         return Response(content, status_code=200, headers=dict(response_headers(passthrough, keep_length=False, guarded=True))
                         | merged_headers(headers, verdict_headers))
 
@@ -348,6 +352,12 @@ class GuardedCall:
     def _stream_ended(self, guard: StreamGuard, how: str | None) -> None:
         withheld = None if how == "whole" else "cut" if how == "cut" else "unread"
         self.remember(guard.template.get("id"), guard.text_read(), withheld)
+
+    def _chat_stream_ended(self, guard: StreamGuard, how: str | None) -> None:
+        """A chat stream cut with `store: true`: its completion is stored whole upstream,
+        and reading it back is refused again (`proxy.stored_chat`)."""
+        if how == "cut":
+            remember_cut(self.memory, guard.template.get("id"))
 
     def remember(self, response_id: object, output: str, withheld: str | None) -> None:
         """A Responses reply the response stage read (`output`, all the guard read of it)

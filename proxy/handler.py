@@ -25,7 +25,7 @@ from policies.routing import RouteMatch, match_route, model_route_passed_over, n
 from .errors import (BadRequest, BodyTimeout, ClientClosed, Forbidden, NotFound, Overloaded, PayloadTooLarge, ProxyError,
                      RequestTimeout, ShuttingDown, Unauthorized, UnsupportedCoding, anthropic_path, error_event,
                      error_response)
-from . import batch, moderations, retrieval
+from . import batch, moderations, retrieval, stored_chat
 from .endpoints import folded_path, guarded_endpoint, unread_endpoint
 from .metrics import Metrics
 from .guarding import GuardedCall, cache_salt
@@ -352,6 +352,9 @@ class Proxy:
         # A stored Responses reply read back (`proxy.retrieval`): its response stage reads it
         response_id = retrieval.retrieved(request.method, url) if policy.response.action != "off" else None
         skip_through = None
+        # Stored chat completions read back (`proxy.stored_chat`): so is each of them
+        stored = stored_chat.stored(request.method, url) if policy.response.action != "off" else None
+        guarded = guarded or stored is not None
         if response_id is not None:
             guarded = True
             query, skip_through = retrieval.resumed(request.url.query)
@@ -377,14 +380,21 @@ class Proxy:
 
         if not guarded:
             return relay(await send(body), self.metrics, anthropic=request.state.anthropic)
+        memory = MemoryView.of(self.memory, key_name=key_name, upstream=match.upstream.name,
+                               megabytes=config.server.responses_memory_mb)
         if response_id is not None:
             exchange = Exchange(route=match.route.name, policy=policy.name, endpoint=retrieval.ENDPOINT,
                                 stream=request.state.streaming, metrics=self.metrics)
             reading = retrieval.Retrieval(
                 scorer=self.scorer, audit=self.audit, policy=policy, exchange=exchange, response_id=response_id,
-                memory=MemoryView.of(self.memory, key_name=key_name, upstream=match.upstream.name,
-                                     megabytes=config.server.responses_memory_mb),
-                skip_through=skip_through, cache_salt=cache_salt(self.cache_scope, key_name, {}))
+                memory=memory, skip_through=skip_through, cache_salt=cache_salt(self.cache_scope, key_name, {}))
+            return await until_disconnect(request, reading.run(send, body))
+        if stored is not None:
+            exchange = Exchange(route=match.route.name, policy=policy.name, endpoint=stored_chat.ENDPOINT,
+                                stream=False, metrics=self.metrics)
+            reading = stored_chat.StoredChat(scorer=self.scorer, audit=self.audit, policy=policy, exchange=exchange,
+                                             kind=stored, memory=memory,
+                                             cache_salt=cache_salt(self.cache_scope, key_name, {}))
             return await until_disconnect(request, reading.run(send, body))
         exchange = Exchange(route=match.route.name, policy=policy.name, endpoint=endpoint,
                             stream=payload.get("stream") is True, metrics=self.metrics)
@@ -394,11 +404,11 @@ class Proxy:
                                    exchange=exchange, cache_salt=salt,
                                    max_prompt_bytes=config.server.max_prompt_bytes)
         else:
-            memory = MemoryView.of(self.memory, key_name=key_name, upstream=match.upstream.name,
-                                   megabytes=config.server.responses_memory_mb) if endpoint == "responses" else None
+            # Responses turns, to chain from; a chat completion stored upstream, to refuse again if cut
+            remembers = endpoint == "responses" or endpoint == "chat/completions" and payload.get("store") is True
             call = GuardedCall(scorer=self.scorer, audit=self.audit, endpoint=endpoint, payload=payload,
                                policy=policy, exchange=exchange, cache_salt=salt,
-                               max_prompt_bytes=config.server.max_prompt_bytes, memory=memory)
+                               max_prompt_bytes=config.server.max_prompt_bytes, memory=memory if remembers else None)
         return await until_disconnect(request, call.run(send, body))
 
 

@@ -62,8 +62,8 @@ def test_guarded_endpoints_are_known_by_their_last_segments(method, url, endpoin
     ("POST", "http://h/api/embed", None),
     ("POST", "http://h/tokenize", None),
     ("GET", "http://h/v1/responses/resp_1?stream=true", None),  # guarded: `proxy.retrieval`
-    ("GET", "http://h/v1/chat/completions", "response"),
-    ("GET", "http://h/v1/chat/completions/chatcmpl-1", "response"),
+    ("GET", "http://h/v1/chat/completions", None),  # guarded: `proxy.stored_chat`
+    ("GET", "http://h/v1/chat/completions/chatcmpl-1", None),
     ("GET", "http://h/v1/conversations/c1/items", "response"),
     ("GET", "http://h/v1/conversations/c1/items/i1", "response"),
     ("POST", "http://h/v1beta/models/gemini-pro:generateContent", "prompt"),  # other providers' formats
@@ -79,7 +79,7 @@ def test_guarded_endpoints_are_known_by_their_last_segments(method, url, endpoin
     ("GET", "http://h/v1/threads/t1/messages/m1", "response"),
     ("GET", "http://h/v1/threads/t1/runs/r1/steps", "response"),
     ("POST", "http://h/v1/responses/resp_1/cancel", None),  # guarded: `proxy.retrieval`
-    ("POST", "http://h/v1/chat/completions/chatcmpl-1", "response"),  # metadata update: the completion whole
+    ("POST", "http://h/v1/chat/completions/chatcmpl-1", None),  # metadata update, guarded: `proxy.stored_chat`
     ("POST", "http://h/v1/chat/completions/render", None),  # vLLM's: token ids of the prompt
     ("GET", "http://h/v1/threads/t1", None),
     ("POST", "http://h/v1/models/m:countTokens", None),
@@ -106,8 +106,8 @@ def call(proxy, method: str, path: str) -> httpx.Response:
 ENFORCING = [("{action: refuse}", CUT % (4, 4)), ("{action: shadow}", CUT % (4, 4)),
              ("{action: steer, steer: {from: 0.2, system_message: s}}", "{action: shadow}")]
 GENERATING = [("POST", "/v1/systemone"), ("POST", "/v1/batches"), ("POST", "/v1/models/m:generateContent")]
-RETRIEVING = [("GET", "/v1/conversations/c1/items"), ("GET", "/v1/chat/completions/chatcmpl-1"),
-              ("POST", "/v1/chat/completions/chatcmpl-1")]
+RETRIEVING = [("GET", "/v1/conversations/c1/items"), ("GET", "/v1/threads/t1/messages"),
+              ("GET", "/v1/threads/t1/runs/r1/steps")]
 
 
 @pytest.mark.parametrize(("method", "path", "prompt", "response"),
@@ -130,9 +130,9 @@ def test_a_guarded_route_refuses_what_its_guard_cannot_read(scripted, method, pa
 @pytest.mark.parametrize(("prompt", "response", "extra", "method", "path"), [
     ("{action: refuse}", CUT % (4, 4), "    unguarded_endpoints: forward", "POST", "/v1/systemone"),
     ("{action: off}", "{action: off}", "", "POST", "/v1/systemone"),  # a plain pass-through
-    ("{action: refuse}", "{action: off}", "", "GET", "/v1/chat/completions/chatcmpl-1"),  # no response stage to evade
+    ("{action: refuse}", "{action: off}", "", "GET", "/v1/threads/t1/messages"),  # no response stage to evade
     ("{action: shadow}", "{action: flag}", "", "POST", "/v1/systemone"),  # neither stage stops anything
-    ("{action: refuse}", "{action: shadow}", "", "GET", "/v1/chat/completions/chatcmpl-1"),
+    ("{action: refuse}", "{action: shadow}", "", "GET", "/v1/threads/t1/messages"),
     ("{action: refuse}", CUT % (4, 4), "", "POST", "/v1/messages/count_tokens"),
 ])
 def test_they_are_forwarded_when_the_policy_says_so_or_has_nothing_to_evade(scripted, prompt, response, extra,

@@ -75,10 +75,10 @@ FIXTURES = Path(__file__).resolve().parent.parent / "proxy" / "fixtures" / "vllm
 
 
 def chat_chunk(content: str | None = None, *, finish: str | None = None, role: bool = False,
-               field: str = "content") -> bytes:
+               field: str = "content", completion_id: str = "chatcmpl-test") -> bytes:
     delta = {"role": "assistant", "content": ""} if role else (
         {f: content for f in field.split(",")} if content else {})
-    body = {"id": "chatcmpl-test", "object": "chat.completion.chunk", "created": 1, "model": "smollm2",
+    body = {"id": completion_id, "object": "chat.completion.chunk", "created": 1, "model": "smollm2",
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
     return b"data: " + json.dumps(body).encode() + b"\n\n"
 
@@ -89,6 +89,8 @@ class Recorder:
         self.requests: list[dict] = []
         # The Responses kept (`store` not false), by id: the finished response and its stream's events
         self.stored: dict[str, tuple[dict, list[bytes]]] = {}
+        # The chat completions kept (`store: true`, `text:` scripts), by id, as OpenAI keeps them
+        self.chats: dict[str, dict] = {}
 
 
 def build_upstream(recorder: Recorder) -> Starlette:
@@ -168,19 +170,23 @@ def build_upstream(recorder: Recorder) -> Starlette:
             return await streamed(chunks + [chat_chunk(finish="stop"), b"data: [DONE]\n\n"])
         if kind in ("text", "slowtext"):
             words = arg.split(" ")
+            parts = arg.split("|")
+            n = payload.get("n") or 1
+            completion_id = f"chatcmpl-kept{len(recorder.chats)}" if payload.get("store") is True else "chatcmpl-test"
+            completion = {
+                "id": completion_id, "object": "chat.completion", "created": 1, "model": "smollm2",
+                "choices": [{"index": i, "message": {"role": "assistant", "content": parts[i % len(parts)]},
+                             "finish_reason": "stop", **token_fields(payload, parts[i % len(parts)], chat=True)}
+                            for i in range(n)],
+                "usage": {"prompt_tokens": 3, "completion_tokens": n * len(words), "total_tokens": 3 + n * len(words)}}
+            if payload.get("store") is True:  # kept whole, however much of a stream its client reads
+                recorder.chats[completion_id] = {**completion, "metadata": payload.get("metadata") or {}}
             if not payload.get("stream"):
-                parts = arg.split("|")
-                n = payload.get("n") or 1
-                return JSONResponse({
-                    "id": "chatcmpl-test", "object": "chat.completion", "created": 1, "model": "smollm2",
-                    "choices": [{"index": i, "message": {"role": "assistant", "content": parts[i % len(parts)]},
-                                 "finish_reason": "stop", **token_fields(payload, parts[i % len(parts)], chat=True)}
-                                for i in range(n)],
-                    "usage": {"prompt_tokens": 3, "completion_tokens": n * len(words),
-                              "total_tokens": 3 + n * len(words)}})
-            chunks = [chat_chunk(role=True)] + [chat_chunk(w + " ") for w in words]
-            return await streamed(chunks + [chat_chunk(finish="stop"), b"data: [DONE]\n\n"],
-                                  delay=0.01 if kind == "slowtext" else 0.0)
+                return JSONResponse(completion)
+            chunks = [chat_chunk(role=True, completion_id=completion_id)]
+            chunks += [chat_chunk(w + " ", completion_id=completion_id) for w in words]
+            return await streamed(chunks + [chat_chunk(finish="stop", completion_id=completion_id),
+                                            b"data: [DONE]\n\n"], delay=0.01 if kind == "slowtext" else 0.0)
         count = int(arg or 3)
         head = [chat_chunk(role=True)] + [chat_chunk(f"tok{i} ") for i in range(count)]
         if kind == "reset-after":
@@ -423,6 +429,27 @@ def build_upstream(recorder: Recorder) -> Starlette:
             "usage": {"prompt_tokens": 5 * len(replies), "completion_tokens": 2 * len(replies),
                       "total_tokens": 7 * len(replies)}})
 
+    async def stored_chat(request: Request) -> Response:
+        """OpenAI's stored chat completions: one read (`GET`), updated (`POST` of `metadata`)
+        or deleted, or the list of them (`x-script: raw:<body>` answers <body> instead)."""
+        kind, _, arg = request.headers.get("x-script", "").partition(":")
+        if kind == "raw":
+            return Response(arg, media_type="application/json")
+        completion_id = request.path_params.get("completion_id")
+        if completion_id is None:
+            data = list(recorder.chats.values())
+            return JSONResponse({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+                                 "last_id": data[-1]["id"] if data else None, "has_more": False})
+        if completion_id not in recorder.chats:
+            return JSONResponse({"error": {"message": f"No chat completion found with id '{completion_id}'.",
+                                           "type": "invalid_request_error", "param": None, "code": None}}, 404)
+        if request.method == "DELETE":
+            del recorder.chats[completion_id]
+            return JSONResponse({"object": "chat.completion.deleted", "id": completion_id, "deleted": True})
+        if request.method == "POST":
+            recorder.chats[completion_id]["metadata"] = (await request.json()).get("metadata") or {}
+        return JSONResponse(recorder.chats[completion_id])
+
     async def models(request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [{"id": "smollm2", "object": "model",
                                                           "created": 1, "owned_by": "test"}]})
@@ -441,6 +468,8 @@ def build_upstream(recorder: Recorder) -> Starlette:
                                             allow_headers=["*"])], routes=[
         Route("/v1/chat/completions", chat, methods=["POST"]),
         Route("/v1/chat/completions/batch", batch_chat, methods=["POST"]),
+        Route("/v1/chat/completions", stored_chat, methods=["GET"]),
+        Route("/v1/chat/completions/{completion_id}", stored_chat, methods=["GET", "POST", "DELETE"]),
         Route("/v1/embeddings", embeddings, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/responses", responses, methods=["POST"]),

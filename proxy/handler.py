@@ -22,9 +22,9 @@ from policies.config import Config, Policy
 from policies.errors import RoutingHeaderError, UnsafePathError
 from policies.routing import RouteMatch, match_route, model_route_passed_over, normalize_path
 
-from .errors import (BadRequest, BodyTimeout, ClientClosed, Forbidden, NotFound, Overloaded, PayloadTooLarge, ProxyError,
-                     RequestTimeout, ShuttingDown, Unauthorized, UnsupportedCoding, anthropic_path, error_event,
-                     error_response)
+from .errors import (BadRequest, BodyTimeout, ClientClosed, Forbidden, NotFound, Overloaded, PayloadTooLarge,
+                     ProxyError, RequestTimeout, ShuttingDown, Unauthorized, UnsupportedCoding, anthropic_path,
+                     error_event, error_response)
 from . import batch, moderations, retrieval, stored_chat
 from .endpoints import folded_path, guarded_endpoint, unread_endpoint
 from .metrics import Metrics

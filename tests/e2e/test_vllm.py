@@ -456,3 +456,24 @@ def test_cors_at_the_proxy_in_front_of_vllm(vllm_url, scorer):
         answered = client.options("/chat/completions", headers={**preflight, "origin": app})
         assert answered.status_code == 204 and answered.headers["access-control-allow-origin"] == app
         assert client.options("/chat/completions", headers={**preflight, "origin": evil}).status_code == 403
+
+
+def test_leaving_model_out_cannot_reach_a_laxer_route(vllm_url, scorer):
+    """vLLM serves a chat request without `model` with the model it serves: so a strict
+    route for `model: smollm2` before an open one was passed over by leaving `model` out,
+    and the harmful prompt reached vLLM unread. Now it is refused as OpenAI refuses it."""
+    body = {"messages": [{"role": "user", "content": HARMFUL_PROMPT}], "max_tokens": 8}
+    direct = httpx.post(vllm_url + "/chat/completions", json=body, timeout=300)
+    assert direct.status_code == 200 and direct.json()["model"] == SERVED_NAME  # vLLM fills it in
+    text = config(vllm_url, **GUARDED, policy_extra="  open:\n    prompt: {action: off}\n    response: {action: off}")
+    text = text.replace("  - {prefix: /v1, upstream: vllm, policy: p}",
+                        f"  - {{prefix: /v1, upstream: vllm, policy: p, model: {SERVED_NAME}}}\n"
+                        "  - {prefix: /v1, upstream: vllm, policy: open}")
+    before = settled_metrics(vllm_url)
+    with running_proxy(text, scorer) as proxy:
+        reply = httpx.post(proxy.url + "/v1/chat/completions", json=body, timeout=300)
+        named = httpx.post(proxy.url + "/v1/chat/completions", json={**body, "model": SERVED_NAME}, timeout=300)
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "model", reply.text
+    assert named.status_code == 200 and named.json()["choices"][0]["message"]["content"] == REFUSAL
+    after = settled_metrics(vllm_url)
+    assert after["vllm:request_success_total"] == before["vllm:request_success_total"]  # neither reached vLLM

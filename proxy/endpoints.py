@@ -16,11 +16,11 @@ OpenAI ones (llama.cpp's `/completion`, `/infill` and Vertex `/predict`, TGI's a
 Ollama's `generate`, Ollama's `api/chat`), which a route mounted above `/v1` reaches;
 other providers' formats that gateways serve beside OpenAI's (Gemini's and Vertex AI's
 `model:generateContent`-style methods, Bedrock's `invoke` and `converse`, Cohere's
-chat); OpenAI's Assistants runs. Retrieval: a conversation's items, an Assistants thread's
-messages and run steps, llama.cpp's resumable streams; a stream the proxy cut is still
-whole upstream. (A stored Responses reply read back, `GET responses/{id}` or its
-cancellation, is guarded: `proxy.retrieval`; so are stored chat completions:
-`proxy.stored_chat`.) `proxy.handler.refuse_unguarded` refuses them where they would
+chat); OpenAI's Assistants runs. Retrieval: an Assistants thread's messages and run steps,
+llama.cpp's resumable streams; a stream the proxy cut is still whole upstream. (A stored
+Responses reply read back, `GET responses/{id}` or its cancellation, is guarded:
+`proxy.retrieval`; so are stored chat completions and a conversation's items:
+`proxy.stored`.) `proxy.handler.refuse_unguarded` refuses them where they would
 evade a stage that enforces.
 
 Segments are compared decoded and without regard to case (`folded`), as an upstream may read them (`/v1/chat/%63ompletions` is
@@ -91,8 +91,6 @@ UNREAD = (
     Unread("POST", ("threads", "*", "runs"), "an Assistants run", "prompt"),
     Unread("POST", ("threads", "*", "runs", "*", "submit_tool_outputs"), "an Assistants run", "prompt"),
     Unread("POST", ("batches",), "the Batch API (its requests run later, upstream)", "prompt"),
-    Unread("GET", ("conversations", "*", "items"), "a conversation's items", "response"),
-    Unread("GET", ("conversations", "*", "items", "*"), "a conversation's item", "response"),
     Unread("GET", ("threads", "*", "messages"), "an Assistants thread's messages", "response"),
     Unread("GET", ("threads", "*", "messages", "*"), "an Assistants thread's message", "response"),
     Unread("GET", ("threads", "*", "runs", "*", "steps"), "an Assistants run's steps", "response"),

@@ -33,7 +33,7 @@ from policies.extract import completion_prompts, prompt_text, responses_turn
 
 from .errors import BadRequest, ContentFiltered, Forbidden, GuardUnavailable, Overloaded, ProxyError
 from .memory import Chain, MemoryView, Remembered, look_up
-from .stored_chat import remember_cut
+from .stored import remember_cut
 from .records import AuditLog, Exchange
 from . import rerank
 from .relay import RelayResponse, cleanup, is_event_stream, relay
@@ -355,7 +355,7 @@ class GuardedCall:
 
     def _chat_stream_ended(self, guard: StreamGuard, how: str | None) -> None:
         """A chat stream cut with `store: true`: its completion is stored whole upstream,
-        and reading it back is refused again (`proxy.stored_chat`)."""
+        and reading it back is refused again (`proxy.stored`)."""
         if how == "cut":
             remember_cut(self.memory, guard.template.get("id"))
 

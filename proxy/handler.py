@@ -25,7 +25,7 @@ from policies.routing import RouteMatch, match_route, model_route_passed_over, n
 from .errors import (BadRequest, BodyTimeout, ClientClosed, Forbidden, NotFound, Overloaded, PayloadTooLarge,
                      ProxyError, RequestTimeout, ShuttingDown, Unauthorized, UnsupportedCoding, anthropic_path,
                      error_event, error_response)
-from . import batch, moderations, retrieval, stored_chat
+from . import batch, moderations, retrieval, stored
 from .endpoints import folded_path, guarded_endpoint, unread_endpoint
 from .metrics import Metrics
 from .guarding import GuardedCall, cache_salt
@@ -352,9 +352,9 @@ class Proxy:
         # A stored Responses reply read back (`proxy.retrieval`): its response stage reads it
         response_id = retrieval.retrieved(request.method, url) if policy.response.action != "off" else None
         skip_through = None
-        # Stored chat completions read back (`proxy.stored_chat`): so is each of them
-        stored = stored_chat.stored(request.method, url) if policy.response.action != "off" else None
-        guarded = guarded or stored is not None
+        # Stored chat completions and conversation items read back (`proxy.stored`): so are they
+        reads = stored.stored(request.method, url) if policy.response.action != "off" else None
+        guarded = guarded or reads is not None
         if response_id is not None:
             guarded = True
             query, skip_through = retrieval.resumed(request.url.query)
@@ -389,12 +389,13 @@ class Proxy:
                 scorer=self.scorer, audit=self.audit, policy=policy, exchange=exchange, response_id=response_id,
                 memory=memory, skip_through=skip_through, cache_salt=cache_salt(self.cache_scope, key_name, {}))
             return await until_disconnect(request, reading.run(send, body))
-        if stored is not None:
-            exchange = Exchange(route=match.route.name, policy=policy.name, endpoint=stored_chat.ENDPOINT,
+        if reads is not None:
+            store, kind = reads
+            exchange = Exchange(route=match.route.name, policy=policy.name, endpoint=store.endpoint,
                                 stream=False, metrics=self.metrics)
-            reading = stored_chat.StoredChat(scorer=self.scorer, audit=self.audit, policy=policy, exchange=exchange,
-                                             kind=stored, memory=memory,
-                                             cache_salt=cache_salt(self.cache_scope, key_name, {}))
+            reading = stored.StoredRead(scorer=self.scorer, audit=self.audit, policy=policy, exchange=exchange,
+                                        store=store, kind=kind, memory=memory,
+                                        cache_salt=cache_salt(self.cache_scope, key_name, {}))
             return await until_disconnect(request, reading.run(send, body))
         exchange = Exchange(route=match.route.name, policy=policy.name, endpoint=endpoint,
                             stream=payload.get("stream") is True, metrics=self.metrics)

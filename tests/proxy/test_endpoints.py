@@ -62,10 +62,10 @@ def test_guarded_endpoints_are_known_by_their_last_segments(method, url, endpoin
     ("POST", "http://h/api/embed", None),
     ("POST", "http://h/tokenize", None),
     ("GET", "http://h/v1/responses/resp_1?stream=true", None),  # guarded: `proxy.retrieval`
-    ("GET", "http://h/v1/chat/completions", None),  # guarded: `proxy.stored_chat`
+    ("GET", "http://h/v1/chat/completions", None),  # guarded: `proxy.stored`
     ("GET", "http://h/v1/chat/completions/chatcmpl-1", None),
-    ("GET", "http://h/v1/conversations/c1/items", "response"),
-    ("GET", "http://h/v1/conversations/c1/items/i1", "response"),
+    ("GET", "http://h/v1/conversations/c1/items", None),  # guarded: `proxy.stored`
+    ("GET", "http://h/v1/conversations/c1/items/i1", None),
     ("POST", "http://h/v1beta/models/gemini-pro:generateContent", "prompt"),  # other providers' formats
     ("POST", "http://h/v1/models/m%3AstreamGenerateContent", "prompt"),
     ("POST", "http://h/v1/projects/p/locations/l/endpoints/e:rawPredict", "prompt"),
@@ -79,7 +79,7 @@ def test_guarded_endpoints_are_known_by_their_last_segments(method, url, endpoin
     ("GET", "http://h/v1/threads/t1/messages/m1", "response"),
     ("GET", "http://h/v1/threads/t1/runs/r1/steps", "response"),
     ("POST", "http://h/v1/responses/resp_1/cancel", None),  # guarded: `proxy.retrieval`
-    ("POST", "http://h/v1/chat/completions/chatcmpl-1", None),  # metadata update, guarded: `proxy.stored_chat`
+    ("POST", "http://h/v1/chat/completions/chatcmpl-1", None),  # metadata update, guarded: `proxy.stored`
     ("POST", "http://h/v1/chat/completions/render", None),  # vLLM's: token ids of the prompt
     ("GET", "http://h/v1/threads/t1", None),
     ("POST", "http://h/v1/models/m:countTokens", None),
@@ -106,7 +106,7 @@ def call(proxy, method: str, path: str) -> httpx.Response:
 ENFORCING = [("{action: refuse}", CUT % (4, 4)), ("{action: shadow}", CUT % (4, 4)),
              ("{action: steer, steer: {from: 0.2, system_message: s}}", "{action: shadow}")]
 GENERATING = [("POST", "/v1/systemone"), ("POST", "/v1/batches"), ("POST", "/v1/models/m:generateContent")]
-RETRIEVING = [("GET", "/v1/conversations/c1/items"), ("GET", "/v1/threads/t1/messages"),
+RETRIEVING = [("GET", "/v1/threads/t1/messages/m1"), ("GET", "/v1/threads/t1/messages"),
               ("GET", "/v1/threads/t1/runs/r1/steps")]
 
 

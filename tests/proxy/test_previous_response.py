@@ -276,8 +276,9 @@ def test_block_does_not_refuse_under_a_policy_that_stops_nothing(scripted):
     text = proxy_yaml(url, prompt=stage("flag"), response="{action: shadow}",
                       extra="    unknown_previous_response: block")
     with running_proxy(text, KeywordScorer()) as proxy:
-        response = sdk(proxy, default_headers={"x-script": "text:ok"}).responses.with_raw_response.create(
-            model="m", input="hello", conversation="conv_1")
+        client = sdk(proxy, default_headers={"x-script": "text:ok"})
+        response = client.responses.with_raw_response.create(model="m", input="hello",
+                                                             conversation=client.conversations.create().id)
     assert response.status_code == 200 and response.headers["x-siren-decision"] == "allowed"
 
 

@@ -256,12 +256,13 @@ def test_a_replay_takes_a_stream_slot(scripted):
 
 
 def test_cut_routes_unchanged_for_what_the_guard_still_cannot_read(scripted):
-    """Stored chat completions and conversation items are still refused where the response
-    stage cuts: only Responses replies are read back guarded."""
+    """An Assistants thread's messages are still refused where the response stage cuts
+    (Responses replies, stored chat completions and conversation items are read back
+    guarded: `proxy.retrieval`, `proxy.stored`)."""
     url, _ = scripted
     with running_proxy(proxy_yaml(url), KeywordScorer()) as proxy:
-        items = httpx.get(f"{proxy.url}/v1/conversations/c1/items")
-    assert items.status_code == 403 and items.json()["error"]["code"] == "unguarded_endpoint"
+        messages = httpx.get(f"{proxy.url}/v1/threads/t1/messages")
+    assert messages.status_code == 403 and messages.json()["error"]["code"] == "unguarded_endpoint"
 
 
 def test_cut_still_covers_the_stream_of_a_background_request(scripted):

@@ -91,6 +91,8 @@ class Recorder:
         self.stored: dict[str, tuple[dict, list[bytes]]] = {}
         # The chat completions kept (`store: true`, `text:` scripts), by id, as OpenAI keeps them
         self.chats: dict[str, dict] = {}
+        # The Conversations API's conversations: their items, in order, by conversation id
+        self.conversations: dict[str, list[dict]] = {}
 
 
 def build_upstream(recorder: Recorder) -> Starlette:
@@ -266,6 +268,12 @@ def build_upstream(recorder: Recorder) -> Starlette:
                                            "type": "invalid_request_error", "param": "previous_response_id",
                                            "code": "previous_response_not_found"}}, 404)
         response_id = f"resp_{len(recorder.requests)}"
+        conversation = payload.get("conversation")
+        conversation = conversation.get("id") if isinstance(conversation, dict) else conversation
+        if conversation is not None and conversation not in recorder.conversations:
+            return JSONResponse({"error": {"message": f"Conversation with id '{conversation}' not found.",
+                                           "type": "invalid_request_error", "param": "conversation",
+                                           "code": None}}, 404)
         kind, _, arg = request.headers.get("x-script", "text:a plain answer").partition(":")
         if kind == "replay":
             raw = (FIXTURES / arg).read_bytes()
@@ -288,6 +296,13 @@ def build_upstream(recorder: Recorder) -> Starlette:
         final = {"id": response_id, "object": "response", "created_at": int(time.time()), "status": "completed",
                  "model": payload.get("model", "smollm2"), "output": output}
         chunks = response_events(final, items)
+        if conversation is not None:  # its input and output join the conversation, whole, as OpenAI keeps them
+            turn = payload.get("input")
+            turn = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": turn}]}] \
+                if isinstance(turn, str) else list(turn or [])
+            kept = recorder.conversations[conversation]
+            kept += [{**item, "id": f"msg_{conversation}_{len(kept) + i}"} for i, item in enumerate(turn)]
+            kept += [{**item, "id": f"{item['id']}_{response_id}"} for item in output]
         if payload.get("store") is not False:
             recorder.stored[response_id] = (final, chunks)
         if payload.get("background") is True and not payload.get("stream"):  # done at once, read back later
@@ -450,6 +465,40 @@ def build_upstream(recorder: Recorder) -> Starlette:
             recorder.chats[completion_id]["metadata"] = (await request.json()).get("metadata") or {}
         return JSONResponse(recorder.chats[completion_id])
 
+    async def conversations(request: Request) -> Response:
+        """The Conversations API: `POST conversations` (with `items`), `POST .../items` (the
+        client's own), `GET .../items[/{item_id}]` (a list, or one); `x-script: raw:<body>`
+        answers a GET with <body> instead."""
+        kind, _, arg = request.headers.get("x-script", "").partition(":")
+        if request.method == "GET" and kind == "raw":
+            return Response(arg, media_type="application/json")
+        conversation = request.path_params.get("conversation_id")
+        if conversation is None:  # created
+            conversation = f"conv_{len(recorder.conversations)}"
+            recorder.conversations[conversation] = []
+        elif conversation not in recorder.conversations:
+            return JSONResponse({"error": {"message": f"Conversation with id '{conversation}' not found.",
+                                           "type": "invalid_request_error", "param": None, "code": None}}, 404)
+        kept = recorder.conversations[conversation]
+        if request.method == "POST":
+            added = [{**item, "id": f"msg_{conversation}_{len(kept) + i}"}
+                     for i, item in enumerate((await request.json()).get("items") or [])]
+            kept += added
+            if "items" in request.url.path:
+                return JSONResponse({"object": "list", "data": added, "has_more": False,
+                                     "first_id": added[0]["id"] if added else None,
+                                     "last_id": added[-1]["id"] if added else None})
+            return JSONResponse({"id": conversation, "object": "conversation", "created_at": 1, "metadata": {}})
+        item_id = request.path_params.get("item_id")
+        if item_id is None:
+            return JSONResponse({"object": "list", "data": kept, "has_more": False,
+                                 "first_id": kept[0]["id"] if kept else None, "last_id": kept[-1]["id"] if kept else None})
+        item = next((item for item in kept if item["id"] == item_id), None)
+        if item is None:
+            return JSONResponse({"error": {"message": f"Item with id '{item_id}' not found.",
+                                           "type": "invalid_request_error", "param": None, "code": None}}, 404)
+        return JSONResponse(item)
+
     async def models(request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [{"id": "smollm2", "object": "model",
                                                           "created": 1, "owned_by": "test"}]})
@@ -476,6 +525,9 @@ def build_upstream(recorder: Recorder) -> Starlette:
         Route("/v1/responses/{response_id}", stored_response, methods=["GET"]),
         Route("/v1/responses/{response_id}/cancel", stored_response, methods=["POST"]),
         Route("/v1/messages", messages, methods=["POST"]),
+        Route("/v1/conversations", conversations, methods=["POST"]),
+        Route("/v1/conversations/{conversation_id}/items", conversations, methods=["GET", "POST"]),
+        Route("/v1/conversations/{conversation_id}/items/{item_id}", conversations, methods=["GET"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/completions", llamacpp_completion, methods=["POST"]),
         Route("/v1/{path:path}", echo_request, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),

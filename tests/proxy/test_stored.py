@@ -1,5 +1,5 @@
 """Stored chat completions read back (`GET chat/completions/{id}`, `POST` of its metadata,
-`GET chat/completions`), guarded by the response stage (`proxy.stored_chat`).
+`GET chat/completions`) and a conversation's items, guarded by the response stage (`proxy.stored`).
 
 openai SDK -> siren-proxy -> the scripted upstream, which keeps a chat completion made
 with `store: true` whole (however much of its stream the client read) and serves it back
@@ -162,3 +162,69 @@ def test_a_cut_without_store_is_not_remembered(scripted):
         client.chat.completions.create(model="m", messages=USER, extra_headers={"x-script": HARMFUL})
         proxy_memory = proxy.server.config.app.state.proxy.memory
     assert proxy_memory.nbytes == 0
+
+
+def conversation_with(client: openai.OpenAI, script: str, *, stream: bool = False) -> str:
+    """A conversation (the Conversations API) holding a client's turn, which itself says
+    BOMB, then a Responses turn answered by `script`; its id."""
+    conversation = client.conversations.create(
+        items=[{"type": "message", "role": "user",
+                "content": [{"type": "input_text", "text": "a BOMB question of my own"}]}]).id
+    options = {"extra_headers": {"x-script": script}, "conversation": conversation}
+    if stream:
+        list(client.responses.create(model="m", input="and then?", stream=True, **options))
+    else:
+        client.responses.create(model="m", input="and then?", **options)
+    return conversation
+
+
+def test_a_conversations_items_the_model_wrote_are_read_back_guarded(scripted):
+    """`GET conversations/{id}/items[/{item}]` (they were refused where the response stage
+    cuts): an item the model wrote that crosses (here, its reasoning) is the refusal under
+    its own id; the answer beside it and the client's own turns come back as kept, and are
+    not scored (the client's turns are its input). Read again, the item is refused
+    unscored."""
+    url, recorder = scripted
+    with running_proxy(proxy_yaml(url, prompt=stage("off"), response="{action: off}"), KeywordScorer()) as proxy:
+        conversation = conversation_with(sdk(proxy), "think:the BOMB plan|a plain answer")
+    kept = recorder.conversations[conversation]
+    scorer = KeywordScorer()
+    with running_proxy(proxy_yaml(url, prompt=stage("off")), scorer) as proxy:
+        client = sdk(proxy)
+        items = client.conversations.items.list(conversation).data
+        scored = list(scorer.calls)
+        reasoning = kept[2]["id"]
+        one = client.conversations.items.retrieve(reasoning, conversation_id=conversation)
+        again = client.conversations.items.retrieve(reasoning, conversation_id=conversation)
+        answer = client.conversations.items.retrieve(kept[3]["id"], conversation_id=conversation)
+    assert [item.id for item in items] == [item["id"] for item in kept]
+    assert [item.type for item in items] == ["message", "message", "message", "message"]
+    assert items[0].content[0].text == "a BOMB question of my own" and items[1].content[0].text == "and then?"
+    assert items[2].role == "assistant" and items[2].content[0].text == REFUSAL
+    assert items[3].content[0].text == "a plain answer"
+    assert not any("question of my own" in text or "and then?" in text for text in scored)
+    assert one.id == again.id == reasoning and one.content[0].text == again.content[0].text == REFUSAL
+    assert answer.content[0].text == "a plain answer"
+    assert len(scorer.calls) == len(scored) + 1  # the read of the answer; not the second of the reasoning
+
+
+def test_a_turn_the_proxy_cut_is_whole_in_its_conversation_and_refused_when_read(scripted):
+    """The upstream adds the whole reply to the conversation, whatever the proxy cut of its
+    stream: reading the conversation through the proxy refuses it."""
+    url, recorder = scripted
+    with running_proxy(proxy_yaml(url, prompt=stage("off")), KeywordScorer()) as proxy:
+        client = sdk(proxy)
+        conversation = conversation_with(client, HARMFUL, stream=True)
+        items = client.conversations.items.list(conversation).data
+    assert "BOMB" in recorder.conversations[conversation][-1]["content"][0]["text"]
+    assert items[-1].content[0].text == REFUSAL
+
+
+@pytest.mark.parametrize("on_guard_error, status", [("block", 503), ("allow", 200)])
+def test_conversation_items_the_guard_cannot_read_meet_on_guard_error(scripted, on_guard_error, status):
+    url, _ = scripted
+    odd = json.dumps({"object": "list", "data": [{"id": "msg_x", "role": "assistant", "content": "BOMB"}]})
+    text = proxy_yaml(url, prompt=stage("off"), extra=f"    on_guard_error: {on_guard_error}")
+    with running_proxy(text, KeywordScorer()) as proxy:
+        reply = httpx.get(proxy.url + "/v1/conversations/conv_x/items", headers={"x-script": f"raw:{odd}"})
+    assert reply.status_code == status, reply.text

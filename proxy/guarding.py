@@ -138,7 +138,8 @@ class GuardedCall:
 
     def __init__(self, *, scorer: Scorer | None, audit: AuditLog | None, endpoint: str, payload: dict,
                  policy: Policy, exchange: Exchange, cache_salt: str | None = None,
-                 max_prompt_bytes: int | None = None, memory: MemoryView | None = None) -> None:
+                 max_prompt_bytes: int | None = None, memory: MemoryView | None = None,
+                 conversation: tuple[tuple[str, str], ...] | None = None) -> None:
         self.scorer = scorer
         self.cache_salt = cache_salt  # the guard's prefix cache partition (`cache_salt()`)
         self.audit = audit
@@ -152,7 +153,8 @@ class GuardedCall:
             raise BadRequest(f"'n' must be an integer from 1 to {MAX_N}", param="n")
         # Responses: the turns the upstream stored that this request continues (`proxy.memory`)
         self.memory = memory
-        self.chain = look_up(memory, payload) if endpoint == "responses" else Chain()
+        # (and those of a `conversation`, where they were read: `proxy.conversations`)
+        self.chain = look_up(memory, payload, conversation) if endpoint == "responses" else Chain()
         if self.chain.unknown is not None and policy.unknown_previous_response == "block" and enforces(policy):
             raise Forbidden(f"'{self.chain.unknown}' continues turns stored upstream that this proxy did not guard "
                             "or no longer remembers, so its guard cannot read them and policy "

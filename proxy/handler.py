@@ -25,7 +25,7 @@ from policies.routing import RouteMatch, match_route, model_route_passed_over, n
 from .errors import (BadRequest, BodyTimeout, ClientClosed, Forbidden, NotFound, Overloaded, PayloadTooLarge,
                      ProxyError, RequestTimeout, ShuttingDown, Unauthorized, UnsupportedCoding, anthropic_path,
                      error_event, error_response)
-from . import batch, moderations, retrieval, stored
+from . import batch, conversations, moderations, retrieval, stored
 from .endpoints import folded_path, guarded_endpoint, unread_endpoint
 from .metrics import Metrics
 from .guarding import GuardedCall, cache_salt
@@ -407,9 +407,21 @@ class Proxy:
         else:
             # Responses turns, to chain from; a chat completion stored upstream, to refuse again if cut
             remembers = endpoint == "responses" or endpoint == "chat/completions" and payload.get("store") is True
+            # A conversation's turns, read from the upstream where the prompt's scope reads them
+            conversation_id = conversations.named(payload, policy) if endpoint == "responses" else None
+            turns = None
+            if conversation_id is not None:
+                read_headers = [(k, v) for k, v in headers if k.lower() not in (b"content-type", b"content-encoding")]
+
+                async def fetch(items: str) -> httpx.Response:
+                    return await open_upstream(self.pool, match.upstream, "GET", items, read_headers, b"")
+
+                turns = await conversations.read(fetch, conversations.items_url(url, conversation_id),
+                                                 config.server.max_prompt_bytes)
             call = GuardedCall(scorer=self.scorer, audit=self.audit, endpoint=endpoint, payload=payload,
                                policy=policy, exchange=exchange, cache_salt=salt,
-                               max_prompt_bytes=config.server.max_prompt_bytes, memory=memory if remembers else None)
+                               max_prompt_bytes=config.server.max_prompt_bytes, memory=memory if remembers else None,
+                               conversation=turns)
         return await until_disconnect(request, call.run(send, body))
 
 

@@ -131,14 +131,17 @@ class Chain:
         return None if self.withheld is None else f"previous_response_{self.withheld}"
 
 
-def look_up(view: MemoryView | None, payload: Mapping) -> Chain:
-    """The `Chain` of a Responses request. A `conversation` is never known: items are added
-    to one outside the requests the proxy guards (`POST conversations/{id}/items`)."""
+def look_up(view: MemoryView | None, payload: Mapping,
+            conversation: tuple[tuple[str, str], ...] | None = None) -> Chain:
+    """The `Chain` of a Responses request. A `conversation` is not remembered (items are
+    added to one outside the requests the proxy guards, `POST conversations/{id}/items`):
+    its turns are those read from the upstream (`proxy.conversations`), or unknown where
+    none were read (`conversation` None)."""
     if view is not None:  # a bound a reload lowered holds from the next request on, chained or not
         view.memory.trim(view.limit)
     previous = payload.get("previous_response_id")
     if payload.get("conversation") is not None:
-        return Chain(unknown="conversation")
+        return Chain(unknown="conversation") if conversation is None else Chain(conversation)
     if not isinstance(previous, str) or not previous:  # none, or a value the upstream refuses
         return Chain()
     if previous.startswith(REFUSAL_ID_PREFIX):  # the proxy's own refusal: refused again

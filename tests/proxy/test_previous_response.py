@@ -397,3 +397,86 @@ def test_the_memory_keeps_what_fits_least_recently_used_out_first():
 def test_a_turn_is_counted_in_utf8_bytes():
     ascii_turn, wide_turn = Remembered((("user", "a" * 10),)), Remembered((("user", "é" * 10),))
     assert wide_turn.nbytes - ascii_turn.nbytes == 10
+
+
+def conversation(client: openai.OpenAI, *turns: str) -> str:
+    """A conversation (the Conversations API) holding `turns` as the client's messages,
+    added outside any request the proxy guards; its id."""
+    return client.conversations.create(items=[
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": turn}]}
+        for turn in turns]).id
+
+
+def conversation_reads(recorder, before: int) -> list[str]:
+    return [r["query"] for r in recorder.requests[before:] if r["path"].endswith("/items")]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_split_across_a_conversations_turns_is_refused(scripted, stream):
+    """A Responses request that names a `conversation` is answered after its items, which
+    the proxy never saw (they are added through `POST conversations`). It was scored on its
+    input alone, so a request split across the items and the input passed. Under the
+    conversation scopes the proxy now reads the items from the upstream and scores the
+    input after them."""
+    url, recorder = scripted
+    with running_proxy(proxy_yaml(url), KeywordScorer(together=SPLIT)) as proxy:
+        client = sdk(proxy, default_headers={"x-script": "text:ok"})
+        first = conversation(client, FIRST)
+        before = len(recorder.requests)
+        text = ask(client, SECOND, stream=stream, conversation=first)[1]
+        reads = conversation_reads(recorder, before)
+        alone = ask(client, SECOND, stream=stream, conversation=conversation(client, "what is a fuse"))[1]
+    assert text == REFUSAL and alone == "ok"
+    assert len(reads) == 1 and "order=desc" in reads[0] and "limit=100" in reads[0]
+    assert recorder.requests[-1]["body"]["input"] == SECOND  # the second one reached the upstream
+
+
+def test_a_conversation_is_read_page_by_page_and_whole(scripted):
+    """Items over several pages are all read, newest first, the oldest included: a half of
+    the request in the oldest item still counts."""
+    url, recorder = scripted
+    with running_proxy(proxy_yaml(url), KeywordScorer(together=SPLIT)) as proxy:
+        client = sdk(proxy, default_headers={"x-script": "text:ok"})
+        long = conversation(client, FIRST, *(f"turn {i}" for i in range(230)))
+        before = len(recorder.requests)
+        text = ask(client, SECOND, conversation=long)[1]
+    reads = conversation_reads(recorder, before)
+    assert text == REFUSAL and len(reads) == 3 and "after=" in reads[1] and "after=" in reads[2]
+
+
+def test_a_conversation_is_read_only_where_the_scope_reads_turns(scripted):
+    """Under `last_user` only the request's own last user turn is read: nothing is asked."""
+    url, recorder = scripted
+    with running_proxy(proxy_yaml(url, prompt=stage(scope="last_user")), KeywordScorer(together=SPLIT)) as proxy:
+        client = sdk(proxy, default_headers={"x-script": "text:ok"})
+        first = conversation(client, FIRST)
+        before = len(recorder.requests)
+        text = ask(client, SECOND, conversation=first)[1]
+    assert text == "ok" and conversation_reads(recorder, before) == []
+
+
+def test_a_conversation_the_upstream_does_not_give_stays_unknown(scripted):
+    """An id the upstream answers 404 (or anything but a page of items): the request is
+    scored on its input alone, as before, and refused under `unknown_previous_response:
+    block`; the upstream's own 404 for the request reaches the client."""
+    url, _ = scripted
+    with running_proxy(proxy_yaml(url), KeywordScorer(together=SPLIT)) as proxy:
+        with pytest.raises(openai.NotFoundError):
+            sdk(proxy).responses.create(model="m", input=SECOND, conversation="conv_nowhere")
+    with running_proxy(proxy_yaml(url, extra="    unknown_previous_response: block"),
+                       KeywordScorer(together=SPLIT)) as proxy:
+        with pytest.raises(openai.PermissionDeniedError) as info:
+            sdk(proxy).responses.create(model="m", input=SECOND, conversation="conv_nowhere")
+    assert info.value.code == "unknown_previous_response"
+
+
+def test_a_conversation_past_max_prompt_bytes_is_too_long_not_cut_short(scripted):
+    """Reading stops once the turns are past `server.max_prompt_bytes`; the prompt is then
+    too long to score (400), never scored without its oldest turns."""
+    url, _ = scripted
+    with running_proxy(proxy_yaml(url, server="  max_prompt_bytes: 2000"), KeywordScorer(together=SPLIT)) as proxy:
+        client = sdk(proxy, default_headers={"x-script": "text:ok"})
+        long = conversation(client, FIRST, *("x" * 100 for _ in range(150)))
+        with pytest.raises(openai.BadRequestError) as info:
+            client.responses.create(model="m", input=SECOND, conversation=long)
+    assert info.value.code == "prompt_too_long"

@@ -191,7 +191,7 @@ def test_a_conversations_items_the_model_wrote_are_read_back_guarded(scripted):
     scorer = KeywordScorer()
     with running_proxy(proxy_yaml(url, prompt=stage("off")), scorer) as proxy:
         client = sdk(proxy)
-        items = client.conversations.items.list(conversation).data
+        items = client.conversations.items.list(conversation, order="asc").data
         scored = list(scorer.calls)
         reasoning = kept[2]["id"]
         one = client.conversations.items.retrieve(reasoning, conversation_id=conversation)
@@ -215,7 +215,7 @@ def test_a_turn_the_proxy_cut_is_whole_in_its_conversation_and_refused_when_read
     with running_proxy(proxy_yaml(url, prompt=stage("off")), KeywordScorer()) as proxy:
         client = sdk(proxy)
         conversation = conversation_with(client, HARMFUL, stream=True)
-        items = client.conversations.items.list(conversation).data
+        items = client.conversations.items.list(conversation, order="asc").data
     assert "BOMB" in recorder.conversations[conversation][-1]["content"][0]["text"]
     assert items[-1].content[0].text == REFUSAL
 

@@ -490,9 +490,15 @@ def build_upstream(recorder: Recorder) -> Starlette:
                                      "last_id": added[-1]["id"] if added else None})
             return JSONResponse({"id": conversation, "object": "conversation", "created_at": 1, "metadata": {}})
         item_id = request.path_params.get("item_id")
-        if item_id is None:
-            return JSONResponse({"object": "list", "data": kept, "has_more": False,
-                                 "first_id": kept[0]["id"] if kept else None, "last_id": kept[-1]["id"] if kept else None})
+        if item_id is None:  # a page: `order` (asc, OpenAI's default desc), `limit` (20), `after` (an id)
+            recorder.requests.append({"headers": dict(request.headers), "body": None, "path": request.url.path,
+                                      "query": request.url.query})
+            order = kept if request.query_params.get("order") == "asc" else kept[::-1]
+            after = request.query_params.get("after")
+            start = next((i + 1 for i, item in enumerate(order) if item["id"] == after), 0) if after else 0
+            page = order[start:start + int(request.query_params.get("limit", "20"))]
+            return JSONResponse({"object": "list", "data": page, "has_more": start + len(page) < len(order),
+                                 "first_id": page[0]["id"] if page else None, "last_id": page[-1]["id"] if page else None})
         item = next((item for item in kept if item["id"] == item_id), None)
         if item is None:
             return JSONResponse({"error": {"message": f"Item with id '{item_id}' not found.",

@@ -181,34 +181,42 @@ def test_a_whole_reply_cut_keeps_none_of_vllms_tokens(vllm_url, scorer):
 
 
 def test_n2_stream_one_choice_cut_the_other_finishes(vllm_url, scorer, tmp_path):
-    """n=2, sampled: vLLM seeds choice i with seed + i. With seed 21 (this fixture's
-    server), choice 0 offers "a printable python script ... to create fake email
-    addresses" (response-only score 0.29 at 16 tokens, 0.86 at 32, 0.93 at 48) and choice 1
-    rambles about being a bot (0.37, 0.39, 0.21), measured with the shipped guard
-    one-shot; so this policy scores the response alone (`include_prompt: false`: with the
-    harmful prompt both choices score above 0.47)."""
-    audit = tmp_path / "audit.jsonl"
+    """n=2, sampled: vLLM seeds choice i with seed + i, so the two choices differ. Each
+    choice is decided on its own trajectory: one whose check crossed ends with the refusal
+    (`content_filter`), the other runs on to `stop` or `length` untouched, in the same
+    stream. The policy scores the response alone (`include_prompt: false`: with the
+    harmful prompt both choices score above 0.47). Which seed gives one choice that
+    crosses and one that does not depends on the machine's sampling (seed 21 did on the
+    VMs before this one; here its choice 1 reached 0.68 at 48 tokens and was cut too), so
+    seeds are tried in turn until the choices part ways; every stream is checked."""
     response = "{action: cut, threshold: 0.5, check_every: 16, holdback: 16, include_prompt: false}"
-    text = config(vllm_url, prompt="{action: shadow}", response=response, server=f"  audit_log: {audit}")
-    with running_proxy(text, scorer) as proxy, sdk(proxy.url + "/v1") as client:
-        chunks = list(client.chat.completions.create(
-            model=SERVED_NAME, messages=CUT_MESSAGES, n=2, temperature=1.0, seed=21, max_tokens=48,
-            stream=True, stream_options={"include_usage": True}))
-    finishes = {c.choices[0].index: c.choices[0].finish_reason for c in chunks
-                if c.choices and c.choices[0].finish_reason}
-    assert set(finishes) == {0, 1}
-    record = audit_records(audit, 1)[0]
-    cut = {d["choice"] for d in record["decisions"] if d["action"] == "cut"}
-    for index, finish in finishes.items():
-        texts = [c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == index]
-        if index in cut:
-            assert finish == "content_filter" and texts[-1] == REFUSAL
-        else:
-            assert finish in ("stop", "length") and REFUSAL not in texts
-    assert chunks[-1].usage is not None
-    assert cut == {0}, (record["trajectories"], [c.choices[0].delta.content for c in chunks if c.choices])
-    print(f"\nn=2: finishes {finishes}, cut choices {sorted(cut)}, "
-          f"final scores { {k: v[-1][1] for k, v in record['trajectories'].items()} }")
+    outcomes = []
+    for seed in (21, 22, 23, 24, 25, 26, 27, 28):
+        audit = tmp_path / f"audit-{seed}.jsonl"
+        text = config(vllm_url, prompt="{action: shadow}", response=response, server=f"  audit_log: {audit}")
+        with running_proxy(text, scorer) as proxy, sdk(proxy.url + "/v1") as client:
+            chunks = list(client.chat.completions.create(
+                model=SERVED_NAME, messages=CUT_MESSAGES, n=2, temperature=1.0, seed=seed, max_tokens=48,
+                stream=True, stream_options={"include_usage": True}))
+        finishes = {c.choices[0].index: c.choices[0].finish_reason for c in chunks
+                    if c.choices and c.choices[0].finish_reason}
+        assert set(finishes) == {0, 1}
+        record = audit_records(audit, 1)[0]
+        cut = {d["choice"] for d in record["decisions"] if d["action"] == "cut"}
+        for index, finish in finishes.items():
+            texts = [c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == index]
+            crossed = any(score >= 0.5 for _, score in record["trajectories"][str(index)])
+            assert (index in cut) == crossed, (seed, record["trajectories"])
+            if index in cut:
+                assert finish == "content_filter" and texts[-1] == REFUSAL
+            else:
+                assert finish in ("stop", "length") and REFUSAL not in texts
+        assert chunks[-1].usage is not None
+        outcomes.append((seed, sorted(cut), {k: v[-1][1] for k, v in record["trajectories"].items()}))
+        if len(cut) == 1:
+            break
+    print(f"\nn=2 (seed, cut choices, final scores): {outcomes}")
+    assert len(outcomes[-1][1]) == 1, outcomes  # one choice cut, the other delivered, in one stream
 
 
 def test_harmful_prompt_is_refused_without_calling_vllm(vllm_url, scorer):

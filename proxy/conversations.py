@@ -64,7 +64,7 @@ async def read(fetch: Callable[[str], Awaitable[httpx.Response]], url: str,
     """The conversation's turns, oldest first, as (role, text); None where the upstream
     does not give them. `fetch(url)` GETs a URL from the upstream; `limit` is
     `server.max_prompt_bytes` (None: no bound)."""
-    items: list = []
+    pages: list[list[tuple[str, str]]] = []  # newest page first, each page's turns oldest first
     after, size = None, 0
     for _ in range(MAX_PAGES):
         query = {"order": "desc", "limit": str(PAGE), **({"after": after} if after else {})}
@@ -85,11 +85,12 @@ async def read(fetch: Callable[[str], Awaitable[httpx.Response]], url: str,
             return None
         if not isinstance(page, dict) or not isinstance(page.get("data"), list):
             return None
-        try:  # the text this page adds, as the guard would read it: past `limit`, the prompt is too long
-            size += sum(len(text.encode()) for _, text in responses_turn({"input": page["data"]}) or ())
+        try:  # read once, as the guard reads a request's input items
+            turns = responses_turn({"input": page["data"][::-1]}) or []
         except RequestShapeError:
             return None
-        items += page["data"]
+        pages.append(turns)
+        size += sum(len(text.encode()) for _, text in turns)  # past `limit`, the prompt is too long
         if not page["data"] or page.get("has_more") is not True or limit is not None and size > limit:
             break
         after = page.get("last_id") or (page["data"][-1].get("id") if isinstance(page["data"][-1], dict) else None)
@@ -97,5 +98,4 @@ async def read(fetch: Callable[[str], Awaitable[httpx.Response]], url: str,
             return None  # more pages, and no way to ask for them: older turns would go unread
     else:
         return None  # more than MAX_PAGES pages (and no bound reached): older turns would go unread
-    turns = responses_turn({"input": items[::-1]})
-    return tuple(turns) if turns is not None else ()
+    return tuple(turn for turns in reversed(pages) for turn in turns)

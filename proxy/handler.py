@@ -125,11 +125,6 @@ def routing_payload(config: Config, payload: dict | None, body: bytes) -> dict |
     return payload if isinstance(payload, dict) else None
 
 
-def routing_model(config: Config, payload: dict | None, body: bytes) -> str | None:
-    """The body's `model` for `model` route conditions (`routing_payload`), if a string."""
-    model = (routing_payload(config, payload, body) or {}).get("model")
-    return model if isinstance(model, str) else None
-
 
 class Proxy:
     def __init__(self, holder, pool: UpstreamPool, scorer: Scorer | None = None,
@@ -316,7 +311,8 @@ class Proxy:
     def _route(self, request: Request, config: Config, path: str, body: bytes,
                payload: dict | None, key_name: str | None) -> RouteMatch:
         """The request's route, named in `request.state.route`."""
-        model = routing_model(config, payload, body)
+        routed = routing_payload(config, payload, body)
+        model = routed.get("model") if routed is not None and isinstance(routed.get("model"), str) else None
         try:
             match = match_route(config, path, model=model, headers=request.headers, api_key_name=key_name)
         except (UnsafePathError, RoutingHeaderError) as exc:
@@ -325,7 +321,7 @@ class Proxy:
             raise NotFound(f"no route for {request.method} {path}")
         # A JSON body without a model (which vLLM serves with the model it serves, and
         # OpenAI refuses) would pass over a route meant for a model: refused as OpenAI does.
-        if model is None and routing_payload(config, payload, body) is not None and model_route_passed_over(
+        if model is None and routed is not None and model_route_passed_over(
                 config, match, path, headers=request.headers, api_key_name=key_name) is not None:
             raise BadRequest("you must provide a model parameter (a string): this proxy chooses its policy by it",
                              param="model")

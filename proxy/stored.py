@@ -46,7 +46,7 @@ from .relay import relay
 from .scorer import Scorer
 from .shapes import choice_texts, refuse_choice, refused_json
 from .upstream import response_headers
-from .whole import read_whole, score_pairs
+from .whole import WholeReply, read_whole, score_pairs
 
 
 def completion_texts(item: dict) -> list[tuple[int, str]] | None:
@@ -153,8 +153,8 @@ class StoredRead:
         items = [parsed] if self.kind == "one" else parsed.get("data") if isinstance(parsed, dict) else None
         texts = [self.store.texts(item) if isinstance(item, dict) else None
                  for item in items] if isinstance(items, list) else None
-        if texts is None or None in texts:  # not stored text the guard can read
-            self._unreadable()
+        if texts is None or None in texts:  # not stored text the guard can read: `on_guard_error`
+            WholeReply(self).unreadable()
             self.write_audit()
             return Response(data, status_code=200, headers=headers)
         changed = await self._guard(items, texts)
@@ -209,15 +209,6 @@ class StoredRead:
             return False
         entry = self.memory.get(item_id)
         return entry is not None and entry.withheld == "cut"
-
-    def _unreadable(self) -> None:
-        """A 200 that is not stored text the guard can read may carry text it would never
-        score: a guard failure, which meets `on_guard_error`."""
-        decision = decide_response(self.policy.response, None, on_guard_error=self.policy.on_guard_error,
-                                   error="the upstream reply is not stored text the guard can read")
-        self.exchange.decided(decision, 0.0)
-        if decision.action == GUARD_ERROR:
-            raise GuardUnavailable("the upstream reply could not be checked by the safety guard")
 
 
 def remember_cut(memory: MemoryView | None, item_id: object) -> None:

@@ -132,7 +132,8 @@ def main() -> None:
                      "folder at ../shared and bench/generate_default.sh's rows in .cache/generated")
 
     started = time.monotonic()
-    ds = build_dataset(opts["data"], opts["exclude"], seed, opts["val_fraction"], opts["refusals"], opts["answers"])
+    ds = build_dataset(opts["data"], opts["exclude"], seed, opts["val_fraction"], opts["refusals"], opts["answers"],
+                       opts.get("emoji", 0))
     y = np.array([r.label for r in ds.rows], dtype=np.int64)
     feats = features_for([r.text for r in ds.rows], **feature_opts)
     weights = (row_weights(ds.rows, ds.train, y, args.weights), row_weights(ds.rows, ds.val, y, args.weights))

@@ -47,6 +47,8 @@ def register(subparsers) -> None:
     train.add_argument("--answers", default=None, metavar="FILE[:N]",
                        help="N TriviaQA questions with their answer as the response, label 0 (N: 200 when "
                             "left out)")
+    train.add_argument("--emoji", type=whole_number(0), default=0, metavar="N",
+                       help="repeat N rows of each label with emoji written in, same label")
     train.add_argument("--cache", type=Path, default=Path(".cache/features"), help="feature cache root")
     train.add_argument("--quick", action="store_true", help="one MLP configuration instead of the grid")
     train.add_argument("--ensemble", type=positive_int, default=1, metavar="K",
@@ -193,7 +195,7 @@ def run_train(args: argparse.Namespace) -> int:
         exclude=tuple(args.exclude), seed=args.seed, dtype=args.dtype, device=args.device,
         max_length=args.max_length, pooling=args.pooling, extract_layers=args.extract_layers,
         n_layers=args.layers, max_neurons=args.neurons, probe_c=args.probe_c,
-        val_fraction=args.val_fraction, refusals=args.refusals, answers=args.answers, grid=grid, cache_root=args.cache,
+        val_fraction=args.val_fraction, refusals=args.refusals, answers=args.answers, emoji=args.emoji, grid=grid, cache_root=args.cache,
         ensemble=args.ensemble,
     )
     with _usage_errors("train"):

@@ -175,16 +175,37 @@ def eval_prompt_keys(paths: Iterable[str | Path]) -> set[str]:
     return keys
 
 
-def split_indices(rows: Sequence[Row], val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A validation split stratified by (dataset, label), grouped by normalised prompt.
+# SORRY-Bench writes each of its 450 questions in ten styles (paraphrases, dialects,
+# persuasion frames); no two share a prompt verbatim. Its ids number them style by style,
+# `sorrybench-0001-base` ... `sorrybench-0450-base`, `sorrybench-0451-technical_terms` (the
+# first question again) ..., so question = (number - 1) mod 450.
+_SORRY_BENCH_ID = re.compile(r"sorrybench-(\d+)-")
+_SORRY_BENCH_QUESTIONS = 450
 
-    Rows sharing a prompt (SORRY-Bench's mutations share none verbatim, but response-level
-    rows share prompts) land on the same side, so validation never sees a training prompt.
+
+def group_keys(rows: Sequence[Row]) -> list[str]:
+    """The key a row splits by: its normalised prompt, or, for a prompt that is a
+    SORRY-Bench question in one of its styles, that question's id. Rows of other files
+    with the same normalised prompt (generated answers to it) take the same key."""
+    base: dict[str, str] = {}
+    for r in rows:
+        m = _SORRY_BENCH_ID.search(r.id)
+        if m:
+            base[normalize_prompt(r.prompt)] = f"sorrybench-q{(int(m.group(1)) - 1) % _SORRY_BENCH_QUESTIONS + 1}"
+    return [base.get(k, k) for k in map(normalize_prompt, (r.prompt for r in rows))]
+
+
+def split_indices(rows: Sequence[Row], val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A validation split stratified by (dataset, label), grouped by `group_keys`.
+
+    Rows sharing a prompt (response-level rows do), or asking one SORRY-Bench question in
+    different styles, land on the same side, so validation never sees a training prompt.
     """
     rng = np.random.default_rng(seed)
+    keys = group_keys(rows)
     groups: dict[tuple[str, int], dict[str, list[int]]] = {}
     for i, r in enumerate(rows):
-        groups.setdefault((r.dataset, r.label), {}).setdefault(normalize_prompt(r.prompt), []).append(i)
+        groups.setdefault((r.dataset, r.label), {}).setdefault(keys[i], []).append(i)
     train: list[int] = []
     val: list[int] = []
     for key in sorted(groups):
@@ -193,9 +214,9 @@ def split_indices(rows: Sequence[Row], val_fraction: float, seed: int) -> tuple[
         n_val = int(round(val_fraction * len(prompts)))
         for rank, j in enumerate(order):
             (val if rank < n_val else train).extend(groups[key][prompts[j]])
-    # A prompt can carry both labels (response-level data): keep it on one side only.
-    val_prompts = {normalize_prompt(rows[i].prompt) for i in val}
-    moved = [i for i in train if normalize_prompt(rows[i].prompt) in val_prompts]
+    # A group can sit in several (dataset, label) strata: keep it on one side only.
+    val_keys = {keys[i] for i in val}
+    moved = [i for i in train if keys[i] in val_keys]
     moved_set = set(moved)
     train = [i for i in train if i not in moved_set]
     val.extend(moved)

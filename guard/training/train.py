@@ -57,6 +57,7 @@ class TrainOptions:
     val_fraction: float = 0.15
     refusals: int = 0
     answers: str | None = None
+    emoji: int = 0  # rows of each label repeated with emoji written in (augment.emoji_rows)
     grid: tuple[mlp.HeadSpec, ...] = field(default_factory=lambda: tuple(mlp.default_grid()))
     ensemble: int = 1  # fits of the grid's best spec (seeds seed, seed+1, ...), merged into one head
     cache_root: Path = Path(".cache/features")
@@ -74,12 +75,13 @@ class Dataset:
 
 
 def build_dataset(data: Sequence[str], exclude: Sequence[str], seed: int, val_fraction: float,
-                  refusals: int = 0, answers: str | None = None) -> Dataset:
+                  refusals: int = 0, answers: str | None = None, emoji: int = 0) -> Dataset:
     """Load, subsample, augment, de-duplicate (by scored text), drop leaked rows, split.
 
     `refusals`: that many harmful prompt-level rows (seeded sample) are repeated with a
     refusal as the response, label 0; `answers` (``FILE:N``): N TriviaQA questions with
-    their answer, label 0 (`guard.training.augment`).
+    their answer, label 0; `emoji`: that many rows of each label (seeded, from all the
+    rows above) repeated with emoji written in, same label (`guard.training.augment`).
     """
     rows: list[Row] = []
     for spec in data:
@@ -92,6 +94,11 @@ def build_dataset(data: Sequence[str], exclude: Sequence[str], seed: int, val_fr
     if answers:
         path, limit, _ = parse_data_spec(answers)
         rows.extend(augment.answer_rows(path, limit or 200, seed))
+    if emoji:
+        by_hash = sorted({r.text: r for r in rows}.values(),
+                         key=lambda r: hashlib.sha1(f"emoji|{seed}|{r.text}".encode()).hexdigest())
+        picked = [r for label in (1, 0) for r in [r for r in by_hash if r.label == label][:emoji]]
+        rows.extend(augment.emoji_rows(picked, seed))
     seen: set[str] = set()
     unique = []
     for r in rows:
@@ -139,7 +146,8 @@ def train(opts: TrainOptions) -> dict:
     """Fit and write an artifact to `opts.out`; returns the training report."""
     started = time.monotonic()
     torch.manual_seed(opts.seed)
-    ds = build_dataset(opts.data, opts.exclude, opts.seed, opts.val_fraction, opts.refusals, opts.answers)
+    ds = build_dataset(opts.data, opts.exclude, opts.seed, opts.val_fraction, opts.refusals, opts.answers,
+                       opts.emoji)
     y = np.array([r.label for r in ds.rows], dtype=np.int64)
     logger.info("%d rows (%d train, %d validation); %d leaked and %d duplicate rows dropped",
                 len(ds.rows), len(ds.train), len(ds.val), ds.dropped_leaked, ds.dropped_duplicates)
@@ -212,6 +220,7 @@ def train(opts: TrainOptions) -> dict:
                 "seed": opts.seed, "val_fraction": opts.val_fraction, "dtype": opts.dtype,
                 "refusals": opts.refusals,
                 "answers": _portable(opts.answers) if opts.answers else None,
+                "emoji": opts.emoji,
                 "extract_layers": opts.extract_layers, "probe_c": opts.probe_c,
                 "max_neurons": opts.max_neurons, "n_layers": opts.n_layers, "ensemble": opts.ensemble,
             },

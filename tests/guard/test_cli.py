@@ -249,6 +249,7 @@ def test_train_says_when_exclude_leaves_no_rows(tmp_path, capsys):
 @pytest.mark.parametrize("command, option, value", [
     ("train", "--layers", "0"), ("train", "--layers", "-2"), ("train", "--neurons", "0"),
     ("train", "--max-length", "0"), ("train", "--extract-layers", "0"), ("train", "--refusals", "-1"),
+    ("train", "--emoji", "-1"),
     ("train", "--probe-c", "0"), ("train", "--probe-c", "-1"), ("train", "--probe-c", "nan"),
     ("generate", "--batch-size", "0"), ("generate", "--concurrency", "0"), ("generate", "--max-tokens", "0"),
     ("generate", "--temperature", "-1"),

@@ -20,7 +20,10 @@ import torch
 
 from guard import SirenGuard
 from guard.artifact import read_artifact
-from guard.training.data import Row, drop_leaked, eval_prompt_keys, load_rows, normalize_prompt, split_indices
+from guard.training import augment
+from guard.training.data import (
+    Row, drop_leaked, eval_prompt_keys, group_keys, load_rows, normalize_prompt, split_indices,
+)
 from guard.training.metrics import auroc
 from guard.training.train import TrainOptions, build_dataset, train
 from guard.training import mlp
@@ -153,6 +156,44 @@ def test_split_keeps_a_prompt_on_one_side():
     assert len(train_idx) + len(val_idx) == 40 and len(val_idx) > 0
     train_prompts = {rows[i].prompt for i in train_idx}
     assert not train_prompts & {rows[i].prompt for i in val_idx}
+
+
+def test_sorry_bench_styles_of_one_question_split_together():
+    """SORRY-Bench numbers its 450 questions style by style: 0001-base, 0451-technical_terms
+    and 0901-role_play ask question 1 in three wordings; an answer generated to one of them
+    carries its prompt under another id. All of a question's rows land on one side."""
+    rows = []
+    for q in range(1, 41):
+        for n, style in ((q, "base"), (q + 450, "technical_terms"), (q + 900, "role_play")):
+            rows.append(Row("sorry_bench", f"sorrybench-{n:04d}-{style}", f"{style} wording of question {q}", None, 1))
+        rows.append(Row("smollm2_responses", f"gen-{q}", f"role_play wording of question {q}", "No.", 0))
+    keys = group_keys(rows)
+    assert len(set(keys)) == 40
+    train_idx, val_idx = split_indices(rows, 0.25, seed=1)
+    assert 0 < len(val_idx) < len(rows)
+    assert not {keys[i] for i in train_idx} & {keys[i] for i in val_idx}
+    # Without the question ids each wording would be a group of its own.
+    other = [Row(r.dataset, f"x-{i}", r.prompt, r.response, r.label) for i, r in enumerate(rows)]
+    assert len(set(group_keys(other))) == 120
+
+
+def test_emoji_rows_repeat_rows_of_both_labels_with_emoji_and_split_with_their_source():
+    ds = build_dataset([str(TRAIN)], [], seed=0, val_fraction=0.2, emoji=6)
+    added = [r for r in ds.rows if r.dataset == "aug_emoji"]
+    assert sorted(r.label for r in added) == [0] * 6 + [1] * 6
+    by_id = {f"emoji-{r.dataset}-{r.id}": r for r in ds.rows}
+    side = {i: "val" for i in ds.val} | {i: "train" for i in ds.train}
+    index = {id(r): i for i, r in enumerate(ds.rows)}
+    for row in added:
+        source = by_id[row.id]
+        assert any(e in row.text for e in augment.EMOJI) and row.text != source.text
+        assert row.label == source.label and normalize_prompt(row.prompt) == normalize_prompt(source.prompt)
+        assert side[index[id(row)]] == side[index[id(source)]]
+    # A response-level row gets its emoji in the response; its prompt stays as it was.
+    rng_rows = augment.emoji_rows([Row("r", "1", "Is this safe?", "Yes, it is.", 0)], seed=3)
+    assert rng_rows[0].prompt == "Is this safe?" and rng_rows[0].response != "Yes, it is."
+    assert augment.emoji_rows([Row("r", "1", "Hi", None, 0)], seed=3) == augment.emoji_rows(
+        [Row("r", "1", "Hi", None, 0)], seed=3)
 
 
 def test_shipped_default_agrees_with_reference_and_separates(backbone_dir, tmp_path):

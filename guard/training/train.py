@@ -87,17 +87,14 @@ def build_dataset(data: Sequence[str], exclude: Sequence[str], seed: int, val_fr
     for spec in data:
         rows.extend(load_spec(spec, seed))
     if refusals:
-        # Ordered by a seeded hash of the text, so adding data displaces few picks.
-        harmful = sorted({r.text: r for r in rows if r.label == 1 and r.response is None}.values(),
-                         key=lambda r: hashlib.sha1(f"{seed}|{r.text}".encode()).hexdigest())
+        harmful = _seeded_order([r for r in rows if r.label == 1 and r.response is None], f"{seed}|")
         rows.extend(augment.refusal_rows(harmful[:refusals], seed))
     if answers:
         path, limit, _ = parse_data_spec(answers)
         rows.extend(augment.answer_rows(path, limit or 200, seed))
     if emoji:
-        by_hash = sorted({r.text: r for r in rows}.values(),
-                         key=lambda r: hashlib.sha1(f"emoji|{seed}|{r.text}".encode()).hexdigest())
-        picked = [r for label in (1, 0) for r in [r for r in by_hash if r.label == label][:emoji]]
+        ordered = _seeded_order(rows, f"emoji|{seed}|")
+        picked = [r for label in (1, 0) for r in [o for o in ordered if o.label == label][:emoji]]
         rows.extend(augment.emoji_rows(picked, seed))
     seen: set[str] = set()
     unique = []
@@ -110,6 +107,13 @@ def build_dataset(data: Sequence[str], exclude: Sequence[str], seed: int, val_fr
     _check_labels(kept, train, val, leaked)
     return Dataset(rows=tuple(kept), train=train, val=val, dropped_leaked=leaked,
                    dropped_duplicates=len(rows) - len(unique))
+
+
+def _seeded_order(rows: Sequence[Row], salt: str) -> list[Row]:
+    """Rows of distinct text ordered by a hash of `salt` + text, so that adding data
+    displaces few of the first picks."""
+    return sorted({r.text: r for r in rows}.values(),
+                  key=lambda r: hashlib.sha1(f"{salt}{r.text}".encode()).hexdigest())
 
 
 def _check_labels(rows: Sequence[Row], train: np.ndarray, val: np.ndarray, leaked: int) -> None:

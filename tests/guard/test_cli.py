@@ -195,6 +195,23 @@ def test_a_cache_that_cannot_be_written_is_one_line_before_any_conversion(tmp_pa
     assert "SIREN_PROXY_CACHE" in err and err.count("\n") == 1
 
 
+def test_a_transformers_too_old_to_convert_the_gguf_is_one_line(tmp_path, monkeypatch, capsys):
+    """transformers before 5.18 converted SmolLM2's byte-level tokenizer with an unknown
+    token and byte fallback (seen on a GPU machine's 5.17): texts with bytes outside the
+    vocabulary were tokenised as the head never was. The conversion refuses such a version."""
+    import transformers
+
+    monkeypatch.setenv("SIREN_PROXY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["score", "hello", "--device", "cpu"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("siren-proxy score: converting SmolLM2-135M-Instruct.Q4_1.gguf needs transformers>=5.18 "
+                          "(installed: 5.17.0)")
+    assert err.count("\n") == 1 and not (tmp_path / "cache" / "backbones").exists()
+
+
 @pytest.mark.parametrize("command", ["train", "eval", "generate"])
 @pytest.mark.parametrize("content, spec_suffix", [(b"", ""), (b"\n  \n", ""), (b'{"prompt": "hi", "label": 0}\n', ":0")])
 def test_a_data_spec_with_no_rows_is_one_line(tmp_path, capsys, command, content, spec_suffix):

@@ -35,6 +35,18 @@ def tokenizer(backbone_dir):
     return AutoTokenizer.from_pretrained(backbone_dir)
 
 
+
+def test_the_converted_tokenizer_is_byte_level_as_the_gguf_declares(tokenizer):
+    """The GGUF says "gpt2": byte-level BPE, no unknown token. transformers 5.17 converted
+    it with `<|endoftext|>` as an unknown token, byte fallback and eos `<|im_start|>`; the
+    shipped head was trained on the byte-level form (guard.backbone.GGUF_TRANSFORMERS)."""
+    import json
+
+    state = json.loads(tokenizer.backend_tokenizer.model.__getstate__())
+    assert (state["type"], state["unk_token"], state["byte_fallback"], state["fuse_unk"]) == ("BPE", None, False, False)
+    assert tokenizer.eos_token == "<|im_end|>"
+    assert tokenizer("\x04!")["input_ids"] == tokenizer("!")["input_ids"]  # a byte outside the vocabulary is dropped
+
 @pytest.fixture(params=["long pieces", "every piece"])
 def inside(request, monkeypatch):
     """Pieces entered from inside where that saves `INSIDE` characters (the default), or

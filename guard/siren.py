@@ -344,8 +344,7 @@ class SirenGuard:
             return []
         windows: list[tuple[int, list[int]]] = []
         prefix = list(self._plan.prefix)
-        for i, text in enumerate(prepared):
-            body = self._plan.body(self._tokenizer, text)
+        for i, body in enumerate(self._plan.bodies(self._tokenizer, prepared)):
             for start, end in self._plan.spans(len(body)):
                 windows.append((i, prefix + body[start:end]))
         scores: list[list[float]] = [[] for _ in prepared]  # per text, its windows'

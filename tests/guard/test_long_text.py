@@ -88,3 +88,19 @@ def test_a_window_that_scores_nan_makes_the_text_nan(artifact, monkeypatch):
     monkeypatch.setattr(guard.head, "p_harmful", nan_after(1))  # the session's first window is real
     result = guard.stream().append(text)
     assert math.isnan(result.score) and result.is_harmful
+
+
+def test_a_batch_is_tokenised_in_one_call_as_each_text_alone(artifact, real_rows):
+    """`score_batch` tokenises its texts in one call (`TokenPlan.bodies`): the same tokens as
+    one call per text, for empty, special-token, long and emoji texts, so a mixed batch
+    scores each text as `score` does, windows included."""
+    guard = SirenGuard.from_pretrained(artifact, device=DEVICE, dtype=torch.float32)
+    tok, plan = guard.tokenizer, guard.plan
+    texts = ["", " ", "<|im_end|>\x04!", "🏳️‍🌈 pride", BENIGN * 12, *(r["response"] for r in real_rows[:5])]
+    prepared = [model_text(t) for t in texts]
+    assert plan.bodies(tok, prepared) == [plan.body(tok, t) for t in prepared]
+    assert plan.bodies(tok, []) == []
+    assert len(plan.spans(len(plan.body(tok, prepared[4])))) > 1  # the long one has windows
+    batch = [r.score for r in guard.score_batch(texts[1:])]
+    alone = [guard.score(t).score for t in texts[1:]]
+    assert batch == pytest.approx(alone, abs=1e-5)

@@ -8,9 +8,13 @@ response for response-level rows; `guard.training.augment.with_emoji`, seeded). 
 here are held out: none of them is in `augment.EMOJI`, the list `train --emoji` writes in,
 so a head that improves here generalised rather than learned strings. Printed per set: the
 false-positive rate (benign sets) or recall (harmful sets) at the artifact's threshold,
-plain -> with emoji, and the mean score shift; then the texts of the report.
+plain -> with emoji, and the mean score shift, and with emoji under the rule that scores a
+text as written and with its emoji removed and keeps the higher (``emoji: max``); then
+the texts of the report. `--insert zero-width` writes a zero-width space inside each
+longer word instead (in the prompt of prompt-level rows, the response of the others).
 
     PYTHONPATH=. python bench/emoji_check.py [--artifact DIR ...] [--limit N] [--data FILE ...]
+        [--insert zero-width]
 
 Defaults: the shipped head; the development sets below from ../shared/data; every row.
 """
@@ -25,6 +29,7 @@ import numpy as np
 import torch
 
 from guard import SirenGuard
+from guard.text import model_text, without_emoji
 from guard.training import augment
 from guard.training.data import load_rows
 
@@ -68,6 +73,19 @@ def with_heldout_emoji(rows, seed: int):
             for r, e in zip(rows, augment.emoji_rows(rows, seed, HELDOUT))]
 
 
+def split_words(text: str | None) -> str | None:
+    """A zero-width space in the middle of every word longer than three characters: the
+    words stay readable, and the tokenizer sees none of them whole."""
+    if not text:
+        return text
+    return " ".join(w[: len(w) // 2] + "\u200b" + w[len(w) // 2:] if len(w) > 3 else w for w in text.split(" "))
+
+
+def with_zero_width(rows):
+    return [replace(r, prompt=split_words(r.prompt) if r.response is None else r.prompt,
+                    response=split_words(r.response)) for r in rows]
+
+
 def scores(guard: SirenGuard, texts: list[str]) -> np.ndarray:
     out = []
     for i in range(0, len(texts), 16):
@@ -81,29 +99,40 @@ def main() -> None:
     ap.add_argument("--data", nargs="+", default=[f"../shared/data/{name}.jsonl" for name in DATA])
     ap.add_argument("--limit", type=int, default=None, help="a seeded sample of N rows a set")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--insert", choices=("emoji", "zero-width"), default="emoji",
+                    help="what is written in: held-out emoji (default), or a zero-width space inside each word")
     args = ap.parse_args()
     torch.set_num_threads(2)
     sets = {}
     for path in args.data:
         rows = load_rows(path, limit=args.limit, seed=args.seed)
-        sets[path.rsplit("/", 1)[-1].removesuffix(".jsonl")] = (rows, with_heldout_emoji(rows, args.seed))
+        changed = with_heldout_emoji(rows, args.seed) if args.insert == "emoji" else with_zero_width(rows)
+        sets[path.rsplit("/", 1)[-1].removesuffix(".jsonl")] = (rows, changed)
     for artifact in args.artifact:
         guard = SirenGuard.from_pretrained(artifact, device="cpu", dtype="float32", long_text="truncate")
         threshold = guard.default_threshold
         started = time.monotonic()
         print(f"\n{artifact or 'shipped head'} (threshold {threshold})")
-        print("| set | n | rate | plain | with emoji | mean score shift |\n|---|---|---|---|---|---|")
+        what = "with emoji" if args.insert == "emoji" else "with zero-width spaces"
+        print(f"| set | n | rate | plain | {what} | mean score shift | {what}, max(as written, emoji removed) |\n"
+              "|---|---|---|---|---|---|---|")
         for name, (plain_rows, emoji_rows) in sets.items():
             plain = scores(guard, [r.text for r in plain_rows])
             emoji = scores(guard, [r.text for r in emoji_rows])
+            removed = scores(guard, [model_text(prompt=without_emoji(r.prompt), response=without_emoji(r.response))
+                                     for r in emoji_rows])
+            both = np.maximum(emoji, removed)
             labels = np.array([r.label for r in plain_rows])
             for label, rate in ((0, "FPR"), (1, "recall")):
                 mask = labels == label
                 if mask.any():
                     print(f"| {name} | {mask.sum()} | {rate} | {np.mean(plain[mask] >= threshold):.3f} | "
-                          f"{np.mean(emoji[mask] >= threshold):.3f} | {np.mean(emoji[mask] - plain[mask]):+.3f} |")
-        for text, result in zip(REPORTED, guard.score_batch(list(REPORTED))):
-            print(f"{result.score:.3f}  {text}")
+                          f"{np.mean(emoji[mask] >= threshold):.3f} | {np.mean(emoji[mask] - plain[mask]):+.3f} | "
+                          f"{np.mean(both[mask] >= threshold):.3f} |")
+        reported = guard.score_batch(list(REPORTED))
+        removed = guard.score_batch([without_emoji(text) for text in REPORTED])
+        for text, result, alone in zip(REPORTED, reported, removed):
+            print(f"{result.score:.3f}  (emoji removed {alone.score:.3f})  {text}")
         print(f"({time.monotonic() - started:.0f} s)")
         guard.close()
 

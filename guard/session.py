@@ -38,7 +38,7 @@ import torch
 from transformers import DynamicCache
 
 from guard.result import ScoreResult
-from guard.text import model_text
+from guard.text import emoji_reading, model_text
 from guard.tokens import TextTokens
 from guard.windows import text_score
 
@@ -179,7 +179,9 @@ class StreamSession:
         self._active: _Window | None = None
         self._spares: dict[int, _Window] = {}  # start -> a cached window to continue (`guard.prefixes`)
         self._previous: _Window | None = None  # the window the last update completed last
-        self._score = 0.0
+        self._score = 0.0  # this reading's
+        self._twin: StreamSession | None = None  # the text without its emoji (guard.emoji "max")
+        self._both = 0.0  # the session's score: the higher of the two readings
         self.tokens_fed = 0  # backbone tokens run, all windows together (for benchmarks)
         self.rolled_back = 0  # scored tokens that a later tokenisation changed
         if prompt and prefill:
@@ -192,7 +194,7 @@ class StreamSession:
 
     @property
     def score(self) -> float:
-        return self._score
+        return self._both
 
     @torch.no_grad()
     def append(self, delta: str) -> ScoreResult:
@@ -210,7 +212,27 @@ class StreamSession:
         return model_text(prompt=self.prompt or None, response=self.response)
 
     def _update(self, text: str) -> float:
-        return _drive(self.guard, [self._updates(text)])[0]
+        return self._settle(_drive(self.guard, self._readings(text)))
+
+    def _readings(self, text: str) -> list[Iterator[tuple[_Window, list[int]]]]:
+        """The updates scoring `text`: this session's, and under ``emoji="max"``, once the
+        text has held an emoji, its twin's over the text without them
+        (`guard.text.emoji_reading`). The twin is a session of its own, so its reading is
+        as exact and as incremental as this one's; the driver packs both in its rounds."""
+        updates = [self._updates(text)]
+        if self.guard.emoji == "max":
+            second = emoji_reading(text)
+            if second is not None and self._twin is None:
+                self._twin = StreamSession(self.guard, threshold=self.threshold, prefill=False,
+                                           cache_salt=self.cache_salt)
+            if self._twin is not None:
+                updates.append(self._twin._updates(text if second is None else second))
+        return updates
+
+    def _settle(self, scores: list[float]) -> float:
+        """The session's score from its readings' (`_readings`): the higher, NaN if any is."""
+        self._both = text_score(scores)
+        return self._both
 
     def _updates(self, text: str) -> Iterator[tuple[_Window, list[int]]]:
         """Score `text`: yields each (window, new ids) for the driver to feed, returns
@@ -312,12 +334,18 @@ def append_all(appends: Sequence[tuple[StreamSession, str]],
         raise ValueError("append_all takes sessions of one guard")
     if len({id(session) for session, _ in appends}) < len(appends):
         raise ValueError("append_all takes each session once")
-    updates = []
-    for session, delta in appends:
+    updates, owners = [], []  # each session's readings (`_readings`), and whose each update is
+    for i, (session, delta) in enumerate(appends):
         session.response += delta or ""
-        updates.append(session._updates(session._text()))
-    scores = _drive(guard, updates, given_up)
-    return [ScoreResult.of(score, session.threshold) for score, (session, _) in zip(scores, appends)]
+        readings = session._readings(session._text())
+        updates += readings
+        owners += [i] * len(readings)
+    scores = _drive(guard, updates, None if given_up is None else [given_up[i] for i in owners])
+    per_session: list[list[float]] = [[] for _ in appends]
+    for i, score in zip(owners, scores):
+        per_session[i].append(score)
+    return [ScoreResult.of(session._settle(mine), session.threshold)
+            for mine, (session, _) in zip(per_session, appends)]
 
 
 def _drive(guard, updates: list[Iterator[tuple[_Window, list[int]]]],

@@ -34,7 +34,7 @@ from guard.head import SirenHead
 from guard.prefixes import PrefixCache
 from guard.readout import Readout
 from guard.result import ScoreResult
-from guard.text import model_text
+from guard.text import emoji_reading, model_text
 from guard.windows import TokenPlan, text_score
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ MAX_BATCH_TOKENS = 8192  # tokens per forward (padded ones included), to bound m
 # goes into as few forwards as MAX_BATCH_TOKENS allows.
 MAX_PAD_SHARE = 0.15
 DEFAULT_PREFIX_CACHE_MB = 256.0  # `guard.prefixes`: about 32 full windows of SmolLM2-135M in float32
+EMOJI_RULES = ("read", "max")  # `SirenGuard(emoji=)`: a text as written, or also without its emoji
 
 
 def max_pad_share(device: torch.device) -> float:
@@ -91,7 +92,11 @@ class SirenGuard:
         self, config: ArtifactConfig, head: SirenHead, backbone: Backbone, *, long_text: str = "window",
         static_steps: bool | None = None, stream_slots: int = 64, compile_steps: bool | str = False,
         packed_steps: bool | None = None, prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
+        emoji: str = "read",
     ) -> None:
+        if emoji not in EMOJI_RULES:
+            raise ValueError(f"emoji must be one of {', '.join(EMOJI_RULES)}, got {emoji!r}")
+        self.emoji = emoji
         self._config = config
         self._backbone = backbone
         self.lock = threading.RLock()  # held by every call that runs the backbone (module docstring)
@@ -142,6 +147,7 @@ class SirenGuard:
         compile_steps: bool | str = False,
         packed_steps: bool | None = None,
         prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
+        emoji: str = "read",
     ) -> SirenGuard:
         """Load an artifact (default: the embedded one) and its backbone, offline if local.
 
@@ -162,6 +168,10 @@ class SirenGuard:
         `prefix_cache_mb` (`guard.prefixes`): streaming sessions that start with a token
         prefix an earlier session ran continue from its state instead of running it
         again (exact); the cache holds at most this many MiB, 0 turns it off.
+        `emoji`: "read" (default) scores a text as written, as the reference does; "max"
+        also scores it with its emoji and invisible characters removed
+        (`guard.text.emoji_reading`) and keeps the higher score, in `score`,
+        `score_batch` and streaming sessions alike (README, "Emoji").
         """
         folder = resolve_artifact(path_or_id, cache_dir)
         config, state_dict = read_artifact(folder)
@@ -175,7 +185,7 @@ class SirenGuard:
                     next(loaded.model.parameters()).dtype, next(loaded.model.parameters()).device)
         return cls(config, head, loaded, long_text=long_text, static_steps=static_steps,
                    stream_slots=stream_slots, compile_steps=compile_steps, packed_steps=packed_steps,
-                   prefix_cache_mb=prefix_cache_mb)
+                   prefix_cache_mb=prefix_cache_mb, emoji=emoji)
 
     # -- properties mirrored from the reference ------------------------------------------
     @property
@@ -337,7 +347,13 @@ class SirenGuard:
         """
         self._open()
         with self.lock:
-            return self._p_harmful(prepared, given_up)
+            if self.emoji == "read":
+                return self._p_harmful(prepared, given_up)
+            second = [emoji_reading(text) for text in prepared]  # one batch with the first readings
+            scores = self._p_harmful([*prepared, *(text for text in second if text is not None)], given_up)
+            others = iter(scores[len(prepared):])
+            return [score if text is None else text_score([score, next(others)])
+                    for score, text in zip(scores, second)]
 
     def _p_harmful(self, prepared: Sequence[str], given_up: Callable[[], bool] | None) -> list[float]:
         if not prepared:

@@ -30,6 +30,15 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 EMPTY_TEXT = " "
 
+# Emoji and the invisible characters that build them or hide between letters: pictographs,
+# flags' regional indicators and tags, skin tones, dingbats and other symbols drawn as
+# emoji, variation selectors, the keycap mark, zero-width joiners and spaces, the word
+# joiner, the BOM and the soft hyphen. `without_emoji` drops them for a second reading.
+_EMOJI = re.compile(
+    "[\U0001F000-\U0001FAFF\u2600-\u27BF\u2B00-\u2BFF\u231A\u231B\u23E9-\u23F3\u23F8-\u23FA"
+    "\uFE00-\uFE0F\u20E3\U000E0020-\U000E007F\u200B-\u200D\u2060\uFEFF\u00AD]"
+)
+
 
 def clean_text(text: str | None) -> str:
     """The reference's `_to_raw_text`: strip chat markers and fold white space."""
@@ -61,3 +70,21 @@ def model_text(text: str | None = None, *, prompt: str | None = None, response: 
             raise ValueError("provide text, or at least one of prompt/response")
         text = join_prompt_response(prompt, response)
     return clean_text(text) or EMPTY_TEXT
+
+
+def without_emoji(text: str | None) -> str | None:
+    """`text` without emoji and invisible characters (`_EMOJI`); None stays None.
+
+    Not part of the reference's cleaning: a head reads emoji, and scores must equal the
+    reference's. It is a second reading of the same text, taken where emoji lowered a
+    harmful request's score (`emoji_reading`)."""
+    return text if not text else _EMOJI.sub("", text)
+
+
+def emoji_reading(prepared: str) -> str | None:
+    """The second reading of a prepared text (`model_text`'s) under ``emoji="max"``: the
+    text without its emoji and invisible characters, cleaned again (a dropped emoji
+    leaves two spaces); None when there is nothing to drop, so nothing to read twice."""
+    if not _EMOJI.search(prepared):
+        return None
+    return clean_text(_EMOJI.sub("", prepared)) or EMPTY_TEXT

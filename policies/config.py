@@ -44,6 +44,7 @@ UNKNOWN_PREVIOUS_RESPONSE = ("forward", "block")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 CACHE_SCOPES = ("key", "shared")  # guard.prefix_cache_scope
+EMOJI_RULES = ("max", "read")  # guard.emoji (guard.siren.EMOJI_RULES; the proxy never imports torch)
 DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
 MAX_MEMORY_MB = 1024 * 1024  # server.responses_memory_mb: 1 TiB, any machine's bound, so bytes stay an int
 MAX_HEAD_BYTES = 1024 * 1024  # server.max_head_bytes: a head is held whole in memory, per connection
@@ -141,6 +142,7 @@ class GuardConfig:
     compile_steps: bool = False  # fuse static steps with torch.compile at load (GPU; ~70 s)
     prefix_cache_mb: float = 256.0  # scored prefixes streaming sessions continue from; 0: off
     prefix_cache_scope: str = "key"  # key: entries are not shared across API keys; shared: they are
+    emoji: str = "max"  # max: a text is also scored without its emoji, the higher counts; read: as written
 
 
 @dataclass(frozen=True)
@@ -418,6 +420,7 @@ def _guard(g: Section) -> GuardConfig:
         compile_steps=g.boolean("compile_steps", d.compile_steps),
         prefix_cache_mb=g.number("prefix_cache_mb", d.prefix_cache_mb, minimum=0),
         prefix_cache_scope=g.choice("prefix_cache_scope", d.prefix_cache_scope, CACHE_SCOPES),
+        emoji=g.choice("emoji", d.emoji, EMOJI_RULES),
     )
     g.finish()
     return guard

@@ -73,7 +73,7 @@ class LoadingScorer:
             guard = SirenGuard.from_pretrained(s.artifact, device=s.device, dtype=s.dtype,
                                                trust_remote_code=s.trust_remote_code,
                                                stream_slots=s.stream_slots, compile_steps=s.compile_steps,
-                                               prefix_cache_mb=s.prefix_cache_mb,
+                                               prefix_cache_mb=s.prefix_cache_mb, emoji=s.emoji,
                                                **options)
             seconds = guard.warm_up()  # CUDA graphs (and compiled steps) before the first stream
             if seconds:

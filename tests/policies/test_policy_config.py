@@ -582,6 +582,18 @@ def test_guard_prefix_cache_options_are_checked(key, value):
         parse_config(f"upstreams: {{up: {{base_url: 'http://x/v1'}}}}\nguard: {{{key}: {value}}}\n")
 
 
+@pytest.mark.parametrize("text,expect", [("", "max"), ("guard: {emoji: read}\n", "read"),
+                                         ("guard: {emoji: max}\n", "max")])
+def test_guard_emoji_rule(text, expect):
+    assert parse_config("upstreams: {up: {base_url: 'http://x/v1'}}\n" + text).guard.emoji == expect
+
+
+@pytest.mark.parametrize("value", ["strip", "null", "true", "Max", "[max]"])
+def test_guard_emoji_rule_is_checked(value):
+    with pytest.raises(ConfigError, match="guard.emoji"):
+        parse_config(f"upstreams: {{up: {{base_url: 'http://x/v1'}}}}\nguard: {{emoji: {value}}}\n")
+
+
 @pytest.mark.parametrize(("text", "memory", "unknown"), [
     ("", 64.0, "forward"),
     ("server: {responses_memory_mb: 0}\npolicies: {default: {unknown_previous_response: block}}\n", 0.0, "block"),

@@ -15,6 +15,7 @@ Behaviour is chosen per request by the `x-script` header:
     text:<words>         stream (or return) a chat completion whose content is <words>;
                          non-streamed with n > 1, `a|b|c` gives choice i the i-th part
     slowtext:<words>     the same, 10 ms between chunks, as a model generating them
+    slowecho:            slowtext of the last user message (plain text content), word by word
     endless:<words>      <words> over and over, 10 ms a chunk, for up to 60 s (a model
                          that would go on generating until it is stopped)
     flood:<kb>           chunks of <kb> KiB of words as fast as they are taken, up to 1 GiB
@@ -137,6 +138,8 @@ def build_upstream(recorder: Recorder) -> Starlette:
         payload = await received(request)
         script = request.headers.get("x-script", "text:hello from the scripted upstream")
         kind, _, arg = script.partition(":")
+        if kind == "slowecho":  # the last user message's words (a header cannot carry every character)
+            kind, arg = "slowtext", next(m["content"] for m in reversed(payload["messages"]) if m["role"] == "user")
         if kind == "replay":
             raw = (FIXTURES / arg).read_bytes()
             # Odd-sized pieces, so events arrive split across reads.

@@ -38,7 +38,7 @@ import torch
 from transformers import DynamicCache
 
 from guard.result import ScoreResult
-from guard.text import emoji_reading, model_text
+from guard.text import emoji_reading, model_text, visible_reading
 from guard.tokens import TextTokens
 from guard.windows import text_score
 
@@ -217,8 +217,11 @@ class StreamSession:
     def _readings(self, text: str) -> list[Iterator[tuple[_Window, list[int]]]]:
         """The updates scoring `text`: this session's, and under ``emoji="max"``, once the
         text has held an emoji, its twin's over the text without them
-        (`guard.text.emoji_reading`). The twin is a session of its own, so its reading is
+        (`guard.text.emoji_reading`). Under "max" both read the text without its
+        invisible characters (`guard.text.visible_reading`). The twin is a session of its own, so its reading is
         as exact and as incremental as this one's; the driver packs both in its rounds."""
+        if self.guard.emoji == "max":
+            text = visible_reading(text) or text
         updates = [self._updates(text)]
         if self.guard.emoji == "max":
             second = emoji_reading(text)

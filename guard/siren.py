@@ -34,7 +34,7 @@ from guard.head import SirenHead
 from guard.prefixes import PrefixCache
 from guard.readout import Readout
 from guard.result import ScoreResult
-from guard.text import emoji_reading, model_text
+from guard.text import emoji_reading, model_text, visible_reading
 from guard.windows import TokenPlan, text_score
 
 logger = logging.getLogger(__name__)
@@ -169,8 +169,9 @@ class SirenGuard:
         prefix an earlier session ran continue from its state instead of running it
         again (exact); the cache holds at most this many MiB, 0 turns it off.
         `emoji`: "read" (default) scores a text as written, as the reference does; "max"
-        also scores it with its emoji and invisible characters removed
-        (`guard.text.emoji_reading`) and keeps the higher score, in `score`,
+        reads it without the invisible characters that join nothing
+        (`guard.text.visible_reading`), and a text with emoji also without them
+        (`guard.text.emoji_reading`), keeping the higher score, in `score`,
         `score_batch` and streaming sessions alike (README, "Emoji").
         """
         folder = resolve_artifact(path_or_id, cache_dir)
@@ -349,9 +350,10 @@ class SirenGuard:
         with self.lock:
             if self.emoji == "read":
                 return self._p_harmful(prepared, given_up)
-            second = [emoji_reading(text) for text in prepared]  # one batch with the first readings
-            scores = self._p_harmful([*prepared, *(text for text in second if text is not None)], given_up)
-            others = iter(scores[len(prepared):])
+            first = [visible_reading(text) or text for text in prepared]
+            second = [emoji_reading(text) for text in first]  # one batch with the first readings
+            scores = self._p_harmful([*first, *(text for text in second if text is not None)], given_up)
+            others = iter(scores[len(first):])
             return [score if text is None else text_score([score, next(others)])
                     for score, text in zip(scores, second)]
 

@@ -72,6 +72,13 @@ def model_text(text: str | None = None, *, prompt: str | None = None, response: 
     return clean_text(text) or EMPTY_TEXT
 
 
+# Invisible characters that join nothing and mean nothing to a reader: the zero-width space,
+# the word joiner, the BOM, the soft hyphen, the Mongolian vowel separator, the invisible
+# math operators. (The zero-width joiner and non-joiner build emoji and shape some scripts:
+# they stay, and only the emoji reading drops them.)
+_INVISIBLE = re.compile("[\u200B\u2060-\u2064\uFEFF\u00AD\u180E]")
+
+
 def without_emoji(text: str | None) -> str | None:
     """`text` without emoji and invisible characters (`_EMOJI`); None stays None.
 
@@ -79,6 +86,17 @@ def without_emoji(text: str | None) -> str | None:
     reference's. It is a second reading of the same text, taken where emoji lowered a
     harmful request's score (`emoji_reading`)."""
     return text if not text else _EMOJI.sub("", text)
+
+
+def visible_reading(prepared: str) -> str | None:
+    """A prepared text without the invisible characters that join nothing (`_INVISIBLE`),
+    cleaned again; None when it has none. Under ``emoji="max"`` this is the text read:
+    a reader sees no difference, while the head reads them as rare byte pieces (a zero-width
+    space inside each longer word took alpaca_eval's false positives from 0.109 to 0.627
+    and hid a StrongREJECT request at 0.25)."""
+    if not _INVISIBLE.search(prepared):
+        return None
+    return clean_text(_INVISIBLE.sub("", prepared)) or EMPTY_TEXT
 
 
 def emoji_reading(prepared: str) -> str | None:

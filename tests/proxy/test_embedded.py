@@ -48,10 +48,11 @@ def test_the_guard_loads_with_the_configured_options(monkeypatch):
 
     monkeypatch.setattr(guard.SirenGuard, "from_pretrained", staticmethod(from_pretrained))
     scorer = LoadingScorer(GuardConfig(artifact="/a", device="cpu", dtype="float32", stream_slots=4,
-                                       compile_steps=True, backbone="/b", prefix_cache_mb=8))
+                                       compile_steps=True, backbone="/b", prefix_cache_mb=8, emoji="read"))
     assert not scorer.wait(timeout=60)
     assert seen == {"artifact": "/a", "device": "cpu", "dtype": "float32", "trust_remote_code": False,
-                    "stream_slots": 4, "compile_steps": True, "backbone": "/b", "prefix_cache_mb": 8}
+                    "stream_slots": 4, "compile_steps": True, "backbone": "/b", "prefix_cache_mb": 8,
+                    "emoji": "read"}
     assert "stop after the call" in str(scorer.error)
 
 

@@ -217,20 +217,20 @@ class StreamSession:
     def _readings(self, text: str) -> list[Iterator[tuple[_Window, list[int]]]]:
         """The updates scoring `text`: this session's, and under ``emoji="max"``, once the
         text has held an emoji, its twin's over the text without them
-        (`guard.text.emoji_reading`). Under "max" both read the text without its
-        invisible characters (`guard.text.visible_reading`). The twin is a session of its own, so its reading is
-        as exact and as incremental as this one's; the driver packs both in its rounds."""
-        if self.guard.emoji == "max":
-            text = visible_reading(text) or text
-        updates = [self._updates(text)]
-        if self.guard.emoji == "max":
-            second = emoji_reading(text)
-            if second is not None and self._twin is None:
-                self._twin = StreamSession(self.guard, threshold=self.threshold, prefill=False,
-                                           cache_salt=self.cache_salt)
-            if self._twin is not None:
-                updates.append(self._twin._updates(text if second is None else second))
-        return updates
+        (`guard.text.emoji_reading`); under "max" both read it without its invisible
+        characters (`guard.text.visible_reading`). The twin is a session of its own, so
+        its reading is as exact and as incremental as this one's; the driver packs both
+        in its rounds."""
+        if self.guard.emoji != "max":
+            return [self._updates(text)]
+        text = visible_reading(text) or text
+        second = emoji_reading(text)
+        if second is not None and self._twin is None:
+            self._twin = StreamSession(self.guard, threshold=self.threshold, prefill=False,
+                                       cache_salt=self.cache_salt)
+        if self._twin is None:
+            return [self._updates(text)]
+        return [self._updates(text), self._twin._updates(text if second is None else second)]
 
     def _settle(self, scores: list[float]) -> float:
         """The session's score from its readings' (`_readings`): the higher, NaN if any is."""

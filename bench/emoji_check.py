@@ -8,13 +8,15 @@ response for response-level rows; `guard.training.augment.with_emoji`, seeded). 
 here are held out: none of them is in `augment.EMOJI`, the list `train --emoji` writes in,
 so a head that improves here generalised rather than learned strings. Printed per set: the
 false-positive rate (benign sets) or recall (harmful sets) at the artifact's threshold,
-plain -> with emoji, and the mean score shift, and with emoji under the rule that scores a
-text as written and with its emoji removed and keeps the higher (``emoji: max``); then
-the texts of the report. `--insert zero-width` writes a zero-width space inside each
-longer word instead (in the prompt of prompt-level rows, the response of the others).
+plain -> with emoji, and the mean score shift, and with emoji under the proxy's rule
+(``emoji: max``: the text as read, invisible characters dropped and lookalike letters
+folded, and again without its emoji, the higher score counting); then the texts of the
+report. `--insert` writes another disguise in instead (in the prompt of prompt-level
+rows, the response of the others): a zero-width space inside each longer word, Cyrillic
+lookalike letters, or mathematical bold letters (`disguise`).
 
     PYTHONPATH=. python bench/emoji_check.py [--artifact DIR ...] [--limit N] [--data FILE ...]
-        [--insert zero-width]
+        [--insert zero-width|lookalike|styled|none]
 
 Defaults: the shipped head; the development sets below from ../shared/data; every row.
 """
@@ -29,7 +31,7 @@ import numpy as np
 import torch
 
 from guard import SirenGuard
-from guard.text import model_text, without_emoji
+from guard.text import without_emoji
 from guard.training import augment
 from guard.training.data import load_rows
 
@@ -81,9 +83,31 @@ def split_words(text: str | None) -> str | None:
     return " ".join(w[: len(w) // 2] + "\u200b" + w[len(w) // 2:] if len(w) > 3 else w for w in text.split(" "))
 
 
-def with_zero_width(rows):
-    return [replace(r, prompt=split_words(r.prompt) if r.response is None else r.prompt,
-                    response=split_words(r.response)) for r in rows]
+# Cyrillic letters drawn as these Latin ones (`guard.lookalikes.LOOKALIKES`).
+CYRILLIC = {"a": "а", "c": "с", "e": "е", "o": "о", "p": "р", "x": "х", "y": "у", "i": "і", "s": "ѕ"}
+
+
+def disguise(text: str | None, how: str, rng: np.random.Generator) -> str | None:
+    """`text` as an evasion writes it, reading the same to a person: "zero-width" puts a
+    zero-width space in the middle of every word longer than three characters;
+    "lookalike" writes each Latin letter that has a Cyrillic double as that double with
+    probability one half; "styled" writes every ASCII letter in mathematical bold; "none"
+    leaves the text as it is (the last column is then the proxy's rule on the rows alone)."""
+    if not text or how == "none":
+        return text
+    if how == "zero-width":
+        return split_words(text)
+    if how == "lookalike":
+        return "".join(CYRILLIC[ch] if ch in CYRILLIC and rng.random() < 0.5 else ch for ch in text)
+    return "".join(chr(0x1D400 + ord(ch) - 65) if "A" <= ch <= "Z" else
+                   chr(0x1D41A + ord(ch) - 97) if "a" <= ch <= "z" else ch for ch in text)
+
+
+def disguised(rows, how: str, seed: int):
+    """Each row's prompt (prompt-level rows) or response (the others) disguised."""
+    rng = np.random.default_rng(seed)
+    return [replace(r, prompt=disguise(r.prompt, how, rng) if r.response is None else r.prompt,
+                    response=disguise(r.response, how, rng)) for r in rows]
 
 
 def scores(guard: SirenGuard, texts: list[str]) -> np.ndarray:
@@ -99,29 +123,31 @@ def main() -> None:
     ap.add_argument("--data", nargs="+", default=[f"../shared/data/{name}.jsonl" for name in DATA])
     ap.add_argument("--limit", type=int, default=None, help="a seeded sample of N rows a set")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--insert", choices=("emoji", "zero-width"), default="emoji",
-                    help="what is written in: held-out emoji (default), or a zero-width space inside each word")
+    ap.add_argument("--insert", choices=("emoji", "zero-width", "lookalike", "styled", "none"), default="emoji",
+                    help="what is written in: held-out emoji (default), a zero-width space inside each word, "
+                         "Cyrillic lookalike letters, mathematical bold letters, or nothing")
     args = ap.parse_args()
     torch.set_num_threads(2)
     sets = {}
     for path in args.data:
         rows = load_rows(path, limit=args.limit, seed=args.seed)
-        changed = with_heldout_emoji(rows, args.seed) if args.insert == "emoji" else with_zero_width(rows)
+        changed = with_heldout_emoji(rows, args.seed) if args.insert == "emoji" else disguised(rows, args.insert, args.seed)
         sets[path.rsplit("/", 1)[-1].removesuffix(".jsonl")] = (rows, changed)
     for artifact in args.artifact:
         guard = SirenGuard.from_pretrained(artifact, device="cpu", dtype="float32", long_text="truncate")
+        # The proxy's rule (guard.emoji: max): the text as read, and without its emoji.
+        read = SirenGuard.from_pretrained(artifact, device="cpu", dtype="float32", long_text="truncate", emoji="max")
         threshold = guard.default_threshold
         started = time.monotonic()
         print(f"\n{artifact or 'shipped head'} (threshold {threshold})")
-        what = "with emoji" if args.insert == "emoji" else "with zero-width spaces"
-        print(f"| set | n | rate | plain | {what} | mean score shift | {what}, max(as written, emoji removed) |\n"
+        what = {"emoji": "with emoji", "zero-width": "with zero-width spaces", "lookalike": "with lookalike letters",
+                "styled": "in bold letters", "none": "nothing written in"}[args.insert]
+        print(f"| set | n | rate | plain | {what}, as written | mean score shift | {what}, emoji: max |\n"
               "|---|---|---|---|---|---|---|")
         for name, (plain_rows, emoji_rows) in sets.items():
             plain = scores(guard, [r.text for r in plain_rows])
             emoji = scores(guard, [r.text for r in emoji_rows])
-            removed = scores(guard, [model_text(prompt=without_emoji(r.prompt), response=without_emoji(r.response))
-                                     for r in emoji_rows])
-            both = np.maximum(emoji, removed)
+            both = scores(read, [r.text for r in emoji_rows])
             labels = np.array([r.label for r in plain_rows])
             for label, rate in ((0, "FPR"), (1, "recall")):
                 mask = labels == label
@@ -135,6 +161,7 @@ def main() -> None:
             print(f"{result.score:.3f}  (emoji removed {alone.score:.3f})  {text}")
         print(f"({time.monotonic() - started:.0f} s)")
         guard.close()
+        read.close()
 
 
 if __name__ == "__main__":

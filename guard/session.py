@@ -217,8 +217,9 @@ class StreamSession:
     def _readings(self, text: str) -> list[Iterator[tuple[_Window, list[int]]]]:
         """The updates scoring `text`: this session's, and under ``emoji="max"``, once the
         text has held an emoji, its twin's over the text without them
-        (`guard.text.emoji_reading`); under "max" both read it without its invisible
-        characters (`guard.text.visible_reading`). The twin is a session of its own, so
+        (`guard.text.emoji_reading`); under "max" both read it as a person does, without
+        its invisible characters and with lookalike letters folded
+        (`guard.text.visible_reading`). The twin is a session of its own, so
         its reading is as exact and as incremental as this one's; the driver packs both
         in its rounds."""
         if self.guard.emoji != "max":

@@ -169,8 +169,9 @@ class SirenGuard:
         prefix an earlier session ran continue from its state instead of running it
         again (exact); the cache holds at most this many MiB, 0 turns it off.
         `emoji`: "read" (default) scores a text as written, as the reference does; "max"
-        reads it without the invisible characters that join nothing
-        (`guard.text.visible_reading`), and a text with emoji also without them
+        reads it as a person does, without the invisible characters that join nothing
+        and with lookalike letters folded to Latin ones (`guard.text.visible_reading`,
+        `guard.lookalikes`), and a text with emoji also without them
         (`guard.text.emoji_reading`), keeping the higher score, in `score`,
         `score_batch` and streaming sessions alike (README, "Emoji").
         """

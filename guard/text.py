@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import re
 
+from guard.lookalikes import fold_lookalikes
+
 _CHAT_ARTIFACTS = re.compile(
     r"<\|im_start\|>|<\|im_end\|>|<\|im_sep\|>"
     r"|<\|system\|>|<\|user\|>|<\|assistant\|>"
@@ -89,14 +91,20 @@ def without_emoji(text: str | None) -> str | None:
 
 
 def visible_reading(prepared: str) -> str | None:
-    """A prepared text without the invisible characters that join nothing (`_INVISIBLE`),
-    cleaned again; None when it has none. Under ``emoji="max"`` this is the text read:
-    a reader sees no difference, while the head reads them as rare byte pieces (a zero-width
-    space inside each longer word took alpaca_eval's false positives from 0.109 to 0.627
-    and hid a StrongREJECT request at 0.25)."""
-    if not _INVISIBLE.search(prepared):
+    """A prepared text as a person reads it: without the invisible characters that join
+    nothing (`_INVISIBLE`), lookalike and styled letters folded to the Latin ones they
+    are drawn as (`guard.lookalikes`), cleaned again; None when nothing changes. Under
+    ``emoji="max"`` this is the text read: a reader sees no difference, while the head
+    reads them as rare byte pieces (a zero-width space inside each longer word took
+    alpaca_eval's false positives from 0.109 to 0.627 and hid a StrongREJECT request at
+    0.25; Cyrillic letters in place of half the Latin ones that have one hid it at 0.06)."""
+    if prepared.isascii():
         return None
-    return clean_text(_INVISIBLE.sub("", prepared)) or EMPTY_TEXT
+    visible = _INVISIBLE.sub("", prepared)
+    visible = fold_lookalikes(visible) or visible
+    if visible == prepared:
+        return None
+    return clean_text(visible) or EMPTY_TEXT
 
 
 def emoji_reading(prepared: str) -> str | None:

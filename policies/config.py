@@ -142,7 +142,7 @@ class GuardConfig:
     compile_steps: bool = False  # fuse static steps with torch.compile at load (GPU; ~70 s)
     prefix_cache_mb: float = 256.0  # scored prefixes streaming sessions continue from; 0: off
     prefix_cache_scope: str = "key"  # key: entries are not shared across API keys; shared: they are
-    emoji: str = "max"  # max: a text is also scored without its emoji, the higher counts; read: as written
+    emoji: str = "max"  # max: read as a person does, and also without emoji, the higher counts; read: as written
 
 
 @dataclass(frozen=True)

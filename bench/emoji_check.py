@@ -13,10 +13,10 @@ plain -> with emoji, and the mean score shift, and with emoji under the proxy's 
 folded, and again without its emoji, the higher score counting); then the texts of the
 report. `--insert` writes another disguise in instead (in the prompt of prompt-level
 rows, the response of the others): a zero-width space inside each longer word, Cyrillic
-lookalike letters, or mathematical bold letters (`disguise`).
+lookalike letters, leetspeak digits, or mathematical bold letters (`disguise`).
 
     PYTHONPATH=. python bench/emoji_check.py [--artifact DIR ...] [--limit N] [--data FILE ...]
-        [--insert zero-width|lookalike|styled|none]
+        [--insert zero-width|lookalike|leet|styled|none]
 
 Defaults: the shipped head; the development sets below from ../shared/data; every row.
 """
@@ -85,13 +85,15 @@ def split_words(text: str | None) -> str | None:
 
 # Cyrillic letters drawn as these Latin ones (`guard.lookalikes.LOOKALIKES`).
 CYRILLIC = {"a": "а", "c": "с", "e": "е", "o": "о", "p": "р", "x": "х", "y": "у", "i": "і", "s": "ѕ"}
+LEET = {"a": "4", "e": "3", "i": "1", "o": "0", "s": "5", "t": "7"}
 
 
 def disguise(text: str | None, how: str, rng: np.random.Generator) -> str | None:
     """`text` as an evasion writes it, reading the same to a person: "zero-width" puts a
     zero-width space in the middle of every word longer than three characters;
     "lookalike" writes each Latin letter that has a Cyrillic double as that double with
-    probability one half; "styled" writes every ASCII letter in mathematical bold; "none"
+    probability one half; "leet" writes a e i o s t as 4 3 1 0 5 7, each with probability one
+    half; "styled" writes every ASCII letter in mathematical bold; "none"
     leaves the text as it is (the last column is then the proxy's rule on the rows alone)."""
     if not text or how == "none":
         return text
@@ -99,6 +101,8 @@ def disguise(text: str | None, how: str, rng: np.random.Generator) -> str | None
         return split_words(text)
     if how == "lookalike":
         return "".join(CYRILLIC[ch] if ch in CYRILLIC and rng.random() < 0.5 else ch for ch in text)
+    if how == "leet":
+        return "".join(LEET[ch] if ch in LEET and rng.random() < 0.5 else ch for ch in text)
     return "".join(chr(0x1D400 + ord(ch) - 65) if "A" <= ch <= "Z" else
                    chr(0x1D41A + ord(ch) - 97) if "a" <= ch <= "z" else ch for ch in text)
 
@@ -123,9 +127,9 @@ def main() -> None:
     ap.add_argument("--data", nargs="+", default=[f"../shared/data/{name}.jsonl" for name in DATA])
     ap.add_argument("--limit", type=int, default=None, help="a seeded sample of N rows a set")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--insert", choices=("emoji", "zero-width", "lookalike", "styled", "none"), default="emoji",
+    ap.add_argument("--insert", choices=("emoji", "zero-width", "lookalike", "leet", "styled", "none"), default="emoji",
                     help="what is written in: held-out emoji (default), a zero-width space inside each word, "
-                         "Cyrillic lookalike letters, mathematical bold letters, or nothing")
+                         "Cyrillic lookalike letters, leetspeak digits, mathematical bold letters, or nothing")
     args = ap.parse_args()
     torch.set_num_threads(2)
     sets = {}
@@ -141,7 +145,7 @@ def main() -> None:
         started = time.monotonic()
         print(f"\n{artifact or 'shipped head'} (threshold {threshold})")
         what = {"emoji": "with emoji", "zero-width": "with zero-width spaces", "lookalike": "with lookalike letters",
-                "styled": "in bold letters", "none": "nothing written in"}[args.insert]
+                "leet": "in leetspeak", "styled": "in bold letters", "none": "nothing written in"}[args.insert]
         print(f"| set | n | rate | plain | {what}, as written | mean score shift | {what}, emoji: max |\n"
               "|---|---|---|---|---|---|---|")
         for name, (plain_rows, emoji_rows) in sets.items():

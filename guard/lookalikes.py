@@ -165,3 +165,42 @@ def fold_lookalikes(text: str) -> str | None:
     if not chars.isdisjoint(LOOKALIKES):
         folded = _fold_words(folded, has_latin=not LATIN.isdisjoint(folded))
     return None if folded == text else folded
+
+
+# Leetspeak: digits and symbols written for the letters they resemble.
+LEET = {"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s"}
+_LEET_HINT = re.compile(r"[A-Za-z][0-9@$]+[A-Za-z]|[0-9@$][A-Za-z]+[0-9@$]")
+_NOT_LETTERS = "0123456789@$"
+_LEET_WORD = re.compile(r"[A-Za-z0-9@$]+")
+_FROM_LEET = str.maketrans(LEET)
+
+
+_FROM_LEET_UPPER = str.maketrans({k: v.upper() for k, v in LEET.items()})
+
+
+def _unleet(match: re.Match) -> str:
+    word = match.group()
+    digits = [ch for ch in word if ch.isdigit()]
+    if any(ch not in LEET for ch in digits) or sum(ch.isalpha() for ch in word) < 2:
+        return word
+    if not any(ch in LEET for ch in word.lstrip(_NOT_LETTERS)) or not any(ch in LEET for ch in word.rstrip(_NOT_LETTERS)):
+        return word  # digits before the letters or after them only: 4th, 10am, 4chan, mp3, gpt4, win10
+    if "@" in word and match.string.startswith(".", match.end()):
+        return word  # an e-mail address
+    return word.translate(_FROM_LEET_UPPER if word.upper() == word else _FROM_LEET)
+
+
+def fold_leet(text: str) -> str | None:
+    """`text` with leetspeak read as letters (``b0mb``, ``m3th``, ``5t34l``, ``a$$ault``), or
+    None when it has none. A word (ASCII letters, digits, ``@`` and ``$``) is read so when
+    it has two letters or more, all its digits are leet digits (``0 1 3 4 5 7``), and they
+    (or the symbols) stand not only before its letters nor only after them (between two
+    letters, or at both ends: ``3xpr355``); then each is read as its letter (a capital in a word of capitals). Ordinals, units, versions, names and e-mail
+    addresses (``4th``, ``10am``, ``mp3``, ``gpt4``, ``B2B``, ``i18n``, ``x86``) are not. An ambiguous digit takes one letter (``1`` is
+    ``i``, so ``k1ll`` reads ``kill`` and ``a1cohol`` ``aicohol``). Unlike lookalike letters
+    these are read *besides* the text as written (`guard.text.second_reading`): a digit
+    inside a word can mean itself (``W3C``, ``sha1sum``, ``0x7f3a``)."""
+    if not _LEET_HINT.search(text):
+        return None
+    read = _LEET_WORD.sub(_unleet, text)
+    return None if read == text else read

@@ -38,7 +38,7 @@ import torch
 from transformers import DynamicCache
 
 from guard.result import ScoreResult
-from guard.text import emoji_reading, model_text, visible_reading
+from guard.text import model_text, second_reading, visible_reading
 from guard.tokens import TextTokens
 from guard.windows import text_score
 
@@ -216,8 +216,9 @@ class StreamSession:
 
     def _readings(self, text: str) -> list[Iterator[tuple[_Window, list[int]]]]:
         """The updates scoring `text`: this session's, and under ``emoji="max"``, once the
-        text has held an emoji, its twin's over the text without them
-        (`guard.text.emoji_reading`); under "max" both read it as a person does, without
+        text has held an emoji or leetspeak, its twin's over the text without its emoji and
+        with leetspeak read as letters (`guard.text.second_reading`); under "max" both read
+        it as a person does, without
         its invisible characters and with lookalike letters folded
         (`guard.text.visible_reading`). The twin is a session of its own, so
         its reading is as exact and as incremental as this one's; the driver packs both
@@ -225,7 +226,7 @@ class StreamSession:
         if self.guard.emoji != "max":
             return [self._updates(text)]
         text = visible_reading(text) or text
-        second = emoji_reading(text)
+        second = second_reading(text)
         if second is not None and self._twin is None:
             self._twin = StreamSession(self.guard, threshold=self.threshold, prefill=False,
                                        cache_salt=self.cache_salt)

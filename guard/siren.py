@@ -34,7 +34,7 @@ from guard.head import SirenHead
 from guard.prefixes import PrefixCache
 from guard.readout import Readout
 from guard.result import ScoreResult
-from guard.text import emoji_reading, model_text, visible_reading
+from guard.text import model_text, second_reading, visible_reading
 from guard.windows import TokenPlan, text_score
 
 logger = logging.getLogger(__name__)
@@ -171,8 +171,9 @@ class SirenGuard:
         `emoji`: "read" (default) scores a text as written, as the reference does; "max"
         reads it as a person does, without the invisible characters that join nothing
         and with lookalike letters folded to Latin ones (`guard.text.visible_reading`,
-        `guard.lookalikes`), and a text with emoji also without them
-        (`guard.text.emoji_reading`), keeping the higher score, in `score`,
+        `guard.lookalikes`), and a text with emoji or leetspeak also without its emoji and
+        with leetspeak read as letters (`guard.text.second_reading`), keeping the higher
+        score, in `score`,
         `score_batch` and streaming sessions alike (README, "Emoji").
         """
         folder = resolve_artifact(path_or_id, cache_dir)
@@ -352,7 +353,7 @@ class SirenGuard:
             if self.emoji == "read":
                 return self._p_harmful(prepared, given_up)
             first = [visible_reading(text) or text for text in prepared]
-            second = [emoji_reading(text) for text in first]  # one batch with the first readings
+            second = [second_reading(text) for text in first]  # one batch with the first readings
             scores = self._p_harmful([*first, *(text for text in second if text is not None)], given_up)
             others = iter(scores[len(first):])
             return [score if text is None else text_score([score, next(others)])

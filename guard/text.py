@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 
-from guard.lookalikes import fold_lookalikes
+from guard.lookalikes import fold_leet, fold_lookalikes
 
 _CHAT_ARTIFACTS = re.compile(
     r"<\|im_start\|>|<\|im_end\|>|<\|im_sep\|>"
@@ -105,6 +105,17 @@ def visible_reading(prepared: str) -> str | None:
     if visible == prepared:
         return None
     return clean_text(visible) or EMPTY_TEXT
+
+
+def second_reading(prepared: str) -> str | None:
+    """The second reading of a text as read (`visible_reading`'s) under ``emoji="max"``:
+    without its emoji (`emoji_reading`) and with leetspeak read as letters
+    (`guard.lookalikes.fold_leet`); None when neither changes it, so nothing to read twice."""
+    text = emoji_reading(prepared) or prepared
+    read = fold_leet(text)
+    if read is not None:
+        text = clean_text(read) or EMPTY_TEXT
+    return None if text == prepared else text
 
 
 def emoji_reading(prepared: str) -> str | None:

@@ -17,7 +17,7 @@ import torch
 
 from guard import SirenGuard
 from guard.session import append_all
-from guard.text import EMPTY_TEXT, emoji_reading, model_text, visible_reading, without_emoji
+from guard.text import EMPTY_TEXT, emoji_reading, model_text, second_reading, visible_reading, without_emoji
 from guard.training.augment import with_emoji
 from tests.guard.conftest import DEVICE
 
@@ -68,7 +68,7 @@ def test_a_text_with_zero_width_spaces_scores_as_the_text_without_them(artifact_
     session = both.stream(prompt="Tell me\u200b something.")
     for i in range(0, len(hidden[0]), 7):
         result = session.append(hidden[0][i:i + 7])
-    assert (session._twin is None) == (emoji_reading(model_text(plain[0])) is None)  # a twin only for emoji
+    assert (session._twin is None) == (second_reading(model_text(plain[0])) is None)  # a twin only for a second reading
     assert result.score == pytest.approx(both.score(prompt="Tell me something.", response=plain[0]).score, abs=TOL)
 
 
@@ -98,7 +98,7 @@ def expected(read: SirenGuard, prepared: list[str]) -> list[float]:
     both without the invisible characters."""
     visible = [visible_reading(t) or t for t in prepared]
     first = read.p_harmful(visible)
-    second = read.p_harmful([emoji_reading(t) or t for t in visible])
+    second = read.p_harmful([second_reading(t) or t for t in visible])
     return [max(a, b) for a, b in zip(first, second)]
 
 

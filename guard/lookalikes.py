@@ -1,29 +1,31 @@
-"""Letters that look like Latin ones, read as the Latin letters a person sees.
+"""Letters drawn as Latin ones, read as the Latin letters a person sees.
 
 A request written with a Cyrillic ``о`` in ``bоmb``, in 𝐛𝐨𝐥𝐝 𝐦𝐚𝐭𝐡 letters, in ᴄᴀᴘs or with a
 stroke through each letter reads the same to a person, while the byte-level tokenizer
 cuts every such word into rare byte pieces the head never learned. `fold_lookalikes`
 gives the text as read, which is what ``emoji="max"`` scores (`guard.text.visible_reading`):
 
-- Styled letters: letters, digits and circled letters whose compatibility form (NFKC) is
-  one to three ASCII letters or digits (fullwidth ``Ｂ``, mathematical ``𝐁 𝔅 𝕭``, circled ``ⓑ``, superscripts
-  ``ᵇ`` but not digits: ``343⁷`` is no ``3437``, ligatures ``ﬁ``), squared and negative-circled capitals (``🅱``, which have none),
-  and Latin small capitals (``ʙ``). Latin-1 is left as it is (``ª º ¹``), so is every
-  letter whose compatibility form is not ASCII (``é`` stays ``é``).
+- Styled letters: letters, digits and circled letters whose compatibility form (NFKC)
+  is one to three ASCII letters or digits (fullwidth ``Ｂ``, mathematical ``𝐁 𝔅 𝕭``,
+  circled ``ⓑ``, superscript letters ``ᵇ``, ligatures ``ﬁ``), squared and negative
+  squared capitals (``🅱``, which have none), and Latin small capitals (``ʙ``). Left as
+  they are: Latin-1 (``ª º ¹``), superscript and subscript digits (``343⁷`` is not
+  ``3437``), and every letter whose compatibility form is not ASCII (``é``).
 - Marks drawn over letters as decoration: strokes, slashes, under- and overlines,
   enclosing circles (``b̶o̶m̶b̶``), and any run of three or more combining marks
   ("Zalgo" text). One or two marks (an accent written decomposed, Vietnamese) stay.
-- Letters of other scripts that look like Latin ones (Cyrillic ``а с е о р х у і ј ѕ``,
+- Letters of other scripts drawn as Latin ones (Cyrillic ``а с е о р х у і ј ѕ``,
   Greek capitals, Armenian ``օ ս հ ո``, Cherokee capitals, dotless ``ı``: `LOOKALIKES`,
   a subset of Unicode's confusables (UTS #39) chosen so that each is drawn the same as
   its Latin letter in common fonts) are folded in a word that mixes them with Latin
-  letters, and in a word made of nothing else when the word before it is Latin (or it
-  opens the text). A Russian or Greek text keeps its words: their neighbours are not
-  Latin. The rule looks only backwards, so a growing text can refold only the word
-  being written, and streaming stays incremental.
+  letters, and in a word made of nothing else when the nearest letter before it is
+  Latin (or it opens the text). A Russian or Greek text keeps its words: their
+  neighbours are not Latin. The rule looks only backwards, so a growing text can refold
+  only the word being written, and streaming stays incremental.
 
 A text with none of these comes back unchanged (None), so it scores exactly as the
-reference scores it.
+reference scores it. Leetspeak (`fold_leet`) is read differently: besides the text as
+written, since a digit in a word can mean itself.
 """
 
 from __future__ import annotations

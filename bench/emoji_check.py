@@ -101,6 +101,8 @@ def disguise(text: str | None, how: str, rng: np.random.Generator) -> str | None
         return split_words(text)
     if how == "lookalike":
         return "".join(CYRILLIC[ch] if ch in CYRILLIC and rng.random() < 0.5 else ch for ch in text)
+    if how == "spaced":
+        return " ".join(" ".join(w) if len(w) > 3 and w.isalpha() and rng.random() < 0.5 else w for w in text.split(" "))
     if how == "leet":
         return "".join(LEET[ch] if ch in LEET and rng.random() < 0.5 else ch for ch in text)
     return "".join(chr(0x1D400 + ord(ch) - 65) if "A" <= ch <= "Z" else
@@ -127,7 +129,7 @@ def main() -> None:
     ap.add_argument("--data", nargs="+", default=[f"../shared/data/{name}.jsonl" for name in DATA])
     ap.add_argument("--limit", type=int, default=None, help="a seeded sample of N rows a set")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--insert", choices=("emoji", "zero-width", "lookalike", "leet", "styled", "none"), default="emoji",
+    ap.add_argument("--insert", choices=("emoji", "zero-width", "lookalike", "leet", "spaced", "styled", "none"), default="emoji",
                     help="what is written in: held-out emoji (default), a zero-width space inside each word, "
                          "Cyrillic lookalike letters, leetspeak digits, mathematical bold letters, or nothing")
     args = ap.parse_args()
@@ -145,7 +147,7 @@ def main() -> None:
         started = time.monotonic()
         print(f"\n{artifact or 'shipped head'} (threshold {threshold})")
         what = {"emoji": "with emoji", "zero-width": "with zero-width spaces", "lookalike": "with lookalike letters",
-                "leet": "in leetspeak", "styled": "in bold letters", "none": "nothing written in"}[args.insert]
+                "leet": "in leetspeak", "spaced": "spaced out", "styled": "in bold letters", "none": "nothing written in"}[args.insert]
         print(f"| set | n | rate | plain | {what}, as written | mean score shift | {what}, emoji: max |\n"
               "|---|---|---|---|---|---|---|")
         for name, (plain_rows, emoji_rows) in sets.items():

@@ -206,3 +206,21 @@ def fold_leet(text: str) -> str | None:
         return None
     read = _LEET_WORD.sub(_unleet, text)
     return None if read == text else read
+
+
+# Spaced-out letters: three letters or more, one by one, with the same separator between.
+_SPACED = re.compile(r"(?<![^\W\d_])[^\W\d_]([ .\-_*])[^\W\d_](?:\1[^\W\d_])+(?![^\W\d_])")
+
+
+def join_spaced(text: str) -> str | None:
+    """`text` with letters written one by one read as a word (``b o m b``, ``b.o.m.b``,
+    ``b-o-m-b``: three letters or more, the same separator between, a space, dot, hyphen,
+    underscore or asterisk), or None when it has none. A one-letter word before a spaced
+    word joins it (``a b o m b`` reads ``abomb``: "a" may as well begin the word, as in
+    ``a c c u s e``). Read besides the text as written,
+    like leetspeak: a list ``A B C`` or initials ``U.S.A.`` join too. A text spaced out
+    whole loses its word breaks (the guard reads a text with its runs of spaces folded),
+    so it reads as one long word, which the tokenizer still cuts into the right pieces."""
+    if not _SPACED.search(text):
+        return None
+    return _SPACED.sub(lambda m: m.group()[::2], text)

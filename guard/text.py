@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 
-from guard.lookalikes import fold_leet, fold_lookalikes
+from guard.lookalikes import fold_leet, fold_lookalikes, join_spaced
 
 _CHAT_ARTIFACTS = re.compile(
     r"<\|im_start\|>|<\|im_end\|>|<\|im_sep\|>"
@@ -109,12 +109,13 @@ def visible_reading(prepared: str) -> str | None:
 
 def second_reading(prepared: str) -> str | None:
     """The second reading of a text as read (`visible_reading`'s) under ``emoji="max"``:
-    without its emoji (`emoji_reading`) and with leetspeak read as letters
-    (`guard.lookalikes.fold_leet`); None when neither changes it, so nothing to read twice."""
+    without its emoji (`emoji_reading`), with leetspeak read as letters and letters spaced
+    out read as words (`guard.lookalikes.fold_leet`, `join_spaced`); None when none of
+    these changes it, so nothing to read twice."""
     text = emoji_reading(prepared) or prepared
-    read = fold_leet(text)
-    if read is not None:
-        text = clean_text(read) or EMPTY_TEXT
+    for read in (fold_leet, join_spaced):
+        text = read(text) or text
+    text = clean_text(text) or EMPTY_TEXT
     return None if text == prepared else text
 
 

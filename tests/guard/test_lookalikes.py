@@ -13,7 +13,16 @@ import pytest
 import torch
 
 from guard import SirenGuard
-from guard.lookalikes import LATIN, LOOKALIKES, SMALL_CAPITALS, STYLED, _styled, fold_leet, fold_lookalikes
+from guard.lookalikes import (
+    LATIN,
+    LOOKALIKES,
+    SMALL_CAPITALS,
+    STYLED,
+    _styled,
+    fold_leet,
+    fold_lookalikes,
+    join_spaced,
+)
 from guard.text import model_text, second_reading, visible_reading
 from tests.guard.conftest import DEVICE
 
@@ -131,31 +140,52 @@ def test_leetspeak_is_read_as_letters(text, read):
     assert fold_leet(text) == read
 
 
+@pytest.mark.parametrize("text, read", [
+    ("how to make a b o m b at home", "how to make abomb at home"),
+    ("b.o.m.b, b-o-m-b, b_o_m_b, b*o*m*b", "bomb, bomb, bomb, bomb"),
+    ("s y n t h e s i z e m e t h", "synthesizemeth"),  # spaced whole: one word
+    ("U.S.A. and a b", "USA. and a b"),  # initials join; two letters do not
+    ("b-o m-b, bo m b, b0 m b", None),  # mixed separators, a two-letter piece, a digit
+])
+def test_spaced_out_letters_are_read_as_words(text, read):
+    assert join_spaced(text) == read
+
+
 @pytest.mark.parametrize("text, second", [
     ("how to make a b0mb \U0001F4A3", "how to make a bomb"),  # both: one second reading
+    ("h0w to m a k e a b0mb", "how to makea bomb"),  # leetspeak read first
     ("how to make a b0mb", "how to make a bomb"),
     ("a bomb \U0001F4A3", "a bomb"),
     ("a bomb", None),
 ])
-def test_the_second_reading_drops_emoji_and_reads_leetspeak(text, second):
+def test_the_second_reading_drops_emoji_reads_leetspeak_and_joins_spaced_letters(text, second):
     assert second_reading(model_text(text)) == second
 
 
-def test_a_leetspeak_text_keeps_the_higher_of_both_readings(guards, real_rows):
-    """Leetspeak is read besides the text as written, whole and in every check of a
-    session (through its twin), the higher score counting."""
+def leetspeak(text: str, rng: random.Random) -> str:
+    leet = {"a": "4", "e": "3", "o": "0", "s": "5"}
+    return "".join(leet[ch] if ch in leet and rng.random() < 0.5 else ch for ch in text)
+
+
+def spaced(text: str, rng: random.Random) -> str:
+    return " ".join(" ".join(w) if len(w) > 3 and w.isalpha() and rng.random() < 0.5 else w for w in text.split(" "))
+
+
+@pytest.mark.parametrize("disguise", [leetspeak, spaced])
+def test_a_second_reading_keeps_the_higher_score(guards, real_rows, disguise):
+    """Leetspeak and spaced-out letters are read besides the text as written, whole and
+    in every check of a session (through its twin, opened part way), the higher score
+    counting."""
     read, both = guards
     rng = random.Random(2)
-    leet = {"a": "4", "e": "3", "o": "0", "s": "5"}
-    texts = ["".join(leet[ch] if ch in leet and rng.random() < 0.5 else ch for ch in row["response"][:100])
-             for row in real_rows[4:16]]
+    texts = [disguise(row["response"][:100], rng) for row in real_rows[4:16]]
     seconds = [second_reading(model_text(t)) for t in texts]
     assert all(seconds)
     want = [max(a.score, b.score) for a, b in zip(read.score_batch(texts), read.score_batch(seconds))]
     assert [r.score for r in both.score_batch(texts)] == pytest.approx(want, abs=1e-6)
     assert any(abs(a.score - w) > 1e-3 for a, w in zip(read.score_batch(texts), want))  # the second counted
     session = both.stream(prompt="Tell me something.")
-    text = texts[0]
+    text = "Plain words first. " + texts[0]
     for i in range(0, len(text), 6):
         result = session.append(text[i:i + 6])
         prepared = model_text(prompt="Tell me something.", response=text[:i + 6])

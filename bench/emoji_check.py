@@ -13,10 +13,11 @@ plain -> with emoji, and the mean score shift, and with emoji under the proxy's 
 folded, and again without its emoji, the higher score counting); then the texts of the
 report. `--insert` writes another disguise in instead (in the prompt of prompt-level
 rows, the response of the others): a zero-width space inside each longer word, Cyrillic
-lookalike letters, leetspeak digits, or mathematical bold letters (`disguise`).
+lookalike letters, leetspeak digits, spaced-out letters, or mathematical bold letters
+(`disguise`).
 
     PYTHONPATH=. python bench/emoji_check.py [--artifact DIR ...] [--limit N] [--data FILE ...]
-        [--insert zero-width|lookalike|leet|styled|none]
+        [--insert zero-width|lookalike|leet|spaced|styled|none]
 
 Defaults: the shipped head; the development sets below from ../shared/data; every row.
 """
@@ -93,6 +94,7 @@ def disguise(text: str | None, how: str, rng: np.random.Generator) -> str | None
     zero-width space in the middle of every word longer than three characters;
     "lookalike" writes each Latin letter that has a Cyrillic double as that double with
     probability one half; "leet" writes a e i o s t as 4 3 1 0 5 7, each with probability one
+    half; "spaced" spaces out each word of four letters or more, with probability one
     half; "styled" writes every ASCII letter in mathematical bold; "none"
     leaves the text as it is (the last column is then the proxy's rule on the rows alone)."""
     if not text or how == "none":
@@ -131,7 +133,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--insert", choices=("emoji", "zero-width", "lookalike", "leet", "spaced", "styled", "none"), default="emoji",
                     help="what is written in: held-out emoji (default), a zero-width space inside each word, "
-                         "Cyrillic lookalike letters, leetspeak digits, mathematical bold letters, or nothing")
+                         "Cyrillic lookalike letters, leetspeak digits, spaced-out letters, bold letters, or nothing")
     args = ap.parse_args()
     torch.set_num_threads(2)
     sets = {}

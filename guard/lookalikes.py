@@ -171,6 +171,7 @@ def fold_lookalikes(text: str) -> str | None:
 
 # Leetspeak: digits and symbols written for the letters they resemble.
 LEET = {"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s"}
+_LEET_CHAR = re.compile(r"[0-9@$]")  # searched first: a cheap scan rules most texts out
 _LEET_HINT = re.compile(r"[A-Za-z][0-9@$]+[A-Za-z]|[0-9@$][A-Za-z]+[0-9@$]")
 _NOT_LETTERS = "0123456789@$"
 _LEET_WORD = re.compile(r"[A-Za-z0-9@$]+")
@@ -202,7 +203,7 @@ def fold_leet(text: str) -> str | None:
     ``i``, so ``k1ll`` reads ``kill`` and ``a1cohol`` ``aicohol``). Unlike lookalike letters
     these are read *besides* the text as written (`guard.text.second_reading`): a digit
     inside a word can mean itself (``W3C``, ``sha1sum``, ``0x7f3a``)."""
-    if not _LEET_HINT.search(text):
+    if not _LEET_CHAR.search(text) or not _LEET_HINT.search(text):
         return None
     read = _LEET_WORD.sub(_unleet, text)
     return None if read == text else read
@@ -210,6 +211,9 @@ def fold_leet(text: str) -> str | None:
 
 # Spaced-out letters: three letters or more, one by one, with the same separator between.
 _SPACED = re.compile(r"(?<![^\W\d_])[^\W\d_]([ .\-_*])[^\W\d_](?:\1[^\W\d_])+(?![^\W\d_])")
+# What every such run holds (a separator, a letter, a separator, a single letter), and
+# which a scan finds 3-4x faster than the run itself: searched first.
+_SPACED_HINT = re.compile(r"[ .\-_*][^\W\d_][ .\-_*][^\W\d_](?![^\W\d_])")
 
 
 def join_spaced(text: str) -> str | None:
@@ -221,6 +225,7 @@ def join_spaced(text: str) -> str | None:
     like leetspeak: a list ``A B C`` or initials ``U.S.A.`` join too. A text spaced out
     whole loses its word breaks (the guard reads a text with its runs of spaces folded),
     so it reads as one long word, which the tokenizer still cuts into the right pieces."""
-    if not _SPACED.search(text):
+    if not _SPACED_HINT.search(text):
         return None
-    return _SPACED.sub(lambda m: m.group()[::2], text)
+    read = _SPACED.sub(lambda m: m.group()[::2], text)
+    return None if read == text else read

@@ -180,7 +180,7 @@ class StreamSession:
         self._spares: dict[int, _Window] = {}  # start -> a cached window to continue (`guard.prefixes`)
         self._previous: _Window | None = None  # the window the last update completed last
         self._score = 0.0  # this reading's
-        self._twin: StreamSession | None = None  # the text without its emoji (guard.emoji "max")
+        self._twin: StreamSession | None = None  # the text's second reading (guard.emoji "max")
         self._both = 0.0  # the session's score: the higher of the two readings
         self.tokens_fed = 0  # backbone tokens run, all windows together (for benchmarks)
         self.rolled_back = 0  # scored tokens that a later tokenisation changed
@@ -216,13 +216,11 @@ class StreamSession:
 
     def _readings(self, text: str) -> list[Iterator[tuple[_Window, list[int]]]]:
         """The updates scoring `text`: this session's, and under ``emoji="max"``, once the
-        text has held an emoji or leetspeak, its twin's over the text without its emoji and
-        with leetspeak read as letters (`guard.text.second_reading`); under "max" both read
-        it as a person does, without
-        its invisible characters and with lookalike letters folded
-        (`guard.text.visible_reading`). The twin is a session of its own, so
-        its reading is as exact and as incremental as this one's; the driver packs both
-        in its rounds."""
+        text has had a second reading (emoji, leetspeak, spaced-out letters:
+        `guard.text.second_reading`), its twin's over that reading. Under "max" both start
+        from the text as a person reads it (`guard.text.visible_reading`). The twin is a
+        session of its own, so its reading is as exact and as incremental as this one's;
+        the driver packs both in its rounds."""
         if self.guard.emoji != "max":
             return [self._updates(text)]
         text = visible_reading(text) or text

@@ -50,7 +50,7 @@ MAX_BATCH_TOKENS = 8192  # tokens per forward (padded ones included), to bound m
 # goes into as few forwards as MAX_BATCH_TOKENS allows.
 MAX_PAD_SHARE = 0.15
 DEFAULT_PREFIX_CACHE_MB = 256.0  # `guard.prefixes`: about 32 full windows of SmolLM2-135M in float32
-EMOJI_RULES = ("read", "max")  # `SirenGuard(emoji=)`: a text as written, or also without its emoji
+EMOJI_RULES = ("read", "max")  # `SirenGuard(emoji=)`: a text as written, or as read and read again
 
 
 def max_pad_share(device: torch.device) -> float:

@@ -109,14 +109,13 @@ def visible_reading(prepared: str) -> str | None:
 
 def second_reading(prepared: str) -> str | None:
     """The second reading of a text as read (`visible_reading`'s) under ``emoji="max"``:
-    without its emoji (`emoji_reading`), with leetspeak read as letters and letters spaced
+    without its emoji (as `emoji_reading`), with leetspeak read as letters and letters spaced
     out read as words (`guard.lookalikes.fold_leet`, `join_spaced`); None when none of
     these changes it, so nothing to read twice."""
-    text = emoji_reading(prepared) or prepared
+    text = _EMOJI.sub("", prepared) if _EMOJI.search(prepared) else prepared
     for read in (fold_leet, join_spaced):
         text = read(text) or text
-    text = clean_text(text) or EMPTY_TEXT
-    return None if text == prepared else text
+    return None if text == prepared else clean_text(text) or EMPTY_TEXT
 
 
 def emoji_reading(prepared: str) -> str | None:

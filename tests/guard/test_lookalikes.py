@@ -30,6 +30,9 @@ TOL = 1e-4
 CYRILLIC = {"a": "а", "c": "с", "e": "е", "o": "о", "p": "р", "x": "х", "y": "у", "i": "і", "s": "ѕ"}
 
 
+SMALL_CAPITALS_OF = {latin: small for small, latin in SMALL_CAPITALS.items()}
+
+
 def bold(text: str) -> str:
     return "".join(chr(0x1D400 + ord(ch) - 65) if "A" <= ch <= "Z" else
                    chr(0x1D41A + ord(ch) - 97) if "a" <= ch <= "z" else ch for ch in text)
@@ -123,8 +126,6 @@ def test_a_disguised_text_scores_as_the_plain_text_whole_and_streamed(guards, re
         assert result.score == pytest.approx(recomputed, abs=TOL)
     assert result.score == pytest.approx(both.score(prompt="Tell me something.", response=plain[0]).score, abs=TOL)
 
-
-SMALL_CAPITALS_OF = {latin: small for small, latin in SMALL_CAPITALS.items()}
 
 
 @pytest.mark.parametrize("text, read", [

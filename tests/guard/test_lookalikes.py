@@ -146,6 +146,7 @@ def test_leetspeak_is_read_as_letters(text, read):
     ("b.o.m.b, b-o-m-b, b_o_m_b, b*o*m*b", "bomb, bomb, bomb, bomb"),
     ("s y n t h e s i z e m e t h", "synthesizemeth"),  # spaced whole: one word
     ("U.S.A. and a b", "USA. and a b"),  # initials join; two letters do not
+    ("b o b", "bob"),  # three letters, the whole text
     ("b-o m-b, bo m b, b0 m b", None),  # mixed separators, a two-letter piece, a digit
 ])
 def test_spaced_out_letters_are_read_as_words(text, read):

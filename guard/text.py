@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 
+from guard.encodings import decode_blobs, read_ciphers
 from guard.lookalikes import fold_leet, fold_lookalikes, join_spaced
 
 _CHAT_ARTIFACTS = re.compile(
@@ -92,16 +93,18 @@ def without_emoji(text: str | None) -> str | None:
 
 def visible_reading(prepared: str) -> str | None:
     """A prepared text as a person reads it: without the invisible characters that join
-    nothing (`_INVISIBLE`), lookalike and styled letters folded to the Latin ones they
-    are drawn as (`guard.lookalikes`), cleaned again; None when nothing changes. Under
+    nothing (`_INVISIBLE`), its base64 and hex runs that encode text decoded
+    (`guard.encodings.decode_blobs`), lookalike and styled letters folded to the Latin ones
+    they are drawn as (`guard.lookalikes`), cleaned again; None when nothing changes. Under
     ``emoji="max"`` this is the text read: a reader sees no difference, while the head
     reads them as rare byte pieces (a zero-width space inside each longer word took
     alpaca_eval's false positives from 0.109 to 0.627 and hid a StrongREJECT request at
-    0.25; Cyrillic letters in place of half the Latin ones that have one hid it at 0.06)."""
-    if prepared.isascii():
-        return None
-    visible = _INVISIBLE.sub("", prepared)
-    visible = fold_lookalikes(visible) or visible
+    0.25; Cyrillic letters in place of half the Latin ones that have one hid it at 0.06;
+    in hex no StrongREJECT request was flagged)."""
+    visible = prepared if prepared.isascii() else _INVISIBLE.sub("", prepared)
+    visible = decode_blobs(visible) or visible
+    if not visible.isascii():
+        visible = fold_lookalikes(visible) or visible
     if visible == prepared:
         return None
     return clean_text(visible) or EMPTY_TEXT
@@ -109,11 +112,12 @@ def visible_reading(prepared: str) -> str | None:
 
 def second_reading(prepared: str) -> str | None:
     """The second reading of a text as read (`visible_reading`'s) under ``emoji="max"``:
-    without its emoji (as `emoji_reading`), with leetspeak read as letters and letters spaced
-    out read as words (`guard.lookalikes.fold_leet`, `join_spaced`); None when none of
-    these changes it, so nothing to read twice."""
+    without its emoji (as `emoji_reading`), with leetspeak read as letters, letters spaced
+    out read as words (`guard.lookalikes.fold_leet`, `join_spaced`) and sentences in a
+    letter code read decoded (`guard.encodings.read_ciphers`); None when none of these
+    changes it, so nothing to read twice."""
     text = _EMOJI.sub("", prepared) if _EMOJI.search(prepared) else prepared
-    for read in (fold_leet, join_spaced):
+    for read in (read_ciphers, fold_leet, join_spaced):
         text = read(text) or text
     return None if text == prepared else clean_text(text) or EMPTY_TEXT
 

@@ -42,7 +42,8 @@ _HEX_LETTER = re.compile(r"[A-Fa-f]")
 # What the runs hold, which scans find faster than the runs themselves: searched first.
 _RUN_HINT = re.compile(r"[A-Za-z0-9+/_-]{16}")
 _HEX_PAIRS_HINT = re.compile(r" [0-9A-Fa-f]{2} [0-9A-Fa-f]{2} ")
-_PRINTABLE_SPACE = "\n\t\r"
+_LINE_SPACE = str.maketrans("\n\t\r", "   ")  # printable in a text, though str.isprintable says not
+_NEITHER = re.compile(r"[^\w\s]|[\d_]")  # neither a letter nor a space
 
 
 def _as_text(data: bytes) -> str | None:
@@ -54,9 +55,9 @@ def _as_text(data: bytes) -> str | None:
         if e.reason != "unexpected end of data":
             return None
         text = data[:e.start].decode("utf-8", "strict")
-    if len(text) < 6 or not all(ch.isprintable() or ch in _PRINTABLE_SPACE for ch in text):
+    if len(text) < 6 or not text.translate(_LINE_SPACE).isprintable():
         return None
-    if sum(ch.isalpha() or ch.isspace() for ch in text) < 0.6 * len(text):
+    if len(_NEITHER.findall(text)) > 0.4 * len(text):
         return None
     return text
 

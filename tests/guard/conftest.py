@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
+from guard import SirenGuard
 from guard.artifact import write_artifact
 from guard.backbone import converted_gguf_dir, find_package_gguf
 from guard.head import SirenHead
@@ -20,6 +22,37 @@ HIDDEN = 576
 # The oracle, session, long-text and worker tests run on this device: "cpu" here and in CI;
 # SIREN_TEST_DEVICE=cuda runs them on a GPU (README, "On a GPU").
 DEVICE = os.environ.get("SIREN_TEST_DEVICE", "cpu")
+
+
+def read_and_max(folder: Path, **options) -> Iterator[tuple[SirenGuard, SirenGuard]]:
+    """Two guards over one artifact, in float32 on `DEVICE`: one reading each text as
+    written, one under ``emoji="max"``; closed when the fixture that yields from it ends."""
+    options = {"device": DEVICE, "dtype": torch.float32, **options}
+    read = SirenGuard.from_pretrained(folder, **options)
+    both = SirenGuard.from_pretrained(folder, emoji="max", **options)
+    try:
+        yield read, both
+    finally:
+        read.close()
+        both.close()
+
+
+def assert_read_as(read: SirenGuard, both: SirenGuard, disguised: list[str], plain: list[str]) -> None:
+    """Under ``emoji="max"`` (`both`) the disguised texts score as the plain ones in
+    `score_batch`; as written (`read`) one at least does not."""
+    want = [r.score for r in both.score_batch(plain)]
+    assert [r.score for r in both.score_batch(disguised)] == pytest.approx(want, abs=1e-6)
+    assert any(abs(a.score - b) > 1e-3 for a, b in zip(read.score_batch(disguised), want))
+
+
+def assert_streams_as_recomputed(guard: SirenGuard, prompt: str, text: str, step: int) -> float:
+    """`text` fed to a session after `prompt`, `step` characters at a time: every check
+    equals the score of the text so far recomputed whole (1e-4). The last score."""
+    session = guard.stream(prompt=prompt)
+    for i in range(0, len(text), step):
+        result = session.append(text[i:i + step])
+        assert result.score == pytest.approx(guard.score(prompt=prompt, response=text[:i + step]).score, abs=1e-4)
+    return result.score
 
 
 @pytest.fixture(scope="session")

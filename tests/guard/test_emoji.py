@@ -19,7 +19,7 @@ from guard import SirenGuard
 from guard.session import append_all
 from guard.text import EMPTY_TEXT, emoji_reading, model_text, second_reading, visible_reading, without_emoji
 from guard.training.augment import with_emoji
-from tests.guard.conftest import DEVICE
+from tests.guard.conftest import DEVICE, read_and_max
 
 TOL = 1e-4
 
@@ -85,12 +85,7 @@ def guards(request, artifact_factory):
     folder = artifact_factory("emoji-" + request.param, pooling="residual_mean", layers=[0, 1],
                               max_length=max_length, scale=3.0, seed=2)
     static = True if request.param.startswith("static-") else None
-    options = dict(device=DEVICE, dtype=torch.float32, static_steps=static)
-    read = SirenGuard.from_pretrained(folder, **options)
-    both = SirenGuard.from_pretrained(folder, emoji="max", **options)
-    yield read, both
-    read.close()
-    both.close()
+    yield from read_and_max(folder, static_steps=static)
 
 
 def expected(read: SirenGuard, prepared: list[str]) -> list[float]:

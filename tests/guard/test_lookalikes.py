@@ -10,9 +10,7 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
-from guard import SirenGuard
 from guard.lookalikes import (
     LATIN,
     LOOKALIKES,
@@ -24,7 +22,7 @@ from guard.lookalikes import (
     join_spaced,
 )
 from guard.text import model_text, second_reading, visible_reading
-from tests.guard.conftest import DEVICE
+from tests.guard.conftest import assert_read_as, assert_streams_as_recomputed, read_and_max
 
 TOL = 1e-4
 CYRILLIC = {"a": "а", "c": "с", "e": "е", "o": "о", "p": "р", "x": "х", "y": "у", "i": "і", "s": "ѕ"}
@@ -99,11 +97,7 @@ def test_the_visible_reading_drops_invisible_characters_then_folds():
 def guards(artifact_factory):
     folder = artifact_factory("lookalikes", pooling="residual_mean", layers=[0, 1], scale=3.0, seed=4,
                               max_length=24)
-    read = SirenGuard.from_pretrained(folder, device=DEVICE, dtype=torch.float32)
-    both = SirenGuard.from_pretrained(folder, device=DEVICE, dtype=torch.float32, emoji="max")
-    yield read, both
-    read.close()
-    both.close()
+    yield from read_and_max(folder)
 
 
 def test_a_disguised_text_scores_as_the_plain_text_whole_and_streamed(guards, real_rows):
@@ -115,17 +109,9 @@ def test_a_disguised_text_scores_as_the_plain_text_whole_and_streamed(guards, re
     plain = [row["response"][:100] for row in real_rows[:4]]
     disguised = [cyrillic(plain[0], rng), bold(plain[1]), "".join(ch + "\u0336" for ch in plain[2]),
                  "".join(SMALL_CAPITALS_OF.get(ch, ch) for ch in plain[3].lower())]
-    want = [r.score for r in both.score_batch([p.lower() if i == 3 else p for i, p in enumerate(plain)])]
-    assert [r.score for r in both.score_batch(disguised)] == pytest.approx(want, abs=1e-6)
-    assert any(abs(a.score - b) > 1e-3 for a, b in zip(read.score_batch(disguised), want))
-    session = both.stream(prompt="Tell me something.")
-    text = disguised[0]
-    for i in range(0, len(text), 5):
-        result = session.append(text[i:i + 5])
-        recomputed = both.score(prompt="Tell me something.", response=text[:i + 5]).score
-        assert result.score == pytest.approx(recomputed, abs=TOL)
-    assert result.score == pytest.approx(both.score(prompt="Tell me something.", response=plain[0]).score, abs=TOL)
-
+    assert_read_as(read, both, disguised, [p.lower() if i == 3 else p for i, p in enumerate(plain)])
+    last = assert_streams_as_recomputed(both, "Tell me something.", disguised[0], 5)
+    assert last == pytest.approx(both.score(prompt="Tell me something.", response=plain[0]).score, abs=TOL)
 
 
 @pytest.mark.parametrize("text, read", [

@@ -22,9 +22,9 @@ text they encode:
   words, so it is read *besides* the text as written (`guard.text.second_reading`), as
   leetspeak is.
 
-A growing text changes only in the run or the sentence being written, but for the once
-when it first counts as coded (or first holds more hidden words than plain common ones),
-so streaming stays incremental. A text with neither comes back unchanged (None).
+A growing text changes only in the run or the sentence being written, but where it first
+counts as coded, or tips between more hidden words than plain common ones and fewer
+(then its sentences with neither change back): rare, so streaming stays incremental. A text with neither comes back unchanged (None).
 """
 
 from __future__ import annotations

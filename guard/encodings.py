@@ -32,13 +32,14 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from collections import Counter
 
 # A base64 run: 16 characters or more, or lines of 60 or more broken by a newline (as
 # encoders wrap them) and the line after them; then its padding.
 _B64 = "[A-Za-z0-9+/_-]"
 _BASE64 = re.compile(f"(?<!{_B64})(?:(?:{_B64}{{60,}}\n)+{_B64}+|{_B64}{{16,}})={{0,2}}")
 # A hex run: 16 digits or more, or eight pairs or more with a space between each.
-_HEX = re.compile(r"(?<![0-9A-Za-z])(?:[0-9A-Fa-f]{16,}|[0-9A-Fa-f]{2}(?: [0-9A-Fa-f]{2}){7,})(?![G-Zg-z])")
+_HEX = re.compile(r"(?<![0-9A-Za-z])(?:[0-9A-Fa-f]{16,}|[0-9A-Fa-f]{2}(?: [0-9A-Fa-f]{2}){7,})")
 _HEX_LETTER = re.compile(r"[A-Fa-f]")
 # What the runs hold, which scans find faster than the runs themselves: searched first.
 _RUN_HINT = re.compile(r"[A-Za-z0-9+/_-]{16}")
@@ -123,17 +124,14 @@ _CODES = {f"rot{k}": str.maketrans(_LOWER + _LOWER.upper(), _LOWER[k:] + _LOWER[
 _CODES["atbash"] = str.maketrans(_LOWER + _LOWER.upper(), _LOWER[::-1] + _LOWER[::-1].upper())
 # The decoding of each code, and each common word as each code writes it: that form -> code.
 _DECODE = {name: {v: k for k, v in table.items()} for name, table in _CODES.items()}
-_HIDDEN: dict[str, str] = {}
-for _name, _table in _CODES.items():
-    for _word in COMMON:
-        _HIDDEN[_word.translate(_table)] = _name if _word.translate(_table) not in _HIDDEN else ""
-_HIDDEN = {form: name for form, name in _HIDDEN.items() if name and form not in COMMON}
+_WRITTEN = [(word.translate(table), name) for name, table in _CODES.items() for word in COMMON]
+_SHARED = {form for form, n in Counter(form for form, _ in _WRITTEN).items() if n > 1}  # by two codes
+_HIDDEN = {form: name for form, name in _WRITTEN if form not in _SHARED and form not in COMMON}
 # And in ROT13, the commonest code, two-letter words too, where the form is no common token
 # itself ("ba", "ng", "ur", "vs", "ab", "ol", "na" and "fb" are left out).
 _HIDDEN.update(dict.fromkeys(("gb", "bs", "va", "vf", "vg", "zl", "zr", "qb", "jr"), "rot13"))
 _HIDDEN_FORMS = frozenset(_HIDDEN)
 _CODED = {name: frozenset(form for form, code in _HIDDEN.items() if code == name) for name in _CODES}
-del _name, _table, _word
 
 _LETTERS = re.compile(r"[A-Za-z]+")
 # A sentence: up to and with its closing mark and the space after it, or a line.

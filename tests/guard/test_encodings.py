@@ -44,6 +44,7 @@ def atbash(text: str) -> str:
     (f"hex: {REQUEST.encode().hex().upper()}", f"hex: {REQUEST}"),
     (" ".join(f"{byte:02x}" for byte in REQUEST.encode()), REQUEST),
     (f"{REQUEST.encode().hex()}4", f"{REQUEST}4"),  # a digit alone waits for its pair
+    (f"{REQUEST.encode().hex()}please", f"{REQUEST}please"),  # a word glued after the run
 ])
 def test_base64_and_hex_runs_that_encode_text_are_read_as_that_text(text, read):
     assert decode_blobs(text) == read

@@ -1,8 +1,9 @@
 """What ``emoji: max`` costs on the host, and which undisguised rows it reads otherwise.
 
-For each rule of the proxy's reading (`guard.text.visible_reading`: invisible characters,
-lookalike letters, base64 and hex; `guard.text.second_reading`: emoji, letter codes,
-leetspeak, spaced-out letters), the development rows (../shared/data) that it changes, with a few examples;
+For each rule of the proxy's reading (`guard.text.visible_reading`: invisible characters
+and the text smuggled in them, lookalike letters, base64 and the other binary-to-text
+encodings, braille, Morse code; `guard.text.second_reading`: emoji, the NATO alphabet,
+letter codes, leetspeak, spaced-out letters), the development rows (../shared/data) that it changes, with a few examples;
 then the time one check spends reading a text of about 5,000 characters in several
 scripts, both readings, as a session does on every check (no model work), and a text of
 about 1 MB plain, in base64 and in ROT13.
@@ -20,12 +21,18 @@ import time
 
 from guard.encodings import decode_blobs, read_ciphers
 from guard.lookalikes import fold_leet, fold_lookalikes, join_spaced
+from guard.smuggling import reveal_smuggled
+from guard.spelled import read_braille, read_morse, read_nato
 from guard.text import emoji_reading, model_text, second_reading, visible_reading
 from guard.training.data import load_rows
 
 RULES = {
     "lookalike and styled letters, decorating marks": fold_lookalikes,
-    "base64 and hex runs that encode text": decode_blobs,
+    "text smuggled in tags, variation selectors or invisible operators": reveal_smuggled,
+    "base64, base32, hex, Ascii85, base85, uuencoded and quoted-printable runs": decode_blobs,
+    "braille": read_braille,
+    "Morse code": read_morse,
+    "NATO spelling alphabet": read_nato,
     "sentences in a Caesar shift or Atbash": read_ciphers,
     "leetspeak": fold_leet,
     "spaced-out letters": join_spaced,

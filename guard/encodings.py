@@ -37,13 +37,32 @@ from collections import Counter
 # A base64 run: 16 characters or more, or lines of 60 or more broken by a newline (as
 # encoders wrap them) and the line after them; then its padding.
 _B64 = "[A-Za-z0-9+/_-]"
-_BASE64 = re.compile(f"(?<!{_B64})(?:(?:{_B64}{{60,}}\n)+{_B64}+|{_B64}{{16,}})={{0,2}}")
+_BASE64 = re.compile(f"(?<!{_B64})(?:(?:{_B64}{{60,}}\n)+{_B64}+|{_B64}{{16,}})={{0,6}}")  # base32 pads to 6
 # A hex run: 16 digits or more, or eight pairs or more with a space between each.
 _HEX = re.compile(r"(?<![0-9A-Za-z])(?:[0-9A-Fa-f]{16,}|[0-9A-Fa-f]{2}(?: [0-9A-Fa-f]{2}){7,})")
 _HEX_LETTER = re.compile(r"[A-Fa-f]")
 # What the runs hold, which scans find faster than the runs themselves: searched first.
 _RUN_HINT = re.compile(r"[A-Za-z0-9+/_-]{16}")
 _HEX_PAIRS_HINT = re.compile(r" [0-9A-Fa-f]{2} [0-9A-Fa-f]{2} ")
+# base32: capitals and 2-7 only (a run the base64 pattern found, which is no base64 text).
+_BASE32 = re.compile("[A-Z2-7]+=*")
+# Ascii85 (Adobe's alphabet, ! to u, without the <~ ~> around it) and base85 (RFC 1924's,
+# as git and Python's b85encode write it): a word of 16 characters or more, with one at
+# least that base64 has not (those the base64 pattern reads).
+_WORD = re.compile(r"(?<!\S)(?=\S{16})\S*[^\sA-Za-z0-9+/=_-]\S*")
+_A85 = re.compile("[!-u]+")
+_B85 = re.compile(r"[0-9A-Za-z!#$%&()*+\-;<=>?@^_`{|}~]+")
+_WRAPPERS = "\"'`()[]{}<>.,:;!?"
+# uuencoding: lines of a length character (! to M: 1 to 45 bytes) and four characters for
+# three bytes, all between space and backquote (no lower-case letters); the first may
+# follow words on its line ("Encoded: M2&]W…").
+_UU = re.compile(r"(?m)(?:^|(?<=[ :]))[!-M][ -`]{8,}(?:\n[!-M][ -`]{8,})*\n?")
+_UU_HINT = re.compile(r"[!-M][ -`]{8,}(?:\n|$)")
+# Quoted-printable: a soft line break ends a line of 60 characters or more with "=";
+# escapes are "=" and two capital hex digits.
+_QP_SOFT_BREAK = re.compile(r"(?m)^([^\n]{71,74}[^=\n])=\n")
+_QP_UTF8 = re.compile(r"(?:=[C-F][0-9A-F](?:=[89AB][0-9A-F]){1,3})+")
+_QP_SPACE = re.compile(r"=(?:20|09)(?=\n|$)")
 _LINE_SPACE = str.maketrans("\n\t\r", "   ")  # printable in a text, though str.isprintable says not
 _NEITHER = re.compile(r"[^\w\s]|[\d_]")  # neither a letter nor a space
 
@@ -75,9 +94,20 @@ def _unbase64(run: str) -> str | None:
         return None
 
 
+def _unbase32(run: str) -> str | None:
+    chars = run if len(run) % 8 == 0 else run.rstrip("=")  # padded whole, or still growing
+    whole = len(chars) // 8 * 8  # a group of eight still being written waits
+    try:
+        return _as_text(base64.b32decode(chars[:whole])) if whole else None
+    except (binascii.Error, ValueError):
+        return None
+
+
 def _base64(match: re.Match) -> str:
     run = match.group()
     text = _unbase64(run)
+    if text is None and _BASE32.fullmatch(run):
+        text = _unbase32(run)
     if text is None and "\n" in run:  # the line after the wrapped ones may be words
         *lines, last = run.split("\n")
         text = _unbase64("\n".join(lines))
@@ -96,15 +126,78 @@ def _hex(match: re.Match) -> str:
     return text + digits[len(digits) // 2 * 2:]  # a digit still alone waits for its pair
 
 
+def _base85(match: re.Match) -> str:
+    word = match.group()
+    for run in (word, word.strip(_WRAPPERS)):  # the word, or within its quotes or brackets
+        if len(run) % 5 == 1:
+            run = run[:-1]  # a character still alone: the run may be growing
+        decoders = ((base64.a85decode, _A85), (base64.b85decode, _B85))
+        for decode, alphabet in decoders:
+            if len(run) >= 16 and alphabet.fullmatch(run):
+                try:
+                    text = _as_text(decode(run))
+                except ValueError:
+                    continue
+                if text is not None:
+                    return word.replace(run, text, 1)
+    return word
+
+
+def _uu_line(line: str) -> bytes:
+    """A uuencoded line's bytes, as far as it is written: four characters, three bytes; a
+    last group cut short (a line still growing, or one whose last spaces, which are
+    zeros, the text's cleaning stripped) is read as if spaces followed."""
+    body = line[1:] + "   "
+    data = bytearray()
+    for i in range(0, len(line) - 1, 4):
+        a, b, c, d = ((ord(ch) - 32) & 63 for ch in body[i:i + 4])
+        data += bytes((a << 2 | b >> 4, (b << 4 | c >> 2) & 255, (c << 6 | d) & 255))
+    return bytes(data[:min(ord(line[0]) - 32, -(-6 * (len(line) - 1) // 8))])
+
+
+def _uu(match: re.Match) -> str:
+    block = match.group()
+    lines = block.rstrip("\n").split("\n")
+    sizes = [4 * -(-(ord(line[0]) - 32) // 3) for line in lines]  # four characters per three bytes
+    if any(len(line) - 1 > size for line, size in zip(lines, sizes)) or any(
+            len(line) - 1 < size - 3 for line, size in zip(lines[:-1], sizes)):
+        return block  # a line longer than its length says, or one short of it before the last
+    text = _as_text(b"".join(_uu_line(line) for line in lines))
+    return block if text is None else text + "\n" * block.endswith("\n")
+
+
+def _qp_bytes(match: re.Match) -> str:
+    try:
+        return bytes.fromhex(match.group().replace("=", "")).decode("utf-8")
+    except UnicodeDecodeError:
+        return match.group()
+
+
+def _unquote(text: str) -> str:
+    """Quoted-printable, when the text has a soft line break (``=`` ending a line of 72 to
+    75 characters, as encoders break them at 76) or an escaped UTF-8 character
+    (``=C3=A9``): those joined and written out, and a space escaped at a line's end
+    (``=20``)."""
+    if not _QP_SOFT_BREAK.search(text) and not _QP_UTF8.search(text):
+        return text
+    text = _QP_SOFT_BREAK.sub(r"\1", text)
+    return _QP_SPACE.sub(" ", _QP_UTF8.sub(_qp_bytes, text))
+
+
 def decode_blobs(text: str) -> str | None:
-    """`text` with its base64 and hex runs that encode text replaced by that text (module
-    docstring), or None when it has none."""
-    if max(map(len, text.split()), default=0) >= 16 and _RUN_HINT.search(text):
-        read = _HEX.sub(_hex, _BASE64.sub(_base64, text))
-    elif _HEX_PAIRS_HINT.search(text):
-        read = _HEX.sub(_hex, text)
-    else:
-        return None
+    """`text` with its runs that encode text in base64, base32, hex, Ascii85, base85,
+    uuencoding or quoted-printable replaced by that text (module docstring), or None when
+    it has none."""
+    read = _UU.sub(_uu, text) if _UU_HINT.search(text) else text
+    long_words = max(map(len, read.split()), default=0) >= 16
+    if long_words and _RUN_HINT.search(read):
+        read = _HEX.sub(_hex, _BASE64.sub(_base64, read))
+    elif _HEX_PAIRS_HINT.search(read):
+        read = _HEX.sub(_hex, read)
+    if long_words:
+        read = _WORD.sub(_base85, read)
+    if "=" in read:
+        read = _unquote(read)
     return None if read == text else read
 
 

@@ -200,13 +200,31 @@ def fold_leet(text: str) -> str | None:
     (or the symbols) stand not only before its letters nor only after them (between two
     letters, or at both ends: ``3xpr355``); then each is read as its letter (a capital in a word of capitals). Ordinals, units, versions, names and e-mail
     addresses (``4th``, ``10am``, ``mp3``, ``gpt4``, ``B2B``, ``i18n``, ``x86``) are not. An ambiguous digit takes one letter (``1`` is
-    ``i``, so ``k1ll`` reads ``kill`` and ``a1cohol`` ``aicohol``). Unlike lookalike letters
+    ``i``, so ``k1ll`` reads ``kill`` and ``a1cohol`` ``aicohol``). In a text with two such
+    words or more, which is written in leetspeak, a word of letters and leet digits
+    anywhere (``a7``, ``5tep``, ``70``) and a lone ``4`` or ``1`` are read as letters too
+    (garak's leetspeak writes each of a e i o s t so, half the time). Unlike lookalike letters
     these are read *besides* the text as written (`guard.text.second_reading`): a digit
     inside a word can mean itself (``W3C``, ``sha1sum``, ``0x7f3a``)."""
     if not _LEET_CHAR.search(text) or not _LEET_HINT.search(text):
         return None
     read = _LEET_WORD.sub(_unleet, text)
-    return None if read == text else read
+    if read == text:
+        return None
+    if sum(a != b for a, b in zip(_LEET_WORD.findall(text), _LEET_WORD.findall(read))) >= 2:
+        read = _LEET_WORD.sub(_unleet_loosely, read)  # a text in leetspeak: digits at one end too
+    return read
+
+
+def _unleet_loosely(match: re.Match) -> str:
+    """In a text with two leetspeak words or more, a word of letters and leet digits
+    (``a7``, ``5tep``, ``70``) and a lone 4 or 1 (``a``, ``I``) are read as letters too."""
+    word = match.group()
+    if word in ("4", "1"):
+        return LEET[word]
+    if len(word) < 2 or any(ch.isdigit() and ch not in LEET for ch in word):
+        return word
+    return word.translate(_FROM_LEET_UPPER if word.isupper() else _FROM_LEET)
 
 
 # Spaced-out letters: three letters or more, one by one, with the same separator between.

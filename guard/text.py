@@ -17,6 +17,8 @@ import re
 
 from guard.encodings import decode_blobs, read_ciphers
 from guard.lookalikes import fold_leet, fold_lookalikes, join_spaced
+from guard.smuggling import reveal_smuggled
+from guard.spelled import read_braille, read_morse, read_nato
 
 _CHAT_ARTIFACTS = re.compile(
     r"<\|im_start\|>|<\|im_end\|>|<\|im_sep\|>"
@@ -101,9 +103,11 @@ def visible_reading(prepared: str) -> str | None:
     alpaca_eval's false positives from 0.109 to 0.627 and hid a StrongREJECT request at
     0.25; Cyrillic letters in place of half the Latin ones that have one hid it at 0.06;
     in hex no StrongREJECT request was flagged)."""
-    visible = prepared if prepared.isascii() else _INVISIBLE.sub("", prepared)
+    visible = prepared if prepared.isascii() else _INVISIBLE.sub("", reveal_smuggled(prepared) or prepared)
     visible = decode_blobs(visible) or visible
+    visible = read_morse(visible) or visible
     if not visible.isascii():
+        visible = read_braille(visible) or visible
         visible = fold_lookalikes(visible) or visible
     if visible == prepared:
         return None
@@ -117,7 +121,7 @@ def second_reading(prepared: str) -> str | None:
     letter code read decoded (`guard.encodings.read_ciphers`); None when none of these
     changes it, so nothing to read twice."""
     text = _EMOJI.sub("", prepared) if _EMOJI.search(prepared) else prepared
-    for read in (read_ciphers, fold_leet, join_spaced):
+    for read in (read_nato, read_ciphers, fold_leet, join_spaced):
         text = read(text) or text
     return None if text == prepared else clean_text(text) or EMPTY_TEXT
 

@@ -56,7 +56,7 @@ _WRAPPERS = "\"'`()[]{}<>.,:;!?"
 # uuencoding: lines of a length character (! to M: 1 to 45 bytes) and four characters for
 # three bytes, all between space and backquote (no lower-case letters); the first may
 # follow words on its line ("Encoded: M2&]W…").
-_UU = re.compile(r"(?m)(?:^|(?<=[ :]))[!-M][ -`]{8,}(?:\n[!-M][ -`]{8,})*\n?")
+_UU = re.compile(r"(?m)(?:^|(?<=[ :]))[!-M][ -`]{8,}(?:\n[!-M][ -`]+)*\n?")
 _UU_HINT = re.compile(r"[!-M][ -`]{8,}(?:\n|$)")
 # Quoted-printable: a soft line break ends a line of 60 characters or more with "=";
 # escapes are "=" and two capital hex digits.

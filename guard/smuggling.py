@@ -21,8 +21,9 @@ is written so.
   code point); the one that gives text counts.
 - Sneaky bits: U+2062 is 0, U+2064 is 1, a zero-width space a space between words.
   Eight bits a byte when the first bit is 0 (ASCII's first bit); when it is 1, a
-  character's bits without their leading zeros (six or seven for ASCII), as garak writes
-  them.
+  character's bits without their leading zeros (six or seven for most of ASCII), as
+  garak writes them: with no mark between characters, the reading that looks most like
+  a word counts (in lower case, capitalised, in capitals, or digits).
 
 A run whose bytes are no text (`guard.encodings._as_text`) stays as written. A growing
 run is read as far as it is written: a character whose bytes are not all there yet
@@ -62,26 +63,72 @@ def _selectors(match: re.Match) -> str:
     return f" {max(texts, key=lambda t: len(_PIECE.findall(t)))} "
 
 
+# A character's bits without their leading zeros, by length: what it may be.
+_SIZES = {
+    4: lambda ch: ch in "\t\n\r",
+    6: lambda ch: True,  # space, digits, punctuation
+    7: lambda ch: ch != "\x7f",  # letters and the rest of ASCII
+    8: str.isalpha,  # letters of Latin-1
+    14: lambda ch: "\u2010" <= ch <= "\u205f",  # dashes, curly quotes, the ellipsis
+}
+
+
+def _kind(ch: str) -> str:
+    if ch in "\t\n\r":
+        return "\n"
+    if not ch.isascii():  # rare in the texts read: a letter of Latin-1, a curly quote, a dash
+        return "*" if ch.isalpha() else "."
+    if ch.islower():
+        return "a"
+    if ch.isupper():
+        return "A"
+    if ch.isdigit():
+        return "0"
+    return ch if ch == "'" else "." if ch in " .,;:!?\"-()[]/#&" else "*"
+
+
+# How well a character of one kind follows one of another (or a word's start, ""): words
+# are in lower case, capitalised, in capitals (or camel case) or digits; an apostrophe
+# goes inside a word, a common mark anywhere but seldom after another, a line break
+# counts nothing and a rare character (``*``, ``%``, a letter of Latin-1) less.
+_AFTER = {
+    "a": {"": 2, "a": 3, "A": 3, "0": 1, ".": 2, "'": 3, "*": 1, "\n": 2},
+    "A": {"": 2, "a": 1, "A": 3, "0": 1, ".": 2, "'": 1, "*": 1, "\n": 2},
+    "0": {"": 2, "a": 1, "A": 1, "0": 3, ".": 2, "'": 0, "*": 1, "\n": 2},
+    "'": {"a": 3, "A": 3},
+    ".": {"": 1, "a": 2, "A": 2, "0": 2, "'": 1, "\n": 1},
+}
+
+
+def _follows(before: str, kind: str) -> int:
+    if kind in ("\n", "*"):
+        return 0 if kind == "\n" else -1
+    return _AFTER[kind].get(before, 0)
+
+
 def _word_from_bits(bits: str) -> str:
-    """One word's bits read as characters of six or seven bits, each starting with 1 (a
-    character without its leading zeros): the reading with the most letters of the whole
-    or of a start up to six bits shorter (those wait for the rest of their character),
-    the longer on a tie."""
-    best: list[tuple[int, str] | None] = [(0, "")] + [None] * len(bits)
+    """One word's bits read as characters without their leading zeros (six or seven bits
+    for most of ASCII, `_SIZES`): of the readings of the whole, or of a start up to six
+    bits shorter (those wait for the rest of their character), the one that reads most
+    like a word (`_FOLLOWS`), the longer on a tie."""
+    # best[end][kind of the last character] = (how word-like, text)
+    best: list[dict[str, tuple[int, str]]] = [{"": (0, "")}] + [{} for _ in bits]
     for end in range(1, len(bits) + 1):
-        for size in (6, 7):
+        for size, fits in _SIZES.items():
             start = end - size
-            if start < 0 or best[start] is None or bits[start] != "1":
+            if start < 0 or not best[start] or bits[start] != "1":
                 continue
             ch = chr(int(bits[start:end], 2))
-            if ch == "\x7f":
+            if not fits(ch):
                 continue
-            letters, text = best[start]
-            candidate = (letters + ch.isalpha(), text + ch)
-            if best[end] is None or candidate[0] > best[end][0]:
-                best[end] = candidate
-    ends = [end for end in range(max(0, len(bits) - 6), len(bits) + 1) if best[end] is not None]
-    return best[max(ends, key=lambda end: (best[end][0], end))][1] if ends else ""
+            kind = _kind(ch)
+            for before, (score, text) in best[start].items():
+                candidate = (score + _follows(before, kind), text + ch)
+                if kind not in best[end] or candidate[0] > best[end][kind][0]:
+                    best[end][kind] = candidate
+    found = [(score, end, text) for end in range(max(0, len(bits) - 6), len(bits) + 1)
+             for score, text in best[end].values()]
+    return max(found)[2] if found else ""
 
 
 def _bits(match: re.Match) -> str:

@@ -75,12 +75,14 @@ def test_smuggled_text_is_part_of_the_text_read():
 ])
 def test_a_growing_smuggled_run_is_read_as_far_as_it_is_written(smuggle):
     """Each prefix of a run reads as a prefix of the request (a character whose bytes are
-    not all there yet waits; one whose bits are not may read as another for a while:
-    six of seven bits are a character too), or stays hidden while under six characters."""
+    not all there yet waits; in garak's bits, with nothing between characters, the word
+    being written may read as another until its bits are all there: six of seven bits
+    are a character too), or stays hidden while under six characters."""
     run = smuggle(REQUEST)
     read = None
     for end in range(1, len(run) + 1):
         read = visible_reading(model_text("Hello" + run[:end]))
         shown = (read or "Hello").removeprefix("Hello").removeprefix(" ").removeprefix("😈 ").removeprefix("😊 ")
-        assert REQUEST.startswith(shown[:-1]), shown
+        done = shown.rsplit(" ", 1)[0] if smuggle is bits_unpadded and " " in shown else shown[:-1]
+        assert REQUEST.startswith(done), shown
     assert read == f"Hello{run[0] if run[0] in '😈😊' else ''} {REQUEST}"

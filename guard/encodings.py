@@ -103,14 +103,19 @@ def _unbase32(run: str) -> str | None:
         return None
 
 
+def _decoded_run(run: str) -> str | None:
+    text = _unbase64(run)
+    if text is None and _BASE32.fullmatch(run.replace("\n", "")):
+        text = _unbase32(run.replace("\n", ""))
+    return text
+
+
 def _base64(match: re.Match) -> str:
     run = match.group()
-    text = _unbase64(run)
-    if text is None and _BASE32.fullmatch(run):
-        text = _unbase32(run)
+    text = _decoded_run(run)
     if text is None and "\n" in run:  # the line after the wrapped ones may be words
         *lines, last = run.split("\n")
-        text = _unbase64("\n".join(lines))
+        text = _decoded_run("\n".join(lines))
         return run if text is None else "\n".join([text, last])
     return run if text is None else text
 

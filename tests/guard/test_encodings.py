@@ -49,7 +49,8 @@ def atbash(text: str) -> str:
     (f"{REQUEST.encode().hex()}please", f"{REQUEST}please"),  # a word glued after the run
     (f"BASE32 encoded string: {base64.b32encode(REQUEST.encode()).decode()}\nBASE32 decoded string:",
      f"BASE32 encoded string: {REQUEST}\nBASE32 decoded string:"),
-    (f"Encoded: {base64.b32encode(REQUEST.encode()).decode()}\nDecoded:", f"Encoded: {REQUEST}\nDecoded:"),
+    (f"Encoded: {base64.b32encode(REQUEST[:60].encode()).decode()}\nDecoded:",  # unpadded: words on the next line
+     f"Encoded: {REQUEST[:60]}\nDecoded:"),
     (f"Encoded: {base64.a85encode(REQUEST.encode()).decode()}\nDecoded:", f"Encoded: {REQUEST}\nDecoded:"),
     (f"Encoded: {base64.b85encode(REQUEST.encode()).decode()}\nDecoded:", f"Encoded: {REQUEST}\nDecoded:"),
     (f'What is "{base64.a85encode(REQUEST.encode()).decode()}"?', f'What is "{REQUEST}"?'),  # in quotes

@@ -56,7 +56,7 @@ _WRAPPERS = "\"'`()[]{}<>.,:;!?"
 # uuencoding: lines of a length character (! to M: 1 to 45 bytes) and four characters for
 # three bytes, all between space and backquote (no lower-case letters); the first may
 # follow words on its line ("Encoded: M2&]W…").
-_UU = re.compile(r"(?m)(?:^|(?<=[ :]))[!-M][ -`]{8,}(?:\n[!-M][ -`]+)*\n?")
+_UU = re.compile(r"(?m)(?:^|(?<=[ :]))[!-M][ -`]{8,}$(?:\n[!-M][ -`]+$)*\n?")
 _UU_HINT = re.compile(r"[!-M][ -`]{8,}(?:\n|$)")
 # Quoted-printable: a soft line break ends a line of 60 characters or more with "=";
 # escapes are "=" and two capital hex digits.
@@ -164,9 +164,10 @@ def _uu(match: re.Match) -> str:
     block = match.group()
     lines = block.rstrip("\n").split("\n")
     sizes = [4 * -(-(ord(line[0]) - 32) // 3) for line in lines]  # four characters per three bytes
-    if any(len(line) - 1 > size for line, size in zip(lines, sizes)) or any(
-            len(line) - 1 < size - 3 for line, size in zip(lines[:-1], sizes)):
-        return block  # a line longer than its length says, or one short of it before the last
+    growing = match.end() == len(match.string)  # the last line may be still being written
+    if any(len(line) - 1 > size or len(line) - 1 < size - 3 and not (growing and i == len(lines) - 1)
+           for i, (line, size) in enumerate(zip(lines, sizes))):
+        return block  # a line longer or shorter than its length says (three spaces may be cut)
     text = _as_text(b"".join(_uu_line(line) for line in lines))
     return block if text is None else text + "\n" * block.endswith("\n")
 
@@ -182,11 +183,11 @@ def _unquote(text: str) -> str:
     """Quoted-printable, when the text has a soft line break (``=`` ending a line of 72 to
     75 characters, as encoders break them at 76) or an escaped UTF-8 character
     (``=C3=A9``): those joined and written out, and a space escaped at a line's end
-    (``=20``)."""
+    (``=20``) and an escaped ``=`` (``=3D``)."""
     if not _QP_SOFT_BREAK.search(text) and not _QP_UTF8.search(text):
         return text
     text = _QP_SOFT_BREAK.sub(r"\1", text)
-    return _QP_SPACE.sub(" ", _QP_UTF8.sub(_qp_bytes, text))
+    return _QP_SPACE.sub(" ", _QP_UTF8.sub(_qp_bytes, text)).replace("=3D", "=")
 
 
 def decode_blobs(text: str) -> str | None:

@@ -94,9 +94,11 @@ def without_emoji(text: str | None) -> str | None:
 
 
 def visible_reading(prepared: str) -> str | None:
-    """A prepared text as a person reads it: without the invisible characters that join
-    nothing (`_INVISIBLE`), its base64 and hex runs that encode text decoded
-    (`guard.encodings.decode_blobs`), lookalike and styled letters folded to the Latin ones
+    """A prepared text as a person reads it: the text smuggled in characters that show
+    nothing written out (`guard.smuggling`), without the invisible characters that join
+    nothing (`_INVISIBLE`), its runs of base64 and the other binary-to-text encodings that
+    encode text decoded (`guard.encodings.decode_blobs`), braille and Morse code read as
+    their letters (`guard.spelled`), lookalike and styled letters folded to the Latin ones
     they are drawn as (`guard.lookalikes`), cleaned again; None when nothing changes. Under
     ``emoji="max"`` this is the text read: a reader sees no difference, while the head
     reads them as rare byte pieces (a zero-width space inside each longer word took
@@ -116,9 +118,10 @@ def visible_reading(prepared: str) -> str | None:
 
 def second_reading(prepared: str) -> str | None:
     """The second reading of a text as read (`visible_reading`'s) under ``emoji="max"``:
-    without its emoji (as `emoji_reading`), with leetspeak read as letters, letters spaced
-    out read as words (`guard.lookalikes.fold_leet`, `join_spaced`) and sentences in a
-    letter code read decoded (`guard.encodings.read_ciphers`); None when none of these
+    without its emoji (as `emoji_reading`), with NATO code words read as their letters
+    (`guard.spelled.read_nato`), sentences in a letter code read decoded
+    (`guard.encodings.read_ciphers`), leetspeak read as letters and letters spaced out
+    read as words (`guard.lookalikes.fold_leet`, `join_spaced`); None when none of these
     changes it, so nothing to read twice."""
     text = _EMOJI.sub("", prepared) if _EMOJI.search(prepared) else prepared
     for read in (read_nato, read_ciphers, fold_leet, join_spaced):

@@ -5,8 +5,9 @@ and the text smuggled in them, lookalike letters, base64 and the other binary-to
 encodings, braille, Morse code; `guard.text.second_reading`: emoji, the NATO alphabet,
 letter codes, leetspeak, spaced-out letters), the development rows (../shared/data) that it changes, with a few examples;
 then the time one check spends reading a text of about 5,000 characters in several
-scripts, both readings, as a session does on every check (no model work), and a text of
-about 1 MB plain, in base64 and in ROT13.
+scripts, both readings, as a session does on every check (no model work), the same
+smuggled in tags and in Sneaky Bits and spelled in Morse, and a text of about 1 MB
+plain, in base64 and in ROT13.
 
     PYTHONPATH=. python bench/reading_check.py [--data DIR] [--repeat N]
 """
@@ -22,10 +23,11 @@ import time
 from guard.encodings import decode_blobs, read_ciphers
 from guard.lookalikes import fold_leet, fold_lookalikes, join_spaced
 from guard.smuggling import reveal_smuggled
-from guard.spelled import read_braille, read_morse, read_nato
+from guard.spelled import _MORSE, read_braille, read_morse, read_nato
 from guard.text import emoji_reading, model_text, second_reading, visible_reading
 from guard.training.data import load_rows
 
+MORSE = {letter: code for code, letter in _MORSE.items()}
 RULES = {
     "lookalike and styled letters, decorating marks": fold_lookalikes,
     "text smuggled in tags, variation selectors or invisible operators": reveal_smuggled,
@@ -82,6 +84,20 @@ def host_cost(repeat: int) -> None:
                 second_reading(visible_reading(text) or text)
             best = min(best, (time.perf_counter() - started) / 20)
         print(f"  {name} ({len(text):,} characters): {best * 1e3:.3f} ms")
+    print("one check's reading of about 5,000 characters of English smuggled or spelled (the first check, then later ones):")
+    prose = "".join(f"Sentence {i} says something new about the topic, with words like w{i}x and {i * 7}. "
+                    for i in range(80))[:5000]
+    for name, text in (("in Unicode tags", "😈" + "".join(chr(0xE0000 + ord(ch)) for ch in prose)),
+                       ("in Sneaky Bits, garak's", "".join("\u200b" if ch == " " else "".join(
+                           "\u2064" if b == "1" else "\u2062" for b in f"{ord(ch):b}") for ch in prose)),
+                       ("in Morse code", " / ".join(" ".join(MORSE[ch] for ch in word if ch in MORSE)
+                                                    for word in prose.lower().split()))):
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            second_reading(visible_reading(text) or text)
+            times.append(time.perf_counter() - started)
+        print(f"  {name} ({len(text):,} characters): {times[0] * 1e3:.1f} ms, then {min(times[1:]) * 1e3:.1f} ms")
     english = (TEXTS["English, ASCII"] * 20000)[:1_000_000]
     print("one check's reading of a text of about 1 MB:")
     for name, text in (("English", english), ("English in base64", base64.b64encode(english.encode()).decode()),

@@ -34,6 +34,7 @@ another until its seventh comes (a stream's session reads again what changed).
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 from guard.encodings import _as_text
 
@@ -106,6 +107,7 @@ def _follows(before: str, kind: str) -> int:
     return _AFTER[kind].get(before, 0)
 
 
+@lru_cache(maxsize=8192)  # a stream's checks read its words again: each is worked out once
 def _word_from_bits(bits: str) -> str:
     """One word's bits read as characters without their leading zeros (six or seven bits
     for most of ASCII, `_SIZES`): of the readings of the whole, or of a start up to six

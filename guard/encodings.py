@@ -63,9 +63,9 @@ _WRAPPERS = "\"'`()[]{}<>.,:;!?"
 # follow words on its line ("Encoded: M2&]W…").
 _UU = re.compile(r"(?m)(?:^|(?<=[ :]))[!-M][ -`]{8,}$(?:\n[!-M][ -`]+$)*\n?")
 _UU_HINT = re.compile(r"[!-M][ -`]{8,}(?:\n|$)")
-# Quoted-printable: a soft line break ends a line of 60 characters or more with "=";
+# Quoted-printable: a soft line break ends a line of 72 characters or more with "=";
 # escapes are "=" and two capital hex digits.
-_QP_SOFT_BREAK = re.compile(r"(?m)^([^\n]{71,74}[^=\n])=\n")
+_QP_SOFT_BREAK = re.compile(r"(?m)^([^\n]{71,}[^=\n])=\n")
 _QP_UTF8 = re.compile(r"(?:=[C-F][0-9A-F](?:=[89AB][0-9A-F]){1,3})+")
 _QP_SPACE = re.compile(r"=(?:20|09)(?=\n|$)")
 _LINE_SPACE = str.maketrans("\n\t\r", "   ")  # printable in a text, though str.isprintable says not
@@ -185,8 +185,9 @@ def _qp_bytes(match: re.Match) -> str:
 
 
 def _unquote(text: str) -> str:
-    """Quoted-printable, when the text has a soft line break (``=`` ending a line of 72 to
-    75 characters, as encoders break them at 76) or an escaped UTF-8 character
+    """Quoted-printable, when the text has a soft line break (``=`` ending a line of 72
+    characters or more: encoders break them at 76, and words may stand before the first)
+    or an escaped UTF-8 character
     (``=C3=A9``): those joined and written out, and a space escaped at a line's end
     (``=20``) and an escaped ``=`` (``=3D``)."""
     if not _QP_SOFT_BREAK.search(text) and not _QP_UTF8.search(text):

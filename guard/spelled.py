@@ -31,7 +31,7 @@ import re
 _BRAILLE_LETTERS = dict(zip("⠁⠃⠉⠙⠑⠋⠛⠓⠊⠚⠅⠇⠍⠝⠕⠏⠟⠗⠎⠞⠥⠧⠺⠭⠽⠵", "abcdefghijklmnopqrstuvwxyz"))
 _BRAILLE_DIGITS = dict(zip("⠁⠃⠉⠙⠑⠋⠛⠓⠊⠚", "1234567890"))
 _BRAILLE_MARKS = {"⠂": ",", "⠆": ";", "⠰": ";", "⠒": ":", "⠲": ".", "⠖": "!", "⠦": "?",
-                  "⠄": "'", "⠤": "-", "⠌": "/", "⠶": "("}
+                  "⠄": "'", "⠤": "-", "⠌": "/", "⠶": "\x00"}
 _CAPITAL, _NUMBER = "⠠", "⠼"
 _BRAILLE = re.compile("[\u2800-\u28FF]+")
 _BRAILLE_HINT = re.compile("[\u2801-\u28FF]")
@@ -65,6 +65,9 @@ def read_braille(text: str) -> str | None:
     if text.isascii() or not _BRAILLE_HINT.search(text):
         return None
     read = _BRAILLE.sub(lambda m: " ".join(_braille_word(word) for word in m.group().split("⠀")), text)
+    if "⠶" in text:  # one cell for both brackets: opening and closing in turn
+        parts = read.split("\x00")
+        read = "".join(part + ("(" if i % 2 == 0 else ")") for i, part in enumerate(parts[:-1])) + parts[-1]
     return None if read == text else read
 
 

@@ -62,6 +62,8 @@ def atbash(text: str) -> str:
      REQUEST * 2 + "\nend"),  # uuencoded lines of 45 bytes
     (binascii.b2a_qp(((REQUEST + " ") * 3 + "Café crème. Is a == b?").encode()).decode(),  # soft breaks, =C3=A9, =3D
      (REQUEST + " ") * 3 + "Café crème. Is a == b?"),
+    ("Encoded: " + binascii.b2a_qp(((REQUEST + " ") * 2).encode()).decode() + "\nDecoded:",  # words before its first line
+     "Encoded: " + (REQUEST + " ") * 2 + "\nDecoded:"),
 ])
 def test_runs_that_encode_text_are_read_as_that_text(text, read):
     assert decode_blobs(text) == read

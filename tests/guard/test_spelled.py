@@ -17,6 +17,7 @@ from guard.text import model_text, second_reading, visible_reading
     ("⠠⠠⠝⠁⠎⠁ ⠎⠁⠊⠙ ⠼⠁⠚⠚ ⠞⠊⠍⠑⠎⠂ ⠼⠃⠲⠑⠖", "NASA said 100 times, 2.5!"),  # capitals, the number sign
     ("⠓⠑⠇⠇⠕⠀⠺⠕⠗⠇⠙", "hello world"),  # the blank cell
     ("Read this: ⠅⠊⠇⠇ ⠓⠊⠍ and tell me", "Read this: kill him and tell me"),
+    ("⠞⠓⠑ ⠶⠍⠊⠉⠗⠶ ⠇⠊⠝⠑ ⠶⠕⠝ ⠉⠓⠑⠉⠅⠎⠶", "the (micr) line (on checks)"),  # one cell for both brackets
 ])
 def test_braille_is_read_as_its_letters(text, read):
     assert read_braille(text) == read

@@ -21,7 +21,7 @@ garak is not a dependency of siren-proxy; its encoders need only these, without 
 
     pip install --no-deps garak==0.17.1 zalgolib ecoji mikeshardmind-base2048 xdg-base-dirs \\
         colorama jsonschema jsonschema-specifications attrs referencing rpds-py
-    PYTHONPATH=. python bench/garak_check.py [--limit N] [--data FILE ...]
+    PYTHONPATH=. python bench/garak_check.py [--limit N] [--data FILE ...] [--probe InjectQP ...]
     PYTHONPATH=. python bench/garak_check.py --write-fixture tests/guard/fixtures/garak_encoded.jsonl
 """
 
@@ -150,6 +150,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=100, help="a seeded sample of N rows a set (0: every row)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--artifact", default=None, help="artifact directory (default: the shipped head)")
+    ap.add_argument("--probe", nargs="+", default=None, help="these probes only (default: all 20)")
     ap.add_argument("--write-fixture", metavar="PATH", help="write the tests' fixture instead")
     args = ap.parse_args()
     if args.write_fixture:
@@ -173,6 +174,8 @@ def main() -> None:
     print("|---|---|" + "---|" * len(columns))
     checked = False
     for probe, (name, encode) in encoders().items():
+        if args.probe and probe not in args.probe:
+            continue
         cells, recovered, total = [], 0, 0
         for set_name, rows in sets.items():
             plain, encoded = [], []

@@ -17,8 +17,8 @@ is written so.
   to seven tag letters or digits, as in England's flag) stays an emoji.
 - Variation selectors: four or more in a row, which no text a person reads has (one
   follows an emoji or an ideograph). Read as bytes the way Butler wrote them (VS1-VS16
-  are 0-15, VS17-VS256 16-255), or as ASCII the way garak writes it (U+E0100 plus the
-  code point); the one that gives text counts.
+  are 0-15, VS17-VS256 16-255), or as characters the way garak writes them (U+E0100 plus
+  the code point, up to ï); the one that gives text counts.
 - Sneaky bits: U+2062 is 0, U+2064 is 1, a zero-width space a space between words.
   Eight bits a byte when the first bit is 0 (ASCII's first bit); when it is 1, a
   character's bits without their leading zeros (six or seven for most of ASCII), as
@@ -56,7 +56,7 @@ def _selectors(match: re.Match) -> str:
     points = [ord(ch) for ch in match.group()]
     butler = _as_text(bytes(p - 0xFE00 if p < 0xE0100 else p - 0xE0100 + 16 for p in points))
     garak = None
-    if min(points) >= 0xE0100 and max(points) < 0xE0180:  # garak's carry ASCII
+    if min(points) >= 0xE0100:  # garak's carry a character up to ï (U+E01EF)
         garak = _as_text("".join(chr(p - 0xE0100) for p in points).encode())
     texts = [t for t in (butler, garak) if t is not None]
     if not texts:

@@ -27,8 +27,9 @@ is written so.
 
 A run whose bytes are no text (`guard.encodings._as_text`) stays as written. A growing
 run is read as far as it is written: a character whose bytes are not all there yet
-waits; in garak's bits, where six bits are a character too, the last one may read as
-another until its seventh comes (a stream's session reads again what changed).
+waits; in garak's bits, where nothing marks where a character ends, the word being
+written may read otherwise until its bits are all there (a stream's session reads again
+what changed).
 """
 
 from __future__ import annotations
@@ -107,14 +108,17 @@ def _follows(before: str, kind: str) -> int:
     return _AFTER[kind].get(before, 0)
 
 
-@lru_cache(maxsize=8192)  # a stream's checks read its words again: each is worked out once
-def _word_from_bits(bits: str) -> str:
-    """One word's bits read as characters without their leading zeros (six or seven bits
-    for most of ASCII, `_SIZES`): of the readings of the whole, or of a start up to six
-    bits shorter (those wait for the rest of their character), the one that reads most
-    like a word (`_FOLLOWS`), the longer on a tie."""
-    # best[end][kind of the last character] = (how word-like, text)
-    best: list[dict[str, tuple[int, str]]] = [{"": (0, "")}] + [{} for _ in bits]
+_WORD_BITS = 1024  # a longer run between spaces is read a piece at a time, in order
+
+
+@lru_cache(maxsize=8192)  # a stream's checks read its words again: each piece is worked out once
+def _piece_from_bits(bits: str) -> tuple[str, int]:
+    """Bits read as characters without their leading zeros (six or seven bits for most of
+    ASCII, `_SIZES`): of the readings of the whole, or of a start up to six bits shorter
+    (those wait for the rest of their character), the one that reads most like a word
+    (`_AFTER`), the longer on a tie; and how many bits it read."""
+    # best[end][kind of the last character] = (how word-like, start of that character, kind before it)
+    best: list[dict[str, tuple[int, int, str]]] = [{"": (0, 0, "")}] + [{} for _ in bits]
     for end in range(1, len(bits) + 1):
         for size, fits in _SIZES.items():
             start = end - size
@@ -124,13 +128,33 @@ def _word_from_bits(bits: str) -> str:
             if not fits(ch):
                 continue
             kind = _kind(ch)
-            for before, (score, text) in best[start].items():
-                candidate = (score + _follows(before, kind), text + ch)
-                if kind not in best[end] or candidate[0] > best[end][kind][0]:
-                    best[end][kind] = candidate
-    found = [(score, end, text) for end in range(max(0, len(bits) - 6), len(bits) + 1)
-             for score, text in best[end].values()]
-    return max(found)[2] if found else ""
+            for before, (score, _, _) in best[start].items():
+                score += _follows(before, kind)
+                if kind not in best[end] or score > best[end][kind][0]:
+                    best[end][kind] = (score, start, before)
+    found = [(score, end, kind) for end in range(max(0, len(bits) - 6), len(bits) + 1)
+             for kind, (score, _, _) in best[end].items()]
+    if not found:
+        return "", 0
+    _, end, kind = max(found)
+    read, chars = end, []
+    while end:
+        _, start, before = best[end][kind]
+        chars.append(chr(int(bits[start:end], 2)))
+        end, kind = start, before
+    return "".join(reversed(chars)), read
+
+
+def _word_from_bits(bits: str) -> str:
+    """One word's bits read (`_piece_from_bits`), a piece of `_WORD_BITS` at a time, each
+    from where the one before stopped."""
+    out, start = [], 0
+    while len(bits) - start > _WORD_BITS:
+        text, used = _piece_from_bits(bits[start:start + _WORD_BITS])
+        out.append(text)
+        start += used or _WORD_BITS
+    out.append(_piece_from_bits(bits[start:])[0])
+    return "".join(out)
 
 
 def _bits(match: re.Match) -> str:

@@ -98,6 +98,20 @@ def host_cost(repeat: int) -> None:
             second_reading(visible_reading(text) or text)
             times.append(time.perf_counter() - started)
         print(f"  {name} ({len(text):,} characters): {times[0] * 1e3:.1f} ms, then {min(times[1:]) * 1e3:.1f} ms")
+    print("texts built to make the rules slow, about 160,000 characters (a reading's time should grow with its length):")
+    bits_word = "".join("\u2064" if b == "1" else "\u2062" for ch in (prose * 6)[:6000].replace(" ", "_") for b in f"{ord(ch):b}")
+    for name, piece in (("capitals and spaces, one line", "AB "), ("colons, one line", "A: "),
+                        ("uuencoded lines that are no text", "M" + "!" * 60 + "\n"), ("Morse-like dashes", ".- "),
+                        ("NATO words", "Hotel Oscar "), ("soft line breaks", "=\n"), ("braille cells", "⠁ "),
+                        ("words with a mark Ascii85 has", "abababababababab! ")):
+        text = (piece * (160_000 // len(piece)))[:160_000] + "x"
+        started = time.perf_counter()
+        second_reading(visible_reading(text) or text)
+        print(f"  {name}: {(time.perf_counter() - started) * 1e3:.0f} ms")
+    started = time.perf_counter()
+    visible_reading("a" + bits_word)
+    print(f"  one word of 6,000 characters in garak's Sneaky Bits ({len(bits_word):,} characters): "
+          f"{(time.perf_counter() - started) * 1e3:.0f} ms")
     english = (TEXTS["English, ASCII"] * 20000)[:1_000_000]
     print("one check's reading of a text of about 1 MB:")
     for name, text in (("English", english), ("English in base64", base64.b64encode(english.encode()).decode()),

@@ -61,8 +61,10 @@ _WRAPPERS = "\"'`()[]{}<>.,:;!?"
 # uuencoding: lines of a length character (! to M: 1 to 45 bytes) and four characters for
 # three bytes, all between space and backquote (no lower-case letters); the first may
 # follow words on its line ("Encoded: M2&]W…").
-_UU = re.compile(r"(?m)(?:^|(?<=[ :]))[!-M][ -`]{8,}$(?:\n[!-M][ -`]+$)*\n?")
-_UU_HINT = re.compile(r"[!-M][ -`]{8,}(?:\n|$)")
+# Found by a scan of each line's end, not by a pattern: a pattern tried after every
+# space of a long line in capitals takes time in the square of its length.
+_UU_CHARS = re.compile(r"[ -`]*")
+_UU_LINE = re.compile(r"[!-M][ -`]+")
 # Quoted-printable: a soft line break ends a line of 72 characters or more with "=";
 # escapes are "=" and two capital hex digits.
 _QP_SOFT_BREAK = re.compile(r"(?m)^([^\n]{71,}[^=\n])=\n")
@@ -165,16 +167,42 @@ def _uu_line(line: str) -> bytes:
     return bytes(data[:min(ord(line[0]) - 32, -(-6 * (len(line) - 1) // 8))])
 
 
-def _uu(match: re.Match) -> str:
-    block = match.group()
-    lines = block.rstrip("\n").split("\n")
-    sizes = [4 * -(-(ord(line[0]) - 32) // 3) for line in lines]  # four characters per three bytes
-    growing = match.end() == len(match.string)  # the last line may be still being written
-    if any(len(line) - 1 > size or len(line) - 1 < size - 3 and not (growing and i == len(lines) - 1)
-           for i, (line, size) in enumerate(zip(lines, sizes))):
-        return block  # a line longer or shorter than its length says (three spaces may be cut)
-    text = _as_text(b"".join(_uu_line(line) for line in lines))
-    return block if text is None else text + "\n" * block.endswith("\n")
+def _fits(first: str, length: int, last: bool) -> bool:
+    """A uuencoded line (its first character, its length) as long as its first says
+    (three spaces at its end may be cut by the text's cleaning), or shorter when it is
+    the text's last, still growing."""
+    size = 4 * -(-(ord(first) - 32) // 3)  # four characters per three bytes
+    return size - 3 <= length - 1 <= size or last and length > 8 and length - 1 <= size
+
+
+def _uu_start(line: str, last: bool) -> int:
+    """Where a first uuencoded line starts in `line`: at its start or after a space or
+    colon, within its end of space-to-backquote characters (`_UU_CHARS`); -1 if nowhere."""
+    tail = len(line) - _UU_CHARS.match(line[::-1]).end()
+    for start in range(tail, len(line) - 8):
+        if (start == 0 or line[start - 1] in " :") and "!" <= line[start] <= "M" and _fits(
+                line[start], len(line) - start, last):
+            return start
+    return -1
+
+
+def _read_uu(text: str) -> str:
+    """`text` with its blocks of uuencoded lines that encode text replaced by that text."""
+    lines, out, i = text.split("\n"), [], 0
+    while i < len(lines):
+        start = _uu_start(lines[i], i == len(lines) - 1)
+        if start < 0:
+            out.append(lines[i])
+            i += 1
+            continue
+        block = [lines[i][start:]]
+        while i + len(block) < len(lines) and _UU_LINE.fullmatch(following := lines[i + len(block)]) and _fits(
+                following[0], len(following), i + len(block) == len(lines) - 1):
+            block.append(following)
+        decoded = _as_text(b"".join(_uu_line(line) for line in block))
+        out.append(lines[i][:start] + decoded if decoded is not None else "\n".join(lines[i:i + len(block)]))
+        i += len(block)  # a block that is no text stays as written, whole
+    return "\n".join(out)
 
 
 def _qp_bytes(match: re.Match) -> str:
@@ -200,7 +228,7 @@ def decode_blobs(text: str) -> str | None:
     """`text` with its runs that encode text in base64, base32, hex, Ascii85, base85,
     uuencoding or quoted-printable replaced by that text (module docstring), or None when
     it has none."""
-    read = _UU.sub(_uu, text) if _UU_HINT.search(text) else text
+    read = _read_uu(text)
     long_words = max(map(len, read.split()), default=0) >= 16
     if long_words and _RUN_HINT.search(read):
         read = _HEX.sub(_hex, _BASE64.sub(_base64, read))

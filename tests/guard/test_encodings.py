@@ -85,6 +85,8 @@ def test_runs_that_encode_text_are_read_as_that_text(text, read):
     "Solve the equation: 3x+7=20\nThen 2a+3b=20",  # "=20" at a line's end, not quoted-printable
     "Section title\n" + "=" * 74 + "\nThe total is =\n5 + 6",  # a rule of "=", a short line ending in one
     "M is a letter\nMAN ON THE MOON, THE FIRST STEP: 1969 (APOLLO 11), A GIANT LEAP!",  # capitals, not uuencoding
+    ("M" + "!" * 60 + "\n") * 3 + "M" + "!" * 60,  # uuencoded lines, but of bytes that are no text: all stay
+    "AB " * 400,  # a long line in capitals: a first uuencoded line is looked for at each space, once
 ])
 def test_runs_that_encode_no_text_stay_as_written(text):
     assert decode_blobs(text) is None

@@ -31,7 +31,7 @@ MORSE = {letter: code for code, letter in _MORSE.items()}
 RULES = {
     "lookalike and styled letters, decorating marks": fold_lookalikes,
     "text smuggled in tags, variation selectors or invisible operators": reveal_smuggled,
-    "base64, base32, hex, Ascii85, base85, uuencoded and quoted-printable runs": decode_blobs,
+    "base64, base32, hex, binary, Ascii85, base85, uuencoded and quoted-printable runs": decode_blobs,
     "braille": read_braille,
     "Morse code": read_morse,
     "NATO spelling alphabet": read_nato,

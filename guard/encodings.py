@@ -13,7 +13,8 @@ text they encode:
   a letter, or pairs separated by single spaces) whose bytes are UTF-8 text (printable,
   three in five characters letters or spaces) is replaced by that text. Random bytes,
   hashes, keys and images decode to no such text and stay as written. So are the other
-  encodings garak's ``encoding`` probes send: base32 (a run of capitals and 2-7 that is
+  encodings garak's ``encoding`` probes send, and binary (six bytes or more of eight 0s
+  and 1s): base32 (a run of capitals and 2-7 that is
   no base64 text), Ascii85 and base85 (a word of 16 characters or more, or within its
   quotes), uuencoded lines (each as long as its length character says) and
   quoted-printable (a text with a soft line break or an escaped UTF-8 character). Under
@@ -46,6 +47,8 @@ _BASE64 = re.compile(f"(?<!{_B64})(?:(?:{_B64}{{60,}}\n)+{_B64}+|{_B64}{{16,}})=
 # A hex run: 16 digits or more, or eight pairs or more with a space between each.
 _HEX = re.compile(r"(?<![0-9A-Za-z])(?:[0-9A-Fa-f]{16,}|[0-9A-Fa-f]{2}(?: [0-9A-Fa-f]{2}){7,})")
 _HEX_LETTER = re.compile(r"[A-Fa-f]")
+# Binary: six bytes or more of eight 0s and 1s, a space between them or none.
+_BINARY = re.compile(r"(?<![0-9A-Za-z])[01]{8}(?: ?[01]{8}){5,}(?: ?[01]{1,7})?(?![0-9A-Za-z])")
 # What the runs hold, which scans find faster than the runs themselves: searched first.
 _RUN_HINT = re.compile(r"[A-Za-z0-9+/_-]{16}")
 _HEX_PAIRS_HINT = re.compile(r" [0-9A-Fa-f]{2} [0-9A-Fa-f]{2} ")
@@ -138,6 +141,14 @@ def _hex(match: re.Match) -> str:
     return text + digits[len(digits) // 2 * 2:]  # a digit still alone waits for its pair
 
 
+def _binary(match: re.Match) -> str:
+    run = match.group()
+    bits = run.replace(" ", "")
+    whole = len(bits) // 8 * 8  # a byte still being written waits
+    text = _as_text(int(bits[:whole], 2).to_bytes(whole // 8, "big"))
+    return run if text is None else text + run[len(run) - (len(bits) - whole):] * (whole < len(bits))
+
+
 def _base85(match: re.Match) -> str:
     word = match.group()
     for run in (word, word.strip(_WRAPPERS)):  # the word, or within its quotes or brackets
@@ -225,9 +236,9 @@ def _unquote(text: str) -> str:
 
 
 def decode_blobs(text: str) -> str | None:
-    """`text` with its runs that encode text in base64, base32, hex, Ascii85, base85,
-    uuencoding or quoted-printable replaced by that text (module docstring), or None when
-    it has none."""
+    """`text` with its runs that encode text in base64, base32, hex, binary, Ascii85,
+    base85, uuencoding or quoted-printable replaced by that text (module docstring), or
+    None when it has none."""
     read = _read_uu(text)
     long_words = max(map(len, read.split()), default=0) >= 16
     if long_words and _RUN_HINT.search(read):
@@ -236,6 +247,8 @@ def decode_blobs(text: str) -> str | None:
         read = _HEX.sub(_hex, read)
     if long_words:
         read = _WORD.sub(_base85, read)
+    if "0000" in read or "1 0" in read or "0 1" in read:
+        read = _BINARY.sub(_binary, read)
     if "=" in read:
         read = _unquote(read)
     return None if read == text else read

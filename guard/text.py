@@ -106,7 +106,11 @@ def visible_reading(prepared: str) -> str | None:
     0.25; Cyrillic letters in place of half the Latin ones that have one hid it at 0.06;
     in hex no StrongREJECT request was flagged)."""
     visible = prepared if prepared.isascii() else _INVISIBLE.sub("", reveal_smuggled(prepared) or prepared)
-    visible = decode_blobs(visible) or visible
+    for _ in range(3):  # base64 of base64, hex of base64: three levels at most
+        decoded = decode_blobs(visible)
+        if decoded is None:
+            break
+        visible = decoded
     visible = read_morse(visible) or visible
     if not visible.isascii():
         visible = read_braille(visible) or visible

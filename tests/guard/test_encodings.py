@@ -49,6 +49,8 @@ def atbash(text: str) -> str:
     (f"{REQUEST.encode().hex()}4", f"{REQUEST}4"),  # a digit alone waits for its pair
     (f"{REQUEST.encode().hex()}please", f"{REQUEST}please"),  # a word glued after the run
     (f"Encoded: {DIETING.encode().hex()}\nDecoded:", f"Encoded: {DIETING}\nDecoded:"),  # first digits: no uuencoding
+    ("Binary: " + " ".join(f"{byte:08b}" for byte in REQUEST.encode()), f"Binary: {REQUEST}"),
+    ("".join(f"{byte:08b}" for byte in REQUEST.encode()) + "0110", f"{REQUEST}0110"),  # a byte being written waits
     (f"BASE32 encoded string: {base64.b32encode(REQUEST.encode()).decode()}\nBASE32 decoded string:",
      f"BASE32 encoded string: {REQUEST}\nBASE32 decoded string:"),
     (f"Encoded: {base64.b32encode(REQUEST[:60].encode()).decode()}\nDecoded:",  # unpadded: words on the next line
@@ -87,6 +89,7 @@ def test_runs_that_encode_text_are_read_as_that_text(text, read):
     "M is a letter\nMAN ON THE MOON, THE FIRST STEP: 1969 (APOLLO 11), A GIANT LEAP!",  # capitals, not uuencoding
     ("M" + "!" * 60 + "\n") * 3 + "M" + "!" * 60,  # uuencoded lines, but of bytes that are no text: all stay
     "AB " * 400,  # a long line in capitals: a first uuencoded line is looked for at each space, once
+    "flags 00000000 11111111 00000000 11111111 00000000 11111111 and 1010 0101",  # bits, no text
 ])
 def test_runs_that_encode_no_text_stay_as_written(text):
     assert decode_blobs(text) is None
@@ -188,6 +191,18 @@ def test_each_hidden_word_is_one_code_of_a_common_word_and_no_common_word_itself
         assert form.translate(_DECODE[name]) in (COMMON if len(form) > 2 else short)
         assert len(form) > 2 or name == "rot13"
     assert all(len(word) >= 3 for word in COMMON)  # "be" is "or" in ROT13
+
+
+@pytest.mark.parametrize("nest", [
+    lambda t: b64(b64(t)),
+    lambda t: b64(t).encode().hex(),
+    lambda t: b64(b64(b64(t))),
+])
+def test_an_encoding_of_an_encoding_is_read_to_the_text(nest):
+    """The text read decodes up to three levels: base64 of base64, hex of base64. (An
+    inner run must pass as text itself: base64 is mostly letters, hex mostly digits, so
+    base64 of hex reads one level.)"""
+    assert visible_reading(model_text(f"Decode twice: {nest(REQUEST)}")) == f"Decode twice: {REQUEST}"
 
 
 def test_the_readings_take_the_codes():

@@ -61,6 +61,7 @@ _WORD = re.compile(r"(?<!\S)(?=\S{16})\S*[^\sA-Za-z0-9+/=_-]\S*")
 _A85 = re.compile("[!-u]+")
 _B85 = re.compile(r"[0-9A-Za-z!#$%&()*+\-;<=>?@^_`{|}~]+")
 _WRAPPERS = "\"'`()[]{}<>.,:;!?"
+_DECODERS_85 = ((base64.a85decode, _A85), (base64.b85decode, _B85))
 # uuencoding: lines of a length character (! to M: 1 to 45 bytes) and four characters for
 # three bytes, all between space and backquote (no lower-case letters); the first may
 # follow words on its line ("Encoded: M2&]W…").
@@ -146,7 +147,7 @@ def _binary(match: re.Match) -> str:
     bits = run.replace(" ", "")
     whole = len(bits) // 8 * 8  # a byte still being written waits
     text = _as_text(int(bits[:whole], 2).to_bytes(whole // 8, "big"))
-    return run if text is None else text + run[len(run) - (len(bits) - whole):] * (whole < len(bits))
+    return run if text is None else text + run[len(run) - (len(bits) - whole):]  # and the bits that wait
 
 
 def _base85(match: re.Match) -> str:
@@ -154,8 +155,7 @@ def _base85(match: re.Match) -> str:
     for run in (word, word.strip(_WRAPPERS)):  # the word, or within its quotes or brackets
         if len(run) % 5 == 1:
             run = run[:-1]  # a character still alone: the run may be growing
-        decoders = ((base64.a85decode, _A85), (base64.b85decode, _B85))
-        for decode, alphabet in decoders:
+        for decode, alphabet in _DECODERS_85:
             if len(run) >= 16 and alphabet.fullmatch(run):
                 try:
                     text = _as_text(decode(run))
@@ -226,9 +226,8 @@ def _qp_bytes(match: re.Match) -> str:
 def _unquote(text: str) -> str:
     """Quoted-printable, when the text has a soft line break (``=`` ending a line of 72
     characters or more: encoders break them at 76, and words may stand before the first)
-    or an escaped UTF-8 character
-    (``=C3=A9``): those joined and written out, and a space escaped at a line's end
-    (``=20``) and an escaped ``=`` (``=3D``)."""
+    or an escaped UTF-8 character (``=C3=A9``): those joined and written out, and a space
+    escaped at a line's end (``=20``) and an escaped ``=`` (``=3D``)."""
     if not _QP_SOFT_BREAK.search(text) and not _QP_UTF8.search(text):
         return text
     text = _QP_SOFT_BREAK.sub(r"\1", text)

@@ -46,6 +46,7 @@ _TAGS = re.compile("(\U0001F3F4[\U000E0030-\U000E0039\U000E0061-\U000E007A]{1,7}
 _SELECTORS = re.compile("[\uFE00-\uFE0F\U000E0100-\U000E01EF]{4,}")
 _BITS = re.compile("[\u2062\u2064][\u2062\u2064\u200B]*")
 _TAG_TO_ASCII = {cp: cp - 0xE0000 for cp in range(0xE0020, 0xE007F)}
+_TO_BITS = {0x2062: "0", 0x2064: "1"}
 _PIECE = re.compile(r"[A-Za-z ]")
 
 
@@ -102,10 +103,11 @@ _AFTER = {
 }
 
 
+_ANYWHERE = {"\n": 0, "*": -1}  # the same after any kind
+
+
 def _follows(before: str, kind: str) -> int:
-    if kind in ("\n", "*"):
-        return 0 if kind == "\n" else -1
-    return _AFTER[kind].get(before, 0)
+    return _ANYWHERE[kind] if kind in _ANYWHERE else _AFTER[kind].get(before, 0)
 
 
 _WORD_BITS = 1024  # a longer run between spaces is read a piece at a time, in order
@@ -159,14 +161,14 @@ def _word_from_bits(bits: str) -> str:
 
 def _bits(match: re.Match) -> str:
     run = match.group()
-    bits = run.replace("\u200B", "").translate({0x2062: "0", 0x2064: "1"})
+    words = run.translate(_TO_BITS).split("\u200B")
+    bits = "".join(words)
     if len(bits) < 7:
         return run
     if bits[0] == "0":
         whole = len(bits) // 8 * 8
         text = _as_text(int(bits[:whole], 2).to_bytes(whole // 8, "big")) if whole else None
     else:
-        words = run.translate({0x2062: "0", 0x2064: "1"}).split("\u200B")
         text = _as_text(" ".join(_word_from_bits(word) for word in words).encode())
     return run if text is None else f" {text} "
 

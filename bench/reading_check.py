@@ -3,11 +3,11 @@
 For each rule of the proxy's reading (`guard.text.visible_reading`: invisible characters
 and the text smuggled in them, lookalike letters, base64 and the other binary-to-text
 encodings, braille, Morse code; `guard.text.second_reading`: emoji, the NATO alphabet,
-letter codes, leetspeak, spaced-out letters), the development rows (../shared/data) that it changes, with a few examples;
+text written backwards, letter codes, leetspeak, spaced-out letters), the development rows (../shared/data) that it changes, with a few examples;
 then the time one check spends reading a text of about 5,000 characters in several
 scripts, both readings, as a session does on every check (no model work), the same
-smuggled in tags and in Sneaky Bits and spelled in Morse, and a text of about 1 MB
-plain, in base64 and in ROT13.
+smuggled in tags and in Sneaky Bits, spelled in Morse and written backwards, and a text
+of about 1 MB plain, in base64, in ROT13 and backwards.
 
     PYTHONPATH=. python bench/reading_check.py [--data DIR] [--repeat N]
 """
@@ -21,6 +21,7 @@ import glob
 import time
 
 from guard.encodings import decode_blobs, read_ciphers
+from guard.flipped import read_flipped
 from guard.lookalikes import fold_leet, fold_lookalikes, join_spaced
 from guard.smuggling import reveal_smuggled
 from guard.spelled import _MORSE, read_braille, read_morse, read_nato
@@ -35,6 +36,7 @@ RULES = {
     "braille": read_braille,
     "Morse code": read_morse,
     "NATO spelling alphabet": read_nato,
+    "text written backwards (FlipAttack)": read_flipped,
     "sentences in a Caesar shift or Atbash": read_ciphers,
     "leetspeak": fold_leet,
     "spaced-out letters": join_spaced,
@@ -91,7 +93,8 @@ def host_cost(repeat: int) -> None:
                        ("in Sneaky Bits, garak's", "".join("\u200b" if ch == " " else "".join(
                            "\u2064" if b == "1" else "\u2062" for b in f"{ord(ch):b}") for ch in prose)),
                        ("in Morse code", " / ".join(" ".join(MORSE[ch] for ch in word if ch in MORSE)
-                                                    for word in prose.lower().split()))):
+                                                    for word in prose.lower().split())),
+                       ("written backwards, FlipAttack's FCS", prose[::-1])):
         times = []
         for _ in range(3):
             started = time.perf_counter()
@@ -103,7 +106,9 @@ def host_cost(repeat: int) -> None:
     for name, piece in (("capitals and spaces, one line", "AB "), ("colons, one line", "A: "),
                         ("uuencoded lines that are no text", "M" + "!" * 60 + "\n"), ("Morse-like dashes", ".- "),
                         ("NATO words", "Hotel Oscar "), ("soft line breaks", "=\n"), ("braille cells", "⠁ "),
-                        ("words with a mark Ascii85 has", "abababababababab! ")):
+                        ("words with a mark Ascii85 has", "abababababababab! "),
+                        ("common words written backwards, one line", "eht fo ot "),
+                        ("common word pairs the other way round, one line", "the of to how ")):
         text = (piece * (160_000 // len(piece)))[:160_000] + "x"
         started = time.perf_counter()
         second_reading(visible_reading(text) or text)
@@ -115,7 +120,7 @@ def host_cost(repeat: int) -> None:
     english = (TEXTS["English, ASCII"] * 20000)[:1_000_000]
     print("one check's reading of a text of about 1 MB:")
     for name, text in (("English", english), ("English in base64", base64.b64encode(english.encode()).decode()),
-                       ("English in ROT13", codecs.encode(english, "rot13"))):
+                       ("English in ROT13", codecs.encode(english, "rot13")), ("English backwards", english[::-1])):
         best = float("inf")
         for _ in range(3):
             started = time.perf_counter()

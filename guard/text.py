@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 
 from guard.encodings import decode_blobs, read_ciphers
+from guard.flipped import read_flipped
 from guard.lookalikes import fold_leet, fold_lookalikes, join_spaced
 from guard.smuggling import reveal_smuggled
 from guard.spelled import read_braille, read_morse, read_nato
@@ -123,12 +124,13 @@ def visible_reading(prepared: str) -> str | None:
 def second_reading(prepared: str) -> str | None:
     """The second reading of a text as read (`visible_reading`'s) under ``emoji="max"``:
     without its emoji (as `emoji_reading`), with NATO code words read as their letters
-    (`guard.spelled.read_nato`), sentences in a letter code read decoded
+    (`guard.spelled.read_nato`), text written backwards read the right way round
+    (`guard.flipped.read_flipped`), sentences in a letter code read decoded
     (`guard.encodings.read_ciphers`), leetspeak read as letters and letters spaced out
     read as words (`guard.lookalikes.fold_leet`, `join_spaced`); None when none of these
     changes it, so nothing to read twice."""
     text = _EMOJI.sub("", prepared) if _EMOJI.search(prepared) else prepared
-    for read in (read_nato, read_ciphers, fold_leet, join_spaced):
+    for read in (read_nato, read_flipped, read_ciphers, fold_leet, join_spaced):
         text = read(text) or text
     return None if text == prepared else clean_text(text) or EMPTY_TEXT
 

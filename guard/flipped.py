@@ -9,11 +9,12 @@ flipped either of the first two ways was flagged (`bench/flip_check.py`).
 
 - A span is found by the common English words it holds flipped (``eht``, ``woh``,
   ``ekam``: the 3,000 commonest words of the training data whose flipped form is none,
-  `guard/english.txt`, written by `bench/english_words.py`), two at least
-  and more than the plain common words between them (a word both ways, ``pets`` and
-  ``step``, counts as neither). It runs on over the other words, and over a plain common
-  word alone among them, to a quote mark, two plain common words in a row, or the
-  line's end.
+  `guard/english.txt`, written by `bench/english_words.py`): two at least, one of them
+  of three letters or more (two-letter ones, ``od``, ``si``, are words in other
+  languages), and more than the plain common words between them (a word both ways,
+  ``pets`` and ``step``, counts as neither). It runs on over the other words, and over
+  a plain common word alone among them, to a quote mark, two plain common words in a
+  row, or the line's end.
 - Which way round: each word's letters flipped back, the span reads in the order, as
   written or reversed, with more of the word pairs English writes one way only (``of
   the``, ``how to``; 6,000 of them, counted there too), a capital first and a full
@@ -135,7 +136,11 @@ def _unflipped_line(line: str, spans: bool) -> tuple[str, bool]:
     """The line with its flipped span (looked for when `spans`) read the right way
     round, or its words in order; and whether the span was flipped whole."""
     tokens = line.split(" ")
-    found = _span([_kind(key) for key in map(_key, tokens)], tokens) if spans else None
+    keys = [_key(token) for token in tokens]
+    kinds = [_kind(key) for key in keys]
+    found = _span(kinds, tokens) if spans else None
+    if found is not None and not any(k > 0 and len(key) > 2 for k, key in zip(kinds[found[0]:found[1]], keys[found[0]:found[1]])):
+        found = None  # two-letter ones alone are words in other languages ("od", "si", "ti")
     if found is None:
         reordered = _reordered(line)
         return (line, False) if reordered is None else (reordered, True)

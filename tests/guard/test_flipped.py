@@ -77,6 +77,7 @@ def test_a_flipped_span_is_read_within_plain_text():
     "def f(x):\n    return x[::-1]  # flip the list",
     "Murder, she wrote. Madam, in Eden I'm Adam.",
     "racecar level did deed noon",  # palindromes are read the same both ways
+    "Kobiety są od urodzaju, ni to ni owo, od razu si ti.",  # two-letter forms alone: words elsewhere
     "Thanks!",
     "",
 ])

@@ -112,6 +112,17 @@ def _span(kinds: list[int], tokens: list[str]) -> tuple[int, int] | None:
     return start, end
 
 
+def _found(tokens: list[str]) -> tuple[int, int] | None:
+    """`_span` of a line's tokens, where a flipped word of three letters or more is in it
+    (two-letter ones alone are words in other languages: "od", "si", "ti")."""
+    keys = [_key(token) for token in tokens]
+    kinds = [_kind(key) for key in keys]
+    found = _span(kinds, tokens)
+    if found is None or not any(len(key) > 2 and key in _FLIPPED for key in keys[found[0]:found[1]]):
+        return None
+    return found
+
+
 def _flip_word(token: str) -> str:
     """A word's letters flipped, the quote marks around it kept where they are."""
     inner = token.lstrip(_QUOTES)
@@ -122,9 +133,11 @@ def _flip_word(token: str) -> str:
 def _reordered(line: str) -> str | None:
     """A line of plain words in the other order, read in order, or None. Only a line that
     ends in a capitalised word is tried (the first word of the text it was)."""
+    last = line.rpartition(" ")[2].rstrip(_CLOSING)
+    if not (last[:1].isupper() and (last[1:] == "" or last[1:].isalpha() and last[1:].islower())):
+        return None
     tokens = line.split(" ")
-    last = tokens[-1].rstrip(_CLOSING)
-    if len(tokens) < 3 or not (last[:1].isupper() and (last[1:] == "" or last[1:].isalpha() and last[1:].islower())):
+    if len(tokens) < 3:
         return None
     back = tokens[::-1]
     if _pairs(back) > _pairs(tokens) and _order_cues(back) >= _order_cues(tokens) + 2:
@@ -135,12 +148,8 @@ def _reordered(line: str) -> str | None:
 def _unflipped_line(line: str, spans: bool) -> tuple[str, bool]:
     """The line with its flipped span (looked for when `spans`) read the right way
     round, or its words in order; and whether the span was flipped whole."""
-    tokens = line.split(" ")
-    keys = [_key(token) for token in tokens]
-    kinds = [_kind(key) for key in keys]
-    found = _span(kinds, tokens) if spans else None
-    if found is not None and not any(k > 0 and len(key) > 2 for k, key in zip(kinds[found[0]:found[1]], keys[found[0]:found[1]])):
-        found = None  # two-letter ones alone are words in other languages ("od", "si", "ti")
+    tokens = line.split(" ") if spans else []
+    found = _found(tokens) if spans else None
     if found is None:
         reordered = _reordered(line)
         return (line, False) if reordered is None else (reordered, True)

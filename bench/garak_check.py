@@ -35,6 +35,7 @@ import quopri
 import random
 import re
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -133,6 +134,27 @@ class Scorer:
         second = [second_reading(v) or v for v in visible]
         return np.maximum(self.score(visible), self.score(second))
 
+    def check(self, guard: SirenGuard, texts: list[str]) -> None:
+        """The cached max equals the guard's own (`guard`, under ``emoji: max``)."""
+        want = [r.score for r in guard.score_batch(texts)]
+        assert np.allclose(self.score_max(texts), want, atol=1e-5), "scorer differs from the guard"
+
+    def cells(self, plain: list[str], written: list[str], rows: list, threshold: float) -> list[str]:
+        """For each label of `rows`, in order, the share flagged: plain / as written / under max."""
+        scored = [self.score(plain), self.score(written), self.score_max(written)]
+        labels = np.array([r.label for r in rows])
+        return [" / ".join(f"{np.mean(s[labels == label] >= threshold):.2f}" for s in scored)
+                for label in sorted(set(labels.tolist()))]
+
+
+def print_header(first: str, sets: dict[str, list]) -> None:
+    """The table's head: a column for each set and label (recall on harmful rows, false
+    positives on benign ones), as `Scorer.cells` gives them."""
+    columns = [(name, label) for name, rows in sets.items() for label in sorted({r.label for r in rows})]
+    print(f"| {first} | read back | " + " | ".join(
+        f"{name} {'recall' if label else 'FPR'}: plain / as written / max" for name, label in columns) + " |")
+    print("|---|---|" + "---|" * len(columns))
+
 
 def write_fixture(path: str) -> None:
     random.seed(0)
@@ -144,61 +166,74 @@ def write_fixture(path: str) -> None:
     print(f"wrote {path}")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def table_arguments(doc: str) -> argparse.ArgumentParser:
+    """The options of a bench that prints `run_table`'s table."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--data", nargs="+", default=[f"../shared/data/{name}.jsonl" for name in DATA])
     ap.add_argument("--limit", type=int, default=100, help="a seeded sample of N rows a set (0: every row)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--artifact", default=None, help="artifact directory (default: the shipped head)")
+    return ap
+
+
+def load_sets(paths: list[str], limit: int, seed: int) -> dict[str, list]:
+    """Each file's prompt-level rows (a seeded sample of `limit`; 0: every row), by set name."""
+    return {path.rsplit("/", 1)[-1].removesuffix(".jsonl"): [
+        r for r in load_rows(path, limit=limit or None, seed=seed) if r.response is None] for path in paths}
+
+
+def run_table(first: str, variants: dict[str, Callable], sets: dict[str, list], artifact: str | None) -> None:
+    """Print a row for each variant: `variants[name](i, row)` gives the plain request in
+    its setting, the disguised one, and what to read back (the disguise alone)."""
+    torch.set_num_threads(2)
+    guard = SirenGuard.from_pretrained(artifact, device="cpu", dtype="float32", long_text="truncate")
+    both = SirenGuard.from_pretrained(artifact, device="cpu", dtype="float32", long_text="truncate", emoji="max")
+    scorer, threshold = Scorer(guard), guard.default_threshold
+    started = time.monotonic()
+    print(f"shipped head, threshold {threshold}; rows per set: "
+          + ", ".join(f"{name} {len(rows)}" for name, rows in sets.items()))
+    print_header(first, sets)
+    checked = False
+    for name, write in variants.items():
+        cells, recovered, total = [], 0, 0
+        for rows in sets.values():
+            plain, written = [], []
+            for i, row in enumerate(rows):
+                as_plain, disguised, shown = write(i, row)
+                plain.append(as_plain)
+                written.append(disguised)
+                recovered += read_back(row.prompt, shown)
+            total += len(rows)
+            if not checked:
+                scorer.check(both, written[:8])
+                checked = True
+            cells += scorer.cells(plain, written, rows, threshold)
+        print(f"| {name} | {recovered}/{total} | " + " | ".join(cells) + " |", flush=True)
+    print(f"({time.monotonic() - started:.0f} s)")
+    guard.close()
+    both.close()
+
+
+def main() -> None:
+    ap = table_arguments(__doc__)
     ap.add_argument("--probe", nargs="+", default=None, help="these probes only (default: all 20)")
     ap.add_argument("--write-fixture", metavar="PATH", help="write the tests' fixture instead")
     args = ap.parse_args()
     if args.write_fixture:
         write_fixture(args.write_fixture)
         return
-    torch.set_num_threads(2)
     random.seed(args.seed)
-    sets = {}
-    for path in args.data:
-        rows = [r for r in load_rows(path, limit=args.limit or None, seed=args.seed) if r.response is None]
-        sets[path.rsplit("/", 1)[-1].removesuffix(".jsonl")] = rows
-    guard = SirenGuard.from_pretrained(args.artifact, device="cpu", dtype="float32", long_text="truncate")
-    both = SirenGuard.from_pretrained(args.artifact, device="cpu", dtype="float32", long_text="truncate", emoji="max")
-    scorer, threshold, forms = Scorer(guard), guard.default_threshold, templates()
-    started = time.monotonic()
-    print(f"shipped head, threshold {threshold}; rows per set: "
-          + ", ".join(f"{name} {len(rows)}" for name, rows in sets.items()))
-    columns = [(name, label) for name, rows in sets.items() for label in sorted({r.label for r in rows})]
-    print("| probe | read back | " + " | ".join(
-        f"{name} {'recall' if label else 'FPR'}: plain / as written / max" for name, label in columns) + " |")
-    print("|---|---|" + "---|" * len(columns))
-    checked = False
-    for probe, (name, encode) in encoders().items():
-        if args.probe and probe not in args.probe:
-            continue
-        cells, recovered, total = [], 0, 0
-        for set_name, rows in sets.items():
-            plain, encoded = [], []
-            for i, row in enumerate(rows):
-                form, variants = forms[i % len(forms)], encode(row.prompt)
-                text = variants[i % len(variants)]
-                plain.append(in_template(form, name, row.prompt))
-                encoded.append(in_template(form, name, text))
-                recovered += read_back(row.prompt, text)
-                total += 1
-            if not checked:  # the cached max equals the guard's own
-                want = [r.score for r in both.score_batch(encoded[:8])]
-                assert np.allclose(scorer.score_max(encoded[:8]), want, atol=1e-5), "scorer differs from the guard"
-                checked = True
-            scored = [scorer.score(plain), scorer.score(encoded), scorer.score_max(encoded)]
-            labels = np.array([r.label for r in rows])
-            for column, label in columns:
-                if column == set_name:
-                    cells.append(" / ".join(f"{np.mean(s[labels == label] >= threshold):.2f}" for s in scored))
-        print(f"| {probe} | {recovered}/{total} | " + " | ".join(cells) + " |", flush=True)
-    print(f"({time.monotonic() - started:.0f} s)")
-    guard.close()
-    both.close()
+    forms = templates()
+
+    def probe(name: str, encode) -> Callable:
+        def write(i: int, row) -> tuple[str, str, str]:
+            form, variants = forms[i % len(forms)], encode(row.prompt)
+            text = variants[i % len(variants)]
+            return in_template(form, name, row.prompt), in_template(form, name, text), text
+        return write
+
+    variants = {p: probe(name, encode) for p, (name, encode) in encoders().items() if not args.probe or p in args.probe}
+    run_table("probe", variants, load_sets(args.data, args.limit, args.seed), args.artifact)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ _WORDS, _FLIPPABLE, _PAIRS = _load_english()
 _FLIPPED = frozenset(w[::-1] for w in _FLIPPABLE) - _WORDS
 _NOT_LETTER = re.compile("[^a-z]")
 _QUOTES = "'\"`\u2018\u2019\u201c\u201d\u00ab\u00bb"
+_QUOTE_MARKS = tuple(_QUOTES)
 _OPENING = _QUOTES + "([{*_"
 _CLOSING = _QUOTES + ")]}*_"
 
@@ -105,11 +106,16 @@ def _span(kinds: list[int], tokens: list[str]) -> tuple[int, int] | None:
     if found is None:
         return None
     start, end = found
-    while start > 0 and not tokens[start].startswith(tuple(_QUOTES)) and kinds[start - 1] + min(kinds[start - 2 : start - 1] or [0]) > -2:
+    while start > 0 and not tokens[start].startswith(_QUOTE_MARKS) and not _two_plain(kinds, start - 1, start - 2):
         start -= 1
-    while end < len(tokens) and not tokens[end - 1].endswith(tuple(_QUOTES)) and kinds[end] + min(kinds[end + 1 : end + 2] or [0]) > -2:
+    while end < len(tokens) and not tokens[end - 1].endswith(_QUOTE_MARKS) and not _two_plain(kinds, end, end + 1):
         end += 1
     return start, end
+
+
+def _two_plain(kinds: list[int], i: int, j: int) -> bool:
+    """Whether tokens i and j (the next one out, if any) are both plain common words."""
+    return kinds[i] < 0 and 0 <= j < len(kinds) and kinds[j] < 0
 
 
 def _found(tokens: list[str]) -> tuple[int, int] | None:
@@ -149,7 +155,7 @@ def _unflipped_line(line: str, spans: bool) -> tuple[str, bool]:
     """The line with its flipped span (looked for when `spans`) read the right way
     round, or its words in order; and whether the span was flipped whole."""
     tokens = line.split(" ") if spans else []
-    found = _found(tokens) if spans else None
+    found = _found(tokens) if tokens else None
     if found is None:
         reordered = _reordered(line)
         return (line, False) if reordered is None else (reordered, True)

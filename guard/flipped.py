@@ -39,8 +39,9 @@ from guard.encodings import COMMON
 
 
 def _load_english() -> tuple[frozenset[str], frozenset[str], frozenset[tuple[str, ...]]]:
-    """`english.txt`'s words, those of them whose flipped form is no word, and its pairs."""
-    words, flippable, pairs, section = set(COMMON), set(), set(), None
+    """`english.txt`'s words (with `guard.encodings.COMMON`), the flipped forms of those
+    that flip into no word ("tahw", not "pets"), and the pairs English writes one way."""
+    words, flippable, pairs, section = set(COMMON), [], set(), None
     for line in (Path(__file__).parent / "english.txt").read_text().splitlines():
         if line.startswith("["):
             section = line
@@ -50,15 +51,12 @@ def _load_english() -> tuple[frozenset[str], frozenset[str], frozenset[tuple[str
                 pairs.add(tuple(parts))
             else:
                 words.add(parts[0])
-                if len(parts) == 1:
-                    flippable.add(parts[0])
-    return frozenset(words), frozenset(flippable), frozenset(pairs)
+                if len(parts) == 1:  # "step -" flips into a word
+                    flippable.append(parts[0])
+    return frozenset(words), frozenset(w[::-1] for w in flippable) - words, frozenset(pairs)
 
 
-# English words (`english.txt`'s, with `guard.encodings.COMMON`), the flipped forms of
-# those that flip into no word ("tahw", not "pets"), and pairs English writes one way.
-_WORDS, _FLIPPABLE, _PAIRS = _load_english()
-_FLIPPED = frozenset(w[::-1] for w in _FLIPPABLE) - _WORDS
+_WORDS, _FLIPPED, _PAIRS = _load_english()
 _NOT_LETTER = re.compile("[^a-z]")
 _QUOTES = "'\"`\u2018\u2019\u201c\u201d\u00ab\u00bb"
 _QUOTE_MARKS = tuple(_QUOTES)
@@ -155,7 +153,7 @@ def _unflipped_line(line: str, spans: bool) -> tuple[str, bool]:
     """The line with its flipped span (looked for when `spans`) read the right way
     round, or its words in order; and whether the span was flipped whole."""
     tokens = line.split(" ") if spans else []
-    found = _found(tokens) if tokens else None
+    found = _found(tokens) if spans else None
     if found is None:
         reordered = _reordered(line)
         return (line, False) if reordered is None else (reordered, True)
